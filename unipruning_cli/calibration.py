@@ -1,0 +1,174 @@
+"""Layer-by-layer calibration: activation statistics captured on the real forward pass.
+
+The inputs of the first decoder block are captured with a hook on the real model forward (so
+rotary embeddings, masks and any other keyword the model passes are the model's own, not guessed),
+then the blocks run one at a time on those stored inputs. Peak memory is one block's activations
+plus the stored hidden states, not the whole model's activations.
+
+Two modes, as in the peer tools:
+- ``one_shot``: every block sees the outputs of the dense blocks before it;
+- ``sequential``: after a block's statistics are taken, ``on_block`` prunes it, and its outputs are
+  recomputed with the pruned weights before they feed the next block.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .models import block_layers, find_blocks, input_device
+from .progress import track
+from .stats import ActivationStats
+
+log = logging.getLogger(__name__)
+
+BlockCallback = Callable[[int, dict[str, nn.Linear], dict[str, ActivationStats]], None]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first block is needed."""
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class InputCollector:
+    """Forward pre-hook that accumulates the statistics of one linear layer's inputs."""
+
+    def __init__(self, in_features: int, want_hessian: bool, want_per_sample: bool) -> None:
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.count = 0
+        self.xtx: Optional[torch.Tensor] = None
+        self.per_sample: list[torch.Tensor] | None = [] if want_per_sample else None
+        self.want_hessian = want_hessian
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1]).float()
+        sq = (x * x).sum(0)
+        self.sq_sum += sq.double().cpu()
+        self.count += x.shape[0]
+        if self.per_sample is not None:
+            self.per_sample.append((sq / x.shape[0]).cpu())
+        if self.want_hessian:
+            xtx = x.t() @ x
+            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+
+    def stats(self) -> ActivationStats:
+        return ActivationStats(
+            sq_sum=self.sq_sum,
+            count=self.count,
+            xtx=self.xtx,
+            sample_mean_sq=torch.stack(self.per_sample) if self.per_sample else None,
+        )
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, offload: str) -> tuple[list, list]:
+    """Run the real model forward until the first decoder block; keep its args per sample."""
+    _, blocks = find_blocks(model)
+    inputs: list[torch.Tensor] = []
+    kwargs_list: list[dict] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        inputs.append(hidden.to(offload))
+        kwargs_list.append(_to({k: v for k, v in kwargs.items() if k != "past_key_values"}, offload))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = input_device(model)
+    try:
+        for row in track(windows, "capture block inputs"):
+            try:
+                model(row.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs_list
+
+
+def _block_device(block: nn.Module) -> torch.device:
+    return next(block.parameters()).device
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, offload: str) -> torch.Tensor:
+    dev = _block_device(block)
+    out = block(hidden.to(dev), **_to(kwargs, dev))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.to(offload)
+
+
+@torch.no_grad()
+def calibrate_blockwise(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    sequential: bool = False,
+    want_hessian: bool = False,
+    want_per_sample: bool = False,
+    on_block: BlockCallback | None = None,
+    offload: str = "cpu",
+) -> dict[str, ActivationStats]:
+    """Statistics of every prunable layer's inputs over ``windows`` [nsamples, seqlen].
+
+    ``on_block(i, layers, stats)`` runs after block i's statistics are complete; in sequential mode
+    the block's outputs are recomputed afterwards, so a callback that prunes feeds the pruned
+    outputs forward. Hessians (``xtx``) are dropped after the callback to keep one block's worth.
+    """
+    prefix, blocks = find_blocks(model)
+    hidden, kwargs = capture_block_inputs(model, windows, offload)
+    all_stats: dict[str, ActivationStats] = {}
+    for i, block in enumerate(track(blocks, "calibrate blocks")):
+        layers = block_layers(block, f"{prefix}.{i}")
+        collectors = {n: InputCollector(m.in_features, want_hessian, want_per_sample) for n, m in layers.items()}
+        handles = [m.register_forward_pre_hook(collectors[n]) for n, m in layers.items()]
+        try:
+            outputs = [_run_block(block, h, kw, offload) for h, kw in zip(hidden, kwargs)]
+        finally:
+            for h in handles:
+                h.remove()
+        stats = {n: c.stats() for n, c in collectors.items()}
+        if on_block is not None:
+            on_block(i, layers, stats)
+        if sequential and on_block is not None:
+            outputs = [_run_block(block, h, kw, offload) for h, kw in zip(hidden, kwargs)]
+        for s in stats.values():
+            s.xtx = None
+        all_stats.update(stats)
+        hidden = outputs
+    return all_stats
+
+
+def stats_to_tensors(stats: dict[str, ActivationStats]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten statistics for a safetensors file (counts go in the metadata)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] = {}
+    for name, s in stats.items():
+        tensors[f"{name}.sq_sum"] = s.sq_sum
+        if s.sample_mean_sq is not None:
+            tensors[f"{name}.sample_mean_sq"] = s.sample_mean_sq
+        meta[f"{name}.count"] = str(s.count)
+    return tensors, meta
+
+
+def stats_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, ActivationStats]:
+    names = [k[: -len(".sq_sum")] for k in tensors if k.endswith(".sq_sum")]
+    return {
+        n: ActivationStats(sq_sum=tensors[f"{n}.sq_sum"], count=int(meta[f"{n}.count"]),
+                           sample_mean_sq=tensors.get(f"{n}.sample_mean_sq"))
+        for n in names
+    }

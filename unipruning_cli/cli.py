@@ -1,0 +1,141 @@
+"""``unipruning <command> [args]``: dispatch on the command, hand the rest to that command.
+
+Commands that take a config (``prune``) are Hydra apps: the dispatcher rewrites ``sys.argv`` and
+calls the app, so ``-m``, ``--cfg job``, ``--help`` and ``key=value`` overrides work as Hydra users
+expect. Wrapping Hydra in click or using only the compose API would lose multirun and run dirs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+log = logging.getLogger("unipruning")
+
+
+def config_dir() -> str:
+    """The ``configs/`` folder: $UNIPRUNING_CONFIG_DIR, else the one beside the package (editable install)."""
+    env = os.environ.get("UNIPRUNING_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    if not (path / "prune.yaml").exists():
+        raise UserError(f"config folder {path} not found; install the package editable (pip install -e .) "
+                        f"or set UNIPRUNING_CONFIG_DIR")
+    return str(path)
+
+
+_NM = re.compile(r"^(\+?pattern)=(\d+):(\d+)$")
+
+
+def rewrite_nm_overrides(args: list[str], cfg_dir: str) -> list[str]:
+    """``pattern=N:M`` for an N:M without a YAML of its own becomes ``pattern=nm pattern.n=N pattern.m=M``.
+
+    So any N:M is accepted and an impossible one (``pattern=3:2``) reaches the validator, which
+    says what is wrong, instead of Hydra's "could not find pattern/3:2".
+    """
+    out = []
+    for arg in args:
+        m = _NM.match(arg)
+        if m and not (Path(cfg_dir) / "pattern" / f"{m.group(2)}:{m.group(3)}.yaml").exists():
+            out += [f"{m.group(1)}=nm", f"pattern.n={m.group(2)}", f"pattern.m={m.group(3)}"]
+        else:
+            out.append(arg)
+    return out
+
+
+def _hydra_command(config_name: str, task: Callable) -> Callable[[list[str]], None]:
+    def run(args: list[str]) -> None:
+        import hydra
+
+        from .config import register_schemas
+
+        register_schemas()
+        cfg_dir = config_dir()
+        sys.argv = [f"unipruning {config_name}", *rewrite_nm_overrides(args, cfg_dir)]
+        hydra.main(version_base="1.3", config_path=cfg_dir, config_name=config_name)(task)()
+
+    return run
+
+
+def _prune_task(cfg) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config import validate
+    from .runner import run_prune
+
+    try:
+        validate(cfg)
+        metrics = run_prune(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except UserError as err:
+        _fail(err)
+    first = next(iter(metrics["perplexity"].values()))
+    return first["pruned"]["ppl"]
+
+
+def _prepare(args: list[str]) -> None:
+    import argparse
+
+    from .assets import prepare
+    from .config import cache_dir
+
+    parser = argparse.ArgumentParser(prog="unipruning prepare",
+                                     description="Fetch, verify and convert the offline model and corpora into the cache.")
+    parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default: {cache_dir()})")
+    parser.add_argument("--no-model", action="store_true", help="only the corpora and tasks")
+    ns = parser.parse_args(args)
+    _console_logging()
+    root = prepare(ns.cache, with_model=not ns.no_model)
+    log.info("offline assets ready in %s", root)
+
+
+def _console_logging() -> None:
+    from rich.logging import RichHandler
+
+    from .progress import console
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+
+
+def _fail(err: Exception) -> None:
+    print(f"Error: {err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "prune": (_hydra_command("prune", _prune_task), "prune a model (Hydra app: key=value overrides, -m, --cfg job)"),
+    "prepare": (_prepare, "fetch and verify the embedded model and offline corpora into the cache"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: unipruning <command> [args]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`unipruning <command> --help` for the command's own options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"Unknown command '{name}'{hint}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        COMMANDS[name][0](rest)
+    except UserError as err:
+        _fail(err)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Typed config schemas for the Hydra app and the semantic checks Hydra's types cannot express.
+
+The dataclasses are registered in Hydra's ConfigStore, so YAML files in ``configs/<group>/`` are
+type-checked at compose time (``sparsity=abc`` fails there). Range and cross-field rules (a sparsity
+in [0, 1), an N:M pattern that fits, a corpus that exists) live in :func:`validate`, which the CLI
+calls before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import UserError
+
+MODEL_SOURCES = ("hub", "local", "embedded")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ALLOCATIONS = ("per_row", "per_matrix", "global")
+CALIBRATION_MODES = ("one_shot", "sequential")
+WEIGHT_MODES = ("drift", "frozen")
+THRESHOLD_MODES = ("quantile", "absolute")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to prune and how to place it. ``path`` is an HF id, a folder, or an embedded asset."""
+
+    name: str = MISSING
+    source: str = "hub"
+    path: str = MISSING
+    revision: Optional[str] = None
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    device_map: Optional[str] = None  # e.g. "auto" to shard a model larger than one GPU (accelerate)
+    seqlen: int = 2048  # default calibration / evaluation window for this model
+    add_bos: bool = False  # prepend BOS to every evaluation window (models trained that way)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PatternConfig:
+    """Sparsity pattern: ``unstructured`` with an allocation rule, or N:M along the input dimension."""
+
+    kind: str = "unstructured"
+    n: int = 0
+    m: int = 0
+    allocation: Optional[str] = None  # None: the method's own comparison group
+
+
+@dataclass
+class CalibrationConfig:
+    source: str = "owt_offline"
+    nsamples: int = 128
+    seqlen: int = 512
+    mode: str = "one_shot"  # one_shot: all stats from the dense model; sequential: block i sees pruned blocks < i
+    offload: str = "cpu"  # where captured block inputs live between blocks
+
+
+@dataclass
+class EvalConfig:
+    corpora: List[str] = field(default_factory=lambda: ["wiki_offline"])
+    seqlen: int = 512
+    max_windows: Optional[int] = None  # None: every window of the corpus (the paper protocol)
+    batch_size: int = 4
+    dense: bool = True  # also measure the unpruned model (cached per model, corpus, seqlen)
+
+
+@dataclass
+class RegularizerConfig:
+    """Ω and λ of the search. ``quantile``: λ is the per-matrix quantile level of |V| (reference code)."""
+
+    name: str = "l1"
+    lam: float = 1e-3
+    threshold_mode: str = "quantile"
+
+
+@dataclass
+class ScheduleConfig:
+    """Mirror-descent schedule and the weight optimiser of drift mode (spec §5.3 defaults)."""
+
+    steps: int = 128
+    dual_step: float = 0.01
+    weight_mode: str = "drift"
+    rho: float = 0.0
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+    decay: str = "linear"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accumulation: int = 1
+    accumulate_grads_across_steps: bool = True
+    checkpoint_every: int = 16
+
+
+@dataclass
+class PruneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    local_metric: Dict[str, Any] = field(default_factory=lambda: {"name": "wanda"})
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    pattern: PatternConfig = field(default_factory=PatternConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method: str = "local"
+    sparsity: Optional[float] = None  # None: 0.5 unstructured, 1 - n/m for N:M
+    seed: int = 0
+    experiment: Optional[str] = None
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="prune_schema", node=PruneConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Semantic validation: everything that can be checked without loading a model.
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def _one_of(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{field_name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def target_sparsity(cfg: DictConfig) -> float:
+    """The sparsity the run aims at: explicit, or implied by N:M, or 0.5."""
+    if cfg.pattern.kind == "nm":
+        return 1.0 - cfg.pattern.n / cfg.pattern.m
+    return 0.5 if cfg.sparsity is None else float(cfg.sparsity)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`UserError` for any value that would fail later, before a model is loaded."""
+    from .data import CORPORA, check_corpus_available
+    from .methods import METHODS
+    from .metrics import build_metric
+    from .models import check_model_reachable
+
+    _validate_pattern(cfg)
+    _one_of("model.source", cfg.model.source, MODEL_SOURCES)
+    _one_of("model.dtype", cfg.model.dtype, DTYPES)
+    check_model_reachable(cfg.model)
+    try:
+        METHODS.get(cfg.method)
+    except KeyError as err:
+        raise UserError(f"method: {err}") from None
+    knobs = {k: v for k, v in OmegaConf.to_container(cfg.local_metric, resolve=True).items() if k != "name"}
+    try:
+        build_metric(cfg.local_metric.name, **knobs)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"local_metric: {err}") from None
+    _validate_calibration(cfg.calibration)
+    _validate_eval(cfg.eval)
+    for corpus in [cfg.calibration.source, *cfg.eval.corpora]:
+        check_corpus_available(corpus)
+    _validate_search(cfg)
+    del CORPORA
+
+
+def _validate_pattern(cfg: DictConfig) -> None:
+    p = cfg.pattern
+    _one_of("pattern.kind", p.kind, ("unstructured", "nm"))
+    if p.allocation is not None:
+        _one_of("pattern.allocation", p.allocation, ALLOCATIONS)
+    if cfg.sparsity is not None:
+        s = cfg.sparsity
+        _check(0.0 <= s < 1.0, f"sparsity={s} is out of range: it must satisfy 0 <= sparsity < 1")
+    if p.kind == "nm":
+        _check(
+            0 < p.n < p.m,
+            f"pattern={p.n}:{p.m} is not a valid N:M pattern: it needs 0 < N < M "
+            f"(N weights kept in every group of M), e.g. pattern=2:4 or pattern=4:8",
+        )
+        implied = 1.0 - p.n / p.m
+        _check(
+            cfg.sparsity is None or abs(cfg.sparsity - implied) < 1e-9,
+            f"sparsity={cfg.sparsity} conflicts with pattern={p.n}:{p.m}, whose sparsity is {implied:g}; "
+            f"drop the sparsity override or use pattern=unstructured",
+        )
+        _check(p.allocation in (None, "per_row"), "pattern.allocation applies to unstructured patterns only")
+
+
+def _validate_calibration(c: DictConfig) -> None:
+    _check(c.nsamples > 0, f"calibration.nsamples={c.nsamples} must be a positive integer")
+    _check(c.seqlen > 1, f"calibration.seqlen={c.seqlen} must be at least 2 tokens")
+    _one_of("calibration.mode", c.mode, CALIBRATION_MODES)
+
+
+def _validate_eval(e: DictConfig) -> None:
+    _check(e.seqlen > 1, f"eval.seqlen={e.seqlen} must be at least 2 tokens")
+    _check(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be positive")
+    _check(e.max_windows is None or e.max_windows > 0, f"eval.max_windows={e.max_windows} must be positive or null")
+
+
+def _validate_search(cfg: DictConfig) -> None:
+    r, s = cfg.regularizer, cfg.schedule
+    _one_of("regularizer.name", r.name, ("l1",))
+    _one_of("regularizer.threshold_mode", r.threshold_mode, THRESHOLD_MODES)
+    _check(r.lam >= 0, f"regularizer.lam={r.lam} must be >= 0")
+    if r.threshold_mode == "quantile":
+        _check(r.lam < 1, f"regularizer.lam={r.lam} is a quantile level here and must be < 1")
+    _one_of("schedule.weight_mode", s.weight_mode, WEIGHT_MODES)
+    _check(s.steps > 0, f"schedule.steps={s.steps} must be positive")
+    _check(0 < s.dual_step <= 1, f"schedule.dual_step={s.dual_step} must be in (0, 1]")
+    _check(s.rho >= 0, f"schedule.rho={s.rho} must be >= 0")
+    _check(s.lr >= 0, f"schedule.lr={s.lr} must be >= 0")
+    _check(0 <= s.warmup_ratio < 1, f"schedule.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
+    _check(s.grad_accumulation >= 1, f"schedule.grad_accumulation={s.grad_accumulation} must be >= 1")
+    _check(s.checkpoint_every >= 1, f"schedule.checkpoint_every={s.checkpoint_every} must be >= 1")
+
+
+def cache_dir() -> Path:
+    """Where prepared assets, converted models and cached dense perplexities live."""
+    env = os.environ.get("UNIPRUNING_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "unipruning"

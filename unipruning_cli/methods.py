@@ -1,0 +1,117 @@
+"""Pruning methods: small classes with a narrow interface; the runner owns the loop over layers.
+
+A method turns one calibrated block (its linear layers and their activation statistics) into keep
+masks, and may update the block's weights (SparseGPT). Methods that only rank weights (``local``)
+also expose ``scores`` so masks can be cut with a global budget over all layers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from . import masks as M
+from .metrics import LocalMetric
+from .registry import Registry
+from .stats import ActivationStats
+
+METHODS: Registry[type["PruningMethod"]] = Registry("method")
+
+# Each metric's own comparison group in the paper that introduced it.
+DEFAULT_ALLOCATION = {"magnitude": "per_matrix", "wanda": "per_row", "ria": "per_matrix", "stochria": "per_matrix"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to cut: unstructured at ``sparsity`` with ``allocation``, or N:M when ``n`` > 0."""
+
+    sparsity: float
+    allocation: str = "per_matrix"
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.n > 0
+
+    @property
+    def tag(self) -> str:
+        return f"{self.n}of{self.m}" if self.is_nm else f"s{self.sparsity:.2f}_{self.allocation}"
+
+    def cut(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.is_nm:
+            return M.nm_masks(scores, self.n, self.m)
+        return M.masks_for(scores, self.sparsity, self.allocation)
+
+
+class PruningMethod(ABC):
+    name: ClassVar[str]
+    needs_hessian: ClassVar[bool] = False
+    updates_weights: ClassVar[bool] = False
+    supports_global: ClassVar[bool] = True
+
+    @abstractmethod
+    def prune_block(
+        self, layers: Mapping[str, nn.Linear], stats: Mapping[str, ActivationStats], target: Target
+    ) -> dict[str, torch.Tensor]:
+        """Masks for one block's layers (per-row, per-matrix or N:M targets only)."""
+
+
+@METHODS.register("local")
+class LocalMetricPruning(PruningMethod):
+    """Rank weights by a local metric (magnitude, Wanda, RIA, stochRIA) and keep the top ones."""
+
+    name = "local"
+
+    def __init__(self, metric: LocalMetric, seed: int = 0) -> None:
+        self.metric = metric
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def score(self, layer: nn.Linear, stats: ActivationStats | None) -> torch.Tensor:
+        return self.metric.score(layer.weight.detach().cpu(), stats, generator=self.generator)
+
+    def scores(self, layers: Mapping[str, nn.Linear], stats: Mapping[str, ActivationStats]) -> dict[str, torch.Tensor]:
+        return {n: self.score(layer, stats.get(n)) for n, layer in layers.items()}
+
+    def prune_block(self, layers, stats, target):
+        return target.cut(self.scores(layers, stats))
+
+
+@METHODS.register("sparsegpt")
+class SparseGPTPruning(PruningMethod):
+    """SparseGPT (OBS with blocked lazy updates): prunes and reconstructs the kept weights."""
+
+    name = "sparsegpt"
+    needs_hessian = True
+    updates_weights = True
+    supports_global = False
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+
+    def prune_block(self, layers, stats, target):
+        from .baselines.sparsegpt import sparsegpt_prune
+
+        out = {}
+        for name, layer in layers.items():
+            s = stats[name]
+            hessian = (2.0 / max(s.count, 1)) * s.xtx
+            w, keep = sparsegpt_prune(layer.weight.data, hessian.to(layer.weight.device),
+                                      sparsity=target.sparsity, n=target.n, m=target.m,
+                                      blocksize=self.blocksize, percdamp=self.percdamp)
+            layer.weight.data.copy_(w)
+            out[name] = keep.cpu()
+        return out
+
+
+def apply_masks(layers: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor]) -> None:
+    """W ← W ⊙ mask, in place; weights outside ``masks`` are left alone."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            w = layers[name].weight
+            w.mul_(mask.to(device=w.device, dtype=w.dtype))

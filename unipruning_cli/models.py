@@ -1,0 +1,124 @@
+"""Loading a causal LM and finding the layers that may be pruned.
+
+Prunable layers are found by structure, not by attribute names of one family: the decoder blocks
+are the longest ``nn.ModuleList`` of identical blocks, and every ``nn.Linear`` inside them is
+prunable. Embeddings, norms and ``lm_head`` live outside the blocks or are not linear, so they are
+never touched. This covers Llama, Qwen2, Mistral, Gemma and similar layouts without a table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device={device!r} but no CUDA device is available; use model.device=cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def model_location(model_cfg: DictConfig) -> str:
+    """The string handed to ``from_pretrained``: an HF id or a folder."""
+    if model_cfg.source == "embedded":
+        from .assets import embedded_model_path
+
+        return str(embedded_model_path(model_cfg.path))
+    if model_cfg.source == "local":
+        return str(Path(model_cfg.path).expanduser())
+    return model_cfg.path
+
+
+def check_model_reachable(model_cfg: DictConfig) -> None:
+    """Fail fast, before any weights are read, for a model that cannot be loaded here."""
+    if model_cfg.source == "embedded":
+        model_location(model_cfg)
+    elif model_cfg.source == "local":
+        path = Path(model_cfg.path).expanduser()
+        if not (path / "config.json").exists():
+            raise UserError(f"model.path={model_cfg.path!r}: no HF model folder there (config.json missing)")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model_cfg.path, "config.json", revision=model_cfg.revision), str):
+            raise UserError(
+                f"model.path={model_cfg.path!r} is a hub id, HF_HUB_OFFLINE=1 is set and it is not in the local "
+                f"HF cache; download it first, point model.source=local at a folder, or use model=smollm2-135m"
+            )
+
+
+def load_model(model_cfg: DictConfig) -> tuple[nn.Module, "object"]:
+    """Load model and tokenizer as the config says; the model is in eval mode with gradients off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = model_location(model_cfg)
+    device = resolve_device(model_cfg.device)
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    kwargs = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=bool(model_cfg.trust_remote_code))
+    if model_cfg.device_map:
+        kwargs["device_map"] = model_cfg.device_map
+    log.info("loading %s (%s, %s, %s)", location, dtype, model_cfg.device_map or device, model_cfg.source)
+    model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    if not model_cfg.device_map:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(location, revision=model_cfg.revision,
+                                        trust_remote_code=bool(model_cfg.trust_remote_code))
+    return model, tok
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the longest ModuleList whose children share one class and hold Linears."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise UserError(f"{type(model).__name__}: no stack of decoder blocks with linear layers found")
+    return best
+
+
+def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks, by full module name, in block order."""
+    prefix, blocks = find_blocks(model)
+    layers: dict[str, nn.Linear] = {}
+    for i, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                layers[f"{prefix}.{i}.{name}"] = module
+    return layers
+
+
+def block_layers(block: nn.Module, block_name: str) -> dict[str, nn.Linear]:
+    return {f"{block_name}.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device

@@ -1,0 +1,247 @@
+"""The prune pipeline: load -> dense eval -> calibrate + prune -> masks -> pruned eval -> report.
+
+The runner owns the loop and the run directory; methods only see one block at a time. Each stage
+writes its artifacts atomically and a completion marker with the fingerprint of the config values
+it depends on, so rerunning in the same directory (``hydra.run.dir=<old run>``) skips finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import masks as M
+from .calibration import calibrate_blockwise, stats_to_tensors
+from .config import cache_dir, target_sparsity
+from .data import calibration_windows, eval_windows, token_stream
+from .evaluation.perplexity import perplexity, with_bos
+from .methods import DEFAULT_ALLOCATION, METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target, apply_masks
+from .metrics import build_metric
+from .models import load_model, model_location, prunable_layers
+from .report import print_summary, write_summary_md
+from .rundir import RunDir, atomic_save_tensors, atomic_write_json, atomic_write_text, fingerprint, load_tensors
+
+log = logging.getLogger(__name__)
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        log.info("stage %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def make_target(cfg: DictConfig) -> Target:
+    p = cfg.pattern
+    if p.kind == "nm":
+        return Target(sparsity=target_sparsity(cfg), allocation="per_row", n=p.n, m=p.m)
+    allocation = p.allocation or DEFAULT_ALLOCATION.get(cfg.local_metric.name, "per_matrix")
+    if cfg.method == "sparsegpt":
+        allocation = p.allocation or "per_matrix"
+    return Target(sparsity=target_sparsity(cfg), allocation=allocation)
+
+
+def make_method(cfg: DictConfig) -> PruningMethod:
+    cls = METHODS.get(cfg.method)
+    if cls is LocalMetricPruning:
+        knobs = {k: v for k, v in _plain(cfg.local_metric).items() if k != "name"}
+        return LocalMetricPruning(build_metric(cfg.local_metric.name, **knobs), seed=cfg.seed)
+    if cls is SparseGPTPruning:
+        return SparseGPTPruning()
+    return cls()
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"unipruning": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def peak_memory() -> dict[str, float]:
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# masks on disk: bit-packed, one uint8 tensor per layer, shapes in the metadata
+
+
+def save_masks(path: Path, masks: dict[str, torch.Tensor], info: dict) -> None:
+    shapes = {n: list(m.shape) for n, m in masks.items()}
+    packed = {n: M.pack_mask(m) for n, m in masks.items()}
+    atomic_save_tensors(path, packed, {"shapes": json.dumps(shapes), "info": json.dumps(info)})
+
+
+def load_masks(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+    packed = load_tensors(path)
+    return {n: M.unpack_mask(packed[n], tuple(shapes[n])) for n in shapes}
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+def dense_perplexities(cfg: DictConfig, model, tok, timer: Timer) -> dict[str, dict]:
+    """Dense PPL per corpus, cached per model, corpus and protocol (it never changes)."""
+    out = {}
+    for corpus in cfg.eval.corpora:
+        key = fingerprint({"model": model_location(cfg.model), "revision": cfg.model.revision,
+                           "dtype": str(next(model.parameters()).dtype), "corpus": corpus,
+                           "seqlen": cfg.eval.seqlen, "max_windows": cfg.eval.max_windows,
+                           "add_bos": cfg.model.add_bos, "versions": versions()})
+        cached = cache_dir() / "ppl" / f"{key}.json"
+        if cached.exists():
+            out[corpus] = {**json.loads(cached.read_text()), "cached": True}
+            log.info("dense perplexity on %s from cache: %.3f", corpus, out[corpus]["ppl"])
+            continue
+        with timer.stage("dense_eval"):
+            res = perplexity(model, _eval_windows(cfg, tok, corpus), cfg.eval.batch_size, f"dense ppl {corpus}").to_dict()
+        atomic_write_json(cached, res)
+        out[corpus] = {**res, "cached": False}
+    return out
+
+
+def _eval_windows(cfg: DictConfig, tok, corpus: str) -> torch.Tensor:
+    windows = eval_windows(token_stream(tok, corpus, "eval"), cfg.eval.seqlen, cfg.eval.max_windows)
+    if cfg.model.add_bos and tok.bos_token_id is not None:
+        windows = with_bos(windows, tok.bos_token_id)
+    return windows
+
+
+def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, target: Target, rd: RunDir) -> tuple[dict, dict]:
+    """Masks of every prunable layer at ``target``; weights are pruned in place on return."""
+    c = cfg.calibration
+    stream = token_stream(tok, c.source, "calibration")
+    windows = calibration_windows(stream, c.nsamples, c.seqlen, cfg.seed)
+    calib_info = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "mode": c.mode,
+                  "seed": cfg.seed, "tokens": int(windows.numel()), "corpus_tokens": int(stream.numel())}
+    log.info("calibration: %d windows x %d tokens = %d tokens from %s (%s)", c.nsamples, c.seqlen,
+             windows.numel(), c.source, c.mode)
+    masks: dict[str, torch.Tensor] = {}
+    layerwise = target.is_nm or target.allocation != "global"
+
+    def on_block(i, layers, stats):
+        block_masks = method.prune_block(layers, stats, target)
+        if not method.updates_weights:
+            apply_masks(layers, block_masks)
+        masks.update(block_masks)
+
+    stats = calibrate_blockwise(model, windows, sequential=c.mode == "sequential", want_hessian=method.needs_hessian,
+                                on_block=on_block if layerwise else None, offload=c.offload)
+    if not layerwise:
+        layers = prunable_layers(model)
+        masks = target.cut(method.scores(layers, stats))
+        apply_masks(layers, masks)
+    tensors, meta = stats_to_tensors(stats)
+    atomic_save_tensors(rd / "calibration.safetensors", tensors, meta)
+    atomic_write_json(rd / "calibration.json", calib_info)
+    return masks, calib_info
+
+
+def measured_sparsity(model) -> dict:
+    layers = prunable_layers(model)
+    per_layer, zeros, total = {}, 0, 0
+    for name, layer in layers.items():
+        z = int((layer.weight == 0).sum())
+        per_layer[name] = round(z / layer.weight.numel(), 6)
+        zeros += z
+        total += layer.weight.numel()
+    all_params = sum(p.numel() for p in model.parameters())
+    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    return {"overall": zeros / total, "prunable_params": total, "zeros": zeros,
+            "overall_all_params": all_zeros / all_params, "all_params": all_params, "per_layer": per_layer}
+
+
+def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
+    """Run the whole pipeline into ``out_dir``; returns the metrics written to metrics.json."""
+    t_start = time.perf_counter()
+    rd = RunDir(out_dir)
+    timer = Timer()
+    atomic_write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(cfg.seed)
+    target = make_target(cfg)
+    method = make_method(cfg)
+
+    with timer.stage("load"):
+        model, tok = load_model(cfg.model)
+    layers = prunable_layers(model)
+    if target.is_nm:
+        try:
+            M.check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, target.n, target.m)
+        except ValueError as err:
+            from .errors import UserError
+
+            raise UserError(str(err)) from None
+
+    dense = dense_perplexities(cfg, model, tok, timer) if cfg.eval.dense else {}
+
+    prune_fp = fingerprint({k: _plain(cfg[k]) for k in ("model", "calibration", "local_metric", "method", "pattern",
+                                                        "sparsity", "seed")})
+    mask_path = f"masks/{target.tag}.safetensors"
+    if rd.is_complete("prune", prune_fp) and not method.updates_weights:
+        log.info("prune stage complete in %s: loading %s", rd.path, mask_path)
+        masks = load_masks(rd / mask_path)
+        apply_masks(layers, masks)
+        calib_info = json.loads((rd / "calibration.json").read_text())
+    else:
+        with timer.stage("calibrate_prune"):
+            masks, calib_info = calibrate_and_prune(cfg, model, tok, method, target, rd)
+        save_masks(rd / mask_path, masks, {"target": target.tag, "method": cfg.method})
+        rd.mark_complete("prune", prune_fp, [mask_path, "calibration.safetensors", "calibration.json"],
+                         timer.seconds["calibrate_prune"])
+
+    sparsity = measured_sparsity(model)
+    pruned = {}
+    with timer.stage("pruned_eval"):
+        for corpus in cfg.eval.corpora:
+            pruned[corpus] = perplexity(model, _eval_windows(cfg, tok, corpus), cfg.eval.batch_size,
+                                        f"pruned ppl {corpus}").to_dict()
+
+    metrics = {
+        "model": {"name": cfg.model.name, "location": model_location(cfg.model), "dtype": str(next(model.parameters()).dtype)},
+        "method": cfg.method,
+        "local_metric": _plain(cfg.local_metric),
+        "pattern": target.tag,
+        "target_sparsity": target.sparsity,
+        "allocation": None if target.is_nm else target.allocation,
+        "seed": cfg.seed,
+        "calibration": calib_info,
+        "perplexity": {c: {"dense": dense.get(c), "pruned": pruned[c]} for c in cfg.eval.corpora},
+        "sparsity": sparsity,
+        "seconds": {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)},
+        "memory": peak_memory(),
+        "versions": versions(),
+    }
+    atomic_write_json(rd / "metrics.json", metrics)
+    write_summary_md(rd / "summary.md", metrics)
+    print_summary(metrics, rd.path)
+    return metrics
