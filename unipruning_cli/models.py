@@ -70,7 +70,9 @@ def check_model_reachable(model_cfg: DictConfig) -> None:
 def load_model(model_cfg: DictConfig) -> tuple[nn.Module, "object"]:
     """Load model and tokenizer as the config says; the model is in eval mode with gradients off."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # rich bars are ours; HF's tqdm would interleave with them
     location = model_location(model_cfg)
     device = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)

@@ -21,3 +21,10 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         for item in items:
             yield item
             progress.advance(task)
+
+
+def rich_handler(level: int | str = "NOTSET"):
+    """Logging handler for Hydra's job_logging config: rich output on the shared stderr console."""
+    from rich.logging import RichHandler
+
+    return RichHandler(level=level, console=console, show_path=False)

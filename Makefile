@@ -1,0 +1,38 @@
+# unipruning: set-up, run, tests and benchmarks. Every target uses the project's virtualenv.
+PY       ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+# torch 2.13.0: on CPU-only machines that carry its CPU wheel on disk pip takes it from there
+# (cheap); elsewhere pip takes the regular build for the platform (CUDA on a Linux GPU machine).
+TORCH    ?= torch==2.13.0
+
+.PHONY: setup install prepare run test test-slow bench bench-ci clean
+
+setup: install prepare          ## install everything and prepare the offline model and corpora
+
+install: $(BIN)/unipruning
+
+$(BIN)/unipruning: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+prepare: install                ## idempotent: verifies hashes, redoes only what is missing
+	$(BIN)/unipruning prepare
+
+run: setup                      ## the main job: prune the embedded default model with the defaults
+	$(BIN)/unipruning prune
+
+test: setup                     ## the default suite (fast tests + bounded real-model checks)
+	$(BIN)/python -m pytest -q
+
+test-slow: setup                ## real-model checks that take minutes
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup                    ## every method on the default model: table in bench-out/
+	$(BIN)/python scripts/bench_methods.py --out bench-out
+
+clean:
+	rm -rf runs bench-out .pytest_cache
