@@ -100,6 +100,13 @@ class ScheduleConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Which masks to cut from one set of scores (UniPruning's Γ): every sparsity listed."""
+
+    sparsities: Optional[List[float]] = None  # None: just the run's target sparsity
+
+
+@dataclass
 class PruneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     local_metric: Dict[str, Any] = field(default_factory=lambda: {"name": "wanda"})
@@ -108,6 +115,7 @@ class PruneConfig:
     pattern: PatternConfig = field(default_factory=PatternConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     method: str = "local"
     sparsity: Optional[float] = None  # None: 0.5 unstructured, 1 - n/m for N:M
     seed: int = 0
@@ -164,6 +172,12 @@ def validate(cfg: DictConfig) -> None:
     for corpus in [cfg.calibration.source, *cfg.eval.corpora]:
         check_corpus_available(corpus)
     _validate_search(cfg)
+    for s in cfg.export.sparsities or []:
+        _check(0.0 <= s < 1.0, f"export.sparsities contains {s}: every sparsity must satisfy 0 <= s < 1")
+    if cfg.pattern.allocation == "global":
+        _check(cfg.calibration.mode == "one_shot" and cfg.method != "sparsegpt",
+               "pattern.allocation=global needs every score at once: use calibration.mode=one_shot and a "
+               "score-based method (local, unipruning)")
     del CORPORA
 
 

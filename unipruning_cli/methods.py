@@ -109,6 +109,16 @@ class SparseGPTPruning(PruningMethod):
         return out
 
 
+@METHODS.register("unipruning")
+class UniPruning(PruningMethod):
+    """Masks cut from the saliency Γ learned by the search (see ``search/``); the runner runs the search."""
+
+    name = "unipruning"
+
+    def prune_block(self, layers, stats, target):
+        raise NotImplementedError("UniPruning cuts masks from Γ after the search, not block by block")
+
+
 def apply_masks(layers: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor]) -> None:
     """W ← W ⊙ mask, in place; weights outside ``masks`` are left alone."""
     with torch.no_grad():

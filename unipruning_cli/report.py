@@ -28,11 +28,31 @@ def print_summary(metrics: dict, run_dir: Path) -> None:
     for row in _rows(metrics):
         table.add_row(*row)
     console.print(table)
+    if len(metrics.get("results", {})) > 1:
+        more = Table(title="every cut of this run")
+        for col in ("masks", "measured sparsity", *[f"PPL {c}" for c in metrics["perplexity"]]):
+            more.add_column(col)
+        for tag, r in metrics["results"].items():
+            more.add_row(tag, f"{r['measured_sparsity']:.4f}", *[f"{v:.3f}" for v in r["ppl"].values()])
+        console.print(more)
     console.print(f"measured sparsity: {s['overall']:.4f} of {s['prunable_params']:,} prunable weights "
                   f"({s['overall_all_params']:.4f} of all {s['all_params']:,} parameters); "
                   f"calibration {metrics['calibration']['tokens']:,} tokens; total {metrics['seconds']['total']:.0f} s; "
                   f"peak RSS {metrics['memory']['peak_rss_mib']:.0f} MiB")
     console.print(f"run directory: {run_dir}")
+
+
+def _results_md(metrics: dict) -> list[str]:
+    """One row per set of masks cut in this run (UniPruning cuts several from one Γ)."""
+    results = metrics.get("results", {})
+    if len(results) <= 1:
+        return []
+    corpora = list(metrics["perplexity"])
+    lines = ["| masks | measured sparsity | " + " | ".join(f"PPL {c}" for c in corpora) + " |",
+             "|---|---|" + "---|" * len(corpora)]
+    for tag, r in results.items():
+        lines.append(f"| {tag} | {r['measured_sparsity']:.4f} | " + " | ".join(f"{r['ppl'][c]:.3f}" for c in corpora) + " |")
+    return lines + [""]
 
 
 def write_summary_md(path: Path, metrics: dict) -> None:
@@ -44,10 +64,11 @@ def write_summary_md(path: Path, metrics: dict) -> None:
         "|---|---|---|---|---|",
         *[f"| {' | '.join(r)} |" for r in _rows(metrics)],
         "",
+        *_results_md(metrics),
         f"- measured sparsity (prunable layers): {s['overall']:.4f} ({s['zeros']:,} of {s['prunable_params']:,})",
         f"- sparsity over all parameters: {s['overall_all_params']:.4f}",
         f"- calibration: {metrics['calibration']['nsamples']} x {metrics['calibration']['seqlen']} tokens from "
-        f"{metrics['calibration']['source']} ({metrics['calibration']['mode']}), seed {metrics['seed']}",
+        f"{metrics['calibration']['source']} ({metrics['calibration'].get('mode', 'search')}), seed {metrics['seed']}",
         f"- seconds per stage: {metrics['seconds']}",
         f"- memory: {metrics['memory']}",
         "- speed: unstructured zeros are stored dense and give no speed-up by themselves; 2:4 can be accelerated "
@@ -55,3 +76,47 @@ def write_summary_md(path: Path, metrics: dict) -> None:
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
+
+
+def plot_search(jsonl: Path, png: Path) -> None:
+    """Search curves: LM loss and lr (drift mode), mean |Γ| and the fraction of Γ at zero, per step."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    losses = [r["loss"] for r in rows]
+    if any(v is not None for v in losses):
+        axes[0].plot(steps, losses, label="LM loss")
+        ax2 = axes[0].twinx()
+        ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", label="lr")
+        ax2.set_ylabel("learning rate")
+        axes[0].set_ylabel("loss (nats/token)")
+        axes[0].set_title("weight drift")
+    else:
+        axes[0].text(0.5, 0.5, "frozen W: no loss", ha="center", va="center")
+        axes[0].set_title("weight mode: frozen")
+    for q, style in (("gamma_abs_q10", ":"), ("gamma_abs_q50", "--"), ("gamma_abs_q90", "-.")):
+        axes[1].plot(steps, [r[q] for r in rows], style, label=q.replace("gamma_abs_", "|Γ| "))
+    axes[1].plot(steps, [r["gamma_abs_mean"] for r in rows], label="mean |Γ|")
+    axes[1].set_title("saliency |Γ|")
+    axes[1].set_ylabel("|Γ|")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(steps, [r["gamma_zero_frac"] for r in rows])
+    axes[2].set_title("fraction of Γ at zero")
+    axes[2].set_ylabel("fraction")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name("." + png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png)

@@ -24,7 +24,8 @@ from .calibration import calibrate_blockwise, stats_to_tensors
 from .config import cache_dir, target_sparsity
 from .data import calibration_windows, eval_windows, token_stream
 from .evaluation.perplexity import perplexity, with_bos
-from .methods import DEFAULT_ALLOCATION, METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target, apply_masks
+from .methods import (DEFAULT_ALLOCATION, METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target,
+                      apply_masks)
 from .metrics import build_metric
 from .models import load_model, model_location, prunable_layers
 from .report import print_summary, write_summary_md
@@ -181,6 +182,85 @@ def measured_sparsity(model) -> dict:
             "overall_all_params": all_zeros / all_params, "all_params": all_params, "per_layer": per_layer}
 
 
+def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
+    """The primary target, then every extra sparsity of ``export.sparsities`` (score-based cuts)."""
+    out = [primary]
+    if cfg.method == "unipruning":
+        for sp in cfg.export.sparsities or []:
+            t = Target(sparsity=float(sp), allocation=primary.allocation if not primary.is_nm else "per_matrix")
+            if t not in out:
+                out.append(t)
+    return out
+
+
+def search_fingerprint(cfg: DictConfig) -> str:
+    return fingerprint({k: _plain(cfg[k]) for k in ("model", "calibration", "local_metric", "regularizer",
+                                                    "schedule", "seed")})
+
+
+def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The UniPruning stage: Γ for every prunable matrix (loaded if this run already has it)."""
+    from .search import SearchSettings, build_regularizer, search_drift, search_frozen
+
+    fp = search_fingerprint(cfg)
+    if rd.is_complete("search", fp):
+        log.info("search stage complete in %s: loading gamma.safetensors", rd.path)
+        return load_tensors(rd / "gamma.safetensors"), rd.stage_info("search")["info"]
+    c, sch = cfg.calibration, cfg.schedule
+    knobs = {k: v for k, v in _plain(cfg.local_metric).items() if k != "name"}
+    metric = build_metric(cfg.local_metric.name, **knobs)
+    prox = build_regularizer(cfg.regularizer.name, cfg.regularizer.lam, cfg.regularizer.threshold_mode)
+    fields = set(SearchSettings.__dataclass_fields__)
+    settings = SearchSettings(**{k: (tuple(v) if k == "betas" else v) for k, v in _plain(sch).items() if k in fields},
+                              seed=cfg.seed)
+    stream = token_stream(tok, c.source, "calibration")
+    windows = calibration_windows(stream, c.nsamples, c.seqlen, cfg.seed)
+    layers = prunable_layers(model)
+    ckpt = rd / "checkpoints" / "search.safetensors"
+    with timer.stage("search"):
+        if sch.weight_mode == "frozen":
+            stats = calibrate_blockwise(model, windows, want_per_sample=True, offload=c.offload)
+            gamma, bpp = search_frozen({n: m.weight.detach() for n, m in layers.items()}, stats, metric, prox,
+                                       settings, ckpt, fp, rd / "search.jsonl")
+        else:
+            gamma, bpp = search_drift(model, layers, windows, metric, prox, settings, ckpt, fp, rd / "search.jsonl")
+    info = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": cfg.seed,
+            "tokens": int(windows.numel()), "steps": sch.steps, "weight_mode": sch.weight_mode,
+            "state_bytes_per_param": bpp, "search_seconds": timer.seconds["search"]}
+    atomic_save_tensors(rd / "gamma.safetensors", gamma, {"fingerprint": fp})
+    from .report import plot_search
+
+    plot_search(rd / "search.jsonl", rd / "plots" / "search.png")
+    rd.mark_complete("search", fp, ["gamma.safetensors", "search.jsonl"], timer.seconds["search"], info=info)
+    return gamma, info
+
+
+def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir) -> dict[str, dict[str, torch.Tensor]]:
+    """Masks for every target from one Γ: seconds, no model forward."""
+    scores = {n: g.abs() for n, g in gamma.items()}
+    out = {}
+    for t in targets:
+        out[t.tag] = t.cut(scores)
+        save_masks(rd / f"masks/{t.tag}.safetensors", out[t.tag], {"target": t.tag, "method": "unipruning"})
+    return out
+
+
+def evaluate_masks(cfg: DictConfig, model, tok, layers, all_masks: dict[str, dict], timer: Timer) -> dict[str, dict]:
+    """Pruned perplexity for each set of masks; the original weights are restored between sets."""
+    original = {n: m.weight.detach().clone() for n, m in layers.items()}
+    results = {}
+    for tag, masks in all_masks.items():
+        apply_masks(layers, masks)
+        with timer.stage("pruned_eval"):
+            results[tag] = {"sparsity": measured_sparsity(model),
+                            "perplexity": {c: perplexity(model, _eval_windows(cfg, tok, c), cfg.eval.batch_size,
+                                                         f"pruned ppl {c} {tag}").to_dict() for c in cfg.eval.corpora}}
+        with torch.no_grad():
+            for n, m in layers.items():
+                m.weight.copy_(original[n])
+    return results
+
+
 def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
     """Run the whole pipeline into ``out_dir``; returns the metrics written to metrics.json."""
     t_start = time.perf_counter()
@@ -188,15 +268,14 @@ def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
     timer = Timer()
     atomic_write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
-    target = make_target(cfg)
-    method = make_method(cfg)
+    primary = make_target(cfg)
 
     with timer.stage("load"):
         model, tok = load_model(cfg.model)
     layers = prunable_layers(model)
-    if target.is_nm:
+    if primary.is_nm:
         try:
-            M.check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, target.n, target.m)
+            M.check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, primary.n, primary.m)
         except ValueError as err:
             from .errors import UserError
 
@@ -204,6 +283,50 @@ def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
 
     dense = dense_perplexities(cfg, model, tok, timer) if cfg.eval.dense else {}
 
+    if cfg.method == "unipruning":
+        gamma, calib_info = run_search(cfg, model, tok, rd, timer)
+        with timer.stage("masks"):
+            all_masks = cut_masks(gamma, targets_of(cfg, primary), rd)
+        results = evaluate_masks(cfg, model, tok, layers, all_masks, timer)
+    else:
+        masks, calib_info = prune_stage(cfg, model, tok, primary, rd, timer)
+        with timer.stage("pruned_eval"):
+            results = {primary.tag: {"sparsity": measured_sparsity(model),
+                                     "perplexity": {c: perplexity(model, _eval_windows(cfg, tok, c), cfg.eval.batch_size,
+                                                                  f"pruned ppl {c}").to_dict()
+                                                    for c in cfg.eval.corpora}}}
+
+    first = results[primary.tag]
+    metrics = {
+        "model": {"name": cfg.model.name, "location": model_location(cfg.model),
+                  "dtype": str(next(model.parameters()).dtype)},
+        "method": cfg.method,
+        "local_metric": _plain(cfg.local_metric),
+        "pattern": primary.tag,
+        "target_sparsity": primary.sparsity,
+        "allocation": None if primary.is_nm else primary.allocation,
+        "seed": cfg.seed,
+        "calibration": calib_info,
+        "perplexity": {c: {"dense": dense.get(c), "pruned": first["perplexity"][c]} for c in cfg.eval.corpora},
+        "sparsity": first["sparsity"],
+        "results": {tag: {"ppl": {c: r["perplexity"][c]["ppl"] for c in cfg.eval.corpora},
+                          "measured_sparsity": r["sparsity"]["overall"]} for tag, r in results.items()},
+        "seconds": {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)},
+        "memory": peak_memory(),
+        "versions": versions(),
+    }
+    if cfg.method == "unipruning":
+        metrics["search"] = {k: _plain(cfg[k]) for k in ("regularizer", "schedule")}
+    atomic_write_json(rd / "metrics.json", metrics)
+    write_summary_md(rd / "summary.md", metrics)
+    print_summary(metrics, rd.path)
+    return metrics
+
+
+def prune_stage(cfg: DictConfig, model, tok, target: Target, rd: RunDir, timer: Timer) -> tuple[dict, dict]:
+    """Local-metric or SparseGPT pruning of the model in place (masks reloaded when already done)."""
+    method = make_method(cfg)
+    layers = prunable_layers(model)
     prune_fp = fingerprint({k: _plain(cfg[k]) for k in ("model", "calibration", "local_metric", "method", "pattern",
                                                         "sparsity", "seed")})
     mask_path = f"masks/{target.tag}.safetensors"
@@ -211,37 +334,10 @@ def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
         log.info("prune stage complete in %s: loading %s", rd.path, mask_path)
         masks = load_masks(rd / mask_path)
         apply_masks(layers, masks)
-        calib_info = json.loads((rd / "calibration.json").read_text())
-    else:
-        with timer.stage("calibrate_prune"):
-            masks, calib_info = calibrate_and_prune(cfg, model, tok, method, target, rd)
-        save_masks(rd / mask_path, masks, {"target": target.tag, "method": cfg.method})
-        rd.mark_complete("prune", prune_fp, [mask_path, "calibration.safetensors", "calibration.json"],
-                         timer.seconds["calibrate_prune"])
-
-    sparsity = measured_sparsity(model)
-    pruned = {}
-    with timer.stage("pruned_eval"):
-        for corpus in cfg.eval.corpora:
-            pruned[corpus] = perplexity(model, _eval_windows(cfg, tok, corpus), cfg.eval.batch_size,
-                                        f"pruned ppl {corpus}").to_dict()
-
-    metrics = {
-        "model": {"name": cfg.model.name, "location": model_location(cfg.model), "dtype": str(next(model.parameters()).dtype)},
-        "method": cfg.method,
-        "local_metric": _plain(cfg.local_metric),
-        "pattern": target.tag,
-        "target_sparsity": target.sparsity,
-        "allocation": None if target.is_nm else target.allocation,
-        "seed": cfg.seed,
-        "calibration": calib_info,
-        "perplexity": {c: {"dense": dense.get(c), "pruned": pruned[c]} for c in cfg.eval.corpora},
-        "sparsity": sparsity,
-        "seconds": {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)},
-        "memory": peak_memory(),
-        "versions": versions(),
-    }
-    atomic_write_json(rd / "metrics.json", metrics)
-    write_summary_md(rd / "summary.md", metrics)
-    print_summary(metrics, rd.path)
-    return metrics
+        return masks, json.loads((rd / "calibration.json").read_text())
+    with timer.stage("calibrate_prune"):
+        masks, calib_info = calibrate_and_prune(cfg, model, tok, method, target, rd)
+    save_masks(rd / mask_path, masks, {"target": target.tag, "method": cfg.method})
+    rd.mark_complete("prune", prune_fp, [mask_path, "calibration.safetensors", "calibration.json"],
+                     timer.seconds["calibrate_prune"])
+    return masks, calib_info

@@ -1,0 +1,77 @@
+"""The embedded SmolLM2-135M on real offline text: one bounded run, and the full defaults (slow).
+
+The runs read the prepared model and corpora from the user's cache, but through a temporary cache
+folder whose ``models/`` and ``data/`` are symlinks to it: the dense-perplexity cache (``ppl/``) the
+run writes then lands in tmp, so the user's cache is never written and the dense PPL is really
+measured by the run rather than read back from an earlier one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from _helpers import cli_env, run_cli
+from conftest import real_model_prepared
+
+pytestmark = pytest.mark.skipif(not real_model_prepared(), reason="embedded model not prepared (unipruning prepare)")
+
+
+@pytest.fixture()
+def real_ws(tmp_path):
+    from unipruning_cli.config import cache_dir
+
+    real = cache_dir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for sub in ("models", "data"):
+        (cache / sub).symlink_to(real / sub, target_is_directory=True)
+    (tmp_path / "cwd").mkdir()
+    return {"root": tmp_path, "cwd": tmp_path / "cwd", "runs": tmp_path / "runs", "cache": cache, "real": real}
+
+
+def _single_metrics(runs: Path) -> tuple[Path, dict]:
+    found = list(runs.rglob("metrics.json"))
+    assert len(found) == 1, found
+    return found[0].parent, json.loads(found[0].read_text())
+
+
+def _check(run_dir: Path, m: dict, real_cache: Path, nsamples: int) -> None:
+    ppl = m["perplexity"]["wiki_offline"]
+    dense, pruned = ppl["dense"], ppl["pruned"]
+    assert dense["cached"] is False  # measured by this run
+    assert 10 < dense["ppl"] < 100, dense
+    assert pruned["ppl"] > dense["ppl"]
+    assert pruned["windows"] == dense["windows"]
+    assert abs(m["sparsity"]["overall"] - 0.5) < 1e-6
+    # SmolLM2-135M: 30 blocks x 7 projections
+    assert len(m["sparsity"]["per_layer"]) == 30 * 7
+    assert m["calibration"]["tokens"] == nsamples * 512 and m["calibration"]["source"] == "owt_offline"
+    assert os.path.realpath(m["model"]["location"]) == os.path.realpath(real_cache / "models" / "smollm2-135m")
+    assert (run_dir / "masks" / "s0.50_per_row.safetensors").is_file()
+
+
+def test_bounded_real_run(real_ws):
+    env = cli_env(real_ws["runs"], real_ws["cache"], threads=None)
+    proc, seconds = run_cli(["prune", "calibration.nsamples=4", "eval.max_windows=2"], real_ws["cwd"], env,
+                            timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir, m = _single_metrics(real_ws["runs"])
+    _check(run_dir, m, real_ws["real"], nsamples=4)
+    assert m["perplexity"]["wiki_offline"]["pruned"]["windows"] == 2
+    # the user's cache was not written: the dense PPL went to the temporary one
+    assert list((real_ws["cache"] / "ppl").glob("*.json"))
+    assert list(real_ws["cwd"].iterdir()) == []
+
+
+@pytest.mark.slow
+def test_full_defaults_run(real_ws):
+    env = cli_env(real_ws["runs"], real_ws["cache"], threads=None)
+    proc, _ = run_cli(["prune"], real_ws["cwd"], env, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir, m = _single_metrics(real_ws["runs"])
+    _check(run_dir, m, real_ws["real"], nsamples=128)
+    assert m["perplexity"]["wiki_offline"]["pruned"]["windows"] == 40

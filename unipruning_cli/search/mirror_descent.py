@@ -1,0 +1,339 @@
+"""UniPruning's search: learn the saliency Γ by mirror descent anchored to a local metric.
+
+Per prunable matrix, with S(W, X) the local metric on the step's batch (spec §1.2-1.3):
+
+    V ← V + α·(S − Γ)        dual step (α = ``schedule.dual_step``, 0.01 in the reference)
+    Γ ← prox_{λΩ}(V)          soft-threshold (``regularizer``)
+
+Two weight modes:
+- ``drift`` (reference): W moves by AdamW on the causal-LM loss (gradients accumulated across
+  steps and clipped, linear warm-up and decay), plus ρ times the gradient of ½‖Γ − S(W)‖²; S is
+  computed on the drifted W. At the end the original W is restored bit for bit: only Γ is kept.
+- ``frozen``: W never changes, so every matrix's recursion is independent and Γ becomes an
+  exponential average of per-sample metrics (spec §1.5). The loop then runs matrix by matrix on
+  per-sample statistics taken in one calibration pass: no forward pass inside the search.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..metrics import LocalMetric
+from ..progress import track
+from ..stats import ActivationStats
+from .regularizers import L1Prox
+from .state import SearchState
+
+log = logging.getLogger(__name__)
+
+QUANTILES = (0.1, 0.5, 0.9)
+_SAMPLE_PER_LAYER = 1024
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    steps: int = 128
+    dual_step: float = 0.01
+    weight_mode: str = "drift"
+    rho: float = 0.0
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accumulation: int = 1
+    accumulate_grads_across_steps: bool = True
+    checkpoint_every: int = 16
+    seed: int = 0
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.warmup_ratio * self.steps)
+
+    def lr_factor(self, step: int) -> float:
+        """HF's linear schedule: ramp over the warm-up, then linear decay to 0 at ``steps``."""
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        return max(0.0, (self.steps - step) / max(1, self.steps - self.warmup_steps))
+
+
+def dual_step(v: torch.Tensor, gamma: torch.Tensor, metric: torch.Tensor, alpha: float) -> None:
+    """V ← V + α(S − Γ), in place."""
+    v.add_(metric - gamma, alpha=alpha)
+
+
+class SearchLog:
+    """``search.jsonl``: one JSON line per step, flushed as it goes; truncated on resume."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        rows = []
+        if resume_step > 0 and path.exists():
+            rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] < resume_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def gamma_summary(samples: torch.Tensor, zeros: int, numel: int, abs_sum: float) -> dict:
+    q = torch.quantile(samples.abs().float(), torch.tensor(QUANTILES)).tolist()
+    return {"gamma_abs_mean": abs_sum / numel, "gamma_zero_frac": zeros / numel,
+            **{f"gamma_abs_q{int(p * 100)}": v for p, v in zip(QUANTILES, q)}}
+
+
+def _sample_index(numel: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, numel, (min(_SAMPLE_PER_LAYER, numel),), generator=gen)
+
+
+def _summarise(gammas: Mapping[str, torch.Tensor], index: Mapping[str, torch.Tensor]) -> dict:
+    samples = torch.cat([g.reshape(-1)[index[n].to(g.device)].cpu() for n, g in gammas.items()])
+    zeros = sum(int((g == 0).sum()) for g in gammas.values())
+    numel = sum(g.numel() for g in gammas.values())
+    abs_sum = sum(float(g.abs().sum()) for g in gammas.values())
+    return gamma_summary(samples, zeros, numel, abs_sum)
+
+
+# ----------------------------------------------------------------------------------------------
+# frozen mode
+
+
+def search_frozen(
+    weights: Mapping[str, torch.Tensor],
+    stats: Mapping[str, ActivationStats],
+    metric: LocalMetric,
+    prox: L1Prox,
+    settings: SearchSettings,
+    ckpt: Path,
+    fp: str,
+    log_path: Path,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Γ of every matrix with W fixed. Matrix-outer, step-inner; checkpoint every k matrices.
+
+    Step n of matrix i uses the statistics of calibration sample n mod nsamples, and its random
+    draws come from a generator seeded by (seed, i): the result does not depend on the order in
+    which matrices are processed, which makes resuming bit-exact.
+    Returns (Γ per matrix, state bytes per parameter while a matrix is processed).
+    """
+    names = list(weights)
+    state = SearchState.load(ckpt, fp) or SearchState()
+    done = state.step
+    gammas = dict(state.gamma)
+    per_step: list[dict] = [{"zeros": 0, "numel": 0, "abs_sum": 0.0, "samples": [], "seconds": 0.0}
+                            for _ in range(settings.steps)]
+    for i, name in enumerate(track(names, "search (frozen W)")):
+        if i < done:
+            continue
+        gammas[name] = _search_one_frozen(i, name, weights[name], stats[name], metric, prox, settings, per_step)
+        if (i + 1) % settings.checkpoint_every == 0 and i + 1 < len(names):
+            SearchState(gamma=gammas, step=i + 1).save(ckpt, fp)
+    # One row per step, summed over the matrices searched in this process (all of them unless resumed).
+    log_rows = SearchLog(log_path, 0)
+    elapsed = 0.0
+    for n, acc in enumerate(per_step):
+        if acc["numel"] == 0:
+            continue
+        elapsed += acc["seconds"]
+        log_rows.write({"step": n + 1, "loss": None, "lr": 0.0, "seconds": round(elapsed, 3),
+                        "matrices": len(acc["samples"]),
+                        **gamma_summary(torch.cat(acc["samples"]), acc["zeros"], acc["numel"], acc["abs_sum"])})
+    return gammas, 8.0
+
+
+def _search_one_frozen(i: int, name: str, w: torch.Tensor, stats: ActivationStats, metric: LocalMetric,
+                       prox: L1Prox, settings: SearchSettings, per_step: list[dict]) -> torch.Tensor:
+    if stats.sample_mean_sq is None:
+        raise ValueError(f"{name}: frozen search needs per-sample statistics (calibrate with want_per_sample)")
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
+    v = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    gamma = torch.zeros_like(v)
+    nsamples = stats.sample_mean_sq.shape[0]
+    tokens = max(1, stats.count // nsamples)
+    index = _sample_index(v.numel(), settings.seed + i)
+    for n in range(settings.steps):
+        t0 = time.perf_counter()
+        s = ActivationStats.from_mean_sq(stats.sample_mean_sq[n % nsamples], tokens)
+        dual_step(v, gamma, metric.score(w, s, generator=gen if metric.stochastic else None), settings.dual_step)
+        gamma = prox(v, gen)
+        acc = per_step[n]
+        acc["zeros"] += int((gamma == 0).sum())
+        acc["numel"] += gamma.numel()
+        acc["abs_sum"] += float(gamma.abs().sum())
+        acc["samples"].append(gamma.reshape(-1)[index].cpu())
+        acc["seconds"] += time.perf_counter() - t0
+    return gamma.cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# drift mode
+
+
+class _StepStats:
+    """Pre-hooks summing x² per input channel over the current step's forward passes."""
+
+    def __init__(self, layers: Mapping[str, nn.Linear]) -> None:
+        self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in layers.items()}
+        self.counts = {n: 0 for n in layers}
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            self.sums[name] += (x * x).sum(0).double().cpu()
+            self.counts[name] += x.shape[0]
+
+        return hook
+
+    def take(self) -> dict[str, ActivationStats]:
+        out = {n: ActivationStats(sq_sum=self.sums[n].clone(), count=self.counts[n]) for n in self.sums}
+        for n in self.sums:
+            self.sums[n].zero_()
+            self.counts[n] = 0
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def alignment_grad(w: torch.Tensor, gamma: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """∂/∂W ½‖Γ − S(W)‖² with S treated as locally linear in |W| (S_ij ≈ a_ij·|W_ij|).
+
+    Exact for magnitude and Wanda; for RIA-type metrics it ignores the (second-order) dependence
+    of the row/column normalisers on W.
+    """
+    wf = w.detach().float()
+    slope = torch.where(wf != 0, metric / wf.abs().clamp_min(1e-30), torch.zeros_like(metric))
+    return (-(gamma - metric) * slope * wf.sign()).to(w.dtype)
+
+
+def search_drift(
+    model: nn.Module,
+    layers: Mapping[str, nn.Linear],
+    windows: torch.Tensor,
+    metric: LocalMetric,
+    prox: L1Prox,
+    settings: SearchSettings,
+    ckpt: Path,
+    fp: str,
+    log_path: Path,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Γ of every matrix while W drifts by AdamW on the LM loss; W is restored at the end."""
+    names = list(layers)
+    params = [layers[n].weight for n in names]
+    original = [p.detach().clone() for p in params]
+    device = params[0].device
+    state = SearchState.load(ckpt, fp) or SearchState.zeros({n: layers[n].weight.shape for n in names}, device)
+    start = state.step
+    gen = torch.Generator().manual_seed(settings.seed)
+    opt = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
+                            weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, settings.lr_factor)
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.zeros_like(p)
+    if start > 0:
+        _restore_drift(state, names, params, opt, sched, gen)
+        log.info("resuming the drift search at step %d from %s", start, ckpt)
+    index = {n: _sample_index(layers[n].weight.numel(), settings.seed + i) for i, n in enumerate(names)}
+    hooks = _StepStats(layers)
+    slog = SearchLog(log_path, start)
+    t0 = time.perf_counter()
+    try:
+        for step in track(range(start, settings.steps), "search (drift W)", total=settings.steps - start):
+            loss = _lm_backward(model, windows, step, settings)
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            stats = hooks.take()
+            metrics = {n: metric.score(layers[n].weight, stats[n], generator=gen if metric.stochastic else None)
+                       for n in names}
+            lr = opt.param_groups[0]["lr"]
+            _weight_step(params, names, state, metrics, opt, settings.rho)
+            sched.step()
+            for n in names:
+                dual_step(state.v[n], state.gamma[n], metrics[n].to(device), settings.dual_step)
+                state.gamma[n] = prox(state.v[n], gen)
+            if not settings.accumulate_grads_across_steps:
+                opt.zero_grad(set_to_none=False)
+            state.step = step + 1
+            slog.write({"step": step + 1, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
+                        **_summarise(state.gamma, index)})
+            if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
+                _save_drift(state, names, params, opt, sched, gen, ckpt, fp)
+    finally:
+        hooks.remove()
+        with torch.no_grad():
+            for p, w0 in zip(params, original):
+                p.copy_(w0)
+                p.grad = None
+                p.requires_grad_(False)
+    bytes_pp = 4.0 * 4 + sum(p.element_size() for p in params[:1]) * 2  # V, Γ, m, v (fp32) + W copy + grad
+    return {n: g.cpu() for n, g in state.gamma.items()}, bytes_pp
+
+
+def _lm_backward(model: nn.Module, windows: torch.Tensor, step: int, settings: SearchSettings) -> float:
+    device = next(model.parameters()).device
+    total = 0.0
+    for k in range(settings.grad_accumulation):
+        x = windows[(step * settings.grad_accumulation + k) % windows.shape[0]].unsqueeze(0).to(device)
+        loss = model(input_ids=x, labels=x, use_cache=False).loss / settings.grad_accumulation
+        loss.backward()
+        total += float(loss)
+    return total
+
+
+def _weight_step(params, names, state: SearchState, metrics, opt, rho: float) -> None:
+    """One AdamW step on W; the ρ alignment gradient is added for this step only."""
+    align = []
+    if rho > 0:
+        for p, n in zip(params, names):
+            g = rho * alignment_grad(p, state.gamma[n], metrics[n].to(p.device))
+            p.grad.add_(g)
+            align.append(g)
+    opt.step()
+    for p, g in zip(params, align):
+        p.grad.sub_(g)
+
+
+def _save_drift(state, names, params, opt, sched, gen, ckpt, fp) -> None:
+    extra = {}
+    for n, p in zip(names, params):
+        s = opt.state[p]
+        extra[f"w/{n}"] = p.detach()
+        extra[f"grad/{n}"] = p.grad
+        extra[f"exp_avg/{n}"] = s["exp_avg"]
+        extra[f"exp_avg_sq/{n}"] = s["exp_avg_sq"]
+    extra["rng/generator"] = gen.get_state()
+    extra["rng/adam_step"] = torch.tensor([float(opt.state[params[0]]["step"])])
+    state.extra = extra
+    state.save(ckpt, fp)
+    state.extra = {}
+
+
+def _restore_drift(state, names, params, opt, sched, gen) -> None:
+    e = state.extra
+    with torch.no_grad():
+        for n, p in zip(names, params):
+            p.copy_(e[f"w/{n}"])
+            p.grad.copy_(e[f"grad/{n}"])
+            opt.state[p] = {"step": torch.tensor(float(e["rng/adam_step"][0])),
+                            "exp_avg": e[f"exp_avg/{n}"].to(p.device).clone(),
+                            "exp_avg_sq": e[f"exp_avg_sq/{n}"].to(p.device).clone()}
+    gen.set_state(e["rng/generator"])
+    for _ in range(state.step):
+        sched.step()
+    state.extra = {}
+    device = params[0].device
+    state.v = {n: t.to(device) for n, t in state.v.items()}
+    state.gamma = {n: t.to(device) for n, t in state.gamma.items()}
