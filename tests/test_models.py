@@ -8,6 +8,10 @@ from torch import nn
 
 from unipruning_cli.models import block_layers, find_blocks, prunable_layers
 
+from _helpers import one_torch_thread  # noqa: F401,E402  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LLAMA_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 

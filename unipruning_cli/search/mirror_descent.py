@@ -79,7 +79,7 @@ class SearchLog:
         self.path = path
         rows = []
         if resume_step > 0 and path.exists():
-            rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] < resume_step]
+            rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]  # rows are 1-based
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, row: dict) -> None:
@@ -241,6 +241,10 @@ def search_drift(
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
                             weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, settings.lr_factor)
+    # Only the prunable weights drift: no gradients for embeddings, norms or lm_head (the reference
+    # computes and accumulates them for nothing, spec §7.2 item 14). Flags are restored at the end.
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
@@ -277,7 +281,8 @@ def search_drift(
             for p, w0 in zip(params, original):
                 p.copy_(w0)
                 p.grad = None
-                p.requires_grad_(False)
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
     bytes_pp = 4.0 * 4 + sum(p.element_size() for p in params[:1]) * 2  # V, Γ, m, v (fp32) + W copy + grad
     return {n: g.cpu() for n, g in state.gamma.items()}, bytes_pp
 
@@ -289,7 +294,7 @@ def _lm_backward(model: nn.Module, windows: torch.Tensor, step: int, settings: S
         x = windows[(step * settings.grad_accumulation + k) % windows.shape[0]].unsqueeze(0).to(device)
         loss = model(input_ids=x, labels=x, use_cache=False).loss / settings.grad_accumulation
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     return total
 
 
