@@ -153,13 +153,13 @@ def calibrate_blockwise(
     return all_stats
 
 
-def stats_to_tensors(stats: dict[str, ActivationStats]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten statistics for a safetensors file (counts go in the metadata)."""
+def stats_to_tensors(stats: dict[str, ActivationStats], per_sample: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten statistics for a safetensors file (counts go in the metadata); per-sample ones optional."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
     for name, s in stats.items():
         tensors[f"{name}.sq_sum"] = s.sq_sum
-        if s.sample_mean_sq is not None:
+        if per_sample and s.sample_mean_sq is not None:
             tensors[f"{name}.sample_mean_sq"] = s.sample_mean_sq
         meta[f"{name}.count"] = str(s.count)
     return tensors, meta

@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import masks as M
-from .calibration import calibrate_blockwise, stats_to_tensors
+from .calibration import calibrate_blockwise, stats_from_tensors, stats_to_tensors
+from .stats import ActivationStats
 from .config import cache_dir, target_sparsity
 from .data import calibration_windows, eval_windows, token_stream
 from .evaluation.perplexity import perplexity, with_bos
@@ -138,31 +139,68 @@ def _eval_windows(cfg: DictConfig, tok, corpus: str) -> torch.Tensor:
     return windows
 
 
-def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, target: Target, rd: RunDir) -> tuple[dict, dict]:
-    """Masks of every prunable layer at ``target``; weights are pruned in place on return."""
+def calibration_set(cfg: DictConfig, tok) -> tuple[torch.Tensor, dict]:
+    """The calibration windows of this config and what to record about them."""
     c = cfg.calibration
     stream = token_stream(tok, c.source, "calibration")
     windows = calibration_windows(stream, c.nsamples, c.seqlen, cfg.seed)
-    calib_info = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "mode": c.mode,
-                  "seed": cfg.seed, "tokens": int(windows.numel()), "corpus_tokens": int(stream.numel())}
     log.info("calibration: %d windows x %d tokens = %d tokens from %s (%s)", c.nsamples, c.seqlen,
              windows.numel(), c.source, c.mode)
-    masks: dict[str, torch.Tensor] = {}
-    layerwise = target.is_nm or target.allocation != "global"
+    return windows, {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "mode": c.mode,
+                     "seed": cfg.seed, "tokens": int(windows.numel()), "corpus_tokens": int(stream.numel())}
 
-    def on_block(i, layers, stats):
-        block_masks = method.prune_block(layers, stats, target)
-        if not method.updates_weights:
-            apply_masks(layers, block_masks)
-        masks.update(block_masks)
 
-    stats = calibrate_blockwise(model, windows, sequential=c.mode == "sequential", want_hessian=method.needs_hessian,
-                                on_block=on_block if layerwise else None, offload=c.offload)
-    if not layerwise:
-        layers = prunable_layers(model)
+def dense_statistics(cfg: DictConfig, model, windows: torch.Tensor) -> tuple[dict[str, ActivationStats], bool]:
+    """One-shot statistics of the dense model, shared by every run on the same model and data.
+
+    They depend only on the model, the calibration windows and the library versions, not on the
+    metric, sparsity or pattern; so sweeps and benchmarks compute them once (cache under
+    ``<cache>/calibration``). Per-sample statistics are kept too: UniPruning's frozen search needs them.
+    Returns (statistics, whether they came from the cache).
+    """
+    key = fingerprint({"model": model_location(cfg.model), "revision": cfg.model.revision,
+                       "dtype": str(next(model.parameters()).dtype), "calibration": _plain(cfg.calibration),
+                       "seed": cfg.seed, "versions": versions()})
+    path = cache_dir() / "calibration" / f"{key}.safetensors"
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        log.info("calibration statistics from cache %s", path)
+        return stats_from_tensors(load_tensors(path), meta), True
+    stats = calibrate_blockwise(model, windows, want_per_sample=True, offload=cfg.calibration.offload)
+    tensors, meta = stats_to_tensors(stats)
+    atomic_save_tensors(path, tensors, meta)
+    return stats, False
+
+
+def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, target: Target, rd: RunDir) -> tuple[dict, dict]:
+    """Masks of every prunable layer at ``target``; weights are pruned in place on return."""
+    c = cfg.calibration
+    windows, calib_info = calibration_set(cfg, tok)
+    layers = prunable_layers(model)
+    if isinstance(method, LocalMetricPruning) and c.mode == "one_shot":
+        # Scores need only the dense statistics (none at all for magnitude): no pass per run.
+        if method.metric.name == "magnitude":
+            stats, cached = {}, False
+        else:
+            stats, cached = dense_statistics(cfg, model, windows)
+        calib_info["cached"] = cached
         masks = target.cut(method.scores(layers, stats))
         apply_masks(layers, masks)
-    tensors, meta = stats_to_tensors(stats)
+    else:
+        masks: dict[str, torch.Tensor] = {}
+
+        def on_block(i, block_layers, block_stats):
+            block_masks = method.prune_block(block_layers, block_stats, target)
+            if not method.updates_weights:
+                apply_masks(block_layers, block_masks)
+            masks.update(block_masks)
+
+        stats = calibrate_blockwise(model, windows, sequential=c.mode == "sequential",
+                                    want_hessian=method.needs_hessian, on_block=on_block, offload=c.offload)
+    tensors, meta = stats_to_tensors(stats, per_sample=False)
     atomic_save_tensors(rd / "calibration.safetensors", tensors, meta)
     atomic_write_json(rd / "calibration.json", calib_info)
     return masks, calib_info
@@ -213,13 +251,12 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer) -> tuple[d
     fields = set(SearchSettings.__dataclass_fields__)
     settings = SearchSettings(**{k: (tuple(v) if k == "betas" else v) for k, v in _plain(sch).items() if k in fields},
                               seed=cfg.seed)
-    stream = token_stream(tok, c.source, "calibration")
-    windows = calibration_windows(stream, c.nsamples, c.seqlen, cfg.seed)
+    windows, _ = calibration_set(cfg, tok)
     layers = prunable_layers(model)
     ckpt = rd / "checkpoints" / "search.safetensors"
     with timer.stage("search"):
         if sch.weight_mode == "frozen":
-            stats = calibrate_blockwise(model, windows, want_per_sample=True, offload=c.offload)
+            stats, _ = dense_statistics(cfg, model, windows)
             gamma, bpp = search_frozen({n: m.weight.detach() for n, m in layers.items()}, stats, metric, prox,
                                        settings, ckpt, fp, rd / "search.jsonl")
         else:
