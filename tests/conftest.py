@@ -90,7 +90,7 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 def isolated_env(tmp_path, monkeypatch) -> Path:
     """Runs and caches of a test go under tmp_path, never the user's folders."""
     monkeypatch.setenv("UNIPRUNING_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("UNIPRUNING_CACHE_TEST", "1")
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     return tmp_path
 
 

@@ -189,8 +189,6 @@ def test_unknown_eval_corpus(offline_inputs):
     assert "nosuch" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: data.check_corpus_available does not say which field "
-                                       "(calibration.source / eval.corpora) holds the bad corpus")
 def test_corpus_errors_name_the_config_field(offline_inputs):
     assert "calibration.source" in _user_error([*offline_inputs, "calibration.source=nosuch"])
     assert "eval.corpora" in _user_error([*offline_inputs, "eval.corpora=[nosuch]"])

@@ -191,9 +191,6 @@ def test_dense_perplexity_is_measured_then_cached(tmp_path, monkeypatch, tiny_ll
     assert third["cached"] is False and third["windows"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: runner.dense_perplexities keys its cache on the corpus *name* "
-                                       "and model *location*; a corpus file (or local model folder) whose content "
-                                       "changed keeps returning the old dense PPL")
 def test_dense_cache_follows_the_corpus_file_content(tmp_path, monkeypatch, tiny_llama, tiny_llama_dir, corpus_files):
     from transformers import AutoTokenizer
 

@@ -169,8 +169,11 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"local_metric: {err}") from None
     _validate_calibration(cfg.calibration)
     _validate_eval(cfg.eval)
-    for corpus in [cfg.calibration.source, *cfg.eval.corpora]:
-        check_corpus_available(corpus)
+    for where, corpus in [("calibration.source", cfg.calibration.source), *[("eval.corpora", c) for c in cfg.eval.corpora]]:
+        try:
+            check_corpus_available(corpus)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
     _validate_search(cfg)
     for s in cfg.export.sparsities or []:
         _check(0.0 <= s < 1.0, f"export.sparsities contains {s}: every sparsity must satisfy 0 <= s < 1")

@@ -107,6 +107,20 @@ def check_corpus_available(source: str) -> None:
         offline_file(corpus.cache_file)
 
 
+def corpus_identity(source: str) -> dict:
+    """What a cached result computed from this corpus depends on: a file's size and mtime too."""
+    if _is_path(source):
+        st = Path(source).expanduser().stat()
+        return {"path": str(Path(source).expanduser().resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    corpus = CORPORA.get(source)
+    if corpus.cache_file:
+        from .assets import offline_file
+
+        st = offline_file(corpus.cache_file).stat()
+        return {"name": source, "size": st.st_size}
+    return {"name": source}
+
+
 def load_documents(source: str, role: str) -> list[str]:
     if _is_path(source):
         return _read_text_file(Path(source).expanduser())

@@ -49,6 +49,17 @@ def model_location(model_cfg: DictConfig) -> str:
     return model_cfg.path
 
 
+def model_identity(model_cfg: DictConfig) -> dict:
+    """What a cached result computed with this model depends on: for a folder, its files' sizes and mtimes."""
+    location = model_location(model_cfg)
+    ident = {"location": location, "revision": model_cfg.revision}
+    folder = Path(location)
+    if model_cfg.source != "hub" and folder.is_dir():
+        ident["files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
+                          if f.suffix in (".json", ".safetensors", ".bin")}
+    return ident
+
+
 def check_model_reachable(model_cfg: DictConfig) -> None:
     """Fail fast, before any weights are read, for a model that cannot be loaded here."""
     if model_cfg.source == "embedded":

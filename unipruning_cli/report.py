@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from .progress import console
@@ -21,12 +22,12 @@ def _rows(metrics: dict) -> list[tuple[str, str, str, str, str]]:
 
 def print_summary(metrics: dict, run_dir: Path) -> None:
     s = metrics["sparsity"]
-    table = Table(title=f"{metrics['model']['name']} | {metrics['method']} "
-                        f"({metrics['local_metric'].get('name')}) | {metrics['pattern']}")
+    table = Table(title=escape(f"{metrics['model']['name']} | {metrics['method']} "
+                               f"({metrics['local_metric'].get('name')}) | {metrics['pattern']}"))
     for col in ("corpus", "seqlen", "windows", "dense PPL", "pruned PPL"):
         table.add_column(col, justify="right" if col != "corpus" else "left")
     for row in _rows(metrics):
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     console.print(table)
     if len(metrics.get("results", {})) > 1:
         more = Table(title="every cut of this run")
@@ -38,8 +39,8 @@ def print_summary(metrics: dict, run_dir: Path) -> None:
     console.print(f"measured sparsity: {s['overall']:.4f} of {s['prunable_params']:,} prunable weights "
                   f"({s['overall_all_params']:.4f} of all {s['all_params']:,} parameters); "
                   f"calibration {metrics['calibration']['tokens']:,} tokens; total {metrics['seconds']['total']:.0f} s; "
-                  f"peak RSS {metrics['memory']['peak_rss_mib']:.0f} MiB")
-    console.print(f"run directory: {run_dir}")
+                  f"peak RSS {metrics['memory']['peak_rss_mib']:.0f} MiB", markup=False)
+    console.print(f"run directory: {run_dir}", markup=False)
 
 
 def _results_md(metrics: dict) -> list[str]:

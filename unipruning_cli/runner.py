@@ -23,12 +23,12 @@ from . import masks as M
 from .calibration import calibrate_blockwise, stats_from_tensors, stats_to_tensors
 from .stats import ActivationStats
 from .config import cache_dir, target_sparsity
-from .data import calibration_windows, eval_windows, token_stream
+from .data import calibration_windows, corpus_identity, eval_windows, token_stream
 from .evaluation.perplexity import perplexity, with_bos
 from .methods import (DEFAULT_ALLOCATION, METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target,
                       apply_masks)
 from .metrics import build_metric
-from .models import load_model, model_location, prunable_layers
+from .models import load_model, model_identity, model_location, prunable_layers
 from .report import print_summary, write_summary_md
 from .rundir import RunDir, atomic_save_tensors, atomic_write_json, atomic_write_text, fingerprint, load_tensors
 
@@ -116,8 +116,8 @@ def dense_perplexities(cfg: DictConfig, model, tok, timer: Timer) -> dict[str, d
     """Dense PPL per corpus, cached per model, corpus and protocol (it never changes)."""
     out = {}
     for corpus in cfg.eval.corpora:
-        key = fingerprint({"model": model_location(cfg.model), "revision": cfg.model.revision,
-                           "dtype": str(next(model.parameters()).dtype), "corpus": corpus,
+        key = fingerprint({"model": model_identity(cfg.model),
+                           "dtype": str(next(model.parameters()).dtype), "corpus": corpus_identity(corpus),
                            "seqlen": cfg.eval.seqlen, "max_windows": cfg.eval.max_windows,
                            "add_bos": cfg.model.add_bos, "versions": versions()})
         cached = cache_dir() / "ppl" / f"{key}.json"
@@ -158,7 +158,7 @@ def dense_statistics(cfg: DictConfig, model, windows: torch.Tensor) -> tuple[dic
     ``<cache>/calibration``). Per-sample statistics are kept too: UniPruning's frozen search needs them.
     Returns (statistics, whether they came from the cache).
     """
-    key = fingerprint({"model": model_location(cfg.model), "revision": cfg.model.revision,
+    key = fingerprint({"model": model_identity(cfg.model), "corpus": corpus_identity(cfg.calibration.source),
                        "dtype": str(next(model.parameters()).dtype), "calibration": _plain(cfg.calibration),
                        "seed": cfg.seed, "versions": versions()})
     path = cache_dir() / "calibration" / f"{key}.safetensors"

@@ -336,8 +336,9 @@ def _restore_drift(state, names, params, opt, sched, gen) -> None:
                             "exp_avg": e[f"exp_avg/{n}"].to(p.device).clone(),
                             "exp_avg_sq": e[f"exp_avg_sq/{n}"].to(p.device).clone()}
     gen.set_state(e["rng/generator"])
-    for _ in range(state.step):
-        sched.step()
+    sched.last_epoch = state.step  # where the schedule stood, without replaying its steps
+    for group, lr in zip(opt.param_groups, sched.get_lr()):
+        group["lr"] = lr
     state.extra = {}
     device = params[0].device
     state.v = {n: t.to(device) for n, t in state.v.items()}
