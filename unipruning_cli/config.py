@@ -104,6 +104,7 @@ class ExportConfig:
     """Which masks to cut from one set of scores (UniPruning's Γ): every sparsity listed."""
 
     sparsities: Optional[List[float]] = None  # None: just the run's target sparsity
+    patterns: List[str] = field(default_factory=list)  # extra N:M cuts, e.g. ["2:4", "4:8"]
 
 
 @dataclass
@@ -175,6 +176,10 @@ def validate(cfg: DictConfig) -> None:
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
     _validate_search(cfg)
+    for pat in cfg.export.patterns:
+        n, _, m = str(pat).partition(":")
+        _check(n.isdigit() and m.isdigit() and 0 < int(n) < int(m),
+               f"export.patterns contains {pat!r}: each must be N:M with 0 < N < M, e.g. 2:4")
     for s in cfg.export.sparsities or []:
         _check(0.0 <= s < 1.0, f"export.sparsities contains {s}: every sparsity must satisfy 0 <= s < 1")
     if cfg.pattern.allocation == "global":

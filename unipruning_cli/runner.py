@@ -228,6 +228,11 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
             t = Target(sparsity=float(sp), allocation=primary.allocation if not primary.is_nm else "per_matrix")
             if t not in out:
                 out.append(t)
+        for pat in cfg.export.patterns:
+            n, m = (int(v) for v in str(pat).split(":"))
+            t = Target(sparsity=1 - n / m, allocation="per_row", n=n, m=m)
+            if t not in out:
+                out.append(t)
     return out
 
 
@@ -310,13 +315,14 @@ def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
     with timer.stage("load"):
         model, tok = load_model(cfg.model)
     layers = prunable_layers(model)
-    if primary.is_nm:
-        try:
-            M.check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, primary.n, primary.m)
-        except ValueError as err:
-            from .errors import UserError
+    for t in targets_of(cfg, primary):  # before any expensive stage
+        if t.is_nm:
+            try:
+                M.check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, t.n, t.m)
+            except ValueError as err:
+                from .errors import UserError
 
-            raise UserError(str(err)) from None
+                raise UserError(str(err)) from None
 
     dense = dense_perplexities(cfg, model, tok, timer) if cfg.eval.dense else {}
 

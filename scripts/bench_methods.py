@@ -1,0 +1,118 @@
+"""Every method on the embedded model at 50/60/70 % and 2:4, 4:8: one table of PPL, seconds, memory.
+
+Each (method, pattern) is one `unipruning prune` process, so its peak RSS is its own; all share the
+same calibration windows (nsamples x seqlen from owt_offline, seed 0) and the same perplexity protocol
+(wiki_offline, non-overlapping seqlen windows, first --windows of them). Dense calibration statistics
+and dense perplexity are cached after the first process. UniPruning runs once per weight mode and cuts
+every sparsity and N:M pattern from its one Γ.
+
+    python scripts/bench_methods.py --out bench-out            # full table (about an hour on 2 cores)
+    python scripts/bench_methods.py --quick --out bench-out    # a small tier for CI (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SPARSITIES = (0.5, 0.6, 0.7)
+PATTERNS = ("2:4", "4:8")
+
+
+def jobs(quick: bool) -> list[tuple[str, list[str]]]:
+    """(label, overrides) per process."""
+    sps = SPARSITIES[:1] if quick else SPARSITIES
+    pats = PATTERNS[:1] if quick else PATTERNS
+    out = []
+    for metric in ("magnitude", "wanda", "ria"):
+        for s in sps:
+            out.append((f"{metric}", ["method=local", f"local_metric={metric}", f"sparsity={s}"]))
+        for p in pats:
+            out.append((f"{metric}", ["method=local", f"local_metric={metric}", f"pattern={p}"]))
+    for s in sps:
+        out.append(("sparsegpt", ["method=sparsegpt", "calibration.mode=sequential", f"sparsity={s}"]))
+    for p in pats:
+        out.append(("sparsegpt", ["method=sparsegpt", "calibration.mode=sequential", f"pattern={p}"]))
+    export = [f"export.sparsities=[{','.join(map(str, sps))}]", f"export.patterns=[{','.join(pats)}]"]
+    for mode in (("frozen",) if quick else ("frozen", "drift")):
+        out.append((f"unipruning-{mode}", ["method=unipruning", "local_metric=stochria",
+                                          f"schedule.weight_mode={mode}", *export]))
+    return out
+
+
+def run(label: str, overrides: list[str], common: list[str], runs: Path) -> dict:
+    env = {**os.environ, "UNIPRUNING_RUNS": str(runs)}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "unipruning_cli.cli", "prune", *common, *overrides],
+                          env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} {overrides} failed:\n{proc.stderr[-3000:]}")
+    run_dir = next(line.split("run directory: ", 1)[1].strip() for line in proc.stderr.splitlines()[::-1]
+                   if "run directory: " in line)
+    m = json.loads((Path(run_dir) / "metrics.json").read_text())
+    m["wall_s"] = wall
+    m["run_dir"] = run_dir
+    return m
+
+
+def rows_of(label: str, m: dict, corpus: str) -> list[dict]:
+    out = []
+    for tag, r in m["results"].items():
+        out.append({"method": label, "cut": tag, "ppl": r["ppl"][corpus], "measured_sparsity": r["measured_sparsity"],
+                    "dense_ppl": m["perplexity"][corpus]["dense"]["ppl"], "seconds": m["wall_s"],
+                    "prune_seconds": m["seconds"].get("calibrate_prune", m["seconds"].get("search")),
+                    "peak_rss_mib": m["memory"]["peak_rss_mib"], "run_dir": m["run_dir"]})
+    return out
+
+
+def markdown(rows: list[dict], header: dict) -> str:
+    cuts = list(dict.fromkeys(r["cut"].split("_")[0] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    table = {(r["method"], r["cut"].split("_")[0]): r for r in rows}
+    lines = [f"Model {header['model']}, calibration {header['nsamples']} x {header['seqlen']} tokens "
+             f"({header['calibration']}, seed 0), perplexity on {header['corpus']} at seqlen {header['seqlen']} "
+             f"({header['windows']} windows); dense PPL {rows[0]['dense_ppl']:.2f}.", "",
+             "| method | " + " | ".join(cuts) + " | seconds (process) | peak RSS MiB |",
+             "|---|" + "---|" * len(cuts) + "---|---|"]
+    for meth in methods:
+        cells = [f"{table[(meth, c)]['ppl']:.2f}" if (meth, c) in table else "" for c in cuts]
+        mine = [r for r in rows if r["method"] == meth]
+        secs = sum({r["run_dir"]: r["seconds"] for r in mine}.values())
+        lines.append(f"| {meth} | " + " | ".join(cells) + f" | {secs:.0f} | {max(r['peak_rss_mib'] for r in mine):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="the small CI tier")
+    args = ap.parse_args()
+    corpus = "wiki_offline"
+    common = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}",
+              f"eval.seqlen={args.seqlen}", f"eval.max_windows={args.windows}", f"schedule.steps={args.steps}",
+              f"eval.corpora=[{corpus}]", "calibration.source=owt_offline"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, overrides in jobs(args.quick):
+        print(f"-> {label} {' '.join(overrides)}", flush=True)
+        rows += rows_of(label, run(label, overrides, common, args.out / "runs"), corpus)
+        print(f"   {rows[-1]['cut']}: ppl {rows[-1]['ppl']:.2f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+    header = {"model": "smollm2-135m", "nsamples": args.nsamples, "seqlen": args.seqlen, "calibration": "owt_offline",
+              "corpus": corpus, "windows": args.windows, "steps": args.steps}
+    (args.out / "methods.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+    (args.out / "methods.md").write_text(markdown(rows, header))
+    print(markdown(rows, header))
+
+
+if __name__ == "__main__":
+    main()
