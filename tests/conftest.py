@@ -97,6 +97,7 @@ def isolated_env(tmp_path, monkeypatch) -> Path:
 def tiny_overrides(model_dir: Path, corpus_files: dict[str, Path], **extra: object) -> list[str]:
     """Overrides that point a prune run at a tiny local model and tiny corpora."""
     args = [
+        "method=local", "local_metric=wanda",
         "model=local", f"model.path={model_dir}", "model.seqlen=32",
         f"calibration.source={corpus_files['calib']}", "calibration.nsamples=8",
         f"eval.corpora=[{corpus_files['eval']}]", "eval.max_windows=4", "eval.batch_size=2",

@@ -82,9 +82,9 @@ def test_defaults_compose_to_the_documented_defaults():
         expected = yaml.safe_load((CONFIGS / group / f"{defaults[group]}.yaml").read_text())
         _assert_matches_yaml(cfg[group], expected, group)
     assert cfg.model.name == "smollm2-135m"
-    assert cfg.local_metric.name == "wanda"
+    assert cfg.local_metric.name == "stochria"
     assert cfg.pattern.kind == "unstructured"
-    assert cfg.method == top["method"] == "local"
+    assert cfg.method == top["method"] == "unipruning"
     assert cfg.sparsity is None
     assert cfg.seed == 0
     # interpolations resolve to the model's window

@@ -39,7 +39,7 @@ def _single_metrics(runs: Path) -> tuple[Path, dict]:
     return found[0].parent, json.loads(found[0].read_text())
 
 
-def _check(run_dir: Path, m: dict, real_cache: Path, nsamples: int) -> None:
+def _check(run_dir: Path, m: dict, real_cache: Path, nsamples: int, tag: str = "s0.50_per_row") -> None:
     ppl = m["perplexity"]["wiki_offline"]
     dense, pruned = ppl["dense"], ppl["pruned"]
     assert dense["cached"] is False  # measured by this run
@@ -51,14 +51,14 @@ def _check(run_dir: Path, m: dict, real_cache: Path, nsamples: int) -> None:
     assert len(m["sparsity"]["per_layer"]) == 30 * 7
     assert m["calibration"]["tokens"] == nsamples * 512 and m["calibration"]["source"] == "owt_offline"
     assert os.path.realpath(m["model"]["location"]) == os.path.realpath(real_cache / "models" / "smollm2-135m")
-    assert (run_dir / "masks" / "s0.50_per_row.safetensors").is_file()
+    assert (run_dir / "masks" / f"{tag}.safetensors").is_file()
 
 
 def test_bounded_real_run(real_ws):
     # one intra-op thread: on a shared 2-core machine two threads spin against other work (3x slower)
     env = cli_env(real_ws["runs"], real_ws["cache"], threads=1)
-    proc, seconds = run_cli(["prune", "calibration.nsamples=4", "eval.max_windows=2"], real_ws["cwd"], env,
-                            timeout=300)
+    proc, seconds = run_cli(["prune", "method=local", "local_metric=wanda", "calibration.nsamples=4",
+                             "eval.max_windows=2"], real_ws["cwd"], env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir, m = _single_metrics(real_ws["runs"])
     _check(run_dir, m, real_ws["real"], nsamples=4)
@@ -68,11 +68,26 @@ def test_bounded_real_run(real_ws):
     assert list(real_ws["cwd"].iterdir()) == []
 
 
+def test_bounded_real_unipruning_run(real_ws):
+    """The default method (UniPruning, drift mode, stochRIA anchor) with a two-step search."""
+    env = cli_env(real_ws["runs"], real_ws["cache"], threads=1)
+    proc, _ = run_cli(["prune", "schedule.steps=2", "calibration.nsamples=4", "eval.max_windows=2",
+                       "export.sparsities=[0.5,0.7]"], real_ws["cwd"], env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir, m = _single_metrics(real_ws["runs"])
+    _check(run_dir, m, real_ws["real"], nsamples=4, tag="s0.50_per_matrix")
+    assert m["method"] == "unipruning" and m["local_metric"]["name"] == "stochria"
+    assert m["results"]["s0.70_per_matrix"]["ppl"]["wiki_offline"] > m["results"]["s0.50_per_matrix"]["ppl"]["wiki_offline"]
+    rows = (run_dir / "search.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and json.loads(rows[1])["lr"] > 0
+    assert (run_dir / "gamma.safetensors").is_file() and (run_dir / "plots" / "search.png").is_file()
+
+
 @pytest.mark.slow
 def test_full_defaults_run(real_ws):
     env = cli_env(real_ws["runs"], real_ws["cache"], threads=None)
     proc, _ = run_cli(["prune"], real_ws["cwd"], env, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir, m = _single_metrics(real_ws["runs"])
-    _check(run_dir, m, real_ws["real"], nsamples=128)
+    _check(run_dir, m, real_ws["real"], nsamples=128, tag="s0.50_per_matrix")
     assert m["perplexity"]["wiki_offline"]["pruned"]["windows"] == 40

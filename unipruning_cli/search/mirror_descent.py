@@ -337,8 +337,8 @@ def _restore_drift(state, names, params, opt, sched, gen) -> None:
                             "exp_avg_sq": e[f"exp_avg_sq/{n}"].to(p.device).clone()}
     gen.set_state(e["rng/generator"])
     sched.last_epoch = state.step  # where the schedule stood, without replaying its steps
-    for group, lr in zip(opt.param_groups, sched.get_lr()):
-        group["lr"] = lr
+    for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(state.step)
     state.extra = {}
     device = params[0].device
     state.v = {n: t.to(device) for n, t in state.v.items()}
