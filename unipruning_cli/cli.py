@@ -107,9 +107,22 @@ def _fail(err: Exception) -> None:
     raise SystemExit(2)
 
 
+def _lazy(module: str, func: str) -> Callable[[list[str]], None]:
+    """A command implemented in another module, imported only when it runs (keeps --help fast)."""
+
+    def run(args: list[str]) -> None:
+        import importlib
+
+        getattr(importlib.import_module(f"unipruning_cli.{module}"), func)(args)
+
+    return run
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "prune": (_hydra_command("prune", _prune_task), "prune a model (Hydra app: key=value overrides, -m, --cfg job)"),
     "prepare": (_prepare, "fetch and verify the embedded model and offline corpora into the cache"),
+    "export": (_lazy("export", "export_command"), "write a pruned HF model folder from a run (any sparsity its Γ can cut)"),
+    "apply": (_lazy("export", "apply_command"), "apply saved masks to the original model and save the result"),
 }
 
 
