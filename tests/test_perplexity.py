@@ -169,7 +169,7 @@ def _file_windows(tok, path, seqlen=32, n=3):
 def test_dense_perplexity_is_measured_then_cached(tmp_path, monkeypatch, tiny_llama, tiny_llama_dir, corpus_files):
     from transformers import AutoTokenizer
 
-    from unipruning_cli.runner import Timer, dense_perplexities
+    from unipruning_cli.runner import Timer
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -178,16 +178,16 @@ def test_dense_perplexity_is_measured_then_cached(tmp_path, monkeypatch, tiny_ll
     cfg = _dense_cfg(tiny_llama_dir, corpus)
     ref, _ = _reference_ppl(tiny_llama, _file_windows(tok, corpus))
 
-    first = dense_perplexities(cfg, tiny_llama, tok, Timer())[str(corpus)]
+    first = _dense_ppl(cfg, tiny_llama, tok, Timer())[str(corpus)]
     assert first["cached"] is False and math.isclose(first["ppl"], ref, rel_tol=1e-4)
     assert len(list((tmp_path / "cache" / "ppl").glob("*.json"))) == 1
     timer = Timer()
-    second = dense_perplexities(cfg, tiny_llama, tok, timer)[str(corpus)]
+    second = _dense_ppl(cfg, tiny_llama, tok, timer)[str(corpus)]
     assert second["cached"] is True and second["ppl"] == first["ppl"]
     assert "dense_eval" not in timer.seconds
     # another protocol (max_windows) is another cache entry
     cfg.eval.max_windows = 2
-    third = dense_perplexities(cfg, tiny_llama, tok, Timer())[str(corpus)]
+    third = _dense_ppl(cfg, tiny_llama, tok, Timer())[str(corpus)]
     assert third["cached"] is False and third["windows"] == 2
 
 
@@ -195,15 +195,22 @@ def test_dense_cache_follows_the_corpus_file_content(tmp_path, monkeypatch, tiny
     from transformers import AutoTokenizer
 
     from conftest import make_text
-    from unipruning_cli.runner import Timer, dense_perplexities
+    from unipruning_cli.runner import Timer
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     corpus = tmp_path / "eval.txt"
     corpus.write_text(corpus_files["eval"].read_text())
     cfg = _dense_cfg(tiny_llama_dir, corpus)
-    dense_perplexities(cfg, tiny_llama, tok, Timer())
+    _dense_ppl(cfg, tiny_llama, tok, Timer())
     corpus.write_text(make_text(7))  # same path, other text
     ref, _ = _reference_ppl(tiny_llama, _file_windows(tok, corpus))
-    again = dense_perplexities(cfg, tiny_llama, tok, Timer())[str(corpus)]
+    again = _dense_ppl(cfg, tiny_llama, tok, Timer())[str(corpus)]
     assert math.isclose(again["ppl"], ref, rel_tol=1e-4)
+
+
+def _dense_ppl(cfg, model, tok, timer):
+    """Dense perplexity per corpus as the runner computes (and caches) it."""
+    from unipruning_cli.runner import dense_evaluation, eval_windows_of
+
+    return dense_evaluation(cfg, model, tok, eval_windows_of(cfg, tok), timer)["perplexity"]

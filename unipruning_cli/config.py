@@ -68,6 +68,11 @@ class EvalConfig:
     max_windows: Optional[int] = None  # None: every window of the corpus (the paper protocol)
     batch_size: int = 4
     dense: bool = True  # also measure the unpruned model (cached per model, corpus, seqlen)
+    tasks: List[str] = field(default_factory=list)  # lm-eval zero-shot: task names, or suites paper / offline
+    task_limit: Optional[int] = None  # examples per task (None: all)
+    task_batch_size: int = 8
+    max_length: Optional[int] = None  # lm-eval context; None: eval.seqlen (never the model's 32k default)
+    baselines: List[str] = field(default_factory=list)  # local metrics cut at the same sparsities, for the plot
 
 
 @dataclass
@@ -219,7 +224,14 @@ def _validate_calibration(c: DictConfig) -> None:
 
 
 def _validate_eval(e: DictConfig) -> None:
+    from .evaluation.zeroshot import check_tasks
+    from .metrics import METRICS
+
     _check(e.seqlen > 1, f"eval.seqlen={e.seqlen} must be at least 2 tokens")
+    _check(e.task_limit is None or e.task_limit > 0, f"eval.task_limit={e.task_limit} must be positive or null")
+    for b in e.baselines:
+        _check(b in METRICS, f"eval.baselines: {METRICS.unknown_message(b)}")
+    check_tasks(e.tasks)
     _check(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be positive")
     _check(e.max_windows is None or e.max_windows > 0, f"eval.max_windows={e.max_windows} must be positive or null")
 

@@ -56,7 +56,97 @@ def _results_md(metrics: dict) -> list[str]:
     return lines + [""]
 
 
-def write_summary_md(path: Path, metrics: dict) -> None:
+def _parse_tag(tag: str) -> tuple[str | None, str, float]:
+    """'wanda:s0.60_per_row' -> ('wanda', 'unstructured', 0.6); '2of4' -> (None, '2:4', 0.5)."""
+    source, _, cut = tag.rpartition(":")
+    if "of" in cut:
+        n, m = (int(v) for v in cut.split("of"))
+        return source or None, f"{n}:{m}", 1 - n / m
+    return source or None, "unstructured", float(cut[1:].split("_")[0])
+
+
+def _savefig(fig, png: Path) -> None:
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name("." + png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(png)
+
+
+def write_plots(run_dir: Path, metrics: dict) -> list[str]:
+    """PNG pictures of the run; returns their paths relative to the run directory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    results = metrics.get("results", {})
+    corpora = list(metrics["perplexity"])
+    if results and corpora:
+        fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
+        for ax, corpus in zip(axes[0], corpora):
+            series: dict[str, list[tuple[float, float]]] = {}
+            for tag, r in results.items():
+                source, kind, sp = _parse_tag(tag)
+                label = f"{source or metrics['method']}" + ("" if kind == "unstructured" else f" {kind}")
+                series.setdefault(label, []).append((sp, r["ppl"][corpus]))
+            for label, pts in sorted(series.items()):
+                pts.sort()
+                style = "o-" if len(pts) > 1 else "s"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+            dense = metrics["perplexity"][corpus].get("dense")
+            if dense:
+                ax.axhline(dense["ppl"], color="grey", linestyle="--", label=f"dense {dense['ppl']:.2f}")
+            seqlen = metrics["perplexity"][corpus]["pruned"]["seqlen"]
+            ax.set_yscale("log")
+            ax.set_xlabel("sparsity (fraction of prunable weights removed)")
+            ax.set_ylabel(f"perplexity on {corpus} (seqlen {seqlen}, log scale)")
+            ax.set_title(f"{metrics['model']['name']}: perplexity vs sparsity")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        _savefig(fig, run_dir / "plots" / "ppl_vs_sparsity.png")
+        plt.close(fig)
+        out.append("plots/ppl_vs_sparsity.png")
+    per_layer = metrics.get("sparsity", {}).get("per_layer", {})
+    if per_layer:
+        names = list(per_layer)
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+        colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
+        fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.05), 4))
+        ax.bar(range(len(names)), [per_layer[n] for n in names], width=1.0,
+               color=[colors[n.rsplit(".", 1)[-1]] for n in names])
+        for k in kinds:
+            ax.bar([0], [0], color=colors[k], label=k)
+        ax.axhline(metrics["sparsity"]["overall"], color="black", linestyle="--",
+                   label=f"overall {metrics['sparsity']['overall']:.3f}")
+        ax.set_xlabel("prunable layer (model order: block by block)")
+        ax.set_ylabel("fraction of weights pruned")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"sparsity per layer: {metrics['pattern']}")
+        ax.legend(fontsize=7, ncol=4)
+        fig.tight_layout()
+        _savefig(fig, run_dir / "plots" / "layer_sparsity.png")
+        plt.close(fig)
+        out.append("plots/layer_sparsity.png")
+    return out
+
+
+def _zero_shot_md(metrics: dict) -> list[str]:
+    zs = metrics.get("zero_shot", {})
+    dense, pruned = zs.get("dense") or {}, zs.get("pruned") or {}
+    if not pruned:
+        return []
+    lines = [f"Zero-shot (lm-eval, 0-shot, limit {pruned.get('limit')}, max_length {pruned.get('max_length')}):", "",
+             "| task | metric | dense | pruned |", "|---|---|---|---|"]
+    for task, r in pruned["tasks"].items():
+        d = dense.get("tasks", {}).get(task, {}).get(r["metric"])
+        lines.append(f"| {task} | {r['metric']} | {'' if d is None else f'{d:.4f}'} | {r[r['metric']]:.4f} |")
+    lines.append(f"| mean | | {dense.get('mean', float('nan')):.4f} | {pruned['mean']:.4f} |")
+    return lines + [""]
+
+
+def write_summary_md(path: Path, metrics: dict, plots: list[str] | None = None) -> None:
     s = metrics["sparsity"]
     lines = [
         f"# {metrics['model']['name']}: {metrics['method']} ({metrics['local_metric'].get('name')}), {metrics['pattern']}",
@@ -66,6 +156,9 @@ def write_summary_md(path: Path, metrics: dict) -> None:
         *[f"| {' | '.join(r)} |" for r in _rows(metrics)],
         "",
         *_results_md(metrics),
+        *_zero_shot_md(metrics),
+        *[f"![{Path(p).stem}]({p})" for p in (plots or [])],
+        "",
         f"- measured sparsity (prunable layers): {s['overall']:.4f} ({s['zeros']:,} of {s['prunable_params']:,})",
         f"- sparsity over all parameters: {s['overall_all_params']:.4f}",
         f"- calibration: {metrics['calibration']['nsamples']} x {metrics['calibration']['seqlen']} tokens from "

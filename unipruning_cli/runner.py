@@ -29,7 +29,7 @@ from .methods import (DEFAULT_ALLOCATION, METHODS, LocalMetricPruning, PruningMe
                       apply_masks)
 from .metrics import build_metric
 from .models import load_model, model_identity, model_location, prunable_layers
-from .report import print_summary, write_summary_md
+from .report import print_summary, write_plots, write_summary_md
 from .rundir import RunDir, atomic_save_tensors, atomic_write_json, atomic_write_text, fingerprint, load_tensors
 
 log = logging.getLogger(__name__)
@@ -112,24 +112,60 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
 # stages
 
 
-def dense_perplexities(cfg: DictConfig, model, tok, timer: Timer) -> dict[str, dict]:
-    """Dense PPL per corpus, cached per model, corpus and protocol (it never changes)."""
-    out = {}
-    for corpus in cfg.eval.corpora:
-        key = fingerprint({"model": model_identity(cfg.model),
-                           "dtype": str(next(model.parameters()).dtype), "corpus": corpus_identity(corpus),
-                           "seqlen": cfg.eval.seqlen, "max_windows": cfg.eval.max_windows,
-                           "add_bos": cfg.model.add_bos, "versions": versions()})
-        cached = cache_dir() / "ppl" / f"{key}.json"
+def _dense_cache_key(cfg: DictConfig, model, what: dict) -> Path:
+    key = fingerprint({"model": model_identity(cfg.model), "dtype": str(next(model.parameters()).dtype),
+                       "add_bos": cfg.model.add_bos, "versions": versions(), **what})
+    return cache_dir() / "dense" / f"{key}.json"
+
+
+def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tensor], timer: Timer) -> dict:
+    """Dense PPL per corpus and dense zero-shot, cached per model, data and protocol (they never change)."""
+    ppl = {}
+    for corpus, w in windows.items():
+        cached = _dense_cache_key(cfg, model, {"corpus": corpus_identity(corpus), "seqlen": cfg.eval.seqlen,
+                                               "max_windows": cfg.eval.max_windows})
         if cached.exists():
-            out[corpus] = {**json.loads(cached.read_text()), "cached": True}
-            log.info("dense perplexity on %s from cache: %.3f", corpus, out[corpus]["ppl"])
+            ppl[corpus] = {**json.loads(cached.read_text()), "cached": True}
+            log.info("dense perplexity on %s from cache: %.3f", corpus, ppl[corpus]["ppl"])
             continue
         with timer.stage("dense_eval"):
-            res = perplexity(model, _eval_windows(cfg, tok, corpus), cfg.eval.batch_size, f"dense ppl {corpus}").to_dict()
+            res = perplexity(model, w, cfg.eval.batch_size, f"dense ppl {corpus}").to_dict()
         atomic_write_json(cached, res)
-        out[corpus] = {**res, "cached": False}
-    return out
+        ppl[corpus] = {**res, "cached": False}
+    zs = {}
+    if cfg.eval.tasks:
+        cached = _dense_cache_key(cfg, model, {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.task_limit,
+                                               "max_length": _max_length(cfg)})
+        if cached.exists():
+            zs = json.loads(cached.read_text())
+        else:
+            with timer.stage("dense_eval"):
+                zs = zero_shot_of(cfg, model, tok)
+            atomic_write_json(cached, zs)
+    return {"perplexity": ppl, "zero_shot": zs}
+
+
+def _max_length(cfg: DictConfig) -> int:
+    return cfg.eval.max_length or cfg.eval.seqlen
+
+
+def zero_shot_of(cfg: DictConfig, model, tok) -> dict:
+    from .evaluation.zeroshot import zero_shot
+
+    return zero_shot(model, tok, cfg.eval.tasks, cfg.eval.task_limit, cfg.eval.task_batch_size, _max_length(cfg))
+
+
+def evaluate_pruned(cfg: DictConfig, model, tok, windows: dict[str, torch.Tensor], label: str) -> dict:
+    """Measured sparsity, perplexity per corpus and zero-shot of the model as it is now."""
+    return {"sparsity": measured_sparsity(model),
+            "perplexity": {c: perplexity(model, w, cfg.eval.batch_size, f"pruned ppl {c} {label}").to_dict()
+                           for c, w in windows.items()},
+            "zero_shot": zero_shot_of(cfg, model, tok) if cfg.eval.tasks else {}}
+
+
+def eval_windows_of(cfg: DictConfig, tok) -> dict[str, torch.Tensor]:
+    """Evaluation windows per corpus, tokenised once per run; a corpus too short fails here, early."""
+    return {c: _eval_windows(cfg, tok, c) for c in cfg.eval.corpora}
 
 
 def _eval_windows(cfg: DictConfig, tok, corpus: str) -> torch.Tensor:
@@ -287,20 +323,36 @@ def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir)
     return out
 
 
-def evaluate_masks(cfg: DictConfig, model, tok, layers, all_masks: dict[str, dict], timer: Timer) -> dict[str, dict]:
-    """Pruned perplexity for each set of masks; the original weights are restored between sets."""
+def evaluate_masks(cfg: DictConfig, model, tok, layers, all_masks: dict[str, dict], windows: dict[str, torch.Tensor],
+                   timer: Timer) -> dict[str, dict]:
+    """Evaluate each set of masks in turn; the original weights are restored between sets."""
     original = {n: m.weight.detach().clone() for n, m in layers.items()}
     results = {}
     for tag, masks in all_masks.items():
         apply_masks(layers, masks)
         with timer.stage("pruned_eval"):
-            results[tag] = {"sparsity": measured_sparsity(model),
-                            "perplexity": {c: perplexity(model, _eval_windows(cfg, tok, c), cfg.eval.batch_size,
-                                                         f"pruned ppl {c} {tag}").to_dict() for c in cfg.eval.corpora}}
+            results[tag] = evaluate_pruned(cfg, model, tok, windows, tag)
         with torch.no_grad():
             for n, m in layers.items():
                 m.weight.copy_(original[n])
     return results
+
+
+def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[str, dict]:
+    """``eval.baselines``: the same cuts from plain local metrics (dense statistics, cached)."""
+    from .metrics import METRICS
+
+    if not cfg.eval.baselines:
+        return {}
+    windows, _ = calibration_set(cfg, tok)
+    stats, _ = dense_statistics(cfg, model, windows)
+    layers = prunable_layers(model)
+    out = {}
+    for name in cfg.eval.baselines:
+        scores = LocalMetricPruning(METRICS.get(name)(), seed=cfg.seed).scores(layers, stats)
+        for t in targets:
+            out[f"{name}:{t.tag}"] = t.cut(scores)
+    return out
 
 
 def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
@@ -324,20 +376,22 @@ def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
 
                 raise UserError(str(err)) from None
 
-    dense = dense_perplexities(cfg, model, tok, timer) if cfg.eval.dense else {}
+    windows = eval_windows_of(cfg, tok)
+    dense_eval = dense_evaluation(cfg, model, tok, windows, timer) if cfg.eval.dense else {"perplexity": {},
+                                                                                            "zero_shot": {}}
+    dense = dense_eval["perplexity"]
 
     if cfg.method == "unipruning":
         gamma, calib_info = run_search(cfg, model, tok, rd, timer)
+        targets = targets_of(cfg, primary)
         with timer.stage("masks"):
-            all_masks = cut_masks(gamma, targets_of(cfg, primary), rd)
-        results = evaluate_masks(cfg, model, tok, layers, all_masks, timer)
+            all_masks = cut_masks(gamma, targets, rd)
+            all_masks |= baseline_masks(cfg, model, tok, targets)
+        results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer)
     else:
         masks, calib_info = prune_stage(cfg, model, tok, primary, rd, timer)
         with timer.stage("pruned_eval"):
-            results = {primary.tag: {"sparsity": measured_sparsity(model),
-                                     "perplexity": {c: perplexity(model, _eval_windows(cfg, tok, c), cfg.eval.batch_size,
-                                                                  f"pruned ppl {c}").to_dict()
-                                                    for c in cfg.eval.corpora}}}
+            results = {primary.tag: evaluate_pruned(cfg, model, tok, windows, primary.tag)}
 
     first = results[primary.tag]
     metrics = {
@@ -352,8 +406,11 @@ def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
         "calibration": calib_info,
         "perplexity": {c: {"dense": dense.get(c), "pruned": first["perplexity"][c]} for c in cfg.eval.corpora},
         "sparsity": first["sparsity"],
+        "zero_shot": {"dense": dense_eval["zero_shot"], "pruned": first["zero_shot"]},
         "results": {tag: {"ppl": {c: r["perplexity"][c]["ppl"] for c in cfg.eval.corpora},
-                          "measured_sparsity": r["sparsity"]["overall"]} for tag, r in results.items()},
+                          "measured_sparsity": r["sparsity"]["overall"],
+                          "per_layer_sparsity": r["sparsity"]["per_layer"],
+                          "zero_shot_mean": r["zero_shot"].get("mean")} for tag, r in results.items()},
         "seconds": {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)},
         "memory": peak_memory(),
         "versions": versions(),
@@ -361,7 +418,8 @@ def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.method == "unipruning":
         metrics["search"] = {k: _plain(cfg[k]) for k in ("regularizer", "schedule")}
     atomic_write_json(rd / "metrics.json", metrics)
-    write_summary_md(rd / "summary.md", metrics)
+    plots = write_plots(rd.path, metrics)
+    write_summary_md(rd / "summary.md", metrics, plots)
     print_summary(metrics, rd.path)
     return metrics
 
