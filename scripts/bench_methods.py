@@ -24,7 +24,7 @@ SPARSITIES = (0.5, 0.6, 0.7)
 PATTERNS = ("2:4", "4:8")
 
 
-def jobs(quick: bool) -> list[tuple[str, list[str]]]:
+def jobs(quick: bool, sgpt_mode: str = "sequential") -> list[tuple[str, list[str]]]:
     """(label, overrides) per process."""
     sps = SPARSITIES[:1] if quick else SPARSITIES
     pats = PATTERNS[:1] if quick else PATTERNS
@@ -35,9 +35,9 @@ def jobs(quick: bool) -> list[tuple[str, list[str]]]:
         for p in pats:
             out.append((f"{metric}", ["method=local", f"local_metric={metric}", f"pattern={p}"]))
     for s in sps:
-        out.append(("sparsegpt", ["method=sparsegpt", "calibration.mode=sequential", f"sparsity={s}"]))
+        out.append(("sparsegpt", ["method=sparsegpt", f"calibration.mode={sgpt_mode}", f"sparsity={s}"]))
     for p in pats:
-        out.append(("sparsegpt", ["method=sparsegpt", "calibration.mode=sequential", f"pattern={p}"]))
+        out.append(("sparsegpt", ["method=sparsegpt", f"calibration.mode={sgpt_mode}", f"pattern={p}"]))
     export = [f"export.sparsities=[{','.join(map(str, sps))}]", f"export.patterns=[{','.join(pats)}]"]
     for mode in (("frozen",) if quick else ("frozen", "drift")):
         out.append((f"unipruning-{mode}", ["method=unipruning", "local_metric=stochria",
@@ -77,7 +77,9 @@ def markdown(rows: list[dict], header: dict) -> str:
     table = {(r["method"], r["cut"].split("_")[0]): r for r in rows}
     lines = [f"Model {header['model']}, calibration {header['nsamples']} x {header['seqlen']} tokens "
              f"({header['calibration']}, seed 0), perplexity on {header['corpus']} at seqlen {header['seqlen']} "
-             f"({header['windows']} windows); dense PPL {rows[0]['dense_ppl']:.2f}.", "",
+             f"({header['windows']} windows); dense PPL {rows[0]['dense_ppl']:.2f}. UniPruning: stochRIA anchor, "
+             f"{header['steps']} steps; SparseGPT calibration {header['sparsegpt_mode']}. Command: "
+             f"`{header['command']}`.", "",
              "| method | " + " | ".join(cuts) + " | seconds (process) | peak RSS MiB |",
              "|---|" + "---|" * len(cuts) + "---|---|"]
     for meth in methods:
@@ -96,6 +98,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="the small CI tier")
+    ap.add_argument("--sparsegpt-mode", default="sequential", choices=("sequential", "one_shot"),
+                    help="one_shot halves SparseGPT's calibration cost (each block sees dense inputs)")
     args = ap.parse_args()
     corpus = "wiki_offline"
     common = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}",
@@ -103,12 +107,13 @@ def main() -> None:
               f"eval.corpora=[{corpus}]", "calibration.source=owt_offline"]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label, overrides in jobs(args.quick):
+    for label, overrides in jobs(args.quick, args.sparsegpt_mode):
         print(f"-> {label} {' '.join(overrides)}", flush=True)
         rows += rows_of(label, run(label, overrides, common, args.out / "runs"), corpus)
         print(f"   {rows[-1]['cut']}: ppl {rows[-1]['ppl']:.2f} ({rows[-1]['seconds']:.0f} s)", flush=True)
     header = {"model": "smollm2-135m", "nsamples": args.nsamples, "seqlen": args.seqlen, "calibration": "owt_offline",
-              "corpus": corpus, "windows": args.windows, "steps": args.steps}
+              "corpus": corpus, "windows": args.windows, "steps": args.steps, "sparsegpt_mode": args.sparsegpt_mode,
+              "command": " ".join(sys.argv)}
     (args.out / "methods.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
     (args.out / "methods.md").write_text(markdown(rows, header))
     print(markdown(rows, header))
