@@ -64,16 +64,26 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[list[str]], No
 
 
 def _prune_task(cfg) -> float | None:
+    """One prune job. In a sweep (-m) a failing job records ``error.json`` and the sweep goes on."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from .config import validate
-    from .runner import run_prune
+    from .runner import record_failure, run_prune
 
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
     try:
         validate(cfg)
-        metrics = run_prune(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except UserError as err:
-        _fail(err)
+        metrics = run_prune(cfg, out, reuse_model=hc.mode == RunMode.MULTIRUN)
+    except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised outside sweeps
+        record_failure(out, err)
+        if hc.mode == RunMode.MULTIRUN:
+            log.error("job %s failed: %s", hc.job.num, err)
+            return None
+        if isinstance(err, UserError):
+            _fail(err)
+        raise
     first = next(iter(metrics["perplexity"].values()))
     return first["pruned"]["ppl"]
 
@@ -121,6 +131,7 @@ def _lazy(module: str, func: str) -> Callable[[list[str]], None]:
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "prune": (_hydra_command("prune", _prune_task), "prune a model (Hydra app: key=value overrides, -m, --cfg job)"),
     "prepare": (_prepare, "fetch and verify the embedded model and offline corpora into the cache"),
+    "report": (_lazy("sweep", "report_command"), "tables and a heatmap of a sweep directory (unipruning prune -m ...)"),
     "export": (_lazy("export", "export_command"), "write a pruned HF model folder from a run (any sparsity its Γ can cut)"),
     "apply": (_lazy("export", "apply_command"), "apply saved masks to the original model and save the result"),
 }

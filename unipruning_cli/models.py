@@ -101,6 +101,32 @@ def load_model(model_cfg: DictConfig) -> tuple[nn.Module, "object"]:
     return model, tok
 
 
+_REUSE: dict[str, tuple[nn.Module, object, dict[str, torch.Tensor]]] = {}
+
+
+def load_model_reused(model_cfg: DictConfig) -> tuple[nn.Module, "object"]:
+    """``load_model`` for the jobs of one sweep process: the model is loaded once; each later job
+    gets it back with the original prunable weights restored from a CPU copy (pruning works in place).
+    Holds one model at a time."""
+    from omegaconf import OmegaConf
+
+    from .rundir import fingerprint
+
+    key = fingerprint({"model": model_identity(model_cfg), "cfg": OmegaConf.to_container(model_cfg, resolve=True)})
+    if key in _REUSE:
+        model, tok, original = _REUSE[key]
+        layers = prunable_layers(model)
+        with torch.no_grad():
+            for name, w in original.items():
+                layers[name].weight.copy_(w)
+        log.info("model reused from the previous job of this sweep")
+        return model, tok
+    _REUSE.clear()
+    model, tok = load_model(model_cfg)
+    _REUSE[key] = (model, tok, {n: m.weight.detach().to("cpu", copy=True) for n, m in prunable_layers(model).items()})
+    return model, tok
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks: the longest ModuleList whose children share one class and hold Linears."""
     best: tuple[str, nn.ModuleList] | None = None

@@ -28,7 +28,7 @@ from .evaluation.perplexity import perplexity, with_bos
 from .methods import (DEFAULT_ALLOCATION, METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target,
                       apply_masks)
 from .metrics import build_metric
-from .models import load_model, model_identity, model_location, prunable_layers
+from .models import load_model, load_model_reused, model_identity, model_location, prunable_layers
 from .report import print_summary, write_plots, write_summary_md
 from .rundir import RunDir, atomic_save_tensors, atomic_write_json, atomic_write_text, fingerprint, load_tensors
 
@@ -305,6 +305,10 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer) -> tuple[d
     info = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": cfg.seed,
             "tokens": int(windows.numel()), "steps": sch.steps, "weight_mode": sch.weight_mode,
             "state_bytes_per_param": bpp, "search_seconds": timer.seconds["search"]}
+    bad = [n for n, g in gamma.items() if not torch.isfinite(g).all()]
+    if bad:
+        raise FloatingPointError(f"the search diverged: Γ has NaN/inf in {len(bad)} matrices (first: {bad[0]}); "
+                                 f"lower schedule.lr, schedule.rho or schedule.dual_step")
     atomic_save_tensors(rd / "gamma.safetensors", gamma, {"fingerprint": fp})
     from .report import plot_search
 
@@ -355,17 +359,28 @@ def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[s
     return out
 
 
-def run_prune(cfg: DictConfig, out_dir: Path) -> dict:
-    """Run the whole pipeline into ``out_dir``; returns the metrics written to metrics.json."""
+def record_failure(out_dir: Path, err: BaseException) -> None:
+    """``error.json`` in the run directory: a sweep report shows the job as failed with this message."""
+    import traceback
+
+    atomic_write_json(Path(out_dir) / "error.json", {"error": str(err), "type": type(err).__name__,
+                                                      "traceback": traceback.format_exc()[-4000:]})
+
+
+def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False) -> dict:
+    """Run the whole pipeline into ``out_dir``; returns the metrics written to metrics.json.
+
+    ``reuse_model``: keep the loaded model for the next job of a sweep (see ``load_model_reused``)."""
     t_start = time.perf_counter()
     rd = RunDir(out_dir)
+    (rd / "error.json").unlink(missing_ok=True)  # a resumed run starts clean
     timer = Timer()
     atomic_write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     primary = make_target(cfg)
 
     with timer.stage("load"):
-        model, tok = load_model(cfg.model)
+        model, tok = (load_model_reused if reuse_model else load_model)(cfg.model)
     layers = prunable_layers(model)
     for t in targets_of(cfg, primary):  # before any expensive stage
         if t.is_nm:
