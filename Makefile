@@ -6,7 +6,7 @@ BIN      := $(VENV)/bin
 # (cheap); elsewhere pip takes the regular build for the platform (CUDA on a Linux GPU machine).
 TORCH    ?= torch==2.13.0
 
-.PHONY: setup install prepare run test test-slow bench bench-ci clean
+.PHONY: setup install prepare run test test-slow bench bench-ci bench-gate clean
 
 setup: install prepare          ## install everything and prepare the offline model and corpora
 
@@ -31,8 +31,12 @@ test: setup                     ## the default suite (fast tests + bounded real-
 test-slow: setup                ## real-model checks that take minutes
 	$(BIN)/python -m pytest -q -m slow
 
-bench: setup                    ## every method on the default model: table in bench-out/
+bench: setup                    ## full tier: every method and pattern on the default model (table in bench-out/), then the full gate
 	$(BIN)/python scripts/bench_methods.py --out bench-out
+	$(BIN)/python scripts/bench_gate.py --tier full --json bench-out/gate-full.json
+
+bench-ci: setup                 ## the small regression tier that CI runs: fails on a worse perplexity or time ratio
+	$(BIN)/python scripts/bench_gate.py --tier ci --json bench-out/gate-ci.json
 
 clean:
 	rm -rf runs bench-out .pytest_cache

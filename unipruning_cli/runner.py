@@ -359,6 +359,14 @@ def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[s
     return out
 
 
+def result_entry(r: dict) -> dict:
+    """The compact per-cut record of metrics.json["results"] (with the protocol each number used)."""
+    return {"ppl": {c: p["ppl"] for c, p in r["perplexity"].items()},
+            "protocol": {c: {"seqlen": p["seqlen"], "windows": p["windows"]} for c, p in r["perplexity"].items()},
+            "measured_sparsity": r["sparsity"]["overall"], "per_layer_sparsity": r["sparsity"]["per_layer"],
+            "zero_shot_mean": r["zero_shot"].get("mean")}
+
+
 def record_failure(out_dir: Path, err: BaseException) -> None:
     """``error.json`` in the run directory: a sweep report shows the job as failed with this message."""
     import traceback
@@ -422,10 +430,7 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False) -> dict
         "perplexity": {c: {"dense": dense.get(c), "pruned": first["perplexity"][c]} for c in cfg.eval.corpora},
         "sparsity": first["sparsity"],
         "zero_shot": {"dense": dense_eval["zero_shot"], "pruned": first["zero_shot"]},
-        "results": {tag: {"ppl": {c: r["perplexity"][c]["ppl"] for c in cfg.eval.corpora},
-                          "measured_sparsity": r["sparsity"]["overall"],
-                          "per_layer_sparsity": r["sparsity"]["per_layer"],
-                          "zero_shot_mean": r["zero_shot"].get("mean")} for tag, r in results.items()},
+        "results": {tag: result_entry(r) for tag, r in results.items()},
         "seconds": {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)},
         "memory": peak_memory(),
         "versions": versions(),

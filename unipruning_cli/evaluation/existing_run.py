@@ -1,0 +1,104 @@
+"""``unipruning eval <run_dir>``: evaluate the masks of a finished run again, without searching.
+
+Any cut the run holds (or that its Γ can cut) is applied to the original weights and measured with
+the run's protocol, or with ``eval.*`` overrides (more windows, other corpora, zero-shot tasks). The
+results are merged into the run's ``metrics.json``, and ``summary.md`` and the plots are rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def eval_command(args: list[str]) -> None:
+    from ..cli import _console_logging
+
+    ap = argparse.ArgumentParser(prog="unipruning eval", description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("settings", nargs="*", help="sparsity=S | pattern=N:M | allocation=A | all | eval.<key>=<value>")
+    ns = ap.parse_args(args)
+    _console_logging()
+    evaluate_run(ns.run_dir, ns.settings)
+
+
+def _parse(settings: list[str]) -> tuple[dict, list[str], bool]:
+    cut, dotlist, every = {}, [], False
+    for s in settings:
+        if s == "all":
+            every = True
+        elif s.startswith("eval."):
+            dotlist.append(s)
+        elif "=" in s and s.split("=", 1)[0] in ("sparsity", "pattern", "allocation"):
+            k, v = s.split("=", 1)
+            cut[k] = v
+        else:
+            raise UserError(f"unipruning eval: cannot read {s!r}; use sparsity=S, pattern=N:M, allocation=A, all, "
+                            f"or eval.<key>=<value>")
+    return cut, dotlist, every
+
+
+def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
+    from ..config import _validate_eval
+    from ..data import check_corpus_available
+    from ..export import _load_or_cut, _masks_source, held_tags, open_run, resolve_target
+    from ..models import load_model, prunable_layers
+    from ..report import print_summary, write_plots, write_summary_md
+    from ..rundir import atomic_write_json
+    from ..runner import Timer, dense_evaluation, eval_windows_of, evaluate_masks, result_entry
+
+    run = open_run(run_dir)
+    cut, dotlist, every = _parse(settings)
+    cfg = run.cfg
+    if dotlist:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"unipruning eval: {err}") from None
+    _validate_eval(cfg.eval)
+    for corpus in cfg.eval.corpora:
+        check_corpus_available(corpus)
+    if every:
+        tags = held_tags(run)
+        sources = {t: "file" for t in tags}
+        targets = {t: None for t in tags}
+    else:
+        target = resolve_target(run, float(cut["sparsity"]) if "sparsity" in cut else None, cut.get("pattern"),
+                                cut.get("allocation"))
+        targets, sources = {target.tag: target}, {target.tag: _masks_source(run, target)}
+    # everything is checked: now the model
+    model, tok = load_model(cfg.model)
+    layers = prunable_layers(model)
+    from ..runner import load_masks
+
+    all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else _load_or_cut(run, targets[t], sources[t]))
+                 for t in targets}
+    timer = Timer()
+    windows = eval_windows_of(cfg, tok)
+    dense = dense_evaluation(cfg, model, tok, windows, timer)
+    results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer)
+    metrics = dict(run.metrics)
+    for tag, r in results.items():
+        metrics.setdefault("results", {})[tag] = result_entry(r)
+        if tag == metrics.get("pattern"):
+            metrics["perplexity"] = {c: {"dense": dense["perplexity"][c], "pruned": r["perplexity"][c]} for c in windows}
+            metrics["zero_shot"] = {"dense": dense["zero_shot"], "pruned": r["zero_shot"]}
+            metrics["sparsity"] = r["sparsity"]
+    metrics.setdefault("evaluations", []).append({"tags": list(results), "eval": OmegaConf.to_container(cfg.eval),
+                                                  "seconds": timer.seconds, "per_tag": {
+                                                      t: {"perplexity": r["perplexity"], "zero_shot": r["zero_shot"]}
+                                                      for t, r in results.items()}})
+    atomic_write_json(run.path / "metrics.json", metrics)
+    plots = write_plots(run.path, metrics)
+    write_summary_md(run.path / "summary.md", metrics, plots)
+    print_summary(metrics, run.path)
+    return metrics
