@@ -108,7 +108,7 @@ def test_bad_input_fails_fast_and_cleanly(bad, expected, with_tiny, tmp_path, ti
                  and (p.name in ARTIFACTS or p.suffix == ".safetensors" or p.name in ("masks", "stages"))]
         assert found == []
     assert list(cwd.iterdir()) == []
-    assert not (tmp_path / "cache" / "ppl").exists()
+    assert not (tmp_path / "cache" / "dense").exists()
 
 
 # ====================================================================================== end to end

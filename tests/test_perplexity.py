@@ -157,7 +157,7 @@ def _dense_cfg(model_dir, corpus):
 
     return OmegaConf.create({
         "model": {"name": "local", "source": "local", "path": str(model_dir), "revision": None, "add_bos": False},
-        "eval": {"corpora": [str(corpus)], "seqlen": 32, "max_windows": 3, "batch_size": 2},
+        "eval": {"corpora": [str(corpus)], "seqlen": 32, "max_windows": 3, "batch_size": 2, "tasks": []},
     })
 
 
@@ -180,7 +180,7 @@ def test_dense_perplexity_is_measured_then_cached(tmp_path, monkeypatch, tiny_ll
 
     first = _dense_ppl(cfg, tiny_llama, tok, Timer())[str(corpus)]
     assert first["cached"] is False and math.isclose(first["ppl"], ref, rel_tol=1e-4)
-    assert len(list((tmp_path / "cache" / "ppl").glob("*.json"))) == 1
+    assert len(list((tmp_path / "cache" / "dense").glob("*.json"))) == 1
     timer = Timer()
     second = _dense_ppl(cfg, tiny_llama, tok, timer)[str(corpus)]
     assert second["cached"] is True and second["ppl"] == first["ppl"]

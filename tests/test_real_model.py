@@ -64,7 +64,7 @@ def test_bounded_real_run(real_ws):
     _check(run_dir, m, real_ws["real"], nsamples=4)
     assert m["perplexity"]["wiki_offline"]["pruned"]["windows"] == 2
     # the user's cache was not written: the dense PPL went to the temporary one
-    assert list((real_ws["cache"] / "ppl").glob("*.json"))
+    assert list((real_ws["cache"] / "dense").glob("*.json"))
     assert list(real_ws["cwd"].iterdir()) == []
 
 
