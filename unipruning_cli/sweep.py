@@ -97,7 +97,7 @@ def plot(jobs: list[dict], png: Path) -> bool:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
         ax.plot([float(best["overrides"][k])], [best["ppl"]], "r*", markersize=14, label="best")
         ax.set_xlabel(k)
-        ax.set_ylabel(f"pruned perplexity on {corpus}")
+        ax.set_ylabel(f"pruned perplexity ({Path(corpus).name})")
         ax.legend()
     else:
         kx, ky = keys
@@ -108,11 +108,14 @@ def plot(jobs: list[dict], png: Path) -> bool:
             grid[ys.index(j["overrides"][ky]), xs.index(j["overrides"][kx])] = j["ppl"]
         fig, ax = plt.subplots(figsize=(1.6 * len(xs) + 3, 1.2 * len(ys) + 2.5))
         im = ax.imshow(np.log10(grid), cmap="viridis_r", aspect="auto")
-        fig.colorbar(im, ax=ax, label=f"log10 pruned PPL on {corpus}")
+        bar = fig.colorbar(im, ax=ax, label=f"log10 pruned PPL ({Path(corpus).name})")
+        bar.formatter.set_useOffset(False)
+        bar.update_ticks()
         for yi in range(len(ys)):
             for xi in range(len(xs)):
                 text = "failed" if np.isnan(grid[yi, xi]) else f"{grid[yi, xi]:.2f}"
-                ax.text(xi, yi, text, ha="center", va="center", color="white" if not np.isnan(grid[yi, xi]) else "red")
+                ax.text(xi, yi, text, ha="center", va="center", color="black" if text != "failed" else "red",
+                        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
         bx, by = xs.index(best["overrides"][kx]), ys.index(best["overrides"][ky])
         ax.add_patch(plt.Rectangle((bx - 0.5, by - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
         ax.set_xticks(range(len(xs)), xs)
