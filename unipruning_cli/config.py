@@ -155,7 +155,7 @@ def target_sparsity(cfg: DictConfig) -> float:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`UserError` for any value that would fail later, before a model is loaded."""
-    from .data import CORPORA, check_corpus_available
+    from .data import check_corpus_available
     from .methods import METHODS
     from .metrics import build_metric
     from .models import check_model_reachable
@@ -191,7 +191,6 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg.calibration.mode == "one_shot" and cfg.method != "sparsegpt",
                "pattern.allocation=global needs every score at once: use calibration.mode=one_shot and a "
                "score-based method (local, unipruning)")
-    del CORPORA
 
 
 def _validate_pattern(cfg: DictConfig) -> None:

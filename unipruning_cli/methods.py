@@ -19,7 +19,7 @@ from .metrics import LocalMetric
 from .registry import Registry
 from .stats import ActivationStats
 
-METHODS: Registry[type["PruningMethod"]] = Registry("method")
+METHODS: Registry[type] = Registry("method")
 
 # Each metric's own comparison group in the paper that introduced it.
 DEFAULT_ALLOCATION = {"magnitude": "per_matrix", "wanda": "per_row", "ria": "per_matrix", "stochria": "per_matrix"}
@@ -110,13 +110,11 @@ class SparseGPTPruning(PruningMethod):
 
 
 @METHODS.register("unipruning")
-class UniPruning(PruningMethod):
-    """Masks cut from the saliency Γ learned by the search (see ``search/``); the runner runs the search."""
+class UniPruning:
+    """Not a block-by-block method: the search (``search/``) learns Γ over the whole model, then masks for
+    every target are cut from |Γ| (``runner.run_search`` and ``runner.cut_masks``)."""
 
     name = "unipruning"
-
-    def prune_block(self, layers, stats, target):
-        raise NotImplementedError("UniPruning cuts masks from Γ after the search, not block by block")
 
 
 def apply_masks(layers: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor]) -> None:
