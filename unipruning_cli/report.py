@@ -209,8 +209,5 @@ def plot_search(jsonl: Path, png: Path) -> None:
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name("." + png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    _savefig(fig, png)
     plt.close(fig)
-    tmp.replace(png)

@@ -124,10 +124,9 @@ def plot(jobs: list[dict], png: Path) -> bool:
         ax.set_ylabel(ky)
     ax.set_title(f"sweep: pruned perplexity (best: job {best['job']}, {best['ppl']:.2f})")
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name("." + png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(png)
+    from .report import _savefig
+
+    _savefig(fig, png)
     plt.close(fig)
     return True
 
