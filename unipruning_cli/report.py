@@ -65,7 +65,7 @@ def _parse_tag(tag: str) -> tuple[str | None, str, float]:
     return source or None, "unstructured", float(cut[1:].split("_")[0])
 
 
-def _savefig(fig, png: Path) -> None:
+def save_png(fig, png: Path) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     tmp = png.with_name("." + png.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -105,7 +105,7 @@ def write_plots(run_dir: Path, metrics: dict) -> list[str]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
-        _savefig(fig, run_dir / "plots" / "ppl_vs_sparsity.png")
+        save_png(fig, run_dir / "plots" / "ppl_vs_sparsity.png")
         plt.close(fig)
         out.append("plots/ppl_vs_sparsity.png")
     per_layer = metrics.get("sparsity", {}).get("per_layer", {})
@@ -126,7 +126,7 @@ def write_plots(run_dir: Path, metrics: dict) -> list[str]:
         ax.set_title(f"sparsity per layer: {metrics['pattern']}")
         ax.legend(fontsize=7, ncol=4)
         fig.tight_layout()
-        _savefig(fig, run_dir / "plots" / "layer_sparsity.png")
+        save_png(fig, run_dir / "plots" / "layer_sparsity.png")
         plt.close(fig)
         out.append("plots/layer_sparsity.png")
     return out
@@ -209,5 +209,5 @@ def plot_search(jsonl: Path, png: Path) -> None:
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
-    _savefig(fig, png)
+    save_png(fig, png)
     plt.close(fig)

@@ -124,9 +124,9 @@ def plot(jobs: list[dict], png: Path) -> bool:
         ax.set_ylabel(ky)
     ax.set_title(f"sweep: pruned perplexity (best: job {best['job']}, {best['ppl']:.2f})")
     fig.tight_layout()
-    from .report import _savefig
+    from .report import save_png
 
-    _savefig(fig, png)
+    save_png(fig, png)
     plt.close(fig)
     return True
 
