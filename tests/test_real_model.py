@@ -91,3 +91,29 @@ def test_full_defaults_run(real_ws):
     run_dir, m = _single_metrics(real_ws["runs"])
     _check(run_dir, m, real_ws["real"], nsamples=128, tag="s0.50_per_matrix")
     assert m["perplexity"]["wiki_offline"]["pruned"]["windows"] == 40
+
+
+def test_tool_perplexity_equals_hf_loss_on_the_embedded_model(real_ws, monkeypatch):
+    """The runner's dense PPL of SmolLM2 equals exp(mean HF loss) over the same windows, to 1e-4."""
+    import math
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from unipruning_cli.data import eval_windows, token_stream
+    from unipruning_cli.models import load_model
+    from unipruning_cli.runner import Timer, dense_evaluation, eval_windows_of
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(real_ws["cache"]))
+    torch.set_num_threads(1)
+    cfg = OmegaConf.create({"model": {"name": "smollm2-135m", "source": "embedded", "path": "smollm2-135m",
+                                      "revision": None, "dtype": "auto", "device": "auto", "device_map": None,
+                                      "trust_remote_code": False, "add_bos": False},
+                            "eval": {"corpora": ["wiki_offline"], "seqlen": 512, "max_windows": 2, "batch_size": 2,
+                                     "tasks": []}})
+    model, tok = load_model(cfg.model)
+    ours = dense_evaluation(cfg, model, tok, eval_windows_of(cfg, tok), Timer())["perplexity"]["wiki_offline"]["ppl"]
+    windows = eval_windows(token_stream(tok, "wiki_offline", "eval"), 512, 2)
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
+    assert math.isclose(ours, math.exp(sum(losses) / len(losses)), rel_tol=1e-4)
