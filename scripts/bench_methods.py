@@ -61,6 +61,25 @@ def run(label: str, overrides: list[str], common: list[str], runs: Path) -> dict
     return m
 
 
+def label_of(m: dict) -> str:
+    if m["method"] == "local":
+        return m["local_metric"]["name"]
+    if m["method"] == "unipruning":
+        return f"unipruning-{m['search']['schedule']['weight_mode']}"
+    return m["method"]
+
+
+def collect(runs: Path) -> list[tuple[str, dict]]:
+    """Every finished run under ``runs`` (e.g. of an interrupted or partial benchmark), labelled."""
+    out = []
+    for path in sorted(runs.rglob("metrics.json")):
+        m = json.loads(path.read_text())
+        m.setdefault("wall_s", m["seconds"]["total"])
+        m["run_dir"] = str(path.parent)
+        out.append((label_of(m), m))
+    return out
+
+
 def rows_of(label: str, m: dict, corpus: str) -> list[dict]:
     out = []
     for tag, r in m["results"].items():
@@ -98,6 +117,10 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="the small CI tier")
+    ap.add_argument("--only", default=None, help="comma list of labels to run (e.g. sparsegpt,unipruning-drift)")
+    ap.add_argument("--only-cut", default=None, help="with --only: keep jobs whose overrides contain this (e.g. 2:4)")
+    ap.add_argument("--collect", action="store_true",
+                    help="build the table from every finished run under <out>/runs (after partial runs)")
     ap.add_argument("--sparsegpt-mode", default="sequential", choices=("sequential", "one_shot"),
                     help="one_shot halves SparseGPT's calibration cost (each block sees dense inputs)")
     args = ap.parse_args()
@@ -107,10 +130,20 @@ def main() -> None:
               f"eval.corpora=[{corpus}]", "calibration.source=owt_offline"]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label, overrides in jobs(args.quick, args.sparsegpt_mode):
+    todo = jobs(args.quick, args.sparsegpt_mode)
+    if args.only:
+        keep = set(args.only.split(","))
+        todo = [(lab, ov) for lab, ov in todo if lab in keep and (not args.only_cut or any(args.only_cut in o for o in ov))]
+    for label, overrides in ([] if args.collect else todo):
         print(f"-> {label} {' '.join(overrides)}", flush=True)
         rows += rows_of(label, run(label, overrides, common, args.out / "runs"), corpus)
         print(f"   {rows[-1]['cut']}: ppl {rows[-1]['ppl']:.2f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+    if args.collect:
+        for label, m in collect(args.out / "runs"):
+            same = (m["perplexity"][corpus]["pruned"]["windows"] == args.windows
+                    and m["calibration"]["nsamples"] == args.nsamples and m["calibration"]["seqlen"] == args.seqlen)
+            if same:  # only runs of this protocol
+                rows += rows_of(label, m, corpus)
     header = {"model": "smollm2-135m", "nsamples": args.nsamples, "seqlen": args.seqlen, "calibration": "owt_offline",
               "corpus": corpus, "windows": args.windows, "steps": args.steps, "sparsegpt_mode": args.sparsegpt_mode,
               "command": " ".join(sys.argv)}
