@@ -52,7 +52,6 @@ class PruningMethod(ABC):
     name: ClassVar[str]
     needs_hessian: ClassVar[bool] = False
     updates_weights: ClassVar[bool] = False
-    supports_global: ClassVar[bool] = True
 
     @abstractmethod
     def prune_block(
@@ -88,7 +87,6 @@ class SparseGPTPruning(PruningMethod):
     name = "sparsegpt"
     needs_hessian = True
     updates_weights = True
-    supports_global = False
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
         self.blocksize = blocksize

@@ -29,12 +29,6 @@ class SearchState:
         return cls(v={n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in shapes.items()},
                    gamma={n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in shapes.items()})
 
-    def bytes_per_param(self) -> float:
-        n = sum(t.numel() for t in self.v.values())
-        total = sum(t.numel() * t.element_size() for d in (self.v, self.gamma, self.extra) for t in d.values()
-                    if t.numel() > 16)
-        return total / max(n, 1)
-
     def save(self, path: Path, fp: str) -> None:
         tensors = {f"v/{n}": t for n, t in self.v.items()}
         tensors |= {f"gamma/{n}": t for n, t in self.gamma.items()}
