@@ -68,9 +68,21 @@ def tables(jobs: list[dict]) -> tuple[str, str]:
                      _fmt(j.get("seconds"), 1), j.get("error", "")])
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+    md += ["", timing_line(jobs)]
     buf = io.StringIO()
     csv.writer(buf).writerows([head, *rows])
     return "\n".join(md) + "\n", buf.getvalue()
+
+
+def timing_line(jobs: list[dict]) -> str:
+    """What the sweep's caching saved: the jobs' total time against n times the first job (which did the
+    uncached work: model load, dense evaluation, calibration statistics)."""
+    secs = [j["seconds"] for j in jobs if j["status"] == "ok"]
+    if not secs:
+        return "no finished job"
+    ratio = sum(secs) / (len(secs) * secs[0])
+    return (f"time: {sum(secs):.0f} s for {len(secs)} finished jobs; first job {secs[0]:.0f} s; "
+            f"total / ({len(secs)} x first) = {ratio:.3f}")
 
 
 def _fmt(v, digits: int = 3) -> str:
