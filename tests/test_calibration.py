@@ -164,3 +164,42 @@ def test_per_sample_statistics(model_and_windows):
         sq, count, _ = _reference(model, w.unsqueeze(0), only=name)
         per_window.append(sq[name] / count[name])
     torch.testing.assert_close(stats[name].sample_mean_sq.double(), torch.stack(per_window), rtol=1e-4, atol=1e-8)
+
+
+def test_shared_inputs_give_the_same_statistics_as_per_layer_ones(model_and_windows):
+    """q/k/v and gate/up read one tensor: sharing its XᵀX must change nothing, bit for bit."""
+    model, windows = model_and_windows
+    got, ref = {}, {}
+
+    def keep(into):
+        def on_block(i, layers, stats):
+            into.update({n: (s.sq_sum.clone(), s.xtx.clone(), s.count) for n, s in stats.items()})
+        return on_block
+
+    calibrate_blockwise(model, windows, want_hessian=True, want_per_sample=True, on_block=keep(got))
+    calibrate_blockwise(model, windows, want_hessian=True, want_per_sample=True, on_block=keep(ref),
+                        share_inputs=False)
+    assert set(got) == set(ref)
+    for n in got:
+        assert torch.equal(got[n][0], ref[n][0]) and torch.equal(got[n][1], ref[n][1]), n
+        assert got[n][2] == ref[n][2]
+
+
+def test_shared_inputs_memo_hits_same_tensor_and_misses_after_in_place_change():
+    from unipruning_cli.calibration import SharedInputs
+
+    shared = SharedInputs()
+    x = torch.randn(3, 5, 4)
+    first = shared.get(x, want_hessian=True)
+    assert shared.get(x, want_hessian=True) is first            # q/k/v: computed once
+    assert shared.get(x.clone(), want_hessian=True) is not first  # another tensor, equal values
+    y = torch.randn(2, 4)
+    a = shared.get(y, want_hessian=True)
+    y.mul_(2.0)                                                  # modified in place: stale
+    b = shared.get(y, want_hessian=True)
+    assert b is not a
+    torch.testing.assert_close(b[1], 4.0 * a[1])
+    torch.testing.assert_close(b[0], (y * y).sum(0))
+    assert b[2] == 2
+    off = SharedInputs(enabled=False)
+    assert off.get(x, True) is not off.get(x, True)

@@ -44,27 +44,57 @@ def _to(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+class SharedInputs:
+    """Statistics of a layer input computed once for every layer fed that very tensor.
+
+    q/k/v projections read one tensor, and so do gate/up: their inputs' x², and above all their
+    XᵀX (the dominant cost of SparseGPT's calibration), are identical. The memo keys on the
+    tensor object and its version counter, so a tensor modified in place is never mistaken for
+    the one seen before; ``clear`` after each block releases the last input.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.computed = 0  # products actually computed (a benchmark and a test read it)
+        self._key: tuple | None = None
+        self._value: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
+
+    def get(self, x: torch.Tensor, want_hessian: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(Σ x² per channel, XᵀX or None, tokens) of one forward's input."""
+        key = (x, x._version, want_hessian)
+        if self.enabled and self._key is not None and self._key[0] is x and self._key[1:] == key[1:]:
+            return self._value
+        x2d = x.detach().reshape(-1, x.shape[-1]).float()
+        value = ((x2d * x2d).sum(0), x2d.t() @ x2d if want_hessian else None, x2d.shape[0])
+        self.computed += 1
+        if self.enabled:
+            self._key, self._value = key, value
+        return value
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+
 class InputCollector:
     """Forward pre-hook that accumulates the statistics of one linear layer's inputs."""
 
-    def __init__(self, in_features: int, want_hessian: bool, want_per_sample: bool) -> None:
+    def __init__(self, in_features: int, want_hessian: bool, want_per_sample: bool,
+                 shared: SharedInputs | None = None) -> None:
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64)
         self.count = 0
         self.xtx: Optional[torch.Tensor] = None
         self.per_sample: list[torch.Tensor] | None = [] if want_per_sample else None
         self.want_hessian = want_hessian
+        self.shared = shared or SharedInputs(enabled=False)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).float()
-        sq = (x * x).sum(0)
+        sq, xtx, tokens = self.shared.get(args[0], self.want_hessian)
         self.sq_sum += sq.double().cpu()
-        self.count += x.shape[0]
+        self.count += tokens
         if self.per_sample is not None:
-            self.per_sample.append((sq / x.shape[0]).cpu())
-        if self.want_hessian:
-            xtx = x.t() @ x
-            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+            self.per_sample.append((sq / tokens).cpu())
+        if xtx is not None:  # the shared product is read only: accumulate into our own tensor
+            self.xtx = xtx.clone() if self.xtx is None else self.xtx + xtx
 
     def stats(self) -> ActivationStats:
         return ActivationStats(
@@ -122,6 +152,7 @@ def calibrate_blockwise(
     want_per_sample: bool = False,
     on_block: BlockCallback | None = None,
     offload: str = "cpu",
+    share_inputs: bool = True,
 ) -> dict[str, ActivationStats]:
     """Statistics of every prunable layer's inputs over ``windows`` [nsamples, seqlen].
 
@@ -134,11 +165,14 @@ def calibrate_blockwise(
     all_stats: dict[str, ActivationStats] = {}
     for i, block in enumerate(track(blocks, "calibrate blocks")):
         layers = block_layers(block, f"{prefix}.{i}")
-        collectors = {n: InputCollector(m.in_features, want_hessian, want_per_sample) for n, m in layers.items()}
+        shared = SharedInputs(enabled=share_inputs)
+        collectors = {n: InputCollector(m.in_features, want_hessian, want_per_sample, shared)
+                      for n, m in layers.items()}
         handles = [m.register_forward_pre_hook(collectors[n]) for n, m in layers.items()]
         try:
             outputs = [_run_block(block, h, kw, offload) for h, kw in zip(hidden, kwargs)]
         finally:
+            shared.clear()
             for h in handles:
                 h.remove()
         stats = {n: c.stats() for n, c in collectors.items()}
