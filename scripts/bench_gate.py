@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 TIERS = {
     # calibration nsamples x seqlen, eval windows, and the cases: (name, overrides)
-    "ci": {"common": ["calibration.nsamples=16", "model.seqlen=256", "eval.max_windows=6", "schedule.steps=6"],
+    "ci": {"common": ["calibration.nsamples=16", "model.seqlen=256", "eval.max_windows=6", "schedule.steps=6",
+                     "reuse_search=false"],
            "cases": [("magnitude-0.5", ["method=local", "local_metric=magnitude", "sparsity=0.5"]),
                      ("wanda-0.5", ["method=local", "local_metric=wanda", "sparsity=0.5"]),
                      ("wanda-2:4", ["method=local", "local_metric=wanda", "pattern=2:4"]),
@@ -34,7 +35,8 @@ TIERS = {
                      ("sparsegpt-0.5", ["method=sparsegpt", "sparsity=0.5"]),
                      ("unipruning-frozen-0.5", ["method=unipruning", "local_metric=stochria",
                                                 "schedule.weight_mode=frozen", "sparsity=0.5"])]},
-    "full": {"common": ["calibration.nsamples=128", "model.seqlen=512", "eval.max_windows=20", "schedule.steps=32"],
+    "full": {"common": ["calibration.nsamples=128", "model.seqlen=512", "eval.max_windows=20", "schedule.steps=32",
+                       "reuse_search=false"],
              "cases": [(f"{m}-{p.split('=')[1]}", ["method=local", f"local_metric={m}", p])
                        for m in ("magnitude", "wanda", "ria") for p in ("sparsity=0.5", "sparsity=0.7", "pattern=2:4")]
              + [("sparsegpt-0.5", ["method=sparsegpt", "sparsity=0.5"]),

@@ -127,7 +127,7 @@ def main() -> None:
     corpus = "wiki_offline"
     common = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}",
               f"eval.seqlen={args.seqlen}", f"eval.max_windows={args.windows}", f"schedule.steps={args.steps}",
-              f"eval.corpora=[{corpus}]", "calibration.source=owt_offline"]
+              f"eval.corpora=[{corpus}]", "calibration.source=owt_offline", "reuse_search=false"]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     todo = jobs(args.quick, args.sparsegpt_mode)

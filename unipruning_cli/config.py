@@ -125,6 +125,7 @@ class PruneConfig:
     method: str = "local"
     sparsity: Optional[float] = None  # None: 0.5 unstructured, 1 - n/m for N:M
     seed: int = 0
+    reuse_search: bool = True  # adopt Γ from an earlier run with the same search (see runner.reuse_search)
     experiment: Optional[str] = None
 
 

@@ -49,6 +49,25 @@ def atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadat
     _atomic_write(path, lambda p: save_file(data, str(p), metadata=dict(metadata or {})))
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put ``src``'s content at ``dst`` atomically: a hard link where possible, else a copy.
+
+    Artifacts are only ever replaced (``os.replace``), never rewritten in place, so two runs can
+    share one file through a link without one run's later write reaching the other.
+    """
+    import shutil
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -30,7 +30,8 @@ from .methods import (DEFAULT_ALLOCATION, METHODS, LocalMetricPruning, PruningMe
 from .metrics import build_metric
 from .models import load_model, load_model_reused, model_identity, model_location, prunable_layers
 from .report import print_summary, write_plots, write_summary_md
-from .rundir import RunDir, atomic_save_tensors, atomic_write_json, atomic_write_text, fingerprint, load_tensors
+from .rundir import (RunDir, atomic_save_tensors, atomic_write_json, atomic_write_text, fingerprint, link_or_copy,
+                     load_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -272,20 +273,73 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
     return out
 
 
+#: Schedule fields that only steer the weight optimiser: they cannot change Γ when W is frozen.
+DRIFT_ONLY = ("rho", "lr", "warmup_ratio", "decay", "betas", "eps", "weight_decay", "grad_clip",
+              "grad_accumulation", "accumulate_grads_across_steps")
+
+
 def search_fingerprint(cfg: DictConfig) -> str:
-    return fingerprint({k: _plain(cfg[k]) for k in ("model", "calibration", "local_metric", "regularizer",
-                                                    "schedule", "seed")})
+    """Everything Γ depends on, and nothing else, so equal searches are recognised as equal.
+
+    Left out: the checkpoint interval (resume is bit-exact), where calibration data are offloaded,
+    the calibration mode (the search never prunes block by block), and in frozen mode the weight
+    optimiser's knobs (a ρ sweep in frozen mode is one search, not three).
+    """
+    schedule = {k: v for k, v in _plain(cfg.schedule).items() if k != "checkpoint_every"}
+    if schedule.get("weight_mode") == "frozen":
+        schedule = {k: v for k, v in schedule.items() if k not in DRIFT_ONLY}
+    calibration = {k: v for k, v in _plain(cfg.calibration).items() if k not in ("mode", "offload")}
+    return fingerprint({"model": _plain(cfg.model), "calibration": calibration, "local_metric": _plain(cfg.local_metric),
+                        "regularizer": _plain(cfg.regularizer), "schedule": schedule, "seed": cfg.seed})
+
+
+def _search_index(cfg: DictConfig, fp: str) -> Path:
+    """Where a finished search is recorded: the run that holds its Γ (an index, not a copy of Γ)."""
+    key = fingerprint({"search": fp, "model": model_identity(cfg.model),
+                       "corpus": corpus_identity(cfg.calibration.source), "versions": versions()})
+    return cache_dir() / "search" / f"{key}.json"
+
+
+def reuse_search(cfg: DictConfig, fp: str, rd: RunDir) -> dict | None:
+    """Adopt the Γ of an earlier run with the same search (another sweep job, another sparsity).
+
+    The earlier run must still hold a complete search stage with this fingerprint; Γ is hard-linked
+    into this run (files are only ever replaced, never rewritten, so the link is safe), or copied
+    across file systems. Returns the search info, or None when there is nothing to reuse.
+    """
+    index = _search_index(cfg, fp)
+    if not cfg.reuse_search or not index.exists():
+        return None
+    source = Path(json.loads(index.read_text())["run_dir"])
+    marker = source / "stages" / "search.json"
+    if source.resolve() == rd.path.resolve() or not marker.exists():
+        return None
+    stage = json.loads(marker.read_text())
+    if stage.get("fingerprint") != fp or not all((source / a).exists() for a in stage.get("artifacts", [])):
+        return None
+    for rel in ("gamma.safetensors", "search.jsonl", "plots/search.png"):
+        if (source / rel).exists():
+            link_or_copy(source / rel, rd / rel)
+    info = {**stage["info"], "reused_from": str(source)}
+    rd.mark_complete("search", fp, ["gamma.safetensors", "search.jsonl"], 0.0, info=info)
+    log.info("search: reusing Γ of %s (same model, calibration, metric, regularizer and schedule)", source)
+    return info
 
 
 def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The UniPruning stage: Γ for every prunable matrix (loaded if this run already has it)."""
+    """The UniPruning stage: Γ for every prunable matrix (loaded if this run or an earlier one has it)."""
     from .search import SearchSettings, build_regularizer, search_drift, search_frozen
 
     fp = search_fingerprint(cfg)
     if rd.is_complete("search", fp):
         log.info("search stage complete in %s: loading gamma.safetensors", rd.path)
         return load_tensors(rd / "gamma.safetensors"), rd.stage_info("search")["info"]
+    reused = reuse_search(cfg, fp, rd)
+    if reused is not None:
+        return load_tensors(rd / "gamma.safetensors"), reused
     c, sch = cfg.calibration, cfg.schedule
+    if sch.weight_mode == "frozen" and sch.rho != 0:
+        log.warning("schedule.rho=%g has no effect in frozen mode: ρ only steers the drifting weights", sch.rho)
     knobs = {k: v for k, v in _plain(cfg.local_metric).items() if k != "name"}
     metric = build_metric(cfg.local_metric.name, **knobs)
     prox = build_regularizer(cfg.regularizer.name, cfg.regularizer.lam, cfg.regularizer.threshold_mode)
@@ -314,6 +368,7 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer) -> tuple[d
 
     plot_search(rd / "search.jsonl", rd / "plots" / "search.png")
     rd.mark_complete("search", fp, ["gamma.safetensors", "search.jsonl"], timer.seconds["search"], info=info)
+    atomic_write_json(_search_index(cfg, fp), {"run_dir": str(rd.path.resolve()), "fingerprint": fp})
     return gamma, info
 
 
