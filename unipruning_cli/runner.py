@@ -343,9 +343,7 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer) -> tuple[d
     knobs = {k: v for k, v in _plain(cfg.local_metric).items() if k != "name"}
     metric = build_metric(cfg.local_metric.name, **knobs)
     prox = build_regularizer(cfg.regularizer.name, cfg.regularizer.lam, cfg.regularizer.threshold_mode)
-    fields = set(SearchSettings.__dataclass_fields__)
-    settings = SearchSettings(**{k: (tuple(v) if k == "betas" else v) for k, v in _plain(sch).items() if k in fields},
-                              seed=cfg.seed)
+    settings = SearchSettings(**_plain(sch), seed=cfg.seed)
     windows, _ = calibration_set(cfg, tok)
     layers = prunable_layers(model)
     ckpt = rd / "checkpoints" / "search.safetensors"

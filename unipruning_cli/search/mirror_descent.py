@@ -27,6 +27,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..config import ScheduleConfig
 from ..metrics import LocalMetric
 from ..progress import track
 from ..stats import ActivationStats
@@ -39,21 +40,10 @@ QUANTILES = (0.1, 0.5, 0.9)
 _SAMPLE_PER_LAYER = 1024
 
 
-@dataclass(frozen=True)
-class SearchSettings:
-    steps: int = 128
-    dual_step: float = 0.01
-    weight_mode: str = "drift"
-    rho: float = 0.0
-    lr: float = 1e-4
-    warmup_ratio: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    grad_accumulation: int = 1
-    accumulate_grads_across_steps: bool = True
-    checkpoint_every: int = 16
+@dataclass
+class SearchSettings(ScheduleConfig):
+    """The ``schedule`` config as the search reads it, plus the run's seed (one list of fields)."""
+
     seed: int = 0
 
     @property
