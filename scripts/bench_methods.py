@@ -65,7 +65,8 @@ def label_of(m: dict) -> str:
     if m["method"] == "local":
         return m["local_metric"]["name"]
     if m["method"] == "unipruning":
-        return f"unipruning-{m['search']['schedule']['weight_mode']}"
+        sch = m["search"]["schedule"]
+        return f"unipruning-{sch['weight_mode']} ({sch['steps']} steps)"
     return m["method"]
 
 
@@ -96,8 +97,8 @@ def markdown(rows: list[dict], header: dict) -> str:
     table = {(r["method"], r["cut"].split("_")[0]): r for r in rows}
     lines = [f"Model {header['model']}, calibration {header['nsamples']} x {header['seqlen']} tokens "
              f"({header['calibration']}, seed 0), perplexity on {header['corpus']} at seqlen {header['seqlen']} "
-             f"({header['windows']} windows); dense PPL {rows[0]['dense_ppl']:.2f}. UniPruning: stochRIA anchor, "
-             f"{header['steps']} steps; SparseGPT calibration {header['sparsegpt_mode']}. Command: "
+             f"({header['windows']} windows); dense PPL {rows[0]['dense_ppl']:.2f}. UniPruning: stochRIA anchor; "
+             f"SparseGPT calibration {header['sparsegpt_mode']}. Command: "
              f"`{header['command']}`.", "",
              "| method | " + " | ".join(cuts) + " | seconds (process) | peak RSS MiB |",
              "|---|" + "---|" * len(cuts) + "---|---|"]
@@ -136,7 +137,8 @@ def main() -> None:
         todo = [(lab, ov) for lab, ov in todo if lab in keep and (not args.only_cut or any(args.only_cut in o for o in ov))]
     for label, overrides in ([] if args.collect else todo):
         print(f"-> {label} {' '.join(overrides)}", flush=True)
-        rows += rows_of(label, run(label, overrides, common, args.out / "runs"), corpus)
+        m = run(label, overrides, common, args.out / "runs")
+        rows += rows_of(label_of(m), m, corpus)
         print(f"   {rows[-1]['cut']}: ppl {rows[-1]['ppl']:.2f} ({rows[-1]['seconds']:.0f} s)", flush=True)
     if args.collect:
         for label, m in collect(args.out / "runs"):

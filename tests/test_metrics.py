@@ -430,3 +430,61 @@ def test_rescaled_stochastic_ri_averages_to_exact_ri() -> None:
     torch.testing.assert_close(
         average(False), col_term * (12 / tau) + row_term * (16 / tau), rtol=0.05, atol=0.0
     )
+
+
+# --------------------------------------------------------------------------------------------
+# stochRIA samplers: cyclic windows, and "auto"
+# --------------------------------------------------------------------------------------------
+
+
+def ref_cyclic_sums(w: Matrix, tau: int, seed: int) -> tuple[list[float], list[float]]:
+    """Re-draws the documented draws (column permutation, row offsets, row permutation, column
+    offsets) and sums each row's and column's τ cyclic neighbours in plain loops."""
+    out_features, in_features = len(w), len(w[0])
+    gen = torch.Generator().manual_seed(seed)
+    perm_cols = torch.randperm(in_features, generator=gen).tolist()
+    row_offsets = torch.randint(0, in_features, (out_features,), generator=gen).tolist()
+    perm_rows = torch.randperm(out_features, generator=gen).tolist()
+    col_offsets = torch.randint(0, out_features, (in_features,), generator=gen).tolist()
+    rows = [sum(abs(w[i][perm_cols[(row_offsets[i] + t) % in_features]]) for t in range(tau))
+            for i in range(out_features)]
+    cols = [sum(abs(w[perm_rows[(col_offsets[j] + t) % out_features]][j]) for t in range(tau))
+            for j in range(in_features)]
+    return rows, cols
+
+
+@pytest.mark.parametrize("shape", [(7, 11), (16, 4), (1, 5), (9, 9)])
+@pytest.mark.parametrize("beta", [0.2, 0.5, 1.0])
+def test_cyclic_subset_sums_match_the_loop_reference(shape: tuple[int, int], beta: float) -> None:
+    from unipruning_cli.metrics.stochria import cyclic_subset_sums
+
+    weight = make_weight("random", shape)
+    tau = subset_size(beta, *shape)
+    rows, cols = cyclic_subset_sums(weight.abs(), tau, seeded(5))
+    ref_rows, ref_cols = ref_cyclic_sums(to_lists(weight), tau, 5)
+    close(rows.unsqueeze(1), [[v] for v in ref_rows])
+    close(cols.unsqueeze(1), [[v] for v in ref_cols])
+
+
+def test_cyclic_and_exact_samplers_average_to_the_same_scores() -> None:
+    """Same marginals, so the same expectation per entry: what a frozen search's Γ estimates."""
+    gen = seeded(321)
+    weight = torch.rand(12, 20, generator=gen) + 0.2
+    stats = ActivationStats(sq_sum=torch.rand(20, dtype=torch.float64) + 0.5, count=1)
+
+    def average(sampler: str) -> torch.Tensor:
+        metric = build_metric("stochria", beta=0.3, normalize="none", sampler=sampler)
+        return torch.stack([metric.score(weight, stats, gen) for _ in range(600)]).mean(dim=0)
+
+    torch.testing.assert_close(average("cyclic"), average("exact"), rtol=0.04, atol=0.0)
+
+
+def test_auto_sampler_is_exact_for_one_score_and_cyclic_for_repeated_scoring() -> None:
+    weight, stats = make_weight("random", (6, 10)), make_stats("random", 10)
+    auto, exact, cyclic = (build_metric("stochria", sampler=s) for s in ("auto", "exact", "cyclic"))
+    assert torch.equal(auto.score(weight, stats, seeded(3)), exact.score(weight, stats, seeded(3)))
+    repeated = auto.for_repeated_scoring()
+    assert repeated.sampler == "cyclic"
+    assert torch.equal(repeated.score(weight, stats, seeded(3)), cyclic.score(weight, stats, seeded(3)))
+    assert exact.for_repeated_scoring() is exact  # an explicit choice is kept
+    assert build_metric("wanda").for_repeated_scoring().name == "wanda"

@@ -113,6 +113,21 @@ def test_frozen_resume_is_bit_exact(tmp_path, monkeypatch):
         assert torch.equal(full[n], resumed[n])
 
 
+def test_frozen_search_scores_with_the_cyclic_sampler_when_auto(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    weights = {f"l{i}": torch.randn(6, 8, generator=gen) for i in range(3)}
+    stats = {n: _stats(8, 3, i) for i, n in enumerate(weights)}
+    settings = SearchSettings(steps=4, weight_mode="frozen")
+
+    def run(sampler: str) -> dict:
+        return search_frozen(weights, stats, build_metric("stochria", sampler=sampler), L1Prox(1e-2), settings,
+                             tmp_path / f"{sampler}.safetensors", "fp", tmp_path / f"{sampler}.jsonl")[0]
+
+    auto, cyclic, exact = run("auto"), run("cyclic"), run("exact")
+    assert all(torch.equal(auto[n], cyclic[n]) for n in weights)
+    assert not all(torch.equal(auto[n], exact[n]) for n in weights)
+
+
 # --------------------------------------------------------------------------------------------- drift
 
 

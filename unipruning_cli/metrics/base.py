@@ -54,6 +54,14 @@ class LocalMetric(ABC):
     ) -> torch.Tensor:
         """Return fp32 scores of ``weight``'s shape ``[out, in]``; ``weight`` is left untouched."""
 
+    def for_repeated_scoring(self) -> "LocalMetric":
+        """The metric to use when one fixed W is scored at every step of a search (frozen mode).
+
+        Only stochastic metrics have a reason to differ (a cheaper sampler with the same
+        per-entry expectation, see ``StochRIA``); every other metric is its own answer.
+        """
+        return self
+
 
 METRICS: Registry[type[LocalMetric]] = Registry("local metric")
 

@@ -7,6 +7,7 @@ random subsets that are redrawn at every step, which injects noise into the per-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,7 +26,7 @@ from unipruning_cli.metrics.base import (
 from unipruning_cli.stats import ActivationStats
 
 NORMALIZE_MODES = ("mean_abs", "none")
-SAMPLERS = ("exact", "cyclic")
+SAMPLERS = ("auto", "exact", "cyclic")
 
 
 def subset_size(beta: float, out_features: int, in_features: int) -> int:
@@ -122,8 +123,10 @@ class StochRIA(LocalMetric):
         act_exponent: exponent on ``E[x_j²]``, ``>= 0``.
         rescale_subsums: scale subset sums to full-sum estimates (bool).
         normalize: ``"mean_abs"`` or ``"none"``.
-        sampler: ``"exact"`` (independent subsets per row/column, as the reference) or
-            ``"cyclic"`` (same marginals, shared permutation; see ``cyclic_subset_sums``).
+        sampler: ``"exact"`` (independent subsets per row/column, as the reference),
+            ``"cyclic"`` (same marginals, shared permutation; see ``cyclic_subset_sums``), or
+            ``"auto"``: exact, except where the same W is scored over and over (the frozen search,
+            see ``for_repeated_scoring``).
     """
 
     name: ClassVar[str] = "stochria"
@@ -133,7 +136,7 @@ class StochRIA(LocalMetric):
     act_exponent: float = 0.35
     rescale_subsums: bool = False
     normalize: str = "mean_abs"
-    sampler: str = "exact"
+    sampler: str = "auto"
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -169,6 +172,19 @@ class StochRIA(LocalMetric):
         if self.normalize == "mean_abs":
             metric = normalize_mean_abs(metric)
         return metric
+
+    def for_repeated_scoring(self) -> "StochRIA":
+        """``auto`` becomes ``cyclic`` when one fixed W is scored at every step of a search.
+
+        With W frozen, Γ is an exponential average of the step metrics, so what it estimates is
+        each entry's expectation over the draws, and that depends only on the law of row i's subset
+        and of column j's subset: the marginals, which the cyclic sampler shares with the exact
+        one. Their joint laws differ, so only the noise around that average changes, at about a
+        third of the cost per step (``scripts/bench_frozen_cost.py``). An explicit sampler is kept.
+        """
+        if self.sampler == "auto":
+            return dataclasses.replace(self, sampler="cyclic")
+        return self
 
     def stochastic_ri(
         self, abs_w: torch.Tensor, generator: torch.Generator | None = None

@@ -118,6 +118,8 @@ def search_frozen(
     Returns (Γ per matrix, state bytes per parameter while a matrix is processed).
     """
     names = list(weights)
+    metric = metric.for_repeated_scoring()
+    log.info("frozen search: metric %s", metric)
     state = SearchState.load(ckpt, fp) or SearchState()
     done = state.step
     gammas = dict(state.gamma)
