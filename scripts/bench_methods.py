@@ -66,7 +66,10 @@ def label_of(m: dict) -> str:
         return m["local_metric"]["name"]
     if m["method"] == "unipruning":
         sch = m["search"]["schedule"]
-        return f"unipruning-{sch['weight_mode']} ({sch['steps']} steps)"
+        sampler = m["local_metric"].get("sampler", "exact")  # runs from before "auto" drew exactly
+        if sampler == "auto":
+            sampler = "cyclic" if sch["weight_mode"] == "frozen" else "exact"
+        return f"unipruning-{sch['weight_mode']} ({sch['steps']} steps, {sampler} draws)"
     return m["method"]
 
 
