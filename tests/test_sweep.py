@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from _helpers import cli_env, merge_overrides, run_cli
@@ -53,3 +54,18 @@ def test_two_axis_sweep_draws_a_heatmap(tmp_path, tiny_llama_dir, corpus_files):
 def test_report_refuses_a_folder_that_is_no_sweep(tmp_path):
     proc, _ = run_cli(["report", str(tmp_path)], tmp_path, cli_env(None, None))
     assert proc.returncode == 2 and "no sweep jobs" in proc.stderr
+
+
+def test_jobs_with_the_same_search_share_it(tmp_path, tiny_llama_dir, corpus_files):
+    """Sparsity never changes Γ, nor does ρ when W is frozen: four jobs, one search."""
+    env = cli_env(tmp_path / "runs", tmp_path / "cache")
+    base = merge_overrides(tiny_overrides(tiny_llama_dir, corpus_files), "method=unipruning", "schedule.weight_mode=frozen",
+                           "schedule.steps=2")
+    proc, _ = run_cli(["prune", "-m", *base, "sparsity=0.5,0.6", "schedule.rho=0,1e-3"], tmp_path, env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = next((tmp_path / "runs" / "multirun").iterdir())
+    searched = [p for p in sweep.glob("*/metrics.json") if "search" in json.loads(p.read_text())["seconds"]]
+    assert len(searched) == 1
+    proc, _ = run_cli(["report", str(sweep)], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 of 4 jobs reused another job's search" in (sweep / "report.md").read_text()

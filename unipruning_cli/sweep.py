@@ -33,7 +33,8 @@ def collect_jobs(sweep: Path) -> list[dict]:
             entry |= {"status": "ok", "corpus": corpus, "ppl": m["perplexity"][corpus]["pruned"]["ppl"],
                       "cuts": {t: r["ppl"][corpus] for t, r in m.get("results", {}).items()},
                       "zero_shot": (m.get("zero_shot", {}).get("pruned") or {}).get("mean"),
-                      "seconds": m["seconds"]["total"]}
+                      "seconds": m["seconds"]["total"],
+                      "search_reused": bool((m.get("calibration") or {}).get("reused_from"))}
         elif (job / "error.json").exists():
             err = json.loads((job / "error.json").read_text())
             entry |= {"status": "failed", "error": f"{err['type']}: {err['error']}"}
@@ -81,8 +82,10 @@ def timing_line(jobs: list[dict]) -> str:
     if not secs:
         return "no finished job"
     ratio = sum(secs) / (len(secs) * secs[0])
-    return (f"time: {sum(secs):.0f} s for {len(secs)} finished jobs; first job {secs[0]:.0f} s; "
+    line = (f"time: {sum(secs):.0f} s for {len(secs)} finished jobs; first job {secs[0]:.0f} s; "
             f"total / ({len(secs)} x first) = {ratio:.3f}")
+    reused = sum(bool(j.get("search_reused")) for j in jobs if j["status"] == "ok")
+    return line + (f"; {reused} of {len(secs)} jobs reused another job's search" if reused else "")
 
 
 def _fmt(v, digits: int = 3) -> str:
