@@ -1,0 +1,64 @@
+"""Peak memory and time of a frozen search with glibc's default allocator vs a fixed mmap threshold.
+
+Each variant runs in its own process (peak RSS is per process): the frozen UniPruning search over
+random weights with the embedded model's matrix shapes (30 blocks of q, k, v, o, gate, up, down;
+106 M parameters) and random per-sample statistics, the cyclic sampler (the frozen default), λ=1e-3.
+``fixed`` calls ``unipruning_cli.allocator.fix_mmap_threshold()`` first, as ``unipruning`` does.
+
+    python scripts/bench_allocator.py [--steps 16] [--blocks 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, tempfile, time, torch
+from pathlib import Path
+from unipruning_cli.allocator import fix_mmap_threshold
+from unipruning_cli.metrics import build_metric
+from unipruning_cli.search import SearchSettings, build_regularizer, search_frozen
+from unipruning_cli.stats import ActivationStats
+mode, steps, blocks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fixed = fix_mmap_threshold() if mode == "fixed" else False
+gen = torch.Generator().manual_seed(0)
+shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+weights = {f"b{b}.{i}": torch.randn(*s, generator=gen) for b in range(blocks) for i, s in enumerate(shapes)}
+stats = {n: ActivationStats(sq_sum=torch.ones(w.shape[1], dtype=torch.float64), count=8,
+                            sample_mean_sq=torch.rand(8, w.shape[1], generator=gen)) for n, w in weights.items()}
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+before = rss()
+with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    search_frozen(weights, stats, build_metric("stochria", sampler="cyclic"), build_regularizer("l1", 1e-3, "quantile"),
+                  SearchSettings(steps=steps, weight_mode="frozen"), Path(tmp) / "c", "x", Path(tmp) / "s.jsonl")
+    secs = time.perf_counter() - t0
+print(json.dumps({"mode": mode, "threshold_fixed": fixed, "seconds": round(secs, 2),
+                  "rss_before_search_mib": round(before), "peak_rss_mib": round(rss()),
+                  "search_added_mib": round(rss() - before)}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=30)
+    args = ap.parse_args()
+    env_clean = {k: v for k, v in __import__("os").environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = {}
+    for mode in ("default", "fixed"):
+        proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(args.steps), str(args.blocks)],
+                              capture_output=True, text=True, check=True, env=env_clean)
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps(out[mode]), flush=True)
+    out["added_memory_ratio_fixed_over_default"] = round(out["fixed"]["search_added_mib"]
+                                                         / max(1, out["default"]["search_added_mib"]), 3)
+    out["time_ratio_fixed_over_default"] = round(out["fixed"]["seconds"] / out["default"]["seconds"], 3)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
