@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .allocator import fix_mmap_threshold
 from .errors import UserError
 
 log = logging.getLogger("unipruning")
@@ -152,7 +151,6 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         return
     name, rest = argv[0], argv[1:]
-    fix_mmap_threshold()
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, list(COMMANDS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
