@@ -293,21 +293,25 @@ def search_fingerprint(cfg: DictConfig) -> str:
                         "regularizer": _plain(cfg.regularizer), "schedule": schedule, "seed": cfg.seed})
 
 
-def _search_index(cfg: DictConfig, fp: str) -> Path:
-    """Where a finished search is recorded: the run that holds its Γ (an index, not a copy of Γ)."""
-    key = fingerprint({"search": fp, "model": model_identity(cfg.model),
-                       "corpus": corpus_identity(cfg.calibration.source), "versions": versions()})
+def _search_index(cfg: DictConfig, fp: str, model) -> Path:
+    """Where a finished search is recorded: the run that holds its Γ (an index, not a copy of Γ).
+
+    The key adds what the config cannot say: the files behind the model and the corpus, the library
+    versions, and where the weights really live (``dtype: auto`` is bf16 on CUDA, fp32 on CPU)."""
+    weight = next(model.parameters())
+    key = fingerprint({"search": fp, "model": model_identity(cfg.model), "corpus": corpus_identity(cfg.calibration.source),
+                       "versions": versions(), "placement": [str(weight.dtype), weight.device.type]})
     return cache_dir() / "search" / f"{key}.json"
 
 
-def reuse_search(cfg: DictConfig, fp: str, rd: RunDir) -> dict | None:
+def reuse_search(cfg: DictConfig, fp: str, rd: RunDir, model) -> dict | None:
     """Adopt the Γ of an earlier run with the same search (another sweep job, another sparsity).
 
     The earlier run must still hold a complete search stage with this fingerprint; Γ is hard-linked
     into this run (files are only ever replaced, never rewritten, so the link is safe), or copied
     across file systems. Returns the search info, or None when there is nothing to reuse.
     """
-    index = _search_index(cfg, fp)
+    index = _search_index(cfg, fp, model)
     if not cfg.reuse_search or not index.exists():
         return None
     source = Path(json.loads(index.read_text())["run_dir"])
@@ -334,7 +338,7 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer) -> tuple[d
     if rd.is_complete("search", fp):
         log.info("search stage complete in %s: loading gamma.safetensors", rd.path)
         return load_tensors(rd / "gamma.safetensors"), rd.stage_info("search")["info"]
-    reused = reuse_search(cfg, fp, rd)
+    reused = reuse_search(cfg, fp, rd, model)
     if reused is not None:
         return load_tensors(rd / "gamma.safetensors"), reused
     c, sch = cfg.calibration, cfg.schedule
@@ -366,7 +370,7 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer) -> tuple[d
 
     plot_search(rd / "search.jsonl", rd / "plots" / "search.png")
     rd.mark_complete("search", fp, ["gamma.safetensors", "search.jsonl"], timer.seconds["search"], info=info)
-    atomic_write_json(_search_index(cfg, fp), {"run_dir": str(rd.path.resolve()), "fingerprint": fp})
+    atomic_write_json(_search_index(cfg, fp, model), {"run_dir": str(rd.path.resolve()), "fingerprint": fp})
     return gamma, info
 
 
