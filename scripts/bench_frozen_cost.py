@@ -22,24 +22,12 @@ from pathlib import Path
 import torch
 
 from unipruning_cli.calibration import calibrate_blockwise
+from unipruning_cli.config import compose_prune
 from unipruning_cli.methods import LocalMetricPruning, Target
 from unipruning_cli.metrics import build_metric
 from unipruning_cli.models import load_model, prunable_layers
 from unipruning_cli.runner import calibration_set
 from unipruning_cli.search import SearchSettings, build_regularizer, search_frozen
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from unipruning_cli.config import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return hydra_compose("prune", overrides=overrides)
 
 
 def main() -> None:
@@ -49,7 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("bench-out/frozen_cost.json"))
     args = ap.parse_args()
-    cfg = compose([f"calibration.nsamples={args.nsamples}", f"model.seqlen={args.seqlen}"])
+    cfg = compose_prune([f"calibration.nsamples={args.nsamples}", f"model.seqlen={args.seqlen}"])
     model, tok = load_model(cfg.model)
     windows, _ = calibration_set(cfg, tok)
     layers = prunable_layers(model)

@@ -47,17 +47,6 @@ TIERS = {
 DEFAULT_TOLERANCES = {"ppl_rel_tol": 0.02, "time_ratio_factor": 3.0}
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from unipruning_cli.config import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return hydra_compose("prune", overrides=overrides)
-
-
 def reference_seconds(cfg) -> float:
     """The time of a dense perplexity pass over the eval windows: the yardstick of every ratio."""
     from unipruning_cli.evaluation.perplexity import perplexity
@@ -86,15 +75,15 @@ def fresh_cache(folder: Path) -> Path:
 
 
 def run_suite(tier: str, out: Path, extra: list[str] | None = None) -> dict:
-    from unipruning_cli.config import validate
+    from unipruning_cli.config import compose_prune, validate
     from unipruning_cli.runner import run_prune
 
     spec = TIERS[tier]
     common = [*spec["common"], *(extra or [])]
-    ref = reference_seconds(compose(common))
+    ref = reference_seconds(compose_prune(common))
     cases = {}
     for name, overrides in spec["cases"]:
-        cfg = compose([*common, *overrides])
+        cfg = compose_prune([*common, *overrides])
         validate(cfg)
         t0 = time.perf_counter()
         m = run_prune(cfg, out / name.replace(":", "of"))

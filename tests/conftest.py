@@ -105,6 +105,24 @@ def tiny_overrides(model_dir: Path, corpus_files: dict[str, Path], **extra: obje
     return args + [f"{k}={v}" for k, v in extra.items()]
 
 
+@pytest.fixture()
+def frozen_search_cfg(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
+    """``make(*overrides)``: validated UniPruning configs (frozen W, 3 steps) on the tiny Llama, cache in tmp_path."""
+    from unipruning_cli.config import compose_prune, validate
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
+    base += ["method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3"]
+
+    def make(*extra: str):
+        cfg = compose_prune([*base, *extra])
+        validate(cfg)
+        return cfg
+
+    return make
+
+
 def real_model_prepared() -> bool:
     from unipruning_cli.config import cache_dir
 

@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
 
-from unipruning_cli.config import register_schemas, validate
 from unipruning_cli.errors import UserError
 from unipruning_cli.evaluation.existing_run import evaluate_run
 from unipruning_cli.runner import run_prune
 
-from conftest import tiny_overrides
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture()
-def finished_run(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
-    register_schemas()
-    overrides = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
-    overrides += ["method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3", "export.sparsities=[0.5,0.6]"]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("prune", overrides=overrides)
-    validate(cfg)
+def finished_run(tmp_path, frozen_search_cfg):
     run_dir = tmp_path / "run"
-    return run_dir, run_prune(cfg, run_dir)
+    return run_dir, run_prune(frozen_search_cfg("export.sparsities=[0.5,0.6]"), run_dir)
 
 
 def test_eval_reproduces_the_run_and_adds_a_cut(finished_run):

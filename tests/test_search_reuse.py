@@ -6,45 +6,21 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from unipruning_cli.config import register_schemas, validate
 from unipruning_cli.rundir import link_or_copy, load_tensors
 from unipruning_cli.runner import run_prune, search_fingerprint
-
-from conftest import tiny_overrides
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture()
-def make_cfg(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
-    register_schemas()
-    base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
-    base += ["method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3"]
-
-    def make(*extra: str):
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            cfg = compose("prune", overrides=[*base, *extra])
-        validate(cfg)
-        return cfg
-
-    return make
 
 
 def _search_stage(run: Path) -> dict:
     return json.loads((run / "stages" / "search.json").read_text())
 
 
-def test_a_new_sparsity_reuses_the_search_and_gives_the_same_gamma(make_cfg, tmp_path):
-    first = run_prune(make_cfg("sparsity=0.5"), tmp_path / "a")
+def test_a_new_sparsity_reuses_the_search_and_gives_the_same_gamma(frozen_search_cfg, tmp_path):
+    first = run_prune(frozen_search_cfg("sparsity=0.5"), tmp_path / "a")
     assert "search" in first["seconds"] and "reused_from" not in _search_stage(tmp_path / "a")["info"]
 
-    second = run_prune(make_cfg("sparsity=0.7"), tmp_path / "b")
+    second = run_prune(frozen_search_cfg("sparsity=0.7"), tmp_path / "b")
     assert "search" not in second["seconds"]  # no search ran
     assert _search_stage(tmp_path / "b")["info"]["reused_from"] == str((tmp_path / "a").resolve())
     ga, gb = load_tensors(tmp_path / "a" / "gamma.safetensors"), load_tensors(tmp_path / "b" / "gamma.safetensors")
@@ -52,37 +28,37 @@ def test_a_new_sparsity_reuses_the_search_and_gives_the_same_gamma(make_cfg, tmp
     assert abs(second["sparsity"]["overall"] - 0.7) < 1e-3
 
     # searching again from scratch gives the very same Γ: reuse changes nothing but the time
-    third = run_prune(make_cfg("sparsity=0.7", "reuse_search=false"), tmp_path / "c")
+    third = run_prune(frozen_search_cfg("sparsity=0.7", "reuse_search=false"), tmp_path / "c")
     assert "search" in third["seconds"]
     gc = load_tensors(tmp_path / "c" / "gamma.safetensors")
     assert all(torch.equal(ga[k], gc[k]) for k in ga)
     assert third["results"] == second["results"]
 
 
-def test_what_the_search_does_not_depend_on_is_left_out_of_its_fingerprint(make_cfg):
-    base = search_fingerprint(make_cfg())
+def test_what_the_search_does_not_depend_on_is_left_out_of_its_fingerprint(frozen_search_cfg):
+    base = search_fingerprint(frozen_search_cfg())
     # frozen W: the weight optimiser's knobs, the checkpoint interval, sparsity and pattern cannot change Γ
     for same in (["schedule.rho=1e-3"], ["schedule.lr=1e-2"], ["schedule.checkpoint_every=1"], ["sparsity=0.6"],
                  ["pattern=2:4"], ["calibration.mode=sequential"], ["eval.max_windows=2"]):
-        assert search_fingerprint(make_cfg(*same)) == base, same
+        assert search_fingerprint(frozen_search_cfg(*same)) == base, same
     for other in (["regularizer.lam=1e-2"], ["schedule.steps=4"], ["schedule.dual_step=0.1"], ["seed=1"],
                   ["calibration.nsamples=4"], ["local_metric=wanda"], ["schedule.weight_mode=drift"]):
-        assert search_fingerprint(make_cfg(*other)) != base, other
+        assert search_fingerprint(frozen_search_cfg(*other)) != base, other
     # in drift mode ρ and lr steer W, so they do count
-    drift = search_fingerprint(make_cfg("schedule.weight_mode=drift"))
-    assert search_fingerprint(make_cfg("schedule.weight_mode=drift", "schedule.rho=1e-3")) != drift
-    assert search_fingerprint(make_cfg("schedule.weight_mode=drift", "schedule.lr=1e-2")) != drift
+    drift = search_fingerprint(frozen_search_cfg("schedule.weight_mode=drift"))
+    assert search_fingerprint(frozen_search_cfg("schedule.weight_mode=drift", "schedule.rho=1e-3")) != drift
+    assert search_fingerprint(frozen_search_cfg("schedule.weight_mode=drift", "schedule.lr=1e-2")) != drift
 
 
-def test_a_deleted_or_different_source_run_is_not_reused(make_cfg, tmp_path):
-    run_prune(make_cfg(), tmp_path / "a")
-    other = run_prune(make_cfg("regularizer.lam=1e-2"), tmp_path / "b")
+def test_a_deleted_or_different_source_run_is_not_reused(frozen_search_cfg, tmp_path):
+    run_prune(frozen_search_cfg(), tmp_path / "a")
+    other = run_prune(frozen_search_cfg("regularizer.lam=1e-2"), tmp_path / "b")
     assert "search" in other["seconds"]  # another λ: a search of its own
     shutil.rmtree(tmp_path / "a")
-    again = run_prune(make_cfg(), tmp_path / "c")
+    again = run_prune(frozen_search_cfg(), tmp_path / "c")
     assert "search" in again["seconds"]  # the recorded run is gone: search, and record this one
     assert not (tmp_path / "a").exists()  # looking it up did not recreate it
-    fourth = run_prune(make_cfg("sparsity=0.6"), tmp_path / "d")
+    fourth = run_prune(frozen_search_cfg("sparsity=0.6"), tmp_path / "d")
     assert _search_stage(tmp_path / "d")["info"]["reused_from"] == str((tmp_path / "c").resolve())
     assert "search" not in fourth["seconds"]
 

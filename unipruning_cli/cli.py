@@ -9,25 +9,15 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Callable
 
+from .config import config_dir
 from .errors import UserError
 
 log = logging.getLogger("unipruning")
-
-
-def config_dir() -> str:
-    """The ``configs/`` folder: $UNIPRUNING_CONFIG_DIR, else the one beside the package (editable install)."""
-    env = os.environ.get("UNIPRUNING_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
-    if not (path / "prune.yaml").exists():
-        raise UserError(f"config folder {path} not found; install the package editable (pip install -e .) "
-                        f"or set UNIPRUNING_CONFIG_DIR")
-    return str(path)
 
 
 _NM = re.compile(r"^(\+?pattern)=(\d+):(\d+)$")

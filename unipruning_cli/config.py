@@ -134,6 +134,29 @@ def register_schemas() -> None:
     cs.store(name="prune_schema", node=PruneConfig)
 
 
+def config_dir() -> str:
+    """The ``configs/`` folder: $UNIPRUNING_CONFIG_DIR, else the one beside the package (editable install)."""
+    env = os.environ.get("UNIPRUNING_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    if not (path / "prune.yaml").exists():
+        raise UserError(f"config folder {path} not found; install the package editable (pip install -e .) "
+                        f"or set UNIPRUNING_CONFIG_DIR")
+    return str(path)
+
+
+def compose_prune(overrides: list[str]) -> DictConfig:
+    """The prune config that ``unipruning prune <overrides>`` runs, for scripts and tests (not validated).
+
+    Hydra's compose API on the same config folder and schema as the CLI, so a benchmark or a test
+    measures exactly what a user would run.
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_schemas()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("prune", overrides=overrides)
+
+
 # ----------------------------------------------------------------------------------------------
 # Semantic validation: everything that can be checked without loading a model.
 
