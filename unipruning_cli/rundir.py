@@ -91,9 +91,11 @@ def fingerprint(obj: Any) -> str:
 class RunDir:
     """One run's folder. Knows where each artifact goes and which stages are complete."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, create: bool = True) -> None:
+        """``create=False`` only reads: e.g. checking another run's stages must not recreate a deleted run."""
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
 
     def __truediv__(self, rel: str) -> Path:
         return self.path / rel

@@ -314,19 +314,15 @@ def reuse_search(cfg: DictConfig, fp: str, rd: RunDir, model) -> dict | None:
     index = _search_index(cfg, fp, model)
     if not cfg.reuse_search or not index.exists():
         return None
-    source = Path(json.loads(index.read_text())["run_dir"])
-    marker = source / "stages" / "search.json"
-    if source.resolve() == rd.path.resolve() or not marker.exists():
-        return None
-    stage = json.loads(marker.read_text())
-    if stage.get("fingerprint") != fp or not all((source / a).exists() for a in stage.get("artifacts", [])):
+    source = RunDir(Path(json.loads(index.read_text())["run_dir"]), create=False)
+    if source.path.resolve() == rd.path.resolve() or not source.is_complete("search", fp):
         return None
     for rel in ("gamma.safetensors", "search.jsonl", "plots/search.png"):
         if (source / rel).exists():
             link_or_copy(source / rel, rd / rel)
-    info = {**stage["info"], "reused_from": str(source)}
+    info = {**source.stage_info("search")["info"], "reused_from": str(source.path)}
     rd.mark_complete("search", fp, ["gamma.safetensors", "search.jsonl"], 0.0, info=info)
-    log.info("search: reusing Γ of %s (same model, calibration, metric, regularizer and schedule)", source)
+    log.info("search: reusing Γ of %s (same model, calibration, metric, regularizer and schedule)", source.path)
     return info
 
 
