@@ -104,6 +104,12 @@ class ScheduleConfig:
     checkpoint_every: int = 16
 
 
+#: The ScheduleConfig fields that only steer the weight optimiser: they cannot change Γ when W is frozen
+#: (the search fingerprint leaves them out in frozen mode). A new drift-only field belongs here too.
+SCHEDULE_DRIFT_ONLY = ("rho", "lr", "warmup_ratio", "decay", "betas", "eps", "weight_decay", "grad_clip",
+                       "grad_accumulation", "accumulate_grads_across_steps")
+
+
 @dataclass
 class ExportConfig:
     """Which masks to cut from one set of scores (UniPruning's Γ): every sparsity listed."""

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import masks as M
 from .calibration import calibrate_blockwise, stats_from_tensors, stats_to_tensors
 from .stats import ActivationStats
-from .config import cache_dir, target_sparsity
+from .config import SCHEDULE_DRIFT_ONLY, cache_dir, target_sparsity
 from .data import calibration_windows, corpus_identity, eval_windows, token_stream
 from .evaluation.perplexity import perplexity, with_bos
 from .methods import (DEFAULT_ALLOCATION, METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target,
@@ -273,11 +273,6 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
     return out
 
 
-#: Schedule fields that only steer the weight optimiser: they cannot change Γ when W is frozen.
-DRIFT_ONLY = ("rho", "lr", "warmup_ratio", "decay", "betas", "eps", "weight_decay", "grad_clip",
-              "grad_accumulation", "accumulate_grads_across_steps")
-
-
 def search_fingerprint(cfg: DictConfig) -> str:
     """Everything Γ depends on, and nothing else, so equal searches are recognised as equal.
 
@@ -287,7 +282,7 @@ def search_fingerprint(cfg: DictConfig) -> str:
     """
     schedule = {k: v for k, v in _plain(cfg.schedule).items() if k != "checkpoint_every"}
     if schedule.get("weight_mode") == "frozen":
-        schedule = {k: v for k, v in schedule.items() if k not in DRIFT_ONLY}
+        schedule = {k: v for k, v in schedule.items() if k not in SCHEDULE_DRIFT_ONLY}
     calibration = {k: v for k, v in _plain(cfg.calibration).items() if k not in ("mode", "offload")}
     return fingerprint({"model": _plain(cfg.model), "calibration": calibration, "local_metric": _plain(cfg.local_metric),
                         "regularizer": _plain(cfg.regularizer), "schedule": schedule, "seed": cfg.seed})
