@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 from _helpers import cli_env, merge_overrides, run_cli
 from conftest import tiny_overrides

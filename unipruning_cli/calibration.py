@@ -55,7 +55,7 @@ class SharedInputs:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.computed = 0  # products actually computed (a benchmark and a test read it)
+        self.computed = 0  # products actually computed (scripts/bench_calibration_speed.py reads it)
         self._key: tuple | None = None
         self._value: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
 

@@ -8,11 +8,9 @@ results are merged into the run's ``metrics.json``, and ``summary.md`` and the p
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from ..errors import UserError
@@ -54,7 +52,7 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
     from ..models import load_model, prunable_layers
     from ..report import print_summary, write_plots, write_summary_md
     from ..rundir import atomic_write_json
-    from ..runner import Timer, dense_evaluation, eval_windows_of, evaluate_masks, result_entry
+    from ..runner import Timer, dense_evaluation, eval_windows_of, evaluate_masks, load_masks, result_entry
 
     run = open_run(run_dir)
     cut, dotlist, every = _parse(settings)
@@ -78,8 +76,6 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
     # everything is checked: now the model
     model, tok = load_model(cfg.model)
     layers = prunable_layers(model)
-    from ..runner import load_masks
-
     all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else _load_or_cut(run, targets[t], sources[t]))
                  for t in targets}
     timer = Timer()
