@@ -35,7 +35,10 @@ def _sweep(tmp_path, tiny_llama_dir, corpus_files, *launcher: str):
 
 def test_joblib_launcher_runs_the_jobs_in_parallel_processes(tmp_path, tiny_llama_dir, corpus_files):
     _plugin("hydra_plugins.hydra_joblib_launcher")
-    _sweep(tmp_path, tiny_llama_dir, corpus_files, "hydra/launcher=joblib_local", "hydra.launcher.n_jobs=2")
+    sweep = _sweep(tmp_path, tiny_llama_dir, corpus_files, "hydra/launcher=joblib_local", "hydra.launcher.n_jobs=2")
+    # Both jobs start at once; the search locks make one wait for the other's pass over both λ.
+    searched = [p for p in sweep.glob("*/metrics.json") if "search" in json.loads(p.read_text())["seconds"]]
+    assert len(searched) == 1
 
 
 def test_submitit_launcher_runs_the_jobs(tmp_path, tiny_llama_dir, corpus_files):

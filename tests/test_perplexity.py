@@ -149,6 +149,32 @@ def test_token_stream_joins_documents_with_a_blank_line(tmp_path, tiny_llama_dir
     assert torch.equal(got, want)
 
 
+def test_token_stream_tokenises_a_corpus_once_per_tokenizer_and_rereads_an_edited_file(tmp_path, tiny_llama_dir,
+                                                                                       monkeypatch):
+    import os
+
+    from transformers import AutoTokenizer
+
+    from unipruning_cli import data
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    path = tmp_path / "c.txt"
+    path.write_text("the model prunes weights.\n")
+    reads = []
+    real = data.load_documents
+    monkeypatch.setattr(data, "load_documents", lambda *a: reads.append(a) or real(*a))
+    first = token_stream(tok, str(path), "eval")
+    first[0] = -1  # a caller's change must not reach the next caller
+    again = token_stream(tok, str(path), "eval")
+    assert len(reads) == 1 and int(again[0]) != -1
+    token_stream(AutoTokenizer.from_pretrained(tiny_llama_dir), str(path), "eval")  # another tokenizer object
+    assert len(reads) == 2
+    path.write_text("sparse matrices keep half of their weights.\n")
+    os.utime(path, ns=(1, 1))
+    edited = token_stream(tok, str(path), "eval")
+    assert len(reads) == 3 and not torch.equal(edited, again)
+
+
 # ----------------------------------------------------------------------------------- dense PPL cache
 
 

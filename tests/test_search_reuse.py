@@ -6,10 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 
 from unipruning_cli.rundir import link_or_copy, load_tensors
 from unipruning_cli.runner import run_prune, search_fingerprint
+from unipruning_cli.search import regularizers as REG
+from unipruning_cli.sweep import SweepContext
 
 
 def _search_stage(run: Path) -> dict:
@@ -74,3 +78,92 @@ def test_link_or_copy_shares_content_and_survives_replacing_the_source(tmp_path)
     assert dst.read_bytes() == b"gamma"
     link_or_copy(src, dst)  # and an existing destination is replaced
     assert dst.read_bytes() == b"other"
+
+
+# ------------------------------------------------------------------------------- λ siblings in one pass
+
+
+def _gamma(run: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(run / "gamma.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["frozen", "drift"])
+def test_one_pass_serves_every_lam_of_a_sweep_and_each_gamma_equals_its_own_search(frozen_search_cfg, tmp_path,
+                                                                                   monkeypatch, mode):
+    # Force the prox's sampled quantile on these tiny matrices, so the lanes' random streams are exercised.
+    monkeypatch.setattr(REG, "EXACT_QUANTILE_MAX", 16)
+    monkeypatch.setattr(REG, "QUANTILE_SAMPLE", 8)
+    mode_args = [f"schedule.weight_mode={mode}", "schedule.rho=0", "schedule.lr=1e-2"]
+    sweep = SweepContext(dir=tmp_path / "sweep", lams=(0.0, 1e-2, 5e-2))
+    first = run_prune(frozen_search_cfg(*mode_args, "regularizer.lam=1e-2"), sweep.dir / "0", sweep=sweep)
+    assert "search" in first["seconds"]
+    assert _search_stage(sweep.dir / "0")["info"]["lams_in_pass"] == [1e-2, 0.0, 5e-2]
+    for job, lam in (("1", "0"), ("2", "5e-2")):
+        later = run_prune(frozen_search_cfg(*mode_args, f"regularizer.lam={lam}"), sweep.dir / job, sweep=sweep)
+        assert "search" not in later["seconds"]  # adopted from the first job's pass
+        source = Path(_search_stage(sweep.dir / job)["info"]["reused_from"])
+        assert source.parent == (sweep.dir / ".searches").resolve()
+        alone = run_prune(frozen_search_cfg(*mode_args, f"regularizer.lam={lam}", "reuse_search=false"),
+                          tmp_path / f"alone-{lam}")
+        assert "search" in alone["seconds"]
+        ga, gb = _gamma(sweep.dir / job), _gamma(tmp_path / f"alone-{lam}")
+        assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+        assert later["results"] == alone["results"]
+    # the λ lanes differ from each other (the prox did act)
+    assert not torch.equal(_gamma(sweep.dir / "1")[next(iter(ga))], _gamma(sweep.dir / "0")[next(iter(ga))])
+
+
+def test_no_lanes_where_w_depends_on_gamma_or_when_turned_off(frozen_search_cfg, tmp_path):
+    sweep = SweepContext(dir=tmp_path / "sweep", lams=(0.0, 1e-2))
+    for i, extra in enumerate([("schedule.weight_mode=drift", "schedule.rho=1e-3"), ("share_lam_search=false",),
+                               ("reuse_search=false",)]):
+        run_prune(frozen_search_cfg(*extra, "regularizer.lam=0"), sweep.dir / str(i), sweep=sweep)
+        assert "lams_in_pass" not in _search_stage(sweep.dir / str(i))["info"]
+    assert not (sweep.dir / ".searches").exists()
+
+
+def test_a_drift_search_refuses_lam_siblings_when_rho_is_positive(tmp_path):
+    from unipruning_cli.search import L1Prox, LamSibling, SearchSettings, search_drift
+
+    with pytest.raises(ValueError, match="rho=0"):
+        search_drift(None, {}, torch.zeros(1, 1), None, L1Prox(0.0), SearchSettings(rho=1e-3), tmp_path / "c", "fp",
+                     tmp_path / "l.jsonl", siblings=[LamSibling(L1Prox(1e-2), tmp_path / "s.jsonl")])
+
+
+def test_sweep_values_reads_what_the_sweep_gives_a_key(tmp_path):
+    from unipruning_cli.sweep import sweep_context, sweep_values
+
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": [
+        "method=unipruning", "regularizer.lam=0,1e-3,1e-2", "schedule.rho=choice(0,1e-5)", "seed=range(0,3)",
+        "schedule.lr=interval(0.1,1.0)"]}}}))
+    assert sweep_values(tmp_path, "regularizer.lam") == ["0", "0.001", "0.01"]
+    assert sweep_values(tmp_path, "schedule.rho") == ["0", "1e-05"]
+    assert sweep_values(tmp_path, "seed") == ["0", "1", "2"]
+    assert sweep_values(tmp_path, "schedule.lr") == []  # an interval cannot be enumerated
+    assert sweep_values(tmp_path, "method") == []  # not swept
+    assert sweep_context(tmp_path).lams == (0.0, 1e-3, 1e-2)
+    assert sweep_context(tmp_path / "none").lams == ()
+
+
+def test_file_locks_exclude_another_process_until_released(tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    lock = tmp_path / "a.lock"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from unipruning_cli.rundir import file_locks\n"
+        f"with file_locks([{str(tmp_path / 'b.lock')!r}, {str(lock)!r}]):\n"
+        "    print('held', flush=True); sys.stdin.readline()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with open(lock, "a") as f:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.wait(timeout=60) == 0
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the holder let go
+    finally:
+        child.kill()

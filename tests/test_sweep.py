@@ -18,11 +18,14 @@ def test_grid_sweep_report_with_a_failed_job(tmp_path, tiny_llama_dir, corpus_fi
                       tmp_path, env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = next((tmp_path / "runs" / "multirun").iterdir())
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == 8
     failed = [j for j in jobs if (j / "error.json").exists()]
     done = [j for j in jobs if (j / "metrics.json").exists()]
     assert len(failed) == 4 and len(done) == 4
+    # ρ = 0: W does not depend on Γ, so the first λ's job searched both λ in one pass; ρ > 0: one each
+    searched = [j for j in done if "search" in json.loads((j / "metrics.json").read_text())["seconds"]]
+    assert len(searched) == 3
 
     proc, _ = run_cli(["report", str(sweep)], tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,7 +34,7 @@ def test_grid_sweep_report_with_a_failed_job(tmp_path, tiny_llama_dir, corpus_fi
     assert sum(r["status"] == "failed" for r in rows) == 4
     assert all("dual_step" in r["error"] for r in rows if r["status"] == "failed")
     assert sum("(best)" in r["job"] for r in rows) == 1
-    assert (sweep / "report.md").is_file()
+    assert "1 of 4 jobs reused another job's search" in (sweep / "report.md").read_text()
 
 
 def test_two_axis_sweep_draws_a_heatmap(tmp_path, tiny_llama_dir, corpus_files):

@@ -60,12 +60,14 @@ def _prune_task(cfg) -> float | None:
 
     from .config import validate
     from .runner import record_failure, run_prune
+    from .sweep import sweep_context
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     try:
         validate(cfg)
-        metrics = run_prune(cfg, out, reuse_model=hc.mode == RunMode.MULTIRUN)
+        multirun = hc.mode == RunMode.MULTIRUN
+        metrics = run_prune(cfg, out, reuse_model=multirun, sweep=sweep_context(Path(hc.sweep.dir)) if multirun else None)
     except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised outside sweeps
         record_failure(out, err)
         if hc.mode == RunMode.MULTIRUN:

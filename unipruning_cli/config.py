@@ -132,6 +132,7 @@ class PruneConfig:
     sparsity: Optional[float] = None  # None: 0.5 unstructured, 1 - n/m for N:M
     seed: int = 0
     reuse_search: bool = True  # adopt Γ from an earlier run with the same search (see runner.reuse_search)
+    share_lam_search: bool = True  # in a λ sweep, one pass searches every λ where W does not depend on Γ
     experiment: Optional[str] = None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -127,12 +128,29 @@ def load_documents(source: str, role: str) -> list[str]:
     return CORPORA.get(source).load(role)
 
 
+_STREAMS: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+_MAX_STREAMS = 8
+
+
 def token_stream(tokenizer, source: str, role: str) -> torch.Tensor:
-    """The corpus as one 1-D token tensor: documents joined by a blank line, tokenised once."""
+    """The corpus as one 1-D token tensor: documents joined by a blank line, tokenised once.
+
+    Memoised per tokenizer object for this process: the jobs of a sweep share one tokenizer (see
+    ``models.load_model_reused``), so each corpus is read and tokenised once per sweep, not per job.
+    A file corpus's size and mtime are in the key, so an edited file is read again. Callers get a
+    copy, so a change to it cannot reach the next job.
+    """
+    key = (id(tokenizer), source, role, json.dumps(corpus_identity(source), sort_keys=True))
+    hit = _STREAMS.get(key)
+    if hit is not None and hit[0]() is tokenizer:
+        return hit[1].clone()
     text = "\n\n".join(load_documents(source, role))
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
     log.info("%s (%s): %d characters -> %d tokens", source, role, len(text), ids.numel())
-    return ids
+    if len(_STREAMS) >= _MAX_STREAMS:
+        _STREAMS.pop(next(iter(_STREAMS)))
+    _STREAMS[key] = (weakref.ref(tokenizer), ids)
+    return ids.clone()
 
 
 def calibration_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

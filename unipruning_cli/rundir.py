@@ -8,13 +8,15 @@ stage depends on); a rerun in the same directory skips complete stages and redoe
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -66,6 +68,23 @@ def link_or_copy(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+@contextmanager
+def file_locks(paths: Iterable[Path]) -> Iterator[None]:
+    """Hold exclusive ``flock`` locks on ``paths`` (created if missing) for the block.
+
+    Taken in sorted order, so two processes wanting overlapping sets cannot deadlock. The kernel
+    drops a lock when its process dies, so a crashed job never leaves a stale one behind. Used so
+    that parallel sweep jobs wanting the same search wait for one of them instead of all searching.
+    """
+    with ExitStack() as stack:
+        for path in sorted({Path(p) for p in paths}):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = stack.enter_context(open(path, "a"))
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, f.fileno(), fcntl.LOCK_UN)
+        yield
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

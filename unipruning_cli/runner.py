@@ -7,12 +7,15 @@ it depends on, so rerunning in the same directory (``hydra.run.dir=<old run>``) 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import platform
 import resource
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,8 +33,9 @@ from .methods import (DEFAULT_ALLOCATION, METHODS, LocalMetricPruning, PruningMe
 from .metrics import build_metric
 from .models import load_model, load_model_reused, model_identity, model_location, prunable_layers
 from .report import print_summary, write_plots, write_summary_md
-from .rundir import (RunDir, atomic_save_tensors, atomic_write_json, atomic_write_text, fingerprint, link_or_copy,
-                     load_tensors)
+from .rundir import (RunDir, atomic_save_tensors, atomic_write_json, atomic_write_text, file_locks, fingerprint,
+                     link_or_copy, load_tensors)
+from .sweep import SweepContext
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +277,11 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
     return out
 
 
+#: Bumped when the search computes a different Γ from the same config, so older checkpoints and indexed
+#: searches are not taken for current ones. 2: the prox samples its quantile from its own generator.
+SEARCH_REVISION = 2
+
+
 def search_fingerprint(cfg: DictConfig) -> str:
     """Everything Γ depends on, and nothing else, so equal searches are recognised as equal.
 
@@ -285,7 +294,8 @@ def search_fingerprint(cfg: DictConfig) -> str:
         schedule = {k: v for k, v in schedule.items() if k not in SCHEDULE_DRIFT_ONLY}
     calibration = {k: v for k, v in _plain(cfg.calibration).items() if k not in ("mode", "offload")}
     return fingerprint({"model": _plain(cfg.model), "calibration": calibration, "local_metric": _plain(cfg.local_metric),
-                        "regularizer": _plain(cfg.regularizer), "schedule": schedule, "seed": cfg.seed})
+                        "regularizer": _plain(cfg.regularizer), "schedule": schedule, "seed": cfg.seed,
+                        "revision": SEARCH_REVISION})
 
 
 def _search_index(cfg: DictConfig, fp: str, model) -> Path:
@@ -299,6 +309,14 @@ def _search_index(cfg: DictConfig, fp: str, model) -> Path:
     return cache_dir() / "search" / f"{key}.json"
 
 
+def _indexed_search(index: Path, fp: str) -> RunDir | None:
+    """The run (or shared search folder) that the index names, if it still holds that search complete."""
+    if not index.exists():
+        return None
+    source = RunDir(Path(json.loads(index.read_text())["run_dir"]), create=False)
+    return source if source.is_complete("search", fp) else None
+
+
 def reuse_search(cfg: DictConfig, fp: str, rd: RunDir, model) -> dict | None:
     """Adopt the Γ of an earlier run with the same search (another sweep job, another sparsity).
 
@@ -306,11 +324,10 @@ def reuse_search(cfg: DictConfig, fp: str, rd: RunDir, model) -> dict | None:
     into this run (files are only ever replaced, never rewritten, so the link is safe), or copied
     across file systems. Returns the search info, or None when there is nothing to reuse.
     """
-    index = _search_index(cfg, fp, model)
-    if not cfg.reuse_search or not index.exists():
+    if not cfg.reuse_search:
         return None
-    source = RunDir(Path(json.loads(index.read_text())["run_dir"]), create=False)
-    if source.path.resolve() == rd.path.resolve() or not source.is_complete("search", fp):
+    source = _indexed_search(_search_index(cfg, fp, model), fp)
+    if source is None or source.path.resolve() == rd.path.resolve():
         return None
     for rel in ("gamma.safetensors", "search.jsonl", "plots/search.png"):
         if (source / rel).exists():
@@ -321,48 +338,135 @@ def reuse_search(cfg: DictConfig, fp: str, rd: RunDir, model) -> dict | None:
     return info
 
 
-def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The UniPruning stage: Γ for every prunable matrix (loaded if this run or an earlier one has it)."""
-    from .search import SearchSettings, build_regularizer, search_drift, search_frozen
+@dataclass
+class _LamSearch:
+    """A sibling job's search (the same config but λ) that this job can run in its own pass."""
+
+    lam: float
+    cfg: DictConfig
+    fp: str
+    index: Path
+    rd: RunDir | None = None
+
+
+def lam_siblings(cfg: DictConfig, sweep: SweepContext | None, model) -> list[_LamSearch]:
+    """The other λ of this job's sweep, where one pass can serve them all: W must not depend on Γ
+    (frozen mode, or drift with ρ = 0), so the step metrics are the same for every λ."""
+    sch = cfg.schedule
+    if (sweep is None or not cfg.reuse_search or not cfg.share_lam_search
+            or not (sch.weight_mode == "frozen" or sch.rho == 0)):
+        return []
+    out = []
+    for lam in dict.fromkeys(sweep.lams):
+        if lam == cfg.regularizer.lam:
+            continue
+        sib = copy.deepcopy(cfg)
+        sib.regularizer.lam = lam
+        fp = search_fingerprint(sib)
+        out.append(_LamSearch(lam, sib, fp, _search_index(sib, fp, model)))
+    return out
+
+
+def _available_host_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _siblings_that_fit(siblings: list[_LamSearch], numel: int, weight_mode: str, device: torch.device) -> list[_LamSearch]:
+    """As many λ lanes as fit in half the free memory: each holds V and Γ in fp32 on the search's
+    device while drifting, and hands its Γ (fp32) back on the host."""
+    host_per, dev_per = 4 * numel, (8 * numel if weight_mode == "drift" else 0)
+    if device.type == "cuda":
+        fit = min(_available_host_bytes() // 2 // host_per,
+                  torch.cuda.mem_get_info(device)[0] // 2 // max(1, dev_per) if dev_per else len(siblings))
+    else:
+        fit = _available_host_bytes() // 2 // (host_per + dev_per)
+    if fit < len(siblings):
+        log.info("search: memory for %d of the sweep's %d other λ in this pass; the rest search in their own jobs",
+                 fit, len(siblings))
+    return siblings[: max(0, int(fit))]
+
+
+def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
+               sweep: SweepContext | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The UniPruning stage: Γ for every prunable matrix (loaded if this run or an earlier one has it).
+
+    In a sweep over λ, where W does not depend on Γ, the pass also searches the other λ and files each
+    in ``<sweep>/.searches/`` with an index entry, so their jobs adopt it instead of searching. Locks
+    on the index entries make parallel jobs wait for that pass rather than repeat it.
+    """
+    from .search import LamSibling, SearchSettings, build_regularizer, search_drift, search_frozen
 
     fp = search_fingerprint(cfg)
     if rd.is_complete("search", fp):
         log.info("search stage complete in %s: loading gamma.safetensors", rd.path)
         return load_tensors(rd / "gamma.safetensors"), rd.stage_info("search")["info"]
-    reused = reuse_search(cfg, fp, rd, model)
-    if reused is not None:
-        return load_tensors(rd / "gamma.safetensors"), reused
-    c, sch = cfg.calibration, cfg.schedule
-    if sch.weight_mode == "frozen" and sch.rho != 0:
-        log.warning("schedule.rho=%g has no effect in frozen mode: ρ only steers the drifting weights", sch.rho)
-    knobs = {k: v for k, v in _plain(cfg.local_metric).items() if k != "name"}
-    metric = build_metric(cfg.local_metric.name, **knobs)
-    prox = build_regularizer(cfg.regularizer.name, cfg.regularizer.lam, cfg.regularizer.threshold_mode)
-    settings = SearchSettings(**_plain(sch), seed=cfg.seed)
-    windows, _ = calibration_set(cfg, tok)
-    layers = prunable_layers(model)
-    ckpt = rd / "checkpoints" / "search.safetensors"
-    with timer.stage("search"):
-        if sch.weight_mode == "frozen":
-            stats, _ = dense_statistics(cfg, model, windows)
-            gamma, bpp = search_frozen({n: m.weight.detach() for n, m in layers.items()}, stats, metric, prox,
-                                       settings, ckpt, fp, rd / "search.jsonl")
-        else:
-            gamma, bpp = search_drift(model, layers, windows, metric, prox, settings, ckpt, fp, rd / "search.jsonl")
-    info = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": cfg.seed,
-            "tokens": int(windows.numel()), "steps": sch.steps, "weight_mode": sch.weight_mode,
-            "state_bytes_per_param": bpp, "search_seconds": timer.seconds["search"]}
-    bad = [n for n, g in gamma.items() if not torch.isfinite(g).all()]
-    if bad:
-        raise FloatingPointError(f"the search diverged: Γ has NaN/inf in {len(bad)} matrices (first: {bad[0]}); "
-                                 f"lower schedule.lr, schedule.rho or schedule.dual_step")
-    atomic_save_tensors(rd / "gamma.safetensors", gamma, {"fingerprint": fp})
+    own_index = _search_index(cfg, fp, model)
+    siblings = lam_siblings(cfg, sweep, model)
+    locks = [own_index.with_suffix(".lock"), *(s.index.with_suffix(".lock") for s in siblings)] if cfg.reuse_search else []
+    with file_locks(locks):
+        reused = reuse_search(cfg, fp, rd, model)
+        if reused is not None:
+            return load_tensors(rd / "gamma.safetensors"), reused
+        layers = prunable_layers(model)
+        siblings = [s for s in siblings if _indexed_search(s.index, s.fp) is None]
+        siblings = _siblings_that_fit(siblings, sum(m.weight.numel() for m in layers.values()),
+                                      cfg.schedule.weight_mode, next(model.parameters()).device)
+        c, sch = cfg.calibration, cfg.schedule
+        if sch.weight_mode == "frozen" and sch.rho != 0:
+            log.warning("schedule.rho=%g has no effect in frozen mode: ρ only steers the drifting weights", sch.rho)
+        knobs = {k: v for k, v in _plain(cfg.local_metric).items() if k != "name"}
+        metric = build_metric(cfg.local_metric.name, **knobs)
+        prox = build_regularizer(cfg.regularizer.name, cfg.regularizer.lam, cfg.regularizer.threshold_mode)
+        settings = SearchSettings(**_plain(sch), seed=cfg.seed)
+        windows, _ = calibration_set(cfg, tok)
+        ckpt = rd / "checkpoints" / "search.safetensors"
+        lanes = []
+        for s in siblings:
+            s.rd = RunDir(sweep.dir / ".searches" / s.index.stem)
+            lanes.append(LamSibling(build_regularizer(cfg.regularizer.name, s.lam, cfg.regularizer.threshold_mode),
+                                    s.rd / "search.jsonl"))
+        if lanes:
+            log.info("search: one pass for λ = %s (W does not depend on Γ here, so the step metrics are shared)",
+                     ", ".join(f"{x:g}" for x in [cfg.regularizer.lam, *(s.lam for s in siblings)]))
+        with timer.stage("search"):
+            if sch.weight_mode == "frozen":
+                stats, _ = dense_statistics(cfg, model, windows)
+                gamma, bpp = search_frozen({n: m.weight.detach() for n, m in layers.items()}, stats, metric, prox,
+                                           settings, ckpt, fp, rd / "search.jsonl", siblings=lanes)
+            else:
+                gamma, bpp = search_drift(model, layers, windows, metric, prox, settings, ckpt, fp,
+                                          rd / "search.jsonl", siblings=lanes)
+        info = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": cfg.seed,
+                "tokens": int(windows.numel()), "steps": sch.steps, "weight_mode": sch.weight_mode,
+                "state_bytes_per_param": bpp, "search_seconds": timer.seconds["search"]}
+        if lanes:
+            info["lams_in_pass"] = [cfg.regularizer.lam, *(s.lam for s, lane in zip(siblings, lanes) if lane.gamma)]
+        _record_search(cfg, fp, rd, gamma, info, own_index)
+        for s, lane in zip(siblings, lanes):
+            if lane.gamma is not None:
+                _record_search(s.cfg, s.fp, s.rd, lane.gamma, {**info, "searched_by": str(rd.path)}, s.index)
+    return gamma, info
+
+
+def _record_search(cfg: DictConfig, fp: str, rd: RunDir, gamma: dict[str, torch.Tensor], info: dict,
+                   index: Path) -> None:
+    """Γ, its plot and the stage marker in ``rd``, then the index entry that lets other runs adopt it."""
     from .report import plot_search
 
+    bad = [n for n, g in gamma.items() if not torch.isfinite(g).all()]
+    if bad:
+        raise FloatingPointError(f"the search diverged (λ={cfg.regularizer.lam:g}): Γ has NaN/inf in {len(bad)} "
+                                 f"matrices (first: {bad[0]}); lower schedule.lr, schedule.rho or schedule.dual_step")
+    atomic_save_tensors(rd / "gamma.safetensors", gamma, {"fingerprint": fp})
     plot_search(rd / "search.jsonl", rd / "plots" / "search.png")
-    rd.mark_complete("search", fp, ["gamma.safetensors", "search.jsonl"], timer.seconds["search"], info=info)
-    atomic_write_json(_search_index(cfg, fp, model), {"run_dir": str(rd.path.resolve()), "fingerprint": fp})
-    return gamma, info
+    rd.mark_complete("search", fp, ["gamma.safetensors", "search.jsonl"], info["search_seconds"], info=info)
+    atomic_write_json(index, {"run_dir": str(rd.path.resolve()), "fingerprint": fp})
 
 
 def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir) -> dict[str, dict[str, torch.Tensor]]:
@@ -423,10 +527,11 @@ def record_failure(out_dir: Path, err: BaseException) -> None:
                                                       "traceback": traceback.format_exc()[-4000:]})
 
 
-def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False) -> dict:
+def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: SweepContext | None = None) -> dict:
     """Run the whole pipeline into ``out_dir``; returns the metrics written to metrics.json.
 
-    ``reuse_model``: keep the loaded model for the next job of a sweep (see ``load_model_reused``)."""
+    ``reuse_model``: keep the loaded model for the next job of a sweep (see ``load_model_reused``).
+    ``sweep``: the sweep this job belongs to, whose other λ its search may serve (see ``run_search``)."""
     t_start = time.perf_counter()
     rd = RunDir(out_dir)
     (rd / "error.json").unlink(missing_ok=True)  # a resumed run starts clean
@@ -453,7 +558,7 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False) -> dict
     dense = dense_eval["perplexity"]
 
     if cfg.method == "unipruning":
-        gamma, calib_info = run_search(cfg, model, tok, rd, timer)
+        gamma, calib_info = run_search(cfg, model, tok, rd, timer, sweep)
         targets = targets_of(cfg, primary)
         with timer.stage("masks"):
             all_masks = cut_masks(gamma, targets, rd)

@@ -13,12 +13,50 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from .errors import UserError
 from .rundir import atomic_write_text
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What one job knows of its sweep: the sweep's folder and the λ values its jobs take."""
+
+    dir: Path
+    lams: tuple[float, ...] = ()
+
+
+def sweep_values(sweep: Path, key: str) -> list[str]:
+    """The values the sweep in ``sweep`` gives ``key`` (from its ``multirun.yaml``, which Hydra's
+    sweeper writes before launching any job); [] when the key is not swept or cannot be enumerated."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    saved = sweep / "multirun.yaml"
+    if not saved.exists():
+        return []
+    task = ((yaml.safe_load(saved.read_text()) or {}).get("hydra", {}).get("overrides", {}) or {}).get("task") or []
+    for o in OverridesParser.create().parse_overrides(task):
+        if o.key_or_group == key and o.is_sweep_override():
+            try:
+                return [str(v) for v in o.sweep_iterator()]
+            except HydraException:  # e.g. interval(): only a search sweeper can enumerate it
+                return []
+    return []
+
+
+def sweep_context(sweep: Path) -> SweepContext:
+    lams = []
+    for v in sweep_values(sweep, "regularizer.lam"):
+        try:
+            lams.append(float(v))
+        except ValueError:
+            continue
+    return SweepContext(dir=sweep, lams=tuple(lams))
 
 
 def collect_jobs(sweep: Path) -> list[dict]:

@@ -12,6 +12,12 @@ Two weight modes:
 - ``frozen``: W never changes, so every matrix's recursion is independent and Γ becomes an
   exponential average of per-sample metrics (spec §1.5). The loop then runs matrix by matrix on
   per-sample statistics taken in one calibration pass: no forward pass inside the search.
+
+Where W does not depend on Γ (frozen mode, or drift with ρ = 0) the step metrics do not depend on λ
+either, so one pass can carry several λ "lanes" (``LamSibling``): each lane only adds its own V, Γ
+and prox to a step. Random streams are kept apart for that: the metric's draws come from one
+generator, each lane's prox (quantile sampling) from its own, seeded alike, so a lane's Γ is bit for
+bit the Γ of a search with that λ alone.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +44,24 @@ log = logging.getLogger(__name__)
 
 QUANTILES = (0.1, 0.5, 0.9)
 _SAMPLE_PER_LAYER = 1024
+#: Seeds of the prox generators sit this far above the metric's, so the two streams never meet.
+_PROX_SEED_OFFSET = 1 << 40
+
+
+@dataclass
+class LamSibling:
+    """Another λ searched in the same pass as the run's own (only where W does not depend on Γ).
+
+    The search fills ``gamma``; it stays None when the lane was dropped (a resumed search carries
+    only its own λ, since checkpoints hold only its state)."""
+
+    prox: L1Prox
+    log_path: Path
+    gamma: dict[str, torch.Tensor] | None = None
+
+
+def _prox_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_PROX_SEED_OFFSET + seed)
 
 
 @dataclass
@@ -109,12 +133,14 @@ def search_frozen(
     ckpt: Path,
     fp: str,
     log_path: Path,
+    siblings: Sequence[LamSibling] = (),
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Γ of every matrix with W fixed. Matrix-outer, step-inner; checkpoint every k matrices.
 
     Step n of matrix i uses the statistics of calibration sample n mod nsamples, and its random
-    draws come from a generator seeded by (seed, i): the result does not depend on the order in
-    which matrices are processed, which makes resuming bit-exact.
+    draws come from generators seeded by (seed, i): the result does not depend on the order in
+    which matrices are processed, which makes resuming bit-exact. ``siblings`` get their Γ from the
+    same step metrics.
     Returns (Γ per matrix, state bytes per parameter while a matrix is processed).
     """
     names = list(weights)
@@ -122,50 +148,76 @@ def search_frozen(
     log.info("frozen search: metric %s", metric)
     state = SearchState.load(ckpt, fp) or SearchState()
     done = state.step
-    gammas = dict(state.gamma)
-    per_step: list[dict] = [{"zeros": 0, "numel": 0, "abs_sum": 0.0, "samples": [], "seconds": 0.0}
-                            for _ in range(settings.steps)]
+    if done and siblings:
+        log.info("resumed search: only this run's λ; the other λ of the sweep are searched by their own jobs")
+        siblings = ()
+    lanes = [_FrozenLane(prox, log_path, settings.steps, dict(state.gamma))]
+    lanes += [_FrozenLane(s.prox, s.log_path, settings.steps, {}) for s in siblings]
     for i, name in enumerate(track(names, "search (frozen W)")):
         if i < done:
             continue
-        gammas[name] = _search_one_frozen(i, name, weights[name], stats[name], metric, prox, settings, per_step)
+        for lane, gamma in zip(lanes, _search_one_frozen(i, name, weights[name], stats[name], metric, lanes, settings)):
+            lane.gammas[name] = gamma
         if (i + 1) % settings.checkpoint_every == 0 and i + 1 < len(names):
-            SearchState(gamma=gammas, step=i + 1).save(ckpt, fp)
-    # One row per step, summed over the matrices searched in this process (all of them unless resumed).
-    log_rows = SearchLog(log_path, 0)
-    elapsed = 0.0
-    for n, acc in enumerate(per_step):
-        if acc["numel"] == 0:
-            continue
-        elapsed += acc["seconds"]
-        log_rows.write({"step": n + 1, "loss": None, "lr": 0.0, "seconds": round(elapsed, 3),
-                        "matrices": len(acc["samples"]),
-                        **gamma_summary(torch.cat(acc["samples"]), acc["zeros"], acc["numel"], acc["abs_sum"])})
-    return gammas, 8.0
+            SearchState(gamma=lanes[0].gammas, step=i + 1).save(ckpt, fp)
+    for lane in lanes:
+        lane.write_log()
+    for sibling, lane in zip(siblings, lanes[1:]):
+        sibling.gamma = lane.gammas
+    return lanes[0].gammas, 8.0 * len(lanes)
 
 
-def _search_one_frozen(i: int, name: str, w: torch.Tensor, stats: ActivationStats, metric: LocalMetric,
-                       prox: L1Prox, settings: SearchSettings, per_step: list[dict]) -> torch.Tensor:
-    if stats.sample_mean_sq is None:
-        raise ValueError(f"{name}: frozen search needs per-sample statistics (calibrate with want_per_sample)")
-    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
-    v = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-    gamma = torch.zeros_like(v)
-    nsamples = stats.sample_mean_sq.shape[0]
-    tokens = max(1, stats.count // nsamples)
-    index = _sample_index(v.numel(), settings.seed + i)
-    for n in range(settings.steps):
-        t0 = time.perf_counter()
-        s = ActivationStats.from_mean_sq(stats.sample_mean_sq[n % nsamples], tokens)
-        dual_step(v, gamma, metric.score(w, s, generator=gen if metric.stochastic else None), settings.dual_step)
-        gamma = prox(v, gen)
-        acc = per_step[n]
+class _FrozenLane:
+    """One λ of a frozen search: its prox, its Γ per matrix, and its per-step log accumulators."""
+
+    def __init__(self, prox: L1Prox, log_path: Path, steps: int, gammas: dict[str, torch.Tensor]) -> None:
+        self.prox, self.log_path, self.gammas = prox, log_path, gammas
+        self.per_step = [{"zeros": 0, "numel": 0, "abs_sum": 0.0, "samples": [], "seconds": 0.0} for _ in range(steps)]
+
+    def record(self, n: int, gamma: torch.Tensor, index: torch.Tensor, seconds: float) -> None:
+        acc = self.per_step[n]
         acc["zeros"] += int((gamma == 0).sum())
         acc["numel"] += gamma.numel()
         acc["abs_sum"] += float(gamma.abs().sum())
         acc["samples"].append(gamma.reshape(-1)[index].cpu())
-        acc["seconds"] += time.perf_counter() - t0
-    return gamma.cpu()
+        acc["seconds"] += seconds
+
+    def write_log(self) -> None:
+        """One row per step, summed over the matrices searched in this process (all unless resumed)."""
+        rows = SearchLog(self.log_path, 0)
+        elapsed = 0.0
+        for n, acc in enumerate(self.per_step):
+            if acc["numel"] == 0:
+                continue
+            elapsed += acc["seconds"]
+            rows.write({"step": n + 1, "loss": None, "lr": 0.0, "seconds": round(elapsed, 3),
+                        "matrices": len(acc["samples"]),
+                        **gamma_summary(torch.cat(acc["samples"]), acc["zeros"], acc["numel"], acc["abs_sum"])})
+
+
+def _search_one_frozen(i: int, name: str, w: torch.Tensor, stats: ActivationStats, metric: LocalMetric,
+                       lanes: Sequence[_FrozenLane], settings: SearchSettings) -> list[torch.Tensor]:
+    if stats.sample_mean_sq is None:
+        raise ValueError(f"{name}: frozen search needs per-sample statistics (calibrate with want_per_sample)")
+    seed = settings.seed * 1_000_003 + i
+    gen = torch.Generator().manual_seed(seed)
+    prox_gens = [_prox_generator(seed) for _ in lanes]
+    vs = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for _ in lanes]
+    gammas = [torch.zeros_like(v) for v in vs]
+    nsamples = stats.sample_mean_sq.shape[0]
+    tokens = max(1, stats.count // nsamples)
+    index = _sample_index(w.numel(), settings.seed + i)
+    for n in range(settings.steps):
+        t0 = time.perf_counter()
+        s = ActivationStats.from_mean_sq(stats.sample_mean_sq[n % nsamples], tokens)
+        score = metric.score(w, s, generator=gen if metric.stochastic else None)
+        shared = time.perf_counter() - t0
+        for k, lane in enumerate(lanes):
+            t1 = time.perf_counter()
+            dual_step(vs[k], gammas[k], score, settings.dual_step)
+            gammas[k] = lane.prox(vs[k], prox_gens[k])
+            lane.record(n, gammas[k], index, shared + time.perf_counter() - t1)
+    return [g.cpu() for g in gammas]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,15 +273,23 @@ def search_drift(
     ckpt: Path,
     fp: str,
     log_path: Path,
+    siblings: Sequence[LamSibling] = (),
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """Γ of every matrix while W drifts by AdamW on the LM loss; W is restored at the end."""
+    """Γ of every matrix while W drifts by AdamW on the LM loss; W is restored at the end.
+
+    ``siblings`` (other λ) need ρ = 0: only then is W's path, and so every step metric, the same
+    for all λ."""
+    if siblings and settings.rho != 0:
+        raise ValueError("λ siblings need schedule.rho=0: with ρ > 0 each λ's Γ steers W differently")
     names = list(layers)
     params = [layers[n].weight for n in names]
     original = [p.detach().clone() for p in params]
     device = params[0].device
-    state = SearchState.load(ckpt, fp) or SearchState.zeros({n: layers[n].weight.shape for n in names}, device)
+    shapes = {n: layers[n].weight.shape for n in names}
+    state = SearchState.load(ckpt, fp) or SearchState.zeros(shapes, device)
     start = state.step
     gen = torch.Generator().manual_seed(settings.seed)
+    prox_gen = _prox_generator(settings.seed)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
                             weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, settings.lr_factor)
@@ -241,11 +301,17 @@ def search_drift(
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
     if start > 0:
-        _restore_drift(state, names, params, opt, sched, gen)
+        _restore_drift(state, names, params, opt, sched, gen, prox_gen)
         log.info("resuming the drift search at step %d from %s", start, ckpt)
+        if siblings:
+            log.info("resumed search: only this run's λ; the other λ of the sweep are searched by their own jobs")
+            siblings = ()
+    # One lane per λ: (state, prox, its generator, its log); the run's own λ first.
+    lanes = [(state, prox, prox_gen, SearchLog(log_path, start))]
+    lanes += [(SearchState.zeros(shapes, device), s.prox, _prox_generator(settings.seed), SearchLog(s.log_path, 0))
+              for s in siblings]
     index = {n: _sample_index(layers[n].weight.numel(), settings.seed + i) for i, n in enumerate(names)}
     hooks = _StepStats(layers)
-    slog = SearchLog(log_path, start)
     t0 = time.perf_counter()
     try:
         for step in track(range(start, settings.steps), "search (drift W)", total=settings.steps - start):
@@ -258,15 +324,18 @@ def search_drift(
             _weight_step(params, names, state, metrics, opt, settings.rho)
             sched.step()
             for n in names:
-                dual_step(state.v[n], state.gamma[n], metrics[n].to(device), settings.dual_step)
-                state.gamma[n] = prox(state.v[n], gen)
+                m = metrics[n].to(device)
+                for st, px, pg, _ in lanes:
+                    dual_step(st.v[n], st.gamma[n], m, settings.dual_step)
+                    st.gamma[n] = px(st.v[n], pg)
             if not settings.accumulate_grads_across_steps:
                 opt.zero_grad(set_to_none=False)
-            state.step = step + 1
-            slog.write({"step": step + 1, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
-                        **_summarise(state.gamma, index)})
+            for st, _, _, slog in lanes:
+                st.step = step + 1
+                slog.write({"step": step + 1, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
+                            **_summarise(st.gamma, index)})
             if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
-                _save_drift(state, names, params, opt, sched, gen, ckpt, fp)
+                _save_drift(state, names, params, opt, sched, gen, prox_gen, ckpt, fp)
     finally:
         hooks.remove()
         with torch.no_grad():
@@ -275,7 +344,10 @@ def search_drift(
                 p.grad = None
             for p, flag in flags.items():
                 p.requires_grad_(flag)
-    bytes_pp = 4.0 * 4 + sum(p.element_size() for p in params[:1]) * 2  # V, Γ, m, v (fp32) + W copy + grad
+    for sibling, (st, _, _, _) in zip(siblings, lanes[1:]):
+        sibling.gamma = {n: g.cpu() for n, g in st.gamma.items()}
+    # V, Γ (fp32) per λ, Adam's m and v (fp32), and the W copy and gradient in the model's dtype.
+    bytes_pp = 4.0 * 2 * len(lanes) + 4.0 * 2 + sum(p.element_size() for p in params[:1]) * 2
     return {n: g.cpu() for n, g in state.gamma.items()}, bytes_pp
 
 
@@ -303,7 +375,7 @@ def _weight_step(params, names, state: SearchState, metrics, opt, rho: float) ->
         p.grad.sub_(g)
 
 
-def _save_drift(state, names, params, opt, sched, gen, ckpt, fp) -> None:
+def _save_drift(state, names, params, opt, sched, gen, prox_gen, ckpt, fp) -> None:
     extra = {}
     for n, p in zip(names, params):
         s = opt.state[p]
@@ -312,13 +384,14 @@ def _save_drift(state, names, params, opt, sched, gen, ckpt, fp) -> None:
         extra[f"exp_avg/{n}"] = s["exp_avg"]
         extra[f"exp_avg_sq/{n}"] = s["exp_avg_sq"]
     extra["rng/generator"] = gen.get_state()
+    extra["rng/prox_generator"] = prox_gen.get_state()
     extra["rng/adam_step"] = torch.tensor([float(opt.state[params[0]]["step"])])
     state.extra = extra
     state.save(ckpt, fp)
     state.extra = {}
 
 
-def _restore_drift(state, names, params, opt, sched, gen) -> None:
+def _restore_drift(state, names, params, opt, sched, gen, prox_gen) -> None:
     e = state.extra
     with torch.no_grad():
         for n, p in zip(names, params):
@@ -328,6 +401,7 @@ def _restore_drift(state, names, params, opt, sched, gen) -> None:
                             "exp_avg": e[f"exp_avg/{n}"].to(p.device).clone(),
                             "exp_avg_sq": e[f"exp_avg_sq/{n}"].to(p.device).clone()}
     gen.set_state(e["rng/generator"])
+    prox_gen.set_state(e["rng/prox_generator"])
     sched.last_epoch = state.step  # where the schedule stood, without replaying its steps
     for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
         group["lr"] = base * fn(state.step)
