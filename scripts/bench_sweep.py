@@ -7,8 +7,9 @@ Runs, each in a fresh process and with a fresh cache (nothing inherited from ear
 Prints sweep wall time / (jobs x standalone wall time), and the per-stage seconds summed over the
 jobs, so it shows which work ran once (load, dense evaluation, searches that equal another job's)
 and which ran per job. Presets:
-- ``paper``: the paper's Figure 3 grid, λ x ρ in drift mode: every job needs its own search;
-- ``cuts``: λ x sparsity: jobs with the same λ share one search (``reuse_search``).
+- ``paper``: the paper's Figure 3 grid, λ x ρ in drift mode: the three ρ = 0 jobs share one search pass
+  (``share_lam_search``), each of the six ρ > 0 jobs needs its own search (ρ lets Γ steer W);
+- ``cuts``: λ x sparsity (drift, ρ = 0): one pass searches the three λ, and every job adopts its Γ.
 
     python scripts/bench_sweep.py [--preset paper|cuts] [--steps 2] [--nsamples 8] [--windows 4]
 """

@@ -122,6 +122,12 @@ def test_no_lanes_where_w_depends_on_gamma_or_when_turned_off(frozen_search_cfg,
     assert not (sweep.dir / ".searches").exists()
 
 
+def test_a_lam_the_sweep_cannot_run_is_left_to_its_own_job(frozen_search_cfg, tmp_path):
+    sweep = SweepContext(dir=tmp_path / "sweep", lams=(0.0, 1e-2, 2.0))  # a quantile level of 2 is invalid
+    run_prune(frozen_search_cfg("regularizer.lam=0"), sweep.dir / "0", sweep=sweep)
+    assert _search_stage(sweep.dir / "0")["info"]["lams_in_pass"] == [0.0, 1e-2]
+
+
 def test_a_drift_search_refuses_lam_siblings_when_rho_is_positive(tmp_path):
     from unipruning_cli.search import L1Prox, LamSibling, SearchSettings, search_drift
 

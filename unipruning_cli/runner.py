@@ -356,12 +356,19 @@ def lam_siblings(cfg: DictConfig, sweep: SweepContext | None, model) -> list[_La
     if (sweep is None or not cfg.reuse_search or not cfg.share_lam_search
             or not (sch.weight_mode == "frozen" or sch.rho == 0)):
         return []
+    from .config import validate
+    from .errors import UserError
+
     out = []
     for lam in dict.fromkeys(sweep.lams):
         if lam == cfg.regularizer.lam:
             continue
         sib = copy.deepcopy(cfg)
         sib.regularizer.lam = lam
+        try:
+            validate(sib)
+        except UserError:  # that job fails on its own; it must not take this one down with it
+            continue
         fp = search_fingerprint(sib)
         out.append(_LamSearch(lam, sib, fp, _search_index(sib, fp, model)))
     return out
