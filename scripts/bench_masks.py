@@ -1,8 +1,11 @@
 """Mask cutting from scores: the O(n) selection rule against the stable-sort reference.
 
-Both give identical masks (asserted here and tested in tests/test_masks.py); the ratio of their times
-in one run is what justifies the selection. Shapes are those of SmolLM2-135M's prunable matrices
-(30 blocks: q, k, v, o, gate, up, down).
+All give identical masks (asserted here and tested in tests/test_masks.py, tests/test_mask_rules.py);
+the ratio of their times in one run is what justifies each optimisation. Shapes are those of
+SmolLM2-135M's prunable matrices (30 blocks: q, k, v, o, gate, up, down). Rules:
+- ``sort``: the reference, a stable descending sort;
+- ``kthvalue``: the threshold by one ``kthvalue`` over the slice (the selection rule before the band);
+- ``selection``: the threshold by ``masks.kth_smallest`` (a sampled band, then ``kthvalue`` inside it).
 
     python scripts/bench_masks.py [--blocks 30] [--sparsity 0.6]
 """
@@ -17,6 +20,15 @@ import torch
 
 from unipruning_cli.masks import _keep_top_by_selection, _keep_top_by_sort, num_pruned
 
+
+def _keep_top_by_kthvalue(values: torch.Tensor, keep: int) -> torch.Tensor:
+    """The selection rule as it was before ``kth_smallest``: one kthvalue per slice, then ties by cumsum."""
+    size = values.shape[-1]
+    thr = values.kthvalue(size - keep + 1, dim=-1, keepdim=True).values
+    above = values > thr
+    ties = values == thr
+    return above | (ties & (ties.cumsum(dim=-1) <= keep - above.sum(dim=-1, keepdim=True)))
+
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
@@ -28,7 +40,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     scores = [torch.rand(s, generator=gen) for _ in range(args.blocks) for s in SHAPES]
     out = {"matrices": len(scores), "params": sum(s.numel() for s in scores), "sparsity": args.sparsity}
-    for rule_name, rule in (("sort", _keep_top_by_sort), ("selection", _keep_top_by_selection)):
+    for rule_name, rule in (("sort", _keep_top_by_sort), ("kthvalue", _keep_top_by_kthvalue),
+                            ("selection", _keep_top_by_selection)):
         for group in ("per_matrix", "per_row"):
             t0 = time.perf_counter()
             for s in scores:
@@ -39,6 +52,8 @@ def main() -> None:
         for v in (s.reshape(-1), s):
             keep = v.shape[-1] - num_pruned(v.shape[-1], args.sparsity)
             assert torch.equal(_keep_top_by_sort(v, keep), _keep_top_by_selection(v, keep))
+            assert torch.equal(_keep_top_by_sort(v, keep), _keep_top_by_kthvalue(v, keep))
+    out["per_matrix_ratio_selection_over_kthvalue"] = round(out["per_matrix_selection_s"] / out["per_matrix_kthvalue_s"], 3)
     out["per_matrix_ratio_selection_over_sort"] = round(out["per_matrix_selection_s"] / out["per_matrix_sort_s"], 3)
     out["per_row_ratio_selection_over_sort"] = round(out["per_row_selection_s"] / out["per_row_sort_s"], 3)
     print(json.dumps(out, indent=2))
