@@ -38,3 +38,30 @@ def test_eval_refuses_bad_input_before_loading(finished_run, tmp_path):
         evaluate_run(tmp_path / "nope", [])
     with pytest.raises(UserError, match="corpus"):
         evaluate_run(run_dir, ["eval.corpora=[nosuch]"])
+
+
+def test_evaluating_several_cuts_in_turn_equals_each_alone_and_restores_the_model(tiny_tokenizer):
+    import copy
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from conftest import build_tiny_model
+    from unipruning_cli.masks import masks_for
+    from unipruning_cli.methods import apply_masks
+    from unipruning_cli.models import prunable_layers
+    from unipruning_cli.runner import Timer, evaluate_masks, evaluate_pruned
+
+    model = build_tiny_model("llama", len(tiny_tokenizer)).eval()
+    layers = prunable_layers(model)
+    before = copy.deepcopy(model.state_dict())
+    scores = {n: m.weight.abs() for n, m in layers.items()}
+    cuts = {"a": masks_for(scores, 0.5), "b": masks_for(scores, 0.8, "per_row"), "c": masks_for(scores, 0.3)}
+    cfg = OmegaConf.create({"eval": {"batch_size": 2, "tasks": []}})
+    windows = {"w": torch.randint(3, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(0))}
+    together = evaluate_masks(cfg, model, None, layers, cuts, windows, Timer())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # left as it was found
+    for tag, masks in cuts.items():
+        alone = build_tiny_model("llama", len(tiny_tokenizer)).eval()
+        apply_masks(prunable_layers(alone), masks)
+        assert together[tag] == evaluate_pruned(cfg, alone, None, windows, tag), tag
