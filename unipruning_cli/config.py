@@ -211,7 +211,7 @@ def validate(cfg: DictConfig) -> None:
             check_corpus_available(corpus)
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
-    _validate_search(cfg)
+    validate_search(cfg)
     for pat in cfg.export.patterns:
         n, _, m = str(pat).partition(":")
         _check(n.isdigit() and m.isdigit() and 0 < int(n) < int(m),
@@ -266,7 +266,8 @@ def _validate_eval(e: DictConfig) -> None:
     _check(e.max_windows is None or e.max_windows > 0, f"eval.max_windows={e.max_windows} must be positive or null")
 
 
-def _validate_search(cfg: DictConfig) -> None:
+def validate_search(cfg: DictConfig) -> None:
+    """The regularizer and schedule checks alone: what a config that differs only there needs."""
     r, s = cfg.regularizer, cfg.schedule
     _one_of("regularizer.name", r.name, ("l1",))
     _one_of("regularizer.threshold_mode", r.threshold_mode, THRESHOLD_MODES)

@@ -356,7 +356,7 @@ def lam_siblings(cfg: DictConfig, sweep: SweepContext | None, model) -> list[_La
     if (sweep is None or not cfg.reuse_search or not cfg.share_lam_search
             or not (sch.weight_mode == "frozen" or sch.rho == 0)):
         return []
-    from .config import validate
+    from .config import validate_search
     from .errors import UserError
 
     out = []
@@ -365,8 +365,8 @@ def lam_siblings(cfg: DictConfig, sweep: SweepContext | None, model) -> list[_La
             continue
         sib = copy.deepcopy(cfg)
         sib.regularizer.lam = lam
-        try:
-            validate(sib)
+        try:  # only λ differs from this job's validated config, so only the search checks can fail
+            validate_search(sib)
         except UserError:  # that job fails on its own; it must not take this one down with it
             continue
         fp = search_fingerprint(sib)
