@@ -173,3 +173,15 @@ def test_file_locks_exclude_another_process_until_released(tmp_path):
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the holder let go
     finally:
         child.kill()
+
+
+def test_a_pass_takes_only_the_lams_that_fit_in_half_the_free_memory(monkeypatch):
+    from unipruning_cli import runner
+
+    sibs = ["a", "b", "c"]
+    numel = 1000
+    monkeypatch.setattr(runner, "_available_host_bytes", lambda: 2 * 12 * numel * 2)  # two drift lanes on CPU
+    assert runner._siblings_that_fit(sibs, numel, "drift", torch.device("cpu")) == ["a", "b"]
+    assert runner._siblings_that_fit(sibs, numel, "frozen", torch.device("cpu")) == sibs  # 4 B each: six fit
+    monkeypatch.setattr(runner, "_available_host_bytes", lambda: 0)
+    assert runner._siblings_that_fit(sibs, numel, "frozen", torch.device("cpu")) == []

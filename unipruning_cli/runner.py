@@ -338,15 +338,16 @@ def reuse_search(cfg: DictConfig, fp: str, rd: RunDir, model) -> dict | None:
     return info
 
 
-@dataclass
+@dataclass(frozen=True)
 class _LamSearch:
-    """A sibling job's search (the same config but λ) that this job can run in its own pass."""
+    """A sibling job's search (the same config but λ) that this job can run in its own pass, and
+    the folder in the sweep where its Γ is filed."""
 
     lam: float
     cfg: DictConfig
     fp: str
     index: Path
-    rd: RunDir | None = None
+    dir: Path
 
 
 def lam_siblings(cfg: DictConfig, sweep: SweepContext | None, model) -> list[_LamSearch]:
@@ -370,7 +371,8 @@ def lam_siblings(cfg: DictConfig, sweep: SweepContext | None, model) -> list[_La
         except UserError:  # that job fails on its own; it must not take this one down with it
             continue
         fp = search_fingerprint(sib)
-        out.append(_LamSearch(lam, sib, fp, _search_index(sib, fp, model)))
+        index = _search_index(sib, fp, model)
+        out.append(_LamSearch(lam, sib, fp, index, sweep.dir / ".searches" / index.stem))
     return out
 
 
@@ -387,16 +389,14 @@ def _available_host_bytes() -> int:
 def _siblings_that_fit(siblings: list[_LamSearch], numel: int, weight_mode: str, device: torch.device) -> list[_LamSearch]:
     """As many λ lanes as fit in half the free memory: each holds V and Γ in fp32 on the search's
     device while drifting, and hands its Γ (fp32) back on the host."""
-    host_per, dev_per = 4 * numel, (8 * numel if weight_mode == "drift" else 0)
-    if device.type == "cuda":
-        fit = min(_available_host_bytes() // 2 // host_per,
-                  torch.cuda.mem_get_info(device)[0] // 2 // max(1, dev_per) if dev_per else len(siblings))
-    else:
-        fit = _available_host_bytes() // 2 // (host_per + dev_per)
+    on_gpu, drift = device.type == "cuda", weight_mode == "drift"
+    fit = _available_host_bytes() // 2 // (4 * numel + (8 * numel if drift and not on_gpu else 0))
+    if drift and on_gpu:
+        fit = min(fit, torch.cuda.mem_get_info(device)[0] // 2 // (8 * numel))
     if fit < len(siblings):
         log.info("search: memory for %d of the sweep's %d other λ in this pass; the rest search in their own jobs",
                  fit, len(siblings))
-    return siblings[: max(0, int(fit))]
+    return siblings[:fit]
 
 
 def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
@@ -433,11 +433,8 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
         settings = SearchSettings(**_plain(sch), seed=cfg.seed)
         windows, _ = calibration_set(cfg, tok)
         ckpt = rd / "checkpoints" / "search.safetensors"
-        lanes = []
-        for s in siblings:
-            s.rd = RunDir(sweep.dir / ".searches" / s.index.stem)
-            lanes.append(LamSibling(build_regularizer(cfg.regularizer.name, s.lam, cfg.regularizer.threshold_mode),
-                                    s.rd / "search.jsonl"))
+        lanes = [LamSibling(build_regularizer(cfg.regularizer.name, s.lam, cfg.regularizer.threshold_mode),
+                            RunDir(s.dir) / "search.jsonl") for s in siblings]
         if lanes:
             log.info("search: one pass for λ = %s (W does not depend on Γ here, so the step metrics are shared)",
                      ", ".join(f"{x:g}" for x in [cfg.regularizer.lam, *(s.lam for s in siblings)]))
@@ -453,11 +450,12 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
                 "tokens": int(windows.numel()), "steps": sch.steps, "weight_mode": sch.weight_mode,
                 "state_bytes_per_param": bpp, "search_seconds": timer.seconds["search"]}
         if lanes:
-            info["lams_in_pass"] = [cfg.regularizer.lam, *(s.lam for s, lane in zip(siblings, lanes) if lane.gamma)]
+            info["lams_in_pass"] = [cfg.regularizer.lam,
+                                    *(s.lam for s, lane in zip(siblings, lanes) if lane.gamma is not None)]
         _record_search(cfg, fp, rd, gamma, info, own_index)
         for s, lane in zip(siblings, lanes):
             if lane.gamma is not None:
-                _record_search(s.cfg, s.fp, s.rd, lane.gamma, {**info, "searched_by": str(rd.path)}, s.index)
+                _record_search(s.cfg, s.fp, RunDir(s.dir), lane.gamma, {**info, "searched_by": str(rd.path)}, s.index)
     return gamma, info
 
 
