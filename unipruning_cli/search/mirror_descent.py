@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -62,6 +62,15 @@ class LamSibling:
 
 def _prox_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(_PROX_SEED_OFFSET + seed)
+
+
+class _DriftLane(NamedTuple):
+    """One λ of a drift search: its V/Γ state, its prox with that prox's generator, its log."""
+
+    state: SearchState
+    prox: L1Prox
+    prox_gen: torch.Generator
+    log: SearchLog
 
 
 @dataclass
@@ -306,10 +315,9 @@ def search_drift(
         if siblings:
             log.info("resumed search: only this run's λ; the other λ of the sweep are searched by their own jobs")
             siblings = ()
-    # One lane per λ: (state, prox, its generator, its log); the run's own λ first.
-    lanes = [(state, prox, prox_gen, SearchLog(log_path, start))]
-    lanes += [(SearchState.zeros(shapes, device), s.prox, _prox_generator(settings.seed), SearchLog(s.log_path, 0))
-              for s in siblings]
+    lanes = [_DriftLane(state, prox, prox_gen, SearchLog(log_path, start))]  # the run's own λ first
+    lanes += [_DriftLane(SearchState.zeros(shapes, device), s.prox, _prox_generator(settings.seed),
+                         SearchLog(s.log_path, 0)) for s in siblings]
     index = {n: _sample_index(layers[n].weight.numel(), settings.seed + i) for i, n in enumerate(names)}
     hooks = _StepStats(layers)
     t0 = time.perf_counter()
@@ -325,15 +333,15 @@ def search_drift(
             sched.step()
             for n in names:
                 m = metrics[n].to(device)
-                for st, px, pg, _ in lanes:
-                    dual_step(st.v[n], st.gamma[n], m, settings.dual_step)
-                    st.gamma[n] = px(st.v[n], pg)
+                for lane in lanes:
+                    dual_step(lane.state.v[n], lane.state.gamma[n], m, settings.dual_step)
+                    lane.state.gamma[n] = lane.prox(lane.state.v[n], lane.prox_gen)
             if not settings.accumulate_grads_across_steps:
                 opt.zero_grad(set_to_none=False)
-            for st, _, _, slog in lanes:
-                st.step = step + 1
-                slog.write({"step": step + 1, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
-                            **_summarise(st.gamma, index)})
+            for lane in lanes:
+                lane.state.step = step + 1
+                lane.log.write({"step": step + 1, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
+                                **_summarise(lane.state.gamma, index)})
             if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
                 _save_drift(state, names, params, opt, sched, gen, prox_gen, ckpt, fp)
     finally:
@@ -344,8 +352,8 @@ def search_drift(
                 p.grad = None
             for p, flag in flags.items():
                 p.requires_grad_(flag)
-    for sibling, (st, _, _, _) in zip(siblings, lanes[1:]):
-        sibling.gamma = {n: g.cpu() for n, g in st.gamma.items()}
+    for sibling, lane in zip(siblings, lanes[1:]):
+        sibling.gamma = {n: g.cpu() for n, g in lane.state.gamma.items()}
     # V, Γ (fp32) per λ, Adam's m and v (fp32), and the W copy and gradient in the model's dtype.
     bytes_pp = 4.0 * 2 * len(lanes) + 4.0 * 2 + sum(p.element_size() for p in params[:1]) * 2
     return {n: g.cpu() for n, g in state.gamma.items()}, bytes_pp
