@@ -64,13 +64,13 @@ def _prune_task(cfg) -> float | None:
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
         validate(cfg)
-        multirun = hc.mode == RunMode.MULTIRUN
         metrics = run_prune(cfg, out, reuse_model=multirun, sweep=sweep_context(Path(hc.sweep.dir)) if multirun else None)
     except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised outside sweeps
         record_failure(out, err)
-        if hc.mode == RunMode.MULTIRUN:
+        if multirun:
             log.error("job %s failed: %s", hc.job.num, err)
             return None
         if isinstance(err, UserError):
