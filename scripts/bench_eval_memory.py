@@ -9,8 +9,8 @@ memory, the seconds, and checks that both give the same perplexities.
 
     python scripts/bench_eval_memory.py [--windows 2] [--seqlen 256]
 
-On CPU the alternative saved nothing (four runs: added peak RSS 0.83x to 1.07x the copy's, time
-1.39x to 1.59x; freed host blocks stay in the heap, and boolean indexing is slow), so the runner
+On CPU the alternative saved nothing (three runs: added peak RSS 1.00x to 1.01x the copy's, time
+1.40x to 1.58x; freed host blocks stay in the heap, and boolean indexing is slow), so the runner
 keeps the copy. On a GPU the copy is device
 memory, the scarce kind: this script is the check to run there before changing the rule.
 """
@@ -58,23 +58,19 @@ def _evaluate_setting_aside(cfg, model, tok, layers, all_masks, windows, timer):
 
 
 def run_variant(variant: str, n_windows: int, seqlen: int) -> dict:
-    from omegaconf import OmegaConf
-
-    from unipruning_cli.data import eval_windows, token_stream
+    from unipruning_cli.config import compose_prune
     from unipruning_cli.masks import masks_for
     from unipruning_cli.models import load_model, prunable_layers
-    from unipruning_cli.runner import Timer, evaluate_masks
+    from unipruning_cli.runner import Timer, eval_windows_of, evaluate_masks
 
-    model_cfg = OmegaConf.create({"name": "smollm2-135m", "source": "embedded", "path": "smollm2-135m",
-                                  "revision": None, "dtype": "auto", "device": "auto", "device_map": None,
-                                  "trust_remote_code": False})
-    model, tok = load_model(model_cfg)
+    # The embedded model and its evaluation windows, composed as `unipruning prune` composes them.
+    cfg = compose_prune([f"eval.seqlen={seqlen}", f"eval.max_windows={n_windows}", f"eval.batch_size={n_windows}"])
+    model, tok = load_model(cfg.model)
     layers = prunable_layers(model)
     scores = {n: m.weight.detach().abs() for n, m in layers.items()}
     cuts = {f"s{s}": masks_for(scores, s) for s in (0.5, 0.6, 0.7)}
     del scores
-    windows = {"wiki_offline": eval_windows(token_stream(tok, "wiki_offline", "eval"), seqlen, n_windows)}
-    cfg = OmegaConf.create({"eval": {"batch_size": n_windows, "tasks": []}})
+    windows = eval_windows_of(cfg, tok)
     rule = _evaluate_setting_aside if variant == "aside" else evaluate_masks
     # No warm-up: freed memory would be reused and hide what the measured call adds. The forward
     # passes' own working memory is in both variants alike.
@@ -90,7 +86,7 @@ def run_variant(variant: str, n_windows: int, seqlen: int) -> dict:
     device = {"added_peak_device_mib": round((torch.cuda.max_memory_allocated() - dev_before) / 2**20, 1)} if cuda else {}
     return {"variant": variant, "added_peak_rss_mib": round(_status_mib("VmHWM") - before, 1), **device,
             "seconds": round(time.perf_counter() - t0, 2),
-            "ppl": {t: r["perplexity"]["wiki_offline"]["ppl"] for t, r in results.items()}}
+            "ppl": {t: {c: p["ppl"] for c, p in r["perplexity"].items()} for t, r in results.items()}}
 
 
 def main() -> None:

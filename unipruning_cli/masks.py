@@ -116,7 +116,7 @@ _BAND_SAMPLE = 4096
 def kth_smallest(flat: Tensor, k: int) -> Tensor:
     """The ``k``-th smallest value (1-based) of a 1-D tensor, exactly as ``flat.kthvalue(k)`` gives it.
 
-    ``kthvalue`` on one long slice runs on one thread. Here the order statistics of a strided
+    On CPU ``kthvalue`` over one long slice runs on one thread. Here the order statistics of a strided
     sample bracket the answer in a narrow band [lo, hi]; counting the values below lo and selecting
     inside the band finds it with a few vectorised passes. When the bracket misses (an unlucky or
     adversarially periodic input) the full ``kthvalue`` decides: the sample changes only the time,
