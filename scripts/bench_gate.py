@@ -64,7 +64,7 @@ def reference_seconds(cfg) -> float:
 def fresh_cache(folder: Path) -> Path:
     """A cache that shares the prepared model and data but no cached results (dense PPL, calibration
     statistics): every gate run measures the same work, whatever ran before on this machine."""
-    from unipruning_cli.config import cache_dir
+    from unipruning_cli.paths import cache_dir
 
     real = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,8 @@ def fresh_cache(folder: Path) -> Path:
 
 
 def run_suite(tier: str, out: Path, extra: list[str] | None = None) -> dict:
-    from unipruning_cli.config import compose_prune, validate
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.preflight import validate
     from unipruning_cli.runner import run_prune
 
     spec = TIERS[tier]

@@ -108,7 +108,8 @@ def tiny_overrides(model_dir: Path, corpus_files: dict[str, Path], **extra: obje
 @pytest.fixture()
 def frozen_search_cfg(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
     """``make(*overrides)``: validated UniPruning configs (frozen W, 3 steps) on the tiny Llama, cache in tmp_path."""
-    from unipruning_cli.config import compose_prune, validate
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.preflight import validate
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
@@ -124,7 +125,7 @@ def frozen_search_cfg(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
 
 
 def real_model_prepared() -> bool:
-    from unipruning_cli.config import cache_dir
+    from unipruning_cli.paths import cache_dir
 
     return (cache_dir() / "models" / "smollm2-135m" / "config.json").exists()
 

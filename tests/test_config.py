@@ -16,7 +16,8 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from unipruning_cli.cli import rewrite_nm_overrides
-from unipruning_cli.config import register_schemas, validate
+from unipruning_cli.config import register_schemas
+from unipruning_cli.preflight import validate
 from unipruning_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

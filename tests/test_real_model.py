@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not real_model_prepared(), reason="embedded mode
 
 @pytest.fixture()
 def real_ws(tmp_path):
-    from unipruning_cli.config import cache_dir
+    from unipruning_cli.paths import cache_dir
 
     real = cache_dir()
     cache = tmp_path / "cache"

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from unipruning_cli.config import cache_dir
+from unipruning_cli.paths import cache_dir
 from unipruning_cli.errors import UserError
 from unipruning_cli.evaluation.zeroshot import check_tasks, expand_tasks, zero_shot
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import cache_dir
+from .paths import cache_dir
 from .errors import UserError
 from .rundir import atomic_write_json, atomic_write_text
 

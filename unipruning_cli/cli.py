@@ -58,7 +58,7 @@ def _prune_task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .config import validate
+    from .preflight import validate
     from .runner import record_failure, run_prune
     from .sweep import sweep_context
 
@@ -84,7 +84,7 @@ def _prepare(args: list[str]) -> None:
     import argparse
 
     from .assets import prepare
-    from .config import cache_dir
+    from .paths import cache_dir
 
     parser = argparse.ArgumentParser(prog="unipruning prepare",
                                      description="Fetch, verify and convert the offline model and corpora into the cache.")

@@ -2,8 +2,9 @@
 
 The dataclasses are registered in Hydra's ConfigStore, so YAML files in ``configs/<group>/`` are
 type-checked at compose time (``sparsity=abc`` fails there). Range and cross-field rules (a sparsity
-in [0, 1), an N:M pattern that fits, a corpus that exists) live in :func:`validate`, which the CLI
-calls before any model is loaded.
+in [0, 1), an N:M pattern that is one) live in :func:`validate_values`; the checks that look a name,
+a model, a corpus or a task up are in :mod:`unipruning_cli.preflight`, which the CLI calls before any
+model is loaded.
 """
 
 from __future__ import annotations
@@ -168,13 +169,13 @@ def compose_prune(overrides: list[str]) -> DictConfig:
 # Semantic validation: everything that can be checked without loading a model.
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
 
 
-def _one_of(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    _check(value in allowed, f"{field_name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+def one_of(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    check(value in allowed, f"{field_name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
 
 
 def target_sparsity(cfg: DictConfig) -> float:
@@ -184,110 +185,85 @@ def target_sparsity(cfg: DictConfig) -> float:
     return 0.5 if cfg.sparsity is None else float(cfg.sparsity)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise :class:`UserError` for any value that would fail later, before a model is loaded."""
-    from .data import check_corpus_available
-    from .methods import METHODS
-    from .metrics import build_metric
-    from .models import check_model_reachable
+def validate_values(cfg: DictConfig) -> None:
+    """Raise :class:`UserError` for a value that is out of range or inconsistent with another.
 
-    _validate_pattern(cfg)
-    _one_of("model.source", cfg.model.source, MODEL_SOURCES)
-    _one_of("model.dtype", cfg.model.dtype, DTYPES)
-    check_model_reachable(cfg.model)
-    try:
-        METHODS.get(cfg.method)
-    except KeyError as err:
-        raise UserError(f"method: {err}") from None
-    knobs = {k: v for k, v in OmegaConf.to_container(cfg.local_metric, resolve=True).items() if k != "name"}
-    try:
-        build_metric(cfg.local_metric.name, **knobs)
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"local_metric: {err}") from None
-    _validate_calibration(cfg.calibration)
-    _validate_eval(cfg.eval)
-    for where, corpus in [("calibration.source", cfg.calibration.source), *[("eval.corpora", c) for c in cfg.eval.corpora]]:
-        try:
-            check_corpus_available(corpus)
-        except UserError as err:
-            raise UserError(f"{where}: {err}") from None
+    Only what the config alone can tell: no registry, model, corpus or task is looked up here (that is
+    :func:`unipruning_cli.preflight.validate`, which calls this first).
+    """
+    validate_pattern(cfg)
+    one_of("model.source", cfg.model.source, MODEL_SOURCES)
+    one_of("model.dtype", cfg.model.dtype, DTYPES)
+    validate_calibration(cfg.calibration)
+    validate_eval_values(cfg.eval)
     validate_search(cfg)
-    for pat in cfg.export.patterns:
-        n, _, m = str(pat).partition(":")
-        _check(n.isdigit() and m.isdigit() and 0 < int(n) < int(m),
-               f"export.patterns contains {pat!r}: each must be N:M with 0 < N < M, e.g. 2:4")
-    for s in cfg.export.sparsities or []:
-        _check(0.0 <= s < 1.0, f"export.sparsities contains {s}: every sparsity must satisfy 0 <= s < 1")
-    if cfg.pattern.allocation == "global":
-        _check(cfg.calibration.mode == "one_shot" and cfg.method != "sparsegpt",
-               "pattern.allocation=global needs every score at once: use calibration.mode=one_shot and a "
-               "score-based method (local, unipruning)")
+    validate_export(cfg)
 
 
-def _validate_pattern(cfg: DictConfig) -> None:
+def validate_pattern(cfg: DictConfig) -> None:
     p = cfg.pattern
-    _one_of("pattern.kind", p.kind, ("unstructured", "nm"))
+    one_of("pattern.kind", p.kind, ("unstructured", "nm"))
     if p.allocation is not None:
-        _one_of("pattern.allocation", p.allocation, ALLOCATIONS)
+        one_of("pattern.allocation", p.allocation, ALLOCATIONS)
     if cfg.sparsity is not None:
         s = cfg.sparsity
-        _check(0.0 <= s < 1.0, f"sparsity={s} is out of range: it must satisfy 0 <= sparsity < 1")
+        check(0.0 <= s < 1.0, f"sparsity={s} is out of range: it must satisfy 0 <= sparsity < 1")
     if p.kind == "nm":
-        _check(
+        check(
             0 < p.n < p.m,
             f"pattern={p.n}:{p.m} is not a valid N:M pattern: it needs 0 < N < M "
             f"(N weights kept in every group of M), e.g. pattern=2:4 or pattern=4:8",
         )
         implied = 1.0 - p.n / p.m
-        _check(
+        check(
             cfg.sparsity is None or abs(cfg.sparsity - implied) < 1e-9,
             f"sparsity={cfg.sparsity} conflicts with pattern={p.n}:{p.m}, whose sparsity is {implied:g}; "
             f"drop the sparsity override or use pattern=unstructured",
         )
-        _check(p.allocation in (None, "per_row"), "pattern.allocation applies to unstructured patterns only")
+        check(p.allocation in (None, "per_row"), "pattern.allocation applies to unstructured patterns only")
 
 
-def _validate_calibration(c: DictConfig) -> None:
-    _check(c.nsamples > 0, f"calibration.nsamples={c.nsamples} must be a positive integer")
-    _check(c.seqlen > 1, f"calibration.seqlen={c.seqlen} must be at least 2 tokens")
-    _one_of("calibration.mode", c.mode, CALIBRATION_MODES)
+def validate_calibration(c: DictConfig) -> None:
+    check(c.nsamples > 0, f"calibration.nsamples={c.nsamples} must be a positive integer")
+    check(c.seqlen > 1, f"calibration.seqlen={c.seqlen} must be at least 2 tokens")
+    one_of("calibration.mode", c.mode, CALIBRATION_MODES)
 
 
-def _validate_eval(e: DictConfig) -> None:
-    from .evaluation.zeroshot import check_tasks
-    from .metrics import METRICS
-
-    _check(e.seqlen > 1, f"eval.seqlen={e.seqlen} must be at least 2 tokens")
-    _check(e.task_limit is None or e.task_limit > 0, f"eval.task_limit={e.task_limit} must be positive or null")
-    for b in e.baselines:
-        _check(b in METRICS, f"eval.baselines: {METRICS.unknown_message(b)}")
-    check_tasks(e.tasks)
-    _check(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be positive")
-    _check(e.max_windows is None or e.max_windows > 0, f"eval.max_windows={e.max_windows} must be positive or null")
+def validate_eval_values(e: DictConfig) -> None:
+    """The ``eval`` group's ranges (its baselines and tasks are looked up in :mod:`unipruning_cli.preflight`)."""
+    check(e.seqlen > 1, f"eval.seqlen={e.seqlen} must be at least 2 tokens")
+    check(e.task_limit is None or e.task_limit > 0, f"eval.task_limit={e.task_limit} must be positive or null")
+    check(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be positive")
+    check(e.max_windows is None or e.max_windows > 0, f"eval.max_windows={e.max_windows} must be positive or null")
 
 
 def validate_search(cfg: DictConfig) -> None:
     """The regularizer and schedule checks alone: what a config that differs only there needs."""
     r, s = cfg.regularizer, cfg.schedule
-    _one_of("regularizer.name", r.name, ("l1",))
-    _one_of("regularizer.threshold_mode", r.threshold_mode, THRESHOLD_MODES)
-    _check(r.lam >= 0, f"regularizer.lam={r.lam} must be >= 0")
+    one_of("regularizer.name", r.name, ("l1",))
+    one_of("regularizer.threshold_mode", r.threshold_mode, THRESHOLD_MODES)
+    check(r.lam >= 0, f"regularizer.lam={r.lam} must be >= 0")
     if r.threshold_mode == "quantile":
-        _check(r.lam < 1, f"regularizer.lam={r.lam} is a quantile level here and must be < 1")
-    _one_of("schedule.weight_mode", s.weight_mode, WEIGHT_MODES)
-    _check(s.steps > 0, f"schedule.steps={s.steps} must be positive")
-    _check(0 < s.dual_step <= 1, f"schedule.dual_step={s.dual_step} must be in (0, 1]")
-    _check(s.rho >= 0, f"schedule.rho={s.rho} must be >= 0")
-    _check(s.lr >= 0, f"schedule.lr={s.lr} must be >= 0")
-    _check(0 <= s.warmup_ratio < 1, f"schedule.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
-    _check(s.grad_accumulation >= 1, f"schedule.grad_accumulation={s.grad_accumulation} must be >= 1")
-    _check(s.checkpoint_every >= 1, f"schedule.checkpoint_every={s.checkpoint_every} must be >= 1")
+        check(r.lam < 1, f"regularizer.lam={r.lam} is a quantile level here and must be < 1")
+    one_of("schedule.weight_mode", s.weight_mode, WEIGHT_MODES)
+    check(s.steps > 0, f"schedule.steps={s.steps} must be positive")
+    check(0 < s.dual_step <= 1, f"schedule.dual_step={s.dual_step} must be in (0, 1]")
+    check(s.rho >= 0, f"schedule.rho={s.rho} must be >= 0")
+    check(s.lr >= 0, f"schedule.lr={s.lr} must be >= 0")
+    check(0 <= s.warmup_ratio < 1, f"schedule.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
+    check(s.grad_accumulation >= 1, f"schedule.grad_accumulation={s.grad_accumulation} must be >= 1")
+    check(s.checkpoint_every >= 1, f"schedule.checkpoint_every={s.checkpoint_every} must be >= 1")
 
 
-def cache_dir() -> Path:
-    """Where prepared assets, converted models and cached dense perplexities live."""
-    env = os.environ.get("UNIPRUNING_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "unipruning"
+def validate_export(cfg: DictConfig) -> None:
+    """``export.patterns`` / ``export.sparsities``, and the one cross-field rule of ``pattern.allocation=global``."""
+    for pat in cfg.export.patterns:
+        n, _, m = str(pat).partition(":")
+        check(n.isdigit() and m.isdigit() and 0 < int(n) < int(m),
+              f"export.patterns contains {pat!r}: each must be N:M with 0 < N < M, e.g. 2:4")
+    for s in cfg.export.sparsities or []:
+        check(0.0 <= s < 1.0, f"export.sparsities contains {s}: every sparsity must satisfy 0 <= s < 1")
+    if cfg.pattern.allocation == "global":
+        check(cfg.calibration.mode == "one_shot" and cfg.method != "sparsegpt",
+              "pattern.allocation=global needs every score at once: use calibration.mode=one_shot and a "
+              "score-based method (local, unipruning)")

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import masks as M
 from .calibration import calibrate_blockwise, stats_from_tensors, stats_to_tensors
 from .stats import ActivationStats
-from .config import SCHEDULE_DRIFT_ONLY, cache_dir, target_sparsity
+from .config import SCHEDULE_DRIFT_ONLY, target_sparsity
+from .paths import cache_dir
 from .data import calibration_windows, corpus_identity, eval_windows, token_stream
 from .evaluation.perplexity import perplexity, with_bos
 from .methods import (DEFAULT_ALLOCATION, METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target,

@@ -46,10 +46,10 @@ def _parse(settings: list[str]) -> tuple[dict, list[str], bool]:
 
 
 def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
-    from ..config import _validate_eval
     from ..data import check_corpus_available
     from ..export import _load_or_cut, _masks_source, held_tags, open_run, resolve_target
     from ..models import load_model, prunable_layers
+    from ..preflight import validate_eval
     from ..report import print_summary, write_plots, write_summary_md
     from ..rundir import atomic_write_json
     from ..runner import Timer, dense_evaluation, eval_windows_of, evaluate_masks, load_masks, result_entry
@@ -62,7 +62,7 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
         except Exception as err:  # noqa: BLE001
             raise UserError(f"unipruning eval: {err}") from None
-    _validate_eval(cfg.eval)
+    validate_eval(cfg.eval)
     for corpus in cfg.eval.corpora:
         check_corpus_available(corpus)
     if every:

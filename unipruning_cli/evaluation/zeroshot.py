@@ -12,6 +12,7 @@ import os
 from typing import Iterable
 
 from ..errors import UserError
+from ..paths import cache_dir
 from .tasks import OFFLINE_TASKS
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ def hub_offline() -> bool:
 
 def check_tasks(tasks: Iterable[str]) -> None:
     """Fail before any model work for a task that is unknown or cannot run here."""
-    from ..config import cache_dir
-
     names = expand_tasks(tasks)
     if not names:
         return
@@ -62,8 +61,6 @@ def check_tasks(tasks: Iterable[str]) -> None:
 
 def _task_manager():
     from lm_eval.tasks import TaskManager
-
-    from ..config import cache_dir
 
     folder = cache_dir() / "tasks"
     return TaskManager(include_path=str(folder) if folder.exists() else None)

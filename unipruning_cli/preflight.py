@@ -1,0 +1,51 @@
+"""Every check of a prune config that can run before any weight is read: values, names, model, corpora, tasks.
+
+:mod:`unipruning_cli.config` checks what the config alone can tell (ranges, cross-field rules); this
+module adds what needs a lookup: the method and local metric in their registries, the model folder or
+hub id, each corpus, the lm-eval tasks and the baselines. It imports those modules; none of them
+imports it, so there is no circle. The CLI calls :func:`validate` before it loads anything.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import check, validate_eval_values, validate_values
+from .data import check_corpus_available
+from .errors import UserError
+from .evaluation.zeroshot import check_tasks
+from .methods import METHODS
+from .metrics import METRICS, build_metric
+from .models import check_model_reachable
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`UserError` for anything in ``cfg`` that would fail later, before a model is loaded.
+
+    The message names the field and what is allowed (``Unknown local_metric 'wnda'; did you mean 'wanda'?``).
+    """
+    validate_values(cfg)
+    check_model_reachable(cfg.model)
+    try:
+        METHODS.get(cfg.method)
+    except KeyError as err:
+        raise UserError(f"method: {err}") from None
+    knobs = {k: v for k, v in OmegaConf.to_container(cfg.local_metric, resolve=True).items() if k != "name"}
+    try:
+        build_metric(cfg.local_metric.name, **knobs)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"local_metric: {err}") from None
+    validate_eval(cfg.eval)
+    for where, corpus in [("calibration.source", cfg.calibration.source), *[("eval.corpora", c) for c in cfg.eval.corpora]]:
+        try:
+            check_corpus_available(corpus)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+
+
+def validate_eval(e: DictConfig) -> None:
+    """The ``eval`` group: its ranges, its baselines (registered local metrics) and its lm-eval tasks."""
+    validate_eval_values(e)
+    for b in e.baselines:
+        check(b in METRICS, f"eval.baselines: {METRICS.unknown_message(b)}")
+    check_tasks(e.tasks)
