@@ -1,6 +1,6 @@
 """Memory of evaluating several cuts in turn on one model: a full weight copy vs the zeroed entries only.
 
-``runner.evaluate_masks`` clones every prunable weight on the model's device, then restores all of
+``evaluation.protocol.evaluate_masks`` clones every prunable weight on the model's device, then restores all of
 them after each cut. The alternative measured here puts only each cut's zeroed entries aside, on the
 host, and writes them back. Each variant runs in a fresh process (peak memory only grows), on the
 embedded model with magnitude cuts at 50 / 60 / 70 % per matrix; the script prints the peak RSS
@@ -42,7 +42,7 @@ def _reset_peak_rss() -> None:
 def _evaluate_setting_aside(cfg, model, tok, layers, all_masks, windows, timer):
     """The alternative: keep aside (on the host) only the entries a cut zeroes, and put them back."""
     from unipruning_cli.methods import apply_masks
-    from unipruning_cli.runner import evaluate_pruned
+    from unipruning_cli.evaluation.protocol import evaluate_pruned
 
     results = {}
     for tag, masks in all_masks.items():
@@ -61,7 +61,8 @@ def run_variant(variant: str, n_windows: int, seqlen: int) -> dict:
     from unipruning_cli.config import compose_prune
     from unipruning_cli.masks import masks_for
     from unipruning_cli.models import load_model, prunable_layers
-    from unipruning_cli.runner import Timer, eval_windows_of, evaluate_masks
+    from unipruning_cli.evaluation.protocol import eval_windows_of, evaluate_masks
+    from unipruning_cli.progress import Timer
 
     # The embedded model and its evaluation windows, composed as `unipruning prune` composes them.
     cfg = compose_prune([f"eval.seqlen={seqlen}", f"eval.max_windows={n_windows}", f"eval.batch_size={n_windows}"])

@@ -26,7 +26,7 @@ from unipruning_cli.config import compose_prune
 from unipruning_cli.methods import LocalMetricPruning, Target
 from unipruning_cli.metrics import build_metric
 from unipruning_cli.models import load_model, prunable_layers
-from unipruning_cli.runner import calibration_set
+from unipruning_cli.calibration_set import calibration_set
 from unipruning_cli.search import SearchSettings, build_regularizer, search_frozen
 
 

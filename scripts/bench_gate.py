@@ -51,7 +51,7 @@ def reference_seconds(cfg) -> float:
     """The time of a dense perplexity pass over the eval windows: the yardstick of every ratio."""
     from unipruning_cli.evaluation.perplexity import perplexity
     from unipruning_cli.models import load_model
-    from unipruning_cli.runner import eval_windows_of
+    from unipruning_cli.evaluation.protocol import eval_windows_of
 
     model, tok = load_model(cfg.model)
     windows = eval_windows_of(cfg, tok)

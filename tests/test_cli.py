@@ -196,7 +196,7 @@ def _apply(model, masks):
 
 
 def _load_run_masks(run_dir: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    from unipruning_cli.runner import load_masks
+    from unipruning_cli.mask_files import load_masks
 
     files = sorted((run_dir / "masks").glob("*.safetensors"))
     assert len(files) == 1, files

@@ -50,7 +50,8 @@ def test_evaluating_several_cuts_in_turn_equals_each_alone_and_restores_the_mode
     from unipruning_cli.masks import masks_for
     from unipruning_cli.methods import apply_masks
     from unipruning_cli.models import prunable_layers
-    from unipruning_cli.runner import Timer, evaluate_masks, evaluate_pruned
+    from unipruning_cli.evaluation.protocol import evaluate_masks, evaluate_pruned
+    from unipruning_cli.progress import Timer
 
     model = build_tiny_model("llama", len(tiny_tokenizer)).eval()
     layers = prunable_layers(model)

@@ -254,7 +254,7 @@ def test_default_out_is_inside_the_run(uni_run, capsys):
 def test_gamma_cut_at_a_sparsity_the_run_does_not_hold(exported, uni_run, tiny_llama_dir):
     from unipruning_cli.methods import Target
     from unipruning_cli.rundir import load_tensors
-    from unipruning_cli.runner import load_masks
+    from unipruning_cli.mask_files import load_masks
 
     assert "s0.80_per_row" not in _metrics(uni_run)["results"]
     folder, stdout = exported("uni_s080", "uni", "sparsity=0.8")
@@ -385,7 +385,7 @@ def test_apply_reproduces_the_export_bit_for_bit(model_from, exported, uni_run, 
 def test_apply_shape_mismatch_lists_the_layers(uni_run, tiny_llama_dir, ws):
     from unipruning_cli.errors import UserError
     from unipruning_cli.export import apply_command
-    from unipruning_cli.runner import load_masks, save_masks
+    from unipruning_cli.mask_files import load_masks, save_masks
 
     masks = load_masks(uni_run / "masks" / "2of4.safetensors")
     bad = ["model.layers.1.self_attn.k_proj", "model.layers.2.mlp.gate_proj"]

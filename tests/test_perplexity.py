@@ -195,7 +195,7 @@ def _file_windows(tok, path, seqlen=32, n=3):
 def test_dense_perplexity_is_measured_then_cached(tmp_path, monkeypatch, tiny_llama, tiny_llama_dir, corpus_files):
     from transformers import AutoTokenizer
 
-    from unipruning_cli.runner import Timer
+    from unipruning_cli.progress import Timer
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -221,7 +221,7 @@ def test_dense_cache_follows_the_corpus_file_content(tmp_path, monkeypatch, tiny
     from transformers import AutoTokenizer
 
     from conftest import make_text
-    from unipruning_cli.runner import Timer
+    from unipruning_cli.progress import Timer
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -237,6 +237,7 @@ def test_dense_cache_follows_the_corpus_file_content(tmp_path, monkeypatch, tiny
 
 def _dense_ppl(cfg, model, tok, timer):
     """Dense perplexity per corpus as the runner computes (and caches) it."""
-    from unipruning_cli.runner import dense_evaluation, eval_windows_of
+    from unipruning_cli.evaluation.dense import dense_evaluation
+    from unipruning_cli.evaluation.protocol import eval_windows_of
 
     return dense_evaluation(cfg, model, tok, eval_windows_of(cfg, tok), timer)["perplexity"]

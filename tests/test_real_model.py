@@ -102,7 +102,9 @@ def test_tool_perplexity_equals_hf_loss_on_the_embedded_model(real_ws, monkeypat
 
     from unipruning_cli.data import eval_windows, token_stream
     from unipruning_cli.models import load_model
-    from unipruning_cli.runner import Timer, dense_evaluation, eval_windows_of
+    from unipruning_cli.evaluation.dense import dense_evaluation
+    from unipruning_cli.evaluation.protocol import eval_windows_of
+    from unipruning_cli.progress import Timer
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(real_ws["cache"]))
     torch.set_num_threads(1)

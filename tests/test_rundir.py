@@ -17,7 +17,7 @@ from unipruning_cli.rundir import (
     fingerprint,
     load_tensors,
 )
-from unipruning_cli.runner import load_masks, save_masks
+from unipruning_cli.mask_files import load_masks, save_masks
 
 
 class Boom(Exception):

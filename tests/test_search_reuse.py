@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from unipruning_cli.rundir import link_or_copy, load_tensors
-from unipruning_cli.runner import run_prune, search_fingerprint
+from unipruning_cli.runner import run_prune
+from unipruning_cli.search.store import search_fingerprint
 from unipruning_cli.search import regularizers as REG
 from unipruning_cli.sweep import SweepContext
 
@@ -176,12 +177,12 @@ def test_file_locks_exclude_another_process_until_released(tmp_path):
 
 
 def test_a_pass_takes_only_the_lams_that_fit_in_half_the_free_memory(monkeypatch):
-    from unipruning_cli import runner
+    from unipruning_cli.search import store
 
     sibs = ["a", "b", "c"]
     numel = 1000
-    monkeypatch.setattr(runner, "_available_host_bytes", lambda: 2 * 12 * numel * 2)  # two drift lanes on CPU
-    assert runner._siblings_that_fit(sibs, numel, "drift", torch.device("cpu")) == ["a", "b"]
-    assert runner._siblings_that_fit(sibs, numel, "frozen", torch.device("cpu")) == sibs  # 4 B each: six fit
-    monkeypatch.setattr(runner, "_available_host_bytes", lambda: 0)
-    assert runner._siblings_that_fit(sibs, numel, "frozen", torch.device("cpu")) == []
+    monkeypatch.setattr(store, "_available_host_bytes", lambda: 2 * 12 * numel * 2)  # two drift lanes on CPU
+    assert store.siblings_that_fit(sibs, numel, "drift", torch.device("cpu")) == ["a", "b"]
+    assert store.siblings_that_fit(sibs, numel, "frozen", torch.device("cpu")) == sibs  # 4 B each: six fit
+    monkeypatch.setattr(store, "_available_host_bytes", lambda: 0)
+    assert store.siblings_that_fit(sibs, numel, "frozen", torch.device("cpu")) == []

@@ -85,23 +85,16 @@ def _prepare(args: list[str]) -> None:
 
     from .assets import prepare
     from .paths import cache_dir
+    from .progress import console_logging
 
     parser = argparse.ArgumentParser(prog="unipruning prepare",
                                      description="Fetch, verify and convert the offline model and corpora into the cache.")
     parser.add_argument("--cache", type=Path, default=None, help=f"cache folder (default: {cache_dir()})")
     parser.add_argument("--no-model", action="store_true", help="only the corpora and tasks")
     ns = parser.parse_args(args)
-    _console_logging()
+    console_logging()
     root = prepare(ns.cache, with_model=not ns.no_model)
     log.info("offline assets ready in %s", root)
-
-
-def _console_logging() -> None:
-    from rich.logging import RichHandler
-
-    from .progress import console
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
 
 
 def _fail(err: Exception) -> None:

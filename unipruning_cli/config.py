@@ -132,7 +132,7 @@ class PruneConfig:
     method: str = "local"
     sparsity: Optional[float] = None  # None: 0.5 unstructured, 1 - n/m for N:M
     seed: int = 0
-    reuse_search: bool = True  # adopt Γ from an earlier run with the same search (see runner.reuse_search)
+    reuse_search: bool = True  # adopt Γ from an earlier run with the same search (see search.store.reuse_search)
     share_lam_search: bool = True  # in a λ sweep, one pass searches every λ where W does not depend on Γ
     experiment: Optional[str] = None
 
@@ -176,6 +176,11 @@ def check(cond: bool, msg: str) -> None:
 
 def one_of(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
     check(value in allowed, f"{field_name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain, resolved Python containers (for fingerprints and JSON); other values as they are."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def target_sparsity(cfg: DictConfig) -> float:

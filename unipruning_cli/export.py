@@ -196,7 +196,7 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
     ``pattern=N:M`` gives an N:M cut (its sparsity is 1 - N/M); otherwise an unstructured cut at
     ``sparsity`` (default: the run's) with ``allocation`` (default: the run's, or per_matrix after an N:M run).
     """
-    from .runner import make_target
+    from .methods import make_target
 
     primary = make_target(run.cfg)
     if pattern is not None and pattern != "unstructured":
@@ -250,7 +250,7 @@ def _masks_source(run: RunInfo, target: Target) -> str:
 
 def _load_or_cut(run: RunInfo, target: Target, source: str) -> dict[str, torch.Tensor]:
     from .rundir import load_tensors
-    from .runner import load_masks, save_masks
+    from .mask_files import load_masks, save_masks
 
     if source == "file":
         try:
@@ -882,7 +882,7 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
     """Apply a masks file to an original model and save the result as an HF folder (``apply_command``)."""
     from .models import check_model_reachable, load_model, prunable_layers
     from .methods import apply_masks
-    from .runner import load_masks
+    from .mask_files import load_masks
 
     masks_path = Path(masks_path).expanduser()
     shapes, info = _read_masks_file(masks_path)

@@ -14,7 +14,10 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
+from omegaconf import DictConfig
+
 from . import masks as M
+from .config import target_sparsity
 from .metrics import LocalMetric
 from .registry import Registry
 from .stats import ActivationStats
@@ -46,6 +49,35 @@ class Target:
         if self.is_nm:
             return M.nm_masks(scores, self.n, self.m)
         return M.masks_for(scores, self.sparsity, self.allocation)
+
+
+def make_target(cfg: DictConfig) -> Target:
+    """The run's primary target: its N:M pattern, or its sparsity with ``pattern.allocation`` (default: the
+    local metric's own comparison group, ``DEFAULT_ALLOCATION``; per matrix for SparseGPT)."""
+    p = cfg.pattern
+    if p.kind == "nm":
+        return Target(sparsity=target_sparsity(cfg), allocation="per_row", n=p.n, m=p.m)
+    allocation = p.allocation or DEFAULT_ALLOCATION.get(cfg.local_metric.name, "per_matrix")
+    if cfg.method == "sparsegpt":
+        allocation = p.allocation or "per_matrix"
+    return Target(sparsity=target_sparsity(cfg), allocation=allocation)
+
+
+def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
+    """The primary target, then every extra sparsity of ``export.sparsities`` and N:M of ``export.patterns``
+    (UniPruning only: the cuts of one Γ)."""
+    out = [primary]
+    if cfg.method == "unipruning":
+        for sp in cfg.export.sparsities or []:
+            t = Target(sparsity=float(sp), allocation=primary.allocation if not primary.is_nm else "per_matrix")
+            if t not in out:
+                out.append(t)
+        for pat in cfg.export.patterns:
+            n, m = (int(v) for v in str(pat).split(":"))
+            t = Target(sparsity=1 - n / m, allocation="per_row", n=n, m=m)
+            if t not in out:
+                out.append(t)
+    return out
 
 
 class PruningMethod(ABC):
@@ -110,7 +142,7 @@ class SparseGPTPruning(PruningMethod):
 @METHODS.register("unipruning")
 class UniPruning:
     """Not a block-by-block method: the search (``search/``) learns Γ over the whole model, then masks for
-    every target are cut from |Γ| (``runner.run_search`` and ``runner.cut_masks``)."""
+    every target are cut from |Γ| (``search.stage.run_search`` and ``pruning.cut_masks``)."""
 
     name = "unipruning"
 

@@ -19,13 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def eval_command(args: list[str]) -> None:
-    from ..cli import _console_logging
+    from ..progress import console_logging
 
     ap = argparse.ArgumentParser(prog="unipruning eval", description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("settings", nargs="*", help="sparsity=S | pattern=N:M | allocation=A | all | eval.<key>=<value>")
     ns = ap.parse_args(args)
-    _console_logging()
+    console_logging()
     evaluate_run(ns.run_dir, ns.settings)
 
 
@@ -52,7 +52,10 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
     from ..preflight import validate_eval
     from ..report import print_summary, write_plots, write_summary_md
     from ..rundir import atomic_write_json
-    from ..runner import Timer, dense_evaluation, eval_windows_of, evaluate_masks, load_masks, result_entry
+    from ..mask_files import load_masks
+    from ..progress import Timer
+    from .dense import dense_evaluation
+    from .protocol import eval_windows_of, evaluate_masks, result_entry
 
     run = open_run(run_dir)
     cut, dotlist, every = _parse(settings)

@@ -1,0 +1,95 @@
+"""A run's evaluation protocol: windows per corpus, then perplexity, zero-shot and measured sparsity of a model.
+
+The perplexity protocol is the papers' (README, "Methods and what they compute"): each corpus joined
+and tokenised once, cut into non-overlapping ``eval.seqlen`` windows (at most ``eval.max_windows``),
+BOS prepended when ``model.add_bos``; PPL = exp(mean per-window NLL). Zero-shot goes through
+lm-eval on the model object in memory (:mod:`.zeroshot`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ..data import eval_windows, token_stream
+from ..methods import apply_masks
+from ..models import prunable_layers
+from ..progress import Timer
+from .perplexity import perplexity, with_bos
+
+
+def eval_windows_of(cfg: DictConfig, tok) -> dict[str, torch.Tensor]:
+    """Evaluation windows per corpus (``int64 [windows, seqlen]``), tokenised once per run.
+
+    Raises :class:`UserError` (from :mod:`..data`) for a corpus too short for one window: early, before any search.
+    """
+    return {c: _eval_windows(cfg, tok, c) for c in cfg.eval.corpora}
+
+
+def _eval_windows(cfg: DictConfig, tok, corpus: str) -> torch.Tensor:
+    windows = eval_windows(token_stream(tok, corpus, "eval"), cfg.eval.seqlen, cfg.eval.max_windows)
+    if cfg.model.add_bos and tok.bos_token_id is not None:
+        windows = with_bos(windows, tok.bos_token_id)
+    return windows
+
+
+def max_length(cfg: DictConfig) -> int:
+    """lm-eval's context length: ``eval.max_length``, else ``eval.seqlen`` (never the model's 32k default)."""
+    return cfg.eval.max_length or cfg.eval.seqlen
+
+
+def zero_shot_of(cfg: DictConfig, model, tok) -> dict:
+    """``eval.tasks`` zero-shot on ``model`` as it is now (per-task acc / acc_norm and their mean)."""
+    from .zeroshot import zero_shot
+
+    return zero_shot(model, tok, cfg.eval.tasks, cfg.eval.task_limit, cfg.eval.task_batch_size, max_length(cfg))
+
+
+def measured_sparsity(model: nn.Module) -> dict:
+    """Zeros counted in the weights: per prunable matrix, over the prunable weights and over every parameter."""
+    layers = prunable_layers(model)
+    per_layer, zeros, total = {}, 0, 0
+    for name, layer in layers.items():
+        z = int((layer.weight == 0).sum())
+        per_layer[name] = round(z / layer.weight.numel(), 6)
+        zeros += z
+        total += layer.weight.numel()
+    all_params = sum(p.numel() for p in model.parameters())
+    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    return {"overall": zeros / total, "prunable_params": total, "zeros": zeros,
+            "overall_all_params": all_zeros / all_params, "all_params": all_params, "per_layer": per_layer}
+
+
+def evaluate_pruned(cfg: DictConfig, model, tok, windows: dict[str, torch.Tensor], label: str) -> dict:
+    """Measured sparsity, perplexity per corpus and zero-shot of the model as it is now."""
+    return {"sparsity": measured_sparsity(model),
+            "perplexity": {c: perplexity(model, w, cfg.eval.batch_size, f"pruned ppl {c} {label}").to_dict()
+                           for c, w in windows.items()},
+            "zero_shot": zero_shot_of(cfg, model, tok) if cfg.eval.tasks else {}}
+
+
+def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear], all_masks: dict[str, dict],
+                   windows: dict[str, torch.Tensor], timer: Timer) -> dict[str, dict]:
+    """Evaluate each set of masks in turn (``tag -> name -> bool [out, in]``); the original weights are
+    restored between sets, from one full copy of the prunable weights (``scripts/bench_eval_memory.py``)."""
+    original = {n: m.weight.detach().clone() for n, m in layers.items()}
+    results = {}
+    for tag, masks in all_masks.items():
+        apply_masks(layers, masks)
+        with timer.stage("pruned_eval"):
+            results[tag] = evaluate_pruned(cfg, model, tok, windows, tag)
+        with torch.no_grad():
+            for n, m in layers.items():
+                m.weight.copy_(original[n])
+    return results
+
+
+def result_entry(r: dict) -> dict:
+    """The compact per-cut record of metrics.json["results"] (with the protocol each number used)."""
+    return {"ppl": {c: p["ppl"] for c, p in r["perplexity"].items()},
+            "protocol": {c: {"seqlen": p["seqlen"], "windows": p["windows"]} for c, p in r["perplexity"].items()},
+            "measured_sparsity": r["sparsity"]["overall"], "per_layer_sparsity": r["sparsity"]["per_layer"],
+            "zero_shot_mean": r["zero_shot"].get("mean")}

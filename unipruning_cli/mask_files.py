@@ -1,0 +1,52 @@
+"""Mask files on disk: one bit-packed ``uint8`` tensor per prunable matrix, its shape and provenance in the metadata.
+
+Format (README, "The run directory"): a safetensors file whose tensors are :func:`masks.pack_mask` of
+each keep mask (1 bit per weight, row-major, little-endian within a byte), with two metadata keys:
+``shapes`` (JSON: name -> [out, in]) and ``info`` (JSON: the target tag, the method, ...).
+Written atomically (:func:`rundir.atomic_save_tensors`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .masks import pack_mask, unpack_mask
+from .rundir import atomic_save_tensors, load_tensors
+
+
+def save_masks(path: Path, masks: dict[str, torch.Tensor], info: dict) -> None:
+    """Write ``masks`` (bool ``[out, in]`` per matrix, True = kept) to ``path`` with ``info`` in the metadata."""
+    shapes = {n: list(m.shape) for n, m in masks.items()}
+    packed = {n: pack_mask(m) for n, m in masks.items()}
+    atomic_save_tensors(path, packed, {"shapes": json.dumps(shapes), "info": json.dumps(info)})
+
+
+def load_masks(path: Path) -> dict[str, torch.Tensor]:
+    """The bool keep masks of a file written by :func:`save_masks`, on the CPU."""
+    shapes, _ = read_masks_header(path)
+    packed = load_tensors(path)
+    return {n: unpack_mask(packed[n], shapes[n]) for n in shapes}
+
+
+def read_masks_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """The shapes and the ``info`` of a masks file, without reading its tensors.
+
+    Raises :class:`UserError` when ``path`` is missing, is not safetensors, or has no ``shapes`` metadata.
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"masks file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"{path} is not a safetensors file: {err}") from None
+    if "shapes" not in meta:
+        raise UserError(f"{path} is not a masks file written by unipruning (no 'shapes' in its metadata)")
+    shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+    return shapes, json.loads(meta.get("info", "{}"))

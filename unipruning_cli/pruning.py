@@ -1,0 +1,120 @@
+"""From scores to a pruned model: the prune stage of the block-wise methods, and the cuts of one Γ at every target.
+
+- :func:`prune_stage` (``method=local`` and ``method=sparsegpt``): calibrate, then per block score or
+  solve, cut the target and apply it (one-shot local metrics score every matrix from the cached dense
+  statistics instead). Masks are saved bit-packed (:mod:`.mask_files`) with a stage marker.
+- :func:`cut_masks` (UniPruning): masks for every target from |Γ|, no forward pass;
+  :func:`baseline_masks` the same cuts from plain local metrics (``eval.baselines``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+from .calibration import calibrate_blockwise, stats_to_tensors
+from .calibration_set import calibration_set, dense_statistics
+from .config import plain
+from .mask_files import load_masks, save_masks
+from .methods import METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target, apply_masks
+from .metrics import METRICS, build_metric
+from .models import prunable_layers
+from .progress import Timer
+from .rundir import RunDir, atomic_save_tensors, atomic_write_json, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def make_method(cfg: DictConfig) -> PruningMethod:
+    """The block-wise method of ``cfg.method`` with its knobs (the local metric's, the seed)."""
+    cls = METHODS.get(cfg.method)
+    if cls is LocalMetricPruning:
+        knobs = {k: v for k, v in plain(cfg.local_metric).items() if k != "name"}
+        return LocalMetricPruning(build_metric(cfg.local_metric.name, **knobs), seed=cfg.seed)
+    if cls is SparseGPTPruning:
+        return SparseGPTPruning()
+    return cls()
+
+
+def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, target: Target, rd: RunDir) -> tuple[dict, dict]:
+    """Masks of every prunable layer at ``target``; weights are pruned in place on return.
+
+    Writes ``calibration.safetensors`` (Σx² per input channel, counts in the metadata) and
+    ``calibration.json`` into ``rd``. Returns (masks: name -> bool ``[out, in]``, calibration info).
+    """
+    c = cfg.calibration
+    windows, calib_info = calibration_set(cfg, tok)
+    layers = prunable_layers(model)
+    if isinstance(method, LocalMetricPruning) and c.mode == "one_shot":
+        # Scores need only the dense statistics (none at all for magnitude): no pass per run.
+        if method.metric.name == "magnitude":
+            stats, cached = {}, False
+        else:
+            stats, cached = dense_statistics(cfg, model, windows)
+        calib_info["cached"] = cached
+        masks = target.cut(method.scores(layers, stats))
+        apply_masks(layers, masks)
+    else:
+        masks: dict[str, torch.Tensor] = {}
+
+        def on_block(i, block_layers, block_stats):
+            block_masks = method.prune_block(block_layers, block_stats, target)
+            if not method.updates_weights:
+                apply_masks(block_layers, block_masks)
+            masks.update(block_masks)
+
+        stats = calibrate_blockwise(model, windows, sequential=c.mode == "sequential",
+                                    want_hessian=method.needs_hessian, on_block=on_block, offload=c.offload)
+    tensors, meta = stats_to_tensors(stats, per_sample=False)
+    atomic_save_tensors(rd / "calibration.safetensors", tensors, meta)
+    atomic_write_json(rd / "calibration.json", calib_info)
+    return masks, calib_info
+
+
+def prune_stage(cfg: DictConfig, model, tok, target: Target, rd: RunDir, timer: Timer) -> tuple[dict, dict]:
+    """Local-metric or SparseGPT pruning of the model in place (masks reloaded when already done)."""
+    method = make_method(cfg)
+    layers = prunable_layers(model)
+    prune_fp = fingerprint({k: plain(cfg[k]) for k in ("model", "calibration", "local_metric", "method", "pattern",
+                                                       "sparsity", "seed")})
+    mask_path = f"masks/{target.tag}.safetensors"
+    if rd.is_complete("prune", prune_fp) and not method.updates_weights:
+        log.info("prune stage complete in %s: loading %s", rd.path, mask_path)
+        masks = load_masks(rd / mask_path)
+        apply_masks(layers, masks)
+        return masks, json.loads((rd / "calibration.json").read_text())
+    with timer.stage("calibrate_prune"):
+        masks, calib_info = calibrate_and_prune(cfg, model, tok, method, target, rd)
+    save_masks(rd / mask_path, masks, {"target": target.tag, "method": cfg.method})
+    rd.mark_complete("prune", prune_fp, [mask_path, "calibration.safetensors", "calibration.json"],
+                     timer.seconds["calibrate_prune"])
+    return masks, calib_info
+
+
+def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir) -> dict[str, dict[str, torch.Tensor]]:
+    """Masks for every target from one Γ (|Γ| as the score; seconds, no model forward), each saved to
+    ``rd/masks/<tag>.safetensors``. Returns tag -> name -> bool ``[out, in]``."""
+    scores = {n: g.abs() for n, g in gamma.items()}
+    out = {}
+    for t in targets:
+        out[t.tag] = t.cut(scores)
+        save_masks(rd / f"masks/{t.tag}.safetensors", out[t.tag], {"target": t.tag, "method": "unipruning"})
+    return out
+
+
+def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[str, dict]:
+    """``eval.baselines``: the same cuts from plain local metrics (dense statistics, cached), tagged ``<metric>:<tag>``."""
+    if not cfg.eval.baselines:
+        return {}
+    windows, _ = calibration_set(cfg, tok)
+    stats, _ = dense_statistics(cfg, model, windows)
+    layers = prunable_layers(model)
+    out = {}
+    for name in cfg.eval.baselines:
+        scores = LocalMetricPruning(METRICS.get(name)(), seed=cfg.seed).scores(layers, stats)
+        for t in targets:
+            out[f"{name}:{t.tag}"] = t.cut(scores)
+    return out

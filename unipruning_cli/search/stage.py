@@ -1,0 +1,87 @@
+"""The UniPruning search stage of a run: Γ for every prunable matrix, from this run, an earlier one, or a new pass.
+
+Order of preference: this run's own finished search (a resumed run), then an indexed search with the
+same fingerprint (:func:`store.reuse_search`), then a new mirror-descent pass (:mod:`.mirror_descent`),
+which resumes from ``checkpoints/search.*`` when interrupted. In a λ sweep where W does not depend on
+Γ, the new pass also searches the sweep's other λ and files them (:mod:`.store`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+from ..calibration_set import calibration_set, dense_statistics
+from ..config import plain
+from ..metrics import build_metric
+from ..models import prunable_layers
+from ..progress import Timer
+from ..rundir import RunDir, file_locks, load_tensors
+from ..sweep import SweepContext
+from .mirror_descent import LamSibling, SearchSettings, search_drift, search_frozen
+from .regularizers import build_regularizer
+from .store import (indexed_search, lam_siblings, record_search, reuse_search, search_fingerprint, search_index,
+                    siblings_that_fit)
+
+log = logging.getLogger(__name__)
+
+
+def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
+               sweep: SweepContext | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Γ (name -> fp32 ``[out, in]``, on the CPU) and the search info recorded in the stage marker.
+
+    In a sweep over λ, where W does not depend on Γ, the pass also searches the other λ and files each
+    in ``<sweep>/.searches/`` with an index entry, so their jobs adopt it instead of searching. Locks
+    on the index entries make parallel jobs wait for that pass rather than repeat it.
+    Raises ``FloatingPointError`` when the search diverges (Γ not finite).
+    """
+    fp = search_fingerprint(cfg)
+    if rd.is_complete("search", fp):
+        log.info("search stage complete in %s: loading gamma.safetensors", rd.path)
+        return load_tensors(rd / "gamma.safetensors"), rd.stage_info("search")["info"]
+    own_index = search_index(cfg, fp, model)
+    siblings = lam_siblings(cfg, sweep, model)
+    locks = [own_index.with_suffix(".lock"), *(s.index.with_suffix(".lock") for s in siblings)] if cfg.reuse_search else []
+    with file_locks(locks):
+        reused = reuse_search(cfg, fp, rd, model)
+        if reused is not None:
+            return load_tensors(rd / "gamma.safetensors"), reused
+        layers = prunable_layers(model)
+        siblings = [s for s in siblings if indexed_search(s.index, s.fp) is None]
+        siblings = siblings_that_fit(siblings, sum(m.weight.numel() for m in layers.values()),
+                                     cfg.schedule.weight_mode, next(model.parameters()).device)
+        c, sch = cfg.calibration, cfg.schedule
+        if sch.weight_mode == "frozen" and sch.rho != 0:
+            log.warning("schedule.rho=%g has no effect in frozen mode: ρ only steers the drifting weights", sch.rho)
+        knobs = {k: v for k, v in plain(cfg.local_metric).items() if k != "name"}
+        metric = build_metric(cfg.local_metric.name, **knobs)
+        prox = build_regularizer(cfg.regularizer.name, cfg.regularizer.lam, cfg.regularizer.threshold_mode)
+        settings = SearchSettings(**plain(sch), seed=cfg.seed)
+        windows, _ = calibration_set(cfg, tok)
+        ckpt = rd / "checkpoints" / "search.safetensors"
+        lanes = [LamSibling(build_regularizer(cfg.regularizer.name, s.lam, cfg.regularizer.threshold_mode),
+                            RunDir(s.dir) / "search.jsonl") for s in siblings]
+        if lanes:
+            log.info("search: one pass for λ = %s (W does not depend on Γ here, so the step metrics are shared)",
+                     ", ".join(f"{x:g}" for x in [cfg.regularizer.lam, *(s.lam for s in siblings)]))
+        with timer.stage("search"):
+            if sch.weight_mode == "frozen":
+                stats, _ = dense_statistics(cfg, model, windows)
+                gamma, bpp = search_frozen({n: m.weight.detach() for n, m in layers.items()}, stats, metric, prox,
+                                           settings, ckpt, fp, rd / "search.jsonl", siblings=lanes)
+            else:
+                gamma, bpp = search_drift(model, layers, windows, metric, prox, settings, ckpt, fp,
+                                          rd / "search.jsonl", siblings=lanes)
+        info = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": cfg.seed,
+                "tokens": int(windows.numel()), "steps": sch.steps, "weight_mode": sch.weight_mode,
+                "state_bytes_per_param": bpp, "search_seconds": timer.seconds["search"]}
+        if lanes:
+            info["lams_in_pass"] = [cfg.regularizer.lam,
+                                    *(s.lam for s, lane in zip(siblings, lanes) if lane.gamma is not None)]
+        record_search(cfg, fp, rd, gamma, info, own_index)
+        for s, lane in zip(siblings, lanes):
+            if lane.gamma is not None:
+                record_search(s.cfg, s.fp, RunDir(s.dir), lane.gamma, {**info, "searched_by": str(rd.path)}, s.index)
+    return gamma, info

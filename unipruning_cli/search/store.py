@@ -1,0 +1,169 @@
+"""Where searches are kept and found again: the search fingerprint, the index under the cache, adoption, λ lanes.
+
+A finished search is recorded in its run (``gamma.safetensors``, ``search.jsonl``, a stage marker) and
+in an index entry ``<cache>/search/<key>.json`` that names that run. The key covers everything Γ depends
+on (:func:`search_fingerprint`) plus what the config cannot say (the files behind the model and the
+corpus, library versions, the weights' dtype and device type), so a later run or sweep job with the
+same search adopts that Γ (:func:`reuse_search`, a hard link) instead of searching again. Parallel jobs
+serialise on ``<key>.lock`` (``rundir.file_locks``). In a λ sweep where W does not depend on Γ, one pass
+serves several λ (:func:`lam_siblings`, :func:`siblings_that_fit`); their Γ are filed in the sweep's
+``.searches/`` folder and indexed the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ..config import SCHEDULE_DRIFT_ONLY, plain, validate_search
+from ..data import corpus_identity
+from ..errors import UserError
+from ..models import model_identity
+from ..paths import cache_dir
+from ..provenance import versions
+from ..rundir import RunDir, atomic_save_tensors, atomic_write_json, fingerprint, link_or_copy
+from ..sweep import SweepContext
+
+log = logging.getLogger(__name__)
+
+#: Bumped when the search computes a different Γ from the same config, so older checkpoints and indexed
+#: searches are not taken for current ones. 2: the prox samples its quantile from its own generator.
+SEARCH_REVISION = 2
+
+
+def search_fingerprint(cfg: DictConfig) -> str:
+    """Everything Γ depends on, and nothing else, so equal searches are recognised as equal.
+
+    Left out: the checkpoint interval (resume is bit-exact), where calibration data are offloaded,
+    the calibration mode (the search never prunes block by block), and in frozen mode the weight
+    optimiser's knobs (a ρ sweep in frozen mode is one search, not three).
+    """
+    schedule = {k: v for k, v in plain(cfg.schedule).items() if k != "checkpoint_every"}
+    if schedule.get("weight_mode") == "frozen":
+        schedule = {k: v for k, v in schedule.items() if k not in SCHEDULE_DRIFT_ONLY}
+    calibration = {k: v for k, v in plain(cfg.calibration).items() if k not in ("mode", "offload")}
+    return fingerprint({"model": plain(cfg.model), "calibration": calibration, "local_metric": plain(cfg.local_metric),
+                        "regularizer": plain(cfg.regularizer), "schedule": schedule, "seed": cfg.seed,
+                        "revision": SEARCH_REVISION})
+
+
+def search_index(cfg: DictConfig, fp: str, model) -> Path:
+    """Where a finished search is recorded: the run that holds its Γ (an index, not a copy of Γ).
+
+    The key adds what the config cannot say: the files behind the model and the corpus, the library
+    versions, and where the weights really live (``dtype: auto`` is bf16 on CUDA, fp32 on CPU)."""
+    weight = next(model.parameters())
+    key = fingerprint({"search": fp, "model": model_identity(cfg.model), "corpus": corpus_identity(cfg.calibration.source),
+                       "versions": versions(), "placement": [str(weight.dtype), weight.device.type]})
+    return cache_dir() / "search" / f"{key}.json"
+
+
+def indexed_search(index: Path, fp: str) -> RunDir | None:
+    """The run (or shared search folder) that the index names, if it still holds that search complete."""
+    if not index.exists():
+        return None
+    source = RunDir(Path(json.loads(index.read_text())["run_dir"]), create=False)
+    return source if source.is_complete("search", fp) else None
+
+
+def reuse_search(cfg: DictConfig, fp: str, rd: RunDir, model) -> dict | None:
+    """Adopt the Γ of an earlier run with the same search (another sweep job, another sparsity).
+
+    The earlier run must still hold a complete search stage with this fingerprint; Γ is hard-linked
+    into this run (files are only ever replaced, never rewritten, so the link is safe), or copied
+    across file systems. Returns the search info, or None when there is nothing to reuse.
+    """
+    if not cfg.reuse_search:
+        return None
+    source = indexed_search(search_index(cfg, fp, model), fp)
+    if source is None or source.path.resolve() == rd.path.resolve():
+        return None
+    for rel in ("gamma.safetensors", "search.jsonl", "plots/search.png"):
+        if (source / rel).exists():
+            link_or_copy(source / rel, rd / rel)
+    info = {**source.stage_info("search")["info"], "reused_from": str(source.path)}
+    rd.mark_complete("search", fp, ["gamma.safetensors", "search.jsonl"], 0.0, info=info)
+    log.info("search: reusing Γ of %s (same model, calibration, metric, regularizer and schedule)", source.path)
+    return info
+
+
+def record_search(cfg: DictConfig, fp: str, rd: RunDir, gamma: dict[str, torch.Tensor], info: dict,
+                  index: Path) -> None:
+    """Γ, its plot and the stage marker in ``rd``, then the index entry that lets other runs adopt it.
+
+    Raises ``FloatingPointError`` (nothing written) when any Γ holds NaN or inf."""
+    from ..report import plot_search
+
+    bad = [n for n, g in gamma.items() if not torch.isfinite(g).all()]
+    if bad:
+        raise FloatingPointError(f"the search diverged (λ={cfg.regularizer.lam:g}): Γ has NaN/inf in {len(bad)} "
+                                 f"matrices (first: {bad[0]}); lower schedule.lr, schedule.rho or schedule.dual_step")
+    atomic_save_tensors(rd / "gamma.safetensors", gamma, {"fingerprint": fp})
+    plot_search(rd / "search.jsonl", rd / "plots" / "search.png")
+    rd.mark_complete("search", fp, ["gamma.safetensors", "search.jsonl"], info["search_seconds"], info=info)
+    atomic_write_json(index, {"run_dir": str(rd.path.resolve()), "fingerprint": fp})
+
+
+@dataclass(frozen=True)
+class LamSearch:
+    """A sibling job's search (the same config but λ) that this job can run in its own pass, and
+    the folder in the sweep where its Γ is filed."""
+
+    lam: float
+    cfg: DictConfig
+    fp: str
+    index: Path
+    dir: Path
+
+
+def lam_siblings(cfg: DictConfig, sweep: SweepContext | None, model) -> list[LamSearch]:
+    """The other λ of this job's sweep, where one pass can serve them all: W must not depend on Γ
+    (frozen mode, or drift with ρ = 0), so the step metrics are the same for every λ."""
+    sch = cfg.schedule
+    if (sweep is None or not cfg.reuse_search or not cfg.share_lam_search
+            or not (sch.weight_mode == "frozen" or sch.rho == 0)):
+        return []
+    out = []
+    for lam in dict.fromkeys(sweep.lams):
+        if lam == cfg.regularizer.lam:
+            continue
+        sib = copy.deepcopy(cfg)
+        sib.regularizer.lam = lam
+        try:  # only λ differs from this job's validated config, so only the search checks can fail
+            validate_search(sib)
+        except UserError:  # that job fails on its own; it must not take this one down with it
+            continue
+        fp = search_fingerprint(sib)
+        index = search_index(sib, fp, model)
+        out.append(LamSearch(lam, sib, fp, index, sweep.dir / ".searches" / index.stem))
+    return out
+
+
+def _available_host_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def siblings_that_fit(siblings: list[LamSearch], numel: int, weight_mode: str, device: torch.device) -> list[LamSearch]:
+    """As many λ lanes as fit in half the free memory: each holds V and Γ in fp32 on the search's
+    device while drifting (8 B per prunable weight), and hands its Γ (fp32, 4 B) back on the host."""
+    on_gpu, drift = device.type == "cuda", weight_mode == "drift"
+    fit = _available_host_bytes() // 2 // (4 * numel + (8 * numel if drift and not on_gpu else 0))
+    if drift and on_gpu:
+        fit = min(fit, torch.cuda.mem_get_info(device)[0] // 2 // (8 * numel))
+    if fit < len(siblings):
+        log.info("search: memory for %d of the sweep's %d other λ in this pass; the rest search in their own jobs",
+                 fit, len(siblings))
+    return siblings[:fit]
