@@ -20,31 +20,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
+
+from bench_common import run_json_child
 
 CHILD = r"""
-import json, resource, sys, tempfile, time, torch
+import json, sys, tempfile, time, torch
 from pathlib import Path
+from bench_common import SMOLLM2_BLOCK_SHAPES, peak_rss_mib
 from unipruning_cli.metrics import build_metric
 from unipruning_cli.search import SearchSettings, build_regularizer, search_frozen
 from unipruning_cli.stats import ActivationStats
 mode, steps, blocks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 gen = torch.Generator().manual_seed(0)
-shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
-weights = {f"b{b}.{i}": torch.randn(*s, generator=gen) for b in range(blocks) for i, s in enumerate(shapes)}
+weights = {f"b{b}.{i}": torch.randn(*s, generator=gen) for b in range(blocks) for i, s in enumerate(SMOLLM2_BLOCK_SHAPES)}
 stats = {n: ActivationStats(sq_sum=torch.ones(w.shape[1], dtype=torch.float64), count=8,
                             sample_mean_sq=torch.rand(8, w.shape[1], generator=gen)) for n, w in weights.items()}
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-before = rss()
+before = peak_rss_mib()
 with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
     search_frozen(weights, stats, build_metric("stochria", sampler="cyclic"), build_regularizer("l1", 1e-3, "quantile"),
                   SearchSettings(steps=steps, weight_mode="frozen"), Path(tmp) / "c", "x", Path(tmp) / "s.jsonl")
     secs = time.perf_counter() - t0
 print(json.dumps({"mode": mode, "seconds": round(secs, 2),
-                  "rss_before_search_mib": round(before), "peak_rss_mib": round(rss()),
-                  "search_added_mib": round(rss() - before)}))
+                  "rss_before_search_mib": round(before), "peak_rss_mib": round(peak_rss_mib()),
+                  "search_added_mib": round(peak_rss_mib() - before)}))
 """
 
 
@@ -57,9 +56,7 @@ def main() -> None:
     out = {}
     for mode in ("default", "fixed"):
         env = {**env_clean, "MALLOC_MMAP_THRESHOLD_": "131072"} if mode == "fixed" else env_clean
-        proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(args.steps), str(args.blocks)],
-                              capture_output=True, text=True, check=True, env=env)
-        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[mode] = run_json_child(["-c", CHILD, mode, str(args.steps), str(args.blocks)], env=env)
         print(json.dumps(out[mode]), flush=True)
     out["added_memory_ratio_fixed_over_default"] = round(out["fixed"]["search_added_mib"]
                                                          / max(1, out["default"]["search_added_mib"]), 3)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+
+from bench_common import run_json_child
 
 CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
+from bench_common import peak_rss_mib
 from transformers import LlamaConfig, LlamaForCausalLM
 from unipruning_cli.calibration import calibrate_blockwise
 depth, nsamples, seqlen, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -26,21 +27,18 @@ cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_
                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=seqlen)
 model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
 windows = torch.randint(0, 1000, (nsamples, seqlen))
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-after_load = rss()
+after_load = peak_rss_mib()
 if mode == "blockwise":
     calibrate_blockwise(model, windows)
 else:  # every block's activations alive at once: one forward keeping all hidden states
     with torch.no_grad():
         keep = [model(w[None], output_hidden_states=True, use_cache=False).hidden_states for w in windows]
-print(json.dumps({"after_load_mib": after_load, "peak_mib": rss()}))
+print(json.dumps({"after_load_mib": after_load, "peak_mib": peak_rss_mib()}))
 """
 
 
 def measure(depth: int, nsamples: int, seqlen: int, mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(depth), str(nsamples), str(seqlen), mode],
-                         capture_output=True, text=True, check=True)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_json_child(["-c", CHILD, str(depth), str(nsamples), str(seqlen), mode])
     return {"depth": depth, "mode": mode, **r, "added_mib": round(r["peak_mib"] - r["after_load_mib"], 1)}
 
 

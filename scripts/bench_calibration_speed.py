@@ -16,6 +16,7 @@ import json
 import time
 
 import torch
+from bench_common import SMOLLM2
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from unipruning_cli import calibration
@@ -50,8 +51,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.depth,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=args.seqlen)
+    cfg = LlamaConfig(vocab_size=1000, **{**SMOLLM2, "num_hidden_layers": args.depth},
+                      max_position_embeddings=args.seqlen)
     model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
     windows = torch.randint(0, cfg.vocab_size, (args.nsamples, args.seqlen))
     times = {True: [], False: []}

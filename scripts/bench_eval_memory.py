@@ -19,24 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 import torch
-
-
-def _status_mib(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from bench_common import reset_peak_rss, run_json_child, status_mib
 
 
 def _evaluate_setting_aside(cfg, model, tok, layers, all_masks, windows, timer):
@@ -80,12 +66,12 @@ def run_variant(variant: str, n_windows: int, seqlen: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         dev_before = torch.cuda.memory_allocated()
-    _reset_peak_rss()
-    before = _status_mib("VmRSS")
+    reset_peak_rss()
+    before = status_mib("VmRSS")
     t0 = time.perf_counter()
     results = rule(cfg, model, tok, layers, cuts, windows, Timer())
     device = {"added_peak_device_mib": round((torch.cuda.max_memory_allocated() - dev_before) / 2**20, 1)} if cuda else {}
-    return {"variant": variant, "added_peak_rss_mib": round(_status_mib("VmHWM") - before, 1), **device,
+    return {"variant": variant, "added_peak_rss_mib": round(status_mib("VmHWM") - before, 1), **device,
             "seconds": round(time.perf_counter() - t0, 2),
             "ppl": {t: {c: p["ppl"] for c, p in r["perplexity"].items()} for t, r in results.items()}}
 
@@ -101,9 +87,8 @@ def main() -> None:
         return
     out = {}
     for variant in ("copy", "aside"):
-        proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--windows", str(args.windows),
-                               "--seqlen", str(args.seqlen)], capture_output=True, text=True, check=True)
-        out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[variant] = run_json_child([__file__, "--variant", variant, "--windows", str(args.windows),
+                                       "--seqlen", str(args.seqlen)])
     assert out["copy"]["ppl"] == out["aside"]["ppl"], "the two rules must give the same perplexities"
     out["ratio_added_rss_aside_over_copy"] = round(out["aside"]["added_peak_rss_mib"]
                                                    / max(out["copy"]["added_peak_rss_mib"], 1e-9), 3)

@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, also when a test loads this file by path
+from bench_common import isolated_cache  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 TIERS = {
@@ -66,12 +69,7 @@ def fresh_cache(folder: Path) -> Path:
     statistics): every gate run measures the same work, whatever ran before on this machine."""
     from unipruning_cli.paths import cache_dir
 
-    real = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    for sub in ("models", "data", "tasks", "raw"):
-        if (real / sub).exists() and not (folder / sub).exists():
-            (folder / sub).symlink_to(real / sub, target_is_directory=True)
-    return folder
+    return isolated_cache(cache_dir(), folder)
 
 
 def run_suite(tier: str, out: Path, extra: list[str] | None = None) -> dict:

@@ -17,6 +17,7 @@ import json
 import time
 
 import torch
+from bench_common import SMOLLM2_BLOCK_SHAPES
 
 from unipruning_cli.masks import _keep_top_by_selection, _keep_top_by_sort, num_pruned
 
@@ -29,16 +30,13 @@ def _keep_top_by_kthvalue(values: torch.Tensor, keep: int) -> torch.Tensor:
     ties = values == thr
     return above | (ties & (ties.cumsum(dim=-1) <= keep - above.sum(dim=-1, keepdim=True)))
 
-SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=30)
     ap.add_argument("--sparsity", type=float, default=0.6)
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
-    scores = [torch.rand(s, generator=gen) for _ in range(args.blocks) for s in SHAPES]
+    scores = [torch.rand(s, generator=gen) for _ in range(args.blocks) for s in SMOLLM2_BLOCK_SHAPES]
     out = {"matrices": len(scores), "params": sum(s.numel() for s in scores), "sparsity": args.sparsity}
     for rule_name, rule in (("sort", _keep_top_by_sort), ("kthvalue", _keep_top_by_kthvalue),
                             ("selection", _keep_top_by_selection)):

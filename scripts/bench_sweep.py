@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import isolated_cache
+
 PRESETS = {
     "paper": {"regularizer.lam": ["0", "1e-3", "1e-2"], "schedule.rho": ["0", "1e-5", "1e-3"]},
     "cuts": {"regularizer.lam": ["0", "1e-3", "1e-2"], "sparsity": ["0.5", "0.6", "0.7"]},
@@ -39,14 +41,6 @@ def prune(args: list[str], runs: Path, cache: Path) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"prune {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - t0
-
-
-def link_assets(real_cache: Path, cache: Path) -> None:
-    """A fresh cache that still sees the prepared model and corpora (read only), not their results."""
-    cache.mkdir(parents=True)
-    for name in ("models", "data", "raw", "tasks", "wheels", "manifest.json"):
-        if (real_cache / name).exists():
-            (cache / name).symlink_to(real_cache / name)
 
 
 def stage_seconds(runs: Path) -> dict[str, float]:
@@ -75,8 +69,8 @@ def main() -> None:
         n_jobs *= len(values)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        link_assets(cache_dir(), tmp / "cache-one")
-        link_assets(cache_dir(), tmp / "cache-sweep")
+        isolated_cache(cache_dir(), tmp / "cache-one")
+        isolated_cache(cache_dir(), tmp / "cache-sweep")
         one = prune([*common, *(f"{k}={v[0]}" for k, v in grid.items())], tmp / "one", tmp / "cache-one")
         print(f"standalone job: {one:.1f} s", flush=True)
         sweep = prune(["-m", *common, *(f"{k}={','.join(v)}" for k, v in grid.items())], tmp / "sweep",
