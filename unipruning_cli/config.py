@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import UserError
+from .search.settings import ScheduleConfig
 
 MODEL_SOURCES = ("hub", "local", "embedded")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -86,32 +87,6 @@ class RegularizerConfig:
 
 
 @dataclass
-class ScheduleConfig:
-    """Mirror-descent schedule and the weight optimiser of drift mode (spec §5.3 defaults)."""
-
-    steps: int = 128
-    dual_step: float = 0.01
-    weight_mode: str = "drift"
-    rho: float = 0.0
-    lr: float = 1e-4
-    warmup_ratio: float = 0.1
-    decay: str = "linear"
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    grad_accumulation: int = 1
-    accumulate_grads_across_steps: bool = True
-    checkpoint_every: int = 16
-
-
-#: The ScheduleConfig fields that only steer the weight optimiser: they cannot change Γ when W is frozen
-#: (the search fingerprint leaves them out in frozen mode). A new drift-only field belongs here too.
-SCHEDULE_DRIFT_ONLY = ("rho", "lr", "warmup_ratio", "decay", "betas", "eps", "weight_decay", "grad_clip",
-                       "grad_accumulation", "accumulate_grads_across_steps")
-
-
-@dataclass
 class ExportConfig:
     """Which masks to cut from one set of scores (UniPruning's Γ): every sparsity listed."""
 
@@ -138,8 +113,19 @@ class PruneConfig:
 
 
 def register_schemas() -> None:
+    """Register the prune schema, and a group option for every registered local metric and regulariser
+    that has no YAML of its own in ``configs/``: a new one is then selectable as ``local_metric=<name>``
+    (``regularizer=<name>``) with its class defaults, without a config file."""
+    from .metrics import METRICS
+    from .search.regularizers import REGULARIZERS
+
     cs = ConfigStore.instance()
     cs.store(name="prune_schema", node=PruneConfig)
+    root = Path(config_dir())
+    for group, registry in (("local_metric", METRICS), ("regularizer", REGULARIZERS)):
+        for name in registry:
+            if not (root / group / f"{name}.yaml").exists():
+                cs.store(group=group, name=name, node={"name": name})
 
 
 def config_dir() -> str:
@@ -245,7 +231,6 @@ def validate_eval_values(e: DictConfig) -> None:
 def validate_search(cfg: DictConfig) -> None:
     """The regularizer and schedule checks alone: what a config that differs only there needs."""
     r, s = cfg.regularizer, cfg.schedule
-    one_of("regularizer.name", r.name, ("l1",))
     one_of("regularizer.threshold_mode", r.threshold_mode, THRESHOLD_MODES)
     check(r.lam >= 0, f"regularizer.lam={r.lam} must be >= 0")
     if r.threshold_mode == "quantile":

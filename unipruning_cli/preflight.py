@@ -1,7 +1,7 @@
 """Every check of a prune config that can run before any weight is read: values, names, model, corpora, tasks.
 
 :mod:`unipruning_cli.config` checks what the config alone can tell (ranges, cross-field rules); this
-module adds what needs a lookup: the method and local metric in their registries, the model folder or
+module adds what needs a lookup: the method, local metric and regulariser in their registries, the model folder or
 hub id, each corpus, the lm-eval tasks and the baselines. It imports those modules; none of them
 imports it, so there is no circle. The CLI calls :func:`validate` before it loads anything.
 """
@@ -17,6 +17,7 @@ from .evaluation.zeroshot import check_tasks
 from .methods import METHODS
 from .metrics import METRICS, build_metric
 from .models import check_model_reachable
+from .search.regularizers import REGULARIZERS
 
 
 def validate(cfg: DictConfig) -> None:
@@ -30,6 +31,7 @@ def validate(cfg: DictConfig) -> None:
         METHODS.get(cfg.method)
     except KeyError as err:
         raise UserError(f"method: {err}") from None
+    check(cfg.regularizer.name in REGULARIZERS, f"regularizer.name: {REGULARIZERS.unknown_message(cfg.regularizer.name)}")
     knobs = {k: v for k, v in OmegaConf.to_container(cfg.local_metric, resolve=True).items() if k != "name"}
     try:
         build_metric(cfg.local_metric.name, **knobs)

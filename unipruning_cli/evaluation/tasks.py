@@ -13,7 +13,6 @@ from pathlib import Path
 
 from ..rundir import atomic_write_text
 
-OFFLINE_TASKS = ("quartz_offline", "mmlu_sample_offline")
 
 _YAML = """task: {task}
 dataset_path: json
@@ -52,6 +51,12 @@ def _mmlu(line: dict) -> dict:
     return {"question": stem.strip(), "choices": choices, "label": ord(line["answer"].strip()) - ord("A")}
 
 
+#: The offline tasks by name: the raw file under ``<cache>/raw`` and the function that turns one of its JSON
+#: lines into ``{"question", "choices", "label"}``. A new offline task is one converter plus one entry here
+#: (and its raw file fetched by ``assets.prepare``); any task lm-eval knows needs nothing.
+OFFLINE_TASKS = {"quartz_offline": ("quartz.jsonl", _quartz), "mmlu_sample_offline": ("mmlu_sample.jsonl", _mmlu)}
+
+
 def _convert(src: Path, dest: Path, fn) -> int:
     docs = [fn(json.loads(line)) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     docs = [d for d in docs if len(d["choices"]) >= 2 and 0 <= d["label"] < len(d["choices"])]
@@ -62,7 +67,7 @@ def _convert(src: Path, dest: Path, fn) -> int:
 def write_offline_tasks(root: Path) -> Path:
     """Convert the raw task files in ``root/raw`` and write their YAMLs; returns the task folder."""
     tasks = root / "tasks"
-    for task, raw, fn in (("quartz_offline", "quartz.jsonl", _quartz), ("mmlu_sample_offline", "mmlu_sample.jsonl", _mmlu)):
+    for task, (raw, fn) in OFFLINE_TASKS.items():
         data = tasks / f"{task}.jsonl"
         _convert(root / "raw" / raw, data, fn)
         atomic_write_text(tasks / f"{task}.yaml", _YAML.format(task=task, data=data))

@@ -1,8 +1,25 @@
-"""The UniPruning search: saliency Γ learned by mirror descent (state, regularizers, loop)."""
+"""The UniPruning search: saliency Γ learned by mirror descent (settings, state, regularizers, loop, store, stage).
 
-from .mirror_descent import LamSibling, SearchSettings, search_drift, search_frozen
-from .regularizers import L1Prox, build_regularizer, quantile, soft_threshold
-from .state import SearchState
+The names below load on first use (PEP 562), so importing ``search.settings`` (the config schema
+does) does not import torch and the search loop.
+"""
 
-__all__ = ["L1Prox", "LamSibling", "SearchSettings", "SearchState", "build_regularizer", "quantile", "search_drift",
-           "search_frozen", "soft_threshold"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "L1Prox": "regularizers", "REGULARIZERS": "regularizers", "build_regularizer": "regularizers",
+    "quantile": "regularizers", "soft_threshold": "regularizers",
+    "LamSibling": "mirror_descent", "search_drift": "mirror_descent", "search_frozen": "mirror_descent",
+    "SearchSettings": "settings", "ScheduleConfig": "settings",
+    "SearchState": "state",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

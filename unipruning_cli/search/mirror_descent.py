@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,11 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..config import ScheduleConfig
 from ..metrics import LocalMetric
 from ..progress import track
 from ..stats import ActivationStats
 from .regularizers import L1Prox
+from .settings import SearchSettings
 from .state import SearchState
 
 log = logging.getLogger(__name__)
@@ -71,23 +70,6 @@ class _DriftLane(NamedTuple):
     prox: L1Prox
     prox_gen: torch.Generator
     log: SearchLog
-
-
-@dataclass
-class SearchSettings(ScheduleConfig):
-    """The ``schedule`` config as the search reads it, plus the run's seed (one list of fields)."""
-
-    seed: int = 0
-
-    @property
-    def warmup_steps(self) -> int:
-        return math.ceil(self.warmup_ratio * self.steps)
-
-    def lr_factor(self, step: int) -> float:
-        """HF's linear schedule: ramp over the warm-up, then linear decay to 0 at ``steps``."""
-        if step < self.warmup_steps:
-            return step / max(1, self.warmup_steps)
-        return max(0.0, (self.steps - step) / max(1, self.steps - self.warmup_steps))
 
 
 def dual_step(v: torch.Tensor, gamma: torch.Tensor, metric: torch.Tensor, alpha: float) -> None:

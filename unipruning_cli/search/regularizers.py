@@ -12,6 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..registry import Registry
+
+#: Regularisers by name (``regularizer.name``). Each is a frozen dataclass built as ``cls(lam=..., threshold_mode=...)``
+#: whose call ``prox(v, generator)`` returns prox_{λΩ}(V) as a new tensor of ``v``'s shape and dtype.
+REGULARIZERS: Registry[type] = Registry("regularizer")
+
 #: Above this many entries the quantile is estimated on a random sample (the reference uses 10⁵
 #: of 10⁶+ entries; an index draw with replacement avoids its randperm over the whole matrix).
 EXACT_QUANTILE_MAX = 1_000_000
@@ -45,6 +51,7 @@ def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     return a + (b - a) * (pos - lo)
 
 
+@REGULARIZERS.register("l1")
 @dataclass(frozen=True)
 class L1Prox:
     """prox_{λ‖·‖₁} with λ as a quantile level (reference) or as an absolute threshold."""
@@ -69,6 +76,6 @@ class L1Prox:
 
 
 def build_regularizer(name: str, lam: float, threshold_mode: str) -> L1Prox:
-    if name != "l1":
-        raise ValueError(f"Unknown regularizer '{name}'. Known: l1")
-    return L1Prox(lam=lam, threshold_mode=threshold_mode)
+    """The registered regulariser ``name`` at ``lam``. Raises ``UnknownNameError`` (a ``ValueError``) for an
+    unknown name, with the close and the known names."""
+    return REGULARIZERS.get(name)(lam=lam, threshold_mode=threshold_mode)

@@ -20,8 +20,9 @@ from ..models import prunable_layers
 from ..progress import Timer
 from ..rundir import RunDir, file_locks, load_tensors
 from ..sweep import SweepContext
-from .mirror_descent import LamSibling, SearchSettings, search_drift, search_frozen
+from .mirror_descent import LamSibling, search_drift, search_frozen
 from .regularizers import build_regularizer
+from .settings import SearchSettings
 from .store import (indexed_search, lam_siblings, record_search, reuse_search, search_fingerprint, search_index,
                     siblings_that_fit)
 

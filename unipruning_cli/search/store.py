@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..config import SCHEDULE_DRIFT_ONLY, plain, validate_search
+from ..config import plain, validate_search
 from ..data import corpus_identity
 from ..errors import UserError
 from ..models import model_identity
@@ -30,6 +30,7 @@ from ..paths import cache_dir
 from ..provenance import versions
 from ..rundir import RunDir, atomic_save_tensors, atomic_write_json, fingerprint, link_or_copy
 from ..sweep import SweepContext
+from .settings import DRIFT_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def search_fingerprint(cfg: DictConfig) -> str:
     """
     schedule = {k: v for k, v in plain(cfg.schedule).items() if k != "checkpoint_every"}
     if schedule.get("weight_mode") == "frozen":
-        schedule = {k: v for k, v in schedule.items() if k not in SCHEDULE_DRIFT_ONLY}
+        schedule = {k: v for k, v in schedule.items() if k not in DRIFT_ONLY}
     calibration = {k: v for k, v in plain(cfg.calibration).items() if k not in ("mode", "offload")}
     return fingerprint({"model": plain(cfg.model), "calibration": calibration, "local_metric": plain(cfg.local_metric),
                         "regularizer": plain(cfg.regularizer), "schedule": schedule, "seed": cfg.seed,

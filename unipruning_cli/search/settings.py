@@ -1,0 +1,63 @@
+"""The search's settings, declared once: the ``schedule`` config group and the run's seed.
+
+``ScheduleConfig`` is both the Hydra schema of ``configs/schedule/*.yaml`` (registered by
+:mod:`unipruning_cli.config`) and what the search reads (:class:`SearchSettings` adds the seed and
+the learning-rate schedule). Defaults: the reference code's (spec §5.3). A field that only steers
+drift mode's weight optimiser is marked ``drift_only``: it cannot change Γ when W is frozen, so the
+search fingerprint leaves it out in frozen mode (:data:`DRIFT_ONLY`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import List
+
+
+def _drift_only(default=None, default_factory=None):
+    meta = {"drift_only": True}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ScheduleConfig:
+    """Mirror-descent schedule (steps, dual step α, weight mode) and the weight optimiser of drift mode
+    (AdamW with linear warm-up and decay, gradient clipping and accumulation, ρ for the alignment term)."""
+
+    steps: int = 128
+    dual_step: float = 0.01
+    weight_mode: str = "drift"
+    rho: float = _drift_only(0.0)
+    lr: float = _drift_only(1e-4)
+    warmup_ratio: float = _drift_only(0.1)
+    decay: str = _drift_only("linear")
+    betas: List[float] = _drift_only(default_factory=lambda: [0.9, 0.999])
+    eps: float = _drift_only(1e-10)
+    weight_decay: float = _drift_only(0.0)
+    grad_clip: float = _drift_only(1.0)
+    grad_accumulation: int = _drift_only(1)
+    accumulate_grads_across_steps: bool = _drift_only(True)
+    checkpoint_every: int = 16
+
+
+#: The ScheduleConfig fields that only steer the weight optimiser (marked ``drift_only`` above).
+DRIFT_ONLY: tuple[str, ...] = tuple(f.name for f in fields(ScheduleConfig) if f.metadata.get("drift_only"))
+
+
+@dataclass
+class SearchSettings(ScheduleConfig):
+    """The ``schedule`` config as the search reads it, plus the run's seed (one list of fields)."""
+
+    seed: int = 0
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.warmup_ratio * self.steps)
+
+    def lr_factor(self, step: int) -> float:
+        """HF's linear schedule: ramp over the warm-up, then linear decay to 0 at ``steps``."""
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        return max(0.0, (self.steps - step) / max(1, self.steps - self.warmup_steps))
