@@ -1,0 +1,1 @@
+"""Methods outside the UniPruning search that the runner compares it with: SparseGPT."""

@@ -22,7 +22,6 @@ bit the Γ of a search with that λ alone.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -35,14 +34,13 @@ from torch import nn
 from ..metrics import LocalMetric
 from ..progress import track
 from ..stats import ActivationStats
+from .log import SearchLog, gamma_summary, sample_index, summarise
 from .regularizers import L1Prox
 from .settings import SearchSettings
 from .state import SearchState
 
 log = logging.getLogger(__name__)
 
-QUANTILES = (0.1, 0.5, 0.9)
-_SAMPLE_PER_LAYER = 1024
 #: Seeds of the prox generators sit this far above the metric's, so the two streams never meet.
 _PROX_SEED_OFFSET = 1 << 40
 
@@ -75,40 +73,6 @@ class _DriftLane(NamedTuple):
 def dual_step(v: torch.Tensor, gamma: torch.Tensor, metric: torch.Tensor, alpha: float) -> None:
     """V ← V + α(S − Γ), in place."""
     v.add_(metric - gamma, alpha=alpha)
-
-
-class SearchLog:
-    """``search.jsonl``: one JSON line per step, flushed as it goes; truncated on resume."""
-
-    def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
-        rows = []
-        if resume_step > 0 and path.exists():
-            rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]  # rows are 1-based
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def gamma_summary(samples: torch.Tensor, zeros: int, numel: int, abs_sum: float) -> dict:
-    q = torch.quantile(samples.abs().float(), torch.tensor(QUANTILES)).tolist()
-    return {"gamma_abs_mean": abs_sum / numel, "gamma_zero_frac": zeros / numel,
-            **{f"gamma_abs_q{int(p * 100)}": v for p, v in zip(QUANTILES, q)}}
-
-
-def _sample_index(numel: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, numel, (min(_SAMPLE_PER_LAYER, numel),), generator=gen)
-
-
-def _summarise(gammas: Mapping[str, torch.Tensor], index: Mapping[str, torch.Tensor]) -> dict:
-    samples = torch.cat([g.reshape(-1)[index[n].to(g.device)].cpu() for n, g in gammas.items()])
-    zeros = sum(int((g == 0).sum()) for g in gammas.values())
-    numel = sum(g.numel() for g in gammas.values())
-    abs_sum = sum(float(g.abs().sum()) for g in gammas.values())
-    return gamma_summary(samples, zeros, numel, abs_sum)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +161,7 @@ def _search_one_frozen(i: int, name: str, w: torch.Tensor, stats: ActivationStat
     gammas = [torch.zeros_like(v) for v in vs]
     nsamples = stats.sample_mean_sq.shape[0]
     tokens = max(1, stats.count // nsamples)
-    index = _sample_index(w.numel(), settings.seed + i)
+    index = sample_index(w.numel(), settings.seed + i)
     for n in range(settings.steps):
         t0 = time.perf_counter()
         s = ActivationStats.from_mean_sq(stats.sample_mean_sq[n % nsamples], tokens)
@@ -300,7 +264,7 @@ def search_drift(
     lanes = [_DriftLane(state, prox, prox_gen, SearchLog(log_path, start))]  # the run's own λ first
     lanes += [_DriftLane(SearchState.zeros(shapes, device), s.prox, _prox_generator(settings.seed),
                          SearchLog(s.log_path, 0)) for s in siblings]
-    index = {n: _sample_index(layers[n].weight.numel(), settings.seed + i) for i, n in enumerate(names)}
+    index = {n: sample_index(layers[n].weight.numel(), settings.seed + i) for i, n in enumerate(names)}
     hooks = _StepStats(layers)
     t0 = time.perf_counter()
     try:
@@ -323,7 +287,7 @@ def search_drift(
             for lane in lanes:
                 lane.state.step = step + 1
                 lane.log.write({"step": step + 1, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
-                                **_summarise(lane.state.gamma, index)})
+                                **summarise(lane.state.gamma, index)})
             if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
                 _save_drift(state, names, params, opt, sched, gen, prox_gen, ckpt, fp)
     finally:
