@@ -116,16 +116,18 @@ def register_schemas() -> None:
     """Register the prune schema, and a group option for every registered local metric and regulariser
     that has no YAML of its own in ``configs/``: a new one is then selectable as ``local_metric=<name>``
     (``regularizer=<name>``) with its class defaults, without a config file."""
-    from .metrics import METRICS
+    from .metrics import METRICS, knob_defaults
     from .search.regularizers import REGULARIZERS
 
     cs = ConfigStore.instance()
     cs.store(name="prune_schema", node=PruneConfig)
     root = Path(config_dir())
-    for group, registry in (("local_metric", METRICS), ("regularizer", REGULARIZERS)):
-        for name in registry:
-            if not (root / group / f"{name}.yaml").exists():
-                cs.store(group=group, name=name, node={"name": name})
+    for name in METRICS:
+        if not (root / "local_metric" / f"{name}.yaml").exists():
+            cs.store(group="local_metric", name=name, node={"name": name, **knob_defaults(METRICS.get(name))})
+    for name in REGULARIZERS:
+        if not (root / "regularizer" / f"{name}.yaml").exists():
+            cs.store(group="regularizer", name=name, node={"name": name})
 
 
 def config_dir() -> str:

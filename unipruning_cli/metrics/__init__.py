@@ -7,7 +7,7 @@ Importing this package imports every metric module, which registers each metric 
 from __future__ import annotations
 
 from unipruning_cli.metrics import magnitude, ria, stochria, wanda  # noqa: F401  (registration)
-from unipruning_cli.metrics.base import METRICS, LocalMetric, build_metric, knob_names
+from unipruning_cli.metrics.base import METRICS, LocalMetric, build_metric, knob_defaults, knob_names
 from unipruning_cli.metrics.magnitude import Magnitude
 from unipruning_cli.metrics.ria import RIA
 from unipruning_cli.metrics.stochria import StochRIA
@@ -17,6 +17,7 @@ __all__ = [
     "METRICS",
     "LocalMetric",
     "build_metric",
+    "knob_defaults",
     "knob_names",
     "Magnitude",
     "Wanda",

@@ -150,6 +150,19 @@ def knob_names(metric_cls: type[LocalMetric]) -> list[str]:
     return [f.name for f in dataclasses.fields(metric_cls) if f.init]
 
 
+def knob_defaults(metric_cls: type[LocalMetric]) -> dict[str, Any]:
+    """The default value of each knob of ``metric_cls`` (the YAML a registered metric would have)."""
+    if not dataclasses.is_dataclass(metric_cls):
+        return {}
+    out = {}
+    for f in dataclasses.fields(metric_cls):
+        if f.init and f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.init and f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def build_metric(name: str, **knobs: Any) -> LocalMetric:
     """Instantiate the metric registered as ``name`` with the given knobs.
 

@@ -1,0 +1,161 @@
+"""The package's shape: imports run one way (cli -> runner -> stages -> primitives), no circle, small modules.
+
+Every ``import`` of the package is read from the source (module level and inside functions alike),
+with the package ``__init__`` that importing a submodule runs. ``python -m pytest tests/test_layout.py``
+is the command that checks it; a new module must be given a tier in ``TIERS`` below.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "unipruning_cli"
+MAX_LINES = 400
+
+#: Tier of each module (a name ending in ``.*`` covers a package's modules). An import may go to its
+#: own tier or a lower one, never a higher one.
+TIERS = {
+    "cli": 3,
+    # commands that sequence stages
+    "runner": 2, "evaluation.existing_run": 2, "export": 2, "export.commands": 2,
+    # stages: each builds one step of a run from primitives
+    "preflight": 1, "calibration_set": 1, "pruning": 1, "search.stage": 1, "search.store": 1,
+    "evaluation.dense": 1, "evaluation.protocol": 1, "export.*": 1,
+    # primitives
+    "": 0, "errors": 0, "paths": 0, "registry": 0, "progress": 0, "stats": 0, "provenance": 0, "rundir": 0,
+    "config": 0, "masks": 0, "mask_files": 0, "methods": 0, "models": 0, "data": 0, "assets": 0,
+    "calibration": 0, "report": 0, "sweep": 0, "metrics": 0, "metrics.*": 0, "baselines": 0, "baselines.*": 0,
+    "evaluation": 0, "evaluation.perplexity": 0, "evaluation.tasks": 0, "evaluation.zeroshot": 0,
+    "search": 0, "search.settings": 0, "search.regularizers": 0, "search.state": 0, "search.log": 0, "search.mirror_descent": 0,
+}
+NAMES = {"cli": "cli", 2: "runner", 1: "stage", 0: "primitive"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
+    base = importer.split(".") if importer else []
+    if not is_package:
+        base = base[:-1]
+    if node.level > 1:
+        base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (relative names, "" for the package itself)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    if not (node.module or "").startswith("unipruning_cli"):
+                        continue
+                    base = node.module[len("unipruning_cli"):].lstrip(".")
+                else:
+                    base = _resolve(name, path.name == "__init__.py", node)
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}" if base else alias.name
+                    targets.add(sub if sub in modules else base)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("unipruning_cli"):
+                        targets.add(alias.name[len("unipruning_cli"):].lstrip("."))
+        # importing a.b.c first runs the __init__ of a and a.b (unless the importer lives inside them)
+        for t in list(targets):
+            parts = t.split(".")
+            for i in range(1, len(parts)):
+                parent = ".".join(parts[:i])
+                if parent in modules and not (name + ".").startswith(parent + "."):
+                    targets.add(parent)
+        graph[name] = {t for t in targets if t != name and t != ""}
+    return graph
+
+
+def tier(module: str) -> int:
+    if module in TIERS:
+        return TIERS[module]
+    parts = module.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        key = ".".join(parts[:i]) + ".*"
+        if key in TIERS:
+            return TIERS[key]
+    raise KeyError(module)
+
+
+def test_every_module_has_a_tier():
+    missing = [m for m in _modules() if m not in TIERS and not any(
+        ".".join(m.split(".")[:i]) + ".*" in TIERS for i in range(1, m.count(".") + 1))]
+    assert not missing, f"give these modules a tier in tests/test_layout.py: {missing}"
+
+
+def test_imports_never_run_up_the_tiers():
+    upward = [f"{a} ({NAMES[tier(a)] if tier(a) < 3 else 'cli'}) imports {b} ({NAMES[tier(b)] if tier(b) < 3 else 'cli'})"
+              for a, targets in import_graph().items() for b in sorted(targets) if tier(b) > tier(a)]
+    assert not upward, "\n".join(upward)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (as a path that starts and ends at the same module), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_there_is_no_import_circle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_graph_sees_lazy_relative_and_parent_imports():
+    graph = import_graph()
+    assert "progress" in graph["cli"]  # a function-local import
+    assert "search.store" in graph["search.stage"]  # a relative import
+    assert "search" in graph["runner"]  # search.stage runs search/__init__ first
+    assert "config" in graph["preflight"]
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_modules_are_small_and_say_their_job(module):
+    path = _modules()[module]
+    source = path.read_text()
+    lines = source.count("\n")
+    assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} has {lines} lines (at most {MAX_LINES})"
+    doc = ast.get_docstring(ast.parse(source))
+    if source.strip():
+        assert doc and doc.splitlines()[0].strip(), f"{path.relative_to(PACKAGE.parent)}: the first line of its docstring says its job"
