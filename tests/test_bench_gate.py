@@ -44,6 +44,9 @@ def test_injected_worse_mask_rule_fails_the_gate(gate, monkeypatch, tmp_path, ti
         ("wanda-0.5", ["method=local", "local_metric=wanda", "sparsity=0.5"]),
         ("magnitude-0.5", ["method=local", "local_metric=magnitude", "sparsity=0.5"])]})
     baseline = gate.run_suite("tiny", tmp_path / "a")
+    # The tiny cases and their reference pass take milliseconds, so their time ratios are noise (seen: 28 vs 91
+    # between two identical suites); this test is about the perplexity check.
+    baseline["tolerances"] = {"time_ratio_factor": math.inf}
     assert gate.compare(gate.run_suite("tiny", tmp_path / "b"), baseline) == []
 
     from unipruning_cli import masks
