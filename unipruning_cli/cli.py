@@ -118,8 +118,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "prepare": (_prepare, "fetch and verify the embedded model and offline corpora into the cache"),
     "eval": (_lazy("evaluation.existing_run", "eval_command"), "evaluate the masks of a finished run again (PPL, lm-eval), no search"),
     "report": (_lazy("sweep", "report_command"), "tables and a heatmap of a sweep directory (unipruning prune -m ...)"),
-    "export": (_lazy("export", "export_command"), "write a pruned HF model folder from a run (any sparsity its Γ can cut)"),
-    "apply": (_lazy("export", "apply_command"), "apply saved masks to the original model and save the result"),
+    "export": (_lazy("export.commands", "export_command"), "write a pruned HF model folder from a run (any sparsity its Γ can cut)"),
+    "apply": (_lazy("export.commands", "apply_command"), "apply saved masks to the original model and save the result"),
 }
 
 

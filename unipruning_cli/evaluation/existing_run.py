@@ -47,7 +47,7 @@ def _parse(settings: list[str]) -> tuple[dict, list[str], bool]:
 
 def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
     from ..data import check_corpus_available
-    from ..export import _load_or_cut, _masks_source, held_tags, open_run, resolve_target
+    from ..export.run import held_tags, load_or_cut, masks_source, open_run, resolve_target
     from ..models import load_model, prunable_layers
     from ..preflight import validate_eval
     from ..report import print_summary, write_plots, write_summary_md
@@ -75,11 +75,11 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
     else:
         target = resolve_target(run, float(cut["sparsity"]) if "sparsity" in cut else None, cut.get("pattern"),
                                 cut.get("allocation"))
-        targets, sources = {target.tag: target}, {target.tag: _masks_source(run, target)}
+        targets, sources = {target.tag: target}, {target.tag: masks_source(run, target)}
     # everything is checked: now the model
     model, tok = load_model(cfg.model)
     layers = prunable_layers(model)
-    all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else _load_or_cut(run, targets[t], sources[t]))
+    all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else load_or_cut(run, targets[t], sources[t]))
                  for t in targets}
     timer = Timer()
     windows = eval_windows_of(cfg, tok)

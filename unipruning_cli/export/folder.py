@@ -1,0 +1,146 @@
+"""Output folders: checked before any work, written to a temporary sibling, renamed into place, and measured.
+
+The folder is written to a temporary sibling of ``--out`` and renamed into place, so a failed export
+leaves nothing behind; an existing folder is replaced only with ``--force``. Also here: what goes into it
+(the HF save: ``save_pretrained``, safetensors), the dtypes its weights may take, and the checks that a
+masks file fits the weights it is applied to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+COMPRESSED_FILE = "compressed.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_out(out: Path, force: bool, protect: list[Path]) -> None:
+    """UserError unless ``out`` may be written: outside every ``protect`` path, and free (or ``force``)."""
+    out = out.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if p == out or out in p.parents:
+            raise UserError(f"--out {out} would hold {p}; choose an output folder outside it")
+    if out.exists() and not force:
+        raise UserError(f"output folder {out} already exists; pass --force to replace it (nothing was written)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+
+
+@contextmanager
+def staging_folder(out: Path, force: bool) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``out``; on success it becomes ``out`` in one rename."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        _default_permissions(tmp)
+        if out.exists():
+            if not force:
+                raise UserError(f"output folder {out} appeared while exporting; pass --force to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp (and some writers) create owner-only entries; a shipped folder gets the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def save_hf(model: nn.Module, tok, folder: Path) -> None:
+    """``save_pretrained`` the model (safetensors) and the tokenizer into ``folder``."""
+    import inspect
+
+    kwargs = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
+    model.save_pretrained(folder, **kwargs)
+    if tok is not None:
+        tok.save_pretrained(folder)
+    if not list(Path(folder).glob("*.safetensors")):
+        raise RuntimeError(f"save_pretrained wrote no safetensors file into {folder}")
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the dense weight files (``model*.safetensors``), not of the compressed file."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors") if f.name != COMPRESSED_FILE)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+# ==============================================================================================
+# do the masks fit the weights
+
+
+def _misfit(where: str, bad: list[str]) -> UserError:
+    return UserError(f"the masks of {where} do not fit this model: {len(bad)} mismatched layer(s): {', '.join(bad)}")
+
+
+def check_mask_shapes(layers: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor], where: str) -> None:
+    """UserError naming every mask whose layer is missing or whose shape differs from the weight's."""
+    bad = []
+    for name, mask in masks.items():
+        if name not in layers:
+            bad.append(f"{name} (no such prunable layer)")
+        elif tuple(mask.shape) != tuple(layers[name].weight.shape):
+            bad.append(f"{name} (mask {tuple(mask.shape)}, weight {tuple(layers[name].weight.shape)})")
+    if bad:
+        raise _misfit(where, bad)
+
+
+def _shapes_on_disk(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers of an HF folder (nothing is loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        if f.name == COMPRESSED_FILE:
+            continue
+        try:
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    shapes[k] = tuple(h.get_slice(k).get_shape())
+        except Exception:  # noqa: BLE001  (an unreadable header is for the loader to report)
+            continue
+    return shapes
+
+
+def precheck_shapes(folder: Path, masks_shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """:func:`check_mask_shapes` against the headers of an HF folder, before the model is loaded."""
+    on_disk = _shapes_on_disk(folder)
+    bad = [f"{n} (mask {tuple(s)}, weight {on_disk[n + '.weight']})" for n, s in masks_shapes.items()
+           if n + ".weight" in on_disk and tuple(on_disk[n + ".weight"]) != tuple(s)]
+    if bad:
+        raise _misfit(where, bad)
