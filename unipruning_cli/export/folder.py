@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models import TORCH_DTYPES
 
 COMPRESSED_FILE = "compressed.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = TORCH_DTYPES  # the dtypes a folder can be written in: those a model loads in
 
 
 def dtype_name(dtype: torch.dtype) -> str:
