@@ -159,3 +159,22 @@ def test_modules_are_small_and_say_their_job(module):
     doc = ast.get_docstring(ast.parse(source))
     if source.strip():
         assert doc and doc.splitlines()[0].strip(), f"{path.relative_to(PACKAGE.parent)}: the first line of its docstring says its job"
+
+
+def test_the_readme_layout_table_lists_every_module_and_no_other():
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme.split("## Code layout", 1)[1].split("\n## ", 1)[0]
+    listed = set()
+    for row in table.splitlines():
+        if row.startswith("| `"):
+            listed |= set(re.findall(r"`([\w/]+\.py)`", row.split("|")[1]))
+    actual = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")}
+    assert listed == actual, f"missing from the README: {sorted(actual - listed)}; gone: {sorted(listed - actual)}"
+    for row in table.splitlines():  # the tier the README gives is the tier the test holds
+        if row.startswith("| `"):
+            cells = [c.strip() for c in row.split("|")]
+            for path in re.findall(r"`([\w/]+\.py)`", cells[1]):
+                module = _module_name(PACKAGE / path)
+                assert cells[2] == (NAMES[tier(module)] if tier(module) < 3 else "cli"), (path, cells[2])

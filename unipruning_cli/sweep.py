@@ -1,4 +1,6 @@
-"""``unipruning report <sweep_dir>``: one table of every job of a sweep, and a picture of the grid.
+"""Sweeps: what a job knows of its sweep (its folder, its λ values), and ``unipruning report <sweep_dir>``.
+
+The report is one table of every job of a sweep and a picture of the grid.
 
 A sweep directory (``unipruning prune -m ...``) holds one subdirectory per job with
 ``.hydra/overrides.yaml`` and either ``metrics.json`` (done) or ``error.json`` (failed). The report
