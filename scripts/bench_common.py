@@ -42,12 +42,13 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def run_json_child(argv: list[str], env: dict[str, str] | None = None) -> dict:
+def run_json_child(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict:
     """Run ``python <argv>`` in a fresh process (peak memory is per process) and parse the JSON of its last
-    stdout line. The child can ``import bench_common``. Raises ``CalledProcessError`` when it fails."""
+    stdout line. The child can ``import bench_common``. ``cwd``: where it runs (``python -c`` puts its working
+    folder first on ``sys.path``). Raises ``CalledProcessError`` when it fails."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True, env=env)
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True, env=env, cwd=cwd)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -238,7 +238,8 @@ def search_drift(
         raise ValueError("λ siblings need schedule.rho=0: with ρ > 0 each λ's Γ steers W differently")
     names = list(layers)
     params = [layers[n].weight for n in names]
-    original = [p.detach().clone() for p in params]
+    # The restore copy lives on the host (pinned where CUDA is present): device memory is for the search.
+    original = [torch.empty(p.shape, dtype=p.dtype, pin_memory=p.is_cuda).copy_(p.detach()) for p in params]
     device = params[0].device
     shapes = {n: layers[n].weight.shape for n in names}
     state = SearchState.load(ckpt, fp) or SearchState.zeros(shapes, device)
@@ -272,16 +273,10 @@ def search_drift(
             loss = _lm_backward(model, windows, step, settings)
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             stats = hooks.take()
-            metrics = {n: metric.score(layers[n].weight, stats[n], generator=gen if metric.stochastic else None)
-                       for n in names}
             lr = opt.param_groups[0]["lr"]
-            _weight_step(params, names, state, metrics, opt, settings.rho)
+            align = _score_and_update(params, names, stats, metric, gen, lanes, settings)
+            _weight_step(params, align, opt)
             sched.step()
-            for n in names:
-                m = metrics[n].to(device)
-                for lane in lanes:
-                    dual_step(lane.state.v[n], lane.state.gamma[n], m, settings.dual_step)
-                    lane.state.gamma[n] = lane.prox(lane.state.v[n], lane.prox_gen)
             if not settings.accumulate_grads_across_steps:
                 opt.zero_grad(set_to_none=False)
             for lane in lanes:
@@ -300,8 +295,9 @@ def search_drift(
                 p.requires_grad_(flag)
     for sibling, lane in zip(siblings, lanes[1:]):
         sibling.gamma = {n: g.cpu() for n, g in lane.state.gamma.items()}
-    # V, Γ (fp32) per λ, Adam's m and v (fp32), and the W copy and gradient in the model's dtype.
-    bytes_pp = 4.0 * 2 * len(lanes) + 4.0 * 2 + sum(p.element_size() for p in params[:1]) * 2
+    # V, Γ (fp32) per λ; the gradient and Adam's m and v in the weights' dtype (torch's AdamW allocates them
+    # like W); the restore copy of W (on the host). One matrix's step metric S comes on top.
+    bytes_pp = 4.0 * 2 * len(lanes) + 4.0 * params[0].element_size()
     return {n: g.cpu() for n, g in state.gamma.items()}, bytes_pp
 
 
@@ -316,16 +312,30 @@ def _lm_backward(model: nn.Module, windows: torch.Tensor, step: int, settings: S
     return total
 
 
-def _weight_step(params, names, state: SearchState, metrics, opt, rho: float) -> None:
-    """One AdamW step on W; the ρ alignment gradient is added for this step only."""
+def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Generator, lanes, settings: SearchSettings):
+    """One pass over the matrices, one at a time: the step metric S on the pre-update W, the ρ alignment
+    gradient added to W's gradient (returned, to be taken off after the weight step), then each λ lane's
+    dual step and prox. Only one matrix's S is alive at a time (spec §1.2-1.3; the order of the metric's
+    and the proxes' random draws is that of a pass over every S first, so Γ is the same)."""
     align = []
-    if rho > 0:
-        for p, n in zip(params, names):
-            g = rho * alignment_grad(p, state.gamma[n], metrics[n].to(p.device))
+    for p, n in zip(params, names):
+        m = metric.score(p, stats[n], generator=gen if metric.stochastic else None)
+        if settings.rho > 0:  # Γ before this step's dual step, on W's device (V and Γ may live elsewhere)
+            g = settings.rho * alignment_grad(p, lanes[0].state.gamma[n].to(p.device), m.to(p.device))
             p.grad.add_(g)
-            align.append(g)
+            align.append((p, g))
+        m = m.to(lanes[0].state.v[n].device)
+        for lane in lanes:
+            dual_step(lane.state.v[n], lane.state.gamma[n], m, settings.dual_step)
+            lane.state.gamma[n] = lane.prox(lane.state.v[n], lane.prox_gen)
+        del m
+    return align
+
+
+def _weight_step(params, align, opt) -> None:
+    """One AdamW step on W; the ρ alignment gradients the scoring pass added steer this step only."""
     opt.step()
-    for p, g in zip(params, align):
+    for p, g in align:
         p.grad.sub_(g)
 
 
