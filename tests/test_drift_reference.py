@@ -78,11 +78,14 @@ def reference_drift(model, windows, metric, prox: L1Prox, s: SearchSettings,
     return gamma
 
 
-@pytest.mark.parametrize("metric_name, rho", [("stochria", 0.0), ("wanda", 1e-2), ("ria", 0.0)])
-def test_drift_search_equals_the_reference_bit_for_bit(metric_name, rho, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("metric_name, rho, recompute", [("stochria", 0.0, True), ("wanda", 1e-2, True),
+                                                        ("ria", 0.0, True), ("wanda", 0.0, False)])
+def test_drift_search_equals_the_reference_bit_for_bit(metric_name, rho, recompute, tiny_tokenizer, tmp_path):
+    """With activation checkpointing (recompute) the statistics hooks must count each block once."""
     torch.set_num_threads(1)
     windows = torch.randint(3, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(1))
-    settings = SearchSettings(steps=4, lr=5e-2, warmup_ratio=0.5, dual_step=0.1, rho=rho, checkpoint_every=100)
+    settings = SearchSettings(steps=4, lr=5e-2, warmup_ratio=0.5, dual_step=0.1, rho=rho, checkpoint_every=100,
+                              activation_checkpointing=recompute)
     prox = L1Prox(0.1)
     model = build_tiny_model("llama", len(tiny_tokenizer))
     expected = reference_drift(model, windows, build_metric(metric_name), prox, settings)
@@ -104,3 +107,25 @@ def test_the_comparison_tells_a_wrong_order_from_the_right_one(tiny_tokenizer):
     runs = [reference_drift(build_tiny_model("llama", len(tiny_tokenizer)), windows, build_metric("wanda"),
                             L1Prox(0.1), settings, metric_after_step=after) for after in (False, True)]
     assert any(not torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+
+
+def test_activation_checkpointing_is_on_for_the_search_and_off_after_it(tiny_tokenizer):
+    from unipruning_cli.search import mirror_descent as MD
+
+    model = build_tiny_model("llama", len(tiny_tokenizer))
+    blocks = MD._activation_checkpointing(model, True)
+    assert len(blocks) == 3 and all(b.training and b.gradient_checkpointing for b in blocks)
+    assert not model.training and not blocks[0].self_attn.training  # no dropout anywhere
+    MD._activation_checkpointing(model, False, blocks)
+    assert not any(m.training for m in model.modules())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert not hasattr(model, "_require_grads_hook")
+
+
+def test_no_activation_checkpointing_where_a_dropout_would_fire(tiny_tokenizer):
+    from unipruning_cli.search import mirror_descent as MD
+
+    model = build_tiny_model("llama", len(tiny_tokenizer))
+    model.config.attention_dropout = 0.1
+    assert MD._activation_checkpointing(model, True) == []
+    assert not any(m.training for m in model.modules())

@@ -40,6 +40,11 @@ class ScheduleConfig:
     grad_accumulation: int = _drift_only(1)
     accumulate_grads_across_steps: bool = _drift_only(True)
     checkpoint_every: int = 16
+    activation_checkpointing: bool = True  # drift: recompute block activations in the backward (same Γ)
+
+
+#: Fields that change how the search runs but never its Γ (bit for bit): left out of the search fingerprint.
+NOT_IN_FINGERPRINT = ("checkpoint_every", "activation_checkpointing")
 
 
 #: The ScheduleConfig fields that only steer the weight optimiser (marked ``drift_only`` above).

@@ -30,7 +30,7 @@ from ..paths import cache_dir
 from ..provenance import versions
 from ..rundir import RunDir, atomic_save_tensors, atomic_write_json, fingerprint, link_or_copy
 from ..sweep import SweepContext
-from .settings import DRIFT_ONLY
+from .settings import DRIFT_ONLY, NOT_IN_FINGERPRINT
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,12 @@ SEARCH_REVISION = 2
 def search_fingerprint(cfg: DictConfig) -> str:
     """Everything Γ depends on, and nothing else, so equal searches are recognised as equal.
 
-    Left out: the checkpoint interval (resume is bit-exact), where calibration data are offloaded,
+    Left out: the checkpoint interval (resume is bit-exact), activation checkpointing (the same gradients),
+    where calibration data are offloaded,
     the calibration mode (the search never prunes block by block), and in frozen mode the weight
     optimiser's knobs (a ρ sweep in frozen mode is one search, not three).
     """
-    schedule = {k: v for k, v in plain(cfg.schedule).items() if k != "checkpoint_every"}
+    schedule = {k: v for k, v in plain(cfg.schedule).items() if k not in NOT_IN_FINGERPRINT}
     if schedule.get("weight_mode") == "frozen":
         schedule = {k: v for k, v in schedule.items() if k not in DRIFT_ONLY}
     calibration = {k: v for k, v in plain(cfg.calibration).items() if k not in ("mode", "offload")}
