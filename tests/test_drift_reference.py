@@ -110,22 +110,22 @@ def test_the_comparison_tells_a_wrong_order_from_the_right_one(tiny_tokenizer):
 
 
 def test_activation_checkpointing_is_on_for_the_search_and_off_after_it(tiny_tokenizer):
-    from unipruning_cli.search import mirror_descent as MD
+    from unipruning_cli.search import recompute as MD
 
     model = build_tiny_model("llama", len(tiny_tokenizer))
-    blocks = MD._activation_checkpointing(model, True)
+    blocks = MD.activation_checkpointing(model, True)
     assert len(blocks) == 3 and all(b.training and b.gradient_checkpointing for b in blocks)
     assert not model.training and not blocks[0].self_attn.training  # no dropout anywhere
-    MD._activation_checkpointing(model, False, blocks)
+    MD.activation_checkpointing(model, False, blocks)
     assert not any(m.training for m in model.modules())
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     assert not hasattr(model, "_require_grads_hook")
 
 
 def test_no_activation_checkpointing_where_a_dropout_would_fire(tiny_tokenizer):
-    from unipruning_cli.search import mirror_descent as MD
+    from unipruning_cli.search import recompute as MD
 
     model = build_tiny_model("llama", len(tiny_tokenizer))
     model.config.attention_dropout = 0.1
-    assert MD._activation_checkpointing(model, True) == []
+    assert MD.activation_checkpointing(model, True) == []
     assert not any(m.training for m in model.modules())

@@ -67,6 +67,10 @@ def _prune_task(cfg) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         validate(cfg)
+        if cfg.plan_check:
+            from .plan.estimate import check_run_fits
+
+            check_run_fits(cfg)
         metrics = run_prune(cfg, out, reuse_model=multirun, sweep=sweep_context(Path(hc.sweep.dir)) if multirun else None)
     except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised outside sweeps
         record_failure(out, err)
@@ -115,6 +119,7 @@ def _lazy(module: str, func: str) -> Callable[[list[str]], None]:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "prune": (_hydra_command("prune", _prune_task), "prune a model (Hydra app: key=value overrides, -m, --cfg job)"),
+    "plan": (_lazy("plan.command", "plan_command"), "peak GPU and host memory of a prune run, stage by stage, before any weight is read"),
     "prepare": (_prepare, "fetch and verify the embedded model and offline corpora into the cache"),
     "eval": (_lazy("evaluation.existing_run", "eval_command"), "evaluate the masks of a finished run again (PPL, lm-eval), no search"),
     "report": (_lazy("sweep", "report_command"), "tables and a heatmap of a sweep directory (unipruning prune -m ...)"),

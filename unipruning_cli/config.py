@@ -109,6 +109,7 @@ class PruneConfig:
     seed: int = 0
     reuse_search: bool = True  # adopt Γ from an earlier run with the same search (see search.store.reuse_search)
     share_lam_search: bool = True  # in a λ sweep, one pass searches every λ where W does not depend on Γ
+    plan_check: bool = True  # refuse, before any weight is read, a run whose memory plan does not fit here
     experiment: Optional[str] = None
 
 

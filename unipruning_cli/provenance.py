@@ -1,4 +1,4 @@
-"""What a result depends on beyond its config, and what it cost: library versions and peak memory."""
+"""What a result depends on beyond its config, and what it cost: library versions, the machine's memory, peak memory."""
 
 from __future__ import annotations
 
@@ -25,3 +25,27 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available():
         out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now, bytes (``/proc/self/status``; the peak so far where that is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def host_total_bytes() -> int | None:
+    """This machine's memory (``MemTotal`` of ``/proc/meminfo``), bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -35,6 +35,7 @@ from ..metrics import LocalMetric
 from ..progress import track
 from ..stats import ActivationStats
 from .log import SearchLog, gamma_summary, sample_index, summarise
+from .recompute import activation_checkpointing
 from .regularizers import L1Prox
 from .settings import SearchSettings
 from .state import SearchState
@@ -269,7 +270,7 @@ def search_drift(
                          SearchLog(s.log_path, 0)) for s in siblings]
     index = {n: sample_index(layers[n].weight.numel(), settings.seed + i) for i, n in enumerate(names)}
     hooks = _StepStats(layers)
-    recomputed = _activation_checkpointing(model, True) if settings.activation_checkpointing else []
+    recomputed = activation_checkpointing(model, True) if settings.activation_checkpointing else []
     t0 = time.perf_counter()
     try:
         for step in track(range(start, settings.steps), "search (drift W)", total=settings.steps - start):
@@ -290,7 +291,7 @@ def search_drift(
                 _save_drift(state, names, params, opt, sched, gen, prox_gen, ckpt, fp)
     finally:
         hooks.remove()
-        _activation_checkpointing(model, False, recomputed)
+        activation_checkpointing(model, False, recomputed)
         with torch.no_grad():
             for p, w0 in zip(params, original):
                 p.copy_(w0)
@@ -303,42 +304,6 @@ def search_drift(
     # like W); the restore copy of W (on the host). One matrix's step metric S comes on top.
     bytes_pp = 4.0 * 2 * len(lanes) + 4.0 * params[0].element_size()
     return {n: g.cpu() for n, g in state.gamma.items()}, bytes_pp
-
-
-def _activation_checkpointing(model: nn.Module, on: bool, blocks: list | None = None) -> list:
-    """Recompute each decoder block's activations in the backward pass instead of keeping them (the same
-    gradients for a fraction of the memory), through transformers' own activation checkpointing.
-
-    On: only where the model supports it and its config sets no dropout, since the blocks must be in
-    training mode for it (everything else stays in eval); returns the blocks switched (empty: off).
-    Off: ``blocks`` back to eval, checkpointing and the input-gradient hook it added removed.
-    """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    if not on:
-        if blocks:
-            for b in blocks:
-                b.training = False
-            getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
-            if hasattr(model, "_require_grads_hook"):
-                model.disable_input_require_grads()
-        return []
-    config = getattr(model, "config", None)
-    dropout = {k: v for k, v in (config.to_dict() if config is not None else {}).items()
-               if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v}
-    if not getattr(model, "supports_gradient_checkpointing", False) or dropout or model.training:
-        log.info("search: activations kept (no activation checkpointing: %s)",
-                 f"dropout {dropout}" if dropout else "not supported by this model or model in training mode")
-        return []
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    for b in blocks:
-        b.training = True  # not .train(): its submodules (attention dropout) stay in eval
-    return blocks
 
 
 def _lm_backward(model: nn.Module, windows: torch.Tensor, step: int, settings: SearchSettings) -> float:

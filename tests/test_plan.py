@@ -1,0 +1,150 @@
+"""``unipruning plan``: offline for the named models, the figures the code's allocations imply, checked against the
+peak memory a real run measures, and the check ``prune`` runs before any weight is read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _helpers import cli_env, run_cli
+from conftest import tiny_overrides
+
+GIB = 2**30
+
+
+def _plan(tmp_path, *args: str) -> dict:
+    from unipruning_cli.plan.command import plan_command
+
+    out = tmp_path / "plan.json"
+    plan_command([*args, "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_plan_of_the_headline_job_runs_offline_with_every_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = _plan(tmp_path, "model=qwen2.5-7b", "sparsity=0.7", "--gpus", "1", "--gpu-memory", "80GiB",
+              "--host-memory", "256GiB")
+    assert {"fits", "peak_gpu_gib", "peak_host_gib", "stages"} <= p.keys()
+    assert p["prunable_weights"] == 6_525_288_448 and p["other_weights"] == 1_090_328_064  # Qwen2.5-7B's counts
+    stages = {s["stage"]: s for s in p["stages"]}
+    assert list(stages) == ["load", "dense_eval", "search", "search_checkpoint", "masks", "pruned_eval"]
+    P, N, V = 6_525_288_448, 1_090_328_064, 152_064
+    W = 2 * (P + N)  # bf16 on a GPU
+    assert stages["load"]["gpu_gib"] == pytest.approx(W / GIB, abs=0.01)
+    assert stages["dense_eval"]["gpu_gib"] == pytest.approx((W + 12 * 4 * 4096 * V) / GIB, abs=0.01)
+    assert stages["masks"]["host_gib"] == pytest.approx((4 * P + 4 * P + P) / GIB, abs=0.01)  # Γ, |Γ|, one cut
+    # drift today: V, Γ fp32 + gradient, Adam m, v (bf16) + a foreach temporary + W: over one 80 GB card
+    assert stages["search"]["gpu_gib"] > (W + P * (8 + 3 * 2)) / GIB
+    assert p["fits"] is False and p["peak_gpu_gib"] > 80
+
+
+@pytest.mark.parametrize("name, prunable", [("llama-3.1-8b", 6_979_321_856), ("llama-3.1-70b", 68_451_041_280),
+                                            ("qwen2.5-72b", 70_212_648_960)])
+def test_the_named_models_plan_offline(name, prunable, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = _plan(tmp_path, f"model={name}", "method=local", "local_metric=wanda", "--gpus", "1", "--gpu-memory", "141GiB",
+              "--host-memory", "1TiB")
+    assert p["prunable_weights"] == prunable
+    assert p["fits"] == (name == "llama-3.1-8b")  # 70B weights alone (131 GiB) leave no room on one card today
+    if not p["fits"]:
+        assert p["advice"]
+
+
+def test_frozen_needs_far_less_gpu_than_drift(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    common = ["model=llama-3.1-8b", "--gpus", "1", "--gpu-memory", "80GiB", "--host-memory", "512GiB"]
+    drift, frozen = (_plan(tmp_path, *common, f"schedule.weight_mode={m}") for m in ("drift", "frozen"))
+    assert frozen["fits"] and not drift["fits"]
+    assert "schedule.weight_mode=frozen" in " ".join(drift["advice"])
+
+
+@pytest.mark.parametrize("text, expected", [("80GiB", 80 * GIB), ("141GB", 141e9), ("24", 24 * GIB),
+                                            ("512 MiB", 512 * 2**20)])
+def test_sizes(text, expected):
+    from unipruning_cli.plan.command import parse_size
+
+    assert parse_size(text, "--gpu-memory") == expected
+
+
+def test_bad_sizes_and_gpus_without_memory_are_refused(tmp_path):
+    from unipruning_cli.errors import UserError
+    from unipruning_cli.plan.command import parse_size, plan_command
+
+    with pytest.raises(UserError, match="give a size"):
+        parse_size("lots", "--gpu-memory")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--gpu-memory"):
+            plan_command(["--gpus", "1"])
+
+
+@pytest.fixture(scope="module")
+def medium_model(tmp_path_factory, tiny_tokenizer):
+    """A random Llama large enough that the search state, not the process, dominates its memory (13.6 M weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("medium-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=512, intermediate_size=1536,
+                                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("method", [["method=unipruning", "schedule.steps=3"], ["method=local", "local_metric=wanda"]])
+def test_planned_peak_host_memory_is_within_15_percent_of_the_measured(method, medium_model, corpus_files, tmp_path):
+    """Each in a fresh process, as a user runs them: the plan's peak against metrics.json's peak RSS."""
+    env = cli_env(tmp_path / "runs", tmp_path / "cache")
+    overrides = [o for o in tiny_overrides(medium_model, corpus_files) if not o.startswith(("method=", "local_metric="))]
+    overrides += [*method, "reuse_search=false"]
+    proc, _ = run_cli(["prune", *overrides, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, _ = run_cli(["plan", *overrides, "--json", str(tmp_path / "plan.json")], tmp_path, env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads((tmp_path / "run" / "metrics.json").read_text())["memory"]["peak_rss_mib"] / 1024
+    planned = json.loads((tmp_path / "plan.json").read_text())["peak_host_gib"]
+    assert abs(planned / measured - 1) <= 0.15, (planned, measured)
+
+
+def test_prune_refuses_a_run_its_plan_says_cannot_fit_before_reading_weights(corpus_files, tiny_tokenizer, tmp_path):
+    """A folder with Llama-3.1-70B's config.json and no weights at all: the refusal comes from the plan alone."""
+    from transformers import LlamaConfig
+
+    from unipruning_cli.plan.architectures import ARCHITECTURES
+
+    folder = tmp_path / "llama-70b-config-only"
+    fields = {k: v for k, v in ARCHITECTURES["meta-llama/Llama-3.1-70B"].items() if k != "model_type"}
+    LlamaConfig(**fields).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    env = cli_env(tmp_path / "runs", tmp_path / "cache")
+    proc, _ = run_cli(["prune", *tiny_overrides(folder, corpus_files), f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "does not fit here" in proc.stderr and "plan_check=false" in proc.stderr
+    assert "peak host" in proc.stderr and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_plan_check_false_skips_the_plan(tiny_llama_dir, corpus_files, monkeypatch):
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.errors import UserError
+    from unipruning_cli.plan import estimate
+
+    monkeypatch.setattr("unipruning_cli.provenance.host_total_bytes", lambda: 64 * 2**20)  # a 64 MiB machine
+    cfg = compose_prune(tiny_overrides(tiny_llama_dir, corpus_files))
+    with pytest.raises(UserError, match="does not fit here.*plan_check=false"):
+        estimate.check_run_fits(cfg)
+    assert compose_prune([*tiny_overrides(tiny_llama_dir, corpus_files), "plan_check=false"]).plan_check is False
+
+
+def test_an_architecture_the_meta_device_cannot_build_runs_unplanned(tiny_llama_dir, corpus_files, monkeypatch, caplog):
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.plan import estimate
+
+    def broken(*a, **k):
+        raise RuntimeError("no meta init for this model")
+
+    monkeypatch.setattr(estimate, "meta_model", broken)
+    assert estimate.check_run_fits(compose_prune(tiny_overrides(tiny_llama_dir, corpus_files))) is None
+    assert "no memory plan" in caplog.text

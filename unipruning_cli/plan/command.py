@@ -1,0 +1,80 @@
+"""``unipruning plan [overrides] [--gpus N] [--gpu-memory 80GiB] [--host-memory 256GiB] [--json FILE]``.
+
+Prints, stage by stage, the peak GPU and host memory of the run ``unipruning prune <overrides>`` would start,
+where it would place the model, and whether it fits; nothing is loaded but the architecture (seconds, offline
+for the named models). ``--json`` writes the same (keys ``fits``, ``peak_gpu_gib``, ``peak_host_gib``, ``stages``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from ..errors import UserError
+from ..provenance import host_total_bytes
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*(GiB|GB|MiB|MB|TiB|TB)?\s*$", re.I)
+_UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12, None: 2**30}
+
+
+def parse_size(text: str, flag: str) -> float:
+    """``80GiB``, ``80GB``, ``80`` (GiB) -> bytes. Raises :class:`UserError` for anything else."""
+    m = _SIZE.match(text)
+    if not m:
+        raise UserError(f"{flag}={text!r}: give a size such as 80GiB, 141GB or 24 (GiB)")
+    return float(m.group(1)) * _UNITS[m.group(2).lower() if m.group(2) else None]
+
+
+def plan_command(args: list[str]) -> None:
+    import torch
+
+    from ..config import compose_prune, validate_values
+    from .estimate import GIB, USABLE, plan_run
+
+    ap = argparse.ArgumentParser(prog="unipruning plan", description=__doc__.split("\n")[0])
+    ap.add_argument("overrides", nargs="*", help="the same key=value overrides as unipruning prune")
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs of the run (default: those visible; 0: CPU only)")
+    ap.add_argument("--gpu-memory", default=None, help="memory of each GPU, e.g. 80GiB (default: the visible GPU's)")
+    ap.add_argument("--host-memory", default=None, help="host memory, e.g. 256GiB (default: this machine's)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON to this file")
+    ns = ap.parse_intermixed_args(args)  # overrides before, between or after the options
+    visible = torch.cuda.device_count()
+    gpus = visible if ns.gpus is None else ns.gpus
+    if gpus < 0:
+        raise UserError(f"--gpus={gpus}: must be 0 (CPU only) or more")
+    gpu_memory = parse_size(ns.gpu_memory, "--gpu-memory") if ns.gpu_memory else (
+        torch.cuda.get_device_properties(0).total_memory if gpus and visible else None)
+    if gpus and gpu_memory is None:
+        raise UserError("--gpus without a visible GPU: say how large each is, e.g. --gpu-memory 80GiB")
+    host_memory = parse_size(ns.host_memory, "--host-memory") if ns.host_memory else host_total_bytes()
+    cfg = compose_prune(ns.overrides)
+    validate_values(cfg)
+    plan = plan_run(cfg, gpus, gpu_memory, host_memory)
+    _print(plan, GIB, USABLE)
+    if ns.json:
+        from ..rundir import atomic_write_json
+
+        atomic_write_json(ns.json, plan.to_dict())
+
+
+def _print(plan, gib: float, usable: float) -> None:
+    from rich.table import Table
+
+    from ..progress import console
+
+    mode = f" ({plan.weight_mode} W)" if plan.weight_mode else ""
+    table = Table(title=f"plan: {plan.model}, {plan.method}{mode}, {plan.placement}")
+    for col in ("stage", "GPU GiB", "host GiB", "what it holds"):
+        table.add_column(col, justify="left" if col in ("stage", "what it holds") else "right")
+    for s in plan.stages:
+        table.add_row(s.name, f"{s.gpu / gib:.1f}" if plan.gpus else "-", f"{s.host / gib:.1f}", s.what)
+    console.print(table)
+    gpu = (f"peak GPU {plan.peak_gpu / gib:.1f} GiB of {usable * plan.gpu_memory / gib:.1f} usable per GPU; "
+           if plan.gpus else "")
+    host = f" of {usable * plan.host_memory / gib:.1f} usable" if plan.host_memory else ""
+    console.print(f"{plan.prunable_weights:,} prunable weights, {plan.other_weights:,} others. {gpu}"
+                  f"peak host {plan.peak_host / gib:.1f} GiB{host} (process baseline {plan.host_baseline / gib:.1f}).")
+    console.print("[bold green]fits[/]" if plan.fits else "[bold red]does not fit[/]; what would: "
+                  + "; ".join(plan.advice))

@@ -1,0 +1,200 @@
+"""Peak GPU and host memory of each stage of the run a config would start, from shapes alone (no weights).
+
+The arithmetic follows what the code holds (README "Large models"; the fixed bytes per weight are the
+ones ``scripts/bench_search_memory.py`` measures). Symbols: W the weights ((P + N)·b bytes, P prunable
+weights, N the others, b bytes per weight element), L_max the largest prunable matrix, I_max its widest
+input, B·T the evaluation batch, T_c the calibration window, V the vocabulary, h the width, L the blocks.
+GiB = 2³⁰ bytes. A device is one GPU, or the host itself when the run has no GPU (its figures then add up
+on the host). Raises :class:`UserError` (from :mod:`.architectures`) when the architecture cannot be read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from omegaconf import DictConfig
+
+from ..methods import make_target, targets_of
+from ..models import TORCH_DTYPES, prunable_layers
+from ..provenance import rss_bytes
+from .architectures import meta_model
+
+GIB = 2**30
+#: The CUDA context and the caching allocator's slack on each GPU (not counted by max_memory_allocated).
+CUDA_OVERHEAD = 0.75 * GIB
+#: Fraction of a device's memory a plan may fill: fragmentation and libraries' own buffers take the rest.
+USABLE = 0.92
+
+
+@dataclass
+class Stage:
+    name: str
+    gpu: float  # bytes on the busiest GPU
+    host: float  # bytes on the host, beyond the process baseline
+    what: str
+
+
+@dataclass
+class Plan:
+    """The plan of one run: its stages, peaks (GiB, baselines included), placement and whether it fits."""
+
+    model: str
+    method: str
+    weight_mode: str | None
+    placement: str
+    prunable_weights: int
+    other_weights: int
+    stages: list[Stage]
+    host_baseline: float
+    gpus: int
+    gpu_memory: float | None
+    host_memory: float | None
+    fits: bool = False
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def peak_gpu(self) -> float:
+        return (max(s.gpu for s in self.stages) + CUDA_OVERHEAD) if self.gpus else 0.0
+
+    @property
+    def peak_host(self) -> float:
+        return self.host_baseline + max(s.host for s in self.stages)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "stages"}
+        out.update(peak_gpu_gib=round(self.peak_gpu / GIB, 2), peak_host_gib=round(self.peak_host / GIB, 2),
+                   stages=[{"stage": s.name, "gpu_gib": round(s.gpu / GIB, 2), "host_gib": round(s.host / GIB, 2),
+                            "what": s.what} for s in self.stages])
+        for k in ("host_baseline", "gpu_memory", "host_memory"):
+            out[k] = None if out[k] is None else round(out[k] / GIB, 2)
+        return out
+
+
+def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
+    model = meta_model(cfg.model, dtype)
+    layers = prunable_layers(model)
+    prunable = sum(m.weight.numel() for m in layers.values())
+    c = model.config
+    text = c.get_text_config() if hasattr(c, "get_text_config") else c
+    return {"P": prunable, "N": sum(p.numel() for p in model.parameters()) - prunable,
+            "L_max": max(m.weight.numel() for m in layers.values()),
+            "I_max": max(m.weight.shape[1] for m in layers.values()),
+            "sum_in": sum(m.weight.shape[1] for m in layers.values()),
+            "h": text.hidden_size, "V": text.vocab_size, "L": text.num_hidden_layers,
+            "I": getattr(text, "intermediate_size", 4 * text.hidden_size)}
+
+
+def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None) -> Plan:
+    """The plan of ``unipruning prune`` with ``cfg`` on ``gpus`` GPUs of ``gpu_memory`` bytes (0: the CPU) and a
+    host of ``host_memory`` bytes (None: not checked)."""
+    on_gpu = gpus > 0
+    dtype = TORCH_DTYPES["bfloat16" if on_gpu else "float32"] if cfg.model.dtype == "auto" else TORCH_DTYPES[cfg.model.dtype]
+    s = _shapes(cfg, dtype)
+    b = torch.empty(0, dtype=dtype).element_size()
+    P, N, h, V = s["P"], s["N"], s["h"], s["V"]
+    W = (P + N) * b
+    spread = gpus if (on_gpu and cfg.model.device_map) else 1  # device_map: weights split, search state on GPU 0
+    Wd = W / spread
+    uni = cfg.method == "unipruning"
+    mode = cfg.schedule.weight_mode if uni else None
+    cuts = len(targets_of(cfg, make_target(cfg)))
+    n_c, T_c = cfg.calibration.nsamples, cfg.calibration.seqlen
+    logits = 12 * cfg.eval.batch_size * cfg.eval.seqlen * V  # bf16 -> fp32 logits, their reshape, log-softmax
+    block_io = 2 * n_c * T_c * h * b  # every window's block inputs and outputs, offloaded to the host
+    per_sample = n_c * s["sum_in"] * 4 + s["sum_in"] * 8
+    stages: list[Stage] = []
+
+    def add(name: str, dev: float, host: float, what: str) -> None:
+        # Without a GPU the device is the host: the two add up there.
+        stages.append(Stage(name, dev if on_gpu else 0.0, host + (0.0 if on_gpu else dev), what))
+
+    add("load", Wd, W if on_gpu and not cfg.model.device_map else 0.0, "W (read on the host, then moved)")
+    if cfg.eval.dense:
+        add("dense_eval", Wd + logits, 0.0, "W + fp32 logits of one batch")
+    needs_stats = (not uni and not (cfg.method == "local" and cfg.local_metric.name == "magnitude")) \
+        or (uni and mode == "frozen") or bool(cfg.eval.baselines)
+    if needs_stats:
+        act = T_c * (6 * h + 3 * s["I"]) * b
+        add("calibration", Wd + act, block_io + per_sample, "W + one window in one block; block inputs/outputs on the host")
+    if cfg.method == "sparsegpt":
+        add("prune", Wd + 6 * s["I_max"] ** 2 * 4, block_io, "W + OBS buffers of the widest layer (6 x I² fp32)")
+    elif cfg.method == "local":
+        add("prune", Wd, 4 * P + P, "scores (fp32) and masks of every matrix, on the host")
+    elif mode == "frozen":
+        add("search", Wd + 42 * s["L_max"], 4 * P + per_sample, "W + one matrix's search; Γ (fp32) on the host")
+    else:
+        state = P * (8 + 3 * b) + (P * b if on_gpu else 0) + 16 * s["L_max"]
+        act = (s["L"] * T_c * h * b + T_c * (10 * h + 3 * s["I"]) * b * 2 + 12 * T_c * V)
+        host = P * b  # the restore copy of W lives on the host
+        add("search", Wd + state + act,
+            host, "W + V, Γ (fp32) + gradient, Adam m, v + checkpointed activations + fp32 logits")
+        if on_gpu:
+            add("search_checkpoint", Wd + state, host + P * (8 + 4 * b), "every checkpoint_every steps: all state copied to the host")
+    if uni:
+        masks = 4 * P + 4 * P + cuts * P * (1 + len(cfg.eval.baselines))
+        add("masks", Wd, masks + (4 * P if cfg.eval.baselines else 0), "Γ, |Γ| and every cut's masks on the host")
+        add("pruned_eval", Wd + P * b / spread + logits, masks, "W + a copy of the prunable W + logits")
+    else:
+        add("pruned_eval", Wd + logits, P if cfg.method == "local" else 0.0, "W + fp32 logits of one batch")
+    if cfg.eval.tasks:
+        add("zero_shot", Wd + (P * b / spread if uni else 0), 0.0, "W (+ the copy) under lm-eval")
+    from .. import pruning  # noqa: F401  (the baseline is a prune process's: the modules its stages run)
+    from ..evaluation import dense  # noqa: F401
+    from ..search import stage  # noqa: F401
+
+    plan = Plan(model=cfg.model.name, method=cfg.method, weight_mode=mode,
+                placement=("cpu" if not on_gpu else f"{gpus} GPU(s)" + (", device_map" if cfg.model.device_map else "")),
+                prunable_weights=P, other_weights=N, stages=stages, host_baseline=float(rss_bytes()),
+                gpus=gpus, gpu_memory=gpu_memory, host_memory=host_memory)
+    plan.fits = (not on_gpu or gpu_memory is None or plan.peak_gpu <= USABLE * gpu_memory) and \
+        (host_memory is None or plan.peak_host <= USABLE * host_memory)
+    if not plan.fits:
+        plan.advice = _advice(cfg, plan)
+    return plan
+
+
+def _advice(cfg: DictConfig, plan: Plan) -> list[str]:
+    gpu_short = bool(plan.gpus) and plan.gpu_memory is not None and plan.peak_gpu > USABLE * plan.gpu_memory
+    worst = max(plan.stages, key=lambda st: st.gpu if gpu_short else st.host)
+    out = [f"the largest stage on the {'GPU' if gpu_short else 'host'} is {worst.name}: {worst.what}"]
+    if cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift":
+        out.append("schedule.weight_mode=frozen (W fixed: one matrix's search state at a time on the device)")
+    if worst.name in ("dense_eval", "pruned_eval"):
+        out.append("a smaller eval.batch_size or eval.seqlen (the fp32 logits grow with both)")
+    if gpu_short:
+        out.append("more or larger GPUs (--gpus, --gpu-memory)")
+    else:
+        out.append("a machine with more host memory (--host-memory)")
+    out.append("a smaller calibration.seqlen / calibration.nsamples")
+    return out
+
+
+def check_run_fits(cfg: DictConfig) -> Plan | None:
+    """The plan of ``cfg`` on this machine (its visible GPUs and host memory); raises :class:`UserError` with
+    the plan's figures and what would fit when it does not. Called by ``unipruning prune`` before any weight
+    is read (``plan_check=false`` skips it)."""
+    import logging
+
+    from ..errors import UserError
+    from ..models import resolve_device
+    from ..provenance import host_total_bytes
+
+    device = resolve_device(cfg.model.device)
+    gpus = (torch.cuda.device_count() if cfg.model.device_map else 1) if device.type == "cuda" else 0
+    gpu_memory = torch.cuda.get_device_properties(device).total_memory if gpus else None
+    try:
+        plan = plan_run(cfg, gpus, gpu_memory, host_total_bytes())
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001  (an architecture the meta device cannot build: run unplanned, say so)
+        logging.getLogger(__name__).warning("no memory plan for this model (%s: %s); running without one",
+                                            type(err).__name__, err)
+        return None
+    if not plan.fits:
+        gpu = f"peak GPU {plan.peak_gpu / GIB:.1f} GiB of {USABLE * gpu_memory / GIB:.1f} usable; " if gpus else ""
+        host = plan.host_memory and f" of {USABLE * plan.host_memory / GIB:.1f} usable"
+        raise UserError(f"this run does not fit here: {gpu}peak host {plan.peak_host / GIB:.1f} GiB{host or ''} "
+                        f"(`unipruning plan <overrides>` shows every stage). What would: " + "; ".join(plan.advice)
+                        + ". plan_check=false runs it anyway.")
+    return plan
