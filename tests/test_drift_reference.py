@@ -78,14 +78,16 @@ def reference_drift(model, windows, metric, prox: L1Prox, s: SearchSettings,
     return gamma
 
 
-@pytest.mark.parametrize("metric_name, rho, recompute", [("stochria", 0.0, True), ("wanda", 1e-2, True),
-                                                        ("ria", 0.0, True), ("wanda", 0.0, False)])
-def test_drift_search_equals_the_reference_bit_for_bit(metric_name, rho, recompute, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("metric_name, rho, recompute, search_state", [
+    ("stochria", 0.0, True, "device"), ("wanda", 1e-2, True, "device"), ("ria", 0.0, True, "device"),
+    ("wanda", 0.0, False, "device"), ("stochria", 1e-2, True, "host")])
+def test_drift_search_equals_the_reference_bit_for_bit(metric_name, rho, recompute, search_state, tiny_tokenizer,
+                                                       tmp_path):
     """With activation checkpointing (recompute) the statistics hooks must count each block once."""
     torch.set_num_threads(1)
     windows = torch.randint(3, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(1))
     settings = SearchSettings(steps=4, lr=5e-2, warmup_ratio=0.5, dual_step=0.1, rho=rho, checkpoint_every=100,
-                              activation_checkpointing=recompute)
+                              activation_checkpointing=recompute, search_state=search_state)
     prox = L1Prox(0.1)
     model = build_tiny_model("llama", len(tiny_tokenizer))
     expected = reference_drift(model, windows, build_metric(metric_name), prox, settings)
@@ -129,3 +131,31 @@ def test_no_activation_checkpointing_where_a_dropout_would_fire(tiny_tokenizer):
     model.config.attention_dropout = 0.1
     assert MD.activation_checkpointing(model, True) == []
     assert not any(m.training for m in model.modules())
+
+
+def test_a_search_with_v_and_gamma_on_the_host_resumes_bit_exactly(tiny_tokenizer, tmp_path, monkeypatch):
+    from unipruning_cli.search import mirror_descent as MD
+
+    torch.set_num_threads(1)
+    windows = torch.randint(3, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(1))
+    settings = SearchSettings(steps=4, lr=5e-2, dual_step=0.1, checkpoint_every=2, search_state="host")
+
+    def run(tag):
+        model = build_tiny_model("llama", len(tiny_tokenizer))
+        return search_drift(model, prunable_layers(model), windows, build_metric("stochria"), L1Prox(0.1), settings,
+                            tmp_path / f"{tag}.safetensors", "fp", tmp_path / f"{tag}.jsonl")[0]
+
+    full = run("full")
+    real = MD._lm_backward
+
+    def crash_at_3(model, windows_, step, settings_):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(model, windows_, step, settings_)
+
+    monkeypatch.setattr(MD, "_lm_backward", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run("cut")
+    monkeypatch.setattr(MD, "_lm_backward", real)
+    resumed = run("cut")
+    assert all(torch.equal(full[n], resumed[n]) for n in full)

@@ -246,6 +246,7 @@ def validate_search(cfg: DictConfig) -> None:
     check(0 <= s.warmup_ratio < 1, f"schedule.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
     check(s.grad_accumulation >= 1, f"schedule.grad_accumulation={s.grad_accumulation} must be >= 1")
     check(s.checkpoint_every >= 1, f"schedule.checkpoint_every={s.checkpoint_every} must be >= 1")
+    one_of("schedule.search_state", s.search_state, ("auto", "device", "host"))
 
 
 def validate_export(cfg: DictConfig) -> None:

@@ -124,13 +124,16 @@ def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: 
     elif mode == "frozen":
         add("search", Wd + 42 * s["L_max"], 4 * P + per_sample, "W + one matrix's search; Γ (fp32) on the host")
     else:
-        state = P * (8 + 3 * b) + (P * b if on_gpu else 0) + 16 * s["L_max"]
+        on_host = _state_on_host(cfg, P, b, on_gpu, gpu_memory, Wd, s)
+        state = P * (3 * b + (0 if on_host else 8)) + 16 * s["L_max"]  # gradient, Adam m, v (+ V, Γ fp32); one S
         act = (s["L"] * T_c * h * b + T_c * (10 * h + 3 * s["I"]) * b * 2 + 12 * T_c * V)
-        host = P * b  # the restore copy of W lives on the host
-        add("search", Wd + state + act,
-            host, "W + V, Γ (fp32) + gradient, Adam m, v + checkpointed activations + fp32 logits")
+        host = P * b + (8 * P if on_host else 0)  # the restore copy of W (+ V and Γ) live on the host
+        where = "on the host" if on_host else "on the device"
+        add("search", Wd + state + act, host,
+            f"W + gradient, Adam m, v + checkpointed activations + fp32 logits; V, Γ (fp32) {where}")
         if on_gpu:
-            add("search_checkpoint", Wd + state, host + P * (8 + 4 * b), "every checkpoint_every steps: all state copied to the host")
+            add("search_checkpoint", Wd + state, host + P * (4 * b + (0 if on_host else 8)),
+                "every checkpoint_every steps: all state copied to the host")
     if uni:
         masks = 4 * P + 4 * P + cuts * P * (1 + len(cfg.eval.baselines))
         add("masks", Wd, masks + (4 * P if cfg.eval.baselines else 0), "Γ, |Γ| and every cut's masks on the host")
@@ -154,11 +157,23 @@ def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: 
     return plan
 
 
+def _state_on_host(cfg: DictConfig, P: int, b: int, on_gpu: bool, gpu_memory: float | None, Wd: float, s: dict) -> bool:
+    """Where the drift search will keep V and Γ: as ``schedule.search_state`` says; ``auto`` decides as the search
+    does (``mirror_descent._search_state``), against this plan's GPU with the weights already on it."""
+    if cfg.schedule.search_state != "auto":
+        return cfg.schedule.search_state == "host"
+    if not on_gpu or gpu_memory is None:
+        return False
+    return P * (8 + 3 * b) * 1.1 + 2 * GIB > USABLE * gpu_memory - CUDA_OVERHEAD - Wd
+
+
 def _advice(cfg: DictConfig, plan: Plan) -> list[str]:
     gpu_short = bool(plan.gpus) and plan.gpu_memory is not None and plan.peak_gpu > USABLE * plan.gpu_memory
     worst = max(plan.stages, key=lambda st: st.gpu if gpu_short else st.host)
     out = [f"the largest stage on the {'GPU' if gpu_short else 'host'} is {worst.name}: {worst.what}"]
     if cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift":
+        if gpu_short and cfg.schedule.search_state != "host":
+            out.append("schedule.search_state=host (V and Γ, 8 bytes per prunable weight, in pinned host memory)")
         out.append("schedule.weight_mode=frozen (W fixed: one matrix's search state at a time on the device)")
     if worst.name in ("dense_eval", "pruned_eval"):
         out.append("a smaller eval.batch_size or eval.seqlen (the fp32 logits grow with both)")

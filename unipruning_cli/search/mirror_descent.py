@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
@@ -35,7 +35,7 @@ from ..metrics import LocalMetric
 from ..progress import track
 from ..stats import ActivationStats
 from .log import SearchLog, gamma_summary, sample_index, summarise
-from .recompute import activation_checkpointing
+from .recompute import StepStats, activation_checkpointing
 from .regularizers import L1Prox
 from .settings import SearchSettings
 from .state import SearchState
@@ -180,36 +180,6 @@ def _search_one_frozen(i: int, name: str, w: torch.Tensor, stats: ActivationStat
 # drift mode
 
 
-class _StepStats:
-    """Pre-hooks summing x² per input channel over the current step's forward passes."""
-
-    def __init__(self, layers: Mapping[str, nn.Linear]) -> None:
-        self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in layers.items()}
-        self.counts = {n: 0 for n in layers}
-        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if torch._C._current_graph_task_id() != -1:  # a block recomputed in the backward pass: counted once
-                return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            self.sums[name] += (x * x).sum(0).double().cpu()
-            self.counts[name] += x.shape[0]
-
-        return hook
-
-    def take(self) -> dict[str, ActivationStats]:
-        out = {n: ActivationStats(sq_sum=self.sums[n].clone(), count=self.counts[n]) for n in self.sums}
-        for n in self.sums:
-            self.sums[n].zero_()
-            self.counts[n] = 0
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def alignment_grad(w: torch.Tensor, gamma: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
     """∂/∂W ½‖Γ − S(W)‖² with S treated as locally linear in |W| (S_ij ≈ a_ij·|W_ij|).
 
@@ -245,12 +215,17 @@ def search_drift(
     original = [torch.empty(p.shape, dtype=p.dtype, pin_memory=p.is_cuda).copy_(p.detach()) for p in params]
     device = params[0].device
     shapes = {n: layers[n].weight.shape for n in names}
-    state = SearchState.load(ckpt, fp) or SearchState.zeros(shapes, device)
+    # V and Γ live on the weights' device, or in (pinned) host memory, moved one matrix at a time.
+    settings = replace(settings, search_state=_search_state(settings, params))
+    state_device = device if settings.search_state == "device" else torch.device("cpu")
+    pin = state_device.type == "cpu" and device.type == "cuda"
+    state = SearchState.load(ckpt, fp) or SearchState.zeros(shapes, state_device, pin)
     start = state.step
     gen = torch.Generator().manual_seed(settings.seed)
     prox_gen = _prox_generator(settings.seed)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
-                            weight_decay=settings.weight_decay)
+                            weight_decay=settings.weight_decay,
+                            fused=True if device.type == "cuda" else None)  # no foreach temporaries of all W on a GPU
     sched = torch.optim.lr_scheduler.LambdaLR(opt, settings.lr_factor)
     # Only the prunable weights drift: no gradients for embeddings, norms or lm_head (the reference
     # computes and accumulates them for nothing, spec §7.2 item 14). Flags are restored at the end.
@@ -260,16 +235,16 @@ def search_drift(
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
     if start > 0:
-        _restore_drift(state, names, params, opt, sched, gen, prox_gen)
+        _restore_drift(state, names, params, opt, sched, gen, prox_gen, state_device, pin)
         log.info("resuming the drift search at step %d from %s", start, ckpt)
         if siblings:
             log.info("resumed search: only this run's λ; the other λ of the sweep are searched by their own jobs")
             siblings = ()
     lanes = [_DriftLane(state, prox, prox_gen, SearchLog(log_path, start))]  # the run's own λ first
-    lanes += [_DriftLane(SearchState.zeros(shapes, device), s.prox, _prox_generator(settings.seed),
+    lanes += [_DriftLane(SearchState.zeros(shapes, state_device, pin), s.prox, _prox_generator(settings.seed),
                          SearchLog(s.log_path, 0)) for s in siblings]
     index = {n: sample_index(layers[n].weight.numel(), settings.seed + i) for i, n in enumerate(names)}
-    hooks = _StepStats(layers)
+    hooks = StepStats(layers)
     recomputed = activation_checkpointing(model, True) if settings.activation_checkpointing else []
     t0 = time.perf_counter()
     try:
@@ -329,12 +304,35 @@ def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Gene
             g = settings.rho * alignment_grad(p, lanes[0].state.gamma[n].to(p.device), m.to(p.device))
             p.grad.add_(g)
             align.append((p, g))
-        m = m.to(lanes[0].state.v[n].device)
         for lane in lanes:
-            dual_step(lane.state.v[n], lane.state.gamma[n], m, settings.dual_step)
-            lane.state.gamma[n] = lane.prox(lane.state.v[n], lane.prox_gen)
+            held_v, held_g = lane.state.v[n], lane.state.gamma[n]
+            if settings.search_state == "host":  # V and Γ come to W's device for this matrix, then go back
+                v, g = held_v.to(p.device, non_blocking=True, copy=True), held_g.to(p.device, non_blocking=True, copy=True)
+                dual_step(v, g, m.to(p.device), settings.dual_step)
+                held_v.copy_(v)
+                held_g.copy_(lane.prox(v, lane.prox_gen))
+            else:
+                dual_step(held_v, held_g, m.to(held_v.device), settings.dual_step)
+                lane.state.gamma[n] = lane.prox(held_v, lane.prox_gen)
         del m
     return align
+
+
+def _search_state(settings: SearchSettings, params) -> str:
+    """``schedule.search_state`` resolved: ``auto`` is the device unless V and Γ (8 bytes per prunable weight) and the
+    gradient and Adam's m and v (3 more copies of W), plus 10 % and 2 GiB for activations, exceed the free GPU memory."""
+    device = params[0].device
+    if settings.search_state != "auto":
+        return settings.search_state
+    if device.type != "cuda":
+        return "device"
+    numel = sum(p.numel() for p in params)
+    need = numel * (8 + 3 * params[0].element_size()) * 1.1 + 2 * 2**30
+    free = torch.cuda.mem_get_info(device)[0]
+    where = "device" if need <= free else "host"
+    log.info("search: V and Γ on the %s (%.1f GiB needed on the GPU with them, %.1f GiB free)", where, need / 2**30,
+             free / 2**30)
+    return where
 
 
 def _weight_step(params, align, opt) -> None:
@@ -360,7 +358,7 @@ def _save_drift(state, names, params, opt, sched, gen, prox_gen, ckpt, fp) -> No
     state.extra = {}
 
 
-def _restore_drift(state, names, params, opt, sched, gen, prox_gen) -> None:
+def _restore_drift(state, names, params, opt, sched, gen, prox_gen, state_device, pin) -> None:
     e = state.extra
     with torch.no_grad():
         for n, p in zip(names, params):
@@ -376,5 +374,4 @@ def _restore_drift(state, names, params, opt, sched, gen, prox_gen) -> None:
         group["lr"] = base * fn(state.step)
     state.extra = {}
     device = params[0].device
-    state.v = {n: t.to(device) for n, t in state.v.items()}
-    state.gamma = {n: t.to(device) for n, t in state.gamma.items()}
+    state.to(state_device, pin)

@@ -1,16 +1,52 @@
-"""Activation checkpointing for the drift search: each block's activations recomputed in the backward pass.
+"""The drift search's activations: the per-step statistics hooks, and activation checkpointing.
 
-The same gradients for a fraction of the activation memory (README, "Costs"); the search's statistics
-hooks skip the recomputation (``torch._C._current_graph_task_id() != -1`` inside a backward pass).
+Checkpointing recomputes each block's activations in the backward pass: the same gradients for a fraction
+of the activation memory (README, "Costs"). The statistics hooks skip that recomputation
+(``torch._C._current_graph_task_id() != -1`` inside a backward pass), so each block is counted once.
 """
 
 from __future__ import annotations
 
 import logging
 
+from typing import Mapping
+
+import torch
 from torch import nn
 
+from ..stats import ActivationStats
+
 log = logging.getLogger(__name__)
+
+
+class StepStats:
+    """Pre-hooks summing x² per input channel over the current step's forward passes."""
+
+    def __init__(self, layers: Mapping[str, nn.Linear]) -> None:
+        self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in layers.items()}
+        self.counts = {n: 0 for n in layers}
+        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if torch._C._current_graph_task_id() != -1:  # a block recomputed in the backward pass: counted once
+                return
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            self.sums[name] += (x * x).sum(0).double().cpu()
+            self.counts[name] += x.shape[0]
+
+        return hook
+
+    def take(self) -> dict[str, ActivationStats]:
+        out = {n: ActivationStats(sq_sum=self.sums[n].clone(), count=self.counts[n]) for n in self.sums}
+        for n in self.sums:
+            self.sums[n].zero_()
+            self.counts[n] = 0
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def activation_checkpointing(model: nn.Module, on: bool, blocks: list | None = None) -> list:

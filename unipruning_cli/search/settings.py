@@ -41,10 +41,12 @@ class ScheduleConfig:
     accumulate_grads_across_steps: bool = _drift_only(True)
     checkpoint_every: int = 16
     activation_checkpointing: bool = True  # drift: recompute block activations in the backward (same Γ)
+    search_state: str = "auto"  # drift: V and Γ on the weights' "device", or "host" (pinned), one matrix moved at a
+    # time; "auto": the device where they fit beside the rest of the search, else the host
 
 
 #: Fields that change how the search runs but never its Γ (bit for bit): left out of the search fingerprint.
-NOT_IN_FINGERPRINT = ("checkpoint_every", "activation_checkpointing")
+NOT_IN_FINGERPRINT = ("checkpoint_every", "activation_checkpointing", "search_state")
 
 
 #: The ScheduleConfig fields that only steer the weight optimiser (marked ``drift_only`` above).

@@ -25,9 +25,20 @@ class SearchState:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # mode-specific: Adam moments, W, grads, RNG
 
     @classmethod
-    def zeros(cls, shapes: dict[str, torch.Size], device: torch.device | str = "cpu") -> "SearchState":
-        return cls(v={n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in shapes.items()},
-                   gamma={n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in shapes.items()})
+    def zeros(cls, shapes: dict[str, torch.Size], device: torch.device | str = "cpu", pin: bool = False) -> "SearchState":
+        """V = Γ = 0 (fp32) per matrix on ``device``; ``pin``: in page-locked host memory (fast copies to a GPU)."""
+        def z(shape):
+            return torch.zeros(shape, dtype=torch.float32, device=device, pin_memory=pin)
+
+        return cls(v={n: z(s) for n, s in shapes.items()}, gamma={n: z(s) for n, s in shapes.items()})
+
+    def to(self, device: torch.device, pin: bool = False) -> None:
+        """Move V and Γ to ``device`` (``pin``: page-locked host memory), in place of the current tensors."""
+        def move(t):
+            return t.to(device).pin_memory() if pin else t.to(device)
+
+        self.v = {n: move(t) for n, t in self.v.items()}
+        self.gamma = {n: move(t) for n, t in self.gamma.items()}
 
     def save(self, path: Path, fp: str) -> None:
         tensors = {f"v/{n}": t for n, t in self.v.items()}
