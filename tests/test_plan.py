@@ -30,7 +30,8 @@ def test_plan_of_the_headline_job_runs_offline_with_every_stage(tmp_path, monkey
     assert {"fits", "peak_gpu_gib", "peak_host_gib", "stages"} <= p.keys()
     assert p["prunable_weights"] == 6_525_288_448 and p["other_weights"] == 1_090_328_064  # Qwen2.5-7B's counts
     stages = {s["stage"]: s for s in p["stages"]}
-    assert list(stages) == ["load", "dense_eval", "search", "search_checkpoint", "masks", "pruned_eval"]
+    assert [n for n in stages if n != "tokenise"] == ["load", "dense_eval", "search", "search_checkpoint", "masks",
+                                                      "pruned_eval"]
     P, N, V = 6_525_288_448, 1_090_328_064, 152_064
     W = 2 * (P + N)  # bf16 on a GPU
     assert stages["load"]["gpu_gib"] == pytest.approx(W / GIB, abs=0.01)
@@ -153,3 +154,18 @@ def test_an_architecture_the_meta_device_cannot_build_runs_unplanned(tiny_llama_
     monkeypatch.setattr(estimate, "meta_model", broken)
     assert estimate.check_run_fits(compose_prune(tiny_overrides(tiny_llama_dir, corpus_files))) is None
     assert "no memory plan" in caplog.text
+
+
+def test_the_largest_file_corpus_is_planned_as_tokenised_at_once(tiny_llama_dir, corpus_files, tmp_path):
+    """A corpus is tokenised as one string (about 150 bytes of host memory per character), which for a large
+    file is the run's peak on the host; hub corpora have no size before they are fetched."""
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.plan.estimate import TOKENISE_BYTES_PER_CHAR, plan_run
+
+    big = tmp_path / "big.txt"
+    big.write_text("the model prunes weights " * 200_000)
+    cfg = compose_prune([*tiny_overrides(tiny_llama_dir, corpus_files), f"calibration.source={big}"])
+    stages = {s.name: s for s in plan_run(cfg, 0, None, None).stages}
+    weights = stages["load"].host  # without a GPU the weights are on the host in every stage
+    assert stages["tokenise"].host - weights == TOKENISE_BYTES_PER_CHAR * big.stat().st_size
+    assert max(stages.values(), key=lambda s: s.host).name == "tokenise"

@@ -23,6 +23,8 @@ from .architectures import meta_model
 GIB = 2**30
 #: The CUDA context and the caching allocator's slack on each GPU (not counted by max_memory_allocated).
 CUDA_OVERHEAD = 0.75 * GIB
+#: Host bytes a fast tokenizer holds per character of text tokenised at once (measured; shared/docs/large-models.md).
+TOKENISE_BYTES_PER_CHAR = 150
 #: Fraction of a device's memory a plan may fill: fragmentation and libraries' own buffers take the rest.
 USABLE = 0.92
 
@@ -110,6 +112,10 @@ def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: 
         stages.append(Stage(name, dev if on_gpu else 0.0, host + (0.0 if on_gpu else dev), what))
 
     add("load", Wd, W if on_gpu and not cfg.model.device_map else 0.0, "W (read on the host, then moved)")
+    chars = max(_corpus_bytes(c) for c in [cfg.calibration.source, *cfg.eval.corpora])
+    if chars:
+        add("tokenise", Wd, TOKENISE_BYTES_PER_CHAR * chars,
+            "the largest file corpus tokenised as one string (hub corpora not counted)")
     if cfg.eval.dense:
         add("dense_eval", Wd + logits, 0.0, "W + fp32 logits of one batch")
     needs_stats = (not uni and not (cfg.method == "local" and cfg.local_metric.name == "magnitude")) \
@@ -155,6 +161,16 @@ def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: 
     if not plan.fits:
         plan.advice = _advice(cfg, plan)
     return plan
+
+
+def _corpus_bytes(source: str) -> int:
+    """The size of a file or offline corpus (0 for a hub corpus, whose size is not known before it is fetched)."""
+    from ..data import corpus_identity
+
+    try:
+        return int(corpus_identity(source).get("size", 0))
+    except (OSError, KeyError, ValueError):
+        return 0
 
 
 def _state_on_host(cfg: DictConfig, P: int, b: int, on_gpu: bool, gpu_memory: float | None, Wd: float, s: dict) -> bool:
