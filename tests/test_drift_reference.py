@@ -148,13 +148,13 @@ def test_a_search_with_v_and_gamma_on_the_host_resumes_bit_exactly(tiny_tokenize
     full = run("full")
     real = MD._lm_backward
 
-    def crash_at_3(model, windows_, step, settings_):
-        if step == 2:
+    def interrupted_in_step_3(*args):  # args: model, windows, step (0-based), settings
+        if args[2] == 2:
             raise KeyboardInterrupt
-        return real(model, windows_, step, settings_)
+        return real(*args)
 
-    monkeypatch.setattr(MD, "_lm_backward", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(MD, "_lm_backward", interrupted_in_step_3)
+    with pytest.raises(KeyboardInterrupt):  # after the checkpoint of step 2
         run("cut")
     monkeypatch.setattr(MD, "_lm_backward", real)
     resumed = run("cut")

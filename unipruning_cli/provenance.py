@@ -27,25 +27,24 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def rss_bytes() -> int:
-    """This process's resident set size now, bytes (``/proc/self/status``; the peak so far where that is missing)."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A ``<field>: <n> kB`` line of a ``/proc`` file, in bytes; None where the file or the line is missing."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def host_total_bytes() -> int | None:
-    """This machine's memory (``MemTotal`` of ``/proc/meminfo``), bytes; None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now, bytes (``/proc/self/status``; the peak so far where that is missing)."""
+    now = _proc_bytes("/proc/self/status", "VmRSS")
+    return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def host_total_bytes() -> int | None:
+    """This machine's memory (``MemTotal`` of ``/proc/meminfo``), bytes; None where it cannot be read."""
+    return _proc_bytes("/proc/meminfo", "MemTotal")
