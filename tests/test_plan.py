@@ -110,9 +110,12 @@ def test_planned_peak_host_memory_is_within_15_percent_of_the_measured(method, m
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc, _ = run_cli(["plan", *overrides, "--json", str(tmp_path / "plan.json")], tmp_path, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    measured = json.loads((tmp_path / "run" / "metrics.json").read_text())["memory"]["peak_rss_mib"] / 1024
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    measured = metrics["memory"]["peak_rss_mib"] / 1024
     planned = json.loads((tmp_path / "plan.json").read_text())["peak_host_gib"]
     assert abs(planned / measured - 1) <= 0.15, (planned, measured)
+    assert metrics["placement"]["device"] == "cpu" and metrics["plan"]["fits"] is True  # the run's own plan, recorded
+    assert abs(metrics["plan"]["peak_host_gib"] / measured - 1) <= 0.15
 
 
 def test_prune_refuses_a_run_its_plan_says_cannot_fit_before_reading_weights(corpus_files, tiny_tokenizer, tmp_path):

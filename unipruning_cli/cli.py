@@ -67,10 +67,6 @@ def _prune_task(cfg) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         validate(cfg)
-        if cfg.plan_check:
-            from .plan.estimate import check_run_fits
-
-            check_run_fits(cfg)
         metrics = run_prune(cfg, out, reuse_model=multirun, sweep=sweep_context(Path(hc.sweep.dir)) if multirun else None)
     except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised outside sweeps
         record_failure(out, err)

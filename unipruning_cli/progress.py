@@ -42,16 +42,28 @@ def console_logging() -> None:
 
 
 class Timer:
-    """Wall-clock seconds per named stage (summed when a stage runs more than once), for ``metrics.json``."""
+    """Wall-clock seconds per named stage (summed when a stage runs more than once), and where CUDA is in use the
+    peak GPU memory each stage allocated (``torch.cuda.max_memory_allocated``, MiB), for ``metrics.json``."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cuda_peak_mib: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        import torch
+
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:  # what ran since the last stage keeps its peak too, then counting starts again
+            self.cuda_peak_mib["between stages"] = round(max(self.cuda_peak_mib.get("between stages", 0.0),
+                                                             torch.cuda.max_memory_allocated() / 2**20), 1)
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         log.info("stage %s ...", name)
         try:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+            if cuda:
+                self.cuda_peak_mib[name] = round(max(self.cuda_peak_mib.get(name, 0.0),
+                                                     torch.cuda.max_memory_allocated() / 2**20), 1)

@@ -23,6 +23,7 @@ from .evaluation.protocol import eval_windows_of, evaluate_masks, evaluate_prune
 from .masks import check_nm_applicable
 from .methods import Target, make_target, targets_of
 from .models import load_model, load_model_reused, model_location, prunable_layers
+from .plan.estimate import Plan, check_run_fits
 from .progress import Timer
 from .provenance import peak_memory, versions
 from .pruning import baseline_masks, cut_masks, prune_stage
@@ -62,6 +63,7 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     atomic_write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     primary = make_target(cfg)
+    plan = check_run_fits(cfg) if cfg.plan_check else None  # before any weight is read
 
     with timer.stage("load"):
         model, tok = (load_model_reused if reuse_model else load_model)(cfg.model)
@@ -84,7 +86,7 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
             results = {primary.tag: evaluate_pruned(cfg, model, tok, windows, primary.tag)}
 
     metrics = run_metrics(cfg, model, primary, calib_info, dense, results,
-                          {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)})
+                          {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}, timer, plan)
     atomic_write_json(rd / "metrics.json", metrics)
     plots = write_plots(rd.path, metrics)
     write_summary_md(rd / "summary.md", metrics, plots)
@@ -93,10 +95,16 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
 
 
 def run_metrics(cfg: DictConfig, model, primary: Target, calib_info: dict, dense: dict, results: dict[str, dict],
-                seconds: dict[str, float]) -> dict:
+                seconds: dict[str, float], timer: Timer, plan: Plan | None) -> dict:
     """The content of ``metrics.json`` (README, "The run directory"): the primary cut in full, every cut
-    in ``results``, with the calibration, seconds per stage, peak memory and library versions."""
+    in ``results``, with the calibration, seconds per stage, the placement and its memory plan, peak memory
+    (and per stage on CUDA) and library versions."""
     first = results[primary.tag]
+    memory = peak_memory()
+    if timer.cuda_peak_mib:  # the stages reset CUDA's peak counter: the run's peak is the largest of theirs
+        memory["peak_cuda_mib"] = max(memory.get("peak_cuda_mib", 0.0), *timer.cuda_peak_mib.values())
+        memory["stages_cuda_mib"] = dict(timer.cuda_peak_mib)
+    weight = next(model.parameters())
     metrics = {
         "model": {"name": cfg.model.name, "location": model_location(cfg.model),
                   "dtype": str(next(model.parameters()).dtype)},
@@ -113,7 +121,11 @@ def run_metrics(cfg: DictConfig, model, primary: Target, calib_info: dict, dense
         "zero_shot": {"dense": dense["zero_shot"], "pruned": first["zero_shot"]},
         "results": {tag: result_entry(r) for tag, r in results.items()},
         "seconds": seconds,
-        "memory": peak_memory(),
+        "placement": {"device": str(weight.device), "dtype": str(weight.dtype), "device_map": cfg.model.device_map,
+                      "search_state": cfg.schedule.search_state if cfg.method == "unipruning" else None},
+        "plan": None if plan is None else {k: plan.to_dict()[k] for k in ("fits", "peak_gpu_gib", "peak_host_gib",
+                                                                           "placement")},
+        "memory": memory,
         "versions": versions(),
     }
     if cfg.method == "unipruning":
