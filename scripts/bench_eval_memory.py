@@ -1,7 +1,7 @@
 """Memory of evaluating several cuts in turn on one model: a full weight copy vs the zeroed entries only.
 
-``evaluation.protocol.evaluate_masks`` clones every prunable weight on the model's device, then restores all of
-them after each cut. The alternative measured here puts only each cut's zeroed entries aside, on the
+``evaluation.protocol.evaluate_masks`` copies every prunable weight to host memory (pinned under CUDA, so a GPU
+holds no second copy), then restores all of them after each cut. The alternative measured here puts only each cut's zeroed entries aside, on the
 host, and writes them back. Each variant runs in a fresh process (peak memory only grows), on the
 embedded model with magnitude cuts at 50 / 60 / 70 % per matrix; the script prints the peak RSS
 (and, on CUDA, the peak device memory) added by the evaluation over the model and masks already in
@@ -11,8 +11,7 @@ memory, the seconds, and checks that both give the same perplexities.
 
 On CPU the alternative saved nothing (three runs: added peak RSS 1.00x to 1.01x the copy's, time
 1.40x to 1.58x; freed host blocks stay in the heap, and boolean indexing is slow), so the runner
-keeps the copy. On a GPU the copy is device
-memory, the scarce kind: this script is the check to run there before changing the rule.
+keeps the copy, on the host.
 """
 
 from __future__ import annotations

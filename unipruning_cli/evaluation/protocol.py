@@ -74,8 +74,10 @@ def evaluate_pruned(cfg: DictConfig, model, tok, windows: dict[str, torch.Tensor
 def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear], all_masks: dict[str, dict],
                    windows: dict[str, torch.Tensor], timer: Timer) -> dict[str, dict]:
     """Evaluate each set of masks in turn (``tag -> name -> bool [out, in]``); the original weights are
-    restored between sets, from one full copy of the prunable weights (``scripts/bench_eval_memory.py``)."""
-    original = {n: m.weight.detach().clone() for n, m in layers.items()}
+    restored between sets, from one full copy of the prunable weights (``scripts/bench_eval_memory.py``)
+    kept in host memory (pinned under CUDA), so a GPU holds no second copy of them."""
+    original = {n: torch.empty(m.weight.shape, dtype=m.weight.dtype, pin_memory=m.weight.is_cuda).copy_(m.weight.detach())
+                for n, m in layers.items()}
     results = {}
     for tag, masks in all_masks.items():
         apply_masks(layers, masks)

@@ -143,11 +143,12 @@ def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: 
     if uni:
         masks = 4 * P + 4 * P + cuts * P * (1 + len(cfg.eval.baselines))
         add("masks", Wd, masks + (4 * P if cfg.eval.baselines else 0), "Γ, |Γ| and every cut's masks on the host")
-        add("pruned_eval", Wd + P * b / spread + logits, masks, "W + a copy of the prunable W + logits")
+        add("pruned_eval", Wd + logits, masks + P * b,
+            "W + logits; a copy of the prunable W on the host to restore it between cuts")
     else:
         add("pruned_eval", Wd + logits, P if cfg.method == "local" else 0.0, "W + fp32 logits of one batch")
     if cfg.eval.tasks:
-        add("zero_shot", Wd + (P * b / spread if uni else 0), 0.0, "W (+ the copy) under lm-eval")
+        add("zero_shot", Wd, P * b if uni else 0.0, "W under lm-eval (+ the host copy)")
     from .. import pruning  # noqa: F401  (the baseline is a prune process's: the modules its stages run)
     from ..evaluation import dense  # noqa: F401
     from ..search import stage  # noqa: F401
