@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 
@@ -43,6 +44,12 @@ def rss_bytes() -> int:
     """This process's resident set size now, bytes (``/proc/self/status``; the peak so far where that is missing)."""
     now = _proc_bytes("/proc/self/status", "VmRSS")
     return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def host_available_bytes() -> int:
+    """Memory this machine can still give (``MemAvailable``), bytes; the free pages where that is missing."""
+    free = _proc_bytes("/proc/meminfo", "MemAvailable")
+    return free if free is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def host_total_bytes() -> int | None:

@@ -16,8 +16,9 @@ import torch
 from omegaconf import DictConfig
 
 from ..methods import make_target, targets_of
-from ..models import TORCH_DTYPES, prunable_layers
+from ..models import prunable_layers, resolve_dtype
 from ..provenance import rss_bytes
+from ..search.settings import drift_gpu_bytes
 from .architectures import meta_model
 
 GIB = 2**30
@@ -91,9 +92,9 @@ def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: 
     """The plan of ``unipruning prune`` with ``cfg`` on ``gpus`` GPUs of ``gpu_memory`` bytes (0: the CPU) and a
     host of ``host_memory`` bytes (None: not checked)."""
     on_gpu = gpus > 0
-    dtype = TORCH_DTYPES["bfloat16" if on_gpu else "float32"] if cfg.model.dtype == "auto" else TORCH_DTYPES[cfg.model.dtype]
+    dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda" if on_gpu else "cpu"))
     s = _shapes(cfg, dtype)
-    b = torch.empty(0, dtype=dtype).element_size()
+    b = dtype.itemsize
     P, N, h, V = s["P"], s["N"], s["h"], s["V"]
     W = (P + N) * b
     spread = gpus if (on_gpu and cfg.model.device_map) else 1  # device_map: weights split, search state on GPU 0
@@ -130,7 +131,7 @@ def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: 
     elif mode == "frozen":
         add("search", Wd + 42 * s["L_max"], 4 * P + per_sample, "W + one matrix's search; Γ (fp32) on the host")
     else:
-        on_host = _state_on_host(cfg, P, b, on_gpu, gpu_memory, Wd, s)
+        on_host = _state_on_host(cfg, P, b, on_gpu, gpu_memory, Wd)
         state = P * (3 * b + (0 if on_host else 8)) + 16 * s["L_max"]  # gradient, Adam m, v (+ V, Γ fp32); one S
         act = (s["L"] * T_c * h * b + T_c * (10 * h + 3 * s["I"]) * b * 2 + 12 * T_c * V)
         host = P * b + (8 * P if on_host else 0)  # the restore copy of W (+ V and Γ) live on the host
@@ -174,14 +175,14 @@ def _corpus_bytes(source: str) -> int:
         return 0
 
 
-def _state_on_host(cfg: DictConfig, P: int, b: int, on_gpu: bool, gpu_memory: float | None, Wd: float, s: dict) -> bool:
+def _state_on_host(cfg: DictConfig, P: int, b: int, on_gpu: bool, gpu_memory: float | None, Wd: float) -> bool:
     """Where the drift search will keep V and Γ: as ``schedule.search_state`` says; ``auto`` decides as the search
     does (``mirror_descent._search_state``), against this plan's GPU with the weights already on it."""
     if cfg.schedule.search_state != "auto":
         return cfg.schedule.search_state == "host"
     if not on_gpu or gpu_memory is None:
         return False
-    return P * (8 + 3 * b) * 1.1 + 2 * GIB > USABLE * gpu_memory - CUDA_OVERHEAD - Wd
+    return drift_gpu_bytes(P, b) > USABLE * gpu_memory - CUDA_OVERHEAD - Wd
 
 
 def _advice(cfg: DictConfig, plan: Plan) -> list[str]:

@@ -37,7 +37,7 @@ from ..stats import ActivationStats
 from .log import SearchLog, gamma_summary, sample_index, summarise
 from .recompute import StepStats, activation_checkpointing
 from .regularizers import L1Prox
-from .settings import SearchSettings
+from .settings import SearchSettings, drift_gpu_bytes
 from .state import SearchState
 
 log = logging.getLogger(__name__)
@@ -319,15 +319,14 @@ def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Gene
 
 
 def _search_state(settings: SearchSettings, params) -> str:
-    """``schedule.search_state`` resolved: ``auto`` is the device unless V and Γ (8 bytes per prunable weight) and the
-    gradient and Adam's m and v (3 more copies of W), plus 10 % and 2 GiB for activations, exceed the free GPU memory."""
+    """``schedule.search_state`` resolved: ``auto`` is the device unless ``drift_gpu_bytes`` exceeds the free GPU memory."""
     device = params[0].device
     if settings.search_state != "auto":
         return settings.search_state
     if device.type != "cuda":
         return "device"
     numel = sum(p.numel() for p in params)
-    need = numel * (8 + 3 * params[0].element_size()) * 1.1 + 2 * 2**30
+    need = drift_gpu_bytes(numel, params[0].element_size())
     free = torch.cuda.mem_get_info(device)[0]
     where = "device" if need <= free else "host"
     log.info("search: V and Γ on the %s (%.1f GiB needed on the GPU with them, %.1f GiB free)", where, need / 2**30,

@@ -53,6 +53,13 @@ NOT_IN_FINGERPRINT = ("checkpoint_every", "activation_checkpointing", "search_st
 DRIFT_ONLY: tuple[str, ...] = tuple(f.name for f in fields(ScheduleConfig) if f.metadata.get("drift_only"))
 
 
+def drift_gpu_bytes(numel: int, element_size: int) -> float:
+    """GPU bytes the drift search needs beside W with V and Γ on the device: V, Γ (fp32, 8 bytes per prunable weight),
+    the gradient and Adam's m and v (3 copies in the weights' dtype), plus 10 % and 2 GiB for activations. The one
+    rule behind ``search_state=auto``: the search compares it with the free GPU memory, the plan with its card."""
+    return numel * (8 + 3 * element_size) * 1.1 + 2 * 2**30
+
+
 @dataclass
 class SearchSettings(ScheduleConfig):
     """The ``schedule`` config as the search reads it, plus the run's seed (one list of fields)."""
