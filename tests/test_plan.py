@@ -35,7 +35,8 @@ def test_plan_of_the_headline_job_runs_offline_with_every_stage(tmp_path, monkey
     P, N, V = 6_525_288_448, 1_090_328_064, 152_064
     W = 2 * (P + N)  # bf16 on a GPU
     assert stages["load"]["gpu_gib"] == pytest.approx(W / GIB, abs=0.01)
-    assert stages["dense_eval"]["gpu_gib"] == pytest.approx((W + 12 * 4 * 4096 * V) / GIB, abs=0.01)
+    rows = 2**30 // (4 * 4 * V)  # positions whose fp32 logits (batch 4) fit the 1 GiB chunk of the perplexity loss
+    assert stages["dense_eval"]["gpu_gib"] == pytest.approx((W + 12 * 4 * rows * V) / GIB, abs=0.01)
     assert stages["masks"]["host_gib"] == pytest.approx((4 * P + 4 * P + P) / GIB, abs=0.01)  # Γ, |Γ|, one cut
     # search_state=auto: V and Γ do not fit beside W, its gradient and Adam's m, v on one 80 GB card: the host
     assert "on the host" in stages["search"]["what"]
@@ -53,9 +54,10 @@ def test_the_named_models_plan_offline(name, prunable, tmp_path, monkeypatch):
     p = _plan(tmp_path, f"model={name}", "method=local", "local_metric=wanda", "--gpus", "1", "--gpu-memory", "141GiB",
               "--host-memory", "1TiB")
     assert p["prunable_weights"] == prunable
-    assert p["fits"] == (name == "llama-3.1-8b")  # 70B weights alone (131 GiB) leave no room on one card today
-    if not p["fits"]:
-        assert p["advice"]
+    assert p["fits"]
+    # 70B weights alone (131 GiB) leave no room on one card: placement=auto chooses sequential onloading
+    assert ("sequential onloading" in p["placement"]) == (name != "llama-3.1-8b")
+    assert p["onload"] == (name != "llama-3.1-8b")
 
 
 def test_frozen_needs_far_less_gpu_than_drift(tmp_path, monkeypatch):
@@ -172,3 +174,24 @@ def test_the_largest_file_corpus_is_planned_as_tokenised_at_once(tiny_llama_dir,
     weights = stages["load"].host  # without a GPU the weights are on the host in every stage
     assert stages["tokenise"].host - weights == TOKENISE_BYTES_PER_CHAR * big.stat().st_size
     assert max(stages.values(), key=lambda s: s.host).name == "tokenise"
+
+
+def test_a_70b_model_prunes_on_one_80gb_gpu_with_sequential_onloading(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gpu = ["--gpus", "1", "--gpu-memory", "80GiB"]
+    p = _plan(tmp_path, "model=llama-3.1-70b", "method=sparsegpt", *gpu)
+    assert p["fits"] and p["onload"] and "sequential onloading" in p["placement"]
+    assert p["host_memory"] is None  # another machine's GPU was described: its host is not assumed to be this one
+    stages = {s["stage"]: s for s in p["stages"]}
+    P, N, h, I, V, L = 68_451_041_280, 2_102_665_216, 8192, 28_672, 128_256, 80
+    outside = 2 * V * h + h  # embeddings, lm_head, the final norm
+    block = (P + N - outside) / L
+    assert stages["prune"]["gpu_gib"] == pytest.approx((2 * outside + 2 * block + 6 * I * I * 4) / GIB, abs=0.01)
+    assert stages["prune"]["host_gib"] > 2 * (P + N - outside) / GIB  # every block waits in host memory
+    whole = _plan(tmp_path, "model=llama-3.1-70b", "method=sparsegpt", "model.placement=device", *gpu)
+    assert not whole["fits"] and "model.placement=onload" in " ".join(whole["advice"])
+    drift = _plan(tmp_path, "model=llama-3.1-70b", *gpu)
+    assert not drift["fits"] and not drift["onload"]
+    assert any("weight_mode=frozen" in a and "planned: GPU" in a for a in drift["advice"])
+    cpu = _plan(tmp_path, "model=llama-3.1-70b", "method=sparsegpt", "--gpus", "0")
+    assert not cpu["onload"] and cpu["placement"] == "cpu"

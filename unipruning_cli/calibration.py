@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .models import block_layers, find_blocks, input_device
+from .onload import onloaded
 from .progress import track
 from .stats import ActivationStats
 
@@ -118,7 +119,8 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, offload: str) 
         kwargs_list.append(_to({k: v for k, v in kwargs.items() if k != "past_key_values"}, offload))
         raise _StopForward
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # prepend: stop before an onload hook (:mod:`.onload`) brings block 0 to the GPU for nothing.
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     device = input_device(model)
     try:
         for row in track(windows, "capture block inputs"):
@@ -163,28 +165,41 @@ def calibrate_blockwise(
     prefix, blocks = find_blocks(model)
     hidden, kwargs = capture_block_inputs(model, windows, offload)
     all_stats: dict[str, ActivationStats] = {}
+    device = input_device(model)
     for i, block in enumerate(track(blocks, "calibrate blocks")):
-        layers = block_layers(block, f"{prefix}.{i}")
-        shared = SharedInputs(enabled=share_inputs)
-        collectors = {n: InputCollector(m.in_features, want_hessian, want_per_sample, shared)
-                      for n, m in layers.items()}
-        handles = [m.register_forward_pre_hook(collectors[n]) for n, m in layers.items()]
-        try:
-            outputs = [_run_block(block, h, kw, offload) for h, kw in zip(hidden, kwargs)]
-        finally:
-            shared.clear()
-            for h in handles:
-                h.remove()
-        stats = {n: c.stats() for n, c in collectors.items()}
-        if on_block is not None:
-            on_block(i, layers, stats)
-        if sequential and on_block is not None:
-            outputs = [_run_block(block, h, kw, offload) for h, kw in zip(hidden, kwargs)]
-        for s in stats.values():
-            s.xtx = None
+        # Sequential onloading: a host-resident block comes to the GPU for its passes and its callback,
+        # and goes back with what the callback changed (a no-op for a model already on its device).
+        with onloaded(block, device, write_back=on_block is not None):
+            stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs, sequential, want_hessian,
+                                              want_per_sample, on_block, offload, share_inputs)
         all_stats.update(stats)
         hidden = outputs
     return all_stats
+
+
+def _calibrate_block(block: nn.Module, name: str, i: int, hidden: list, kwargs: list, sequential: bool,
+                     want_hessian: bool, want_per_sample: bool, on_block: BlockCallback | None, offload: str,
+                     share_inputs: bool) -> tuple[dict[str, ActivationStats], list]:
+    """One block of :func:`calibrate_blockwise`: its statistics, the callback, and its outputs for the next block."""
+    layers = block_layers(block, name)
+    shared = SharedInputs(enabled=share_inputs)
+    collectors = {n: InputCollector(m.in_features, want_hessian, want_per_sample, shared)
+                  for n, m in layers.items()}
+    handles = [m.register_forward_pre_hook(collectors[n]) for n, m in layers.items()]
+    try:
+        outputs = [_run_block(block, h, kw, offload) for h, kw in zip(hidden, kwargs)]
+    finally:
+        shared.clear()
+        for h in handles:
+            h.remove()
+    stats = {n: c.stats() for n, c in collectors.items()}
+    if on_block is not None:
+        on_block(i, layers, stats)
+    if sequential and on_block is not None:
+        outputs = [_run_block(block, h, kw, offload) for h, kw in zip(hidden, kwargs)]
+    for s in stats.values():
+        s.xtx = None
+    return stats, outputs
 
 
 def stats_to_tensors(stats: dict[str, ActivationStats], per_sample: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -22,6 +22,7 @@ from .search.settings import ScheduleConfig
 
 MODEL_SOURCES = ("hub", "local", "embedded")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PLACEMENTS = ("auto", "device", "onload")
 ALLOCATIONS = ("per_row", "per_matrix", "global")
 CALIBRATION_MODES = ("one_shot", "sequential")
 WEIGHT_MODES = ("drift", "frozen")
@@ -39,6 +40,10 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
     device_map: Optional[str] = None  # e.g. "auto" to shard a model larger than one GPU (accelerate)
+    max_memory: Dict[Any, str] = field(default_factory=dict)  # device_map caps: +model.max_memory.0=70GiB (accelerate)
+    # device: every weight on model.device; onload: decoder blocks in host memory, one at a time on the GPU
+    # (sequential onloading, onload.py); auto: the memory plan's choice (device when it fits).
+    placement: str = "auto"
     seqlen: int = 2048  # default calibration / evaluation window for this model
     add_bos: bool = False  # prepend BOS to every evaluation window (models trained that way)
     trust_remote_code: bool = False
@@ -172,6 +177,11 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def model_values(model_cfg: DictConfig) -> dict:
+    """``model`` as it enters fingerprints: without where the weights are placed, which changes no result."""
+    return {k: v for k, v in plain(model_cfg).items() if k not in ("placement", "max_memory")}
+
+
 def target_sparsity(cfg: DictConfig) -> float:
     """The sparsity the run aims at: explicit, or implied by N:M, or 0.5."""
     if cfg.pattern.kind == "nm":
@@ -188,6 +198,7 @@ def validate_values(cfg: DictConfig) -> None:
     validate_pattern(cfg)
     one_of("model.source", cfg.model.source, MODEL_SOURCES)
     one_of("model.dtype", cfg.model.dtype, DTYPES)
+    validate_placement(cfg)
     validate_calibration(cfg.calibration)
     validate_eval_values(cfg.eval)
     validate_search(cfg)
@@ -215,6 +226,19 @@ def validate_pattern(cfg: DictConfig) -> None:
             f"drop the sparsity override or use pattern=unstructured",
         )
         check(p.allocation in (None, "per_row"), "pattern.allocation applies to unstructured patterns only")
+
+
+def validate_placement(cfg: DictConfig) -> None:
+    """``model.placement`` against ``device_map`` and the method (the drift search backpropagates through every block)."""
+    m = cfg.model
+    one_of("model.placement", m.placement, PLACEMENTS)
+    if m.placement == "onload":
+        check(not m.device_map, "model.placement=onload and model.device_map are two ways to place the model: "
+                                "choose one")
+        check(not (cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift"),
+              "model.placement=onload serves the block-wise stages (method=local, method=sparsegpt, "
+              "schedule.weight_mode=frozen); the drift search backpropagates through the whole model at once")
+    check(not m.max_memory or bool(m.device_map), "model.max_memory caps what model.device_map places: set both")
 
 
 def validate_calibration(c: DictConfig) -> None:

@@ -20,8 +20,12 @@ from .rundir import atomic_save_tensors, load_tensors
 
 def save_masks(path: Path, masks: dict[str, torch.Tensor], info: dict) -> None:
     """Write ``masks`` (bool ``[out, in]`` per matrix, True = kept) to ``path`` with ``info`` in the metadata."""
-    shapes = {n: list(m.shape) for n, m in masks.items()}
-    packed = {n: pack_mask(m) for n, m in masks.items()}
+    save_packed_masks(path, {n: pack_mask(m) for n, m in masks.items()}, {n: list(m.shape) for n, m in masks.items()},
+                      info)
+
+
+def save_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]], info: dict) -> None:
+    """Write masks already packed by :func:`masks.pack_mask` (``uint8``, 1 bit per weight) with their shapes."""
     atomic_save_tensors(path, packed, {"shapes": json.dumps(shapes), "info": json.dumps(info)})
 
 

@@ -79,21 +79,36 @@ def check_model_reachable(model_cfg: DictConfig) -> None:
             )
 
 
-def load_model(model_cfg: DictConfig) -> tuple[nn.Module, "object"]:
-    """Load model and tokenizer as the config says; the model is in eval mode with gradients off."""
+def load_model(model_cfg: DictConfig, placement: str | None = None) -> tuple[nn.Module, "object"]:
+    """Load model and tokenizer as the config says; the model is in eval mode with gradients off.
+
+    ``placement`` (default ``model.placement``; ``auto`` means ``device`` here, the runner passes the
+    plan's choice): ``device`` puts every weight on ``model.device`` (or where ``model.device_map`` says);
+    ``onload`` reads the weights into host memory and moves only what is outside the decoder blocks to
+    the GPU (sequential onloading, :mod:`.onload`). On the CPU both are the same.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from .onload import place_onloaded
 
     hf_logging.disable_progress_bar()  # rich bars are ours; HF's tqdm would interleave with them
     location = model_location(model_cfg)
     device = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)
+    placement = placement or model_cfg.get("placement") or "device"
+    onload = placement == "onload" and device.type != "cpu"
     kwargs = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=bool(model_cfg.trust_remote_code))
     if model_cfg.device_map:
         kwargs["device_map"] = model_cfg.device_map
-    log.info("loading %s (%s, %s, %s)", location, dtype, model_cfg.device_map or device, model_cfg.source)
+        if model_cfg.get("max_memory"):
+            kwargs["max_memory"] = {_device_key(k): v for k, v in model_cfg.max_memory.items()}
+    log.info("loading %s (%s, %s, %s)", location, dtype,
+             model_cfg.device_map or (f"{device}, sequential onloading" if onload else device), model_cfg.source)
     model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    if not model_cfg.device_map:
+    if onload:
+        place_onloaded(model, find_blocks(model)[1], device)
+    elif not model_cfg.device_map:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -102,10 +117,15 @@ def load_model(model_cfg: DictConfig) -> tuple[nn.Module, "object"]:
     return model, tok
 
 
+def _device_key(key: str) -> int | str:
+    """accelerate's ``max_memory`` keys: GPU indices as ints, ``cpu`` / ``disk`` as strings."""
+    return int(key) if str(key).isdigit() else str(key)
+
+
 _REUSE: dict[str, tuple[nn.Module, object, dict[str, torch.Tensor]]] = {}
 
 
-def load_model_reused(model_cfg: DictConfig) -> tuple[nn.Module, "object"]:
+def load_model_reused(model_cfg: DictConfig, placement: str | None = None) -> tuple[nn.Module, "object"]:
     """``load_model`` for the jobs of one sweep process: the model is loaded once; each later job
     gets it back with the original prunable weights restored from a CPU copy (pruning works in place).
     Holds one model at a time."""
@@ -113,7 +133,8 @@ def load_model_reused(model_cfg: DictConfig) -> tuple[nn.Module, "object"]:
 
     from .rundir import fingerprint
 
-    key = fingerprint({"model": model_identity(model_cfg), "cfg": OmegaConf.to_container(model_cfg, resolve=True)})
+    key = fingerprint({"model": model_identity(model_cfg), "cfg": OmegaConf.to_container(model_cfg, resolve=True),
+                       "placement": placement})
     if key in _REUSE:
         model, tok, original = _REUSE[key]
         layers = prunable_layers(model)
@@ -123,7 +144,7 @@ def load_model_reused(model_cfg: DictConfig) -> tuple[nn.Module, "object"]:
         log.info("model reused from the previous job of this sweep")
         return model, tok
     _REUSE.clear()
-    model, tok = load_model(model_cfg)
+    model, tok = load_model(model_cfg, placement)
     _REUSE[key] = (model, tok, {n: m.weight.detach().to("cpu", copy=True) for n, m in prunable_layers(model).items()})
     return model, tok
 

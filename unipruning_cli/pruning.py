@@ -17,10 +17,11 @@ from omegaconf import DictConfig
 
 from .calibration import calibrate_blockwise, stats_to_tensors
 from .calibration_set import calibration_set, dense_statistics
-from .config import plain
-from .mask_files import load_masks, save_masks
+from .config import model_values, plain
+from .mask_files import load_masks, save_masks, save_packed_masks
 from .methods import METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target, apply_masks
 from .metrics import METRICS, build_metric
+from .masks import pack_mask
 from .models import prunable_layers
 from .progress import Timer
 from .rundir import RunDir, atomic_save_tensors, atomic_write_json, fingerprint
@@ -39,15 +40,35 @@ def make_method(cfg: DictConfig) -> PruningMethod:
     return cls()
 
 
-def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, target: Target, rd: RunDir) -> tuple[dict, dict]:
+class PackedMasks:
+    """Keep masks as a block-wise method produces them, packed at 1 bit per weight (a 70B model's bool masks
+    would take 64 GiB of host memory, packed 8 GiB), then written as one masks file (:mod:`.mask_files`)."""
+
+    def __init__(self) -> None:
+        self.packed: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, list[int]] = {}
+
+    def add(self, masks: dict[str, torch.Tensor]) -> None:
+        for name, mask in masks.items():
+            self.packed[name] = pack_mask(mask.cpu())
+            self.shapes[name] = list(mask.shape)
+
+    def save(self, path, info: dict) -> None:
+        save_packed_masks(path, self.packed, self.shapes, info)
+
+
+def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, target: Target, rd: RunDir) -> tuple[PackedMasks, dict]:
     """Masks of every prunable layer at ``target``; weights are pruned in place on return.
 
     Writes ``calibration.safetensors`` (Σx² per input channel, counts in the metadata) and
-    ``calibration.json`` into ``rd``. Returns (masks: name -> bool ``[out, in]``, calibration info).
+    ``calibration.json`` into ``rd``. Returns (the packed masks, calibration info). Scores and masks are
+    made matrix by matrix (block by block when calibrating), except for ``allocation=global``, whose cut
+    needs every score at once.
     """
     c = cfg.calibration
     windows, calib_info = calibration_set(cfg, tok)
     layers = prunable_layers(model)
+    masks = PackedMasks()
     if isinstance(method, LocalMetricPruning) and c.mode == "one_shot":
         # Scores need only the dense statistics (none at all for magnitude): no pass per run.
         if method.metric.name == "magnitude":
@@ -55,16 +76,21 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
         else:
             stats, cached = dense_statistics(cfg, model, windows)
         calib_info["cached"] = cached
-        masks = target.cut(method.scores(layers, stats))
-        apply_masks(layers, masks)
+        if target.allocation == "global" and not target.is_nm:
+            every = target.cut(method.scores(layers, stats))
+            apply_masks(layers, every)
+            masks.add(every)
+        else:  # the cuts are per matrix: one score alive at a time, in the order (and random draws) of scores()
+            for name, layer in layers.items():
+                one = target.cut({name: method.score(layer, stats.get(name))})
+                apply_masks({name: layer}, one)
+                masks.add(one)
     else:
-        masks: dict[str, torch.Tensor] = {}
-
         def on_block(i, block_layers, block_stats):
             block_masks = method.prune_block(block_layers, block_stats, target)
             if not method.updates_weights:
                 apply_masks(block_layers, block_masks)
-            masks.update(block_masks)
+            masks.add(block_masks)
 
         stats = calibrate_blockwise(model, windows, sequential=c.mode == "sequential",
                                     want_hessian=method.needs_hessian, on_block=on_block, offload=c.offload)
@@ -74,24 +100,25 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
     return masks, calib_info
 
 
-def prune_stage(cfg: DictConfig, model, tok, target: Target, rd: RunDir, timer: Timer) -> tuple[dict, dict]:
-    """Local-metric or SparseGPT pruning of the model in place (masks reloaded when already done)."""
+def prune_stage(cfg: DictConfig, model, tok, target: Target, rd: RunDir, timer: Timer) -> dict:
+    """Local-metric or SparseGPT pruning of the model in place, its masks in ``rd/masks/<tag>.safetensors``
+    (reloaded and applied when the stage is already complete). Returns the calibration info."""
     method = make_method(cfg)
     layers = prunable_layers(model)
-    prune_fp = fingerprint({k: plain(cfg[k]) for k in ("model", "calibration", "local_metric", "method", "pattern",
-                                                       "sparsity", "seed")})
+    prune_fp = fingerprint({"model": model_values(cfg.model),
+                            **{k: plain(cfg[k]) for k in ("calibration", "local_metric", "method", "pattern", "sparsity",
+                                                          "seed")}})
     mask_path = f"masks/{target.tag}.safetensors"
     if rd.is_complete("prune", prune_fp) and not method.updates_weights:
         log.info("prune stage complete in %s: loading %s", rd.path, mask_path)
-        masks = load_masks(rd / mask_path)
-        apply_masks(layers, masks)
-        return masks, json.loads((rd / "calibration.json").read_text())
+        apply_masks(layers, load_masks(rd / mask_path))
+        return json.loads((rd / "calibration.json").read_text())
     with timer.stage("calibrate_prune"):
         masks, calib_info = calibrate_and_prune(cfg, model, tok, method, target, rd)
-    save_masks(rd / mask_path, masks, {"target": target.tag, "method": cfg.method})
+    masks.save(rd / mask_path, {"target": target.tag, "method": cfg.method})
     rd.mark_complete("prune", prune_fp, [mask_path, "calibration.safetensors", "calibration.json"],
                      timer.seconds["calibrate_prune"])
-    return masks, calib_info
+    return calib_info
 
 
 def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir) -> dict[str, dict[str, torch.Tensor]]:

@@ -22,7 +22,7 @@ from .evaluation.dense import dense_evaluation
 from .evaluation.protocol import eval_windows_of, evaluate_masks, evaluate_pruned, result_entry
 from .masks import check_nm_applicable
 from .methods import Target, make_target, targets_of
-from .models import load_model, load_model_reused, model_location, prunable_layers
+from .models import input_device, load_model, load_model_reused, model_location, prunable_layers
 from .plan.estimate import Plan, check_run_fits
 from .progress import Timer
 from .provenance import peak_memory, versions
@@ -64,9 +64,10 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     torch.manual_seed(cfg.seed)
     primary = make_target(cfg)
     plan = check_run_fits(cfg) if cfg.plan_check else None  # before any weight is read
+    placement = chosen_placement(cfg, plan)
 
     with timer.stage("load"):
-        model, tok = (load_model_reused if reuse_model else load_model)(cfg.model)
+        model, tok = (load_model_reused if reuse_model else load_model)(cfg.model, placement)
     layers = prunable_layers(model)
     check_targets_fit(layers, targets_of(cfg, primary))
 
@@ -81,12 +82,12 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
             all_masks |= baseline_masks(cfg, model, tok, targets)
         results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer)
     else:
-        _, calib_info = prune_stage(cfg, model, tok, primary, rd, timer)
+        calib_info = prune_stage(cfg, model, tok, primary, rd, timer)
         with timer.stage("pruned_eval"):
             results = {primary.tag: evaluate_pruned(cfg, model, tok, windows, primary.tag)}
 
     metrics = run_metrics(cfg, model, primary, calib_info, dense, results,
-                          {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}, timer, plan)
+                          {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}, timer, plan, placement)
     atomic_write_json(rd / "metrics.json", metrics)
     plots = write_plots(rd.path, metrics)
     write_summary_md(rd / "summary.md", metrics, plots)
@@ -94,8 +95,15 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     return metrics
 
 
+def chosen_placement(cfg: DictConfig, plan: Plan | None) -> str:
+    """``model.placement`` resolved: as set, else the plan's choice (``onload`` when only that fits), else ``device``."""
+    if cfg.model.placement != "auto":
+        return cfg.model.placement
+    return "onload" if plan is not None and plan.onload else "device"
+
+
 def run_metrics(cfg: DictConfig, model, primary: Target, calib_info: dict, dense: dict, results: dict[str, dict],
-                seconds: dict[str, float], timer: Timer, plan: Plan | None) -> dict:
+                seconds: dict[str, float], timer: Timer, plan: Plan | None, placement: str = "device") -> dict:
     """The content of ``metrics.json`` (README, "The run directory"): the primary cut in full, every cut
     in ``results``, with the calibration, seconds per stage, the placement and its memory plan, peak memory
     (and per stage on CUDA) and library versions."""
@@ -105,6 +113,7 @@ def run_metrics(cfg: DictConfig, model, primary: Target, calib_info: dict, dense
         memory["peak_cuda_mib"] = max(memory.get("peak_cuda_mib", 0.0), *timer.cuda_peak_mib.values())
         memory["stages_cuda_mib"] = dict(timer.cuda_peak_mib)
     weight = next(model.parameters())
+    layers = prunable_layers(model)
     metrics = {
         "model": {"name": cfg.model.name, "location": model_location(cfg.model),
                   "dtype": str(next(model.parameters()).dtype)},
@@ -121,7 +130,9 @@ def run_metrics(cfg: DictConfig, model, primary: Target, calib_info: dict, dense
         "zero_shot": {"dense": dense["zero_shot"], "pruned": first["zero_shot"]},
         "results": {tag: result_entry(r) for tag, r in results.items()},
         "seconds": seconds,
-        "placement": {"device": str(weight.device), "dtype": str(weight.dtype), "device_map": cfg.model.device_map,
+        "placement": {"device": str(input_device(model)), "blocks": str(next(iter(layers.values())).weight.device),
+                      "placement": placement, "dtype": str(weight.dtype), "device_map": cfg.model.device_map,
+                      "max_memory": plain(cfg.model.max_memory),
                       "search_state": cfg.schedule.search_state if cfg.method == "unipruning" else None},
         "plan": None if plan is None else {k: plan.to_dict()[k] for k in ("fits", "peak_gpu_gib", "peak_host_gib",
                                                                            "placement")},

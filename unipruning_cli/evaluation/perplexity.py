@@ -38,19 +38,53 @@ def with_bos(windows: torch.Tensor, bos_id: int) -> torch.Tensor:
     return out
 
 
+#: fp32 logits one chunk may hold (bytes); the loss of a longer batch is taken over chunks of positions.
+LOGITS_CHUNK_BYTES = 2**30
+#: Model types whose logits are exactly ``lm_head(base_model(x).last_hidden_state)`` (no soft-capping or
+#: scaling after the head): the loss may be taken chunk by chunk. Others go through the model's own forward.
+PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "opt", "gpt2",
+                        "phi3", "gemma"})
+
+
+def chunk_positions(batch: int, seqlen: int, vocab: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> int:
+    """Positions per chunk so that ``batch x positions x vocab`` fp32 logits fit ``chunk_bytes`` (at least 1;
+    ``seqlen`` when the whole batch fits, which keeps the one-pass computation)."""
+    return max(1, min(seqlen, chunk_bytes // (4 * batch * vocab)))
+
+
+def _batch_nll(model: nn.Module, batch: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """Per-position next-token NLL ``[B, T-1]`` (fp32) of one batch, never holding more than one chunk's logits."""
+    head = model.get_output_embeddings()
+    rows = chunk_positions(batch.shape[0], batch.shape[1], model.config.vocab_size, chunk_bytes)
+    if rows >= batch.shape[1] or head is None or model.config.model_type not in PLAIN_HEAD:
+        logits = model(batch, use_cache=False).logits.float()
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                               reduction="none").view(batch.shape[0], -1)
+    hidden = model.base_model(batch, use_cache=False).last_hidden_state
+    losses = []
+    for start in range(0, batch.shape[1] - 1, rows):
+        stop = min(start + rows, batch.shape[1] - 1)  # position t predicts token t + 1
+        logits = head(hidden[:, start:stop]).float()
+        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, start + 1:stop + 1].reshape(-1),
+                                      reduction="none").view(batch.shape[0], -1))
+        del logits
+    return torch.cat(losses, dim=1)
+
+
 @torch.no_grad()
-def window_nlls(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, label: str = "perplexity") -> torch.Tensor:
-    """Mean next-token NLL of every window (fp32, one value per window)."""
+def window_nlls(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, label: str = "perplexity",
+                chunk_bytes: int = LOGITS_CHUNK_BYTES) -> torch.Tensor:
+    """Mean next-token NLL of every window (fp32 ``[windows]``), ``windows`` int64 ``[n, seqlen]``.
+
+    The loss is taken over chunks of positions whose fp32 logits fit ``chunk_bytes``, for the model types of
+    ``PLAIN_HEAD`` (the full ``batch x seqlen x vocab`` logits would take 12 bytes each with the loss's
+    temporaries: 42 GiB for Qwen2.5-7B at batch 4, seqlen 4096); a batch that fits is one pass, as before.
+    """
     device = input_device(model)
     nlls = []
     batches = list(torch.split(windows, batch_size))
     for batch in track(batches, label):
-        batch = batch.to(device)
-        logits = model(batch, use_cache=False).logits.float()
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-        ).view(batch.shape[0], -1)
-        nlls.append(loss.mean(dim=1).cpu())
+        nlls.append(_batch_nll(model, batch.to(device), chunk_bytes).mean(dim=1).cpu())
     return torch.cat(nlls)
 
 

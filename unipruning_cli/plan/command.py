@@ -37,7 +37,9 @@ def plan_command(args: list[str]) -> None:
     ap.add_argument("overrides", nargs="*", help="the same key=value overrides as unipruning prune")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs of the run (default: those visible; 0: CPU only)")
     ap.add_argument("--gpu-memory", default=None, help="memory of each GPU, e.g. 80GiB (default: the visible GPU's)")
-    ap.add_argument("--host-memory", default=None, help="host memory, e.g. 256GiB (default: this machine's)")
+    ap.add_argument("--host-memory", default=None,
+                    help="host memory, e.g. 256GiB (default: this machine's; not checked when --gpus or --gpu-memory "
+                         "describe another machine)")
     ap.add_argument("--json", type=Path, default=None, help="also write the plan as JSON to this file")
     ns = ap.parse_intermixed_args(args)  # overrides before, between or after the options
     visible = torch.cuda.device_count()
@@ -48,7 +50,9 @@ def plan_command(args: list[str]) -> None:
         torch.cuda.get_device_properties(0).total_memory if gpus and visible else None)
     if gpus and gpu_memory is None:
         raise UserError("--gpus without a visible GPU: say how large each is, e.g. --gpu-memory 80GiB")
-    host_memory = parse_size(ns.host_memory, "--host-memory") if ns.host_memory else host_total_bytes()
+    other_machine = ns.gpus is not None or ns.gpu_memory is not None
+    host_memory = parse_size(ns.host_memory, "--host-memory") if ns.host_memory else (
+        None if other_machine else host_total_bytes())
     cfg = compose_prune(ns.overrides)
     validate_values(cfg)
     plan = plan_run(cfg, gpus, gpu_memory, host_memory)
@@ -73,7 +77,7 @@ def _print(plan, gib: float, usable: float) -> None:
     console.print(table)
     gpu = (f"peak GPU {plan.peak_gpu / gib:.1f} GiB of {usable * plan.gpu_memory / gib:.1f} usable per GPU; "
            if plan.gpus else "")
-    host = f" of {usable * plan.host_memory / gib:.1f} usable" if plan.host_memory else ""
+    host = f" of {usable * plan.host_memory / gib:.1f} usable" if plan.host_memory else " (host not checked)"
     console.print(f"{plan.prunable_weights:,} prunable weights, {plan.other_weights:,} others. {gpu}"
                   f"peak host {plan.peak_host / gib:.1f} GiB{host} (process baseline {plan.host_baseline / gib:.1f}).")
     console.print("[bold green]fits[/]" if plan.fits else "[bold red]does not fit[/]; what would: "

@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig
 
 from ..methods import make_target, targets_of
-from ..models import prunable_layers, resolve_dtype
+from ..evaluation.perplexity import chunk_positions
+from ..models import find_blocks, prunable_layers, resolve_dtype
 from ..provenance import rss_bytes
 from ..search.settings import drift_gpu_bytes
 from .architectures import meta_model
@@ -53,6 +54,7 @@ class Plan:
     gpus: int
     gpu_memory: float | None
     host_memory: float | None
+    onload: bool = False  # sequential onloading: the run loads with model.placement=onload
     fits: bool = False
     advice: list[str] = field(default_factory=list)
 
@@ -78,6 +80,8 @@ def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
     model = meta_model(cfg.model, dtype)
     layers = prunable_layers(model)
     prunable = sum(m.weight.numel() for m in layers.values())
+    blocks = find_blocks(model)[1]
+    in_blocks = sum(p.numel() for p in blocks.parameters())
     c = model.config
     text = c.get_text_config() if hasattr(c, "get_text_config") else c
     return {"P": prunable, "N": sum(p.numel() for p in model.parameters()) - prunable,
@@ -85,13 +89,35 @@ def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
             "I_max": max(m.weight.shape[1] for m in layers.values()),
             "sum_in": sum(m.weight.shape[1] for m in layers.values()),
             "h": text.hidden_size, "V": text.vocab_size, "L": text.num_hidden_layers,
-            "I": getattr(text, "intermediate_size", 4 * text.hidden_size)}
+            "I": getattr(text, "intermediate_size", 4 * text.hidden_size),
+            "outside": sum(p.numel() for p in model.parameters()) - in_blocks,
+            "block": max(sum(p.numel() for p in b.parameters()) for b in blocks)}
 
 
 def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None) -> Plan:
     """The plan of ``unipruning prune`` with ``cfg`` on ``gpus`` GPUs of ``gpu_memory`` bytes (0: the CPU) and a
-    host of ``host_memory`` bytes (None: not checked)."""
+    host of ``host_memory`` bytes (None: not checked). ``model.placement=auto`` takes every weight to the GPU
+    when that fits, else sequential onloading where the method allows it (not the drift search)."""
+    placement = cfg.model.placement
+    if placement == "auto":
+        placement = "device"
+        whole = _plan(cfg, gpus, gpu_memory, host_memory, "device")
+        if whole.fits or not _can_onload(cfg, gpus):
+            return whole
+        onloaded = _plan(cfg, gpus, gpu_memory, host_memory, "onload")
+        return onloaded if onloaded.fits or onloaded.peak_gpu < whole.peak_gpu else whole
+    return _plan(cfg, gpus, gpu_memory, host_memory, placement)
+
+
+def _can_onload(cfg: DictConfig, gpus: int) -> bool:
+    """Sequential onloading serves block-wise stages on a GPU, with no ``device_map``, and not the drift search."""
+    drift = cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift"
+    return gpus > 0 and not cfg.model.device_map and not drift
+
+
+def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None, placement: str) -> Plan:
     on_gpu = gpus > 0
+    onload = placement == "onload" and on_gpu
     dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda" if on_gpu else "cpu"))
     s = _shapes(cfg, dtype)
     b = dtype.itemsize
@@ -99,37 +125,46 @@ def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: 
     W = (P + N) * b
     spread = gpus if (on_gpu and cfg.model.device_map) else 1  # device_map: weights split, search state on GPU 0
     Wd = W / spread
+    # Sequential onloading: outside the blocks on the GPU; the blocks on the host, one at a time on the GPU.
+    Wo, Wb, Wh = (s["outside"] * b, s["block"] * b, W - s["outside"] * b) if onload else (Wd, 0.0, 0.0)
     uni = cfg.method == "unipruning"
     mode = cfg.schedule.weight_mode if uni else None
     cuts = len(targets_of(cfg, make_target(cfg)))
     n_c, T_c = cfg.calibration.nsamples, cfg.calibration.seqlen
-    logits = 12 * cfg.eval.batch_size * cfg.eval.seqlen * V  # bf16 -> fp32 logits, their reshape, log-softmax
+    B, T = cfg.eval.batch_size, cfg.eval.seqlen
+    logits = 12 * B * chunk_positions(B, T, V) * V  # fp32 logits of one chunk, their reshape, the log-softmax
     block_io = 2 * n_c * T_c * h * b  # every window's block inputs and outputs, offloaded to the host
     per_sample = n_c * s["sum_in"] * 4 + s["sum_in"] * 8
     stages: list[Stage] = []
 
     def add(name: str, dev: float, host: float, what: str) -> None:
-        # Without a GPU the device is the host: the two add up there.
-        stages.append(Stage(name, dev if on_gpu else 0.0, host + (0.0 if on_gpu else dev), what))
+        # Without a GPU the device is the host: the two add up there. Onloaded blocks stay on the host throughout.
+        stages.append(Stage(name, dev if on_gpu else 0.0, host + Wh + (0.0 if on_gpu else dev), what))
 
-    add("load", Wd, W if on_gpu and not cfg.model.device_map else 0.0, "W (read on the host, then moved)")
+    add("load", Wo, W - Wh if on_gpu and not cfg.model.device_map else 0.0,
+        "W (read on the host, then moved)" + ("; the blocks stay on the host" if onload else ""))
     chars = max(_corpus_bytes(c) for c in [cfg.calibration.source, *cfg.eval.corpora])
     if chars:
-        add("tokenise", Wd, TOKENISE_BYTES_PER_CHAR * chars,
+        add("tokenise", Wo, TOKENISE_BYTES_PER_CHAR * chars,
             "the largest file corpus tokenised as one string (hub corpora not counted)")
+    one = " + one block" if onload else ""
     if cfg.eval.dense:
-        add("dense_eval", Wd + logits, 0.0, "W + fp32 logits of one batch")
+        add("dense_eval", Wo + Wb + logits, 0.0, f"W{one} + fp32 logits of one chunk")
     needs_stats = (not uni and not (cfg.method == "local" and cfg.local_metric.name == "magnitude")) \
         or (uni and mode == "frozen") or bool(cfg.eval.baselines)
     if needs_stats:
         act = T_c * (6 * h + 3 * s["I"]) * b
-        add("calibration", Wd + act, block_io + per_sample, "W + one window in one block; block inputs/outputs on the host")
+        add("calibration", Wo + Wb + act, block_io + per_sample,
+            f"W{one} + one window in one block; block inputs/outputs on the host")
     if cfg.method == "sparsegpt":
-        add("prune", Wd + 6 * s["I_max"] ** 2 * 4, block_io, "W + OBS buffers of the widest layer (6 x I² fp32)")
+        add("prune", Wo + Wb + 6 * s["I_max"] ** 2 * 4, block_io + P / 8,
+            f"W{one} + OBS buffers of the widest layer (6 x I² fp32); masks packed on the host")
     elif cfg.method == "local":
-        add("prune", Wd, 4 * P + P, "scores (fp32) and masks of every matrix, on the host")
+        scores = 5 * P if cfg.pattern.kind != "nm" and make_target(cfg).allocation == "global" else 5 * s["L_max"]
+        add("prune", Wo, scores + P / 8, "scores (fp32) and masks (every matrix's for a global cut, else one "
+                                         "matrix's) on the host; masks packed")
     elif mode == "frozen":
-        add("search", Wd + 42 * s["L_max"], 4 * P + per_sample, "W + one matrix's search; Γ (fp32) on the host")
+        add("search", Wo + 42 * s["L_max"], 4 * P + per_sample, "W + one matrix's search; Γ (fp32) on the host")
     else:
         on_host = _state_on_host(cfg, P, b, on_gpu, gpu_memory, Wd)
         state = P * (3 * b + (0 if on_host else 8)) + 16 * s["L_max"]  # gradient, Adam m, v (+ V, Γ fp32); one S
@@ -143,21 +178,22 @@ def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: 
                 "every checkpoint_every steps: all state copied to the host")
     if uni:
         masks = 4 * P + 4 * P + cuts * P * (1 + len(cfg.eval.baselines))
-        add("masks", Wd, masks + (4 * P if cfg.eval.baselines else 0), "Γ, |Γ| and every cut's masks on the host")
-        add("pruned_eval", Wd + logits, masks + P * b,
-            "W + logits; a copy of the prunable W on the host to restore it between cuts")
+        add("masks", Wo, masks + (4 * P if cfg.eval.baselines else 0), "Γ, |Γ| and every cut's masks on the host")
+        add("pruned_eval", Wo + Wb + logits, masks + P * b,
+            f"W{one} + logits; a copy of the prunable W on the host to restore it between cuts")
     else:
-        add("pruned_eval", Wd + logits, P if cfg.method == "local" else 0.0, "W + fp32 logits of one batch")
+        add("pruned_eval", Wo + Wb + logits, P / 8, f"W{one} + fp32 logits of one chunk")
     if cfg.eval.tasks:
-        add("zero_shot", Wd, P * b if uni else 0.0, "W under lm-eval (+ the host copy)")
+        add("zero_shot", Wo + Wb, P * b if uni else 0.0, f"W{one} under lm-eval (+ the host copy)")
     from .. import pruning  # noqa: F401  (the baseline is a prune process's: the modules its stages run)
     from ..evaluation import dense  # noqa: F401
     from ..search import stage  # noqa: F401
 
-    plan = Plan(model=cfg.model.name, method=cfg.method, weight_mode=mode,
-                placement=("cpu" if not on_gpu else f"{gpus} GPU(s)" + (", device_map" if cfg.model.device_map else "")),
+    where = "cpu" if not on_gpu else f"{gpus} GPU(s)" + (", device_map" if cfg.model.device_map else "") + \
+        (", sequential onloading" if onload else "")
+    plan = Plan(model=cfg.model.name, method=cfg.method, weight_mode=mode, placement=where,
                 prunable_weights=P, other_weights=N, stages=stages, host_baseline=float(rss_bytes()),
-                gpus=gpus, gpu_memory=gpu_memory, host_memory=host_memory)
+                gpus=gpus, gpu_memory=gpu_memory, host_memory=host_memory, onload=onload)
     plan.fits = (not on_gpu or gpu_memory is None or plan.peak_gpu <= USABLE * gpu_memory) and \
         (host_memory is None or plan.peak_host <= USABLE * host_memory)
     if not plan.fits:
@@ -192,7 +228,11 @@ def _advice(cfg: DictConfig, plan: Plan) -> list[str]:
     if cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift":
         if gpu_short and cfg.schedule.search_state != "host":
             out.append("schedule.search_state=host (V and Γ, 8 bytes per prunable weight, in pinned host memory)")
-        out.append("schedule.weight_mode=frozen (W fixed: one matrix's search state at a time on the device)")
+        out.append("schedule.weight_mode=frozen (W fixed: one matrix's search state at a time on the device)"
+                   + _figures(cfg, plan, {"schedule": {"weight_mode": "frozen"}}))
+    elif gpu_short and not plan.onload and _can_onload(cfg, plan.gpus):
+        out.append("model.placement=onload (sequential onloading: the blocks in host memory, one at a time on "
+                   "the GPU)" + _figures(cfg, plan, {"model": {"placement": "onload"}}))
     if worst.name in ("dense_eval", "pruned_eval"):
         out.append("a smaller eval.batch_size or eval.seqlen (the fp32 logits grow with both)")
     if gpu_short:
@@ -201,6 +241,15 @@ def _advice(cfg: DictConfig, plan: Plan) -> list[str]:
         out.append("a machine with more host memory (--host-memory)")
     out.append("a smaller calibration.seqlen / calibration.nsamples")
     return out
+
+
+def _figures(cfg: DictConfig, plan: Plan, change: dict) -> str:
+    """`` (planned: GPU x GiB, host y GiB, fits)`` of ``cfg`` with ``change`` on the same machine."""
+    from omegaconf import OmegaConf
+
+    other = plan_run(OmegaConf.merge(cfg, change), plan.gpus, plan.gpu_memory, plan.host_memory)
+    gpu = f"GPU {other.peak_gpu / GIB:.1f} GiB, " if other.gpus else ""
+    return f" (planned: {gpu}host {other.peak_host / GIB:.1f} GiB, {'fits' if other.fits else 'does not fit either'})"
 
 
 def check_run_fits(cfg: DictConfig) -> Plan | None:

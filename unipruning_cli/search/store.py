@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..config import plain, validate_search
+from ..config import model_values, plain, validate_search
 from ..data import corpus_identity
 from ..errors import UserError
 from ..models import model_identity
@@ -50,7 +50,7 @@ def search_fingerprint(cfg: DictConfig) -> str:
     if schedule.get("weight_mode") == "frozen":
         schedule = {k: v for k, v in schedule.items() if k not in DRIFT_ONLY}
     calibration = {k: v for k, v in plain(cfg.calibration).items() if k not in ("mode", "offload")}
-    return fingerprint({"model": plain(cfg.model), "calibration": calibration, "local_metric": plain(cfg.local_metric),
+    return fingerprint({"model": model_values(cfg.model), "calibration": calibration, "local_metric": plain(cfg.local_metric),
                         "regularizer": plain(cfg.regularizer), "schedule": schedule, "seed": cfg.seed,
                         "revision": SEARCH_REVISION})
 
