@@ -2,7 +2,7 @@
 
 Needs no hub and no prepared cache: a random-weight model with a named model's exact architecture
 (``plan.architectures.ARCHITECTURES``) is built and saved with a small BPE tokenizer trained on generated text.
-For each of drift and frozen it runs ``unipruning plan`` and ``unipruning prune`` (4 search steps) through the
+For each of drift, frozen and SparseGPT with sequential onloading it runs ``unipruning plan`` and ``unipruning prune`` (4 search steps) through the
 CLI, each in its own process, and prints planned vs measured peak GPU memory (``torch.cuda.max_memory_allocated``
 + the plan's CUDA allowance) and the search's seconds per step. Then a small random Llama pruned with Wanda at
 50 % on the CPU and on CUDA (fp32): the share of kept weights the two masks agree on (aim: at least 0.99).
@@ -91,9 +91,13 @@ def main() -> None:
     common = [f"model=local", f"model.path={args.work / 'model'}", f"model.device={args.device}", f"model.dtype={dtype}",
               f"model.seqlen={args.seqlen}", f"calibration.source={args.work / 'calib.txt'}", "calibration.nsamples=8",
               f"eval.corpora=[{args.work / 'eval.txt'}]", "eval.max_windows=2", "eval.batch_size=1",
-              f"schedule.steps={args.steps}", "reuse_search=false", "method=unipruning"]
-    for mode in ("drift", "frozen"):
-        over = [*common, f"schedule.weight_mode={mode}"]
+              f"schedule.steps={args.steps}", "reuse_search=false"]
+    runs = {"drift": ["method=unipruning", "schedule.weight_mode=drift"],
+            "frozen": ["method=unipruning", "schedule.weight_mode=frozen"],
+            # sequential onloading: the blocks in host memory, one at a time on the GPU
+            "sparsegpt_onload": ["method=sparsegpt", "model.placement=onload", "calibration.mode=sequential"]}
+    for mode, extra in runs.items():
+        over = [*common, *extra]
         cli(["plan", *over, *gpus, "--json", str(args.out / f"plan_{mode}.json")], env)
         plan = json.loads((args.out / f"plan_{mode}.json").read_text())
         run = args.work / f"run_{mode}"
@@ -104,6 +108,7 @@ def main() -> None:
                         "planned_host_gib": plan["peak_host_gib"],
                         "measured_host_gib": round(m["memory"]["peak_rss_mib"] / 1024, 2),
                         "search_seconds_per_step": round(m["seconds"].get("search", 0) / args.steps, 2),
+                        "stages_cuda_mib": m["memory"].get("stages_cuda_mib"), "placement": m["placement"],
                         "process_seconds": round(seconds, 1), "stages": plan["stages"]}
         print(json.dumps({mode: {k: v for k, v in report[mode].items() if k != "stages"}}), flush=True)
     report["masks_cpu_vs_device"] = masks_agreement(args, env)
