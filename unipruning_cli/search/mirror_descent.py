@@ -17,7 +17,9 @@ Where W does not depend on Γ (frozen mode, or drift with ρ = 0) the step metri
 either, so one pass can carry several λ "lanes" (``LamSibling``): each lane only adds its own V, Γ
 and prox to a step. Random streams are kept apart for that: the metric's draws come from one
 generator, each lane's prox (quantile sampling) from its own, seeded alike, so a lane's Γ is bit for
-bit the Γ of a search with that λ alone.
+bit the Γ of a search with that λ alone. The generators live on the device of the weights they score, so
+the draws happen where the weights are (on a GPU, not one CPU thread); on the CPU they are the same as ever.
+Checkpoints are written and read one matrix at a time (:mod:`.state`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .log import SearchLog, gamma_summary, sample_index, summarise
 from .recompute import StepStats, activation_checkpointing
 from .regularizers import L1Prox
 from .settings import SearchSettings, drift_gpu_bytes
-from .state import SearchState
+from .state import Checkpoint, SearchState
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,8 @@ class LamSibling:
     gamma: dict[str, torch.Tensor] | None = None
 
 
-def _prox_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_PROX_SEED_OFFSET + seed)
+def _prox_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_PROX_SEED_OFFSET + seed)
 
 
 class _DriftLane(NamedTuple):
@@ -156,8 +158,8 @@ def _search_one_frozen(i: int, name: str, w: torch.Tensor, stats: ActivationStat
     if stats.sample_mean_sq is None:
         raise ValueError(f"{name}: frozen search needs per-sample statistics (calibrate with want_per_sample)")
     seed = settings.seed * 1_000_003 + i
-    gen = torch.Generator().manual_seed(seed)
-    prox_gens = [_prox_generator(seed) for _ in lanes]
+    gen = torch.Generator(device=w.device).manual_seed(seed)  # draws where W is (CPU: the same draws as ever)
+    prox_gens = [_prox_generator(seed, w.device) for _ in lanes]
     vs = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for _ in lanes]
     gammas = [torch.zeros_like(v) for v in vs]
     nsamples = stats.sample_mean_sq.shape[0]
@@ -219,10 +221,12 @@ def search_drift(
     settings = replace(settings, search_state=_search_state(settings, params))
     state_device = device if settings.search_state == "device" else torch.device("cpu")
     pin = state_device.type == "cpu" and device.type == "cuda"
-    state = SearchState.load(ckpt, fp) or SearchState.zeros(shapes, state_device, pin)
-    start = state.step
-    gen = torch.Generator().manual_seed(settings.seed)
-    prox_gen = _prox_generator(settings.seed)
+    state = SearchState.zeros(shapes, state_device, pin)
+    saved = Checkpoint.open(ckpt, fp)
+    start = saved.step if saved is not None else 0
+    # The metric's and the prox's draws on the weights' device (stochRIA's subsets: not one CPU thread per weight).
+    gen = torch.Generator(device=device).manual_seed(settings.seed)
+    prox_gen = _prox_generator(settings.seed, device)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
                             weight_decay=settings.weight_decay,
                             fused=True if device.type == "cuda" else None)  # no foreach temporaries of all W on a GPU
@@ -234,14 +238,14 @@ def search_drift(
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
-    if start > 0:
-        _restore_drift(state, names, params, opt, sched, gen, prox_gen, state_device, pin)
+    if saved is not None:
+        _restore_drift(saved, state, names, params, opt, sched, gen, prox_gen)
         log.info("resuming the drift search at step %d from %s", start, ckpt)
         if siblings:
             log.info("resumed search: only this run's λ; the other λ of the sweep are searched by their own jobs")
             siblings = ()
     lanes = [_DriftLane(state, prox, prox_gen, SearchLog(log_path, start))]  # the run's own λ first
-    lanes += [_DriftLane(SearchState.zeros(shapes, state_device, pin), s.prox, _prox_generator(settings.seed),
+    lanes += [_DriftLane(SearchState.zeros(shapes, state_device, pin), s.prox, _prox_generator(settings.seed, device),
                          SearchLog(s.log_path, 0)) for s in siblings]
     index = {n: sample_index(layers[n].weight.numel(), settings.seed + i) for i, n in enumerate(names)}
     hooks = StepStats(layers)
@@ -342,35 +346,40 @@ def _weight_step(params, align, opt) -> None:
 
 
 def _save_drift(state, names, params, opt, sched, gen, prox_gen, ckpt, fp) -> None:
-    extra = {}
-    for n, p in zip(names, params):
-        s = opt.state[p]
-        extra[f"w/{n}"] = p.detach()
-        extra[f"grad/{n}"] = p.grad
-        extra[f"exp_avg/{n}"] = s["exp_avg"]
-        extra[f"exp_avg_sq/{n}"] = s["exp_avg_sq"]
-    extra["rng/generator"] = gen.get_state()
-    extra["rng/prox_generator"] = prox_gen.get_state()
-    extra["rng/adam_step"] = torch.tensor([float(opt.state[params[0]]["step"])])
-    state.extra = extra
-    state.save(ckpt, fp)
-    state.extra = {}
+    """Checkpoint one matrix at a time: its V and Γ, W, W's gradient and Adam's moments (only that matrix's
+    tensors are on the host at once), then the RNG states and Adam's step."""
+    param = dict(zip(names, params))
+
+    def per_matrix(n):
+        p = param[n]
+        return {"w": p.detach(), "grad": p.grad, "exp_avg": opt.state[p]["exp_avg"],
+                "exp_avg_sq": opt.state[p]["exp_avg_sq"]}
+
+    common = {"generator": gen.get_state(), "prox_generator": prox_gen.get_state(),  # CPU bytes, also for CUDA
+              "adam_step": torch.tensor([float(opt.state[params[0]]["step"])])}
+    state.save(ckpt, fp, per_matrix, common)
 
 
-def _restore_drift(state, names, params, opt, sched, gen, prox_gen, state_device, pin) -> None:
-    e = state.extra
+def _restore_drift(saved: Checkpoint, state, names, params, opt, sched, gen, prox_gen) -> None:
+    """Read ``saved`` into the search's own tensors (V, Γ, W, gradients, new Adam moments), one matrix at a time."""
+    common = saved.common()
+    group = opt.param_groups[0]
+    on_device = group.get("fused") or group.get("capturable")  # where AdamW itself keeps its step count
     with torch.no_grad():
         for n, p in zip(names, params):
-            p.copy_(e[f"w/{n}"])
-            p.grad.copy_(e[f"grad/{n}"])
-            opt.state[p] = {"step": torch.tensor(float(e["rng/adam_step"][0])),
-                            "exp_avg": e[f"exp_avg/{n}"].to(p.device).clone(),
-                            "exp_avg_sq": e[f"exp_avg_sq/{n}"].to(p.device).clone()}
-    gen.set_state(e["rng/generator"])
-    prox_gen.set_state(e["rng/prox_generator"])
-    sched.last_epoch = state.step  # where the schedule stood, without replaying its steps
+            t = saved.read(n)
+            state.v[n].copy_(t["v"])
+            state.gamma[n].copy_(t["gamma"])
+            p.copy_(t["w"])
+            p.grad.copy_(t["grad"])
+            opt.state[p] = {"step": torch.tensor(float(common["adam_step"][0]), dtype=torch.float32,
+                                                 device=p.device if on_device else "cpu"),
+                            "exp_avg": torch.empty_like(p).copy_(t["exp_avg"]),
+                            "exp_avg_sq": torch.empty_like(p).copy_(t["exp_avg_sq"])}
+            del t
+    gen.set_state(common["generator"])
+    prox_gen.set_state(common["prox_generator"])
+    state.step = saved.step
+    sched.last_epoch = saved.step  # where the schedule stood, without replaying its steps
     for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
-        group["lr"] = base * fn(state.step)
-    state.extra = {}
-    device = params[0].device
-    state.to(state_device, pin)
+        group["lr"] = base * fn(saved.step)

@@ -1,20 +1,103 @@
-"""The search state per prunable matrix, V (dual) and Γ (saliency), and its checkpoints.
+"""The search state per prunable matrix, V (dual) and Γ (saliency), and its checkpoints, written one matrix at a time.
 
 Both are fp32 whatever the model dtype: the reference's bf16 accumulation leaves ~1.5k distinct |Γ|
-values per matrix and makes top-k tie-breaking arbitrary (spec §1.5). Checkpoints are safetensors
-(tensors) plus a JSON sidecar (step, RNG states as tensors, config fingerprint); a checkpoint is
-written atomically, so an interrupted write leaves the previous one usable.
+values per matrix and makes top-k tie-breaking arbitrary (spec §1.5).
+
+A checkpoint at ``<dir>/<stem>`` (the run's is ``checkpoints/search``) is a folder ``<stem>.step<N>/`` with one
+safetensors file per matrix (its Γ, its V where held, and what the search adds: W, its gradient, Adam's moments)
+and one ``common.safetensors`` (RNG states, Adam's step), plus the pointer ``<stem>.json`` (step, config
+fingerprint, folder, files). Each file is one group: its tensors come to the host, are written atomically and
+released before the next group, so the host never holds more than one matrix's state for a checkpoint (a single
+file of everything would hold all of it, about 100 GiB for a 7B model in drift mode). The pointer is replaced
+last, atomically, and only then is the previous folder deleted: a checkpoint interrupted half-way is never taken
+for a complete one, and the previous one stays usable until then. Reading goes one file at a time as well.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Mapping
 
 import torch
 
 from ..rundir import atomic_save_tensors, atomic_write_json, load_tensors
+
+_COMMON = "common.safetensors"
+
+
+def _pointer(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _folder(path: Path, step: int) -> Path:
+    return path.parent / f"{path.stem}.step{step}"
+
+
+def write_checkpoint(path: Path, fp: str, step: int, groups: Iterable[tuple[str, Mapping[str, torch.Tensor]]],
+                     common: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write the checkpoint of ``step`` at ``path``: each ``(name, tensors)`` of ``groups`` to its own file, one
+    after the other (``groups`` may be a generator that hands out live device tensors: each group is copied to the
+    host only while its file is written), then ``common``, then the pointer; then the older folders go."""
+    folder = _folder(path, step)
+    pointer = _pointer(path)
+    current = _read_pointer(pointer)
+    if folder.exists():  # a write of this step that was interrupted, or another configuration's checkpoint
+        if current is not None and current.get("dir") == folder.name:
+            pointer.unlink()
+        shutil.rmtree(folder)
+    files: dict[str, str] = {}
+    for k, (name, tensors) in enumerate(groups):
+        files[name] = f"m{k:05d}.safetensors"
+        atomic_save_tensors(folder / files[name], tensors, {"name": name})
+        del tensors
+    if common:
+        atomic_save_tensors(folder / _COMMON, common)
+    atomic_write_json(pointer, {"step": step, "fingerprint": fp, "dir": folder.name, "files": files,
+                                "common": _COMMON if common else None})
+    for old in path.parent.glob(f"{path.stem}.step*"):
+        if old.is_dir() and old.name != folder.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_pointer(pointer: Path) -> dict | None:
+    try:
+        return json.loads(pointer.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint, read one group at a time: ``read(name)`` gives that matrix's tensors (on the host)."""
+
+    folder: Path
+    step: int
+    files: dict[str, str]
+    common_file: str | None
+
+    @classmethod
+    def open(cls, path: Path, fp: str) -> "Checkpoint | None":
+        """The checkpoint at ``path`` if one is complete there and was made by the same configuration."""
+        meta = _read_pointer(_pointer(path))
+        if meta is None or meta.get("fingerprint") != fp or "dir" not in meta:  # no "dir": an older single-file one
+            return None
+        folder = path.parent / meta["dir"]
+        if not folder.is_dir():
+            return None
+        return cls(folder, int(meta["step"]), dict(meta["files"]), meta.get("common"))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def read(self, name: str) -> dict[str, torch.Tensor]:
+        return load_tensors(self.folder / self.files[name])
+
+    def common(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self.folder / self.common_file) if self.common_file else {}
 
 
 @dataclass
@@ -22,7 +105,6 @@ class SearchState:
     v: dict[str, torch.Tensor] = field(default_factory=dict)
     gamma: dict[str, torch.Tensor] = field(default_factory=dict)
     step: int = 0
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # mode-specific: Adam moments, W, grads, RNG
 
     @classmethod
     def zeros(cls, shapes: dict[str, torch.Size], device: torch.device | str = "cpu", pin: bool = False) -> "SearchState":
@@ -32,33 +114,27 @@ class SearchState:
 
         return cls(v={n: z(s) for n, s in shapes.items()}, gamma={n: z(s) for n, s in shapes.items()})
 
-    def to(self, device: torch.device, pin: bool = False) -> None:
-        """Move V and Γ to ``device`` (``pin``: page-locked host memory), in place of the current tensors."""
-        def move(t):
-            return t.to(device).pin_memory() if pin else t.to(device)
+    def save(self, path: Path, fp: str, per_matrix: Callable[[str], Mapping[str, torch.Tensor]] | None = None,
+             common: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Checkpoint: per matrix its Γ, its V where held, and ``per_matrix(name)``, one matrix at a time."""
+        def groups():
+            for n, g in self.gamma.items():
+                tensors = {"gamma": g, **({"v": self.v[n]} if n in self.v else {})}
+                yield n, (tensors | dict(per_matrix(n)) if per_matrix else tensors)
 
-        self.v = {n: move(t) for n, t in self.v.items()}
-        self.gamma = {n: move(t) for n, t in self.gamma.items()}
-
-    def save(self, path: Path, fp: str) -> None:
-        tensors = {f"v/{n}": t for n, t in self.v.items()}
-        tensors |= {f"gamma/{n}": t for n, t in self.gamma.items()}
-        tensors |= {f"extra/{n}": t for n, t in self.extra.items()}
-        atomic_save_tensors(path, tensors)
-        atomic_write_json(path.with_suffix(".json"), {"step": self.step, "fingerprint": fp})
+        write_checkpoint(path, fp, self.step, groups(), common)
 
     @classmethod
     def load(cls, path: Path, fp: str) -> "SearchState | None":
-        """The checkpoint at ``path`` if it exists and was made by the same configuration."""
-        meta_path = path.with_suffix(".json")
-        if not path.exists() or not meta_path.exists():
+        """The state of the checkpoint at ``path`` in new host tensors (Γ, and V where saved), or None (see
+        :meth:`Checkpoint.open`). A search that has its tensors already reads :class:`Checkpoint` into them."""
+        ck = Checkpoint.open(path, fp)
+        if ck is None:
             return None
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") != fp:
-            return None
-        tensors = load_tensors(path)
-        state = cls(step=int(meta["step"]))
-        for key, t in tensors.items():
-            kind, name = key.split("/", 1)
-            getattr(state, kind)[name] = t
+        state = cls(step=ck.step)
+        for n in ck.names:
+            tensors = ck.read(n)
+            state.gamma[n] = tensors["gamma"]
+            if "v" in tensors:
+                state.v[n] = tensors["v"]
         return state
