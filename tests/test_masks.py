@@ -532,3 +532,13 @@ def test_mask_sparsity_is_fraction_of_false(sparsity: float) -> None:
 
 def test_mask_sparsity_of_empty_mask_is_zero() -> None:
     assert mask_sparsity(torch.zeros(0, 4, dtype=torch.bool)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.bool])
+def test_count_zeros_matches_the_obvious_count(dtype):
+    from unipruning_cli.masks import count_zeros
+
+    t = (torch.randn(37, 29) * (torch.rand(37, 29) > 0.4)).to(dtype)
+    t.view(-1)[5] = -0.0 if dtype != torch.bool else False  # a negative zero is a zero
+    assert count_zeros(t) == int((t == 0).sum())
+    assert count_zeros(torch.zeros(0)) == 0

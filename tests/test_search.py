@@ -228,3 +228,36 @@ def test_masks_from_one_gamma_nest_and_hit_counts(tiny_llama_and_windows):
             prev = masks
     nm = Target(0.5, n=2, m=4).cut(scores)
     assert all(bool((m.view(m.shape[0], -1, 4).sum(-1) == 2).all()) for m in nm.values())
+
+
+def test_drift_dtype_float32_drifts_an_fp32_master_copy_of_bf16_weights(tiny_llama_and_windows, tmp_path):
+    """bf16 weights: the master copy (fp32 W, gradient, Adam m and v) changes Γ, because small weights that a bf16
+    step cannot move do move in fp32; the model is handed back in bf16, bit for bit as it was."""
+    model, windows = tiny_llama_and_windows
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    before = copy.deepcopy(model.state_dict())
+    dtypes = []
+    real = MD._weight_step
+
+    def spy(params, align, opt):
+        dtypes.append((params[0].dtype, params[0].grad.dtype, opt.state[params[0]].get("exp_avg", params[0]).dtype))
+        real(params, align, opt)
+
+    MD._weight_step, saved = spy, MD._weight_step
+    try:
+        master, bpp_master = _drift(model, windows, tmp_path, "master", drift_dtype="float32", lr=1e-4)
+    finally:
+        MD._weight_step = saved
+    assert set(dtypes) == {(torch.float32, torch.float32, torch.float32)}
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+    own, bpp_own = _drift(model, windows, tmp_path, "own", lr=1e-4)
+    assert all(torch.isfinite(g).all() for g in master.values())
+    assert any(not torch.equal(master[n], own[n]) for n in own)
+    assert bpp_master - bpp_own == 3 * (4 - 2)  # gradient, m and v in fp32 instead of bf16
+
+
+def test_drift_dtype_float32_on_fp32_weights_changes_nothing(tiny_llama_and_windows, tmp_path):
+    model, windows = tiny_llama_and_windows
+    a, _ = _drift(model, windows, tmp_path, "a", drift_dtype="float32")
+    b, _ = _drift(model, windows, tmp_path, "b")
+    assert all(torch.equal(a[n], b[n]) for n in a)

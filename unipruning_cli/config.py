@@ -271,6 +271,7 @@ def validate_search(cfg: DictConfig) -> None:
     check(s.grad_accumulation >= 1, f"schedule.grad_accumulation={s.grad_accumulation} must be >= 1")
     check(s.checkpoint_every >= 1, f"schedule.checkpoint_every={s.checkpoint_every} must be >= 1")
     one_of("schedule.search_state", s.search_state, ("auto", "device", "host"))
+    one_of("schedule.drift_dtype", s.drift_dtype, ("weights", "float32"))
 
 
 def validate_export(cfg: DictConfig) -> None:

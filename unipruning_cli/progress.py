@@ -42,12 +42,20 @@ def console_logging() -> None:
 
 
 class Timer:
-    """Wall-clock seconds per named stage (summed when a stage runs more than once), and where CUDA is in use the
-    peak GPU memory each stage allocated (``torch.cuda.max_memory_allocated``, MiB), for ``metrics.json``."""
+    """Wall-clock seconds per named stage (summed when a stage runs more than once), the process's peak host memory
+    so far at the end of each stage (``VmHWM``, MiB: the first stage that reaches the run's peak is the one that set
+    it; the peak is never reset, so callers' own peak readings stay whole) and, where CUDA is in use, the peak GPU
+    memory each stage allocated (``torch.cuda.max_memory_allocated``, MiB), for ``metrics.json``."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.cuda_peak_mib: dict[str, float] = {}
+        self.host_peak_mib: dict[str, float] = {}
+
+    def _host_peak(self, name: str) -> None:
+        from .provenance import peak_rss_bytes
+
+        self.host_peak_mib[name] = round(max(self.host_peak_mib.get(name, 0.0), peak_rss_bytes() / 2**20), 1)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -64,6 +72,7 @@ class Timer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+            self._host_peak(name)
             if cuda:
                 self.cuda_peak_mib[name] = round(max(self.cuda_peak_mib.get(name, 0.0),
                                                      torch.cuda.max_memory_allocated() / 2**20), 1)

@@ -46,6 +46,12 @@ def rss_bytes() -> int:
     return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (``VmHWM``), bytes."""
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def host_available_bytes() -> int:
     """Memory this machine can still give (``MemAvailable``), bytes; the free pages where that is missing."""
     free = _proc_bytes("/proc/meminfo", "MemAvailable")

@@ -112,6 +112,7 @@ def run_metrics(cfg: DictConfig, model, primary: Target, calib_info: dict, dense
     if timer.cuda_peak_mib:  # the stages reset CUDA's peak counter: the run's peak is the largest of theirs
         memory["peak_cuda_mib"] = max(memory.get("peak_cuda_mib", 0.0), *timer.cuda_peak_mib.values())
         memory["stages_cuda_mib"] = dict(timer.cuda_peak_mib)
+    memory["host_peak_so_far_mib"] = dict(timer.host_peak_mib)  # which stage set the host's peak
     weight = next(model.parameters())
     layers = prunable_layers(model)
     metrics = {

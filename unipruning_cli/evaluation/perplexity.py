@@ -57,8 +57,9 @@ def _batch_nll(model: nn.Module, batch: torch.Tensor, chunk_bytes: int) -> torch
     head = model.get_output_embeddings()
     rows = chunk_positions(batch.shape[0], batch.shape[1], model.config.vocab_size, chunk_bytes)
     if rows >= batch.shape[1] or head is None or model.config.model_type not in PLAIN_HEAD:
-        logits = model(batch, use_cache=False).logits.float()
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+        # The last position predicts nothing: slice before the fp32 cast, so bf16 logits are cast once, contiguous.
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                reduction="none").view(batch.shape[0], -1)
     hidden = model.base_model(batch, use_cache=False).last_hidden_state
     losses = []

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..data import eval_windows, token_stream
+from ..masks import count_zeros
 from ..methods import apply_masks
 from ..models import prunable_layers
 from ..progress import Timer
@@ -53,12 +54,12 @@ def measured_sparsity(model: nn.Module) -> dict:
     layers = prunable_layers(model)
     per_layer, zeros, total = {}, 0, 0
     for name, layer in layers.items():
-        z = int((layer.weight == 0).sum())
+        z = count_zeros(layer.weight)
         per_layer[name] = round(z / layer.weight.numel(), 6)
         zeros += z
         total += layer.weight.numel()
     all_params = sum(p.numel() for p in model.parameters())
-    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    all_zeros = sum(count_zeros(p) for p in model.parameters())
     return {"overall": zeros / total, "prunable_params": total, "zeros": zeros,
             "overall_all_params": all_zeros / all_params, "all_params": all_params, "per_layer": per_layer}
 

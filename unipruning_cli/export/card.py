@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..masks import count_zeros
 from ..methods import Target
 from ..models import prunable_layers
 from .folder import COMPRESSED_FILE, dtype_name, mib
@@ -25,12 +26,12 @@ def kept_counts(model: nn.Module) -> dict:
     """Zeros counted in the weights as they will be saved (prunable layers, and every parameter)."""
     per_layer, zeros, total = {}, 0, 0
     for name, lin in prunable_layers(model).items():
-        z = int((lin.weight == 0).sum())
+        z = count_zeros(lin.weight)
         per_layer[name] = z / lin.weight.numel()
         zeros += z
         total += lin.weight.numel()
     all_params = sum(p.numel() for p in model.parameters())
-    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    all_zeros = sum(count_zeros(p) for p in model.parameters())
     return {"measured_sparsity": zeros / total if total else 0.0, "prunable_params": total,
             "prunable_kept": total - zeros, "all_params": all_params, "all_kept": all_params - all_zeros,
             "per_layer": per_layer}

@@ -19,7 +19,7 @@ from ..methods import make_target, targets_of
 from ..evaluation.perplexity import chunk_positions
 from ..models import find_blocks, prunable_layers, resolve_dtype
 from ..provenance import rss_bytes
-from ..search.settings import drift_gpu_bytes
+from ..search.settings import drift_element_size, drift_gpu_bytes
 from .architectures import meta_model
 
 GIB = 2**30
@@ -167,15 +167,18 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
         add("search", Wo + 42 * s["L_max"], 4 * P + per_sample, "W + one matrix's search; Γ (fp32) on the host")
     else:
         on_host = _state_on_host(cfg, P, b, on_gpu, gpu_memory, Wd)
-        state = P * (3 * b + (0 if on_host else 8)) + 16 * s["L_max"]  # gradient, Adam m, v (+ V, Γ fp32); one S
+        bd = drift_element_size(cfg.schedule.drift_dtype, b)  # the drifting W's dtype (fp32 master copy or W's own)
+        # gradient, Adam m, v (+ V, Γ fp32); one S; W grown into its fp32 master copy
+        state = P * (3 * bd + (bd - b) + (0 if on_host else 8)) + 16 * s["L_max"]
         act = (s["L"] * T_c * h * b + T_c * (10 * h + 3 * s["I"]) * b * 2 + 12 * T_c * V)
         host = P * b + (8 * P if on_host else 0)  # the restore copy of W (+ V and Γ) live on the host
         where = "on the host" if on_host else "on the device"
         add("search", Wd + state + act, host,
-            f"W + gradient, Adam m, v + checkpointed activations + fp32 logits; V, Γ (fp32) {where}")
+            f"W + gradient, Adam m, v ({'fp32' if bd == 4 else 'W dtype'}) + checkpointed activations + fp32 logits; "
+            f"V, Γ (fp32) {where}")
         if on_gpu:
-            add("search_checkpoint", Wd + state, host + P * (4 * b + (0 if on_host else 8)),
-                "every checkpoint_every steps: all state copied to the host")
+            add("search_checkpoint", Wd + state, host + s["L_max"] * (4 * b + 8),
+                "every checkpoint_every steps: the state written one matrix at a time through the host")
     if uni:
         masks = 4 * P + 4 * P + cuts * P * (1 + len(cfg.eval.baselines))
         add("masks", Wo, masks + (4 * P if cfg.eval.baselines else 0), "Γ, |Γ| and every cut's masks on the host")
@@ -213,12 +216,12 @@ def _corpus_bytes(source: str) -> int:
 
 def _state_on_host(cfg: DictConfig, P: int, b: int, on_gpu: bool, gpu_memory: float | None, Wd: float) -> bool:
     """Where the drift search will keep V and Γ: as ``schedule.search_state`` says; ``auto`` decides as the search
-    does (``mirror_descent._search_state``), against this plan's GPU with the weights already on it."""
+    does (``search.placement.search_state_of``), against this plan's GPU with the weights already on it."""
     if cfg.schedule.search_state != "auto":
         return cfg.schedule.search_state == "host"
     if not on_gpu or gpu_memory is None:
         return False
-    return drift_gpu_bytes(P, b) > USABLE * gpu_memory - CUDA_OVERHEAD - Wd
+    return drift_gpu_bytes(P, b, cfg.schedule.drift_dtype) > USABLE * gpu_memory - CUDA_OVERHEAD - Wd
 
 
 def _advice(cfg: DictConfig, plan: Plan) -> list[str]:

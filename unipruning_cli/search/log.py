@@ -8,6 +8,8 @@ from typing import Mapping
 
 import torch
 
+from ..masks import count_zeros
+
 QUANTILES = (0.1, 0.5, 0.9)
 _SAMPLE_PER_LAYER = 1024
 
@@ -43,7 +45,7 @@ def sample_index(numel: int, seed: int) -> torch.Tensor:
 def summarise(gammas: Mapping[str, torch.Tensor], index: Mapping[str, torch.Tensor]) -> dict:
     """:func:`gamma_summary` over every matrix of a search, sampled at each matrix's ``index``."""
     samples = torch.cat([g.reshape(-1)[index[n].to(g.device)].cpu() for n, g in gammas.items()])
-    zeros = sum(int((g == 0).sum()) for g in gammas.values())
+    zeros = sum(count_zeros(g) for g in gammas.values())
     numel = sum(g.numel() for g in gammas.values())
     abs_sum = sum(float(g.abs().sum()) for g in gammas.values())
     return gamma_summary(samples, zeros, numel, abs_sum)

@@ -33,13 +33,15 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from ..masks import count_zeros
 from ..metrics import LocalMetric
 from ..progress import track
 from ..stats import ActivationStats
 from .log import SearchLog, gamma_summary, sample_index, summarise
 from .recompute import StepStats, activation_checkpointing
+from .placement import master_copy, search_state_of
 from .regularizers import L1Prox
-from .settings import SearchSettings, drift_gpu_bytes
+from .settings import SearchSettings, drift_element_size
 from .state import Checkpoint, SearchState
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ class _FrozenLane:
 
     def record(self, n: int, gamma: torch.Tensor, index: torch.Tensor, seconds: float) -> None:
         acc = self.per_step[n]
-        acc["zeros"] += int((gamma == 0).sum())
+        acc["zeros"] += count_zeros(gamma)
         acc["numel"] += gamma.numel()
         acc["abs_sum"] += float(gamma.abs().sum())
         acc["samples"].append(gamma.reshape(-1)[index].cpu())
@@ -218,7 +220,7 @@ def search_drift(
     device = params[0].device
     shapes = {n: layers[n].weight.shape for n in names}
     # V and Γ live on the weights' device, or in (pinned) host memory, moved one matrix at a time.
-    settings = replace(settings, search_state=_search_state(settings, params))
+    settings = replace(settings, search_state=search_state_of(settings, params))
     state_device = device if settings.search_state == "device" else torch.device("cpu")
     pin = state_device.type == "cpu" and device.type == "cuda"
     state = SearchState.zeros(shapes, state_device, pin)
@@ -227,6 +229,7 @@ def search_drift(
     # The metric's and the prox's draws on the weights' device (stochRIA's subsets: not one CPU thread per weight).
     gen = torch.Generator(device=device).manual_seed(settings.seed)
     prox_gen = _prox_generator(settings.seed, device)
+    amp = master_copy(params, settings)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
                             weight_decay=settings.weight_decay,
                             fused=True if device.type == "cuda" else None)  # no foreach temporaries of all W on a GPU
@@ -253,7 +256,8 @@ def search_drift(
     t0 = time.perf_counter()
     try:
         for step in track(range(start, settings.steps), "search (drift W)", total=settings.steps - start):
-            loss = _lm_backward(model, windows, step, settings)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = _lm_backward(model, windows, step, settings)
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             stats = hooks.take()
             lr = opt.param_groups[0]["lr"]
@@ -275,13 +279,16 @@ def search_drift(
             for p, w0 in zip(params, original):
                 p.copy_(w0)
                 p.grad = None
+                if amp is not None:  # back from the fp32 master copy to the weights' own dtype (exact)
+                    p.data = p.data.to(w0.dtype)
             for p, flag in flags.items():
                 p.requires_grad_(flag)
     for sibling, lane in zip(siblings, lanes[1:]):
         sibling.gamma = {n: g.cpu() for n, g in lane.state.gamma.items()}
-    # V, Γ (fp32) per λ; the gradient and Adam's m and v in the weights' dtype (torch's AdamW allocates them
-    # like W); the restore copy of W (on the host). One matrix's step metric S comes on top.
-    bytes_pp = 4.0 * 2 * len(lanes) + 4.0 * params[0].element_size()
+    # V, Γ (fp32) per λ; the gradient and Adam's m and v in the drift dtype (torch's AdamW allocates them like
+    # the drifting W); the restore copy of W (on the host). One matrix's step metric S comes on top.
+    drift = drift_element_size(settings.drift_dtype, original[0].element_size())
+    bytes_pp = 4.0 * 2 * len(lanes) + 3.0 * drift + original[0].element_size()
     return {n: g.cpu() for n, g in state.gamma.items()}, bytes_pp
 
 
@@ -320,22 +327,6 @@ def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Gene
                 lane.state.gamma[n] = lane.prox(held_v, lane.prox_gen)
         del m
     return align
-
-
-def _search_state(settings: SearchSettings, params) -> str:
-    """``schedule.search_state`` resolved: ``auto`` is the device unless ``drift_gpu_bytes`` exceeds the free GPU memory."""
-    device = params[0].device
-    if settings.search_state != "auto":
-        return settings.search_state
-    if device.type != "cuda":
-        return "device"
-    numel = sum(p.numel() for p in params)
-    need = drift_gpu_bytes(numel, params[0].element_size())
-    free = torch.cuda.mem_get_info(device)[0]
-    where = "device" if need <= free else "host"
-    log.info("search: V and Γ on the %s (%.1f GiB needed on the GPU with them, %.1f GiB free)", where, need / 2**30,
-             free / 2**30)
-    return where
 
 
 def _weight_step(params, align, opt) -> None:

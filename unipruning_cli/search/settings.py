@@ -39,6 +39,10 @@ class ScheduleConfig:
     grad_clip: float = _drift_only(1.0)
     grad_accumulation: int = _drift_only(1)
     accumulate_grads_across_steps: bool = _drift_only(True)
+    # "weights": W drifts in its own dtype, and so do its gradient and Adam's m and v; "float32": an fp32 master
+    # copy of W drifts (forward and backward under autocast in the weights' dtype), with fp32 gradient, m and v.
+    # In bf16 most small weights never move at the first learning rates; fp32 lets them.
+    drift_dtype: str = _drift_only("weights")
     checkpoint_every: int = 16
     activation_checkpointing: bool = True  # drift: recompute block activations in the backward (same Γ)
     search_state: str = "auto"  # drift: V and Γ on the weights' "device", or "host" (pinned), one matrix moved at a
@@ -53,11 +57,18 @@ NOT_IN_FINGERPRINT = ("checkpoint_every", "activation_checkpointing", "search_st
 DRIFT_ONLY: tuple[str, ...] = tuple(f.name for f in fields(ScheduleConfig) if f.metadata.get("drift_only"))
 
 
-def drift_gpu_bytes(numel: int, element_size: int) -> float:
+def drift_element_size(drift_dtype: str, element_size: int) -> int:
+    """Bytes per element of the drifting W, its gradient and Adam's m and v under ``schedule.drift_dtype``."""
+    return 4 if drift_dtype == "float32" else element_size
+
+
+def drift_gpu_bytes(numel: int, element_size: int, drift_dtype: str = "weights") -> float:
     """GPU bytes the drift search needs beside W with V and Γ on the device: V, Γ (fp32, 8 bytes per prunable weight),
-    the gradient and Adam's m and v (3 copies in the weights' dtype), plus 10 % and 2 GiB for activations. The one
-    rule behind ``search_state=auto``: the search compares it with the free GPU memory, the plan with its card."""
-    return numel * (8 + 3 * element_size) * 1.1 + 2 * 2**30
+    the gradient and Adam's m and v (3 copies in the drift dtype), the growth of W into an fp32 master copy under
+    ``drift_dtype=float32``, plus 10 % and 2 GiB for activations. The one rule behind ``search_state=auto``: the
+    search compares it with the free GPU memory, the plan with its card."""
+    drift = drift_element_size(drift_dtype, element_size)
+    return numel * (8 + 3 * drift + drift - element_size) * 1.1 + 2 * 2**30
 
 
 @dataclass
