@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Bumped when the search computes a different Γ from the same config, so older checkpoints and indexed
 #: searches are not taken for current ones. 2: the prox samples its quantile from its own generator.
-SEARCH_REVISION = 2
+#: 3: on a GPU the metric's and the prox's draws come from CUDA generators (CPU draws unchanged).
+SEARCH_REVISION = 3
 
 
 def search_fingerprint(cfg: DictConfig) -> str:
