@@ -3,7 +3,10 @@
 Measures, in one process and one run (ratios, not absolute times):
 - one forward + backward of the LM loss on one calibration window (the drift mode's unavoidable cost);
 - the stochRIA metric over all prunable matrices with the exact sampler vs the cyclic one;
-- the quantile threshold of the prox over all matrices by partial top-k vs two kthvalue calls.
+- the quantile threshold of the prox over all matrices by partial top-k vs two kthvalue calls;
+- the drift step's own overhead, through the search's code (``mirror_descent._score_and_update``: the step metric,
+  the dual step and the prox of every matrix, with V and Γ on the device or moved from the host) over one forward +
+  backward on the same window (issue "The headline job at real size": at most 25 %), per sampler and state place.
 
     python scripts/bench_search.py [--seqlen 512] [--repeat 3] [--out bench-out/search.json]
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,9 +84,46 @@ def main() -> None:
     res["ratio_cyclic_over_exact"] = res["stochria_cyclic_s"] / res["stochria_exact_s"]
     res["ratio_topk_over_kthvalue"] = res["prox_quantile_topk_s"] / res["prox_quantile_kthvalue_s"]
     res["drift_step_estimate_s"] = res["fwd_bwd_s"] + res["stochria_exact_s"] + res["prox_quantile_topk_s"]
+    res |= step_overhead(model, layers, x, args.repeat, res["fwd_bwd_s"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
+
+
+def step_overhead(model, layers, x, repeat: int, fwd_bwd_s: float) -> dict:
+    """Seconds of one drift step's search work (all matrices) and its ratio to one forward + backward."""
+    from dataclasses import replace
+
+    from unipruning_cli.search.log import SearchLog
+    from unipruning_cli.search.mirror_descent import _DriftLane, _prox_generator, _score_and_update
+    from unipruning_cli.search.recompute import StepStats
+    from unipruning_cli.search.regularizers import L1Prox
+    from unipruning_cli.search.settings import SearchSettings
+    from unipruning_cli.search.state import SearchState
+
+    names = list(layers)
+    params = [layers[n].weight for n in names]
+    hooks = StepStats(layers)
+    with torch.no_grad():
+        model(input_ids=x, use_cache=False)
+    stats = hooks.take()
+    hooks.remove()
+    device = params[0].device
+    out = {}
+    for sampler in ("exact", "cyclic"):
+        for where in ("device", "host"):
+            settings = replace(SearchSettings(), search_state=where)
+            metric = build_metric("stochria", sampler=sampler)
+            state = SearchState.zeros({n: layers[n].weight.shape for n in names},
+                                      device if where == "device" else torch.device("cpu"), device.type == "cuda")
+            log = SearchLog(Path(tempfile.mkdtemp()) / "search.jsonl", 0)  # not written by the scoring pass
+            lanes = [_DriftLane(state, L1Prox(1e-3), _prox_generator(0, device), log)]
+            gen = torch.Generator(device=device).manual_seed(0)
+            with torch.no_grad():
+                s = timed(lambda: _score_and_update(params, names, stats, metric, gen, lanes, settings), repeat)
+            out[f"step_overhead_{sampler}_{where}_s"] = s
+            out[f"step_overhead_{sampler}_{where}_ratio"] = round(s / fwd_bwd_s, 3)
+    return out
 
 
 if __name__ == "__main__":

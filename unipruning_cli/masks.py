@@ -246,7 +246,7 @@ def _order_key(values: Tensor) -> Tensor:
 
 
 def _count_at_least(scores: Mapping[str, Tensor], threshold: int) -> int:
-    return sum(int((_order_key(s.detach().float()) >= threshold).sum()) for s in scores.values())
+    return sum(int(torch.count_nonzero(_order_key(s.detach().float()) >= threshold)) for s in scores.values())
 
 
 def _kth_largest_key(scores: Mapping[str, Tensor], k: int) -> int:
@@ -296,7 +296,7 @@ def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Ten
         key = _order_key(score.detach().float())
         mask = key > threshold
         ties = (key == threshold).reshape(-1)
-        n_ties = int(ties.sum())
+        n_ties = int(torch.count_nonzero(ties))
         if n_ties <= quota:
             mask |= ties.reshape(key.shape)
             quota -= n_ties

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Mapping
 
 import torch
 from omegaconf import DictConfig
@@ -121,10 +122,27 @@ def prune_stage(cfg: DictConfig, model, tok, target: Target, rd: RunDir, timer: 
     return calib_info
 
 
+class _AbsOf(Mapping):
+    """name -> |Γ| computed when asked for: a cut holds one matrix's |Γ| at a time, not a second copy of Γ
+    (4 bytes per prunable weight: 255 GiB for a 70B model). A global cut asks for each several times."""
+
+    def __init__(self, gamma: Mapping[str, torch.Tensor]) -> None:
+        self.gamma = gamma
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.gamma[name].abs()
+
+    def __iter__(self):
+        return iter(self.gamma)
+
+    def __len__(self) -> int:
+        return len(self.gamma)
+
+
 def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir) -> dict[str, dict[str, torch.Tensor]]:
     """Masks for every target from one Γ (|Γ| as the score; seconds, no model forward), each saved to
     ``rd/masks/<tag>.safetensors``. Returns tag -> name -> bool ``[out, in]``."""
-    scores = {n: g.abs() for n, g in gamma.items()}
+    scores = _AbsOf(gamma)
     out = {}
     for t in targets:
         out[t.tag] = t.cut(scores)

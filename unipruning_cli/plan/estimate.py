@@ -131,8 +131,10 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     mode = cfg.schedule.weight_mode if uni else None
     cuts = len(targets_of(cfg, make_target(cfg)))
     n_c, T_c = cfg.calibration.nsamples, cfg.calibration.seqlen
-    B, T = cfg.eval.batch_size, cfg.eval.seqlen
-    logits = 12 * B * chunk_positions(B, T, V) * V  # fp32 logits of one chunk, their reshape, the log-softmax
+    B, T = min(cfg.eval.batch_size, cfg.eval.max_windows or cfg.eval.batch_size), cfg.eval.seqlen
+    # One chunk's logits: fp32 logits, their reshaped copy and the log-softmax (12 bytes each); in bf16/fp16 the
+    # logits in that dtype, their fp32 cast and the log-softmax (2 + 4 + 4).
+    logits = (12 if b == 4 else 8 + b) * B * chunk_positions(B, T, V) * V
     block_io = 2 * n_c * T_c * h * b  # every window's block inputs and outputs, offloaded to the host
     per_sample = n_c * s["sum_in"] * 4 + s["sum_in"] * 8
     stages: list[Stage] = []
@@ -180,8 +182,9 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
             add("search_checkpoint", Wd + state, host + s["L_max"] * (4 * b + 8),
                 "every checkpoint_every steps: the state written one matrix at a time through the host")
     if uni:
-        masks = 4 * P + 4 * P + cuts * P * (1 + len(cfg.eval.baselines))
-        add("masks", Wo, masks + (4 * P if cfg.eval.baselines else 0), "Γ, |Γ| and every cut's masks on the host")
+        masks = 4 * P + 4 * s["L_max"] + cuts * P * (1 + len(cfg.eval.baselines))
+        add("masks", Wo, masks + (4 * P if cfg.eval.baselines else 0),
+            "Γ, one matrix's |Γ| and every cut's masks on the host")
         add("pruned_eval", Wo + Wb + logits, masks + P * b,
             f"W{one} + logits; a copy of the prunable W on the host to restore it between cuts")
     else:
