@@ -90,24 +90,39 @@ def test_bad_sizes_and_gpus_without_memory_are_refused(tmp_path):
             plan_command(["--gpus", "1"])
 
 
+def _random_llama(path, vocab: int, hidden: int, intermediate: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2)).save_pretrained(path)
+
+
 @pytest.fixture(scope="module")
 def medium_model(tmp_path_factory, tiny_tokenizer):
     """A random Llama large enough that the search state, not the process, dominates its memory (13.6 M weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = tmp_path_factory.mktemp("medium-llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=512, intermediate_size=1536,
-                                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2)).save_pretrained(path)
+    _random_llama(path, len(tiny_tokenizer), 512, 1536)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory, tiny_tokenizer):
+    """For the methods that hold W and little else: 51 M weights (205 MB), so that the process's own baseline,
+    which varies by some 40 MB from one start to the next, stays under a tenth of the peak."""
+    path = tmp_path_factory.mktemp("wide-llama")
+    _random_llama(path, len(tiny_tokenizer), 1024, 2816)
     tiny_tokenizer.save_pretrained(path)
     return path
 
 
 @pytest.mark.parametrize("method", [["method=unipruning", "schedule.steps=3"], ["method=local", "local_metric=wanda"],
                                     ["method=sparsegpt", "model.placement=onload"]])
-def test_planned_peak_host_memory_is_within_15_percent_of_the_measured(method, medium_model, corpus_files, tmp_path):
+def test_planned_peak_host_memory_is_within_15_percent_of_the_measured(method, request, corpus_files, tmp_path):
     """Each in a fresh process, as a user runs them: the plan's peak against metrics.json's peak RSS."""
+    medium_model = request.getfixturevalue("medium_model" if "method=unipruning" in method else "wide_model")
     env = cli_env(tmp_path / "runs", tmp_path / "cache")
     overrides = [o for o in tiny_overrides(medium_model, corpus_files) if not o.startswith(("method=", "local_metric="))]
     overrides += [*method, "reuse_search=false"]
@@ -118,7 +133,7 @@ def test_planned_peak_host_memory_is_within_15_percent_of_the_measured(method, m
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     measured = metrics["memory"]["peak_rss_mib"] / 1024
     planned = json.loads((tmp_path / "plan.json").read_text())["peak_host_gib"]
-    assert abs(planned / measured - 1) <= 0.15, (planned, measured)
+    assert abs(planned / measured - 1) <= 0.15, (planned, measured, metrics["memory"], json.loads((tmp_path / "plan.json").read_text())["stages"])
     assert metrics["placement"]["device"] == "cpu" and metrics["plan"]["fits"] is True  # the run's own plan, recorded
     # on the CPU the host is the device: onloading has nowhere to go, and the run says where the blocks were
     assert metrics["placement"]["blocks"] == "cpu" and metrics["placement"]["placement"] in ("device", "onload")
