@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from ..methods import make_target, targets_of
 from ..evaluation.perplexity import chunk_positions
-from ..models import find_blocks, prunable_layers, resolve_dtype
+from ..models import block_layers, find_blocks, prunable_layers, resolve_dtype
 from ..provenance import rss_bytes
 from ..search.settings import drift_element_size, drift_gpu_bytes
 from .architectures import meta_model
@@ -88,6 +88,8 @@ def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
             "L_max": max(m.weight.numel() for m in layers.values()),
             "I_max": max(m.weight.shape[1] for m in layers.values()),
             "sum_in": sum(m.weight.shape[1] for m in layers.values()),
+            # Σ in² over one block's layers: the XᵀX every layer of the block accumulates before SparseGPT solves it
+            "xtx_block": max(sum(m.weight.shape[1] ** 2 for m in block_layers(b, "").values()) for b in blocks),
             "h": text.hidden_size, "V": text.vocab_size, "L": text.num_hidden_layers,
             "I": getattr(text, "intermediate_size", 4 * text.hidden_size),
             "outside": sum(p.numel() for p in model.parameters()) - in_blocks,
@@ -159,8 +161,11 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
         add("calibration", Wo + Wb + act, block_io + per_sample,
             f"W{one} + one window in one block; block inputs/outputs on the host")
     if cfg.method == "sparsegpt":
-        add("prune", Wo + Wb + 6 * s["I_max"] ** 2 * 4, block_io + P / 8,
-            f"W{one} + OBS buffers of the widest layer (6 x I² fp32); masks packed on the host")
+        # The block's XᵀX (fp32), then for the widest layer its Hessian, the copy the solve damps, the Cholesky
+        # factor, the inverse and its factor (5 x I² fp32) and fp32 working copies of the largest matrix (3 x).
+        obs = 4 * s["xtx_block"] + 5 * s["I_max"] ** 2 * 4 + 3 * s["L_max"] * 4
+        add("prune", Wo + Wb + obs, block_io + P / 8,
+            f"W{one} + the block's XᵀX + OBS buffers of the widest layer (5 x I² fp32); masks packed on the host")
     elif cfg.method == "local":
         scores = 5 * P if cfg.pattern.kind != "nm" and make_target(cfg).allocation == "global" else 5 * s["L_max"]
         add("prune", Wo, scores + P / 8, "scores (fp32) and masks (every matrix's for a global cut, else one "
