@@ -119,7 +119,8 @@ def wide_model(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("method", [["method=unipruning", "schedule.steps=3"], ["method=local", "local_metric=wanda"],
-                                    ["method=sparsegpt", "model.placement=onload"]])
+                                    # 76 s: in `make test-slow`, to keep the default suite under 15 minutes
+                                    pytest.param(["method=sparsegpt", "model.placement=onload"], marks=pytest.mark.slow)])
 def test_planned_peak_host_memory_is_within_15_percent_of_the_measured(method, request, corpus_files, tmp_path):
     """Each in a fresh process, as a user runs them: the plan's peak against metrics.json's peak RSS."""
     medium_model = request.getfixturevalue("medium_model" if "method=unipruning" in method else "wide_model")
