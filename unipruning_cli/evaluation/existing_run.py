@@ -76,8 +76,11 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
         target = resolve_target(run, float(cut["sparsity"]) if "sparsity" in cut else None, cut.get("pattern"),
                                 cut.get("allocation"))
         targets, sources = {target.tag: target}, {target.tag: masks_source(run, target)}
-    # everything is checked: now the model
-    model, tok = load_model(cfg.model)
+    # everything is checked: now the model, placed as the run placed it (a 70B run onloaded is evaluated onloaded)
+    placement = cfg.model.get("placement") or "auto"
+    if placement == "auto":
+        placement = (run.metrics.get("placement") or {}).get("placement") or "device"
+    model, tok = load_model(cfg.model, placement)
     layers = prunable_layers(model)
     all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else load_or_cut(run, targets[t], sources[t]))
                  for t in targets}
