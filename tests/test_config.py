@@ -222,6 +222,31 @@ def test_bad_calibration_mode(offline_inputs):
     assert "calibration.mode" in msg
 
 
+@pytest.mark.parametrize("override, field", [
+    ("schedule.decay=exponential", "schedule.decay"),
+    ("schedule.grad_clip=0", "schedule.grad_clip"),
+    ("schedule.grad_clip=-1", "schedule.grad_clip"),
+    ("schedule.betas=[1.5,2]", "schedule.betas"),
+    ("schedule.betas=[0.9]", "schedule.betas"),
+    ("schedule.grad_clip_scope=embeddings", "schedule.grad_clip_scope"),
+    ("schedule.lr=0", "schedule.lr"),
+    ("schedule.eps=0", "schedule.eps"),
+])
+def test_a_schedule_knob_that_would_do_nothing_or_fail_later_is_refused(override, field, offline_inputs):
+    """Refused by ``validate``, which the CLI runs before any weight is read (issue 17, findings 4-6)."""
+    assert field in _user_error([*offline_inputs, "method=unipruning", override])
+
+
+@pytest.mark.parametrize("override", ["schedule.grad_clip=null", "schedule.decay=cosine", "schedule.decay=constant",
+                                      "schedule.grad_clip_scope=prunable", "schedule.betas=[0,0.5]"])
+def test_every_live_schedule_value_validates(override, offline_inputs):
+    validate(_compose(*offline_inputs, "method=unipruning", override))
+
+
+def test_a_frozen_search_may_leave_lr_at_zero(offline_inputs):
+    validate(_compose(*offline_inputs, "method=unipruning", "schedule.weight_mode=frozen", "schedule.lr=0"))
+
+
 def test_bad_allocation(offline_inputs):
     msg = _user_error([*offline_inputs, "pattern.allocation=per_column"])
     assert "pattern.allocation" in msg

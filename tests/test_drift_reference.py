@@ -1,13 +1,17 @@
 """The drift search against a plain, hand-written reference of its steps, bit for bit in fp32 on the CPU.
 
 The reference is the loop as the UniPruning reference code orders it (spec §1.2-1.3, §5.3): per step the LM
-loss's gradient accumulated across steps, clipped over the prunable weights; every step metric S on the
-pre-update W from that step's activation statistics; AdamW with the linear warm-up/decay schedule (plus ρ times
-the alignment gradient for this step only); then V ← V + α(S − Γ) and Γ ← prox(V) per matrix. The search
-does the same work one matrix at a time (only one S alive): the results must not differ by one bit.
+loss's gradient (``grad_accumulation`` windows) accumulated across steps, clipped to a global norm over every
+parameter of the model (HF Trainer's ``clip_grad_norm_(model.parameters())``; over the prunable weights only with
+``grad_clip_scope=prunable``); every step metric S on the pre-update W from that step's activation statistics;
+AdamW with the warm-up then linear/cosine/constant schedule, written out by hand below (plus ρ times the
+alignment gradient for this step only); then V ← V + α(S − Γ) and Γ ← prox(V) per matrix. The search does the
+same work one matrix at a time (only one S alive): the results must not differ by one bit.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -20,18 +24,34 @@ from unipruning_cli.search.mirror_descent import alignment_grad
 from unipruning_cli.stats import ActivationStats
 
 
+def lr_factor(s: SearchSettings, step: int) -> float:
+    """HF's schedules by hand: a linear ramp over ceil(warmup_ratio * steps), then linear to 0, half a cosine to 0,
+    or constant (transformers.optimization, get_{linear,cosine,constant}_schedule_with_warmup)."""
+    warm = math.ceil(s.warmup_ratio * s.steps)
+    if step < warm:
+        return step / max(1, warm)
+    if s.decay == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, s.steps - warm)
+    if s.decay == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, (s.steps - step) / max(1, s.steps - warm))
+
+
 def reference_drift(model, windows, metric, prox: L1Prox, s: SearchSettings,
                     metric_after_step: bool = False) -> dict[str, torch.Tensor]:
     layers = prunable_layers(model)
     names = list(layers)
     params = [layers[n].weight for n in names]
     w0 = [p.detach().clone() for p in params]
-    model.requires_grad_(False)
+    model.requires_grad_(s.grad_clip_scope == "model")  # the reference computes every parameter's gradient
+    clipped = [p for p in model.parameters() if p.requires_grad] if s.grad_clip_scope == "model" else params
     for p in params:
         p.requires_grad_(True)
+    for p in {id(p): p for p in [*params, *clipped]}.values():
         p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, s.lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(s, step))
     gen = torch.Generator().manual_seed(s.seed)
     prox_gen = torch.Generator().manual_seed((1 << 40) + s.seed)
     v = {n: torch.zeros(layers[n].weight.shape) for n in names}
@@ -51,21 +71,28 @@ def reference_drift(model, windows, metric, prox: L1Prox, s: SearchSettings,
         for n in names:
             sums[n].zero_()
             counts[n] = 0
-        x = windows[step % windows.shape[0]].unsqueeze(0)
-        model(input_ids=x, labels=x, use_cache=False).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        k = s.grad_accumulation
+        for j in range(k):
+            x = windows[(step * k + j) % windows.shape[0]].unsqueeze(0)
+            (model(input_ids=x, labels=x, use_cache=False).loss / k).backward()
+        if s.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(clipped, s.grad_clip)
         if metric_after_step:  # a deliberate bug, for the test below
             opt.step()
         metric_s = {n: metric.score(layers[n].weight, ActivationStats(sq_sum=sums[n].clone(), count=counts[n]),
                                     generator=gen if metric.stochastic else None) for n in names}
-        align = [s.rho * alignment_grad(p, gamma[n], metric_s[n]) for p, n in zip(params, names)] if s.rho else []
-        for p, g in zip(params, align):
-            p.grad.add_(g)
+        acc = [p.grad for p in params]
+        if s.rho:  # this step's gradient: the accumulated one plus the ρ term; the accumulator stays as it was
+            for p, n in zip(params, names):
+                p.grad = p.grad + s.rho * alignment_grad(p, gamma[n], metric_s[n])
         if not metric_after_step:
             opt.step()
-        for p, g in zip(params, align):
-            p.grad.sub_(g)
+        for p, a in zip(params, acc):
+            p.grad = a
         sched.step()
+        if not s.accumulate_grads_across_steps:
+            for p in clipped:
+                p.grad.zero_()
         for n in names:
             v[n].add_(metric_s[n] - gamma[n], alpha=s.dual_step)
             gamma[n] = prox(v[n], prox_gen)
@@ -74,20 +101,25 @@ def reference_drift(model, windows, metric, prox: L1Prox, s: SearchSettings,
     with torch.no_grad():
         for p, w in zip(params, w0):
             p.copy_(w)
-            p.grad = None
+    for p in model.parameters():
+        p.grad = None
     return gamma
 
 
-@pytest.mark.parametrize("metric_name, rho, recompute, search_state", [
-    ("stochria", 0.0, True, "device"), ("wanda", 1e-2, True, "device"), ("ria", 0.0, True, "device"),
-    ("wanda", 0.0, False, "device"), ("stochria", 1e-2, True, "host")])
-def test_drift_search_equals_the_reference_bit_for_bit(metric_name, rho, recompute, search_state, tiny_tokenizer,
-                                                       tmp_path):
+@pytest.mark.parametrize("metric_name, rho, recompute, search_state, knobs", [
+    ("stochria", 0.0, True, "device", {}),
+    ("wanda", 1e-2, True, "device", {"decay": "cosine"}),
+    ("ria", 0.0, True, "device", {"decay": "constant", "grad_clip_scope": "prunable"}),
+    ("wanda", 0.0, False, "device", {"grad_clip": None, "grad_accumulation": 2}),
+    ("stochria", 1e-2, True, "host", {"accumulate_grads_across_steps": False, "grad_clip": 0.05}),
+])
+def test_drift_search_equals_the_reference_bit_for_bit(metric_name, rho, recompute, search_state, knobs,
+                                                       tiny_tokenizer, tmp_path):
     """With activation checkpointing (recompute) the statistics hooks must count each block once."""
     torch.set_num_threads(1)
     windows = torch.randint(3, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(1))
     settings = SearchSettings(steps=4, lr=5e-2, warmup_ratio=0.5, dual_step=0.1, rho=rho, checkpoint_every=100,
-                              activation_checkpointing=recompute, search_state=search_state)
+                              activation_checkpointing=recompute, search_state=search_state, **knobs)
     prox = L1Prox(0.1)
     model = build_tiny_model("llama", len(tiny_tokenizer))
     expected = reference_drift(model, windows, build_metric(metric_name), prox, settings)
@@ -159,3 +191,24 @@ def test_a_search_with_v_and_gamma_on_the_host_resumes_bit_exactly(tiny_tokenize
     monkeypatch.setattr(MD, "_lm_backward", real)
     resumed = run("cut")
     assert all(torch.equal(full[n], resumed[n]) for n in full)
+
+
+def test_the_rho_term_leaves_no_rounding_error_in_the_accumulated_gradient(tiny_tokenizer, tmp_path):
+    """bf16 with lr = 0, so W stays put and both runs see the same LM gradients: the accumulated gradient in the
+    step-2 checkpoint of a ρ > 0 run equals the ρ = 0 run's bit for bit. Adding ρ·∂/∂W ½‖Γ − S‖² to the
+    accumulator for the step and subtracting it after would leave its bf16 rounding error there."""
+    from unipruning_cli.search.state import Checkpoint
+
+    torch.set_num_threads(1)
+    windows = torch.randint(3, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for rho in (0.0, 1.0):
+        model = build_tiny_model("llama", len(tiny_tokenizer)).to(torch.bfloat16)
+        settings = SearchSettings(steps=3, lr=0.0, dual_step=0.5, rho=rho, checkpoint_every=2)
+        ckpt = tmp_path / f"rho{rho}.safetensors"
+        search_drift(model, prunable_layers(model), windows, build_metric("wanda"), L1Prox(0.1), settings, ckpt,
+                     "fp", tmp_path / f"rho{rho}.jsonl")
+        saved = Checkpoint.open(ckpt, "fp")
+        grads[rho] = {n: saved.read(n)["grad"] for n in saved.names}
+    assert all(g.dtype == torch.bfloat16 and g.abs().sum() > 0 for g in grads[0.0].values())
+    assert all(torch.equal(grads[0.0][n], grads[1.0][n]) for n in grads[0.0])

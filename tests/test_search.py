@@ -152,10 +152,11 @@ def test_drift_restores_weights_bit_exactly_and_weights_did_move(tiny_llama_and_
     moved = []
     real = MD._weight_step
 
-    def spy(params, *args, **kwargs):
-        w0 = params[0].detach().clone()
-        real(params, *args, **kwargs)
-        moved.append(not torch.equal(w0, params[0].detach()))
+    def spy(accumulated, opt):
+        w = opt.param_groups[0]["params"][0]
+        w0 = w.detach().clone()
+        real(accumulated, opt)
+        moved.append(not torch.equal(w0, w.detach()))
 
     MD._weight_step, saved = spy, MD._weight_step
     try:
@@ -239,9 +240,10 @@ def test_drift_dtype_float32_drifts_an_fp32_master_copy_of_bf16_weights(tiny_lla
     dtypes = []
     real = MD._weight_step
 
-    def spy(params, align, opt):
-        dtypes.append((params[0].dtype, params[0].grad.dtype, opt.state[params[0]].get("exp_avg", params[0]).dtype))
-        real(params, align, opt)
+    def spy(accumulated, opt):
+        w = opt.param_groups[0]["params"][0]
+        dtypes.append((w.dtype, w.grad.dtype, opt.state[w].get("exp_avg", w).dtype))
+        real(accumulated, opt)
 
     MD._weight_step, saved = spy, MD._weight_step
     try:

@@ -150,9 +150,14 @@ def test_a_checkpoint_holds_one_matrix_on_the_host_at_a_time(tiny_tokenizer, win
     monkeypatch.setattr(MD, "_lm_backward", real_backward)
     _drift(model, windows, tmp_path / "ck", settings)
     largest, total = max(group_bytes.values()), sum(group_bytes.values())
-    assert len(written) == len(layers) + 1 and len(read) == len(layers) + 1  # one checkpoint (step 2), read once
-    assert sorted(written[:-1]) == sorted(group_bytes.values())  # each matrix's group is all of its state
-    assert max(written) <= largest < total and max(read) <= largest
+    # grad_clip_scope=model: each other parameter's accumulated gradient is a group of its own
+    prunable = {id(m.weight) for m in layers.values()}
+    others = [q.numel() * q.element_size() for q in model.parameters() if id(q) not in prunable]
+    groups = len(layers) + len(others) + 1
+    assert len(written) == groups and len(read) == groups  # one checkpoint (step 2), read once
+    assert sorted(written[:len(layers)]) == sorted(group_bytes.values())  # each matrix's group is all of its state
+    assert sorted(written[len(layers):-1]) == sorted(others)
+    assert max(written[:len(layers)]) <= largest < total and max(read) <= max(largest, *others)
     assert written[-1] < 16_000  # the common group: two generator states (5 KiB each on the CPU) and Adam's step
 
 

@@ -18,13 +18,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import UserError
-from .search.settings import ScheduleConfig
+from .search.settings import LR_SCHEDULES, ScheduleConfig
 
 MODEL_SOURCES = ("hub", "local", "embedded")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENTS = ("auto", "device", "onload")
 ALLOCATIONS = ("per_row", "per_matrix", "global")
 CALIBRATION_MODES = ("one_shot", "sequential")
+CALIBRATION_SAMPLINGS = ("windows", "documents", "stream")
 WEIGHT_MODES = ("drift", "frozen")
 THRESHOLD_MODES = ("quantile", "absolute")
 
@@ -66,6 +67,11 @@ class CalibrationConfig:
     seqlen: int = 512
     mode: str = "one_shot"  # one_shot: all stats from the dense model; sequential: block i sees pruned blocks < i
     offload: str = "cpu"  # where captured block inputs live between blocks
+    # windows: nsamples windows of seqlen tokens, each inside one document (Wanda / SparseGPT's loaders; the
+    # joined stream, with a warning, where fewer than nsamples documents are longer than seqlen);
+    # documents: nsamples documents truncated at seqlen (the UniPruning reference); stream: windows of the
+    # documents joined with blank lines (crossing their boundaries: every run's before this option).
+    sampling: str = "windows"
 
 
 @dataclass
@@ -73,6 +79,7 @@ class EvalConfig:
     corpora: List[str] = field(default_factory=lambda: ["wiki_offline"])
     seqlen: int = 512
     max_windows: Optional[int] = None  # None: every window of the corpus (the paper protocol)
+    random_windows: Optional[int] = 256  # c4: this many random windows (seed 0, one document each); None: all
     batch_size: int = 4
     dense: bool = True  # also measure the unpruned model (cached per model, corpus, seqlen)
     tasks: List[str] = field(default_factory=list)  # lm-eval zero-shot: task names, or suites paper / offline
@@ -245,6 +252,7 @@ def validate_calibration(c: DictConfig) -> None:
     check(c.nsamples > 0, f"calibration.nsamples={c.nsamples} must be a positive integer")
     check(c.seqlen > 1, f"calibration.seqlen={c.seqlen} must be at least 2 tokens")
     one_of("calibration.mode", c.mode, CALIBRATION_MODES)
+    one_of("calibration.sampling", c.sampling, CALIBRATION_SAMPLINGS)
 
 
 def validate_eval_values(e: DictConfig) -> None:
@@ -253,6 +261,8 @@ def validate_eval_values(e: DictConfig) -> None:
     check(e.task_limit is None or e.task_limit > 0, f"eval.task_limit={e.task_limit} must be positive or null")
     check(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be positive")
     check(e.max_windows is None or e.max_windows > 0, f"eval.max_windows={e.max_windows} must be positive or null")
+    check(e.random_windows is None or e.random_windows > 0,
+          f"eval.random_windows={e.random_windows} must be positive or null")
 
 
 def validate_search(cfg: DictConfig) -> None:
@@ -267,7 +277,18 @@ def validate_search(cfg: DictConfig) -> None:
     check(0 < s.dual_step <= 1, f"schedule.dual_step={s.dual_step} must be in (0, 1]")
     check(s.rho >= 0, f"schedule.rho={s.rho} must be >= 0")
     check(s.lr >= 0, f"schedule.lr={s.lr} must be >= 0")
+    check(s.lr > 0 or s.weight_mode != "drift", "schedule.lr=0 leaves W where it is: that is "
+                                                "schedule.weight_mode=frozen, which costs no backward pass")
     check(0 <= s.warmup_ratio < 1, f"schedule.warmup_ratio={s.warmup_ratio} must be in [0, 1)")
+    one_of("schedule.decay", s.decay, tuple(LR_SCHEDULES))
+    check(s.grad_clip is None or s.grad_clip > 0,
+          f"schedule.grad_clip={s.grad_clip} must be > 0 (the largest global gradient norm), or null for no "
+          f"clipping; 0 would zero every gradient, so W would never drift")
+    one_of("schedule.grad_clip_scope", s.grad_clip_scope, ("model", "prunable"))
+    check(len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas),
+          f"schedule.betas={list(s.betas)} must be two of AdamW's decay rates, each in [0, 1), e.g. [0.9,0.999]")
+    check(s.eps > 0, f"schedule.eps={s.eps} must be > 0")
+    check(s.weight_decay >= 0, f"schedule.weight_decay={s.weight_decay} must be >= 0")
     check(s.grad_accumulation >= 1, f"schedule.grad_accumulation={s.grad_accumulation} must be >= 1")
     check(s.checkpoint_every >= 1, f"schedule.checkpoint_every={s.checkpoint_every} must be >= 1")
     one_of("schedule.search_state", s.search_state, ("auto", "device", "host"))

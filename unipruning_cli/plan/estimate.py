@@ -175,13 +175,16 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     else:
         on_host = _state_on_host(cfg, P, b, on_gpu, gpu_memory, Wd)
         bd = drift_element_size(cfg.schedule.drift_dtype, b)  # the drifting W's dtype (fp32 master copy or W's own)
-        # gradient, Adam m, v (+ V, Γ fp32); one S; W grown into its fp32 master copy
-        state = P * (3 * bd + (bd - b) + (0 if on_host else 8)) + 16 * s["L_max"]
+        # gradient, Adam m, v (+ V, Γ fp32); one S; W grown into its fp32 master copy; with grad_clip_scope=model
+        # the other parameters' gradients (in their dtype), which enter the clipping norm
+        others = N * b if cfg.schedule.grad_clip_scope == "model" else 0
+        state = P * (3 * bd + (bd - b) + (0 if on_host else 8)) + 16 * s["L_max"] + others
         act = (s["L"] * T_c * h * b + T_c * (10 * h + 3 * s["I"]) * b * 2 + 12 * T_c * V)
         host = P * b + (8 * P if on_host else 0)  # the restore copy of W (+ V and Γ) live on the host
         where = "on the host" if on_host else "on the device"
         add("search", Wd + state + act, host,
-            f"W + gradient, Adam m, v ({'fp32' if bd == 4 else 'W dtype'}) + checkpointed activations + fp32 logits; "
+            f"W + gradient, Adam m, v ({'fp32' if bd == 4 else 'W dtype'})"
+            f"{' + the other parameters’ gradients' if others else ''} + checkpointed activations + fp32 logits; "
             f"V, Γ (fp32) {where}")
         if on_gpu:
             add("search_checkpoint", Wd + state, host + s["L_max"] * (4 * b + 8),

@@ -233,16 +233,21 @@ def search_drift(
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
                             weight_decay=settings.weight_decay,
                             fused=True if device.type == "cuda" else None)  # no foreach temporaries of all W on a GPU
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, settings.lr_factor)
-    # Only the prunable weights drift: no gradients for embeddings, norms or lm_head (the reference
-    # computes and accumulates them for nothing, spec §7.2 item 14). Flags are restored at the end.
+    sched = settings.lr_scheduler(opt)
+    # Only the prunable weights drift. With grad_clip_scope=model the other parameters (embeddings, norms,
+    # lm_head) get gradients too, accumulated and clipped with the rest but never applied: the reference's global
+    # norm (spec §1.3 step 2). Flags and gradients are restored at the end.
     flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
-    for p in params:
+    prunable = {id(p) for p in params}
+    others = {k: p for k, p in model.named_parameters() if id(p) not in prunable} \
+        if settings.grad_clip_scope == "model" else {}
+    for p in [*params, *others.values()]:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)
+    clipped = [p for p in model.parameters() if p.requires_grad]  # in the model's order, as HF clips (same norm bits)
     if saved is not None:
-        _restore_drift(saved, state, names, params, opt, sched, gen, prox_gen)
+        _restore_drift(saved, state, names, params, others, opt, sched, gen, prox_gen)
         log.info("resuming the drift search at step %d from %s", start, ckpt)
         if siblings:
             log.info("resumed search: only this run's λ; the other λ of the sweep are searched by their own jobs")
@@ -258,24 +263,28 @@ def search_drift(
         for step in track(range(start, settings.steps), "search (drift W)", total=settings.steps - start):
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss = _lm_backward(model, windows, step, settings)
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            if settings.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(clipped, settings.grad_clip)
             stats = hooks.take()
             lr = opt.param_groups[0]["lr"]
-            align = _score_and_update(params, names, stats, metric, gen, lanes, settings)
-            _weight_step(params, align, opt)
+            accumulated = _score_and_update(params, names, stats, metric, gen, lanes, settings)
+            _weight_step(accumulated, opt)
             sched.step()
             if not settings.accumulate_grads_across_steps:
-                opt.zero_grad(set_to_none=False)
+                for p in clipped:
+                    p.grad.zero_()
             for lane in lanes:
                 lane.state.step = step + 1
                 lane.log.write({"step": step + 1, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
                                 **summarise(lane.state.gamma, index)})
             if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
-                _save_drift(state, names, params, opt, sched, gen, prox_gen, ckpt, fp)
+                _save_drift(state, names, params, others, opt, gen, prox_gen, ckpt, fp)
     finally:
         hooks.remove()
         activation_checkpointing(model, False, recomputed)
         with torch.no_grad():
+            for p in others.values():
+                p.grad = None
             for p, w0 in zip(params, original):
                 p.copy_(w0)
                 p.grad = None
@@ -305,16 +314,21 @@ def _lm_backward(model: nn.Module, windows: torch.Tensor, step: int, settings: S
 
 def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Generator, lanes, settings: SearchSettings):
     """One pass over the matrices, one at a time: the step metric S on the pre-update W, the ρ alignment
-    gradient added to W's gradient (returned, to be taken off after the weight step), then each λ lane's
-    dual step and prox. Only one matrix's S is alive at a time (spec §1.2-1.3; the order of the metric's
-    and the proxes' random draws is that of a pass over every S first, so Γ is the same)."""
-    align = []
+    gradient for this step's weight update, then each λ lane's dual step and prox. Only one matrix's S is alive
+    at a time (spec §1.2-1.3; the order of the metric's and the proxes' random draws is that of a pass over every
+    S first, so Γ is the same).
+
+    With ρ > 0, W's gradient for this step becomes a new tensor, accumulated + ρ·∂/∂W ½‖Γ − S‖², and the
+    accumulated gradient is returned as ``(param, accumulated)`` pairs, untouched, for :func:`_weight_step` to put
+    back: adding and later subtracting the term in place would leave its rounding error in the accumulator (bf16)."""
+    accumulated = []
     for p, n in zip(params, names):
         m = metric.score(p, stats[n], generator=gen if metric.stochastic else None)
         if settings.rho > 0:  # Γ before this step's dual step, on W's device (V and Γ may live elsewhere)
-            g = settings.rho * alignment_grad(p, lanes[0].state.gamma[n].to(p.device), m.to(p.device))
-            p.grad.add_(g)
-            align.append((p, g))
+            g = alignment_grad(p, lanes[0].state.gamma[n].to(p.device), m.to(p.device))
+            accumulated.append((p, p.grad))
+            p.grad = p.grad + settings.rho * g
+            del g
         for lane in lanes:
             held_v, held_g = lane.state.v[n], lane.state.gamma[n]
             if settings.search_state == "host":  # V and Γ come to W's device for this matrix, then go back
@@ -326,19 +340,20 @@ def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Gene
                 dual_step(held_v, held_g, m.to(held_v.device), settings.dual_step)
                 lane.state.gamma[n] = lane.prox(held_v, lane.prox_gen)
         del m
-    return align
+    return accumulated
 
 
-def _weight_step(params, align, opt) -> None:
-    """One AdamW step on W; the ρ alignment gradients the scoring pass added steer this step only."""
+def _weight_step(accumulated, opt) -> None:
+    """One AdamW step on W; then each gradient the ρ term replaced goes back to the accumulated one, bit for bit."""
     opt.step()
-    for p, g in align:
-        p.grad.sub_(g)
+    for p, acc in accumulated:
+        p.grad = acc
 
 
-def _save_drift(state, names, params, opt, sched, gen, prox_gen, ckpt, fp) -> None:
+def _save_drift(state, names, params, others, opt, gen, prox_gen, ckpt, fp) -> None:
     """Checkpoint one matrix at a time: its V and Γ, W, W's gradient and Adam's moments (only that matrix's
-    tensors are on the host at once), then the RNG states and Adam's step."""
+    tensors are on the host at once), then the RNG states, Adam's step and the accumulated gradients of the
+    other parameters (``grad_clip_scope=model``: they enter the clipping norm of every later step)."""
     param = dict(zip(names, params))
 
     def per_matrix(n):
@@ -348,10 +363,10 @@ def _save_drift(state, names, params, opt, sched, gen, prox_gen, ckpt, fp) -> No
 
     common = {"generator": gen.get_state(), "prox_generator": prox_gen.get_state(),  # CPU bytes, also for CUDA
               "adam_step": torch.tensor([float(opt.state[params[0]]["step"])])}
-    state.save(ckpt, fp, per_matrix, common)
+    state.save(ckpt, fp, per_matrix, common, ((k, {"grad": p.grad}) for k, p in others.items()))
 
 
-def _restore_drift(saved: Checkpoint, state, names, params, opt, sched, gen, prox_gen) -> None:
+def _restore_drift(saved: Checkpoint, state, names, params, others, opt, sched, gen, prox_gen) -> None:
     """Read ``saved`` into the search's own tensors (V, Γ, W, gradients, new Adam moments), one matrix at a time."""
     common = saved.common()
     group = opt.param_groups[0]
@@ -368,6 +383,8 @@ def _restore_drift(saved: Checkpoint, state, names, params, opt, sched, gen, pro
                             "exp_avg": torch.empty_like(p).copy_(t["exp_avg"]),
                             "exp_avg_sq": torch.empty_like(p).copy_(t["exp_avg_sq"])}
             del t
+        for k, p in others.items():
+            p.grad.copy_(saved.read_extra(k)["grad"])
     gen.set_state(common["generator"])
     prox_gen.set_state(common["prox_generator"])
     state.step = saved.step

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import List
+from typing import List, Optional
 
 
 def _drift_only(default=None, default_factory=None):
@@ -24,7 +24,7 @@ def _drift_only(default=None, default_factory=None):
 @dataclass
 class ScheduleConfig:
     """Mirror-descent schedule (steps, dual step α, weight mode) and the weight optimiser of drift mode
-    (AdamW with linear warm-up and decay, gradient clipping and accumulation, ρ for the alignment term)."""
+    (AdamW with a warm-up then ``decay`` schedule, gradient clipping and accumulation, ρ for the alignment term)."""
 
     steps: int = 128
     dual_step: float = 0.01
@@ -32,11 +32,15 @@ class ScheduleConfig:
     rho: float = _drift_only(0.0)
     lr: float = _drift_only(1e-4)
     warmup_ratio: float = _drift_only(0.1)
-    decay: str = _drift_only("linear")
+    decay: str = _drift_only("linear")  # after the warm-up: linear | cosine | constant (HF's schedules of those names)
     betas: List[float] = _drift_only(default_factory=lambda: [0.9, 0.999])
     eps: float = _drift_only(1e-10)
     weight_decay: float = _drift_only(0.0)
-    grad_clip: float = _drift_only(1.0)
+    grad_clip: Optional[float] = _drift_only(1.0)  # max global gradient norm; null: no clipping
+    # which gradients the global norm is taken over (and clipped): "model", every parameter's, as the reference
+    # (HF Trainer clips model.parameters(); embeddings, norms and lm_head get gradients that are never applied);
+    # "prunable": the prunable weights' only (no gradient for the rest: less memory and time, another Γ)
+    grad_clip_scope: str = _drift_only("model")
     grad_accumulation: int = _drift_only(1)
     accumulate_grads_across_steps: bool = _drift_only(True)
     # "weights": W drifts in its own dtype, and so do its gradient and Adam's m and v; "float32": an fp32 master
@@ -81,8 +85,20 @@ class SearchSettings(ScheduleConfig):
     def warmup_steps(self) -> int:
         return math.ceil(self.warmup_ratio * self.steps)
 
-    def lr_factor(self, step: int) -> float:
-        """HF's linear schedule: ramp over the warm-up, then linear decay to 0 at ``steps``."""
-        if step < self.warmup_steps:
-            return step / max(1, self.warmup_steps)
-        return max(0.0, (self.steps - step) / max(1, self.steps - self.warmup_steps))
+    def lr_scheduler(self, optimizer) -> "torch.optim.lr_scheduler.LambdaLR":
+        """The learning-rate schedule of the drift optimiser: transformers' ``get_scheduler`` (the reference's own
+        library, spec §1.3 step 6) with ``warmup_steps`` of linear ramp, then ``decay``: ``linear`` to 0 at
+        ``steps``, ``cosine`` (half a cosine to 0), ``constant``. A ``LambdaLR`` stepped once per search step.
+
+        Raises ``ValueError`` for an unknown ``decay`` (the config validation refuses it before any weight is read).
+        """
+        from transformers import get_scheduler
+
+        if self.decay not in LR_SCHEDULES:
+            raise ValueError(f"schedule.decay={self.decay!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        return get_scheduler(LR_SCHEDULES[self.decay], optimizer, num_warmup_steps=self.warmup_steps,
+                             num_training_steps=self.steps)
+
+
+#: ``schedule.decay`` -> the name of transformers' schedule (warm-up first in each).
+LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}

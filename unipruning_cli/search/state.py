@@ -37,10 +37,12 @@ def _folder(path: Path, step: int) -> Path:
 
 
 def write_checkpoint(path: Path, fp: str, step: int, groups: Iterable[tuple[str, Mapping[str, torch.Tensor]]],
-                     common: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Write the checkpoint of ``step`` at ``path``: each ``(name, tensors)`` of ``groups`` to its own file, one
-    after the other (``groups`` may be a generator that hands out live device tensors: each group is copied to the
-    host only while its file is written), then ``common``, then the pointer; then the older folders go."""
+                     common: Mapping[str, torch.Tensor] | None = None,
+                     extra: Iterable[tuple[str, Mapping[str, torch.Tensor]]] = ()) -> None:
+    """Write the checkpoint of ``step`` at ``path``: each ``(name, tensors)`` of ``groups`` (one per matrix) and
+    then of ``extra`` (other per-parameter state) to its own file, one after the other (either may be a generator
+    that hands out live device tensors: each group is copied to the host only while its file is written), then
+    ``common``, then the pointer; then the older folders go."""
     folder = _folder(path, step)
     pointer = _pointer(path)
     current = _read_pointer(pointer)
@@ -49,14 +51,19 @@ def write_checkpoint(path: Path, fp: str, step: int, groups: Iterable[tuple[str,
             pointer.unlink()
         shutil.rmtree(folder)
     files: dict[str, str] = {}
+    extra_files: dict[str, str] = {}
     for k, (name, tensors) in enumerate(groups):
         files[name] = f"m{k:05d}.safetensors"
         atomic_save_tensors(folder / files[name], tensors, {"name": name})
         del tensors
+    for k, (name, tensors) in enumerate(extra):
+        extra_files[name] = f"x{k:05d}.safetensors"
+        atomic_save_tensors(folder / extra_files[name], tensors, {"name": name})
+        del tensors
     if common:
         atomic_save_tensors(folder / _COMMON, common)
     atomic_write_json(pointer, {"step": step, "fingerprint": fp, "dir": folder.name, "files": files,
-                                "common": _COMMON if common else None})
+                                "extra": extra_files, "common": _COMMON if common else None})
     for old in path.parent.glob(f"{path.stem}.step*"):
         if old.is_dir() and old.name != folder.name:
             shutil.rmtree(old, ignore_errors=True)
@@ -77,6 +84,7 @@ class Checkpoint:
     step: int
     files: dict[str, str]
     common_file: str | None
+    extra_files: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: Path, fp: str) -> "Checkpoint | None":
@@ -87,7 +95,7 @@ class Checkpoint:
         folder = path.parent / meta["dir"]
         if not folder.is_dir():
             return None
-        return cls(folder, int(meta["step"]), dict(meta["files"]), meta.get("common"))
+        return cls(folder, int(meta["step"]), dict(meta["files"]), meta.get("common"), dict(meta.get("extra", {})))
 
     @property
     def names(self) -> list[str]:
@@ -95,6 +103,10 @@ class Checkpoint:
 
     def read(self, name: str) -> dict[str, torch.Tensor]:
         return load_tensors(self.folder / self.files[name])
+
+    def read_extra(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of the ``extra`` group ``name``; ``KeyError`` when the checkpoint has none of that name."""
+        return load_tensors(self.folder / self.extra_files[name])
 
     def common(self) -> dict[str, torch.Tensor]:
         return load_tensors(self.folder / self.common_file) if self.common_file else {}
@@ -115,14 +127,16 @@ class SearchState:
         return cls(v={n: z(s) for n, s in shapes.items()}, gamma={n: z(s) for n, s in shapes.items()})
 
     def save(self, path: Path, fp: str, per_matrix: Callable[[str], Mapping[str, torch.Tensor]] | None = None,
-             common: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Checkpoint: per matrix its Γ, its V where held, and ``per_matrix(name)``, one matrix at a time."""
+             common: Mapping[str, torch.Tensor] | None = None,
+             extra: Iterable[tuple[str, Mapping[str, torch.Tensor]]] = ()) -> None:
+        """Checkpoint: per matrix its Γ, its V where held, and ``per_matrix(name)``, one matrix at a time; then
+        the ``extra`` groups (see :func:`write_checkpoint`)."""
         def groups():
             for n, g in self.gamma.items():
                 tensors = {"gamma": g, **({"v": self.v[n]} if n in self.v else {})}
                 yield n, (tensors | dict(per_matrix(n)) if per_matrix else tensors)
 
-        write_checkpoint(path, fp, self.step, groups(), common)
+        write_checkpoint(path, fp, self.step, groups(), common, extra)
 
     @classmethod
     def load(cls, path: Path, fp: str) -> "SearchState | None":
