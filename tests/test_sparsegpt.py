@@ -1,8 +1,8 @@
 """Tests for the SparseGPT baseline.
 
-The central check compares against a deliberately naive Optimal Brain Surgeon sweep that
-re-inverts the Hessian of the remaining columns in float64 at every step: the Cholesky/lazy-batch
-formulation must be mathematically identical to it for the same mask.
+The central check compares against a deliberately naive SparseGPT (paper, Alg. 1) that chooses its own
+mask and re-inverts the Hessian of the remaining columns in float64 at every column: the Cholesky /
+lazy-batch formulation must pick the same weights and leave the same values.
 """
 
 from __future__ import annotations
@@ -35,27 +35,58 @@ def _problem(out: int, in_features: int, tokens: int = 64, seed: int = 0) -> tup
     return weight, hessian, x
 
 
-def _naive_obs(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Row-by-row, column-by-column OBS with an explicit float64 inverse at every step.
+def _naive_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float = 0.0, n: int = 0, m: int = 0,
+                     blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh 2023, Alg. 1) written the slow way: float64, plain loops, one weight at a time.
 
-    At column j the free columns are F = j..; pruning w_j applies
-    δ_F = −(w_j / [H_F⁻¹]_jj) · [H_F⁻¹]_{:,j}; kept columns are simply frozen.
+    It chooses its own mask. With the free columns F = j.. at column j (columns < j are fixed), the OBS
+    quantities come from an explicit inverse of H restricted to F, never from a Cholesky factor:
+    d_j = [(H_FF)⁻¹]_00 (what the paper reads off the upper Cholesky factor of H⁻¹ as [H⁻¹]_cc²),
+    the saliency of w_rj is w_rj² / d_j, and pruning w_rj moves row r by −(w_rj / d_j)·[(H_FF)⁻¹]_{:,0}.
+    Unstructured: at the start of each block of ``blocksize`` columns, the int(rows·width·sparsity)
+    weights of the block with the lowest saliency (ties: lower row-major index) are chosen, on the
+    weights as all earlier blocks left them. N:M: when column j starts a group of m, each row prunes
+    its m − n lowest saliencies in columns j..j+m−1 (ties: lower column), on the weights as they are
+    then; blocks are widened down to a multiple of m. Dead channels (H_jj = 0) are zeroed and decoupled
+    (H_jj = 1) before dampening by percdamp · mean(diag H). Returns (new weight float64, keep mask).
     """
     w = weight.double().clone()
     h = hessian.double().clone()
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    w[:, dead] = 0.0
-    h += percdamp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
-    cols = w.shape[1]
-    for r in range(w.shape[0]):
-        for j in range(cols):
-            if keep[r, j]:
-                continue
-            h_inv = torch.linalg.inv(h[j:, j:])
-            w[r, j:] -= (w[r, j] / h_inv[0, 0]) * h_inv[:, 0]
-            w[r, j] = 0.0
-    return w
+    rows, cols = w.shape
+    for j in range(cols):
+        if h[j, j] == 0:
+            h[j, j] = 1.0
+            for r in range(rows):
+                w[r, j] = 0.0
+    damp = percdamp * sum(float(h[j, j]) for j in range(cols)) / cols
+    for j in range(cols):
+        h[j, j] += damp
+    inv_free = [torch.linalg.inv(h[j:, j:]) for j in range(cols)]  # (H_FF)⁻¹ for F = j..
+    d = [float(inv_free[j][0, 0]) for j in range(cols)]
+    prune = [[False] * cols for _ in range(rows)]
+    width = min(blocksize, cols)
+    if m:
+        width = max(m, width - width % m)
+    for start in range(0, cols, width):
+        end = min(start + width, cols)
+        if not m:
+            sal = [(float(w[r, j]) ** 2 / d[j], r * (end - start) + (j - start), r, j)
+                   for r in range(rows) for j in range(start, end)]
+            for _, _, r, j in sorted(sal)[: int(rows * (end - start) * sparsity)]:
+                prune[r][j] = True
+        for j in range(start, end):
+            if m and j % m == 0:
+                for r in range(rows):
+                    group = sorted((float(w[r, c]) ** 2 / d[c], c) for c in range(j, j + m))
+                    for _, c in group[: m - n]:
+                        prune[r][c] = True
+            for r in range(rows):
+                if prune[r][j]:
+                    coef = float(w[r, j]) / d[j]
+                    for k in range(j, cols):
+                        w[r, k] -= coef * float(inv_free[j][k - j, 0])
+                    w[r, j] = 0.0
+    return w, ~torch.tensor(prune, dtype=torch.bool)
 
 
 def _layer_error(x: torch.Tensor, weight: torch.Tensor, pruned: torch.Tensor) -> float:
@@ -70,30 +101,64 @@ def _layer_error(x: torch.Tensor, weight: torch.Tensor, pruned: torch.Tensor) ->
 @pytest.mark.parametrize(
     "out,in_features,blocksize,sparsity,n,m",
     [
-        (4, 8, 8, 0.5, 0, 0),
-        (6, 16, 16, 0.3, 0, 0),
-        (8, 16, 4, 0.5, 0, 0),
-        (5, 12, 5, 0.6, 0, 0),  # ragged last block
-        (5, 16, 16, 0.0, 2, 4),
+        (6, 16, 16, 0.3, 0, 0),  # one block
+        (8, 40, 16, 0.5, 0, 0),  # three blocks, the last one ragged (8 columns)
+        (5, 12, 5, 0.6, 0, 0),  # ragged last block of 2 columns
+        (4, 24, 128, 0.7, 0, 0),  # block wider than the matrix
+        (8, 32, 16, 0.0, 2, 4),  # four groups per block: each chosen when it is reached
         (8, 16, 6, 0.0, 2, 4),  # blocksize rounded down to 4
-        (6, 12, 5, 0.0, 1, 3),
+        (6, 24, 128, 0.0, 1, 4),
+        (6, 24, 12, 0.0, 3, 8),  # blocksize rounded down to 8
     ],
 )
-def test_matches_naive_obs(out: int, in_features: int, blocksize: int, sparsity: float, n: int, m: int) -> None:
+def test_matches_naive_sparsegpt(out: int, in_features: int, blocksize: int, sparsity: float, n: int, m: int) -> None:
+    """Mask and weights against the naive reference, which chooses its own mask."""
     weight, hessian, _ = _problem(out, in_features, seed=out * 31 + in_features)
     new_w, keep = sparsegpt_prune(weight, hessian, sparsity=sparsity, n=n, m=m, blocksize=blocksize)
-    ref = _naive_obs(weight, hessian, keep, percdamp=0.01)
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(new_w.double(), ref, rtol=1e-4, atol=1e-4 * scale)
+    ref_w, ref_keep = _naive_sparsegpt(weight, hessian, sparsity, n, m, blocksize)
+    assert 0 < int((~ref_keep).sum()) < ref_keep.numel()
+    assert torch.equal(keep, ref_keep), (~keep ^ ~ref_keep).nonzero().tolist()
+    scale = ref_w.abs().max().item()
+    torch.testing.assert_close(new_w.double(), ref_w, rtol=1e-4, atol=1e-4 * scale)
+    assert not torch.allclose(ref_w[ref_keep], weight.double()[ref_keep])  # the kept weights were updated
 
 
-def test_matches_naive_obs_with_dead_channel() -> None:
+def test_selection_is_not_magnitude_nor_a_one_pass_cut() -> None:
+    """The reference's mask is none of the plausible wrong rules, so the comparison above tells them apart:
+    magnitude per block, the saliency of the original (not yet updated) weights per block, one cut of the
+    whole matrix by that saliency."""
+    weight, hessian, _ = _problem(8, 40, seed=8 * 31 + 40)
+    _, ref_keep = _naive_sparsegpt(weight, hessian, 0.5, blocksize=16)
+    damped = hessian.double() + 0.01 * hessian.diagonal().double().mean() * torch.eye(40, dtype=torch.float64)
+    d = torch.tensor([torch.linalg.inv(damped[j:, j:])[0, 0].item() for j in range(40)], dtype=torch.float64)
+    saliency = weight.double() ** 2 / d
+
+    def cut(score: torch.Tensor, width: int) -> torch.Tensor:
+        keep = torch.ones(score.shape, dtype=torch.bool)
+        for start in range(0, score.shape[1], width):
+            block = score[:, start:start + width]
+            drop = block.reshape(-1).argsort()[: int(block.numel() * 0.5)]
+            sub = torch.ones(block.numel(), dtype=torch.bool)
+            sub[drop] = False
+            keep[:, start:start + width] = sub.view(block.shape)
+        return keep
+
+    wrong = {"magnitude per block": cut(weight.double().abs(), 16),
+             "original weights' saliency per block": cut(saliency, 16),
+             "one cut of the whole matrix": cut(saliency, 40)}
+    for rule, keep in wrong.items():
+        assert not torch.equal(keep, ref_keep), rule
+
+
+def test_matches_naive_sparsegpt_with_dead_channel() -> None:
     weight, _, x = _problem(6, 12, seed=7)
     x[:, 4] = 0.0
     hessian, _ = accumulate_hessian(None, x, 0)
     new_w, keep = sparsegpt_prune(weight, hessian, sparsity=0.5, blocksize=5)
-    ref = _naive_obs(weight, hessian, keep, percdamp=0.01)
-    torch.testing.assert_close(new_w.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    ref_w, ref_keep = _naive_sparsegpt(weight, hessian, 0.5, blocksize=5)
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(new_w.double(), ref_w, rtol=1e-4, atol=1e-4 * ref_w.abs().max().item())
+    assert torch.all(new_w[:, 4] == 0)
 
 
 def test_zero_sparsity_is_identity() -> None:
