@@ -106,21 +106,94 @@ class InputCollector:
         )
 
 
+#: Block keywords not kept: the KV cache (``use_cache=False``: None, or an object no stored call needs).
+_DROP = frozenset({"past_key_values", "past_key_value", "cache"})
+
+
+class _Pool:
+    """Stores each distinct tensor once (on ``device``): a tensor object seen before (the model hands every block
+    the same rotary tables and masks) or one equal to a stored one (another sample's identical mask) is shared,
+    so the kwargs of 80 blocks x 128 samples hold a few tensors per distinct sample shape, not 80 x 128 copies."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = device
+        self._by_id: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (source held alive, stored)
+        self._by_shape: dict[tuple, list[torch.Tensor]] = {}
+
+    def __call__(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            hit = self._by_id.get(id(obj))
+            if hit is not None and hit[0] is obj:
+                return hit[1]
+            moved = obj.detach().to(self.device)
+            same = self._by_shape.setdefault((tuple(moved.shape), moved.dtype, moved.device), [])
+            stored = next((t for t in same if torch.equal(t, moved)), None)
+            if stored is None:
+                same.append(moved)
+                stored = moved
+            self._by_id[id(obj)] = (obj, stored)
+            return stored
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(self(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self(v) for k, v in obj.items()}
+        return obj
+
+    def end_sample(self) -> None:
+        """Forget object identities (ids are reused once the forward's tensors are freed); keep the stored ones."""
+        self._by_id.clear()
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder block ``index`` during the capture forward: keeps the keywords the model passes it,
+    returns its input unchanged (the blocks' outputs are not needed here), and stops the forward after the last
+    block. Attribute reads it lacks go to the real block (a model may read ``layer.attention_type``)."""
+
+    def __init__(self, block: nn.Module, index: int, record: Callable[[int, tuple, dict], None], last: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: nothing of the block is registered twice
+        self.index, self.record, self.last = index, record, last
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.record(self.index, args, kwargs)
+        if self.last:
+            raise _StopForward
+        return args[0] if args else kwargs.get("hidden_states")
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor, offload: str) -> tuple[list, list]:
-    """Run the real model forward until the first decoder block; keep its args per sample."""
+def capture_block_inputs(model: nn.Module, windows, offload: str) -> tuple[list, list[list[dict]]]:
+    """The inputs of block 0 per sample, and the keyword arguments the real model forward passes to EVERY block.
+
+    ``windows``: int64 ``[n, seqlen]`` or a :class:`.sampling.TokenSamples` (samples of any length). Returns
+    (hidden ``[1, T, h]`` per sample on ``offload``, ``kwargs[block][sample]``). Each block's keywords are the
+    model's own (per-layer attention masks of sliding-window layers, Gemma 2/3, Mistral, Qwen2; rotary tables;
+    position ids), so block i is never run with block 0's mask (wanda issue #87 for why they are captured, not
+    rebuilt). The blocks are swapped for recorders during the capture, so no block computes (nor, with
+    sequential onloading, comes to the GPU) and the forward stops after the last one; identical tensors are
+    stored once (:class:`_Pool`)."""
     _, blocks = find_blocks(model)
     inputs: list[torch.Tensor] = []
-    kwargs_list: list[dict] = []
+    kwargs: list[list[dict]] = [[] for _ in blocks]
+    pool = _Pool(offload)
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(hidden.to(offload))
-        kwargs_list.append(_to({k: v for k, v in kwargs.items() if k != "past_key_values"}, offload))
-        raise _StopForward
+    def record(i: int, args: tuple, kw: dict) -> None:
+        kw = dict(kw)
+        hidden = args[0] if args else kw.pop("hidden_states")
+        kw.pop("hidden_states", None)
+        if i == 0:
+            inputs.append(hidden.to(offload))
+        kwargs[i].append(pool({k: v for k, v in kw.items() if k not in _DROP}))
 
-    # prepend: stop before an onload hook (:mod:`.onload`) brings block 0 to the GPU for nothing.
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = _Recorder(block, i, record, last=i == len(originals) - 1)
     device = input_device(model)
     try:
         for row in track(windows, "capture block inputs"):
@@ -128,9 +201,15 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, offload: str) 
                 model(row.unsqueeze(0).to(device), use_cache=False)
             except _StopForward:
                 pass
+            finally:
+                pool.end_sample()
+            if any(len(k) != len(inputs) for k in kwargs):
+                raise RuntimeError(f"{type(model).__name__}: the forward did not call every decoder block once per "
+                                   f"sample, so their inputs cannot be captured")
     finally:
-        handle.remove()
-    return inputs, kwargs_list
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return inputs, kwargs
 
 
 def _block_device(block: nn.Module) -> torch.device:
@@ -147,7 +226,7 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, offload: st
 @torch.no_grad()
 def calibrate_blockwise(
     model: nn.Module,
-    windows: torch.Tensor,
+    windows,
     *,
     sequential: bool = False,
     want_hessian: bool = False,
@@ -156,7 +235,9 @@ def calibrate_blockwise(
     offload: str = "cpu",
     share_inputs: bool = True,
 ) -> dict[str, ActivationStats]:
-    """Statistics of every prunable layer's inputs over ``windows`` [nsamples, seqlen].
+    """Statistics of every prunable layer's inputs over ``windows``: int64 ``[nsamples, seqlen]`` or a
+    :class:`.sampling.TokenSamples` (samples of different lengths: truncated documents). Each block runs on
+    the keyword arguments the real forward gives that block (:func:`capture_block_inputs`).
 
     ``on_block(i, layers, stats)`` runs after block i's statistics are complete; in sequential mode
     the block's outputs are recomputed afterwards, so a callback that prunes feeds the pruned
@@ -170,7 +251,7 @@ def calibrate_blockwise(
         # Sequential onloading: a host-resident block comes to the GPU for its passes and its callback,
         # and goes back with what the callback changed (a no-op for a model already on its device).
         with onloaded(block, device, write_back=on_block is not None):
-            stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs, sequential, want_hessian,
+            stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs[i], sequential, want_hessian,
                                               want_per_sample, on_block, offload, share_inputs)
         all_stats.update(stats)
         hidden = outputs

@@ -1,47 +1,50 @@
-"""A run's calibration set: its windows from the configured corpus, and the dense model's statistics on them, cached.
+"""A run's calibration set: its samples from the configured corpus, and the dense model's statistics on them, cached.
 
-Windows: ``calibration.nsamples`` random windows of ``calibration.seqlen`` tokens (seed ``seed``) from
-``calibration.source`` (:func:`data.calibration_windows`). Dense statistics: one one-shot pass of
+Samples: ``calibration.nsamples`` token sequences of at most ``calibration.seqlen`` tokens (seed ``seed``) from
+``calibration.source``, drawn as ``calibration.sampling`` says (:func:`data.calibration_samples`: windows inside one
+document, truncated documents, or windows of the joined stream). Dense statistics: one one-shot pass of
 :func:`calibration.calibrate_blockwise` with per-sample statistics kept (UniPruning's frozen search
 needs them), cached under ``<cache>/calibration/<key>.safetensors``; the key covers the model's files,
-the corpus's identity, the dtype, the calibration config, the seed and the library versions, and
-nothing else (not the metric, sparsity or pattern), so every run on the same model and data shares it.
+the corpus's identity, the dtype, the calibration config (sampling included), the seed and the library
+versions, and nothing else (not the metric, sparsity or pattern), so every run on the same model and data shares it.
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
 from omegaconf import DictConfig
 
 from .calibration import calibrate_blockwise, stats_from_tensors, stats_to_tensors
 from .config import plain
-from .data import calibration_windows, corpus_identity, token_stream
+from .data import calibration_samples, corpus_identity
 from .models import model_identity
 from .paths import cache_dir
 from .provenance import versions
 from .rundir import atomic_save_tensors, fingerprint, load_tensors
+from .sampling import TokenSamples
 from .stats import ActivationStats
 
 log = logging.getLogger(__name__)
 
 
-def calibration_set(cfg: DictConfig, tok) -> tuple[torch.Tensor, dict]:
-    """The calibration windows of this config (``int64 [nsamples, seqlen]``) and what to record about them
-    (source, counts, mode, seed, tokens used and the corpus's token count).
+def calibration_set(cfg: DictConfig, tok) -> tuple[TokenSamples, dict]:
+    """The calibration samples of this config (1-D int64 token tensors, :class:`sampling.TokenSamples`) and what
+    to record about them: source, nsamples, seqlen, mode, seed, ``sampling`` (the one used; ``requested`` when
+    ``windows`` fell back to the joined stream), ``documents`` drawn from, ``tokens`` (the real count) and, for
+    the stream, the corpus's token count.
 
-    Raises :class:`UserError` (from :mod:`.data`) for a corpus shorter than one window."""
+    Raises :class:`UserError` (from :mod:`.data`) for a corpus shorter than one window, or with fewer
+    documents than ``calibration.nsamples`` (``sampling=documents``)."""
     c = cfg.calibration
-    stream = token_stream(tok, c.source, "calibration")
-    windows = calibration_windows(stream, c.nsamples, c.seqlen, cfg.seed)
-    log.info("calibration: %d windows x %d tokens = %d tokens from %s (%s)", c.nsamples, c.seqlen,
-             windows.numel(), c.source, c.mode)
-    return windows, {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "mode": c.mode,
-                     "seed": cfg.seed, "tokens": int(windows.numel()), "corpus_tokens": int(stream.numel())}
+    samples = calibration_samples(tok, c.source, c.sampling, c.nsamples, c.seqlen, cfg.seed)
+    log.info("calibration: %d samples, %d tokens (at most %d each) from %s, sampling %s (%s)", len(samples),
+             samples.numel(), c.seqlen, c.source, samples.info["sampling"], c.mode)
+    return samples, {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "mode": c.mode,
+                     "seed": cfg.seed, **samples.info, "tokens": int(samples.numel())}
 
 
-def dense_statistics(cfg: DictConfig, model, windows: torch.Tensor) -> tuple[dict[str, ActivationStats], bool]:
+def dense_statistics(cfg: DictConfig, model, windows: TokenSamples) -> tuple[dict[str, ActivationStats], bool]:
     """One-shot statistics of the dense model per prunable matrix, shared by every run on the same model and data.
 
     Returns (statistics, whether they came from the cache). Per-sample statistics are included.

@@ -3,8 +3,13 @@
 A corpus is a function that returns documents for a role ("calibration" or "eval"). Hub corpora
 (``wikitext2``, ``c4``) go through ``datasets.load_dataset`` as the papers do; offline corpora
 (``wiki_offline``, ``owt_offline``) read real text that ``unipruning prepare`` put in the cache; any
-path to a ``.txt`` or ``.jsonl`` file (one ``{"text": ...}`` per line) is a corpus too. After that,
-every source follows one code path: documents joined with "\\n\\n" and tokenised once.
+path to a ``.txt`` (one document) or ``.jsonl`` file (one ``{"text": ...}`` document per line) is a corpus too.
+
+Two ways to tokenise, both memoised per tokenizer: each document on its own, on first use
+(:func:`document_tokens`: calibration windows inside one document, truncated documents, C4's random
+evaluation windows; see :mod:`.sampling`), or the documents joined with "\\n\\n" and tokenised once
+(:func:`token_stream`: WikiText-2's evaluation protocol, which crosses article boundaries by definition,
+and the ``stream`` calibration sampling).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from .errors import UserError
 from .registry import Registry, UnknownNameError
+from .sampling import TokenSamples, count_long_documents, document_windows, truncated_documents
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +40,14 @@ class Corpus:
     load: Loader  # role -> documents
     hub: bool
     cache_file: str | None = None
+    # Its perplexity protocol: "stream" (joined, non-overlapping windows: WikiText-2's) or "random" (seeded
+    # random windows inside one document each: C4's, GPTQ / SparseGPT datautils.py, 256 windows, seed 0).
+    eval_windows: str = "stream"
 
 
-def _register(name: str, hub: bool, cache_file: str | None = None) -> Callable[[Loader], Loader]:
+def _register(name: str, hub: bool, cache_file: str | None = None, eval_windows: str = "stream") -> Callable[[Loader], Loader]:
     def deco(fn: Loader) -> Loader:
-        CORPORA.register(name)(Corpus(name, fn, hub, cache_file))
+        CORPORA.register(name)(Corpus(name, fn, hub, cache_file, eval_windows))
         return fn
 
     return deco
@@ -52,7 +61,7 @@ def _wikitext2(role: str) -> list[str]:
     return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
 
 
-@_register("c4", hub=True)
+@_register("c4", hub=True, eval_windows="random")
 def _c4(role: str) -> list[str]:
     from datasets import load_dataset
 
@@ -153,8 +162,102 @@ def token_stream(tokenizer, source: str, role: str) -> torch.Tensor:
     return ids.clone()
 
 
+class DocumentTokens:
+    """A corpus's documents, each tokenised alone on first use (``add_special_tokens=True``, as Wanda's and
+    SparseGPT's loaders call the tokenizer: BOS per document where the tokenizer adds one). ``docs(i)`` is
+    document i's 1-D int64 ids (shared: do not modify them)."""
+
+    def __init__(self, tokenizer, texts: list[str]) -> None:
+        self.tokenizer, self.texts = tokenizer, texts
+        self._ids: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __call__(self, i: int) -> torch.Tensor:
+        ids = self._ids.get(i)
+        if ids is None:
+            ids = self._ids[i] = self.tokenizer(self.texts[i], return_tensors="pt", add_special_tokens=True).input_ids[0]
+        return ids
+
+
+_DOCS: dict[tuple, tuple[weakref.ref, DocumentTokens]] = {}
+
+
+def document_tokens(tokenizer, source: str, role: str) -> DocumentTokens:
+    """The corpus's documents for ``role``, tokenised one by one as they are read; memoised like :func:`token_stream`."""
+    key = (id(tokenizer), source, role, json.dumps(corpus_identity(source), sort_keys=True))
+    hit = _DOCS.get(key)
+    if hit is not None and hit[0]() is tokenizer:
+        return hit[1]
+    docs = DocumentTokens(tokenizer, load_documents(source, role))
+    if len(_DOCS) >= _MAX_STREAMS:
+        _DOCS.pop(next(iter(_DOCS)))
+    _DOCS[key] = (weakref.ref(tokenizer), docs)
+    return docs
+
+
+def _long_enough(docs: DocumentTokens, source: str, need: int, seqlen: int, what: str) -> bool:
+    """Whether at least ``need`` documents are longer than ``seqlen`` (calibration asks one per window, else its
+    windows would repeat a few documents); if not, say so loudly: the caller uses the joined stream."""
+    long = count_long_documents(docs, len(docs), seqlen, need)
+    if long < need:
+        log.warning("%s: only %d document(s) of %s have more than %d tokens (%d needed); the windows are drawn "
+                    "from the documents joined with blank lines instead (they cross document boundaries)",
+                    what, long, source, seqlen, need)
+    return long >= need
+
+
+def calibration_samples(tokenizer, source: str, sampling: str, nsamples: int, seqlen: int, seed: int) -> TokenSamples:
+    """The calibration set of ``calibration.sampling`` (:mod:`.sampling`): ``windows`` (inside one document
+    each, Wanda / SparseGPT; the joined stream, with a warning, where fewer than ``nsamples`` documents are
+    longer than ``seqlen``), ``documents`` (truncated at ``seqlen``, the UniPruning reference) or ``stream``.
+    ``info`` holds ``sampling`` (the one used), ``requested`` when it differs, and ``documents`` drawn from.
+
+    Raises :class:`UserError` for a corpus shorter than one window, or with fewer than ``nsamples`` documents
+    (``documents``)."""
+    docs = document_tokens(tokenizer, source, "calibration") if sampling != "stream" else None
+    if sampling == "documents":
+        rows = truncated_documents(docs, len(docs), nsamples, seqlen, seed)
+        return TokenSamples([r.clone() for r in rows], {"sampling": "documents", "documents": len(rows)})
+    if sampling == "windows" and _long_enough(docs, source, nsamples, seqlen, "calibration.sampling=windows"):
+        rows, used = document_windows(docs, len(docs), nsamples, seqlen, seed)
+        return TokenSamples([r.clone() for r in rows], {"sampling": "windows", "documents": used})
+    info = {"sampling": "stream"} if sampling == "stream" else {"sampling": "stream", "requested": sampling}
+    stream = token_stream(tokenizer, source, "calibration")
+    return TokenSamples.from_tensor(calibration_windows(stream, nsamples, seqlen, seed),
+                                    {**info, "corpus_tokens": int(stream.numel())})
+
+
+#: C4's customary perplexity protocol: 256 random windows (GPTQ / SparseGPT ``datautils.py``), seed 0.
+RANDOM_EVAL_SEED = 0
+
+
+def eval_protocol(source: str, random_windows: int | None) -> dict:
+    """How :func:`eval_samples` cuts ``source``: ``{"windows_from": "stream"}`` or ``{"windows_from": "random",
+    "random_windows": n, "seed": 0}`` (part of the dense perplexity cache key)."""
+    random_ = not _is_path(source) and CORPORA.get(source).eval_windows == "random" and random_windows is not None
+    return {"windows_from": "random", "random_windows": random_windows, "seed": RANDOM_EVAL_SEED} if random_ \
+        else {"windows_from": "stream"}
+
+
+def eval_samples(tokenizer, source: str, seqlen: int, max_windows: int | None, random_windows: int | None) -> torch.Tensor:
+    """Evaluation windows ``int64 [n, seqlen]`` by the corpus's protocol: the first non-overlapping windows of the
+    joined corpus (WikiText-2, offline corpora, files), or for C4 ``random_windows`` random windows inside one
+    document each (seed 0; ``None``: every window of the joined shard); ``max_windows`` caps both (the first of
+    the random draws). Raises :class:`UserError` for a corpus shorter than one window."""
+    if eval_protocol(source, random_windows)["windows_from"] == "random":
+        n = random_windows if max_windows is None else min(random_windows, max_windows)
+        docs = document_tokens(tokenizer, source, "eval")
+        if _long_enough(docs, source, 1, seqlen, f"evaluation windows of {source}"):  # drawn with replacement
+            rows, _ = document_windows(docs, len(docs), n, seqlen, RANDOM_EVAL_SEED)
+            return torch.stack(rows)
+    return eval_windows(token_stream(tokenizer, source, "eval"), seqlen, max_windows)
+
+
 def calibration_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens, as Wanda/SparseGPT draw them, seeded."""
+    """``nsamples`` windows of ``seqlen`` tokens of the joined corpus at seeded random starts (``int64 [n, seqlen]``;
+    they may cross document boundaries): ``calibration.sampling=stream``, and ``windows``' fallback."""
     if stream.numel() <= seqlen:
         raise UserError(f"calibration corpus has {stream.numel()} tokens, fewer than one window of {seqlen}")
     gen = torch.Generator().manual_seed(seed)

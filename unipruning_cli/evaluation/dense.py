@@ -2,7 +2,7 @@
 
 Cache: ``<cache>/dense/<key>.json``, the key a fingerprint of the model's identity (the files behind
 it), its dtype, ``model.add_bos``, the library versions and the protocol (corpus identity, seqlen,
-window count; or tasks, limit, context length). A dense result never changes, so sweeps, benchmarks
+window count, C4's random windows; or tasks, limit, context length). A dense result never changes, so sweeps, benchmarks
 and later runs read it instead of measuring it again.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ..data import corpus_identity
+from ..data import corpus_identity, eval_protocol
 from ..models import model_identity
 from ..paths import cache_dir
 from ..progress import Timer
@@ -33,6 +33,13 @@ def _dense_cache_key(cfg: DictConfig, model, what: dict) -> Path:
     return cache_dir() / "dense" / f"{key}.json"
 
 
+def _windows_from(cfg: DictConfig, corpus: str) -> dict:
+    """The window protocol in the cache key: nothing for the joined-stream protocol (keys made before C4's random
+    windows stay valid), else C4's random-window count and seed."""
+    proto = eval_protocol(corpus, cfg.eval.get("random_windows", 256))
+    return {} if proto["windows_from"] == "stream" else {"protocol": proto}
+
+
 def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tensor], timer: Timer) -> dict:
     """Dense PPL per corpus (each with ``cached``: whether it came from the cache) and dense zero-shot.
 
@@ -42,7 +49,8 @@ def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tenso
     ppl = {}
     for corpus, w in windows.items():
         cached = _dense_cache_key(cfg, model, {"corpus": corpus_identity(corpus), "seqlen": cfg.eval.seqlen,
-                                               "max_windows": cfg.eval.max_windows})
+                                               "max_windows": cfg.eval.max_windows,
+                                               **_windows_from(cfg, corpus)})
         if cached.exists():
             ppl[corpus] = {**json.loads(cached.read_text()), "cached": True}
             log.info("dense perplexity on %s from cache: %.3f", corpus, ppl[corpus]["ppl"])

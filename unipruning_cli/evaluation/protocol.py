@@ -1,8 +1,10 @@
 """A run's evaluation protocol: windows per corpus, then perplexity, zero-shot and measured sparsity of a model.
 
-The perplexity protocol is the papers' (README, "Methods and what they compute"): each corpus joined
-and tokenised once, cut into non-overlapping ``eval.seqlen`` windows (at most ``eval.max_windows``),
-BOS prepended when ``model.add_bos``; PPL = exp(mean per-window NLL). Zero-shot goes through
+The perplexity protocol is the papers' (README, "Methods and what they compute"): WikiText-2 (and the
+offline corpora, files) joined and tokenised once, cut into non-overlapping ``eval.seqlen`` windows; C4
+``eval.random_windows`` (256) random windows inside one document each, seed 0 (GPTQ / SparseGPT
+``datautils.py``); at most ``eval.max_windows`` either way, BOS put first when ``model.add_bos``;
+PPL = exp(mean per-window NLL). Zero-shot goes through
 lm-eval on the model object in memory (:mod:`.zeroshot`).
 """
 
@@ -14,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..data import eval_windows, token_stream
+from ..data import eval_samples
 from ..masks import count_zeros
 from ..methods import apply_masks
 from ..models import prunable_layers
@@ -23,7 +25,7 @@ from .perplexity import perplexity, with_bos
 
 
 def eval_windows_of(cfg: DictConfig, tok) -> dict[str, torch.Tensor]:
-    """Evaluation windows per corpus (``int64 [windows, seqlen]``), tokenised once per run.
+    """Evaluation windows per corpus (``int64 [windows, seqlen]``, :func:`..data.eval_samples`), tokenised once per run.
 
     Raises :class:`UserError` (from :mod:`..data`) for a corpus too short for one window: early, before any search.
     """
@@ -31,7 +33,8 @@ def eval_windows_of(cfg: DictConfig, tok) -> dict[str, torch.Tensor]:
 
 
 def _eval_windows(cfg: DictConfig, tok, corpus: str) -> torch.Tensor:
-    windows = eval_windows(token_stream(tok, corpus, "eval"), cfg.eval.seqlen, cfg.eval.max_windows)
+    e = cfg.eval
+    windows = eval_samples(tok, corpus, e.seqlen, e.max_windows, e.get("random_windows", 256))
     if cfg.model.add_bos and tok.bos_token_id is not None:
         windows = with_bos(windows, tok.bos_token_id)
     return windows

@@ -61,7 +61,7 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
         metric = build_metric(cfg.local_metric.name, **knobs)
         prox = build_regularizer(cfg.regularizer.name, cfg.regularizer.lam, cfg.regularizer.threshold_mode)
         settings = SearchSettings(**plain(sch), seed=cfg.seed)
-        windows, _ = calibration_set(cfg, tok)
+        windows, calib = calibration_set(cfg, tok)
         ckpt = rd / "checkpoints" / "search.safetensors"
         lanes = [LamSibling(build_regularizer(cfg.regularizer.name, s.lam, cfg.regularizer.threshold_mode),
                             RunDir(s.dir) / "search.jsonl") for s in siblings]
@@ -77,6 +77,7 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
                 gamma, bpp = search_drift(model, layers, windows, metric, prox, settings, ckpt, fp,
                                           rd / "search.jsonl", siblings=lanes)
         info = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": cfg.seed,
+                **{k: calib[k] for k in ("sampling", "requested", "documents") if k in calib},
                 "tokens": int(windows.numel()), "steps": sch.steps, "weight_mode": sch.weight_mode,
                 "state_bytes_per_param": bpp, "search_seconds": timer.seconds["search"]}
         if lanes:
