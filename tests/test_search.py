@@ -171,12 +171,27 @@ def test_drift_restores_weights_bit_exactly_and_weights_did_move(tiny_llama_and_
     assert bpp > 8
 
 
-def test_drift_differs_from_frozen(tiny_llama_and_windows, tmp_path):
-    """The drift is the only channel of global feedback: with lr > 0 Γ must differ from lr = 0."""
+def test_drift_at_lr_zero_is_the_frozen_search_and_drift_is_not(tiny_llama_and_windows, tmp_path):
+    """The drift is the only channel of global feedback. With lr = 0, W never moves, so the drift search's step
+    metrics (its own hooks, one window per step) are the frozen search's (per-sample calibration statistics of
+    the same windows): same Γ. With lr > 0 Γ differs from the frozen search's."""
     model, windows = tiny_llama_and_windows
-    g_drift, _ = _drift(model, windows, tmp_path, "a")
-    g_still, _ = _drift(model, windows, tmp_path, "b", lr=0.0)
-    assert any(not torch.allclose(g_drift[n], g_still[n]) for n in g_drift)
+    layers = prunable_layers(model)
+    stats = calibrate_blockwise(model, windows, want_per_sample=True)
+    settings = SearchSettings(steps=6, dual_step=0.1, weight_mode="frozen")
+    frozen, _ = search_frozen({n: m.weight.detach() for n, m in layers.items()}, stats, build_metric("wanda"),
+                              L1Prox(0.0), settings, tmp_path / "f.safetensors", "fp", tmp_path / "f.jsonl")
+
+    def drift(lr, tag):
+        return search_drift(model, layers, windows, build_metric("wanda"), L1Prox(0.0),
+                            SearchSettings(steps=6, dual_step=0.1, lr=lr, checkpoint_every=100),
+                            tmp_path / f"{tag}.safetensors", "fp", tmp_path / f"{tag}.jsonl")[0]
+
+    still, moving = drift(0.0, "still"), drift(1e-2, "moving")
+    for n in frozen:
+        torch.testing.assert_close(still[n], frozen[n], rtol=1e-5, atol=1e-7)
+    assert all(frozen[n].abs().sum() > 0 for n in frozen)
+    assert any(not torch.allclose(moving[n], frozen[n], rtol=1e-3) for n in frozen)
 
 
 def test_drift_resume_is_bit_exact(tiny_llama_and_windows, tmp_path, monkeypatch):
@@ -201,10 +216,15 @@ def test_drift_resume_is_bit_exact(tiny_llama_and_windows, tmp_path, monkeypatch
     assert [int(r.split('"step": ')[1].split(",")[0]) for r in rows] == list(range(1, 7))
 
 
-def test_drift_with_rho_and_no_grad_accumulation_runs(tiny_llama_and_windows, tmp_path):
+def test_rho_and_gradient_accumulation_each_change_gamma(tiny_llama_and_windows, tmp_path):
+    """Each knob is live (their exact effect is checked against the hand-written loop in test_drift_reference.py)."""
     model, windows = tiny_llama_and_windows
-    g1, _ = _drift(model, windows, tmp_path, "a", rho=1e-3, accumulate_grads_across_steps=False, grad_accumulation=2)
-    assert all(torch.isfinite(g).all() for g in g1.values())
+    base, _ = _drift(model, windows, tmp_path, "base")
+    for i, knobs in enumerate(({"rho": 1.0}, {"accumulate_grads_across_steps": False}, {"grad_accumulation": 2},
+                               {"decay": "cosine"}, {"grad_clip": None}, {"grad_clip_scope": "prunable"})):
+        other, _ = _drift(model, windows, tmp_path, f"other{i}", **knobs)
+        assert all(torch.isfinite(g).all() for g in other.values())
+        assert any(not torch.equal(base[n], other[n]) for n in base), knobs
 
 
 # --------------------------------------------------------------------------------------------- masks from Γ
