@@ -103,8 +103,10 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
             ("sparsity", f"{target.sparsity:g}"),
             ("pattern", f"{target.n}:{target.m}" if target.is_nm else "unstructured"),
             ("allocation", "N:M groups along the input dimension" if target.is_nm else target.allocation),
-            ("calibration", f"{calib.get('source', '?')}: {calib.get('nsamples', '?')} windows x "
+            ("calibration", f"{calib.get('source', '?')}: {calib.get('nsamples', '?')} "
+                            f"{'documents truncated at' if calib.get('sampling') == 'documents' else 'windows x'} "
                             f"{calib.get('seqlen', '?')} tokens = {calib.get('tokens', '?')} tokens"
+                            + (f", sampling {calib['sampling']}" if calib.get("sampling") else "")
                             + (f", {calib['mode']}" if calib.get("mode") else "")),
             ("masks", f"{target.tag} from {'the run' if source == 'file' else 'Γ (gamma.safetensors), cut at export'}"),
             ("weights dtype", dtype_name(dtype)),
