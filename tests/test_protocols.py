@@ -305,3 +305,16 @@ def test_a_drift_search_and_sequential_sparsegpt_run_on_truncated_documents(tmp_
         assert calib["sampling"] == "documents" and calib["documents"] == 6 and 6 * 2 <= calib["tokens"] < 6 * 64
         pruned = next(iter(metrics["results"].values()))
         assert all(0 < p < 1e6 for p in pruned["ppl"].values())
+
+
+def test_documents_sampling_on_a_too_small_file_corpus_is_refused_before_the_model_loads(tiny_llama_dir, corpus_files):
+    """A .txt corpus is one document: preflight refuses nsamples=8 truncated documents from it."""
+    from conftest import tiny_overrides
+
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.errors import UserError
+    from unipruning_cli.preflight import validate
+
+    cfg = compose_prune([*tiny_overrides(tiny_llama_dir, corpus_files), "calibration.sampling=documents"])
+    with pytest.raises(UserError, match="needs 8 documents; .* has 1"):
+        validate(cfg)

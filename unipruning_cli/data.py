@@ -117,6 +117,18 @@ def check_corpus_available(source: str) -> None:
         offline_file(corpus.cache_file)
 
 
+def check_calibration_documents(source: str, sampling: str, nsamples: int) -> None:
+    """``calibration.sampling=documents`` on a file or offline corpus (read in a moment, unlike a hub one): fail
+    before any weight is read when it has fewer than ``nsamples`` non-empty documents (a ``.txt`` is one)."""
+    if sampling != "documents" or (not _is_path(source) and CORPORA.get(source).hub):
+        return
+    have = sum(bool(t.strip()) for t in load_documents(source, "calibration"))
+    if have < nsamples:
+        raise UserError(f"calibration.sampling=documents needs {nsamples} documents; {source} has {have} (a .txt "
+                        f"file is one document, a .jsonl one per line): lower calibration.nsamples or use "
+                        f"calibration.sampling=windows")
+
+
 def corpus_identity(source: str) -> dict:
     """What a cached result computed from this corpus depends on: a file's size and mtime too."""
     if _is_path(source):

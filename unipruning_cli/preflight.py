@@ -11,7 +11,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from .config import check, validate_eval_values, validate_values
-from .data import check_corpus_available
+from .data import check_calibration_documents, check_corpus_available
 from .errors import UserError
 from .evaluation.zeroshot import check_tasks
 from .methods import METHODS
@@ -43,6 +43,7 @@ def validate(cfg: DictConfig) -> None:
             check_corpus_available(corpus)
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
+    check_calibration_documents(cfg.calibration.source, cfg.calibration.sampling, cfg.calibration.nsamples)
 
 
 def validate_eval(e: DictConfig) -> None:
