@@ -318,3 +318,34 @@ def test_documents_sampling_on_a_too_small_file_corpus_is_refused_before_the_mod
     cfg = compose_prune([*tiny_overrides(tiny_llama_dir, corpus_files), "calibration.sampling=documents"])
     with pytest.raises(UserError, match="needs 8 documents; .* has 1"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+@torch.no_grad()
+def test_gemma_layers_get_their_own_mask_and_rotary_tables(arch, one_torch_thread):  # noqa: F811
+    """Gemma 2/3 alternate sliding and full attention (Gemma 3 also with their own rotary tables, read through
+    ``layer.attention_type``): one-shot statistics equal hooks on full forwards; block 0's kwargs (old main's)
+    do not."""
+    import unipruning_cli.calibration as calibration
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    config_cls, model_cls = {"gemma2": (Gemma2Config, Gemma2ForCausalLM),
+                             "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                                 sliding_window=4,
+                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"])).eval()
+    windows = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = hook_sq_sums(model, windows)
+    stats = calibrate_blockwise(model, windows)
+    for name, sq in ref.items():
+        torch.testing.assert_close(stats[name].sq_sum, sq, rtol=1e-5, atol=1e-6)
+    real = calibration.capture_block_inputs
+    try:
+        calibration.capture_block_inputs = lambda *a, **k: (lambda h, kw: (h, [kw[0]] * len(kw)))(*real(*a, **k))
+        old = calibrate_blockwise(model, windows)
+    finally:
+        calibration.capture_block_inputs = real
+    name = "model.layers.1.mlp.up_proj"
+    assert not torch.allclose(old[name].sq_sum, ref[name], rtol=1e-3)
