@@ -29,11 +29,14 @@ def jobs(quick: bool, sgpt_mode: str = "sequential") -> list[tuple[str, list[str
     sps = SPARSITIES[:1] if quick else SPARSITIES
     pats = PATTERNS[:1] if quick else PATTERNS
     out = []
-    for metric in ("magnitude", "wanda", "ria"):
+    # Wanda and RIA under their published protocol (sequential, calibration.mode=auto) and one-shot
+    for label, extra in (("magnitude", ["local_metric=magnitude"]), ("wanda", ["local_metric=wanda"]),
+                         ("wanda@one_shot", ["local_metric=wanda", "calibration.mode=one_shot"]),
+                         ("ria", ["local_metric=ria"]), ("ria@one_shot", ["local_metric=ria", "calibration.mode=one_shot"])):
         for s in sps:
-            out.append((f"{metric}", ["method=local", f"local_metric={metric}", f"sparsity={s}"]))
+            out.append((label, ["method=local", *extra, f"sparsity={s}"]))
         for p in pats:
-            out.append((f"{metric}", ["method=local", f"local_metric={metric}", f"pattern={p}"]))
+            out.append((label, ["method=local", *extra, f"pattern={p}"]))
     for s in sps:
         out.append(("sparsegpt", ["method=sparsegpt", f"calibration.mode={sgpt_mode}", f"sparsity={s}"]))
     for p in pats:
@@ -62,15 +65,20 @@ def run(label: str, overrides: list[str], common: list[str], runs: Path) -> dict
 
 
 def label_of(m: dict) -> str:
+    """The row a run belongs to, with its block protocol (``calibration.mode`` as the run resolved it) and, for the
+    drift search, which gradients were clipped (runs from before ``grad_clip_scope`` clipped the prunable ones)."""
+    mode = m["calibration"].get("mode")
     if m["method"] == "local":
-        return m["local_metric"]["name"]
+        name = m["local_metric"]["name"]
+        return name if name == "magnitude" else f"{name} ({mode})"
     if m["method"] == "unipruning":
         sch = m["search"]["schedule"]
         sampler = m["local_metric"].get("sampler", "exact")  # runs from before "auto" drew exactly
         if sampler == "auto":
             sampler = "cyclic" if sch["weight_mode"] == "frozen" else "exact"
-        return f"unipruning-{sch['weight_mode']} ({sch['steps']} steps, {sampler} draws)"
-    return m["method"]
+        clip = f", clip over {sch.get('grad_clip_scope', 'prunable')}" if sch["weight_mode"] == "drift" else ""
+        return f"unipruning-{sch['weight_mode']} ({sch['steps']} steps, {sampler} draws{clip})"
+    return f"{m['method']} ({mode})"
 
 
 def collect(runs: Path) -> list[tuple[str, dict]]:

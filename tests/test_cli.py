@@ -298,14 +298,27 @@ def test_default_run_summary(default_run, ref):
     assert "0.5000" in text
 
 
-def test_default_run_masks_are_wanda_per_row(default_run, ref):
+def test_default_run_masks_are_wanda_per_row_under_its_sequential_protocol(default_run, ref):
+    """Wanda's published protocol (calibration.mode=auto): block i is scored on the activations of the model whose
+    blocks < i are already pruned. Checked block by block against full forwards of such a model."""
     name, masks = _load_run_masks(default_run[0])
     assert set(masks) == _expected_names()
-    scores = _wanda_scores(ref["model"], ref["sq"])
-    for n, mask in masks.items():
-        assert mask.shape == linears(ref["model"])[n].weight.shape
-        assert (mask.sum(1) == mask.shape[1] // 2).all(), n  # exactly half of every row kept
-        assert torch.equal(mask, _per_row(scores[n], 0.5)), n
+    assert _metrics(default_run[0])["calibration"]["mode"] == "sequential"
+    model = _fresh_model(ref)
+    lins = linears(model)
+    for i in range(len(model.model.layers)):
+        block = f"model.layers.{i}."
+        scores = _wanda_scores(model, hook_sq_sums(model, ref["calib"], only=block))
+        for n in (n for n in masks if n.startswith(block)):
+            mask = masks[n]
+            assert mask.shape == lins[n].weight.shape
+            assert (mask.sum(1) == mask.shape[1] // 2).all(), n  # exactly half of every row kept
+            assert torch.equal(mask, _per_row(scores[n], 0.5)), n
+        with torch.no_grad():  # block i as the run pruned it, for block i + 1's activations
+            for n in (n for n in masks if n.startswith(block)):
+                lins[n].weight.mul_(masks[n])
+    one_shot = _wanda_scores(ref["model"], ref["sq"])
+    assert any(not torch.equal(masks[n], _per_row(one_shot[n], 0.5)) for n in masks if ".layers.0." not in n)
 
 
 def test_rerun_in_the_same_dir_skips_prune(default_run, ws, base_args):
@@ -354,7 +367,7 @@ def test_changed_config_in_the_same_dir_redoes_prune(default_run, ws, base_args)
 
 
 def test_nm_2_4_every_group_has_two_nonzeros(variant, ref):
-    run_dir, _ = variant("nm24", "pattern=2:4")
+    run_dir, _ = variant("nm24", "pattern=2:4", "calibration.mode=one_shot")  # the N:M rule on dense statistics
     name, masks = _load_run_masks(run_dir)
     assert name == "2of4.safetensors"
     assert set(masks) == _expected_names()
@@ -400,24 +413,20 @@ def test_sparsegpt_hits_the_sparsity(variant, ref):
     assert not math.isclose(ppl, masked_only, rel_tol=1e-6)
 
 
-def test_sequential_calibration_sees_pruned_blocks(variant, default_run, ref):
-    run_dir, _ = variant("sequential", "calibration.mode=sequential")
+def test_one_shot_calibration_scores_every_block_on_the_dense_model(variant, default_run, ref):
+    """calibration.mode=one_shot: Wanda per row from the dense model's statistics; block 0 sees the same inputs as
+    under the default sequential protocol, later blocks do not."""
+    run_dir, _ = variant("one_shot", "calibration.mode=one_shot")
     m = _metrics(run_dir)
-    assert m["calibration"]["mode"] == "sequential"
+    assert m["calibration"]["mode"] == "one_shot"
     assert abs(m["sparsity"]["overall"] - 0.5) < 1e-6
-    _, seq = _load_run_masks(run_dir)
-    _, one_shot = _load_run_masks(default_run[0])
-    # block 0 sees the same inputs in both modes; later blocks do not
+    _, one_shot = _load_run_masks(run_dir)
+    _, seq = _load_run_masks(default_run[0])
+    scores = _wanda_scores(ref["model"], ref["sq"])
+    assert all(torch.equal(one_shot[n], _per_row(scores[n], 0.5)) for n in one_shot)
     block0 = [n for n in seq if n.startswith("model.layers.0.")]
     assert all(torch.equal(seq[n], one_shot[n]) for n in block0)
     assert any(not torch.equal(seq[n], one_shot[n]) for n in seq if n not in block0)
-    # reference: block i's Wanda masks from a full forward of the model with blocks < i pruned
-    for i in range(N_BLOCKS):
-        model = _apply(_fresh_model(ref), {n: mk for n, mk in seq.items() if int(n.split(".")[2]) < i})
-        prefix = f"model.layers.{i}."
-        scores = _wanda_scores(model, hook_sq_sums(model, ref["calib"], only=prefix))
-        for n, s in scores.items():
-            assert torch.equal(seq[n], _per_row(s, 0.5)), n
 
 
 def test_global_allocation(variant, ref):

@@ -24,7 +24,7 @@ MODEL_SOURCES = ("hub", "local", "embedded")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENTS = ("auto", "device", "onload")
 ALLOCATIONS = ("per_row", "per_matrix", "global")
-CALIBRATION_MODES = ("one_shot", "sequential")
+CALIBRATION_MODES = ("auto", "one_shot", "sequential")
 CALIBRATION_SAMPLINGS = ("windows", "documents", "stream")
 WEIGHT_MODES = ("drift", "frozen")
 THRESHOLD_MODES = ("quantile", "absolute")
@@ -65,7 +65,9 @@ class CalibrationConfig:
     source: str = "owt_offline"
     nsamples: int = 128
     seqlen: int = 512
-    mode: str = "one_shot"  # one_shot: all stats from the dense model; sequential: block i sees pruned blocks < i
+    # one_shot: all stats from the dense model; sequential: block i sees pruned blocks < i; auto: the method's
+    # published protocol (methods.calibration_mode: sequential for Wanda, RIA, SparseGPT)
+    mode: str = "auto"
     offload: str = "cpu"  # where captured block inputs live between blocks
     # windows: nsamples windows of seqlen tokens, each inside one document (Wanda / SparseGPT's loaders; the
     # joined stream, with a warning, where fewer than nsamples documents are longer than seqlen);
@@ -304,6 +306,6 @@ def validate_export(cfg: DictConfig) -> None:
     for s in cfg.export.sparsities or []:
         check(0.0 <= s < 1.0, f"export.sparsities contains {s}: every sparsity must satisfy 0 <= s < 1")
     if cfg.pattern.allocation == "global":
-        check(cfg.calibration.mode == "one_shot" and cfg.method != "sparsegpt",
+        check(cfg.calibration.mode in ("auto", "one_shot") and cfg.method != "sparsegpt",
               "pattern.allocation=global needs every score at once: use calibration.mode=one_shot and a "
               "score-based method (local, unipruning)")

@@ -26,6 +26,9 @@ METHODS: Registry[type] = Registry("method")
 
 # Each metric's own comparison group in the paper that introduced it.
 DEFAULT_ALLOCATION = {"magnitude": "per_matrix", "wanda": "per_row", "ria": "per_matrix", "stochria": "per_matrix"}
+# SparseGPT chooses its mask in each block of 128 columns as it goes (adaptive mask selection, SparseGPT §3.2):
+# a label for metrics.json and tags; pattern.allocation does not apply to it and is refused.
+SPARSEGPT_ALLOCATION = "per_block"
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,36 @@ class Target:
 
 def make_target(cfg: DictConfig) -> Target:
     """The run's primary target: its N:M pattern, or its sparsity with ``pattern.allocation`` (default: the
-    local metric's own comparison group, ``DEFAULT_ALLOCATION``; per matrix for SparseGPT)."""
+    local metric's own comparison group, ``DEFAULT_ALLOCATION``; SparseGPT's own blocks of columns)."""
     p = cfg.pattern
     if p.kind == "nm":
         return Target(sparsity=target_sparsity(cfg), allocation="per_row", n=p.n, m=p.m)
     allocation = p.allocation or DEFAULT_ALLOCATION.get(cfg.local_metric.name, "per_matrix")
     if cfg.method == "sparsegpt":
-        allocation = p.allocation or "per_matrix"
+        allocation = SPARSEGPT_ALLOCATION
     return Target(sparsity=target_sparsity(cfg), allocation=allocation)
+
+
+def calibration_mode(cfg: DictConfig) -> str:
+    """``calibration.mode`` resolved. ``auto`` is each method's published block protocol: ``sequential`` for
+    SparseGPT and for activation-aware local metrics (Wanda, RIA: their reference code calibrates block i on the
+    outputs of the already-pruned blocks < i; SparseGPT §3.4), ``one_shot`` for a data-free metric, for
+    ``pattern.allocation=global`` (every score at once) and for UniPruning, whose search reads the dense model."""
+    mode = cfg.calibration.mode
+    if mode != "auto":
+        return mode
+    if cfg.method == "sparsegpt":
+        return "sequential"
+    if cfg.method == "local" and _metric_class(cfg.local_metric.name).uses_activations \
+            and make_target(cfg).allocation != "global":
+        return "sequential"
+    return "one_shot"
+
+
+def _metric_class(name: str):
+    from .metrics import METRICS
+
+    return METRICS.get(name)
 
 
 def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:

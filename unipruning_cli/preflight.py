@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from .baselines.local import parse_baseline
 from .config import check, validate_eval_values, validate_values
 from .data import check_calibration_documents, check_corpus_available
 from .errors import UserError
@@ -38,6 +39,7 @@ def validate(cfg: DictConfig) -> None:
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"local_metric: {err}") from None
     validate_eval(cfg.eval)
+    validate_method_options(cfg)
     for where, corpus in [("calibration.source", cfg.calibration.source), *[("eval.corpora", c) for c in cfg.eval.corpora]]:
         try:
             check_corpus_available(corpus)
@@ -50,5 +52,23 @@ def validate_eval(e: DictConfig) -> None:
     """The ``eval`` group: its ranges, its baselines (registered local metrics) and its lm-eval tasks."""
     validate_eval_values(e)
     for b in e.baselines:
-        check(b in METRICS, f"eval.baselines: {METRICS.unknown_message(b)}")
+        parse_baseline(b)
     check_tasks(e.tasks)
+
+
+def validate_method_options(cfg: DictConfig) -> None:
+    """Refuse an option the chosen method would ignore, so no run reports a setting it did not use."""
+    uni = cfg.method == "unipruning"
+    check(uni or not cfg.eval.baselines,
+          f"eval.baselines cuts local metrics beside a UniPruning Γ; with method={cfg.method} run each baseline as "
+          f"its own run (method=local local_metric=<name>)")
+    check(uni or not (cfg.export.sparsities or cfg.export.patterns),
+          f"export.sparsities / export.patterns cut one Γ at several targets (method=unipruning); method={cfg.method} "
+          f"prunes one target per run: sweep it with -m sparsity=0.5,0.6,0.7")
+    check(cfg.method != "sparsegpt" or cfg.pattern.allocation is None,
+          f"method=sparsegpt chooses its mask per block of 128 columns as it updates the weights (SparseGPT §3.2), "
+          f"so pattern.allocation={cfg.pattern.allocation} would be ignored: drop it")
+    check(not (cfg.method == "local" and not METRICS.get(cfg.local_metric.name).uses_activations
+               and cfg.calibration.mode == "sequential"),
+          f"local_metric={cfg.local_metric.name} reads no calibration data, so calibration.mode=sequential would be "
+          f"ignored: drop it")

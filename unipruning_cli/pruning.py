@@ -3,8 +3,8 @@
 - :func:`prune_stage` (``method=local`` and ``method=sparsegpt``): calibrate, then per block score or
   solve, cut the target and apply it (one-shot local metrics score every matrix from the cached dense
   statistics instead). Masks are saved bit-packed (:mod:`.mask_files`) with a stage marker.
-- :func:`cut_masks` (UniPruning): masks for every target from |Γ|, no forward pass;
-  :func:`baseline_masks` the same cuts from plain local metrics (``eval.baselines``).
+- :func:`cut_masks` (UniPruning): masks for every target from |Γ|, no forward pass (the same targets from plain
+  local metrics, ``eval.baselines``, are in :mod:`.baselines.local`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from .calibration import calibrate_blockwise, stats_to_tensors
 from .calibration_set import calibration_set, dense_statistics
 from .config import model_values, plain
 from .mask_files import load_masks, save_masks, save_packed_masks
-from .methods import METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target, apply_masks
-from .metrics import METRICS, build_metric
+from .methods import METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target, apply_masks, calibration_mode
+from .metrics import build_metric
 from .masks import pack_mask
 from .models import prunable_layers
 from .progress import Timer
@@ -70,9 +70,11 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
     windows, calib_info = calibration_set(cfg, tok)
     layers = prunable_layers(model)
     masks = PackedMasks()
-    if isinstance(method, LocalMetricPruning) and c.mode == "one_shot":
+    mode = calibration_mode(cfg)
+    calib_info["mode"] = mode
+    if isinstance(method, LocalMetricPruning) and mode == "one_shot":
         # Scores need only the dense statistics (none at all for magnitude): no pass per run.
-        if method.metric.name == "magnitude":
+        if not method.metric.uses_activations:
             stats, cached = {}, False
         else:
             stats, cached = dense_statistics(cfg, model, windows)
@@ -93,7 +95,7 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
                 apply_masks(block_layers, block_masks)
             masks.add(block_masks)
 
-        stats = calibrate_blockwise(model, windows, sequential=c.mode == "sequential",
+        stats = calibrate_blockwise(model, windows, sequential=mode == "sequential",
                                     want_hessian=method.needs_hessian, on_block=on_block, offload=c.offload)
     tensors, meta = stats_to_tensors(stats, per_sample=False)
     atomic_save_tensors(rd / "calibration.safetensors", tensors, meta)
@@ -147,19 +149,4 @@ def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir)
     for t in targets:
         out[t.tag] = t.cut(scores)
         save_masks(rd / f"masks/{t.tag}.safetensors", out[t.tag], {"target": t.tag, "method": "unipruning"})
-    return out
-
-
-def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[str, dict]:
-    """``eval.baselines``: the same cuts from plain local metrics (dense statistics, cached), tagged ``<metric>:<tag>``."""
-    if not cfg.eval.baselines:
-        return {}
-    windows, _ = calibration_set(cfg, tok)
-    stats, _ = dense_statistics(cfg, model, windows)
-    layers = prunable_layers(model)
-    out = {}
-    for name in cfg.eval.baselines:
-        scores = LocalMetricPruning(METRICS.get(name)(), seed=cfg.seed).scores(layers, stats)
-        for t in targets:
-            out[f"{name}:{t.tag}"] = t.cut(scores)
     return out

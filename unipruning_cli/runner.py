@@ -26,7 +26,8 @@ from .models import input_device, load_model, load_model_reused, model_location,
 from .plan.estimate import Plan, check_run_fits
 from .progress import Timer
 from .provenance import peak_memory, versions
-from .pruning import baseline_masks, cut_masks, prune_stage
+from .baselines.local import baseline_masks
+from .pruning import cut_masks, prune_stage
 from .report import print_summary, write_plots, write_summary_md
 from .rundir import RunDir, atomic_write_json, atomic_write_text
 from .search.stage import run_search

@@ -39,11 +39,13 @@ class LocalMetric(ABC):
 
     Subclasses are dataclasses whose fields are the metric's knobs, registered in ``METRICS``.
     ``stochastic`` metrics draw random numbers in ``score``; pass a ``torch.Generator`` to make
-    them reproducible (without one they use the global torch RNG).
+    them reproducible (without one they use the global torch RNG). ``uses_activations``: False for a
+    data-free metric (magnitude), which needs no calibration pass at all.
     """
 
     name: ClassVar[str]
     stochastic: ClassVar[bool] = False
+    uses_activations: ClassVar[bool] = True
 
     @abstractmethod
     def score(

@@ -20,6 +20,7 @@ class Magnitude(LocalMetric):
     """
 
     name: ClassVar[str] = "magnitude"
+    uses_activations: ClassVar[bool] = False
 
     def score(
         self,

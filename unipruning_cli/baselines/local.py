@@ -1,0 +1,126 @@
+"""``eval.baselines``: local metrics cut beside a UniPruning run's Γ, each under its own published protocol.
+
+An entry is ``<metric>`` or ``<metric>@<protocol>``. Without a protocol a metric runs as its paper's code does it
+(:data:`PUBLISHED_PROTOCOL`): Wanda and RIA calibrate block i on the outputs of the already-pruned blocks < i
+(``sequential``); magnitude needs no data. ``@one_shot`` scores every block from the dense model's statistics (the
+cached ones the search used). Each baseline is cut with its own comparison group (Wanda per output row, RIA and
+magnitude per matrix: ``methods.DEFAULT_ALLOCATION``), never the UniPruning run's allocation; N:M targets stay N:M.
+Results are tagged ``<metric>@<protocol>:<target tag>`` (``magnitude:<tag>``), so every number names its protocol.
+
+A sequential baseline prunes the model block by block as it calibrates, so each target costs one calibration
+pass; the weights it zeroed are kept on the host (only those: (1 − keep) of the prunable weights) and put back
+after the pass, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from omegaconf import DictConfig
+
+from ..calibration import calibrate_blockwise
+from ..calibration_set import calibration_set, dense_statistics
+from ..errors import UserError
+from ..methods import DEFAULT_ALLOCATION, LocalMetricPruning, Target, apply_masks
+from ..metrics import METRICS
+from ..models import prunable_layers
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("sequential", "one_shot")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One ``eval.baselines`` entry: a registered local metric and its block protocol (None: data-free)."""
+
+    metric: str
+    protocol: str | None
+
+    @property
+    def label(self) -> str:
+        return self.metric if self.protocol is None else f"{self.metric}@{self.protocol}"
+
+    def target(self, t: Target) -> Target:
+        """The run's target cut with this metric's own comparison group (N:M unchanged)."""
+        return t if t.is_nm else Target(t.sparsity, DEFAULT_ALLOCATION.get(self.metric, "per_matrix"))
+
+
+def parse_baseline(entry: str) -> Baseline:
+    """``wanda`` -> Baseline("wanda", "sequential"); ``wanda@one_shot`` -> Baseline("wanda", "one_shot").
+
+    Raises :class:`UserError` for an unknown metric (with suggestions), an unknown protocol, or a protocol given
+    to a data-free metric (magnitude reads no calibration data, so a protocol would be ignored)."""
+    name, _, protocol = str(entry).partition("@")
+    if name not in METRICS:
+        raise UserError(f"eval.baselines: {METRICS.unknown_message(name)}")
+    uses_data = METRICS.get(name).uses_activations
+    if not protocol:
+        return Baseline(name, "sequential" if uses_data else None)
+    if protocol not in PROTOCOLS:
+        raise UserError(f"eval.baselines: {entry!r}: unknown protocol {protocol!r}; choose one of "
+                        f"{', '.join(PROTOCOLS)} (e.g. {name}@one_shot)")
+    if not uses_data:
+        raise UserError(f"eval.baselines: {entry!r}: {name} reads no calibration data, so it has no protocol; "
+                        f"write {name}")
+    return Baseline(name, protocol)
+
+
+def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[str, dict[str, torch.Tensor]]:
+    """``eval.baselines`` cut at every target of the run. Returns ``"<label>:<tag>"`` -> name -> bool mask
+    ``[out, in]``; the model's weights are as they were on return."""
+    baselines = [parse_baseline(b) for b in cfg.eval.baselines]
+    if not baselines:
+        return {}
+    layers = prunable_layers(model)
+    windows = None
+    dense = None
+    out = {}
+    for b in baselines:
+        method = LocalMetricPruning(METRICS.get(b.metric)(), seed=cfg.seed)
+        if b.protocol is not None and windows is None:
+            windows, _ = calibration_set(cfg, tok)
+        for t in targets:
+            own = b.target(t)
+            key = f"{b.label}:{own.tag}"
+            if b.protocol == "sequential":
+                log.info("baseline %s: one sequential calibration pass", key)
+                out[key] = sequential_masks(model, windows, method, own, cfg.calibration.offload)
+                continue
+            if dense is None:
+                dense = dense_statistics(cfg, model, windows)[0] if b.protocol else {}
+            out[key] = own.cut(method.scores(layers, dense if b.protocol else {}))
+    return out
+
+
+def sequential_masks(model, windows, method: LocalMetricPruning, target: Target, offload: str = "cpu") -> dict:
+    """Masks of ``method`` at ``target`` under the sequential protocol: block i is scored on the outputs of the
+    blocks < i as already pruned. Each block is pruned as it goes and restored after the pass: the values it
+    zeroed are kept (on the host) and written back, so the model is bit for bit as before."""
+    masks: dict[str, torch.Tensor] = {}
+    removed: dict[str, torch.Tensor] = {}
+
+    def on_block(i, block_layers, block_stats):
+        block_masks = method.prune_block(block_layers, block_stats, target)
+        for name, mask in block_masks.items():
+            w = block_layers[name].weight
+            removed[name] = w.detach().masked_select(~mask.to(w.device)).cpu()
+            masks[name] = mask.cpu()
+        apply_masks(block_layers, block_masks)
+
+    try:
+        calibrate_blockwise(model, windows, sequential=True, on_block=on_block, offload=offload)
+    finally:
+        restore_removed(prunable_layers(model), masks, removed)
+    return masks
+
+
+def restore_removed(layers: Mapping, masks: Mapping[str, torch.Tensor], removed: Mapping[str, torch.Tensor]) -> None:
+    """Put back the weights a mask zeroed: ``W[~mask] = removed`` (in ``masked_select`` order, exact)."""
+    with torch.no_grad():
+        for name, values in removed.items():
+            w = layers[name].weight
+            w.masked_scatter_(~masks[name].to(w.device), values.to(device=w.device, dtype=w.dtype))
