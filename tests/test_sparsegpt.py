@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import one_torch_thread  # noqa: F401  (fixture)
 from unipruning_cli.baselines.sparsegpt import accumulate_hessian, sparsegpt_prune
 
 
@@ -316,3 +317,165 @@ def test_accumulate_hessian_rejects_mismatch() -> None:
         accumulate_hessian(h, torch.randn(4, 6), count)
     with pytest.raises(ValueError, match="count"):
         accumulate_hessian(None, torch.randn(4, 8), 3)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. through the runner: sequential calibration and N:M
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def sparsegpt_run(tmp_path, monkeypatch, tiny_llama_dir, corpus_files, one_torch_thread):
+    """``run(name, *overrides)``: ``method=sparsegpt`` through ``run_prune`` on the tiny Llama; returns
+    (config, run dir, metrics). Caches under tmp_path."""
+    from conftest import tiny_overrides
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.preflight import validate
+    from unipruning_cli.runner import run_prune
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
+
+    def run(name: str, *extra: str):
+        cfg = compose_prune([*base, "method=sparsegpt", *extra])
+        validate(cfg)
+        return cfg, tmp_path / name, run_prune(cfg, tmp_path / name)
+
+    return run
+
+
+def _run_masks(run_dir) -> dict[str, torch.Tensor]:
+    from unipruning_cli.mask_files import load_masks
+
+    files = sorted((run_dir / "masks").glob("*.safetensors"))
+    assert len(files) == 1, files
+    return load_masks(files[0])
+
+
+def _tiny(cfg):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(cfg.model.path)
+
+
+def _block_linears(model, i: int) -> dict[str, torch.nn.Linear]:
+    return {f"model.layers.{i}.{n}": m for n, m in model.model.layers[i].named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@torch.no_grad()
+def _hessians(model, layers: dict, samples) -> dict[str, torch.Tensor]:
+    """H = (2/T) Σ x xᵀ of each layer's inputs over full forwards of ``model`` (float64 sums, then fp32)."""
+    xtx: dict[str, torch.Tensor] = {n: 0 for n in layers}
+    tokens: dict[str, int] = {n: 0 for n in layers}
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            xtx[name] = xtx[name] + x.t() @ x
+            tokens[name] += x.shape[0]
+        return fn
+
+    handles = [lin.register_forward_pre_hook(hook(n)) for n, lin in layers.items()]
+    try:
+        for s in samples:
+            model(input_ids=s[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (2.0 * xtx[n] / tokens[n]).float() for n in layers}
+
+
+@torch.no_grad()
+def _by_hand(cfg, sequential: bool, **target) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """SparseGPT over the tiny model block by block, by hand: each block's Hessians from full forwards of the
+    model as it then is (sequential: earlier blocks already pruned and reconstructed; one-shot: the dense model),
+    every Linear of the block solved on the same inputs, then written back."""
+    from unipruning_cli.calibration_set import calibration_set
+
+    model, tok = _tiny(cfg)
+    dense, _ = _tiny(cfg)
+    samples, _ = calibration_set(cfg, tok)
+    masks = {}
+    for i in range(len(model.model.layers)):
+        layers = _block_linears(model, i)
+        hessians = _hessians(model if sequential else dense, _block_linears(model if sequential else dense, i), samples)
+        for n, lin in layers.items():
+            w, keep = sparsegpt_prune(lin.weight, hessians[n], **target)
+            lin.weight.copy_(w)
+            masks[n] = keep
+    return model, masks
+
+
+@torch.no_grad()
+def _ppl(model, cfg) -> float:
+    import math
+
+    from unipruning_cli.data import eval_windows, token_stream
+
+    _, tok = _tiny(cfg)
+    windows = eval_windows(token_stream(tok, cfg.eval.corpora[0], "eval"), cfg.eval.seqlen, cfg.eval.max_windows)
+    losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in windows]
+    return math.exp(sum(losses) / len(losses))
+
+
+def _agree(got: dict, want: dict) -> float:
+    """Fraction of mask entries on which two mask sets agree."""
+    assert set(got) == set(want)
+    same = sum(int((got[n] == want[n]).sum()) for n in want)
+    return same / sum(m.numel() for m in want.values())
+
+
+def test_sequential_sparsegpt_through_the_runner(sparsegpt_run) -> None:
+    """``calibration.mode=sequential``: block i is solved on the outputs of the already pruned and reconstructed
+    blocks < i, which is not what the one-shot run does, and is what a hand-run sequential loop does."""
+    cfg, seq_dir, seq = sparsegpt_run("seq", "calibration.mode=sequential")
+    _, one_dir, one = sparsegpt_run("one", "calibration.mode=one_shot")
+    assert seq["calibration"]["mode"] == "sequential" and one["calibration"]["mode"] == "one_shot"
+    seq_masks, one_masks = _run_masks(seq_dir), _run_masks(one_dir)
+
+    hand_seq, hand_seq_masks = _by_hand(cfg, True, sparsity=0.5)
+    hand_one, hand_one_masks = _by_hand(cfg, False, sparsity=0.5)
+    assert _agree(seq_masks, hand_seq_masks) > 0.999 and _agree(one_masks, hand_one_masks) > 0.999
+    block0 = [n for n in seq_masks if n.startswith("model.layers.0.")]
+    later = [n for n in seq_masks if n not in block0]
+    assert _agree({n: seq_masks[n] for n in block0}, {n: one_masks[n] for n in block0}) > 0.999  # same inputs
+    assert _agree({n: seq_masks[n] for n in later}, {n: one_masks[n] for n in later}) < 0.99  # not the same
+    assert _agree({n: hand_seq_masks[n] for n in later}, {n: hand_one_masks[n] for n in later}) < 0.99
+
+    # the run's perplexity is the hand-run model's (a random tiny model: the two protocols differ by 3e-4)
+    corpus = cfg.eval.corpora[0]
+    hand_ppl = {"seq": _ppl(hand_seq, cfg), "one": _ppl(hand_one, cfg)}
+    for metrics, mine, other in ((seq, "seq", "one"), (one, "one", "seq")):
+        assert abs(metrics["sparsity"]["overall"] - 0.5) < 1e-6
+        assert metrics["perplexity"][corpus]["pruned"]["ppl"] == pytest.approx(hand_ppl[mine], rel=1e-5)
+        assert metrics["perplexity"][corpus]["pruned"]["ppl"] != pytest.approx(hand_ppl[other], rel=1e-5)
+
+
+def test_nm_sparsegpt_through_the_runner(sparsegpt_run) -> None:
+    """``pattern=2:4``: exactly 2 of every 4 consecutive inputs kept in every row, the masks of a hand-run
+    SparseGPT 2:4, and kept weights rewritten (the run's perplexity is the reconstructed model's, not the masked
+    original's)."""
+    cfg, run_dir, metrics = sparsegpt_run("nm", "pattern=2:4")
+    mode = metrics["calibration"]["mode"]  # SparseGPT's own protocol unless asked otherwise: sequential
+    assert mode in ("sequential", "one_shot")
+    masks = _run_masks(run_dir)
+    dense, _ = _tiny(cfg)
+    assert set(masks) == {n for i in range(len(dense.model.layers)) for n in _block_linears(dense, i)}
+    for n, keep in masks.items():
+        out_features, in_features = keep.shape
+        assert torch.all(keep.view(out_features, in_features // 4, 4).sum(-1) == 2), n
+    assert abs(metrics["sparsity"]["overall"] - 0.5) < 1e-6
+
+    hand, hand_masks = _by_hand(cfg, mode == "sequential", n=2, m=4)
+    assert _agree(masks, hand_masks) > 0.999
+    ppl = metrics["perplexity"][cfg.eval.corpora[0]]["pruned"]["ppl"]
+    assert ppl == pytest.approx(_ppl(hand, cfg), rel=1e-5)
+
+    masked_only = dense
+    with torch.no_grad():
+        for i in range(len(dense.model.layers)):
+            for n, lin in _block_linears(dense, i).items():
+                lin.weight.mul_(masks[n])
+                assert not torch.allclose(lin.weight, _block_linears(hand, i)[n].weight)  # kept weights moved
+    assert ppl != pytest.approx(_ppl(masked_only, cfg), rel=1e-5)
