@@ -246,8 +246,8 @@ def test_per_row_matches_reference(kind: str, path: str) -> None:
         assert torch.equal(mask, expected), sparsity
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("path", list(MATRIX_SHAPES))
+@pytest.mark.parametrize(("kind", "path"), [(k, p) for p in MATRIX_SHAPES for k in KINDS
+                                            if not (p == "sampled_band" and k == "signed")])  # "extremes" has signs
 def test_per_matrix_matches_reference(kind: str, path: str) -> None:
     shape = MATRIX_SHAPES[path]
     score = make_score(kind, shape, seed=sum(shape))
