@@ -13,7 +13,7 @@ from conftest import build_tiny_model
 from unipruning_cli.calibration import capture_block_inputs
 from unipruning_cli.evaluation.perplexity import chunk_positions, window_nlls
 from unipruning_cli.models import find_blocks
-from unipruning_cli.onload import WeightsOn, detach_onload_hooks, is_onloaded_model, onloaded, place_onloaded
+from unipruning_cli.onload import weights_on, detach_onload_hooks, is_onloaded_model, onloaded, place_onloaded
 
 
 def _devices(blocks) -> list[str]:
@@ -117,11 +117,11 @@ def test_weights_on_fetches_one_matrix_at_a_time():
     from unipruning_cli.models import prunable_layers
 
     layers = prunable_layers(model)
-    weights = WeightsOn(layers, torch.device("cpu"))
+    weights = weights_on(layers, torch.device("cpu"))
     assert list(weights) == list(layers) and len(weights) == len(layers)
     name = next(iter(layers))
     assert weights[name].data_ptr() == layers[name].weight.data_ptr()  # same device: no copy
-    assert WeightsOn(layers, torch.device("meta"))[name].device.type == "meta"
+    assert weights_on(layers, torch.device("meta"))[name].device.type == "meta"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

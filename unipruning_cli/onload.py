@@ -23,6 +23,8 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from .lazymap import LazyMap
+
 _HOOKED = "_unipruning_onload_handles"
 
 
@@ -131,19 +133,9 @@ def place_onloaded(model: nn.Module, blocks: nn.ModuleList, device: torch.device
     attach_onload_hooks(blocks, device)
 
 
-class WeightsOn(Mapping):
+def weights_on(layers: Mapping[str, nn.Linear], device: torch.device) -> LazyMap:
     """name -> the layer's weight on ``device`` (detached), fetched when asked for: a search that works one
     matrix at a time (the frozen search) holds one onloaded matrix, not the model. For a model already on
     ``device`` the weights themselves are returned, with no copy."""
-
-    def __init__(self, layers: Mapping[str, nn.Linear], device: torch.device) -> None:
-        self.layers, self.device = layers, torch.device(device)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.layers[name].weight.detach().to(self.device)
-
-    def __iter__(self):
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
+    device = torch.device(device)
+    return LazyMap(layers, lambda name: layers[name].weight.detach().to(device))

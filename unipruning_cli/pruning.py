@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Mapping
 
 import torch
 from omegaconf import DictConfig
@@ -19,6 +18,7 @@ from omegaconf import DictConfig
 from .calibration import calibrate_blockwise, stats_to_tensors
 from .calibration_set import calibration_set, dense_statistics
 from .config import model_values, plain
+from .lazymap import LazyMap
 from .mask_files import load_masks, save_masks, save_packed_masks
 from .methods import METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target, apply_masks, calibration_mode
 from .metrics import build_metric
@@ -124,27 +124,11 @@ def prune_stage(cfg: DictConfig, model, tok, target: Target, rd: RunDir, timer: 
     return calib_info
 
 
-class _AbsOf(Mapping):
-    """name -> |Γ| computed when asked for: a cut holds one matrix's |Γ| at a time, not a second copy of Γ
-    (4 bytes per prunable weight: 255 GiB for a 70B model). A global cut asks for each several times."""
-
-    def __init__(self, gamma: Mapping[str, torch.Tensor]) -> None:
-        self.gamma = gamma
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.gamma[name].abs()
-
-    def __iter__(self):
-        return iter(self.gamma)
-
-    def __len__(self) -> int:
-        return len(self.gamma)
-
-
 def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir) -> dict[str, dict[str, torch.Tensor]]:
     """Masks for every target from one Γ (|Γ| as the score; seconds, no model forward), each saved to
     ``rd/masks/<tag>.safetensors``. Returns tag -> name -> bool ``[out, in]``."""
-    scores = _AbsOf(gamma)
+    # one matrix's |Γ| at a time, not a second copy of Γ (4 bytes per prunable weight: 255 GiB for a 70B model)
+    scores = LazyMap(gamma, lambda name: gamma[name].abs())
     out = {}
     for t in targets:
         out[t.tag] = t.cut(scores)

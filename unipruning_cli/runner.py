@@ -87,7 +87,7 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
         with timer.stage("pruned_eval"):
             results = {primary.tag: evaluate_pruned(cfg, model, tok, windows, primary.tag)}
 
-    metrics = run_metrics(cfg, model, primary, calib_info, dense, results,
+    metrics = run_metrics(cfg, model, layers, primary, calib_info, dense, results,
                           {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}, timer, plan, placement)
     atomic_write_json(rd / "metrics.json", metrics)
     plots = write_plots(rd.path, metrics)
@@ -103,7 +103,7 @@ def chosen_placement(cfg: DictConfig, plan: Plan | None) -> str:
     return "onload" if plan is not None and plan.onload else "device"
 
 
-def run_metrics(cfg: DictConfig, model, primary: Target, calib_info: dict, dense: dict, results: dict[str, dict],
+def run_metrics(cfg: DictConfig, model, layers, primary: Target, calib_info: dict, dense: dict, results: dict[str, dict],
                 seconds: dict[str, float], timer: Timer, plan: Plan | None, placement: str = "device") -> dict:
     """The content of ``metrics.json`` (README, "The run directory"): the primary cut in full, every cut
     in ``results``, with the calibration, seconds per stage, the placement and its memory plan, peak memory
@@ -115,7 +115,6 @@ def run_metrics(cfg: DictConfig, model, primary: Target, calib_info: dict, dense
         memory["stages_cuda_mib"] = dict(timer.cuda_peak_mib)
     memory["host_peak_so_far_mib"] = dict(timer.host_peak_mib)  # which stage set the host's peak
     weight = next(model.parameters())
-    layers = prunable_layers(model)
     metrics = {
         "model": {"name": cfg.model.name, "location": model_location(cfg.model),
                   "dtype": str(next(model.parameters()).dtype)},

@@ -17,7 +17,7 @@ from ..calibration_set import calibration_set, dense_statistics
 from ..config import plain
 from ..metrics import build_metric
 from ..models import input_device, prunable_layers
-from ..onload import WeightsOn
+from ..onload import weights_on
 from ..progress import Timer
 from ..rundir import RunDir, file_locks, load_tensors
 from ..sweep import SweepContext
@@ -71,7 +71,7 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
         with timer.stage("search"):
             if sch.weight_mode == "frozen":
                 stats, _ = dense_statistics(cfg, model, windows)
-                gamma, bpp = search_frozen(WeightsOn(layers, input_device(model)), stats, metric, prox,
+                gamma, bpp = search_frozen(weights_on(layers, input_device(model)), stats, metric, prox,
                                            settings, ckpt, fp, rd / "search.jsonl", siblings=lanes)
             else:
                 gamma, bpp = search_drift(model, layers, windows, metric, prox, settings, ckpt, fp,
