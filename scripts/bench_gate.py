@@ -32,7 +32,9 @@ TIERS = {
     "ci": {"common": ["calibration.nsamples=16", "model.seqlen=256", "eval.max_windows=6", "schedule.steps=6",
                      "reuse_search=false"],
            "cases": [("magnitude-0.5", ["method=local", "local_metric=magnitude", "sparsity=0.5"]),
-                     ("wanda-0.5", ["method=local", "local_metric=wanda", "sparsity=0.5"]),
+                     ("wanda-0.5", ["method=local", "local_metric=wanda", "sparsity=0.5"]),  # sequential (auto)
+                     ("wanda-0.5-one_shot", ["method=local", "local_metric=wanda", "sparsity=0.5",
+                                             "calibration.mode=one_shot"]),
                      ("wanda-2:4", ["method=local", "local_metric=wanda", "pattern=2:4"]),
                      ("ria-0.6", ["method=local", "local_metric=ria", "sparsity=0.6"]),
                      ("sparsegpt-0.5", ["method=sparsegpt", "sparsity=0.5"]),

@@ -68,6 +68,22 @@ def _inside_one_document(window: torch.Tensor, doc_ids: list[torch.Tensor]) -> b
 # Item 8: calibration windows inside one document, drawn as Wanda's / SparseGPT's loaders draw them.
 
 
+
+def _c4_draws(tok, texts: list[str], n: int) -> torch.Tensor:
+    """Wanda's lib/data.py get_c4 (and GPTQ's C4 evaluation draws), written out: random.seed(0); n times a random
+    document longer than seqlen, then a random offset in it."""
+    random.seed(0)
+    expected = []
+    for _ in range(n):
+        while True:
+            i = random.randint(0, len(texts) - 1)
+            enc = tok(texts[i], return_tensors="pt").input_ids
+            if enc.shape[1] > SEQLEN:
+                break
+        j = random.randint(0, enc.shape[1] - SEQLEN - 1)
+        expected.append(enc[0, j:j + SEQLEN])
+    return torch.stack(expected)
+
 def test_calibration_windows_lie_inside_one_document_as_wanda_draws_them(tmp_path, tok, fresh_memo):
     """Old main joined the documents and drew windows across their boundaries (the check below fails there)."""
     from unipruning_cli.calibration_set import calibration_set
@@ -77,18 +93,7 @@ def test_calibration_windows_lie_inside_one_document_as_wanda_draws_them(tmp_pat
     doc_ids = [tok(t, return_tensors="pt").input_ids[0] for t in texts]
     assert len(windows) == 16 and all(w.numel() == SEQLEN for w in windows)
     assert all(_inside_one_document(w, doc_ids) for w in windows)
-    # Wanda lib/data.py get_c4, written out: random.seed(seed); a document longer than seqlen; an offset.
-    random.seed(0)
-    expected = []
-    for _ in range(16):
-        while True:
-            i = random.randint(0, len(texts) - 1)
-            enc = tok(texts[i], return_tensors="pt").input_ids
-            if enc.shape[1] > SEQLEN:
-                break
-        j = random.randint(0, enc.shape[1] - SEQLEN - 1)
-        expected.append(enc[0, j:j + SEQLEN])
-    assert torch.equal(windows.as_tensor(), torch.stack(expected))
+    assert torch.equal(windows.as_tensor(), _c4_draws(tok, texts, 16))
     assert info["sampling"] == "windows" and info["tokens"] == 16 * SEQLEN and 1 < info["documents"] <= 16
 
 
@@ -183,17 +188,7 @@ def test_c4_perplexity_uses_256_random_windows_seed_0(tok, monkeypatch, fresh_me
     monkeypatch.setattr(data, "load_documents", lambda source, role: texts if source == "c4" else [])
     windows = eval_windows_of(_eval_cfg(None), tok)["c4"]
     assert windows.shape == (256, SEQLEN)
-    random.seed(0)
-    expected = []
-    for _ in range(256):
-        while True:
-            i = random.randint(0, len(texts) - 1)
-            enc = tok(texts[i], return_tensors="pt").input_ids
-            if enc.shape[1] > SEQLEN:
-                break
-        j = random.randint(0, enc.shape[1] - SEQLEN - 1)
-        expected.append(enc[0, j:j + SEQLEN])
-    assert torch.equal(windows, torch.stack(expected))
+    assert torch.equal(windows, _c4_draws(tok, texts, 256))
     # eval.max_windows caps: the first draws of the same sequence.
     assert torch.equal(eval_windows_of(_eval_cfg(40), tok)["c4"], windows[:40])
     # eval.random_windows=null: every non-overlapping window of the joined shard (the old protocol).
