@@ -79,6 +79,11 @@ MUTATIONS = {
         "calibrate_blockwise(model, windows, sequential=True,",
         "calibrate_blockwise(model, windows, sequential=False,",
         ["tests/test_baselines.py"], "an eval.baselines entry said sequential but used the dense model's statistics"),
+    "block0-kwargs": (
+        "unipruning_cli/calibration.py",
+        'stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs[i], sequential,',
+        'stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs[0], sequential,',
+        ["tests/test_protocols.py"], "every block is calibrated with block 0's attention mask and keywords"),
     "sparsegpt-wrong-saliency": (
         "unipruning_cli/baselines/sparsegpt.py",
         "    scores = w_block.pow(2) / hinv_diag.pow(2).unsqueeze(0)",
