@@ -231,6 +231,15 @@ def _sliding_qwen2(attn: str):
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def _stats_equal_hooks(model, windows) -> dict:
+    """One-shot statistics against hooks on plain full forwards; returns the hooks' Σx² per Linear."""
+    ref = hook_sq_sums(model, windows)
+    stats = calibrate_blockwise(model, windows)
+    for name, sq in ref.items():
+        torch.testing.assert_close(stats[name].sq_sum, sq, rtol=1e-5, atol=1e-6)
+    return ref
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @torch.no_grad()
 def test_sliding_window_blocks_calibrate_on_their_own_masks(attn, one_torch_thread):  # noqa: F811
@@ -239,10 +248,7 @@ def test_sliding_window_blocks_calibrate_on_their_own_masks(attn, one_torch_thre
     running the blocks with block 0's kwargs, which is what old main did)."""
     model = _sliding_qwen2(attn)
     windows = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
-    ref = hook_sq_sums(model, windows)
-    stats = calibrate_blockwise(model, windows)
-    for name, sq in ref.items():
-        torch.testing.assert_close(stats[name].sq_sum, sq, rtol=1e-5, atol=1e-6)
+    ref = _stats_equal_hooks(model, windows)
 
     import unipruning_cli.calibration as calibration
 
@@ -332,10 +338,7 @@ def test_gemma_layers_get_their_own_mask_and_rotary_tables(arch, one_torch_threa
                                  sliding_window=4,
                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])).eval()
     windows = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
-    ref = hook_sq_sums(model, windows)
-    stats = calibrate_blockwise(model, windows)
-    for name, sq in ref.items():
-        torch.testing.assert_close(stats[name].sq_sum, sq, rtol=1e-5, atol=1e-6)
+    ref = _stats_equal_hooks(model, windows)
     real = calibration.capture_block_inputs
     try:
         calibration.capture_block_inputs = lambda *a, **k: (lambda h, kw: (h, [kw[0]] * len(kw)))(*real(*a, **k))
