@@ -133,13 +133,15 @@ def main() -> None:
     ap.add_argument("--only-cut", default=None, help="with --only: keep jobs whose overrides contain this (e.g. 2:4)")
     ap.add_argument("--collect", action="store_true",
                     help="build the table from every finished run under <out>/runs (after partial runs)")
+    ap.add_argument("--override", action="append", default=[],
+                    help="an extra config override for every job, e.g. --override schedule.grad_clip_scope=prunable")
     ap.add_argument("--sparsegpt-mode", default="sequential", choices=("sequential", "one_shot"),
                     help="one_shot halves SparseGPT's calibration cost (each block sees dense inputs)")
     args = ap.parse_args()
     corpus = "wiki_offline"
     common = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}",
               f"eval.seqlen={args.seqlen}", f"eval.max_windows={args.windows}", f"schedule.steps={args.steps}",
-              f"eval.corpora=[{corpus}]", "calibration.source=owt_offline", "reuse_search=false"]
+              f"eval.corpora=[{corpus}]", "calibration.source=owt_offline", "reuse_search=false", *args.override]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     todo = jobs(args.quick, args.sparsegpt_mode)
