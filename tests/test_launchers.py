@@ -41,6 +41,7 @@ def test_joblib_launcher_runs_the_jobs_in_parallel_processes(tmp_path, tiny_llam
     assert len(searched) == 1
 
 
+@pytest.mark.slow  # submitit's executor spawns the jobs as processes (about 20 s): make test-slow
 def test_submitit_launcher_runs_the_jobs(tmp_path, tiny_llama_dir, corpus_files):
     _plugin("hydra_plugins.hydra_submitit_launcher")
     sweep = _sweep(tmp_path, tiny_llama_dir, corpus_files, "hydra/launcher=submitit_local",

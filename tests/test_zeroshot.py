@@ -17,6 +17,7 @@ TASKS = cache_dir() / "tasks"
 pytestmark = pytest.mark.skipif(not (TASKS / "quartz_offline.yaml").exists(), reason="offline tasks not prepared")
 
 
+@pytest.mark.slow  # a separate lm_eval process (about 40 s): make test-slow
 def test_in_memory_equals_lm_eval_command(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
