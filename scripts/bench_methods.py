@@ -49,7 +49,7 @@ def jobs(quick: bool, sgpt_mode: str = "sequential") -> list[tuple[str, list[str
 
 
 def run(label: str, overrides: list[str], common: list[str], runs: Path) -> dict:
-    env = {**os.environ, "UNIPRUNING_RUNS": str(runs)}
+    env = {**os.environ, "UNIPRUNING_RUNS": str(runs), "COLUMNS": "1000"}  # the run directory on one line
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "unipruning_cli.cli", "prune", *common, *overrides],
                           env=env, capture_output=True, text=True)
