@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from . import masks as M
 from .config import target_sparsity
-from .metrics import LocalMetric
+from .metrics import METRICS, LocalMetric
 from .registry import Registry
 from .stats import ActivationStats
 
@@ -76,16 +76,10 @@ def calibration_mode(cfg: DictConfig) -> str:
         return mode
     if cfg.method == "sparsegpt":
         return "sequential"
-    if cfg.method == "local" and _metric_class(cfg.local_metric.name).uses_activations \
+    if cfg.method == "local" and METRICS.get(cfg.local_metric.name).uses_activations \
             and make_target(cfg).allocation != "global":
         return "sequential"
     return "one_shot"
-
-
-def _metric_class(name: str):
-    from .metrics import METRICS
-
-    return METRICS.get(name)
 
 
 def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:

@@ -1,7 +1,7 @@
 """``eval.baselines``: local metrics cut beside a UniPruning run's Γ, each under its own published protocol.
 
 An entry is ``<metric>`` or ``<metric>@<protocol>``. Without a protocol a metric runs as its paper's code does it
-(:data:`PUBLISHED_PROTOCOL`): Wanda and RIA calibrate block i on the outputs of the already-pruned blocks < i
+(:func:`parse_baseline`): Wanda and RIA calibrate block i on the outputs of the already-pruned blocks < i
 (``sequential``); magnitude needs no data. ``@one_shot`` scores every block from the dense model's statistics (the
 cached ones the search used). Each baseline is cut with its own comparison group (Wanda per output row, RIA and
 magnitude per matrix: ``methods.DEFAULT_ALLOCATION``), never the UniPruning run's allocation; N:M targets stay N:M.
@@ -76,23 +76,23 @@ def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[s
     if not baselines:
         return {}
     layers = prunable_layers(model)
-    windows = None
-    dense = None
+    windows = calibration_set(cfg, tok)[0] if any(b.protocol for b in baselines) else None
+    dense = None  # the dense model's statistics, computed once if a one-shot baseline asks for them
     out = {}
     for b in baselines:
         method = LocalMetricPruning(METRICS.get(b.metric)(), seed=cfg.seed)
-        if b.protocol is not None and windows is None:
-            windows, _ = calibration_set(cfg, tok)
         for t in targets:
             own = b.target(t)
             key = f"{b.label}:{own.tag}"
             if b.protocol == "sequential":
                 log.info("baseline %s: one sequential calibration pass", key)
                 out[key] = sequential_masks(model, windows, method, own, cfg.calibration.offload)
-                continue
-            if dense is None:
-                dense = dense_statistics(cfg, model, windows)[0] if b.protocol else {}
-            out[key] = own.cut(method.scores(layers, dense if b.protocol else {}))
+            elif b.protocol == "one_shot":
+                if dense is None:
+                    dense = dense_statistics(cfg, model, windows)[0]
+                out[key] = own.cut(method.scores(layers, dense))
+            else:  # data-free
+                out[key] = own.cut(method.scores(layers, {}))
     return out
 
 
