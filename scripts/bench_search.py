@@ -95,7 +95,7 @@ def step_overhead(model, layers, x, repeat: int, fwd_bwd_s: float) -> dict:
     from dataclasses import replace
 
     from unipruning_cli.search.log import SearchLog
-    from unipruning_cli.search.mirror_descent import _DriftLane, _prox_generator, _score_and_update
+    from unipruning_cli.search.mirror_descent import _DriftLane, prox_generator, _score_and_update
     from unipruning_cli.search.recompute import StepStats
     from unipruning_cli.search.regularizers import L1Prox
     from unipruning_cli.search.settings import SearchSettings
@@ -117,7 +117,7 @@ def step_overhead(model, layers, x, repeat: int, fwd_bwd_s: float) -> dict:
             state = SearchState.zeros({n: layers[n].weight.shape for n in names},
                                       device if where == "device" else torch.device("cpu"), device.type == "cuda")
             log = SearchLog(Path(tempfile.mkdtemp()) / "search.jsonl", 0)  # not written by the scoring pass
-            lanes = [_DriftLane(state, L1Prox(1e-3), _prox_generator(0, device), log)]
+            lanes = [_DriftLane(state, L1Prox(1e-3), prox_generator(0, device), log)]
             gen = torch.Generator(device=device).manual_seed(0)
             with torch.no_grad():
                 s = timed(lambda: _score_and_update(params, names, stats, metric, gen, lanes, settings), repeat)

@@ -13,6 +13,7 @@ from unipruning_cli.metrics import build_metric
 from unipruning_cli.methods import Target
 from unipruning_cli.models import prunable_layers
 from unipruning_cli.search import L1Prox, SearchSettings, quantile, search_drift, search_frozen, soft_threshold
+from unipruning_cli.search import frozen as FZ
 from unipruning_cli.search import mirror_descent as MD
 from unipruning_cli.stats import ActivationStats
 
@@ -93,19 +94,19 @@ def test_frozen_resume_is_bit_exact(tmp_path, monkeypatch):
     prox = L1Prox(1e-2)
     full, _ = search_frozen(weights, stats, metric, prox, settings, tmp_path / "a.safetensors", "fp", tmp_path / "a.jsonl")
 
-    real = MD._search_one_frozen
+    real = FZ._search_one_frozen
 
     def crash_at_3(i, *args, **kwargs):
         if i == 3:
             raise KeyboardInterrupt
         return real(i, *args, **kwargs)
 
-    monkeypatch.setattr(MD, "_search_one_frozen", crash_at_3)
+    monkeypatch.setattr(FZ, "_search_one_frozen", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
         search_frozen(weights, stats, metric, prox, settings, tmp_path / "b.safetensors", "fp", tmp_path / "b.jsonl")
-    monkeypatch.setattr(MD, "_search_one_frozen", real)
+    monkeypatch.setattr(FZ, "_search_one_frozen", real)
     calls = []
-    monkeypatch.setattr(MD, "_search_one_frozen", lambda i, *a, **k: calls.append(i) or real(i, *a, **k))
+    monkeypatch.setattr(FZ, "_search_one_frozen", lambda i, *a, **k: calls.append(i) or real(i, *a, **k))
     resumed, _ = search_frozen(weights, stats, metric, prox, settings, tmp_path / "b.safetensors", "fp",
                                tmp_path / "b.jsonl")
     assert calls == [2, 3, 4]  # layers 0-1 came from the checkpoint

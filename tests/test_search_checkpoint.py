@@ -17,6 +17,7 @@ from conftest import build_tiny_model
 from unipruning_cli.metrics import build_metric
 from unipruning_cli.models import prunable_layers
 from unipruning_cli.search import L1Prox, SearchSettings, search_drift, search_frozen
+from unipruning_cli.search import frozen as FZ
 from unipruning_cli.search import mirror_descent as MD
 from unipruning_cli.search import state as ST
 from unipruning_cli.search.state import Checkpoint, SearchState, write_checkpoint
@@ -190,8 +191,8 @@ def test_frozen_checkpoints_are_per_matrix_and_resume_after_an_interrupted_write
     ck = Checkpoint.open(tmp_path / "b", "fp")
     assert ck.step == 2 and ck.names == ["l0", "l1"]
     calls = []
-    real_one = MD._search_one_frozen
-    monkeypatch.setattr(MD, "_search_one_frozen", lambda i, *a, **k: calls.append(i) or real_one(i, *a, **k))
+    real_one = FZ._search_one_frozen
+    monkeypatch.setattr(FZ, "_search_one_frozen", lambda i, *a, **k: calls.append(i) or real_one(i, *a, **k))
     resumed = run("b")
     assert calls == [2, 3, 4]
     assert all(torch.equal(full[n], resumed[n]) for n in full)

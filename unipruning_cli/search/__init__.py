@@ -11,7 +11,7 @@ import importlib
 _EXPORTS = {
     "L1Prox": "regularizers", "REGULARIZERS": "regularizers", "build_regularizer": "regularizers",
     "quantile": "regularizers", "soft_threshold": "regularizers",
-    "LamSibling": "mirror_descent", "search_drift": "mirror_descent", "search_frozen": "mirror_descent",
+    "LamSibling": "mirror_descent", "search_drift": "mirror_descent", "search_frozen": "frozen",
     "SearchSettings": "settings", "ScheduleConfig": "settings",
     "SearchState": "state",
 }

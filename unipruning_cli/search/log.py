@@ -15,16 +15,21 @@ _SAMPLE_PER_LAYER = 1024
 
 
 class SearchLog:
-    """``search.jsonl``: one JSON line per step, flushed as it goes; truncated on resume."""
+    """``search.jsonl``: one JSON line per step, flushed as it goes; truncated on resume. ``path=None``: nothing is
+    written (the ranks of a sharded search other than rank 0)."""
 
-    def __init__(self, path: Path, resume_step: int) -> None:
+    def __init__(self, path: Path | None, resume_step: int) -> None:
         self.path = path
+        if path is None:
+            return
         rows = []
         if resume_step > 0 and path.exists():
             rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]  # rows are 1-based
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, row: dict) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 

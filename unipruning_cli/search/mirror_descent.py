@@ -11,7 +11,7 @@ Two weight modes:
   computed on the drifted W. At the end the original W is restored bit for bit: only Γ is kept.
 - ``frozen``: W never changes, so every matrix's recursion is independent and Γ becomes an
   exponential average of per-sample metrics (spec §1.5). The loop then runs matrix by matrix on
-  per-sample statistics taken in one calibration pass: no forward pass inside the search.
+  per-sample statistics taken in one calibration pass: no forward pass inside the search (:mod:`.frozen`).
 
 Where W does not depend on Γ (frozen mode, or drift with ρ = 0) the step metrics do not depend on λ
 either, so one pass can carry several λ "lanes" (``LamSibling``): each lane only adds its own V, Γ
@@ -19,7 +19,8 @@ and prox to a step. Random streams are kept apart for that: the metric's draws c
 generator, each lane's prox (quantile sampling) from its own, seeded alike, so a lane's Γ is bit for
 bit the Γ of a search with that λ alone. The generators live on the device of the weights they score, so
 the draws happen where the weights are (on a GPU, not one CPU thread); on the CPU they are the same as ever.
-Checkpoints are written and read one matrix at a time (:mod:`.state`).
+Checkpoints are written and read one matrix at a time (:mod:`.state`). The drift loop is the same in one
+process and over the ranks of a ``torchrun`` launch with FSDP2 (:mod:`.shards` says how it sees a matrix there).
 """
 
 from __future__ import annotations
@@ -33,16 +34,15 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..masks import count_zeros
 from ..metrics import LocalMetric
 from ..progress import track
-from ..stats import ActivationStats
-from .log import SearchLog, gamma_summary, sample_index, summarise
+from .log import SearchLog, sample_index
 from .recompute import StepStats, activation_checkpointing
 from .placement import master_copy, search_state_of
 from .regularizers import L1Prox
+from .shards import Whole
 from .settings import SearchSettings, drift_element_size
-from .state import Checkpoint, SearchState
+from .state import Checkpoint, SearchState, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class LamSibling:
     gamma: dict[str, torch.Tensor] | None = None
 
 
-def _prox_generator(seed: int, device: torch.device) -> torch.Generator:
+def prox_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(_PROX_SEED_OFFSET + seed)
 
 
@@ -78,106 +78,6 @@ class _DriftLane(NamedTuple):
 def dual_step(v: torch.Tensor, gamma: torch.Tensor, metric: torch.Tensor, alpha: float) -> None:
     """V ← V + α(S − Γ), in place."""
     v.add_(metric - gamma, alpha=alpha)
-
-
-# ----------------------------------------------------------------------------------------------
-# frozen mode
-
-
-def search_frozen(
-    weights: Mapping[str, torch.Tensor],
-    stats: Mapping[str, ActivationStats],
-    metric: LocalMetric,
-    prox: L1Prox,
-    settings: SearchSettings,
-    ckpt: Path,
-    fp: str,
-    log_path: Path,
-    siblings: Sequence[LamSibling] = (),
-) -> tuple[dict[str, torch.Tensor], float]:
-    """Γ of every matrix with W fixed. Matrix-outer, step-inner; checkpoint every k matrices.
-
-    Step n of matrix i uses the statistics of calibration sample n mod nsamples, and its random
-    draws come from generators seeded by (seed, i): the result does not depend on the order in
-    which matrices are processed, which makes resuming bit-exact. ``siblings`` get their Γ from the
-    same step metrics.
-    Returns (Γ per matrix, state bytes per parameter while a matrix is processed).
-    """
-    names = list(weights)
-    metric = metric.for_repeated_scoring()
-    log.info("frozen search: metric %s", metric)
-    state = SearchState.load(ckpt, fp) or SearchState()
-    done = state.step
-    if done and siblings:
-        log.info("resumed search: only this run's λ; the other λ of the sweep are searched by their own jobs")
-        siblings = ()
-    lanes = [_FrozenLane(prox, log_path, settings.steps, dict(state.gamma))]
-    lanes += [_FrozenLane(s.prox, s.log_path, settings.steps, {}) for s in siblings]
-    for i, name in enumerate(track(names, "search (frozen W)")):
-        if i < done:
-            continue
-        for lane, gamma in zip(lanes, _search_one_frozen(i, name, weights[name], stats[name], metric, lanes, settings)):
-            lane.gammas[name] = gamma
-        if (i + 1) % settings.checkpoint_every == 0 and i + 1 < len(names):
-            SearchState(gamma=lanes[0].gammas, step=i + 1).save(ckpt, fp)
-    for lane in lanes:
-        lane.write_log()
-    for sibling, lane in zip(siblings, lanes[1:]):
-        sibling.gamma = lane.gammas
-    return lanes[0].gammas, 8.0 * len(lanes)
-
-
-class _FrozenLane:
-    """One λ of a frozen search: its prox, its Γ per matrix, and its per-step log accumulators."""
-
-    def __init__(self, prox: L1Prox, log_path: Path, steps: int, gammas: dict[str, torch.Tensor]) -> None:
-        self.prox, self.log_path, self.gammas = prox, log_path, gammas
-        self.per_step = [{"zeros": 0, "numel": 0, "abs_sum": 0.0, "samples": [], "seconds": 0.0} for _ in range(steps)]
-
-    def record(self, n: int, gamma: torch.Tensor, index: torch.Tensor, seconds: float) -> None:
-        acc = self.per_step[n]
-        acc["zeros"] += count_zeros(gamma)
-        acc["numel"] += gamma.numel()
-        acc["abs_sum"] += float(gamma.abs().sum())
-        acc["samples"].append(gamma.reshape(-1)[index].cpu())
-        acc["seconds"] += seconds
-
-    def write_log(self) -> None:
-        """One row per step, summed over the matrices searched in this process (all unless resumed)."""
-        rows = SearchLog(self.log_path, 0)
-        elapsed = 0.0
-        for n, acc in enumerate(self.per_step):
-            if acc["numel"] == 0:
-                continue
-            elapsed += acc["seconds"]
-            rows.write({"step": n + 1, "loss": None, "lr": 0.0, "seconds": round(elapsed, 3),
-                        "matrices": len(acc["samples"]),
-                        **gamma_summary(torch.cat(acc["samples"]), acc["zeros"], acc["numel"], acc["abs_sum"])})
-
-
-def _search_one_frozen(i: int, name: str, w: torch.Tensor, stats: ActivationStats, metric: LocalMetric,
-                       lanes: Sequence[_FrozenLane], settings: SearchSettings) -> list[torch.Tensor]:
-    if stats.sample_mean_sq is None:
-        raise ValueError(f"{name}: frozen search needs per-sample statistics (calibrate with want_per_sample)")
-    seed = settings.seed * 1_000_003 + i
-    gen = torch.Generator(device=w.device).manual_seed(seed)  # draws where W is (CPU: the same draws as ever)
-    prox_gens = [_prox_generator(seed, w.device) for _ in lanes]
-    vs = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for _ in lanes]
-    gammas = [torch.zeros_like(v) for v in vs]
-    nsamples = stats.sample_mean_sq.shape[0]
-    tokens = max(1, stats.count // nsamples)
-    index = sample_index(w.numel(), settings.seed + i)
-    for n in range(settings.steps):
-        t0 = time.perf_counter()
-        s = ActivationStats.from_mean_sq(stats.sample_mean_sq[n % nsamples], tokens)
-        score = metric.score(w, s, generator=gen if metric.stochastic else None)
-        shared = time.perf_counter() - t0
-        for k, lane in enumerate(lanes):
-            t1 = time.perf_counter()
-            dual_step(vs[k], gammas[k], score, settings.dual_step)
-            gammas[k] = lane.prox(vs[k], prox_gens[k])
-            lane.record(n, gammas[k], index, shared + time.perf_counter() - t1)
-    return [g.cpu() for g in gammas]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,21 +106,25 @@ def search_drift(
     fp: str,
     log_path: Path,
     siblings: Sequence[LamSibling] = (),
+    shards: Whole = Whole(),
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Γ of every matrix while W drifts by AdamW on the LM loss; W is restored at the end.
 
     ``siblings`` (other λ) need ρ = 0: only then is W's path, and so every step metric, the same
-    for all λ."""
-    if siblings and settings.rho != 0:
-        raise ValueError("λ siblings need schedule.rho=0: with ρ > 0 each λ's Γ steers W differently")
+    for all λ. ``shards``: :class:`.shards.RowShards` when ``model`` is sharded by FSDP2 over the ranks of a
+    launch: every rank calls this, rank 0 alone writes the log and checkpoints and gets Γ (the others get {})."""
+    if siblings and (settings.rho != 0 or shards.ranks.sharded):
+        raise ValueError("λ siblings need schedule.rho=0 and one process: with ρ > 0 each λ's Γ steers W differently")
     names = list(layers)
     params = [layers[n].weight for n in names]
+    locals_ = [shards.local(p) for p in params]
     # The restore copy lives on the host (pinned where CUDA is present): device memory is for the search.
-    original = [torch.empty(p.shape, dtype=p.dtype, pin_memory=p.is_cuda).copy_(p.detach()) for p in params]
+    original = [torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t.detach()) for t in locals_]
     device = params[0].device
-    shapes = {n: layers[n].weight.shape for n in names}
+    whole = {n: layers[n].weight.shape for n in names}
+    shapes = {n: t.shape for n, t in zip(names, locals_)}  # V and Γ: this rank's rows (all of them in one process)
     # V and Γ live on the weights' device, or in (pinned) host memory, moved one matrix at a time.
-    settings = replace(settings, search_state=search_state_of(settings, params))
+    settings = replace(settings, search_state=search_state_of(settings, locals_))
     state_device = device if settings.search_state == "device" else torch.device("cpu")
     pin = state_device.type == "cpu" and device.type == "cuda"
     state = SearchState.zeros(shapes, state_device, pin)
@@ -228,7 +132,7 @@ def search_drift(
     start = saved.step if saved is not None else 0
     # The metric's and the prox's draws on the weights' device (stochRIA's subsets: not one CPU thread per weight).
     gen = torch.Generator(device=device).manual_seed(settings.seed)
-    prox_gen = _prox_generator(settings.seed, device)
+    prox_gen = prox_generator(settings.seed, device)
     amp = master_copy(params, settings)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
                             weight_decay=settings.weight_decay,
@@ -247,13 +151,13 @@ def search_drift(
         p.grad = torch.zeros_like(p)
     clipped = [p for p in model.parameters() if p.requires_grad]  # in the model's order, as HF clips (same norm bits)
     if saved is not None:
-        _restore_drift(saved, state, names, params, others, opt, sched, gen, prox_gen)
+        _restore_drift(saved, state, names, params, others, opt, sched, gen, prox_gen, shards)
         log.info("resuming the drift search at step %d from %s", start, ckpt)
         if siblings:
             log.info("resumed search: only this run's λ; the other λ of the sweep are searched by their own jobs")
             siblings = ()
-    lanes = [_DriftLane(state, prox, prox_gen, SearchLog(log_path, start))]  # the run's own λ first
-    lanes += [_DriftLane(SearchState.zeros(shapes, state_device, pin), s.prox, _prox_generator(settings.seed, device),
+    lanes = [_DriftLane(state, prox, prox_gen, SearchLog(log_path if shards.writer else None, start))]  # own λ first
+    lanes += [_DriftLane(SearchState.zeros(shapes, state_device, pin), s.prox, prox_generator(settings.seed, device),
                          SearchLog(s.log_path, 0)) for s in siblings]
     index = {n: sample_index(layers[n].weight.numel(), settings.seed + i) for i, n in enumerate(names)}
     hooks = StepStats(layers)
@@ -267,7 +171,7 @@ def search_drift(
                 torch.nn.utils.clip_grad_norm_(clipped, settings.grad_clip)
             stats = hooks.take()
             lr = opt.param_groups[0]["lr"]
-            accumulated = _score_and_update(params, names, stats, metric, gen, lanes, settings)
+            accumulated = _score_and_update(params, names, stats, metric, gen, lanes, settings, shards)
             _weight_step(accumulated, opt)
             sched.step()
             if not settings.accumulate_grads_across_steps:
@@ -276,17 +180,17 @@ def search_drift(
             for lane in lanes:
                 lane.state.step = step + 1
                 lane.log.write({"step": step + 1, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - t0, 3),
-                                **summarise(lane.state.gamma, index)})
+                                **shards.summarise(lane.state.gamma, index, whole)})
             if state.step % settings.checkpoint_every == 0 and state.step < settings.steps:
-                _save_drift(state, names, params, others, opt, gen, prox_gen, ckpt, fp)
+                _save_drift(state, names, params, others, opt, gen, prox_gen, ckpt, fp, shards)
     finally:
         hooks.remove()
         activation_checkpointing(model, False, recomputed)
         with torch.no_grad():
             for p in others.values():
                 p.grad = None
-            for p, w0 in zip(params, original):
-                p.copy_(w0)
+            for p, t, w0 in zip(params, locals_, original):
+                t.copy_(w0)
                 p.grad = None
                 if amp is not None:  # back from the fp32 master copy to the weights' own dtype (exact)
                     p.data = p.data.to(w0.dtype)
@@ -294,11 +198,17 @@ def search_drift(
                 p.requires_grad_(flag)
     for sibling, lane in zip(siblings, lanes[1:]):
         sibling.gamma = {n: g.cpu() for n, g in lane.state.gamma.items()}
+    gamma = {}
+    for n, g in state.gamma.items():  # one matrix at a time gathered; rank 0 keeps it
+        g = shards.gather(g, whole[n][0])
+        if shards.writer:
+            gamma[n] = g.cpu()
+        del g
     # V, Γ (fp32) per λ; the gradient and Adam's m and v in the drift dtype (torch's AdamW allocates them like
     # the drifting W); the restore copy of W (on the host). One matrix's step metric S comes on top.
     drift = drift_element_size(settings.drift_dtype, original[0].element_size())
     bytes_pp = 4.0 * 2 * len(lanes) + 3.0 * drift + original[0].element_size()
-    return {n: g.cpu() for n, g in state.gamma.items()}, bytes_pp
+    return gamma, bytes_pp
 
 
 def _lm_backward(model: nn.Module, windows: torch.Tensor, step: int, settings: SearchSettings) -> float:
@@ -312,7 +222,8 @@ def _lm_backward(model: nn.Module, windows: torch.Tensor, step: int, settings: S
     return total
 
 
-def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Generator, lanes, settings: SearchSettings):
+def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Generator, lanes, settings: SearchSettings,
+                      shards: Whole = Whole()):
     """One pass over the matrices, one at a time: the step metric S on the pre-update W, the ρ alignment
     gradient for this step's weight update, then each λ lane's dual step and prox. Only one matrix's S is alive
     at a time (spec §1.2-1.3; the order of the metric's and the proxes' random draws is that of a pass over every
@@ -320,14 +231,16 @@ def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Gene
 
     With ρ > 0, W's gradient for this step becomes a new tensor, accumulated + ρ·∂/∂W ½‖Γ − S‖², and the
     accumulated gradient is returned as ``(param, accumulated)`` pairs, untouched, for :func:`_weight_step` to put
-    back: adding and later subtracting the term in place would leave its rounding error in the accumulator (bf16)."""
+    back: adding and later subtracting the term in place would leave its rounding error in the accumulator (bf16).
+    Sharded (FSDP2): S of the whole matrix on every rank, then each rank its rows (see :mod:`.shards`)."""
     accumulated = []
     for p, n in zip(params, names):
-        m = metric.score(p, stats[n], generator=gen if metric.stochastic else None)
+        m = shards.rows(metric.score(shards.full(p), stats[n], generator=gen if metric.stochastic else None))
         if settings.rho > 0:  # Γ before this step's dual step, on W's device (V and Γ may live elsewhere)
-            g = alignment_grad(p, lanes[0].state.gamma[n].to(p.device), m.to(p.device))
+            w = shards.local(p)
+            g = alignment_grad(w, lanes[0].state.gamma[n].to(w.device), m.to(w.device))
             accumulated.append((p, p.grad))
-            p.grad = p.grad + settings.rho * g
+            p.grad = shards.grad_plus(p.grad, settings.rho * g)
             del g
         for lane in lanes:
             held_v, held_g = lane.state.v[n], lane.state.gamma[n]
@@ -335,10 +248,10 @@ def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Gene
                 v, g = held_v.to(p.device, non_blocking=True, copy=True), held_g.to(p.device, non_blocking=True, copy=True)
                 dual_step(v, g, m.to(p.device), settings.dual_step)
                 held_v.copy_(v)
-                held_g.copy_(lane.prox(v, lane.prox_gen))
+                held_g.copy_(lane.prox(v, lane.prox_gen, shards.magnitudes(v, p.shape)))
             else:
                 dual_step(held_v, held_g, m.to(held_v.device), settings.dual_step)
-                lane.state.gamma[n] = lane.prox(held_v, lane.prox_gen)
+                lane.state.gamma[n] = lane.prox(held_v, lane.prox_gen, shards.magnitudes(held_v, p.shape))
         del m
     return accumulated
 
@@ -350,41 +263,50 @@ def _weight_step(accumulated, opt) -> None:
         p.grad = acc
 
 
-def _save_drift(state, names, params, others, opt, gen, prox_gen, ckpt, fp) -> None:
+def _save_drift(state, names, params, others, opt, gen, prox_gen, ckpt, fp, shards: Whole = Whole()) -> None:
     """Checkpoint one matrix at a time: its V and Γ, W, W's gradient and Adam's moments (only that matrix's
     tensors are on the host at once), then the RNG states, Adam's step and the accumulated gradients of the
-    other parameters (``grad_clip_scope=model``: they enter the clipping norm of every later step)."""
-    param = dict(zip(names, params))
+    other parameters (``grad_clip_scope=model``: they enter the clipping norm of every later step).
+    Sharded: every rank gathers each tensor whole, in the same order; rank 0 alone writes (the single-process
+    format, so a checkpoint does not depend on the number of ranks)."""
+    def groups():
+        for n, p in zip(names, params):
+            rows = p.shape[0]
+            yield n, {"gamma": shards.gather(state.gamma[n], rows), "v": shards.gather(state.v[n], rows),
+                      "w": shards.full(p), "grad": shards.full(p.grad), "exp_avg": shards.full(opt.state[p]["exp_avg"]),
+                      "exp_avg_sq": shards.full(opt.state[p]["exp_avg_sq"])}
 
-    def per_matrix(n):
-        p = param[n]
-        return {"w": p.detach(), "grad": p.grad, "exp_avg": opt.state[p]["exp_avg"],
-                "exp_avg_sq": opt.state[p]["exp_avg_sq"]}
-
+    extra = ((k, {"grad": shards.full(p.grad)}) for k, p in others.items())
     common = {"generator": gen.get_state(), "prox_generator": prox_gen.get_state(),  # CPU bytes, also for CUDA
               "adam_step": torch.tensor([float(opt.state[params[0]]["step"])])}
-    state.save(ckpt, fp, per_matrix, common, ((k, {"grad": p.grad}) for k, p in others.items()))
+    if shards.writer:
+        write_checkpoint(ckpt, fp, state.step, groups(), common, extra)
+    else:  # the same gathers, nothing written
+        for _ in (*groups(), *extra):
+            pass
 
 
-def _restore_drift(saved: Checkpoint, state, names, params, others, opt, sched, gen, prox_gen) -> None:
-    """Read ``saved`` into the search's own tensors (V, Γ, W, gradients, new Adam moments), one matrix at a time."""
+def _restore_drift(saved: Checkpoint, state, names, params, others, opt, sched, gen, prox_gen,
+                   shards: Whole = Whole()) -> None:
+    """Read ``saved`` into the search's own tensors (V, Γ, W, gradients, new Adam moments), one matrix at a time
+    (sharded: every rank reads each matrix and keeps its rows)."""
     common = saved.common()
     group = opt.param_groups[0]
     on_device = group.get("fused") or group.get("capturable")  # where AdamW itself keeps its step count
     with torch.no_grad():
         for n, p in zip(names, params):
             t = saved.read(n)
-            state.v[n].copy_(t["v"])
-            state.gamma[n].copy_(t["gamma"])
-            p.copy_(t["w"])
-            p.grad.copy_(t["grad"])
+            state.v[n].copy_(shards.rows(t["v"]))
+            state.gamma[n].copy_(shards.rows(t["gamma"]))
+            shards.local(p).copy_(shards.rows(t["w"]))
+            shards.local(p.grad).copy_(shards.rows(t["grad"]))
             opt.state[p] = {"step": torch.tensor(float(common["adam_step"][0]), dtype=torch.float32,
                                                  device=p.device if on_device else "cpu"),
-                            "exp_avg": torch.empty_like(p).copy_(t["exp_avg"]),
-                            "exp_avg_sq": torch.empty_like(p).copy_(t["exp_avg_sq"])}
+                            "exp_avg": shards.like(p, t["exp_avg"]),
+                            "exp_avg_sq": shards.like(p, t["exp_avg_sq"])}
             del t
         for k, p in others.items():
-            p.grad.copy_(saved.read_extra(k)["grad"])
+            shards.local(p.grad).copy_(shards.rows(saved.read_extra(k)["grad"]))
     gen.set_state(common["generator"])
     prox_gen.set_state(common["prox_generator"])
     state.step = saved.step

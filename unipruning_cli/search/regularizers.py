@@ -59,20 +59,35 @@ class L1Prox:
     lam: float = 1e-3
     threshold_mode: str = "quantile"
 
-    def threshold(self, v: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def threshold(self, v: torch.Tensor, generator: torch.Generator | None = None, magnitudes=None) -> torch.Tensor:
+        """τ for ``v``: λ itself (``absolute``), or the λ-quantile of |V| over the whole matrix (``quantile``),
+        estimated on ``QUANTILE_SAMPLE`` positions drawn from ``generator`` above ``EXACT_QUANTILE_MAX`` entries.
+        ``magnitudes`` (``.numel`` and ``.at(positions | None)`` giving |V| there, flat) reads a matrix whose rows
+        are spread over ranks (:mod:`.shards`); by default ``v`` is the whole matrix."""
         if self.threshold_mode == "absolute":
             return torch.tensor(self.lam, dtype=v.dtype, device=v.device)
-        a = v.detach().abs().reshape(-1)
-        if a.numel() > EXACT_QUANTILE_MAX:
-            idx = torch.randint(0, a.numel(), (QUANTILE_SAMPLE,), generator=generator, device=generator.device
-                                if generator is not None else a.device)
-            a = a[idx.to(a.device)]
-        return quantile(a, self.lam)
+        if magnitudes is None:
+            magnitudes = _Local(v.detach().abs().reshape(-1))
+        idx = None
+        if magnitudes.numel > EXACT_QUANTILE_MAX:
+            idx = torch.randint(0, magnitudes.numel, (QUANTILE_SAMPLE,), generator=generator,
+                                device=generator.device if generator is not None else v.device)
+        return quantile(magnitudes.at(idx), self.lam)
 
-    def __call__(self, v: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, v: torch.Tensor, generator: torch.Generator | None = None, magnitudes=None) -> torch.Tensor:
         if self.lam == 0:
             return v.clone()
-        return soft_threshold(v, self.threshold(v, generator))
+        return soft_threshold(v, self.threshold(v, generator, magnitudes).to(v.device))
+
+
+class _Local:
+    """|V| of a matrix held whole, read at flat positions (all: None)."""
+
+    def __init__(self, flat_abs: torch.Tensor) -> None:
+        self.flat, self.numel = flat_abs, flat_abs.numel()
+
+    def at(self, positions: torch.Tensor | None) -> torch.Tensor:
+        return self.flat if positions is None else self.flat[positions.to(self.flat.device)]
 
 
 def build_regularizer(name: str, lam: float, threshold_mode: str) -> L1Prox:

@@ -21,7 +21,8 @@ from ..onload import weights_on
 from ..progress import Timer
 from ..rundir import RunDir, file_locks, load_tensors
 from ..sweep import SweepContext
-from .mirror_descent import LamSibling, search_drift, search_frozen
+from .frozen import search_frozen
+from .mirror_descent import LamSibling, search_drift
 from .regularizers import build_regularizer
 from .settings import SearchSettings
 from .store import (indexed_search, lam_siblings, record_search, reuse_search, search_fingerprint, search_index,

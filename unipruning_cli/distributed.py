@@ -1,0 +1,146 @@
+"""Runs across several processes: the launch environment, the process group, and row shards of a matrix.
+
+A prune launched by ``torchrun --nproc-per-node N`` (or by SLURM's ``srun`` / ``hydra/launcher=slurm`` with N tasks)
+runs its drift search over N ranks with PyTorch's FSDP2 (:mod:`.search.sharded`). Every rank runs the same code;
+rank 0 alone writes (run directory, logs, locks, checkpoints) and the other ranks only compute.
+
+Row shards follow FSDP2's ``Shard(0)`` layout (``torch.chunk`` on dim 0): rank r holds rows
+``[r·c, min((r+1)·c, rows))`` with ``c = ceil(rows / N)``, so the last ranks may hold fewer rows, or none.
+The process group is ``gloo`` for CPU tensors and ``nccl`` for CUDA tensors where CUDA is present (one group
+with both backends, so host-side state such as ``schedule.search_state=host`` can still be gathered).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in the launch: ``rank`` of ``world`` (``local`` on its node)."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+    launcher: str = "single"  # single | torchrun | slurm
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes."""
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Ranks()
+
+
+def launch_ranks(environ: dict[str, str] | None = None) -> Ranks:
+    """The ranks of this launch from its environment, without starting anything.
+
+    ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; under SLURM with several tasks and no ``RANK``
+    (``srun``, or a ``hydra/launcher=slurm`` job asking for N tasks) submitit's ``TorchDistributedEnvironment``
+    derives the same from ``SLURM_*`` and exports them (with ``MASTER_ADDR`` / ``MASTER_PORT``) for the process
+    group. One process (no variables, or a world of 1) is :data:`SINGLE`.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"])), "torchrun")
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env and environ is None:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        denv = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return Ranks(denv.rank, denv.world_size, denv.local_rank, "slurm")
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:  # a given environment: read, export nothing
+        return Ranks(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")), "slurm")
+    return SINGLE
+
+
+def start(ranks: Ranks) -> torch.device:
+    """Join the process group of ``ranks`` (once; a no-op for one process) and return this rank's device:
+    ``cuda:<local rank>`` where CUDA is present, else the CPU."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", ranks.local) if torch.cuda.is_available() else torch.device("cpu")
+    if not ranks.sharded or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world)
+    log.info("rank %d of %d (%s, %s)", ranks.rank, ranks.world, ranks.launcher, backend)
+    return device
+
+
+def stop() -> None:
+    """Leave the process group (after a barrier, so no rank leaves while another still needs it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def broadcast(obj, ranks: Ranks):
+    """``obj`` as rank 0 has it, on every rank (a no-op for one process). Raises what rank 0 raised: rank 0 hands
+    an exception instead of a value, and every rank raises it, so no rank waits forever on a failed one."""
+    import torch.distributed as dist
+
+    if not ranks.sharded:
+        if isinstance(obj, BaseException):
+            raise obj
+        return obj
+    box = [obj if ranks.main else None]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def picklable(err: BaseException) -> BaseException:
+    """``err`` if it survives pickling (to be broadcast), else a ``RuntimeError`` with its message."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001 - any exception type may refuse pickling
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def row_range(rows: int, ranks: Ranks) -> tuple[int, int]:
+    """``[start, stop)`` of the rows rank ``ranks.rank`` holds of a dim-0 size ``rows`` (FSDP2's ``Shard(0)``)."""
+    chunk = -(-rows // ranks.world)
+    start = min(rows, ranks.rank * chunk)
+    return start, min(rows, start + chunk)
+
+
+def gather_rows(local: torch.Tensor, rows: int, ranks: Ranks) -> torch.Tensor:
+    """The whole tensor (dim 0 of size ``rows``) from every rank's rows, on every rank (``all_gather`` of the
+    padded shards). ``local``: this rank's rows, as :func:`row_range` says."""
+    import torch.distributed as dist
+
+    if not ranks.sharded:
+        return local
+    chunk = -(-rows // ranks.world)
+    padded = local.new_zeros((chunk, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(ranks.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:rows]
+
+
+def all_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """``t`` summed over the ranks, in place (a no-op for one process); returns ``t``."""
+    import torch.distributed as dist
+
+    if ranks.sharded:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
