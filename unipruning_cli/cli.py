@@ -47,10 +47,37 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[list[str]], No
 
         register_schemas()
         cfg_dir = config_dir()
-        sys.argv = [f"unipruning {config_name}", *rewrite_nm_overrides(args, cfg_dir)]
+        args = rewrite_nm_overrides(args, cfg_dir) + _rank_overrides(args)
+        sys.argv = [f"unipruning {config_name}", *args]
         hydra.main(version_base="1.3", config_path=cfg_dir, config_name=config_name)(task)()
 
     return run
+
+
+def _rank_overrides(args: list[str]) -> list[str]:
+    """Under ``torchrun`` (several ranks): join the process group before Hydra composes, so that every rank takes
+    rank 0's launch time for the run directory (``${launch_time:...}``, one directory), and on the other ranks
+    Hydra writes nothing (no ``.hydra/``, no log file; console warnings only). A sweep (``-m``) is refused:
+    each job of ``hydra/launcher=slurm`` with N tasks is the multi-rank form of a sweep."""
+    from .config import set_launch_time
+    from .distributed import broadcast, launch_ranks, start
+
+    ranks = launch_ranks()
+    if not ranks.sharded or ranks.launcher != "torchrun":
+        return []
+    if any(a in ("-m", "--multirun") for a in args):
+        raise UserError("-m under torchrun: launch a sweep of multi-rank jobs with hydra/launcher=slurm "
+                        "(hydra.launcher.tasks_per_node=N), or run each job with its own torchrun")
+    start(ranks)
+    from datetime import datetime
+
+    set_launch_time(broadcast(datetime.now(), ranks))
+    if ranks.main:
+        return []
+    from .progress import quiet
+
+    quiet()
+    return ["hydra.output_subdir=null", "hydra/job_logging=rank"]
 
 
 def _prune_task(cfg) -> float | None:
@@ -62,14 +89,21 @@ def _prune_task(cfg) -> float | None:
     from .runner import record_failure, run_prune
     from .sweep import sweep_context
 
+    from .distributed import launch_ranks
+
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    ranks = launch_ranks()  # several: torchrun, or a SLURM job with several tasks (the search runs over them)
     try:
         validate(cfg)
-        metrics = run_prune(cfg, out, reuse_model=multirun, sweep=sweep_context(Path(hc.sweep.dir)) if multirun else None)
+        metrics = run_prune(cfg, out, reuse_model=multirun, sweep=sweep_context(Path(hc.sweep.dir)) if multirun else None,
+                            ranks=ranks)
+        if metrics is None:  # a rank other than 0: its part (the sharded search) is done
+            return None
     except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised outside sweeps
-        record_failure(out, err)
+        if ranks.main:
+            record_failure(out, err)
         if multirun:
             log.error("job %s failed: %s", hc.job.num, err)
             return None

@@ -127,6 +127,26 @@ class PruneConfig:
     experiment: Optional[str] = None
 
 
+_LAUNCH_TIME = None
+
+
+def set_launch_time(when) -> None:
+    """Fix ``${launch_time:<strftime pattern>}`` (the run and sweep folders) to ``when`` (a ``datetime``): the ranks
+    of a launch take rank 0's, so they compose one run directory."""
+    global _LAUNCH_TIME
+    _LAUNCH_TIME = when
+
+
+def _launch_time(pattern: str) -> str:
+    from datetime import datetime
+
+    return (_LAUNCH_TIME or datetime.now()).strftime(pattern)
+
+
+# Hydra's ${now:...}, except that a multi-rank launch shares rank 0's time (set_launch_time).
+OmegaConf.register_new_resolver("launch_time", _launch_time, use_cache=True, replace=True)
+
+
 def register_schemas() -> None:
     """Register the prune schema, and a group option for every registered local metric and regulariser
     that has no YAML of its own in ``configs/``: a new one is then selectable as ``local_metric=<name>``
@@ -294,6 +314,7 @@ def validate_search(cfg: DictConfig) -> None:
     check(s.grad_accumulation >= 1, f"schedule.grad_accumulation={s.grad_accumulation} must be >= 1")
     check(s.checkpoint_every >= 1, f"schedule.checkpoint_every={s.checkpoint_every} must be >= 1")
     one_of("schedule.search_state", s.search_state, ("auto", "device", "host"))
+    one_of("schedule.fsdp_offload", str(s.fsdp_offload).lower(), ("auto", "true", "false"))
     one_of("schedule.drift_dtype", s.drift_dtype, ("weights", "float32"))
 
 

@@ -15,12 +15,21 @@ console = Console(stderr=True)
 log = logging.getLogger(__name__)
 
 
+_QUIET = False
+
+
+def quiet() -> None:
+    """No progress bars from this process (the ranks of a launch other than rank 0)."""
+    global _QUIET
+    _QUIET = True
+
+
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
+    with Progress(*columns, console=console, transient=False, disable=_QUIET or not console.is_terminal) as progress:
         task = progress.add_task(description, total=total)
         for item in items:
             yield item

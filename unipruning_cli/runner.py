@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import plain
+from .distributed import SINGLE, Ranks, broadcast, picklable, start
 from .errors import UserError
 from .evaluation.dense import dense_evaluation
 from .evaluation.protocol import eval_windows_of, evaluate_masks, evaluate_pruned, result_entry
@@ -30,6 +31,7 @@ from .baselines.local import baseline_masks
 from .pruning import cut_masks, prune_stage
 from .report import print_summary, write_plots, write_summary_md
 from .rundir import RunDir, atomic_write_json, atomic_write_text
+from .search.sharded import check_sharded_run, run_sharded_search
 from .search.stage import run_search
 from .sweep import SweepContext
 
@@ -52,20 +54,31 @@ def check_targets_fit(layers, targets: list[Target]) -> None:
                 raise UserError(str(err)) from None
 
 
-def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: SweepContext | None = None) -> dict:
+def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: SweepContext | None = None,
+              ranks: Ranks = SINGLE) -> dict | None:
     """Run the whole pipeline into ``out_dir``; returns the metrics written to metrics.json.
 
     ``reuse_model``: keep the loaded model for the next job of a sweep (see ``load_model_reused``).
-    ``sweep``: the sweep this job belongs to, whose other λ its search may serve (see ``run_search``)."""
+    ``sweep``: the sweep this job belongs to, whose other λ its search may serve (see ``run_search``).
+    ``ranks``: a launch over several processes (``torchrun``): every rank runs the drift search with FSDP2
+    (:mod:`.search.sharded`), then rank 0 alone runs the rest and the others return None. Only rank 0 writes."""
     t_start = time.perf_counter()
-    rd = RunDir(out_dir)
-    (rd / "error.json").unlink(missing_ok=True)  # a resumed run starts clean
+    rd = RunDir(out_dir, create=ranks.main)
     timer = Timer()
-    atomic_write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if ranks.main:
+        (rd / "error.json").unlink(missing_ok=True)  # a resumed run starts clean
+        atomic_write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     primary = make_target(cfg)
-    plan = check_run_fits(cfg) if cfg.plan_check else None  # before any weight is read
+    if ranks.sharded:
+        check_sharded_run(cfg, ranks)
+    plan = _checked_plan(cfg, ranks) if cfg.plan_check else None  # before any weight is read
     placement = chosen_placement(cfg, plan)
+    if ranks.sharded:
+        offload = plan.fsdp_offload if plan is not None else str(cfg.schedule.fsdp_offload).lower() == "true"
+        run_sharded_search(cfg, rd, timer, ranks, start(ranks), offload)
+        if not ranks.main:
+            return None
 
     with timer.stage("load"):
         model, tok = (load_model_reused if reuse_model else load_model)(cfg.model, placement)
@@ -94,6 +107,19 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     write_summary_md(rd / "summary.md", metrics, plots)
     print_summary(metrics, rd.path)
     return metrics
+
+
+def _checked_plan(cfg: DictConfig, ranks: Ranks) -> Plan | None:
+    """:func:`check_run_fits` on rank 0, its plan or its refusal then on every rank (all stop, or none)."""
+    if not ranks.sharded:
+        return check_run_fits(cfg)
+    plan = None
+    if ranks.main:
+        try:
+            plan = check_run_fits(cfg, ranks.world)
+        except Exception as err:  # noqa: BLE001 - raised again on every rank by broadcast
+            plan = picklable(err)
+    return broadcast(plan, ranks)
 
 
 def chosen_placement(cfg: DictConfig, plan: Plan | None) -> str:

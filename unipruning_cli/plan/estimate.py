@@ -55,6 +55,8 @@ class Plan:
     gpu_memory: float | None
     host_memory: float | None
     onload: bool = False  # sequential onloading: the run loads with model.placement=onload
+    ranks: int = 1  # processes of the launch: >1 runs the drift search with FSDP2 over them (torchrun)
+    fsdp_offload: bool = False  # that search with FSDP's CPU offload (the plan's choice under schedule.fsdp_offload=auto)
     fits: bool = False
     advice: list[str] = field(default_factory=list)
 
@@ -96,28 +98,45 @@ def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
             "block": max(sum(p.numel() for p in b.parameters()) for b in blocks)}
 
 
-def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None) -> Plan:
+def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None,
+             ranks: int = 1) -> Plan:
     """The plan of ``unipruning prune`` with ``cfg`` on ``gpus`` GPUs of ``gpu_memory`` bytes (0: the CPU) and a
     host of ``host_memory`` bytes (None: not checked). ``model.placement=auto`` takes every weight to the GPU
-    when that fits, else sequential onloading where the method allows it (not the drift search)."""
+    when that fits, else sequential onloading where the method allows it (not a one-process drift search).
+    ``ranks`` > 1: a ``torchrun`` launch of that many processes (one GPU each), whose drift search runs with FSDP2
+    over them and the rest of the run in rank 0; ``schedule.fsdp_offload=auto`` takes FSDP's CPU offload only
+    where the search does not fit without it."""
     placement = cfg.model.placement
     if placement == "auto":
-        placement = "device"
-        whole = _plan(cfg, gpus, gpu_memory, host_memory, "device")
-        if whole.fits or not _can_onload(cfg, gpus):
+        whole = _plan_offload(cfg, gpus, gpu_memory, host_memory, "device", ranks)
+        if whole.fits or not _can_onload(cfg, gpus, ranks):
             return whole
-        onloaded = _plan(cfg, gpus, gpu_memory, host_memory, "onload")
+        onloaded = _plan_offload(cfg, gpus, gpu_memory, host_memory, "onload", ranks)
         return onloaded if onloaded.fits or onloaded.peak_gpu < whole.peak_gpu else whole
-    return _plan(cfg, gpus, gpu_memory, host_memory, placement)
+    return _plan_offload(cfg, gpus, gpu_memory, host_memory, placement, ranks)
 
 
-def _can_onload(cfg: DictConfig, gpus: int) -> bool:
-    """Sequential onloading serves block-wise stages on a GPU, with no ``device_map``, and not the drift search."""
+def _plan_offload(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None, placement: str,
+                  ranks: int) -> Plan:
+    choice = str(cfg.schedule.get("fsdp_offload", "auto")).lower()
+    if ranks < 2 or choice in ("true", "false"):
+        return _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, choice == "true")
+    plain_ = _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, False)
+    if plain_.fits or not gpus:
+        return plain_
+    offloaded = _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, True)
+    return offloaded if offloaded.fits else plain_
+
+
+def _can_onload(cfg: DictConfig, gpus: int, ranks: int = 1) -> bool:
+    """Sequential onloading serves block-wise stages on a GPU, with no ``device_map``, and not a one-process drift
+    search (over several ranks the search has its own placement, FSDP2, and rank 0 onloads for the rest)."""
     drift = cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift"
-    return gpus > 0 and not cfg.model.device_map and not drift
+    return gpus > 0 and not cfg.model.device_map and (not drift or ranks > 1)
 
 
-def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None, placement: str) -> Plan:
+def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None, placement: str,
+          ranks: int = 1, offload: bool = False) -> Plan:
     on_gpu = gpus > 0
     onload = placement == "onload" and on_gpu
     dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda" if on_gpu else "cpu"))
@@ -172,6 +191,9 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
                                          "matrix's) on the host; masks packed")
     elif mode == "frozen":
         add("search", Wo + 42 * s["L_max"], 4 * P + per_sample, "W + one matrix's search; Γ (fp32) on the host")
+    elif ranks > 1:
+        for stage in sharded_search_stages(cfg, s, b, ranks, offload, on_gpu, gpu_memory):
+            stages.append(stage if on_gpu else Stage(stage.name, 0.0, stage.host + stage.gpu * ranks, stage.what))
     else:
         on_host = _state_on_host(cfg, P, b, on_gpu, gpu_memory, Wd)
         bd = drift_element_size(cfg.schedule.drift_dtype, b)  # the drifting W's dtype (fp32 master copy or W's own)
@@ -205,9 +227,13 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
 
     where = "cpu" if not on_gpu else f"{gpus} GPU(s)" + (", device_map" if cfg.model.device_map else "") + \
         (", sequential onloading" if onload else "")
+    sharded = ranks > 1 and mode == "drift"
+    if sharded:
+        where = f"search: FSDP2 over {ranks} ranks{' with CPU offload' if offload else ''}; then rank 0: {where}"
     plan = Plan(model=cfg.model.name, method=cfg.method, weight_mode=mode, placement=where,
-                prunable_weights=P, other_weights=N, stages=stages, host_baseline=float(rss_bytes()),
-                gpus=gpus, gpu_memory=gpu_memory, host_memory=host_memory, onload=onload)
+                prunable_weights=P, other_weights=N, stages=stages, host_baseline=float(rss_bytes()) * ranks,
+                gpus=gpus, gpu_memory=gpu_memory, host_memory=host_memory, onload=onload, ranks=ranks,
+                fsdp_offload=offload and sharded)
     plan.fits = (not on_gpu or gpu_memory is None or plan.peak_gpu <= USABLE * gpu_memory) and \
         (host_memory is None or plan.peak_host <= USABLE * host_memory)
     if not plan.fits:
@@ -266,10 +292,10 @@ def _figures(cfg: DictConfig, plan: Plan, change: dict) -> str:
     return f" (planned: {gpu}host {other.peak_host / GIB:.1f} GiB, {'fits' if other.fits else 'does not fit either'})"
 
 
-def check_run_fits(cfg: DictConfig) -> Plan | None:
-    """The plan of ``cfg`` on this machine (its visible GPUs and host memory); raises :class:`UserError` with
-    the plan's figures and what would fit when it does not. Called by ``unipruning prune`` before any weight
-    is read (``plan_check=false`` skips it)."""
+def check_run_fits(cfg: DictConfig, ranks: int = 1) -> Plan | None:
+    """The plan of ``cfg`` on this machine (its visible GPUs and host memory; ``ranks``: the processes of this
+    launch, one GPU each); raises :class:`UserError` with the plan's figures and what would fit when it does not.
+    Called by ``unipruning prune`` before any weight is read (``plan_check=false`` skips it)."""
     import logging
 
     from ..errors import UserError
@@ -280,7 +306,7 @@ def check_run_fits(cfg: DictConfig) -> Plan | None:
     gpus = (torch.cuda.device_count() if cfg.model.device_map else 1) if device.type == "cuda" else 0
     gpu_memory = torch.cuda.get_device_properties(device).total_memory if gpus else None
     try:
-        plan = plan_run(cfg, gpus, gpu_memory, host_total_bytes())
+        plan = plan_run(cfg, gpus, gpu_memory, host_total_bytes(), ranks)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001  (an architecture the meta device cannot build: run unplanned, say so)
@@ -294,3 +320,49 @@ def check_run_fits(cfg: DictConfig) -> Plan | None:
                         f"(`unipruning plan <overrides>` shows every stage). What would: " + "; ".join(plan.advice)
                         + ". plan_check=false runs it anyway.")
     return plan
+
+
+def sharded_search_stages(cfg: DictConfig, s: dict, b: int, ranks: int, offload: bool, on_gpu: bool,
+                          gpu_memory: float | None) -> list[Stage]:
+    """The drift search with FSDP2 over ``ranks`` processes (:mod:`..search.sharded`): GPU bytes of each rank, host
+    bytes of the node (all its ranks). Each rank holds 1/ranks of W, of its gradient and Adam's m and v, of the other
+    parameters' gradients (``grad_clip_scope=model``) and of V and Γ (fp32; on the host with
+    ``schedule.search_state=host``); FSDP gathers the current and the prefetched block whole (weights, and their
+    gradients in the backward pass) and keeps the root's parameters (embeddings, lm_head) whole through the step;
+    each rank computes one matrix's metric on the whole matrix (W gathered, S fp32, V's quantile sample). With
+    CPU offload the shards (W, gradients, m, v, and V and Γ) live in host memory instead."""
+    P, N, L_max = s["P"], s["N"], s["L_max"]
+    bd = drift_element_size(cfg.schedule.drift_dtype, b)
+    others = N * b if cfg.schedule.grad_clip_scope == "model" else 0
+    state_host = offload or cfg.schedule.search_state == "host"
+    shards = ((P + N) * b + 3 * P * bd + others) / ranks  # W, gradient, m, v, the others' gradients
+    vg = 8 * P / ranks
+    T_c = cfg.calibration.seqlen
+    act = s["L"] * T_c * s["h"] * b + T_c * (10 * s["h"] + 3 * s["I"]) * b * 2 + 12 * T_c * s["V"]
+    gathered = 4 * s["block"] * b + s["outside"] * b
+    metric = L_max * (b + 4 + 16)
+    gpu = gathered + act + metric + (0 if offload else shards) + (0 if state_host else vg)
+    host_rank = P * b / ranks + (shards if offload else 0) + (vg if state_host else 0)  # + the restore copy of W
+    load_host = (P + N) * b  # rank 0 reads every weight before they are sent out
+    where = "host" if state_host else "GPU"
+    what = (f"per GPU: 1/{ranks} of W, gradient, Adam m, v" + (" (on the host: FSDP CPU offload)" if offload else "")
+            + f"; V, Γ shards on the {where}; two blocks and the root gathered; activations; one matrix's metric")
+    return [Stage("load_sharded", (0 if offload else ((P + N) * b) / ranks) + s["block"] * b, load_host,
+                  f"rank 0 reads W on the host and sends each rank its 1/{ranks}"),
+            Stage("search", gpu, host_rank * ranks, what),
+            Stage("search_checkpoint", gpu, host_rank * ranks + L_max * (4 * b + 8),
+                  "every checkpoint_every steps: rank 0 writes each matrix gathered whole, one at a time")]
+
+
+def gpus_needed(cfg: DictConfig, gpu_memory: float, host_memory: float | None, offload: bool,
+                most: int = 64) -> int | None:
+    """The fewest GPUs of ``gpu_memory`` bytes (one rank each, one node) on which the drift search of ``cfg`` fits
+    with FSDP2, with or without CPU offload; None when ``most`` are not enough."""
+    from omegaconf import OmegaConf
+
+    fixed = OmegaConf.merge(cfg, {"schedule": {"fsdp_offload": offload}})
+    for n in range(2, most + 1):
+        if _plan(fixed, n, gpu_memory, host_memory, "device", n, offload).fits or \
+                _plan(fixed, n, gpu_memory, host_memory, "onload", n, offload).fits:
+            return n
+    return None

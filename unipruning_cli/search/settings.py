@@ -51,10 +51,12 @@ class ScheduleConfig:
     activation_checkpointing: bool = True  # drift: recompute block activations in the backward (same Γ)
     search_state: str = "auto"  # drift: V and Γ on the weights' "device", or "host" (pinned), one matrix moved at a
     # time; "auto": the device where they fit beside the rest of the search, else the host
+    fsdp_offload: str = "auto"  # drift under torchrun (FSDP2): "true" keeps the sharded W, gradients, Adam state, V and Γ
+    # in host memory (FSDP's CPU offload); "auto": only where the memory plan says the search does not fit without it
 
 
 #: Fields that change how the search runs but never its Γ (bit for bit): left out of the search fingerprint.
-NOT_IN_FINGERPRINT = ("checkpoint_every", "activation_checkpointing", "search_state")
+NOT_IN_FINGERPRINT = ("checkpoint_every", "activation_checkpointing", "search_state", "fsdp_offload")
 
 
 #: The ScheduleConfig fields that only steer the weight optimiser (marked ``drift_only`` above).

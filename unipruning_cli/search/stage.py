@@ -26,7 +26,7 @@ from .mirror_descent import LamSibling, search_drift
 from .regularizers import build_regularizer
 from .settings import SearchSettings
 from .store import (indexed_search, lam_siblings, record_search, reuse_search, search_fingerprint, search_index,
-                    siblings_that_fit)
+                    siblings_that_fit, weight_placement)
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +44,21 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
     if rd.is_complete("search", fp):
         log.info("search stage complete in %s: loading gamma.safetensors", rd.path)
         return load_tensors(rd / "gamma.safetensors"), rd.stage_info("search")["info"]
-    own_index = search_index(cfg, fp, model)
+    own_index = search_index(cfg, fp, weight_placement(model))
     siblings = lam_siblings(cfg, sweep, model)
     locks = [own_index.with_suffix(".lock"), *(s.index.with_suffix(".lock") for s in siblings)] if cfg.reuse_search else []
     with file_locks(locks):
-        reused = reuse_search(cfg, fp, rd, model)
+        reused = reuse_search(cfg, fp, rd, own_index)
         if reused is not None:
             return load_tensors(rd / "gamma.safetensors"), reused
         layers = prunable_layers(model)
         siblings = [s for s in siblings if indexed_search(s.index, s.fp) is None]
         siblings = siblings_that_fit(siblings, sum(m.weight.numel() for m in layers.values()),
                                      cfg.schedule.weight_mode, next(model.parameters()).device)
-        c, sch = cfg.calibration, cfg.schedule
+        sch = cfg.schedule
         if sch.weight_mode == "frozen" and sch.rho != 0:
             log.warning("schedule.rho=%g has no effect in frozen mode: ρ only steers the drifting weights", sch.rho)
-        knobs = {k: v for k, v in plain(cfg.local_metric).items() if k != "name"}
-        metric = build_metric(cfg.local_metric.name, **knobs)
-        prox = build_regularizer(cfg.regularizer.name, cfg.regularizer.lam, cfg.regularizer.threshold_mode)
-        settings = SearchSettings(**plain(sch), seed=cfg.seed)
+        metric, prox, settings = search_parts(cfg)
         windows, calib = calibration_set(cfg, tok)
         ckpt = rd / "checkpoints" / "search.safetensors"
         lanes = [LamSibling(build_regularizer(cfg.regularizer.name, s.lam, cfg.regularizer.threshold_mode),
@@ -77,10 +74,7 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
             else:
                 gamma, bpp = search_drift(model, layers, windows, metric, prox, settings, ckpt, fp,
                                           rd / "search.jsonl", siblings=lanes)
-        info = {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": cfg.seed,
-                **{k: calib[k] for k in ("sampling", "requested", "documents") if k in calib},
-                "tokens": int(windows.numel()), "steps": sch.steps, "weight_mode": sch.weight_mode,
-                "state_bytes_per_param": bpp, "search_seconds": timer.seconds["search"]}
+        info = search_info(cfg, calib, windows, bpp, timer.seconds["search"])
         if lanes:
             info["lams_in_pass"] = [cfg.regularizer.lam,
                                     *(s.lam for s, lane in zip(siblings, lanes) if lane.gamma is not None)]
@@ -89,3 +83,20 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
             if lane.gamma is not None:
                 record_search(s.cfg, s.fp, RunDir(s.dir), lane.gamma, {**info, "searched_by": str(rd.path)}, s.index)
     return gamma, info
+
+
+def search_parts(cfg: DictConfig) -> tuple:
+    """The local metric, the regulariser's prox and the search settings a config asks for."""
+    knobs = {k: v for k, v in plain(cfg.local_metric).items() if k != "name"}
+    metric = build_metric(cfg.local_metric.name, **knobs)
+    prox = build_regularizer(cfg.regularizer.name, cfg.regularizer.lam, cfg.regularizer.threshold_mode)
+    return metric, prox, SearchSettings(**plain(cfg.schedule), seed=cfg.seed)
+
+
+def search_info(cfg: DictConfig, calib: dict, windows, bytes_per_param: float, seconds: float) -> dict:
+    """What the search stage's marker records: the calibration it used, its steps, state bytes and seconds."""
+    c, sch = cfg.calibration, cfg.schedule
+    return {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": cfg.seed,
+            **{k: calib[k] for k in ("sampling", "requested", "documents") if k in calib},
+            "tokens": int(windows.numel()), "steps": sch.steps, "weight_mode": sch.weight_mode,
+            "state_bytes_per_param": bytes_per_param, "search_seconds": seconds}

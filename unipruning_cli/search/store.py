@@ -56,14 +56,20 @@ def search_fingerprint(cfg: DictConfig) -> str:
                         "revision": SEARCH_REVISION})
 
 
-def search_index(cfg: DictConfig, fp: str, model) -> Path:
+def weight_placement(model) -> list[str]:
+    """``[dtype, device type]`` of a loaded model's weights: what :func:`search_index` keys on."""
+    weight = next(model.parameters())
+    return [str(weight.dtype), weight.device.type]
+
+
+def search_index(cfg: DictConfig, fp: str, placement: list[str]) -> Path:
     """Where a finished search is recorded: the run that holds its Γ (an index, not a copy of Γ).
 
     The key adds what the config cannot say: the files behind the model and the corpus, the library
-    versions, and where the weights really live (``dtype: auto`` is bf16 on CUDA, fp32 on CPU)."""
-    weight = next(model.parameters())
+    versions, and where the weights really live (``placement``, :func:`weight_placement`: ``dtype: auto`` is
+    bf16 on CUDA, fp32 on CPU). One process or FSDP2 ranks: the same key (the same Γ within rounding)."""
     key = fingerprint({"search": fp, "model": model_identity(cfg.model), "corpus": corpus_identity(cfg.calibration.source),
-                       "versions": versions(), "placement": [str(weight.dtype), weight.device.type]})
+                       "versions": versions(), "placement": list(placement)})
     return cache_dir() / "search" / f"{key}.json"
 
 
@@ -75,16 +81,16 @@ def indexed_search(index: Path, fp: str) -> RunDir | None:
     return source if source.is_complete("search", fp) else None
 
 
-def reuse_search(cfg: DictConfig, fp: str, rd: RunDir, model) -> dict | None:
+def reuse_search(cfg: DictConfig, fp: str, rd: RunDir, index: Path) -> dict | None:
     """Adopt the Γ of an earlier run with the same search (another sweep job, another sparsity).
 
-    The earlier run must still hold a complete search stage with this fingerprint; Γ is hard-linked
-    into this run (files are only ever replaced, never rewritten, so the link is safe), or copied
-    across file systems. Returns the search info, or None when there is nothing to reuse.
+    ``index``: this search's :func:`search_index` entry. The earlier run must still hold a complete search stage
+    with this fingerprint; Γ is hard-linked into this run (files are only ever replaced, never rewritten, so the
+    link is safe), or copied across file systems. Returns the search info, or None when there is nothing to reuse.
     """
     if not cfg.reuse_search:
         return None
-    source = indexed_search(search_index(cfg, fp, model), fp)
+    source = indexed_search(index, fp)
     if source is None or source.path.resolve() == rd.path.resolve():
         return None
     for rel in ("gamma.safetensors", "search.jsonl", "plots/search.png"):
@@ -143,7 +149,7 @@ def lam_siblings(cfg: DictConfig, sweep: SweepContext | None, model) -> list[Lam
         except UserError:  # that job fails on its own; it must not take this one down with it
             continue
         fp = search_fingerprint(sib)
-        index = search_index(sib, fp, model)
+        index = search_index(sib, fp, weight_placement(model))
         out.append(LamSearch(lam, sib, fp, index, sweep.dir / ".searches" / index.stem))
     return out
 
