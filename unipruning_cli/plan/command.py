@@ -35,7 +35,9 @@ def plan_command(args: list[str]) -> None:
 
     ap = argparse.ArgumentParser(prog="unipruning plan", description=__doc__.split("\n")[0])
     ap.add_argument("overrides", nargs="*", help="the same key=value overrides as unipruning prune")
-    ap.add_argument("--gpus", type=int, default=None, help="GPUs of the run (default: those visible; 0: CPU only)")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="GPUs of the run (default: those visible; 0: CPU only); N > 1 with the drift search and no "
+                         "model.device_map: a torchrun launch of N ranks, the search sharded over them with FSDP2")
     ap.add_argument("--gpu-memory", default=None, help="memory of each GPU, e.g. 80GiB (default: the visible GPU's)")
     ap.add_argument("--host-memory", default=None,
                     help="host memory, e.g. 256GiB (default: this machine's; not checked when --gpus or --gpu-memory "
@@ -55,8 +57,12 @@ def plan_command(args: list[str]) -> None:
         None if other_machine else host_total_bytes())
     cfg = compose_prune(ns.overrides)
     validate_values(cfg)
-    plan = plan_run(cfg, gpus, gpu_memory, host_memory)
+    drift = cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift"
+    ranks = gpus if drift and gpus > 1 and not cfg.model.device_map else 1  # N GPUs, no device_map: torchrun -n N
+    plan = plan_run(cfg, gpus, gpu_memory, host_memory, ranks)
     _print(plan, GIB, USABLE)
+    if drift and gpu_memory and not cfg.model.device_map:
+        _print_gpus_needed(cfg, gpu_memory, host_memory, GIB)
     if ns.json:
         from ..rundir import atomic_write_json
 
@@ -82,3 +88,18 @@ def _print(plan, gib: float, usable: float) -> None:
                   f"peak host {plan.peak_host / gib:.1f} GiB{host} (process baseline {plan.host_baseline / gib:.1f}).")
     console.print("[bold green]fits[/]" if plan.fits else "[bold red]does not fit[/]; what would: "
                   + "; ".join(plan.advice))
+
+
+def _print_gpus_needed(cfg, gpu_memory: float, host_memory: float | None, gib: float) -> None:
+    """How many GPUs of this size the drift search needs with FSDP2 (torchrun, one rank per GPU), with and without
+    FSDP's CPU offload, on this host (or the ``--host-memory`` given)."""
+    from ..progress import console
+    from .estimate import gpus_needed
+
+    parts = []
+    for offload in (False, True):
+        n = gpus_needed(cfg, gpu_memory, host_memory, offload)
+        how = "with FSDP CPU offload (schedule.fsdp_offload=true)" if offload else "without offload"
+        parts.append(f"{n} {how}" if n else f"more than 64 {how}")
+    console.print(f"drift search on GPUs of {gpu_memory / gib:.0f} GiB with FSDP2 (torchrun --nproc-per-node N "
+                  f"-m unipruning_cli prune ...): needs " + "; ".join(parts))

@@ -78,7 +78,23 @@ class Plan:
         return out
 
 
+_SHAPES: dict[str, dict] = {}
+
+
 def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
+    """The counts and sizes the plan needs, from the model built on the meta device (kept per model and dtype: a
+    search over GPU counts plans the same model many times)."""
+    from omegaconf import OmegaConf
+
+    from ..models import model_identity
+
+    key = f"{OmegaConf.to_yaml(cfg.model, resolve=True)}{model_identity(cfg.model)}{dtype}"  # a folder's files too
+    if key not in _SHAPES:
+        _SHAPES[key] = _measure_shapes(cfg, dtype)
+    return _SHAPES[key]
+
+
+def _measure_shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
     model = meta_model(cfg.model, dtype)
     layers = prunable_layers(model)
     prunable = sum(m.weight.numel() for m in layers.values())
@@ -191,9 +207,9 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
                                          "matrix's) on the host; masks packed")
     elif mode == "frozen":
         add("search", Wo + 42 * s["L_max"], 4 * P + per_sample, "W + one matrix's search; Γ (fp32) on the host")
-    elif ranks > 1:
-        for stage in sharded_search_stages(cfg, s, b, ranks, offload, on_gpu, gpu_memory):
-            stages.append(stage if on_gpu else Stage(stage.name, 0.0, stage.host + stage.gpu * ranks, stage.what))
+    elif ranks > 1:  # before rank 0 loads the model for the rest of the run
+        stages[:0] = [stage if on_gpu else Stage(stage.name, 0.0, stage.host + stage.gpu * ranks, stage.what)
+                      for stage in sharded_search_stages(cfg, s, b, ranks, offload, gpu_memory if on_gpu else None)]
     else:
         on_host = _state_on_host(cfg, P, b, on_gpu, gpu_memory, Wd)
         bd = drift_element_size(cfg.schedule.drift_dtype, b)  # the drifting W's dtype (fp32 master copy or W's own)
@@ -225,9 +241,9 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     from ..evaluation import dense  # noqa: F401
     from ..search import stage  # noqa: F401
 
-    where = "cpu" if not on_gpu else f"{gpus} GPU(s)" + (", device_map" if cfg.model.device_map else "") + \
-        (", sequential onloading" if onload else "")
     sharded = ranks > 1 and mode == "drift"
+    where = "cpu" if not on_gpu else f"{1 if sharded else gpus} GPU(s)" + \
+        (", device_map" if cfg.model.device_map else "") + (", sequential onloading" if onload else "")
     if sharded:
         where = f"search: FSDP2 over {ranks} ranks{' with CPU offload' if offload else ''}; then rank 0: {where}"
     plan = Plan(model=cfg.model.name, method=cfg.method, weight_mode=mode, placement=where,
@@ -303,7 +319,7 @@ def check_run_fits(cfg: DictConfig, ranks: int = 1) -> Plan | None:
     from ..provenance import host_total_bytes
 
     device = resolve_device(cfg.model.device)
-    gpus = (torch.cuda.device_count() if cfg.model.device_map else 1) if device.type == "cuda" else 0
+    gpus = ((torch.cuda.device_count() if cfg.model.device_map else ranks) if device.type == "cuda" else 0)
     gpu_memory = torch.cuda.get_device_properties(device).total_memory if gpus else None
     try:
         plan = plan_run(cfg, gpus, gpu_memory, host_total_bytes(), ranks)
@@ -322,7 +338,7 @@ def check_run_fits(cfg: DictConfig, ranks: int = 1) -> Plan | None:
     return plan
 
 
-def sharded_search_stages(cfg: DictConfig, s: dict, b: int, ranks: int, offload: bool, on_gpu: bool,
+def sharded_search_stages(cfg: DictConfig, s: dict, b: int, ranks: int, offload: bool,
                           gpu_memory: float | None) -> list[Stage]:
     """The drift search with FSDP2 over ``ranks`` processes (:mod:`..search.sharded`): GPU bytes of each rank, host
     bytes of the node (all its ranks). Each rank holds 1/ranks of W, of its gradient and Adam's m and v, of the other
@@ -330,17 +346,21 @@ def sharded_search_stages(cfg: DictConfig, s: dict, b: int, ranks: int, offload:
     ``schedule.search_state=host``); FSDP gathers the current and the prefetched block whole (weights, and their
     gradients in the backward pass) and keeps the root's parameters (embeddings, lm_head) whole through the step;
     each rank computes one matrix's metric on the whole matrix (W gathered, S fp32, V's quantile sample). With
-    CPU offload the shards (W, gradients, m, v, and V and Γ) live in host memory instead."""
+    CPU offload the shards (W, gradients, m, v, and V and Γ) live in host memory instead. ``search_state=auto`` puts
+    V and Γ on the host where they do not fit on a GPU of ``gpu_memory`` bytes beside the rest, as each rank does.
+    The host figures are the node's, for one node of ``ranks`` GPUs."""
     P, N, L_max = s["P"], s["N"], s["L_max"]
     bd = drift_element_size(cfg.schedule.drift_dtype, b)
     others = N * b if cfg.schedule.grad_clip_scope == "model" else 0
-    state_host = offload or cfg.schedule.search_state == "host"
     shards = ((P + N) * b + 3 * P * bd + others) / ranks  # W, gradient, m, v, the others' gradients
     vg = 8 * P / ranks
     T_c = cfg.calibration.seqlen
     act = s["L"] * T_c * s["h"] * b + T_c * (10 * s["h"] + 3 * s["I"]) * b * 2 + 12 * T_c * s["V"]
     gathered = 4 * s["block"] * b + s["outside"] * b
     metric = L_max * (b + 4 + 16)
+    state_host = offload or cfg.schedule.search_state == "host" or (
+        cfg.schedule.search_state == "auto" and gpu_memory is not None
+        and gathered + act + metric + shards + vg > USABLE * gpu_memory - CUDA_OVERHEAD)
     gpu = gathered + act + metric + (0 if offload else shards) + (0 if state_host else vg)
     host_rank = P * b / ranks + (shards if offload else 0) + (vg if state_host else 0)  # + the restore copy of W
     load_host = (P + N) * b  # rank 0 reads every weight before they are sent out

@@ -47,6 +47,9 @@ def check_sharded_run(cfg: DictConfig, ranks: Ranks) -> None:
         raise UserError(f"{launch}: model.device_map={cfg.model.device_map!r} places the model on one process's GPUs; "
                         "FSDP2 shards it over the ranks instead: leave model.device_map=null")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(cfg.schedule.fsdp_offload).lower() == "true" and device.type != "cuda":
+        raise UserError(f"{launch}: schedule.fsdp_offload=true moves FSDP's shards from the GPUs to host memory, and "
+                        "there is no GPU here (every shard is in host memory already): use schedule.fsdp_offload=auto")
     if cfg.schedule.drift_dtype == "float32" and resolve_dtype(cfg.model.dtype, device) != torch.float32:
         raise UserError(f"{launch}: schedule.drift_dtype=float32 (an fp32 master copy of W under autocast) runs in "
                         "one process only; over ranks use schedule.drift_dtype=weights or model.dtype=float32")
