@@ -78,23 +78,7 @@ class Plan:
         return out
 
 
-_SHAPES: dict[str, dict] = {}
-
-
 def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
-    """The counts and sizes the plan needs, from the model built on the meta device (kept per model and dtype: a
-    search over GPU counts plans the same model many times)."""
-    from omegaconf import OmegaConf
-
-    from ..models import model_identity
-
-    key = f"{OmegaConf.to_yaml(cfg.model, resolve=True)}{model_identity(cfg.model)}{dtype}"  # a folder's files too
-    if key not in _SHAPES:
-        _SHAPES[key] = _measure_shapes(cfg, dtype)
-    return _SHAPES[key]
-
-
-def _measure_shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
     model = meta_model(cfg.model, dtype)
     layers = prunable_layers(model)
     prunable = sum(m.weight.numel() for m in layers.values())
@@ -122,25 +106,33 @@ def plan_run(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: 
     ``ranks`` > 1: a ``torchrun`` launch of that many processes (one GPU each), whose drift search runs with FSDP2
     over them and the rest of the run in rank 0; ``schedule.fsdp_offload=auto`` takes FSDP's CPU offload only
     where the search does not fit without it."""
+    plan = _chosen_plan(cfg, gpus, gpu_memory, host_memory, ranks)
+    if not plan.fits:
+        plan.advice = _advice(cfg, plan)
+    return plan
+
+
+def _chosen_plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None, ranks: int) -> Plan:
     placement = cfg.model.placement
+    shapes = _shapes(cfg, resolve_dtype(cfg.model.dtype, torch.device("cuda" if gpus > 0 else "cpu")))
     if placement == "auto":
-        whole = _plan_offload(cfg, gpus, gpu_memory, host_memory, "device", ranks)
+        whole = _plan_offload(cfg, gpus, gpu_memory, host_memory, "device", ranks, shapes)
         if whole.fits or not _can_onload(cfg, gpus, ranks):
             return whole
-        onloaded = _plan_offload(cfg, gpus, gpu_memory, host_memory, "onload", ranks)
+        onloaded = _plan_offload(cfg, gpus, gpu_memory, host_memory, "onload", ranks, shapes)
         return onloaded if onloaded.fits or onloaded.peak_gpu < whole.peak_gpu else whole
-    return _plan_offload(cfg, gpus, gpu_memory, host_memory, placement, ranks)
+    return _plan_offload(cfg, gpus, gpu_memory, host_memory, placement, ranks, shapes)
 
 
 def _plan_offload(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None, placement: str,
-                  ranks: int) -> Plan:
+                  ranks: int, shapes: dict) -> Plan:
     choice = str(cfg.schedule.get("fsdp_offload", "auto")).lower()
     if ranks < 2 or choice in ("true", "false"):
-        return _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, choice == "true")
-    plain_ = _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, False)
+        return _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, choice == "true", shapes)
+    plain_ = _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, False, shapes)
     if plain_.fits or not gpus:
         return plain_
-    offloaded = _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, True)
+    offloaded = _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, True, shapes)
     return offloaded if offloaded.fits else plain_
 
 
@@ -152,11 +144,11 @@ def _can_onload(cfg: DictConfig, gpus: int, ranks: int = 1) -> bool:
 
 
 def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None, placement: str,
-          ranks: int = 1, offload: bool = False) -> Plan:
+          ranks: int = 1, offload: bool = False, shapes: dict | None = None) -> Plan:
     on_gpu = gpus > 0
     onload = placement == "onload" and on_gpu
     dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda" if on_gpu else "cpu"))
-    s = _shapes(cfg, dtype)
+    s = shapes or _shapes(cfg, dtype)
     b = dtype.itemsize
     P, N, h, V = s["P"], s["N"], s["h"], s["V"]
     W = (P + N) * b
@@ -252,8 +244,6 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
                 fsdp_offload=offload and sharded)
     plan.fits = (not on_gpu or gpu_memory is None or plan.peak_gpu <= USABLE * gpu_memory) and \
         (host_memory is None or plan.peak_host <= USABLE * host_memory)
-    if not plan.fits:
-        plan.advice = _advice(cfg, plan)
     return plan
 
 
@@ -286,6 +276,9 @@ def _advice(cfg: DictConfig, plan: Plan) -> list[str]:
             out.append("schedule.search_state=host (V and Γ, 8 bytes per prunable weight, in pinned host memory)")
         out.append("schedule.weight_mode=frozen (W fixed: one matrix's search state at a time on the device)"
                    + _figures(cfg, plan, {"schedule": {"weight_mode": "frozen"}}))
+        if gpu_short and plan.ranks < 2:
+            out.append("several GPUs: torchrun --nproc-per-node N -m unipruning_cli prune ... shards the search with "
+                       "FSDP2 (`unipruning plan --gpus N` says how many)")
     elif gpu_short and not plan.onload and _can_onload(cfg, plan.gpus):
         out.append("model.placement=onload (sequential onloading: the blocks in host memory, one at a time on "
                    "the GPU)" + _figures(cfg, plan, {"model": {"placement": "onload"}}))
@@ -381,8 +374,8 @@ def gpus_needed(cfg: DictConfig, gpu_memory: float, host_memory: float | None, o
     from omegaconf import OmegaConf
 
     fixed = OmegaConf.merge(cfg, {"schedule": {"fsdp_offload": offload}})
+    shapes = _shapes(cfg, resolve_dtype(cfg.model.dtype, torch.device("cuda")))  # built once, not once per count
     for n in range(2, most + 1):
-        if _plan(fixed, n, gpu_memory, host_memory, "device", n, offload).fits or \
-                _plan(fixed, n, gpu_memory, host_memory, "onload", n, offload).fits:
+        if any(_plan(fixed, n, gpu_memory, host_memory, where, n, offload, shapes).fits for where in ("device", "onload")):
             return n
     return None
