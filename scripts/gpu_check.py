@@ -6,9 +6,13 @@ For each of drift, frozen and SparseGPT with sequential onloading it runs ``unip
 CLI, each in its own process, and prints planned vs measured peak GPU memory (``torch.cuda.max_memory_allocated``
 + the plan's CUDA allowance) and the search's seconds per step. Then a small random Llama pruned with Wanda at
 50 % on the CPU and on CUDA (fp32): the share of kept weights the two masks agree on (aim: at least 0.99).
+Where more than one GPU is visible (or ``--ranks N`` is given), the multi-GPU part: the same drift search under
+``torchrun --nproc-per-node N`` (FSDP2), its planned vs measured peak GPU memory per rank, seconds per step against
+the one-GPU run, and how far its Γ is from the one-GPU run's (relative Frobenius norm, per matrix at worst).
 
     python scripts/gpu_check.py --out DIR                          # Qwen2.5-7B, seqlen 4096, on CUDA
     python scripts/gpu_check.py --arch tiny --device cpu --out DIR # the same steps on a tiny model, here
+    python scripts/gpu_check.py --arch tiny --device cpu --ranks 2 --out DIR  # with the 2-rank part (gloo)
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu_check"))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ranks", type=int, default=None,
+                    help="ranks of the multi-GPU part (default: the visible GPUs where more than one; 0: skip it)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "UNIPRUNING_CACHE": str(args.work / "cache"), "UNIPRUNING_RUNS": str(args.work / "runs"),
@@ -111,9 +117,50 @@ def main() -> None:
                         "stages_cuda_mib": m["memory"].get("stages_cuda_mib"), "placement": m["placement"],
                         "process_seconds": round(seconds, 1), "stages": plan["stages"]}
         print(json.dumps({mode: {k: v for k, v in report[mode].items() if k != "stages"}}), flush=True)
+    ranks = args.ranks if args.ranks is not None else (_visible_gpus() if args.device == "cuda" else 0)
+    if ranks > 1:
+        report["fsdp"] = sharded_search(args, env, [*common, *runs["drift"]], ranks, report["drift"])
+        print(json.dumps({"fsdp": {k: v for k, v in report["fsdp"].items() if k != "stages"}}), flush=True)
     report["masks_cpu_vs_device"] = masks_agreement(args, env)
     print(json.dumps({"masks_cpu_vs_device": report["masks_cpu_vs_device"]}), flush=True)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def sharded_search(args, env, over: list[str], ranks: int, one: dict) -> dict:
+    """The drift search of ``over`` under ``torchrun --nproc-per-node ranks`` (FSDP2): plan vs measured peak GPU
+    memory of rank 0 in the search, seconds per step against the one-process run ``one``, Γ against its Γ."""
+    import torch
+
+    from unipruning_cli.rundir import load_tensors
+
+    plan_file = args.out / "plan_fsdp.json"
+    cli(["plan", *over, "--gpus", str(ranks if args.device == "cuda" else 0), "--json", str(plan_file)], env)
+    plan = json.loads(plan_file.read_text())
+    run = args.work / "run_fsdp"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+                           "-m", "unipruning_cli", "prune", *over, f"hydra.run.dir={run}"], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"torchrun prune failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    seconds = time.perf_counter() - t0
+    m = json.loads((run / "metrics.json").read_text())
+    search = json.loads((run / "stages" / "search.json").read_text())["info"]
+    a, b = load_tensors(args.work / "run_drift" / "gamma.safetensors"), load_tensors(run / "gamma.safetensors")
+    worst = max(float((a[n] - b[n]).norm() / a[n].norm().clamp_min(1e-30)) for n in a)
+    stages = m["memory"].get("stages_cuda_mib") or {}
+    return {"ranks": ranks, "planned_gpu_gib": plan["peak_gpu_gib"], "planned_host_gib": plan["peak_host_gib"],
+            "measured_search_gpu_gib_rank0": round(stages.get("search", 0) / 1024 + (0.75 if args.device == "cuda" else 0), 2),
+            "search_seconds_per_step": round(search["search_seconds"] / args.steps, 2),
+            "one_process_seconds_per_step": one["search_seconds_per_step"], "sharding": search.get("sharding"),
+            "gamma_rel_diff_worst_matrix": worst, "process_seconds": round(seconds, 1), "stages": plan["stages"],
+            "torch": torch.__version__}
 
 
 def masks_agreement(args, env) -> dict:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of the headline job, for the device machine (README "Large models"): under 10 minutes, no hub.
+# Where more than one GPU is visible it adds the multi-GPU part: the drift search under torchrun with FSDP2.
 # Its python3 holds torch, transformers, safetensors and accelerate; hydra-core, omegaconf and antlr4 travel as
 # wheels in .whl (see the device tool's README: pip download --no-deps ... -d .whl hydra-core==1.3.2
 # omegaconf==2.3.0 antlr4-python3-runtime==4.9.3), carried with the call (carry: [".whl"]).

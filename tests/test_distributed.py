@@ -149,8 +149,10 @@ def test_the_launch_is_read_from_torchrun_and_slurm_variables():
     assert launch_ranks({}) == Ranks()
     assert launch_ranks({"RANK": "0", "WORLD_SIZE": "1"}).world == 1
     assert launch_ranks({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == Ranks(3, 4, 1, "torchrun")
-    assert launch_ranks({"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}) == Ranks(5, 8, 1, "slurm")
-    assert launch_ranks({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}).world == 1
+    step = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
+    assert launch_ranks(step) == Ranks(5, 8, 1, "slurm")
+    assert launch_ranks({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}).world == 1  # a batch script: one process
+    assert launch_ranks({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}).world == 1
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -201,3 +203,24 @@ def test_plan_says_the_70b_drift_search_fits_8_gpus_of_80gb_and_how(tmp_path, mo
     one = tmp_path / "one.json"
     plan_command(["model=llama-3.1-70b", "--gpus", "1", "--gpu-memory", "80GiB", "--json", str(one)])
     assert not json.loads(one.read_text())["fits"]
+
+
+@pytest.mark.slow
+def test_an_srun_step_of_two_tasks_runs_the_sharded_search_in_one_run_directory(tiny_llama_dir, corpus_files, tmp_path):
+    """Two processes with the variables ``srun --ntasks 2`` sets (no SLURM here): ranks from SLURM_* via submitit."""
+    args = _overrides(tiny_llama_dir, corpus_files)
+    procs = []
+    for rank in (0, 1):
+        env = {**cli_env(tmp_path / "runs", tmp_path / "cache"), "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "localhost",
+               "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SUBMITIT_EXECUTOR", "UNIPRUNING_LAUNCHER"):
+            env.pop(key, None)
+        procs.append(subprocess.Popen([sys.executable, "-m", "unipruning_cli", "prune", *args], cwd=tmp_path, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    runs = list((tmp_path / "runs" / "prune").iterdir())
+    assert len(runs) == 1
+    info = json.loads((runs[0] / "stages" / "search.json").read_text())["info"]
+    assert info["ranks"] == 2 and info["launcher"] == "slurm"

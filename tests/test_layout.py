@@ -18,11 +18,12 @@ MAX_LINES = 400
 #: Tier of each module (a name ending in ``.*`` covers a package's modules). An import may go to its
 #: own tier or a lower one, never a higher one.
 TIERS = {
-    "cli": 3,
+    "cli": 3, "__main__": 3,
     # commands that sequence stages
     "runner": 2, "evaluation.existing_run": 2, "export": 2, "export.commands": 2, "plan.command": 2,
     # stages: each builds one step of a run from primitives
     "preflight": 1, "calibration_set": 1, "pruning": 1, "baselines.local": 1, "search.stage": 1, "search.store": 1,
+    "search.sharded": 1,
     "evaluation.dense": 1, "evaluation.protocol": 1, "export.*": 1, "plan": 1, "plan.*": 1,
     # primitives
     "": 0, "errors": 0, "paths": 0, "registry": 0, "progress": 0, "stats": 0, "provenance": 0, "rundir": 0,
@@ -30,6 +31,7 @@ TIERS = {
     "calibration": 0, "report": 0, "sweep": 0, "metrics": 0, "metrics.*": 0, "baselines": 0, "baselines.*": 0,
     "evaluation": 0, "evaluation.perplexity": 0, "evaluation.tasks": 0, "evaluation.zeroshot": 0,
     "search": 0, "search.settings": 0, "search.regularizers": 0, "search.state": 0, "search.log": 0, "search.recompute": 0, "search.placement": 0, "search.mirror_descent": 0,
+    "search.frozen": 0, "search.shards": 0, "distributed": 0,
 }
 NAMES = {"cli": "cli", 2: "runner", 1: "stage", 0: "primitive"}
 

@@ -55,19 +55,19 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[list[str]], No
 
 
 def _rank_overrides(args: list[str]) -> list[str]:
-    """Under ``torchrun`` (several ranks): join the process group before Hydra composes, so that every rank takes
-    rank 0's launch time for the run directory (``${launch_time:...}``, one directory), and on the other ranks
-    Hydra writes nothing (no ``.hydra/``, no log file; console warnings only). A sweep (``-m``) is refused:
+    """Under ``torchrun`` or ``srun`` (several ranks): join the process group before Hydra composes, so that every
+    rank takes rank 0's launch time for the run directory (``${launch_time:...}``, one directory), and on the other
+    ranks Hydra writes nothing (no ``.hydra/``, no log file; console warnings only). A sweep (``-m``) is refused:
     each job of ``hydra/launcher=slurm`` with N tasks is the multi-rank form of a sweep."""
     from .config import set_launch_time
     from .distributed import broadcast, launch_ranks, start
 
     ranks = launch_ranks()
-    if not ranks.sharded or ranks.launcher != "torchrun":
+    if not ranks.sharded:
         return []
     if any(a in ("-m", "--multirun") for a in args):
-        raise UserError("-m under torchrun: launch a sweep of multi-rank jobs with hydra/launcher=slurm "
-                        "(hydra.launcher.tasks_per_node=N), or run each job with its own torchrun")
+        raise UserError(f"-m under {ranks.launcher} with {ranks.world} ranks: launch a sweep of multi-rank jobs with "
+                        "hydra/launcher=slurm (hydra.launcher.tasks_per_node=N), or run each job with its own launch")
     start(ranks)
     from datetime import datetime
 
@@ -95,6 +95,9 @@ def _prune_task(cfg) -> float | None:
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     ranks = launch_ranks()  # several: torchrun, or a SLURM job with several tasks (the search runs over them)
+    if not ranks.main:  # a hydra/launcher=slurm task other than 0 (Hydra set its logging up): no log file
+        for handler in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
+            logging.getLogger().removeHandler(handler)
     try:
         validate(cfg)
         metrics = run_prune(cfg, out, reuse_model=multirun, sweep=sweep_context(Path(hc.sweep.dir)) if multirun else None,

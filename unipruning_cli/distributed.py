@@ -47,21 +47,26 @@ SINGLE = Ranks()
 def launch_ranks(environ: dict[str, str] | None = None) -> Ranks:
     """The ranks of this launch from its environment, without starting anything.
 
-    ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; under SLURM with several tasks and no ``RANK``
-    (``srun``, or a ``hydra/launcher=slurm`` job asking for N tasks) submitit's ``TorchDistributedEnvironment``
-    derives the same from ``SLURM_*`` and exports them (with ``MASTER_ADDR`` / ``MASTER_PORT``) for the process
-    group. One process (no variables, or a world of 1) is :data:`SINGLE`.
+    ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. A SLURM job step of several tasks (``srun``, or a
+    ``hydra/launcher=slurm`` job asking for N tasks) sets ``SLURM_STEP_NUM_TASKS`` and ``SLURM_PROCID`` (a batch
+    script's own step does not: it is one process); there, with no ``RANK``, submitit's
+    ``TorchDistributedEnvironment`` derives the ranks and exports them with ``MASTER_ADDR`` / ``MASTER_PORT`` for the
+    process group (``environ`` given: read only, nothing exported). One process is :data:`SINGLE`.
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1:
-        return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"])), "torchrun")
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env and environ is None:
+        return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"])),
+                     env.get("UNIPRUNING_LAUNCHER", "torchrun"))
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        if environ is not None:
+            return Ranks(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0")),
+                         "slurm")
         from submitit.helpers import TorchDistributedEnvironment
 
-        denv = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # a plain srun: submitit reads SLURM's variables once told
+        denv = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ["UNIPRUNING_LAUNCHER"] = "slurm"  # RANK & co. are set from now on: say who set them
         return Ranks(denv.rank, denv.world_size, denv.local_rank, "slurm")
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:  # a given environment: read, export nothing
-        return Ranks(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")), "slurm")
     return SINGLE
 
 
