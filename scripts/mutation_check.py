@@ -89,6 +89,18 @@ MUTATIONS = {
         "    scores = w_block.pow(2) / hinv_diag.pow(2).unsqueeze(0)",
         "    scores = w_block.pow(2) / hinv_diag.unsqueeze(0)",
         ["tests/test_sparsegpt.py"], "SparseGPT selects by w²/[H⁻¹]_cc instead of w²/[H⁻¹]_cc²"),
+    "sharded-metric-on-rows": (
+        "unipruning_cli/search/mirror_descent.py",
+        "        m = shards.rows(metric.score(shards.full(p), stats[n], generator=gen if metric.stochastic else None))",
+        "        m = metric.score(shards.local(p), stats[n], generator=gen if metric.stochastic else None)",
+        ["tests/test_distributed.py::test_two_ranks_give_the_single_process_gamma_and_masks_in_one_run_directory"],
+        "over FSDP2 ranks each rank scores only its rows (RIA's column sums over a shard)"),
+    "sharded-quantile-local": (
+        "unipruning_cli/search/shards.py",
+        "        return _values_at(self.v.detach().abs(), positions, self.shape, self.ranks)",
+        "        return self.v.detach().abs().reshape(-1)[positions.clamp_max(self.v.numel() - 1)]",
+        ["tests/test_distributed.py::test_sharded_prox_gather_and_log_equal_the_whole_matrix_s"],
+        "over FSDP2 ranks the prox's sampled λ-quantile reads this rank's rows only"),
 }
 
 

@@ -136,6 +136,45 @@ def test_a_rank_killed_mid_search_then_a_rerun_resumes_and_ends_with_the_same_ga
     assert not (tmp_path / "runs").exists()  # hydra.run.dir given: no rank made a folder of its own
 
 
+def _sharded_worker(rank: int, world: int, port: int) -> None:
+    """One rank of :func:`test_sharded_prox_gather_and_log_equal_the_whole_matrix_s` (gloo, CPU)."""
+    import torch.distributed as dist
+
+    from unipruning_cli.search.log import sample_index, summarise
+    from unipruning_cli.search.regularizers import EXACT_QUANTILE_MAX, L1Prox
+    from unipruning_cli.search.shards import RowShards
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ranks, shards = Ranks(rank, world), RowShards(Ranks(rank, world))
+        for rows, cols in ((1201, 1000), (37, 50)):  # above EXACT_QUANTILE_MAX (sampled quantile), and below it
+            assert (rows * cols > EXACT_QUANTILE_MAX) == (rows == 1201)
+            v = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
+            start, stop = row_range(rows, ranks)
+            local = v[start:stop].clone()
+            prox = L1Prox(0.05)
+            whole = prox(v, torch.Generator().manual_seed(1))
+            mine = prox(local, torch.Generator().manual_seed(1), shards.magnitudes(local, v.shape))
+            assert torch.equal(mine, whole[start:stop])
+            assert torch.equal(shards.gather(mine, rows), whole)
+            index = {"m": sample_index(v.numel(), 3)}
+            got = shards.summarise({"m": mine}, index, {"m": v.shape})
+            want = summarise({"m": whole}, index)
+            assert got.keys() == want.keys()
+            assert all(got[k] == pytest.approx(want[k], rel=1e-6) for k in want)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_prox_gather_and_log_equal_the_whole_matrix_s():
+    """Three ranks with uneven row shards: the prox's λ-quantile (sampled above 10⁶ entries, whole below), the
+    gather of Γ and the log's Γ summary equal those of the whole matrix in one process."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_worker, args=(3, 29400 + os.getpid() % 500), nprocs=3, join=True)
+
+
 @pytest.mark.parametrize("rows,world", [(1, 2), (5, 2), (64, 2), (96, 8), (7, 3), (2, 4)])
 def test_row_shards_follow_torch_chunk_as_fsdp2_shard0_does(rows, world):
     reference = torch.arange(rows).chunk(world)  # FSDP2's Shard(0): torch.chunk, the trailing ranks may be empty
