@@ -120,11 +120,13 @@ def search_drift(
     locals_ = [shards.local(p) for p in params]
     # The restore copy lives on the host (pinned where CUDA is present): device memory is for the search.
     original = [torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t.detach()) for t in locals_]
-    device = params[0].device
+    device = shards.device_for(params[0])  # where the metric, dual step and prox run (a GPU under FSDP's CPU offload)
     whole = {n: layers[n].weight.shape for n in names}
     shapes = {n: t.shape for n, t in zip(names, locals_)}  # V and Γ: this rank's rows (all of them in one process)
-    # V and Γ live on the weights' device, or in (pinned) host memory, moved one matrix at a time.
-    settings = replace(settings, search_state=search_state_of(settings, locals_))
+    # V and Γ live on the weights' device, or in (pinned) host memory, moved one matrix at a time (always so where
+    # the weights themselves are offloaded to the host).
+    offloaded = params[0].device != device
+    settings = replace(settings, search_state="host" if offloaded else search_state_of(settings, locals_))
     state_device = device if settings.search_state == "device" else torch.device("cpu")
     pin = state_device.type == "cpu" and device.type == "cuda"
     state = SearchState.zeros(shapes, state_device, pin)
@@ -136,7 +138,7 @@ def search_drift(
     amp = master_copy(params, settings)
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
                             weight_decay=settings.weight_decay,
-                            fused=True if device.type == "cuda" else None)  # no foreach temporaries of all W on a GPU
+                            fused=True if params[0].device.type == "cuda" else None)  # no foreach temporaries of all W on a GPU
     sched = settings.lr_scheduler(opt)
     # Only the prunable weights drift. With grad_clip_scope=model the other parameters (embeddings, norms,
     # lm_head) get gradients too, accumulated and clipped with the rest but never applied: the reference's global
@@ -235,18 +237,19 @@ def _score_and_update(params, names, stats, metric: LocalMetric, gen: torch.Gene
     Sharded (FSDP2): S of the whole matrix on every rank, then each rank its rows (see :mod:`.shards`)."""
     accumulated = []
     for p, n in zip(params, names):
-        m = shards.rows(metric.score(shards.full(p), stats[n], generator=gen if metric.stochastic else None))
+        dev = shards.device_for(p)
+        m = shards.rows(metric.score(shards.full(p).to(dev), stats[n], generator=gen if metric.stochastic else None))
         if settings.rho > 0:  # Γ before this step's dual step, on W's device (V and Γ may live elsewhere)
-            w = shards.local(p)
-            g = alignment_grad(w, lanes[0].state.gamma[n].to(w.device), m.to(w.device))
+            w = shards.local(p).to(dev)
+            g = alignment_grad(w, lanes[0].state.gamma[n].to(dev), m)
             accumulated.append((p, p.grad))
             p.grad = shards.grad_plus(p.grad, settings.rho * g)
             del g
         for lane in lanes:
             held_v, held_g = lane.state.v[n], lane.state.gamma[n]
             if settings.search_state == "host":  # V and Γ come to W's device for this matrix, then go back
-                v, g = held_v.to(p.device, non_blocking=True, copy=True), held_g.to(p.device, non_blocking=True, copy=True)
-                dual_step(v, g, m.to(p.device), settings.dual_step)
+                v, g = held_v.to(dev, non_blocking=True, copy=True), held_g.to(dev, non_blocking=True, copy=True)
+                dual_step(v, g, m, settings.dual_step)
                 held_v.copy_(v)
                 held_g.copy_(lane.prox(v, lane.prox_gen, shards.magnitudes(v, p.shape)))
             else:

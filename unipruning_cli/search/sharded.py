@@ -137,7 +137,7 @@ def run_sharded_search(cfg: DictConfig, rd: RunDir, timer: Timer, ranks: Ranks, 
         with timer.stage("search"):
             gamma, bpp = search_drift(model, layers, windows, metric, prox, settings,
                                       rd / "checkpoints" / "search.safetensors", fp, rd / "search.jsonl",
-                                      shards=RowShards(ranks))
+                                      shards=RowShards(ranks, device))
         if ranks.main:
             info = {**search_info(cfg, calib, windows, bpp, timer.seconds["search"]), "ranks": ranks.world,
                     "launcher": ranks.launcher, "sharding": "fsdp2" + ("+cpu_offload" if offload else "")}

@@ -41,6 +41,10 @@ class Whole:
         """This rank's rows of a parameter, gradient or optimiser state, as a plain tensor sharing its storage."""
         return t
 
+    def device_for(self, p: torch.Tensor) -> torch.device:
+        """Where the search computes on ``p`` (its metric, dual step and prox): where ``p`` is."""
+        return p.device
+
     def full(self, t: torch.Tensor) -> torch.Tensor:
         """The whole of a parameter, gradient or optimiser state (detached)."""
         return t.detach()
@@ -98,11 +102,15 @@ def _values_at(local: torch.Tensor, positions: torch.Tensor, shape: torch.Size, 
 class RowShards(Whole):
     """FSDP2's ``Shard(0)``: parameters, gradients and Adam's moments are DTensors; V and Γ this rank's rows."""
 
-    def __init__(self, ranks: Ranks) -> None:
-        self.ranks = ranks
+    def __init__(self, ranks: Ranks, device: torch.device | None = None) -> None:
+        """``device``: this rank's compute device, when FSDP's CPU offload keeps the shards in host memory."""
+        self.ranks, self.device = ranks, device
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         return t.to_local()
+
+    def device_for(self, p: torch.Tensor) -> torch.device:
+        return self.device or p.device
 
     def full(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().full_tensor()
@@ -122,7 +130,7 @@ class RowShards(Whole):
     def grad_plus(self, grad: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
-        term = DTensor.from_local(local, grad.device_mesh, grad.placements, shape=grad.shape, stride=grad.stride())
+        term = DTensor.from_local(local.to(grad.to_local().device), grad.device_mesh, grad.placements, shape=grad.shape, stride=grad.stride())
         return grad + term
 
     def magnitudes(self, v: torch.Tensor, shape: torch.Size):
