@@ -48,6 +48,9 @@ class ModelConfig:
     seqlen: int = 2048  # default calibration / evaluation window for this model
     add_bos: bool = False  # prepend BOS to every evaluation window (models trained that way)
     trust_remote_code: bool = False
+    # RoPE models: allow windows longer than the model's position limit (max_position_embeddings) where it has no
+    # RoPE scaling; a model with learned positions can never run past its table
+    allow_long_context: bool = False
 
 
 @dataclass
@@ -208,7 +211,7 @@ def plain(node: Any) -> Any:
 
 def model_values(model_cfg: DictConfig) -> dict:
     """``model`` as it enters fingerprints: without where the weights are placed, which changes no result."""
-    return {k: v for k, v in plain(model_cfg).items() if k not in ("placement", "max_memory")}
+    return {k: v for k, v in plain(model_cfg).items() if k not in ("placement", "max_memory", "allow_long_context")}
 
 
 def target_sparsity(cfg: DictConfig) -> float:

@@ -8,6 +8,8 @@ imports it, so there is no circle. The CLI calls :func:`validate` before it load
 
 from __future__ import annotations
 
+import logging
+
 from omegaconf import DictConfig, OmegaConf
 
 from .baselines.local import parse_baseline
@@ -19,6 +21,11 @@ from .methods import METHODS
 from .metrics import METRICS, build_metric
 from .models import check_model_reachable
 from .search.regularizers import REGULARIZERS
+
+log = logging.getLogger(__name__)
+
+#: The config fields that hold a model's position limit, by family (Llama/Qwen/OPT, GPT-2, others).
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -46,6 +53,7 @@ def validate(cfg: DictConfig) -> None:
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
     check_calibration_documents(cfg.calibration.source, cfg.calibration.sampling, cfg.calibration.nsamples)
+    check_model_limits(cfg)
 
 
 def validate_eval(e: DictConfig) -> None:
@@ -72,3 +80,72 @@ def validate_method_options(cfg: DictConfig) -> None:
                and cfg.calibration.mode == "sequential"),
           f"local_metric={cfg.local_metric.name} reads no calibration data, so calibration.mode=sequential would be "
           f"ignored: drop it")
+
+
+def check_model_limits(cfg: DictConfig) -> None:
+    """What the model's architecture (its ``config.json``, built on the ``meta`` device: no weight is read) allows:
+
+    - every window (``calibration.seqlen``, ``eval.seqlen``, lm-eval's ``eval.max_length``) within the model's
+      position limit. A model with learned positions (a position table: OPT, GPT-2) cannot run past it at all; a
+      RoPE model without RoPE scaling runs past it untrained, so that needs ``model.allow_long_context=true``;
+    - every N:M target (``pattern``, ``export.patterns``) against every prunable matrix's input width.
+
+    Raises :class:`UserError` naming the key and what is allowed. An architecture that cannot be read or built
+    here (a hub model not cached, an unknown ``model_type``) is left to the load, with a warning."""
+    import torch
+
+    from .masks import check_nm_applicable
+    from .methods import make_target, targets_of
+    from .models import prunable_layers
+    from .plan.architectures import meta_model
+
+    try:
+        model = meta_model(cfg.model, torch.float32)
+    except Exception as err:  # noqa: BLE001 - any architecture the meta device cannot build: the load will tell
+        log.warning("the architecture of %s cannot be read before loading (%s): position limit and N:M fit are "
+                    "checked after the load", cfg.model.path, err)
+        return
+    _check_positions(cfg, model)
+    shapes = {n: tuple(m.weight.shape) for n, m in prunable_layers(model).items()}
+    for t in targets_of(cfg, make_target(cfg)):
+        if t.is_nm:
+            try:
+                check_nm_applicable(shapes, t.n, t.m)
+            except ValueError as err:
+                raise UserError(f"pattern {t.n}:{t.m}: {err}") from None
+
+
+def _check_positions(cfg: DictConfig, model) -> None:
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = next((getattr(config, f) for f in POSITION_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    if limit is None:
+        return
+    token_table = model.get_input_embeddings()
+    learned = any(isinstance(m, torch.nn.Embedding) and m is not token_table for m in model.modules())
+    windows = {"calibration.seqlen": cfg.calibration.seqlen, "eval.seqlen": cfg.eval.seqlen}
+    if cfg.eval.tasks and cfg.eval.max_length:
+        windows["eval.max_length"] = cfg.eval.max_length
+    for key, length in windows.items():
+        if length is None or length <= limit:
+            continue
+        where = f"{key}={length} is longer than the {limit} positions of {cfg.model.path} ({type(config).__name__})"
+        if learned:
+            raise UserError(f"{where}, whose position table is learned and has no entry past {limit}: set "
+                            f"model.seqlen (or {key}) to at most {limit}")
+        if _rope_scaled(config):
+            continue  # RoPE scaling: the limit in the config is already the scaled one, and the model says it holds
+        if not cfg.model.allow_long_context:
+            raise UserError(f"{where}, past what its rotary positions were trained for (no RoPE scaling): set "
+                            f"model.seqlen (or {key}) to at most {limit}, or model.allow_long_context=true to run "
+                            f"it anyway")
+        log.warning("%s; running past the trained length (model.allow_long_context=true)", where)
+
+
+def _rope_scaled(config) -> bool:
+    """Whether the config sets a RoPE scaling (``rope_parameters`` in transformers 5, ``rope_scaling`` before; a
+    dict per attention type in some models) other than the plain ``default``."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kinds = [rope] if not all(isinstance(v, dict) for v in rope.values()) or not rope else list(rope.values())
+    return any(k.get("rope_type", k.get("type", "default")) not in ("default", None) for k in kinds)

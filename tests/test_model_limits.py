@@ -1,0 +1,83 @@
+"""What a model's architecture allows, refused before any weight is read (issue: every model family): windows past
+its position limit (learned positions never; RoPE without scaling only when asked), N:M patterns its matrices
+cannot take."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from unipruning_cli.errors import UserError
+
+
+def _save(model, tokenizer, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _validate(model_dir: Path, corpus_files, *extra: str):
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.preflight import validate
+
+    cfg = compose_prune([*tiny_overrides(model_dir, corpus_files), *extra])
+    validate(cfg)
+    return cfg
+
+
+@pytest.fixture()
+def no_weights_read(monkeypatch):
+    """Any attempt to load a model's weights fails the test: the checks must come before."""
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_a_window_past_a_learned_position_table_is_refused_before_loading(tmp_path, tiny_tokenizer, corpus_files,
+                                                                         monkeypatch, no_weights_read):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    config = OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=16, word_embed_proj_dim=32)
+    folder = _save(OPTForCausalLM(config), tiny_tokenizer, tmp_path / "opt")
+    with pytest.raises(UserError, match=r"calibration\.seqlen=32 is longer than the 16 positions.*learned"):
+        _validate(folder, corpus_files)  # tiny_overrides: model.seqlen=32
+    with pytest.raises(UserError, match="learned"):  # no way around a learned table
+        _validate(folder, corpus_files, "model.allow_long_context=true")
+    _validate(folder, corpus_files, "model.seqlen=16")
+
+
+def test_a_rope_model_past_its_trained_length_needs_to_be_asked(tmp_path, tiny_tokenizer, corpus_files, monkeypatch,
+                                                               caplog, no_weights_read):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    folder = _save(LlamaForCausalLM(config), tiny_tokenizer, tmp_path / "llama16")
+    with pytest.raises(UserError, match=r"model\.allow_long_context=true"):
+        _validate(folder, corpus_files)
+    _validate(folder, corpus_files, "model.allow_long_context=true")
+    assert "past the trained length" in caplog.text
+    _validate(folder, corpus_files, "model.seqlen=16", "eval.seqlen=8")
+
+
+@pytest.mark.parametrize("extra", [["pattern=4:8"], ["method=unipruning", "export.patterns=[4:8]"]])
+def test_an_nm_pattern_a_matrix_cannot_take_is_refused_before_loading(extra, tmp_path, tiny_tokenizer, corpus_files,
+                                                                      monkeypatch, no_weights_read):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=100, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folder = _save(LlamaForCausalLM(config), tiny_tokenizer, tmp_path / "llama100")
+    base = [e for e in extra if e.startswith("method=")]
+    with pytest.raises(UserError, match=r"4:8.*model\.layers\.0\.mlp\.down_proj \(in=100\)"):
+        _validate(folder, corpus_files, *extra, *(["local_metric=stochria"] if base else []))
+    _validate(folder, corpus_files, "pattern=2:4")  # 100 is a multiple of 4
