@@ -81,3 +81,43 @@ def test_an_nm_pattern_a_matrix_cannot_take_is_refused_before_loading(extra, tmp
     with pytest.raises(UserError, match=r"4:8.*model\.layers\.0\.mlp\.down_proj \(in=100\)"):
         _validate(folder, corpus_files, *extra, *(["local_metric=stochria"] if base else []))
     _validate(folder, corpus_files, "pattern=2:4")  # 100 is a multiple of 4
+
+
+def test_a_float16_overflow_stops_the_run_at_the_first_non_finite_module_and_caches_nothing(
+        tmp_path, tiny_tokenizer, corpus_files, monkeypatch):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.preflight import validate
+    from unipruning_cli.runner import run_prune
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # the first MLP's product silu(gate)·up far above float16's 65504
+        model.model.layers[0].mlp.gate_proj.weight.mul_(2e5)
+        model.model.layers[0].mlp.up_proj.weight.mul_(2e5)
+    folder = _save(model.to(torch.float16), tiny_tokenizer, tmp_path / "fp16")
+    cfg = compose_prune([*tiny_overrides(folder, corpus_files), "model.dtype=float16"])
+    validate(cfg)
+    with pytest.raises(UserError, match=r"not finite.*float16.*model\.layers\.0\.mlp.*model\.dtype=bfloat16"):
+        run_prune(cfg, tmp_path / "run")
+    assert not list((tmp_path / "cache").rglob("dense/*.json"))  # a NaN is never cached as the dense result
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_an_infinite_score_is_refused_like_a_nan_one():
+    import torch
+
+    from unipruning_cli.masks import global_masks, per_row_mask
+
+    for bad in (float("nan"), float("inf")):
+        score = torch.rand(4, 8)
+        score[1, 2] = bad
+        with pytest.raises(ValueError, match="score contains (NaN|inf) for layer 'l'"):
+            per_row_mask(score, 0.5, name="l")
+        with pytest.raises(ValueError, match="score contains (NaN|inf)"):
+            global_masks({"l": score}, 0.5)

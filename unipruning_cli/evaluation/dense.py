@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from ..paths import cache_dir
 from ..progress import Timer
 from ..provenance import versions
 from ..rundir import atomic_write_json, fingerprint
-from .perplexity import perplexity
+from ..errors import UserError
+from .perplexity import first_nonfinite_module, perplexity, window_nlls
 from .protocol import max_length, zero_shot_of
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tenso
             continue
         with timer.stage("dense_eval"):
             res = perplexity(model, w, cfg.eval.batch_size, f"dense ppl {corpus}").to_dict()
+        if not math.isfinite(res["mean_nll"]):
+            _raise_nonfinite(model, w, corpus, res["ppl"])  # never cached
         atomic_write_json(cached, res)
         ppl[corpus] = {**res, "cached": False}
     zs = {}
@@ -70,3 +74,17 @@ def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tenso
                 zs = zero_shot_of(cfg, model, tok)
             atomic_write_json(cached, zs)
     return {"perplexity": ppl, "zero_shot": zs}
+
+
+def _raise_nonfinite(model, windows: torch.Tensor, corpus: str, ppl: float) -> None:
+    """Stop the run where the dense model's numbers stop being numbers: the first window whose loss is not finite,
+    the first module whose output is not, and a dtype that holds it. Raises :class:`UserError`."""
+    nlls = window_nlls(model, windows, 1, "locating the non-finite window")
+    bad = int((~torch.isfinite(nlls)).nonzero()[0, 0]) if not torch.isfinite(nlls).all() else 0
+    where = first_nonfinite_module(model, windows[bad:bad + 1])
+    dtype = next(model.parameters()).dtype
+    fix = ("model.dtype=bfloat16 (same range as float32) or model.dtype=float32" if dtype == torch.float16
+           else "model.dtype=float32" if dtype != torch.float32 else "a finite model: its weights hold NaN or inf")
+    raise UserError(f"the dense model's perplexity on {corpus} is {ppl} (not finite) in {str(dtype).removeprefix('torch.')}: "
+                    f"window {bad} is the first with a non-finite loss, and {where or 'the loss itself'} the first "
+                    f"module whose output is non-finite there; try {fix}. Nothing was cached.")

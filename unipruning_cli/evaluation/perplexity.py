@@ -94,3 +94,26 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, lab
     mean = nlls.double().mean().item()
     return PerplexityResult(ppl=math.exp(mean), mean_nll=mean, windows=windows.shape[0], seqlen=windows.shape[1],
                             tokens=windows.shape[0] * (windows.shape[1] - 1))
+
+
+@torch.no_grad()
+def first_nonfinite_module(model: nn.Module, batch: torch.Tensor) -> str | None:
+    """The name of the first module, in the order the forward pass runs them, whose output holds NaN or inf on
+    ``batch`` (int64 ``[B, T]``); a leaf module where one is to blame (e.g. ``model.layers.0.mlp.down_proj``),
+    None when every output is finite. One forward pass with a hook on every module."""
+    found: list[str] = []
+
+    def hook(name):
+        def check(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+            if not found and torch.is_tensor(out) and out.is_floating_point() and not torch.isfinite(out).all():
+                found.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        model(batch.to(input_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
