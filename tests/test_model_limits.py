@@ -109,15 +109,16 @@ def test_a_float16_overflow_stops_the_run_at_the_first_non_finite_module_and_cac
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_an_infinite_score_is_refused_like_a_nan_one():
+def test_activation_statistics_with_inf_are_refused_like_nan_ones():
     import torch
 
-    from unipruning_cli.masks import global_masks, per_row_mask
+    from unipruning_cli.metrics import build_metric
+    from unipruning_cli.stats import ActivationStats
 
-    for bad in (float("nan"), float("inf")):
-        score = torch.rand(4, 8)
-        score[1, 2] = bad
-        with pytest.raises(ValueError, match="score contains (NaN|inf) for layer 'l'"):
-            per_row_mask(score, 0.5, name="l")
-        with pytest.raises(ValueError, match="score contains (NaN|inf)"):
-            global_masks({"l": score}, 0.5)
+    weight = torch.rand(4, 8)
+    for name in ("wanda", "ria", "stochria"):
+        for bad in (float("nan"), float("inf")):
+            sq = torch.rand(8, dtype=torch.float64)
+            sq[3] = bad
+            with pytest.raises(ValueError, match=f"local metric '{name}': activation statistics hold (NaN|inf)"):
+                build_metric(name).score(weight, ActivationStats(sq_sum=sq, count=10))

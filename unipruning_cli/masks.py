@@ -73,17 +73,14 @@ def _layer_label(name: Optional[str]) -> str:
 
 
 def _prepare(score: Tensor, name: Optional[str] = None) -> Tensor:
-    """The fp32 view of ``score`` that all selection works on; rejects NaN and ±inf.
+    """The fp32 view of ``score`` that all selection works on; rejects NaN.
 
-    NaN has no place in an order, so any answer would be arbitrary; an infinite score comes from an overflowed
-    statistic (float16 activations above 65504) and would rank on the overflow, not the weight. Either almost
-    always means a broken calibration statistic, and failing loudly with the layer name is kinder.
+    NaN has no place in an order, so any answer would be arbitrary: a NaN score almost always
+    means a broken calibration statistic, and failing loudly with the layer name is kinder.
     """
     values = score.detach().float()
-    if not torch.isfinite(values).all():
-        kind = "NaN" if torch.isnan(values).any() else "inf"
-        raise ValueError(f"score contains {kind}{_layer_label(name)} (a non-finite activation statistic: "
-                         f"an overflow in the model's dtype, e.g. float16; try model.dtype=bfloat16 or float32)")
+    if torch.isnan(values).any():
+        raise ValueError(f"score contains NaN{_layer_label(name)}")
     return values
 
 

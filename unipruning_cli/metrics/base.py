@@ -102,6 +102,12 @@ def require_stats(
             f"{tuple(stats.sq_sum.shape)}, expected ({in_features},) for {in_features} input "
             "channels"
         )
+    if not torch.isfinite(stats.sq_sum).all():  # NaN or an overflow: no score can be right
+        kind = "NaN" if torch.isnan(stats.sq_sum).any() else "inf"
+        raise ValueError(
+            f"local metric '{metric_name}': activation statistics hold {kind} (an overflow of the model's "
+            "activations in its dtype, e.g. float16 above 65504); try model.dtype=bfloat16 or float32"
+        )
     return stats
 
 
