@@ -122,3 +122,62 @@ def test_activation_statistics_with_inf_are_refused_like_nan_ones():
             sq[3] = bad
             with pytest.raises(ValueError, match=f"local metric '{name}': activation statistics hold (NaN|inf)"):
                 build_metric(name).score(weight, ActivationStats(sq_sum=sq, count=10))
+
+
+def test_a_global_cut_caps_each_matrix_and_still_hits_the_budget_and_nests():
+    import torch
+
+    from unipruning_cli.masks import global_masks, num_pruned
+
+    g = torch.Generator().manual_seed(0)
+    scores = {"tiny_v_proj": torch.rand(8, 64, generator=g) * 1e-6, "a": torch.rand(32, 64, generator=g),
+              "b": torch.rand(16, 64, generator=g) + 0.5}
+    total = sum(s.numel() for s in scores.values())
+    uncapped = global_masks(scores, 0.5)
+    assert int(uncapped["tiny_v_proj"].sum()) == 0  # without a cap the whole matrix goes
+    previous = None
+    for sparsity in (0.3, 0.4, 0.5, 0.6):
+        capped: list[str] = []
+        masks = global_masks(scores, sparsity, cap=0.99, capped=capped)
+        pruned = {n: m.numel() - int(m.sum()) for n, m in masks.items()}
+        assert sum(pruned.values()) == num_pruned(total, sparsity)  # the budget, exactly
+        assert all(pruned[n] <= num_pruned(scores[n].numel(), 0.99) for n in scores)
+        assert capped == ["tiny_v_proj"]
+        # the capped matrix keeps its best entries: the same as cutting it alone at the cap
+        assert int(masks["tiny_v_proj"].sum()) == 512 - num_pruned(512, 0.99)
+        if previous is not None:  # nested: every weight kept at a higher sparsity was kept at a lower one
+            assert all(bool((masks[n] & ~previous[n]).sum() == 0) for n in scores)
+        previous = masks
+    with pytest.raises(ValueError, match="cap of 0.5"):
+        global_masks(scores, 0.6, cap=0.5)
+
+
+def test_a_global_run_lists_its_capped_matrix_in_metrics(tmp_path, tiny_tokenizer, corpus_files, monkeypatch):
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.preflight import validate
+    from unipruning_cli.runner import run_prune
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight.mul_(1e-6)  # the smallest magnitudes of the model, by far
+    folder = _save(model, tiny_tokenizer, tmp_path / "tinyv")
+    cfg = compose_prune([*tiny_overrides(folder, corpus_files), "local_metric=magnitude", "pattern.allocation=global",
+                         "sparsity=0.6", "eval.dense=false"])
+    validate(cfg)
+    metrics = run_prune(cfg, tmp_path / "run")
+    v = "model.layers.1.self_attn.v_proj"
+    assert metrics["matrices_at_cap"] == {"cap": 0.99, "names": [v]}
+    from unipruning_cli.masks import num_pruned
+
+    n = 32 * 64  # v_proj: 2 kv heads x 16 x hidden 64; cut at the cap, num_pruned's nearest count
+    assert round(metrics["results"]["s0.60_global"]["per_layer_sparsity"][v] * n) == num_pruned(n, 0.99) < n
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["matrices_at_cap"]["names"] == [v]

@@ -61,6 +61,9 @@ class PatternConfig:
     n: int = 0
     m: int = 0
     allocation: Optional[str] = None  # None: the method's own comparison group
+    # where the budget is shared across matrices (allocation=global): the most any one matrix may lose; the
+    # budget a capped matrix leaves goes to the others (a matrix pruned to 100 % breaks the model's forward)
+    max_matrix_sparsity: float = 0.99
 
 
 @dataclass
@@ -242,6 +245,11 @@ def validate_pattern(cfg: DictConfig) -> None:
     one_of("pattern.kind", p.kind, ("unstructured", "nm"))
     if p.allocation is not None:
         one_of("pattern.allocation", p.allocation, ALLOCATIONS)
+    check(0.0 < p.max_matrix_sparsity <= 1.0, f"pattern.max_matrix_sparsity={p.max_matrix_sparsity} is out of range: "
+          f"it must satisfy 0 < max_matrix_sparsity <= 1 (1: no cap)")
+    check(cfg.sparsity is None or p.allocation != "global" or cfg.sparsity <= p.max_matrix_sparsity,
+          f"sparsity={cfg.sparsity} with pattern.allocation=global is more than pattern.max_matrix_sparsity="
+          f"{p.max_matrix_sparsity} lets any matrix lose: raise the cap or lower the sparsity")
     if cfg.sparsity is not None:
         s = cfg.sparsity
         check(0.0 <= s < 1.0, f"sparsity={s} is out of range: it must satisfy 0 <= sparsity < 1")

@@ -15,11 +15,14 @@ per-matrix, global and reporting code all agree to the element.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ALLOCATIONS",
@@ -271,18 +274,49 @@ def _kth_largest_key(scores: Mapping[str, Tensor], k: int) -> int:
     return lo
 
 
-def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+def global_masks(scores: Mapping[str, Tensor], sparsity: float, cap: float = 1.0,
+                 capped: list[str] | None = None) -> dict[str, Tensor]:
     """One threshold across all layers: keep the best entries of the whole model together.
 
     Exactly ``N - num_pruned(N, sparsity)`` entries are kept. Ties at the threshold are broken
     by layer order (the mapping's iteration order), then by flat index, as if all scores were
     concatenated and stably sorted, but without ever holding more than about one layer.
+
+    ``cap`` < 1: no matrix loses more than ``num_pruned(n, cap)`` of its n entries. A matrix the threshold would
+    prune past it is cut at the cap by its own scores (:func:`per_matrix_mask`), and the budget it leaves is
+    shared by one threshold over the others, again until none is past the cap (water-filling): the total stays
+    exact, and a matrix at the cap keeps its best entries, so cuts still nest across sparsities. Their names go
+    to ``capped`` (in layer order). Raises ``ValueError`` when ``sparsity`` exceeds what the cap allows.
     """
     _check_sparsity(sparsity)
     for name, score in scores.items():
         _prepare(score, name)
     total = sum(score.numel() for score in scores.values())
-    keep = total - num_pruned(total, sparsity)
+    pruned = num_pruned(total, sparsity)
+    if cap >= 1.0:
+        return _global_keep(scores, total - pruned)
+    room = sum(num_pruned(s.numel(), cap) for s in scores.values())
+    if pruned > room:
+        raise ValueError(f"sparsity {sparsity} over all matrices is more than a cap of {cap} per matrix allows "
+                         f"({room} of {total} entries)")
+    at_cap: dict[str, Tensor] = {}
+    while True:
+        rest = {n: s for n, s in scores.items() if n not in at_cap}
+        left = pruned - sum(num_pruned(scores[n].numel(), cap) for n in at_cap)
+        masks = _global_keep(rest, sum(s.numel() for s in rest.values()) - left)
+        over = [n for n, m in masks.items() if m.numel() - int(torch.count_nonzero(m)) > num_pruned(m.numel(), cap)]
+        if not over:
+            break
+        for n in over:
+            at_cap[n] = per_matrix_mask(scores[n], cap, name=n)
+    if capped is not None:
+        capped.extend(n for n in scores if n in at_cap)
+    return {n: at_cap[n] if n in at_cap else masks[n] for n in scores}
+
+
+def _global_keep(scores: Mapping[str, Tensor], keep: int) -> dict[str, Tensor]:
+    """The ``keep`` best entries over all of ``scores`` (see :func:`global_masks`)."""
+    total = sum(score.numel() for score in scores.values())
     if keep == 0 or keep == total:
         return {
             name: torch.full(score.shape, keep > 0, dtype=torch.bool, device=score.device)
@@ -318,11 +352,17 @@ ALLOCATIONS: tuple[str, ...] = ("per_row", "per_matrix", "global")
 
 
 def masks_for(
-    scores: Mapping[str, Tensor], sparsity: float, allocation: str = "per_matrix"
+    scores: Mapping[str, Tensor], sparsity: float, allocation: str = "per_matrix", cap: float = 1.0
 ) -> dict[str, Tensor]:
-    """Masks for every layer under the named sparsity allocation (how the budget is shared)."""
+    """Masks for every layer under the named sparsity allocation (how the budget is shared). ``cap``: the most a
+    matrix may lose where the budget is shared across matrices (``global``); capped matrices are logged."""
     if allocation == "global":
-        return global_masks(scores, sparsity)
+        capped: list[str] = []
+        masks = global_masks(scores, sparsity, cap, capped)
+        if capped:
+            log.warning("sparsity %.2f (global): %d matrices capped at %.2f of their weights "
+                        "(pattern.max_matrix_sparsity): %s", sparsity, len(capped), cap, ", ".join(capped))
+        return masks
     if allocation not in _LOCAL_ALLOCATIONS:
         raise ValueError(
             f"Unknown allocation '{allocation}'. Known: {', '.join(ALLOCATIONS)}"

@@ -39,6 +39,7 @@ class Target:
     allocation: str = "per_matrix"
     n: int = 0
     m: int = 0
+    cap: float = 1.0  # the most one matrix may lose where the budget is shared (global): pattern.max_matrix_sparsity
 
     @property
     def is_nm(self) -> bool:
@@ -51,7 +52,7 @@ class Target:
     def cut(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.is_nm:
             return M.nm_masks(scores, self.n, self.m)
-        return M.masks_for(scores, self.sparsity, self.allocation)
+        return M.masks_for(scores, self.sparsity, self.allocation, self.cap)
 
 
 def make_target(cfg: DictConfig) -> Target:
@@ -63,7 +64,8 @@ def make_target(cfg: DictConfig) -> Target:
     allocation = p.allocation or DEFAULT_ALLOCATION.get(cfg.local_metric.name, "per_matrix")
     if cfg.method == "sparsegpt":
         allocation = SPARSEGPT_ALLOCATION
-    return Target(sparsity=target_sparsity(cfg), allocation=allocation)
+    return Target(sparsity=target_sparsity(cfg), allocation=allocation,
+                  cap=float(p.get("max_matrix_sparsity", 1.0)))  # a run made before the cap existed: none
 
 
 def calibration_mode(cfg: DictConfig) -> str:
@@ -88,7 +90,8 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
     out = [primary]
     if cfg.method == "unipruning":
         for sp in cfg.export.sparsities or []:
-            t = Target(sparsity=float(sp), allocation=primary.allocation if not primary.is_nm else "per_matrix")
+            t = Target(sparsity=float(sp), allocation=primary.allocation if not primary.is_nm else "per_matrix",
+                       cap=primary.cap)
             if t not in out:
                 out.append(t)
         for pat in cfg.export.patterns:

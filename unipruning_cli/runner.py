@@ -168,4 +168,10 @@ def run_metrics(cfg: DictConfig, model, layers, primary: Target, calib_info: dic
     }
     if cfg.method == "unipruning":
         metrics["search"] = {k: plain(cfg[k]) for k in ("regularizer", "schedule")}
+    if primary.allocation == "global" and not primary.is_nm:
+        from .masks import num_pruned
+
+        numel = {n: m.weight.numel() for n, m in layers.items()}
+        metrics["matrices_at_cap"] = {"cap": primary.cap, "names": [
+            n for n, sp in first["sparsity"]["per_layer"].items() if round(sp * numel[n]) >= num_pruned(numel[n], primary.cap)]}
     return metrics

@@ -178,7 +178,7 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
                         f"share a file)")
     if allocation is None:
         allocation = primary.allocation if not primary.is_nm else "per_matrix"
-    return Target(sparsity=round(float(sparsity), 2), allocation=allocation)
+    return Target(sparsity=round(float(sparsity), 2), allocation=allocation, cap=primary.cap)
 
 
 def _unavailable(run: RunInfo, target: Target) -> UserError:
