@@ -107,7 +107,11 @@ def _eval_windows_of(run_dir: Path) -> tuple[torch.Tensor, int, str]:
     tok = AutoTokenizer.from_pretrained(cfg["model"]["path"])
     corpus = cfg["eval"]["corpora"][0]
     windows = eval_windows(token_stream(tok, corpus, "eval"), cfg["eval"]["seqlen"], cfg["eval"]["max_windows"])
-    if cfg["model"].get("add_bos") and tok.bos_token_id is not None:
+    from omegaconf import OmegaConf
+
+    from unipruning_cli.models import resolve_add_bos
+
+    if resolve_add_bos(OmegaConf.create(cfg["model"]), tok):
         windows = with_bos(windows, tok.bos_token_id)
     return windows, cfg["eval"]["batch_size"], corpus
 

@@ -22,11 +22,10 @@ from unipruning_cli.masks import (
     nm_mask,
     nm_masks,
     num_pruned,
-    pack_mask,
     per_matrix_mask,
     per_row_mask,
-    unpack_mask,
 )
+from unipruning_cli.mask_files import pack_mask, unpack_mask
 
 SPARSITIES = [0.0, 0.1, 0.5, 0.7, 0.99, 1.0]
 NM_PATTERNS = [(1, 4), (2, 4), (3, 4), (4, 8)]

@@ -181,3 +181,52 @@ def test_a_global_run_lists_its_capped_matrix_in_metrics(tmp_path, tiny_tokenize
     n = 32 * 64  # v_proj: 2 kv heads x 16 x hidden 64; cut at the cap, num_pruned's nearest count
     assert round(metrics["results"]["s0.60_global"]["per_layer_sparsity"][v] * n) == num_pruned(n, 0.99) < n
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["matrices_at_cap"]["names"] == [v]
+
+
+def _bos_tokenizer(tiny_tokenizer, adds_bos: bool, has_bos: bool = True):
+    """The tiny tokenizer as one that puts BOS first when it encodes (Llama, Gemma) or not (GPT-2, Qwen)."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    if adds_bos:
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>"))])
+    if not has_bos:
+        tok.bos_token = None
+    return tok
+
+
+def test_bos_follows_the_tokenizer_in_calibration_search_and_evaluation(tmp_path, tiny_tokenizer, corpus_files,
+                                                                       monkeypatch):
+    from conftest import build_tiny_model
+    from unipruning_cli.calibration_set import calibration_set
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.evaluation.protocol import eval_windows_of
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    for adds in (True, False):
+        tok = _bos_tokenizer(tiny_tokenizer, adds)
+        folder = _save(build_tiny_model("llama", len(tok)), tok, tmp_path / f"bos{adds}")
+        cfg = compose_prune([*tiny_overrides(folder, corpus_files), "method=unipruning"])  # model.add_bos: auto
+        samples, info = calibration_set(cfg, tok)  # the drift search's batches are these samples
+        windows = next(iter(eval_windows_of(cfg, tok).values()))
+        bos = tok.bos_token_id
+        assert info["bos"] is adds
+        assert all((int(r[0]) == bos) is adds for r in samples)
+        assert bool((windows[:, 0] == bos).all()) is adds
+        forced = compose_prune([*tiny_overrides(folder, corpus_files), "model.add_bos=true"])
+        assert bool((next(iter(eval_windows_of(forced, tok).values()))[:, 0] == bos).all())
+
+
+def test_add_bos_true_without_a_bos_token_is_refused_before_loading(tmp_path, tiny_tokenizer, corpus_files,
+                                                                    monkeypatch, no_weights_read):
+    from conftest import build_tiny_model
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    tok = _bos_tokenizer(tiny_tokenizer, adds_bos=False, has_bos=False)
+    folder = _save(build_tiny_model("llama", len(tiny_tokenizer)), tok, tmp_path / "nobos")
+    with pytest.raises(UserError, match="model.add_bos=true, but the tokenizer .* has no BOS token"):
+        _validate(folder, corpus_files, "model.add_bos=true")
+    _validate(folder, corpus_files)  # auto: no BOS, no error

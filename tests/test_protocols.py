@@ -52,7 +52,7 @@ def _cfg(source: str, nsamples: int = 16, sampling: str | None = "windows", seed
     calib = {"source": source, "nsamples": nsamples, "seqlen": seqlen, "mode": "one_shot", "offload": "cpu"}
     if sampling is not None:
         calib["sampling"] = sampling
-    return OmegaConf.create({"calibration": calib, "seed": seed})
+    return OmegaConf.create({"calibration": calib, "seed": seed, "model": {"add_bos": "auto", "path": "tiny"}})
 
 
 def _inside_one_document(window: torch.Tensor, doc_ids: list[torch.Tensor]) -> bool:

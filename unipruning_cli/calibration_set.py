@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from omegaconf import DictConfig
 
 from .calibration import calibrate_blockwise, stats_from_tensors, stats_to_tensors
 from .config import plain
 from .data import calibration_samples, corpus_identity
-from .models import model_identity
+from .models import model_identity, resolve_add_bos
 from .paths import cache_dir
 from .provenance import versions
 from .rundir import atomic_save_tensors, fingerprint, load_tensors
@@ -38,6 +39,11 @@ def calibration_set(cfg: DictConfig, tok) -> tuple[TokenSamples, dict]:
     documents than ``calibration.nsamples`` (``sampling=documents``)."""
     c = cfg.calibration
     samples = calibration_samples(tok, c.source, c.sampling, c.nsamples, c.seqlen, cfg.seed)
+    bos = resolve_add_bos(cfg.model, tok)
+    if bos:  # the model's convention, as in evaluation: BOS replaces each sample's first token (lengths unchanged)
+        samples = TokenSamples([torch.cat([torch.tensor([tok.bos_token_id], dtype=r.dtype), r[1:]]) for r in samples],
+                               samples.info)
+    samples.info["bos"] = bos
     log.info("calibration: %d samples, %d tokens (at most %d each) from %s, sampling %s (%s)", len(samples),
              samples.numel(), c.seqlen, c.source, samples.info["sampling"], c.mode)
     return samples, {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "mode": c.mode,
@@ -51,7 +57,7 @@ def dense_statistics(cfg: DictConfig, model, windows: TokenSamples) -> tuple[dic
     """
     key = fingerprint({"model": model_identity(cfg.model), "corpus": corpus_identity(cfg.calibration.source),
                        "dtype": str(next(model.parameters()).dtype),
-                       "calibration": plain(cfg.calibration),
+                       "calibration": plain(cfg.calibration), **({"bos": True} if windows.info.get("bos") else {}),
                        "seed": cfg.seed, "versions": versions()})
     path = cache_dir() / "calibration" / f"{key}.safetensors"
     if path.exists():

@@ -46,7 +46,9 @@ class ModelConfig:
     # (sequential onloading, onload.py); auto: the memory plan's choice (device when it fits).
     placement: str = "auto"
     seqlen: int = 2048  # default calibration / evaluation window for this model
-    add_bos: bool = False  # prepend BOS to every evaluation window (models trained that way)
+    # BOS first in every calibration window, search batch and evaluation window: "auto" follows what the model's
+    # tokenizer does when it encodes text (models trained with BOS: Llama, Gemma); "true" / "false" force it
+    add_bos: str = "auto"
     trust_remote_code: bool = False
     # RoPE models: allow windows longer than the model's position limit (max_position_embeddings) where it has no
     # RoPE scaling; a model with learned positions can never run past its table
@@ -245,6 +247,7 @@ def validate_pattern(cfg: DictConfig) -> None:
     one_of("pattern.kind", p.kind, ("unstructured", "nm"))
     if p.allocation is not None:
         one_of("pattern.allocation", p.allocation, ALLOCATIONS)
+    one_of("model.add_bos", str(cfg.model.add_bos).lower(), ("auto", "true", "false"))
     check(0.0 < p.max_matrix_sparsity <= 1.0, f"pattern.max_matrix_sparsity={p.max_matrix_sparsity} is out of range: "
           f"it must satisfy 0 < max_matrix_sparsity <= 1 (1: no cap)")
     check(cfg.sparsity is None or p.allocation != "global" or cfg.sparsity <= p.max_matrix_sparsity,

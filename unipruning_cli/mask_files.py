@@ -1,6 +1,6 @@
 """Mask files on disk: one bit-packed ``uint8`` tensor per prunable matrix, its shape and provenance in the metadata.
 
-Format (README, "The run directory"): a safetensors file whose tensors are :func:`masks.pack_mask` of
+Format (README, "The run directory"): a safetensors file whose tensors are :func:`pack_mask` of
 each keep mask (1 bit per weight, row-major, little-endian within a byte), with two metadata keys:
 ``shapes`` (JSON: name -> [out, in]) and ``info`` (JSON: the target tag, the method, ...).
 Written atomically (:func:`rundir.atomic_save_tensors`).
@@ -9,13 +9,47 @@ Written atomically (:func:`rundir.atomic_save_tensors`).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from .errors import UserError
-from .masks import pack_mask, unpack_mask
 from .rundir import atomic_save_tensors, load_tensors
+
+_BIT_WEIGHTS = tuple(1 << bit for bit in range(8))
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """One bit per element, row-major, element i in bit ``i % 8`` of byte ``i // 8``.
+
+    Masks of a 7B model are billions of booleans; at one byte each they would be as large as an
+    int8 copy of the model, at one bit they are an eighth of that.
+    """
+    if mask.dtype != torch.bool:
+        raise ValueError(f"pack_mask expects a bool mask, got {mask.dtype}")
+    flat = mask.reshape(-1)
+    padding = (-flat.numel()) % 8
+    if padding:
+        flat = torch.cat([flat, flat.new_zeros(padding)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=mask.device)
+    return (flat.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_mask(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`pack_mask`; ``shape`` is needed because padding hides the length."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_mask expects uint8 data, got {packed.dtype}")
+    numel = math.prod(shape)
+    expected = (numel + 7) // 8
+    if packed.numel() != expected:
+        raise ValueError(
+            f"packed mask has {packed.numel()} bytes, shape {tuple(shape)} needs {expected}"
+        )
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=packed.device)
+    bits = (packed.reshape(-1, 1).to(torch.int32) & weights) != 0
+    return bits.reshape(-1)[:numel].reshape(shape)
 
 
 def save_masks(path: Path, masks: dict[str, torch.Tensor], info: dict) -> None:
@@ -25,7 +59,7 @@ def save_masks(path: Path, masks: dict[str, torch.Tensor], info: dict) -> None:
 
 
 def save_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]], info: dict) -> None:
-    """Write masks already packed by :func:`masks.pack_mask` (``uint8``, 1 bit per weight) with their shapes."""
+    """Write masks already packed by :func:`pack_mask` (``uint8``, 1 bit per weight) with their shapes."""
     atomic_save_tensors(path, packed, {"shapes": json.dumps(shapes), "info": json.dumps(info)})
 
 

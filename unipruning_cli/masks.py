@@ -1,4 +1,4 @@
-"""Turning importance scores into keep-masks, and storing masks compactly.
+"""Turning importance scores into keep-masks (per row, per matrix, global, N:M), and counting zeros.
 
 A mask is a ``torch.bool`` tensor of the weight's shape where True means KEEP. Scores are float
 tensors of shape ``[out_features, in_features]`` where higher means more important.
@@ -33,10 +33,8 @@ __all__ = [
     "nm_mask",
     "nm_masks",
     "num_pruned",
-    "pack_mask",
     "per_matrix_mask",
     "per_row_mask",
-    "unpack_mask",
 ]
 
 # Guards ``g * s + 0.5`` against landing a hair below an integer (e.g. 0.7 * 10 = 6.9999...).
@@ -372,40 +370,6 @@ def masks_for(
 
 
 # --------------------------------------------------------------------------- storage
-
-_BIT_WEIGHTS = tuple(1 << bit for bit in range(8))
-
-
-def pack_mask(mask: Tensor) -> Tensor:
-    """One bit per element, row-major, element i in bit ``i % 8`` of byte ``i // 8``.
-
-    Masks of a 7B model are billions of booleans; at one byte each they would be as large as an
-    int8 copy of the model, at one bit they are an eighth of that.
-    """
-    if mask.dtype != torch.bool:
-        raise ValueError(f"pack_mask expects a bool mask, got {mask.dtype}")
-    flat = mask.reshape(-1)
-    padding = (-flat.numel()) % 8
-    if padding:
-        flat = torch.cat([flat, flat.new_zeros(padding)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=mask.device)
-    return (flat.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
-
-
-def unpack_mask(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Inverse of :func:`pack_mask`; ``shape`` is needed because padding hides the length."""
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"unpack_mask expects uint8 data, got {packed.dtype}")
-    numel = math.prod(shape)
-    expected = (numel + 7) // 8
-    if packed.numel() != expected:
-        raise ValueError(
-            f"packed mask has {packed.numel()} bytes, shape {tuple(shape)} needs {expected}"
-        )
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=packed.device)
-    bits = (packed.reshape(-1, 1).to(torch.int32) & weights) != 0
-    return bits.reshape(-1)[:numel].reshape(shape)
-
 
 def count_zeros(t: Tensor) -> int:
     """Exact zeros in ``t`` (any dtype, any device), as ``numel - count_nonzero``: ``(t == 0).sum()`` would go

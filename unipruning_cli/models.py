@@ -181,5 +181,22 @@ def block_layers(block: nn.Module, block_name: str) -> dict[str, nn.Linear]:
     return {f"{block_name}.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def resolve_add_bos(model_cfg: DictConfig, tok) -> bool:
+    """``model.add_bos`` for this tokenizer: ``auto`` is what the tokenizer itself does when it encodes text (its
+    first token is BOS: Llama, Gemma; not GPT-2-style or Qwen tokenizers); ``true`` needs a BOS token. Raises
+    :class:`UserError` for ``true`` with a tokenizer that has none."""
+    choice = str(model_cfg.add_bos).lower()
+    bos = getattr(tok, "bos_token_id", None)
+    if choice == "true":
+        if bos is None:
+            raise UserError(f"model.add_bos=true, but the tokenizer of {model_cfg.path} has no BOS token: "
+                            "use model.add_bos=auto (its own convention) or false")
+        return True
+    if choice == "false" or bos is None:
+        return False
+    ids = tok("unipruning", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
 def input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device

@@ -54,6 +54,7 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{where}: {err}") from None
     check_calibration_documents(cfg.calibration.source, cfg.calibration.sampling, cfg.calibration.nsamples)
     check_model_limits(cfg)
+    check_bos(cfg)
 
 
 def validate_eval(e: DictConfig) -> None:
@@ -80,6 +81,25 @@ def validate_method_options(cfg: DictConfig) -> None:
                and cfg.calibration.mode == "sequential"),
           f"local_metric={cfg.local_metric.name} reads no calibration data, so calibration.mode=sequential would be "
           f"ignored: drop it")
+
+
+def check_bos(cfg: DictConfig) -> None:
+    """``model.add_bos=true`` with a tokenizer that has no BOS token is refused from the tokenizer alone (no weight
+    is read). Raises :class:`UserError`; a tokenizer that cannot be had here is left to the load."""
+    if str(cfg.model.add_bos).lower() != "true":
+        return
+    from transformers import AutoTokenizer
+
+    from .models import model_location, resolve_add_bos
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_location(cfg.model), revision=cfg.model.revision,
+                                            trust_remote_code=bool(cfg.model.trust_remote_code))
+    except (OSError, ValueError) as err:
+        log.warning("the tokenizer of %s cannot be read before loading (%s): model.add_bos is checked then",
+                    cfg.model.path, err)
+        return
+    resolve_add_bos(cfg.model, tok)
 
 
 def check_model_limits(cfg: DictConfig) -> None:

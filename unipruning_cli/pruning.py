@@ -22,7 +22,7 @@ from .lazymap import LazyMap
 from .mask_files import load_masks, save_masks, save_packed_masks
 from .methods import METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target, apply_masks, calibration_mode
 from .metrics import build_metric
-from .masks import pack_mask
+from .mask_files import pack_mask
 from .models import prunable_layers
 from .progress import Timer
 from .rundir import RunDir, atomic_save_tensors, atomic_write_json, fingerprint

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..data import corpus_identity, eval_protocol
-from ..models import model_identity
+from ..models import model_identity, resolve_add_bos
 from ..paths import cache_dir
 from ..progress import Timer
 from ..provenance import versions
@@ -29,9 +29,9 @@ from .protocol import max_length, zero_shot_of
 log = logging.getLogger(__name__)
 
 
-def _dense_cache_key(cfg: DictConfig, model, what: dict) -> Path:
+def _dense_cache_key(cfg: DictConfig, model, what: dict, bos: bool) -> Path:
     key = fingerprint({"model": model_identity(cfg.model), "dtype": str(next(model.parameters()).dtype),
-                       "add_bos": cfg.model.add_bos, "versions": versions(), **what})
+                       "add_bos": bos, "versions": versions(), **what})
     return cache_dir() / "dense" / f"{key}.json"
 
 
@@ -49,10 +49,11 @@ def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tenso
     measuring goes to ``timer``'s ``dense_eval`` stage.
     """
     ppl = {}
+    bos = resolve_add_bos(cfg.model, tok)
     for corpus, w in windows.items():
         cached = _dense_cache_key(cfg, model, {"corpus": corpus_identity(corpus), "seqlen": cfg.eval.seqlen,
                                                "max_windows": cfg.eval.max_windows,
-                                               **_windows_from(cfg, corpus)})
+                                               **_windows_from(cfg, corpus)}, bos)
         if cached.exists():
             ppl[corpus] = {**json.loads(cached.read_text()), "cached": True}
             log.info("dense perplexity on %s from cache: %.3f", corpus, ppl[corpus]["ppl"])
@@ -66,7 +67,7 @@ def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tenso
     zs = {}
     if cfg.eval.tasks:
         cached = _dense_cache_key(cfg, model, {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.task_limit,
-                                               "max_length": max_length(cfg)})
+                                               "max_length": max_length(cfg)}, bos)
         if cached.exists():
             zs = json.loads(cached.read_text())
         else:

@@ -19,7 +19,7 @@ from torch import nn
 from ..data import eval_samples
 from ..masks import count_zeros
 from ..methods import apply_masks
-from ..models import prunable_layers
+from ..models import prunable_layers, resolve_add_bos
 from ..progress import Timer
 from .perplexity import perplexity, with_bos
 
@@ -35,7 +35,7 @@ def eval_windows_of(cfg: DictConfig, tok) -> dict[str, torch.Tensor]:
 def _eval_windows(cfg: DictConfig, tok, corpus: str) -> torch.Tensor:
     e = cfg.eval
     windows = eval_samples(tok, corpus, e.seqlen, e.max_windows, e.get("random_windows", 256))
-    if cfg.model.add_bos and tok.bos_token_id is not None:
+    if resolve_add_bos(cfg.model, tok):
         windows = with_bos(windows, tok.bos_token_id)
     return windows
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..masks import pack_mask, unpack_mask
+from ..mask_files import pack_mask, unpack_mask
 from ..models import prunable_layers
 from ..rundir import atomic_save_tensors, load_tensors
 from .folder import COMPRESSED_FILE, DTYPES, dtype_name

@@ -97,6 +97,6 @@ def search_info(cfg: DictConfig, calib: dict, windows, bytes_per_param: float, s
     """What the search stage's marker records: the calibration it used, its steps, state bytes and seconds."""
     c, sch = cfg.calibration, cfg.schedule
     return {"source": c.source, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": cfg.seed,
-            **{k: calib[k] for k in ("sampling", "requested", "documents") if k in calib},
+            **{k: calib[k] for k in ("sampling", "requested", "documents", "bos") if k in calib},
             "tokens": int(windows.numel()), "steps": sch.steps, "weight_mode": sch.weight_mode,
             "state_bytes_per_param": bytes_per_param, "search_seconds": seconds}
