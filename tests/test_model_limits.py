@@ -230,3 +230,62 @@ def test_add_bos_true_without_a_bos_token_is_refused_before_loading(tmp_path, ti
     with pytest.raises(UserError, match="model.add_bos=true, but the tokenizer .* has no BOS token"):
         _validate(folder, corpus_files, "model.add_bos=true")
     _validate(folder, corpus_files)  # auto: no BOS, no error
+
+
+def test_fused_moe_experts_left_dense_are_said_loudly_and_recorded(tmp_path, tiny_tokenizer, corpus_files,
+                                                                  monkeypatch, caplog):
+    """Mixtral's experts are 3-D parameters in transformers 5 (75 % of this model's weights): until they are pruned
+    as matrices of their own, a run says that they stay dense and records how much of the model it could prune."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.runner import run_prune
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    folder = _save(MixtralForCausalLM(config), tiny_tokenizer, tmp_path / "mixtral")
+    cfg = compose_prune([*tiny_overrides(folder, corpus_files), "eval.dense=false"])
+    metrics = run_prune(cfg, tmp_path / "run")
+    dense = metrics["coverage"]["dense_in_blocks"]
+    assert sorted(dense) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
+    assert metrics["coverage"]["prunable_fraction"] < 0.2
+    assert "stay DENSE" in caplog.text
+
+
+def test_decoder_blocks_are_found_by_role_not_as_the_longest_list():
+    """A remote-code MoE layout: 2 decoder layers, each with a list of 8 experts. The longest list is the experts
+    of layer 0; the blocks are the list of config.num_hidden_layers decoder layers."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from unipruning_cli.models import find_blocks, prunable_layers
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    class DecoderLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(8, 8)
+            self.experts = nn.ModuleList(Expert() for _ in range(8))
+
+    class Model(nn.Module):
+        _no_split_modules = ["DecoderLayer"]
+
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(num_hidden_layers=2)
+            self.layers = nn.ModuleList(DecoderLayer() for _ in range(2))
+
+    model = Model()
+    assert find_blocks(model)[0] == "layers"
+    layers = prunable_layers(model)
+    assert len(layers) == 2 * (1 + 8 * 2)  # every Linear of both layers, every expert's
+    assert "layers.1.experts.7.down" in layers

@@ -1,9 +1,10 @@
 """Loading a causal LM and finding the layers that may be pruned.
 
-Prunable layers are found by structure, not by attribute names of one family: the decoder blocks
-are the longest ``nn.ModuleList`` of identical blocks, and every ``nn.Linear`` inside them is
-prunable. Embeddings, norms and ``lm_head`` live outside the blocks or are not linear, so they are
-never touched. This covers Llama, Qwen2, Mistral, Gemma and similar layouts without a table.
+Prunable layers are found by role, not by attribute names of one family: the decoder blocks are the
+``nn.ModuleList`` of ``config.num_hidden_layers`` blocks (the model's ``_no_split_modules`` class where it names
+one), and every ``nn.Linear`` inside them is prunable. Embeddings, norms and ``lm_head`` live outside the blocks
+or are not linear, so they are never touched. This covers Llama, Qwen2, Mistral, Gemma and similar layouts without
+a table; what else the blocks hold in 2-D or more (fused expert tensors) is reported as left dense.
 """
 
 from __future__ import annotations
@@ -150,20 +151,59 @@ def load_model_reused(model_cfg: DictConfig, placement: str | None = None) -> tu
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the longest ModuleList whose children share one class and hold Linears."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1:
-            continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
-            continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    if best is None:
+    """The decoder blocks, by their role in the model's own description where it has one: the ``nn.ModuleList``
+    of ``config.num_hidden_layers`` children of one class, preferring the class the model names in
+    ``_no_split_modules`` (its decoder layer). Only a model that says neither falls back to the longest list of
+    identical blocks holding Linears, with a warning. The longest list is not the blocks in a mixture of experts
+    whose layers each hold a list of experts longer than the layer count (DeepSeek-V2-Lite: 64 experts, 27 layers).
+    Raises :class:`UserError` when no list of blocks with linear layers is found."""
+    lists = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) and len({type(c) for c in module}) == 1
+             and any(isinstance(m, nn.Linear) for m in module[0].modules())]
+    if not lists:
         raise UserError(f"{type(model).__name__}: no stack of decoder blocks with linear layers found")
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    by_count = [(n, m) for n, m in lists if len(m) == layers]
+    named = [(n, m) for n, m in by_count if type(m[0]).__name__ in no_split
+             or any(c.__name__ in no_split for c in type(m[0]).__mro__)]
+    for found in (named, by_count):
+        if found:
+            return min(found, key=lambda nm: nm[0].count("."))  # the outermost: blocks, not a list inside one
+    best = max(lists, key=lambda nm: len(nm[1]))
+    log.warning("%s: no list of config.num_hidden_layers=%s blocks; taking the longest list of identical blocks, "
+                "%s (%d)", type(model).__name__, layers, best[0], len(best[1]))
     return best
+
+
+def unprunable_in_blocks(model: nn.Module) -> dict[str, int]:
+    """Weights of two or more dimensions inside the decoder blocks that are not ``nn.Linear`` weights, by name ->
+    element count: what pruning leaves dense although it sits where the prunable weights are (fused 3-D expert
+    tensors of Mixtral / Qwen-MoE in transformers 5, HF ``Conv1D`` projections of GPT-2). Norms and biases (1-D)
+    and routers (``[experts, hidden]``, never pruned) are not counted."""
+    prefix, blocks = find_blocks(model)
+    linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    experts = {getattr(text, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts")} - {None}
+    return {f"{prefix}.{n}": p.numel() for n, p in blocks.named_parameters() if p.dim() >= 2 and id(p) not in linear
+            and not (p.dim() == 2 and p.shape[0] in experts)}  # a router (experts x hidden) is never pruned
+
+
+def report_unprunable(model: nn.Module) -> dict:
+    """Say loudly what pruning will leave dense inside the blocks, and the share of all parameters pruning can
+    touch; returns ``{"prunable_fraction": f, "dense_in_blocks": {name: numel}}`` for ``metrics.json``."""
+    dense = unprunable_in_blocks(model)
+    total = sum(p.numel() for p in model.parameters())
+    prunable = sum(m.weight.numel() for m in prunable_layers(model).values())
+    if dense:
+        share = sum(dense.values()) / total
+        log.warning("%d weight tensors inside the decoder blocks are not nn.Linear and stay DENSE (%.1f %% of all "
+                    "parameters; e.g. %s): the asked sparsity applies to the Linear weights only, %.1f %% of all "
+                    "parameters", len(dense), 100 * share, ", ".join(list(dense)[:3]), 100 * prunable / total)
+    return {"prunable_fraction": prunable / total, "dense_in_blocks": dense}
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:

@@ -23,7 +23,8 @@ from .evaluation.dense import dense_evaluation
 from .evaluation.protocol import eval_windows_of, evaluate_masks, evaluate_pruned, result_entry
 from .masks import check_nm_applicable
 from .methods import Target, make_target, targets_of
-from .models import input_device, load_model, load_model_reused, model_location, prunable_layers
+from .models import (input_device, load_model, load_model_reused, model_location, prunable_layers,
+                     report_unprunable)
 from .plan.estimate import Plan, check_run_fits
 from .progress import Timer
 from .provenance import peak_memory, versions
@@ -83,6 +84,7 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     with timer.stage("load"):
         model, tok = (load_model_reused if reuse_model else load_model)(cfg.model, placement)
     layers = prunable_layers(model)
+    coverage = report_unprunable(model)
     check_targets_fit(layers, targets_of(cfg, primary))
 
     windows = eval_windows_of(cfg, tok)
@@ -102,6 +104,7 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
 
     metrics = run_metrics(cfg, model, layers, primary, calib_info, dense, results,
                           {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}, timer, plan, placement)
+    metrics["coverage"] = coverage
     atomic_write_json(rd / "metrics.json", metrics)
     plots = write_plots(rd.path, metrics)
     write_summary_md(rd / "summary.md", metrics, plots)
