@@ -48,9 +48,9 @@ def offline_inputs(tmp_path) -> list[str]:
     model.mkdir()
     (model / "config.json").write_text("{}")
     calib = tmp_path / "calib.txt"
-    calib.write_text("some calibration text")
+    calib.write_text("some calibration text " * 200)  # more bytes than one window of 2048 tokens could need
     ev = tmp_path / "eval.txt"
-    ev.write_text("some evaluation text")
+    ev.write_text("some evaluation text " * 200)
     return ["model=local", f"model.path={model}", f"calibration.source={calib}", f"eval.corpora=[{ev}]"]
 
 

@@ -289,3 +289,14 @@ def test_decoder_blocks_are_found_by_role_not_as_the_longest_list():
     layers = prunable_layers(model)
     assert len(layers) == 2 * (1 + 8 * 2)  # every Linear of both layers, every expert's
     assert "layers.1.experts.7.down" in layers
+
+
+@pytest.mark.parametrize("key", ["calibration.source", "eval.corpora"])
+def test_a_corpus_shorter_than_one_window_is_refused_before_loading(key, tmp_path, tiny_llama_dir, corpus_files,
+                                                                    monkeypatch, no_weights_read):
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")  # 16 bytes, at most 17 tokens: no window of 32
+    value = str(short) if key == "calibration.source" else f"[{short}]"
+    with pytest.raises(UserError, match=rf"{key}: .*short.txt holds 16 bytes, fewer than the \d+ tokens of one window"):
+        _validate(tiny_llama_dir, corpus_files, f"{key}={value}")

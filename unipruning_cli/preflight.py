@@ -55,6 +55,7 @@ def validate(cfg: DictConfig) -> None:
     check_calibration_documents(cfg.calibration.source, cfg.calibration.sampling, cfg.calibration.nsamples)
     check_model_limits(cfg)
     check_bos(cfg)
+    check_corpus_lengths(cfg)
 
 
 def validate_eval(e: DictConfig) -> None:
@@ -81,6 +82,22 @@ def validate_method_options(cfg: DictConfig) -> None:
                and cfg.calibration.mode == "sequential"),
           f"local_metric={cfg.local_metric.name} reads no calibration data, so calibration.mode=sequential would be "
           f"ignored: drop it")
+
+
+def check_corpus_lengths(cfg: DictConfig) -> None:
+    """A file or offline corpus too small for one window is refused from its size alone (no tokenizer run, no
+    weight read): a token covers at least one byte (byte-level BPE; SentencePiece adds at most a prefix), so a
+    corpus of fewer bytes than a window has fewer tokens than one. Larger corpora are measured in tokens after
+    the load, as before. Raises :class:`UserError`; hub corpora (no size before they are fetched) are skipped."""
+    from .data import corpus_identity
+
+    needs = [("calibration.source", cfg.calibration.source, cfg.calibration.seqlen + 1),
+             *[("eval.corpora", c, cfg.eval.seqlen) for c in cfg.eval.corpora]]
+    for key, corpus, tokens in needs:
+        size = corpus_identity(corpus).get("size")
+        check(size is None or size + 1 >= tokens,
+              f"{key}: {corpus} holds {size} bytes, fewer than the {tokens} tokens of one window (a token covers at "
+              f"least one byte): use a longer corpus or a smaller model.seqlen")
 
 
 def check_bos(cfg: DictConfig) -> None:
