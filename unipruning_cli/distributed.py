@@ -61,7 +61,13 @@ def launch_ranks(environ: dict[str, str] | None = None) -> Ranks:
         if environ is not None:
             return Ranks(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0")),
                          "slurm")
-        from submitit.helpers import TorchDistributedEnvironment
+        try:
+            from submitit.helpers import TorchDistributedEnvironment
+        except ImportError:
+            from .errors import UserError
+
+            raise UserError("a SLURM step of several tasks reads its ranks with submitit: pip install -e \".[slurm]\" "
+                            "(or launch the tasks with torchrun)") from None
 
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # a plain srun: submitit reads SLURM's variables once told
         denv = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
