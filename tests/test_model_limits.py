@@ -12,6 +12,20 @@ from conftest import tiny_overrides
 from unipruning_cli.errors import UserError
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Every test here keeps its caches (dense results, statistics) under its own tmp_path."""
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+
+
+def _llama(tokenizer, **fields):
+    """A random tiny Llama (2 layers, 4 heads, 2 KV heads) over ``tokenizer``'s vocabulary, with ``fields``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, **fields))
+
+
 def _save(model, tokenizer, folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -39,10 +53,9 @@ def no_weights_read(monkeypatch):
 
 
 def test_a_window_past_a_learned_position_table_is_refused_before_loading(tmp_path, tiny_tokenizer, corpus_files,
-                                                                         monkeypatch, no_weights_read):
+                                                                          no_weights_read):
     from transformers import OPTConfig, OPTForCausalLM
 
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     config = OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                        num_attention_heads=4, max_position_embeddings=16, word_embed_proj_dim=32)
     folder = _save(OPTForCausalLM(config), tiny_tokenizer, tmp_path / "opt")
@@ -53,14 +66,10 @@ def test_a_window_past_a_learned_position_table_is_refused_before_loading(tmp_pa
     _validate(folder, corpus_files, "model.seqlen=16")
 
 
-def test_a_rope_model_past_its_trained_length_needs_to_be_asked(tmp_path, tiny_tokenizer, corpus_files, monkeypatch,
-                                                               caplog, no_weights_read):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
-    folder = _save(LlamaForCausalLM(config), tiny_tokenizer, tmp_path / "llama16")
+def test_a_rope_model_past_its_trained_length_needs_to_be_asked(tmp_path, tiny_tokenizer, corpus_files, caplog,
+                                                                no_weights_read):
+    model = _llama(tiny_tokenizer, hidden_size=32, intermediate_size=64, max_position_embeddings=16)
+    folder = _save(model, tiny_tokenizer, tmp_path / "llama16")
     with pytest.raises(UserError, match=r"model\.allow_long_context=true"):
         _validate(folder, corpus_files)
     _validate(folder, corpus_files, "model.allow_long_context=true")
@@ -70,33 +79,25 @@ def test_a_rope_model_past_its_trained_length_needs_to_be_asked(tmp_path, tiny_t
 
 @pytest.mark.parametrize("extra", [["pattern=4:8"], ["method=unipruning", "export.patterns=[4:8]"]])
 def test_an_nm_pattern_a_matrix_cannot_take_is_refused_before_loading(extra, tmp_path, tiny_tokenizer, corpus_files,
-                                                                      monkeypatch, no_weights_read):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=100, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    folder = _save(LlamaForCausalLM(config), tiny_tokenizer, tmp_path / "llama100")
+                                                                      no_weights_read):
+    model = _llama(tiny_tokenizer, hidden_size=32, intermediate_size=100, max_position_embeddings=64)
+    folder = _save(model, tiny_tokenizer, tmp_path / "llama100")
     base = [e for e in extra if e.startswith("method=")]
     with pytest.raises(UserError, match=r"4:8.*model\.layers\.0\.mlp\.down_proj \(in=100\)"):
         _validate(folder, corpus_files, *extra, *(["local_metric=stochria"] if base else []))
     _validate(folder, corpus_files, "pattern=2:4")  # 100 is a multiple of 4
 
 
-def test_a_float16_overflow_stops_the_run_at_the_first_non_finite_module_and_caches_nothing(
-        tmp_path, tiny_tokenizer, corpus_files, monkeypatch):
+def test_a_float16_overflow_stops_the_run_at_the_first_non_finite_module_and_caches_nothing(tmp_path, tiny_tokenizer,
+                                                                                            corpus_files):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from unipruning_cli.config import compose_prune
     from unipruning_cli.preflight import validate
     from unipruning_cli.runner import run_prune
 
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config)
+    model = _llama(tiny_tokenizer, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
     with torch.no_grad():  # the first MLP's product silu(gate)·up far above float16's 65504
         model.model.layers[0].mlp.gate_proj.weight.mul_(2e5)
         model.model.layers[0].mlp.up_proj.weight.mul_(2e5)
@@ -152,21 +153,17 @@ def test_a_global_cut_caps_each_matrix_and_still_hits_the_budget_and_nests():
         global_masks(scores, 0.6, cap=0.5)
 
 
-def test_a_global_run_lists_its_capped_matrix_in_metrics(tmp_path, tiny_tokenizer, corpus_files, monkeypatch):
+def test_a_global_run_lists_its_capped_matrix_in_metrics(tmp_path, tiny_tokenizer, corpus_files):
     import json
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from unipruning_cli.config import compose_prune
     from unipruning_cli.preflight import validate
     from unipruning_cli.runner import run_prune
 
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config)
+    model = _llama(tiny_tokenizer, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
     with torch.no_grad():
         model.model.layers[1].self_attn.v_proj.weight.mul_(1e-6)  # the smallest magnitudes of the model, by far
     folder = _save(model, tiny_tokenizer, tmp_path / "tinyv")
@@ -198,14 +195,12 @@ def _bos_tokenizer(tiny_tokenizer, adds_bos: bool, has_bos: bool = True):
     return tok
 
 
-def test_bos_follows_the_tokenizer_in_calibration_search_and_evaluation(tmp_path, tiny_tokenizer, corpus_files,
-                                                                       monkeypatch):
+def test_bos_follows_the_tokenizer_in_calibration_search_and_evaluation(tmp_path, tiny_tokenizer, corpus_files):
     from conftest import build_tiny_model
     from unipruning_cli.calibration_set import calibration_set
     from unipruning_cli.config import compose_prune
     from unipruning_cli.evaluation.protocol import eval_windows_of
 
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     for adds in (True, False):
         tok = _bos_tokenizer(tiny_tokenizer, adds)
         folder = _save(build_tiny_model("llama", len(tok)), tok, tmp_path / f"bos{adds}")
@@ -221,10 +216,9 @@ def test_bos_follows_the_tokenizer_in_calibration_search_and_evaluation(tmp_path
 
 
 def test_add_bos_true_without_a_bos_token_is_refused_before_loading(tmp_path, tiny_tokenizer, corpus_files,
-                                                                    monkeypatch, no_weights_read):
+                                                                    no_weights_read):
     from conftest import build_tiny_model
 
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     tok = _bos_tokenizer(tiny_tokenizer, adds_bos=False, has_bos=False)
     folder = _save(build_tiny_model("llama", len(tiny_tokenizer)), tok, tmp_path / "nobos")
     with pytest.raises(UserError, match="model.add_bos=true, but the tokenizer .* has no BOS token"):
@@ -232,8 +226,7 @@ def test_add_bos_true_without_a_bos_token_is_refused_before_loading(tmp_path, ti
     _validate(folder, corpus_files)  # auto: no BOS, no error
 
 
-def test_fused_moe_experts_left_dense_are_said_loudly_and_recorded(tmp_path, tiny_tokenizer, corpus_files,
-                                                                  monkeypatch, caplog):
+def test_fused_moe_experts_left_dense_are_said_loudly_and_recorded(tmp_path, tiny_tokenizer, corpus_files, caplog):
     """Mixtral's experts are 3-D parameters in transformers 5 (75 % of this model's weights): until they are pruned
     as matrices of their own, a run says that they stay dense and records how much of the model it could prune."""
     import torch
@@ -242,7 +235,6 @@ def test_fused_moe_experts_left_dense_are_said_loudly_and_recorded(tmp_path, tin
     from unipruning_cli.config import compose_prune
     from unipruning_cli.runner import run_prune
 
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
@@ -293,8 +285,7 @@ def test_decoder_blocks_are_found_by_role_not_as_the_longest_list():
 
 @pytest.mark.parametrize("key", ["calibration.source", "eval.corpora"])
 def test_a_corpus_shorter_than_one_window_is_refused_before_loading(key, tmp_path, tiny_llama_dir, corpus_files,
-                                                                    monkeypatch, no_weights_read):
-    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+                                                                    no_weights_read):
     short = tmp_path / "short.txt"
     short.write_text("a few words only")  # 16 bytes, at most 17 tokens: no window of 32
     value = str(short) if key == "calibration.source" else f"[{short}]"

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from omegaconf import DictConfig
 
 from .calibration import calibrate_blockwise, stats_from_tensors, stats_to_tensors
 from .config import plain
 from .data import calibration_samples, corpus_identity
+from .evaluation.perplexity import with_bos
 from .models import model_identity, resolve_add_bos
 from .paths import cache_dir
 from .provenance import versions
@@ -41,8 +41,7 @@ def calibration_set(cfg: DictConfig, tok) -> tuple[TokenSamples, dict]:
     samples = calibration_samples(tok, c.source, c.sampling, c.nsamples, c.seqlen, cfg.seed)
     bos = resolve_add_bos(cfg.model, tok)
     if bos:  # the model's convention, as in evaluation: BOS replaces each sample's first token (lengths unchanged)
-        samples = TokenSamples([torch.cat([torch.tensor([tok.bos_token_id], dtype=r.dtype), r[1:]]) for r in samples],
-                               samples.info)
+        samples = TokenSamples([with_bos(r, tok.bos_token_id) for r in samples], samples.info)
     samples.info["bos"] = bos
     log.info("calibration: %d samples, %d tokens (at most %d each) from %s, sampling %s (%s)", len(samples),
              samples.numel(), c.seqlen, c.source, samples.info["sampling"], c.mode)

@@ -92,15 +92,6 @@ def start(ranks: Ranks) -> torch.device:
     return device
 
 
-def stop() -> None:
-    """Leave the process group (after a barrier, so no rank leaves while another still needs it)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def broadcast(obj, ranks: Ranks):
     """``obj`` as rank 0 has it, on every rank (a no-op for one process). Raises what rank 0 raised: rank 0 hands
     an exception instead of a value, and every rank raises it, so no rank waits forever on a failed one."""

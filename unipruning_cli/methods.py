@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from . import masks as M
 from .config import target_sparsity
+from .errors import UserError
 from .metrics import METRICS, LocalMetric
 from .registry import Registry
 from .stats import ActivationStats
@@ -66,6 +67,17 @@ def make_target(cfg: DictConfig) -> Target:
         allocation = SPARSEGPT_ALLOCATION
     return Target(sparsity=target_sparsity(cfg), allocation=allocation,
                   cap=float(p.get("max_matrix_sparsity", 1.0)))  # a run made before the cap existed: none
+
+
+def check_targets_fit(layers: Mapping[str, nn.Module], targets: list[Target]) -> None:
+    """Raise :class:`UserError` when an N:M target does not fit a prunable matrix (``layers``: name -> module with a
+    ``weight``, loaded or on the ``meta`` device), naming every matrix that cannot take it."""
+    for t in targets:
+        if t.is_nm:
+            try:
+                M.check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, t.n, t.m)
+            except ValueError as err:
+                raise UserError(str(err)) from None
 
 
 def calibration_mode(cfg: DictConfig) -> str:

@@ -150,6 +150,13 @@ def load_model_reused(model_cfg: DictConfig, placement: str | None = None) -> tu
     return model, tok
 
 
+def text_config(model: nn.Module):
+    """The config of a model's language part (a multimodal config nests it; a text model's is its own), or None
+    for a module without a config."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks, by their role in the model's own description where it has one: the ``nn.ModuleList``
     of ``config.num_hidden_layers`` children of one class, preferring the class the model names in
@@ -162,9 +169,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
              and any(isinstance(m, nn.Linear) for m in module[0].modules())]
     if not lists:
         raise UserError(f"{type(model).__name__}: no stack of decoder blocks with linear layers found")
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text, "num_hidden_layers", None)
+    layers = getattr(text_config(model), "num_hidden_layers", None)
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     by_count = [(n, m) for n, m in lists if len(m) == layers]
     named = [(n, m) for n, m in by_count if type(m[0]).__name__ in no_split
@@ -185,19 +190,19 @@ def unprunable_in_blocks(model: nn.Module) -> dict[str, int]:
     and routers (``[experts, hidden]``, never pruned) are not counted."""
     prefix, blocks = find_blocks(model)
     linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(model)
     experts = {getattr(text, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts")} - {None}
     return {f"{prefix}.{n}": p.numel() for n, p in blocks.named_parameters() if p.dim() >= 2 and id(p) not in linear
             and not (p.dim() == 2 and p.shape[0] in experts)}  # a router (experts x hidden) is never pruned
 
 
-def report_unprunable(model: nn.Module) -> dict:
+def report_unprunable(model: nn.Module, layers: dict[str, nn.Linear]) -> dict:
     """Say loudly what pruning will leave dense inside the blocks, and the share of all parameters pruning can
-    touch; returns ``{"prunable_fraction": f, "dense_in_blocks": {name: numel}}`` for ``metrics.json``."""
+    touch (``layers``: :func:`prunable_layers` of ``model``); returns ``{"prunable_fraction": f,
+    "dense_in_blocks": {name: numel}}`` for ``metrics.json``."""
     dense = unprunable_in_blocks(model)
     total = sum(p.numel() for p in model.parameters())
-    prunable = sum(m.weight.numel() for m in prunable_layers(model).values())
+    prunable = sum(m.weight.numel() for m in layers.values())
     if dense:
         share = sum(dense.values()) / total
         log.warning("%d weight tensors inside the decoder blocks are not nn.Linear and stay DENSE (%.1f %% of all "

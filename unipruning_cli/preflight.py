@@ -131,31 +131,26 @@ def check_model_limits(cfg: DictConfig) -> None:
     here (a hub model not cached, an unknown ``model_type``) is left to the load, with a warning."""
     import torch
 
-    from .masks import check_nm_applicable
-    from .methods import make_target, targets_of
+    from .methods import check_targets_fit, make_target, targets_of
     from .models import prunable_layers
     from .plan.architectures import meta_model
 
     try:
         model = meta_model(cfg.model, torch.float32)
     except Exception as err:  # noqa: BLE001 - any architecture the meta device cannot build: the load will tell
-        log.warning("the architecture of %s cannot be read before loading (%s): position limit and N:M fit are "
-                    "checked after the load", cfg.model.path, err)
+        log.warning("the architecture of %s cannot be read before loading (%s): its position limit goes unchecked "
+                    "and the N:M fit is checked after the load", cfg.model.path, err)
         return
     _check_positions(cfg, model)
-    shapes = {n: tuple(m.weight.shape) for n, m in prunable_layers(model).items()}
-    for t in targets_of(cfg, make_target(cfg)):
-        if t.is_nm:
-            try:
-                check_nm_applicable(shapes, t.n, t.m)
-            except ValueError as err:
-                raise UserError(f"pattern {t.n}:{t.m}: {err}") from None
+    check_targets_fit(prunable_layers(model), targets_of(cfg, make_target(cfg)))
 
 
 def _check_positions(cfg: DictConfig, model) -> None:
     import torch
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    from .models import text_config
+
+    config = text_config(model)
     limit = next((getattr(config, f) for f in POSITION_FIELDS if isinstance(getattr(config, f, None), int)), None)
     if limit is None:
         return

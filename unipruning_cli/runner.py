@@ -18,11 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import plain
 from .distributed import SINGLE, Ranks, broadcast, picklable, start
-from .errors import UserError
 from .evaluation.dense import dense_evaluation
 from .evaluation.protocol import eval_windows_of, evaluate_masks, evaluate_pruned, result_entry
-from .masks import check_nm_applicable
-from .methods import Target, make_target, targets_of
+from .methods import Target, check_targets_fit, make_target, targets_of
 from .models import (input_device, load_model, load_model_reused, model_location, prunable_layers,
                      report_unprunable)
 from .plan.estimate import Plan, check_run_fits
@@ -43,16 +41,6 @@ def record_failure(out_dir: Path, err: BaseException) -> None:
     """``error.json`` in the run directory: a sweep report shows the job as failed with this message."""
     atomic_write_json(Path(out_dir) / "error.json", {"error": str(err), "type": type(err).__name__,
                                                       "traceback": traceback.format_exc()[-4000:]})
-
-
-def check_targets_fit(layers, targets: list[Target]) -> None:
-    """Raise :class:`UserError` when an N:M target does not fit a prunable matrix (before any expensive stage)."""
-    for t in targets:
-        if t.is_nm:
-            try:
-                check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, t.n, t.m)
-            except ValueError as err:
-                raise UserError(str(err)) from None
 
 
 def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: SweepContext | None = None,
@@ -84,7 +72,7 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     with timer.stage("load"):
         model, tok = (load_model_reused if reuse_model else load_model)(cfg.model, placement)
     layers = prunable_layers(model)
-    coverage = report_unprunable(model)
+    coverage = report_unprunable(model, layers)
     check_targets_fit(layers, targets_of(cfg, primary))
 
     windows = eval_windows_of(cfg, tok)

@@ -23,7 +23,7 @@ from ..progress import Timer
 from ..provenance import versions
 from ..rundir import atomic_write_json, fingerprint
 from ..errors import UserError
-from .perplexity import first_nonfinite_module, perplexity, window_nlls
+from .perplexity import first_nonfinite_module, perplexity_of, window_nlls
 from .protocol import max_length, zero_shot_of
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,10 @@ def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tenso
             log.info("dense perplexity on %s from cache: %.3f", corpus, ppl[corpus]["ppl"])
             continue
         with timer.stage("dense_eval"):
-            res = perplexity(model, w, cfg.eval.batch_size, f"dense ppl {corpus}").to_dict()
+            nlls = window_nlls(model, w, cfg.eval.batch_size, f"dense ppl {corpus}")
+            res = perplexity_of(nlls, w).to_dict()
         if not math.isfinite(res["mean_nll"]):
-            _raise_nonfinite(model, w, corpus, res["ppl"])  # never cached
+            _raise_nonfinite(model, w, nlls, corpus, res["ppl"])  # never cached
         atomic_write_json(cached, res)
         ppl[corpus] = {**res, "cached": False}
     zs = {}
@@ -77,11 +78,11 @@ def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tenso
     return {"perplexity": ppl, "zero_shot": zs}
 
 
-def _raise_nonfinite(model, windows: torch.Tensor, corpus: str, ppl: float) -> None:
-    """Stop the run where the dense model's numbers stop being numbers: the first window whose loss is not finite,
-    the first module whose output is not, and a dtype that holds it. Raises :class:`UserError`."""
-    nlls = window_nlls(model, windows, 1, "locating the non-finite window")
-    bad = int((~torch.isfinite(nlls)).nonzero()[0, 0]) if not torch.isfinite(nlls).all() else 0
+def _raise_nonfinite(model, windows: torch.Tensor, nlls: torch.Tensor, corpus: str, ppl: float) -> None:
+    """Stop the run where the dense model's numbers stop being numbers: the first window whose loss (``nlls``, per
+    window) is not finite, the first module whose output is not there, and a dtype that holds it. Raises
+    :class:`UserError`."""
+    bad = int((~torch.isfinite(nlls)).nonzero()[0, 0])
     where = first_nonfinite_module(model, windows[bad:bad + 1])
     dtype = next(model.parameters()).dtype
     fix = ("model.dtype=bfloat16 (same range as float32) or model.dtype=float32" if dtype == torch.float16

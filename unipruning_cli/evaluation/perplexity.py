@@ -32,9 +32,10 @@ class PerplexityResult:
 
 
 def with_bos(windows: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """Replace each window's first token by BOS: the window length (and the scored count) stays seqlen."""
+    """Replace each window's first token by BOS (``[n, seqlen]``, or one 1-D sample): the length (and the scored
+    count) stays the same."""
     out = windows.clone()
-    out[:, 0] = bos_id
+    out[..., 0] = bos_id
     return out
 
 
@@ -90,7 +91,11 @@ def window_nlls(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, la
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, label: str = "perplexity") -> PerplexityResult:
-    nlls = window_nlls(model, windows, batch_size, label)
+    return perplexity_of(window_nlls(model, windows, batch_size, label), windows)
+
+
+def perplexity_of(nlls: torch.Tensor, windows: torch.Tensor) -> PerplexityResult:
+    """PPL = exp(mean of the windows' mean NLLs), ``nlls`` from :func:`window_nlls` of ``windows``."""
     mean = nlls.double().mean().item()
     return PerplexityResult(ppl=math.exp(mean), mean_nll=mean, windows=windows.shape[0], seqlen=windows.shape[1],
                             tokens=windows.shape[0] * (windows.shape[1] - 1))

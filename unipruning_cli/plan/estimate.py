@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from ..methods import make_target, targets_of
 from ..evaluation.perplexity import chunk_positions
-from ..models import block_layers, find_blocks, prunable_layers, resolve_dtype
+from ..models import block_layers, find_blocks, prunable_layers, resolve_dtype, text_config
 from ..provenance import rss_bytes
 from ..search.settings import drift_element_size, drift_gpu_bytes
 from .architectures import meta_model
@@ -84,8 +84,7 @@ def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
     prunable = sum(m.weight.numel() for m in layers.values())
     blocks = find_blocks(model)[1]
     in_blocks = sum(p.numel() for p in blocks.parameters())
-    c = model.config
-    text = c.get_text_config() if hasattr(c, "get_text_config") else c
+    text = text_config(model)
     return {"P": prunable, "N": sum(p.numel() for p in model.parameters()) - prunable,
             "L_max": max(m.weight.numel() for m in layers.values()),
             "I_max": max(m.weight.shape[1] for m in layers.values()),

@@ -24,6 +24,7 @@ import logging
 import torch
 from omegaconf import DictConfig
 
+from ..calibration_set import calibration_set
 from ..distributed import Ranks, broadcast, picklable
 from ..errors import UserError
 from ..models import find_blocks, model_location, prunable_layers, resolve_dtype
@@ -31,6 +32,7 @@ from ..progress import Timer
 from ..rundir import RunDir, file_locks
 from .mirror_descent import search_drift
 from .shards import RowShards
+from .stage import search_info, search_parts
 from .store import record_search, reuse_search, search_fingerprint, search_index
 
 log = logging.getLogger(__name__)
@@ -123,15 +125,11 @@ def run_sharded_search(cfg: DictConfig, rd: RunDir, timer: Timer, ranks: Ranks, 
         model, tok = load_sharded(cfg.model, ranks, device, offload=offload)
         calibration = None
         if ranks.main:
-            from ..calibration_set import calibration_set
-
             try:
                 calibration = calibration_set(cfg, tok)
             except Exception as err:  # noqa: BLE001
                 calibration = picklable(err)
         windows, calib = broadcast(calibration, ranks)
-        from .stage import search_info, search_parts
-
         metric, prox, settings = search_parts(cfg)
         layers = prunable_layers(model)
         with timer.stage("search"):
