@@ -13,12 +13,14 @@ Two modes, as in the peer tools:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from .experts import expert_groups
 from .models import block_layers, find_blocks, input_device
 from .onload import onloaded
 from .progress import track
@@ -234,6 +236,7 @@ def calibrate_blockwise(
     on_block: BlockCallback | None = None,
     offload: str = "cpu",
     share_inputs: bool = True,
+    min_expert_tokens: int = 1,
 ) -> dict[str, ActivationStats]:
     """Statistics of every prunable layer's inputs over ``windows``: int64 ``[nsamples, seqlen]`` or a
     :class:`.sampling.TokenSamples` (samples of different lengths: truncated documents). Each block runs on
@@ -252,7 +255,7 @@ def calibrate_blockwise(
         # and goes back with what the callback changed (a no-op for a model already on its device).
         with onloaded(block, device, write_back=on_block is not None):
             stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs[i], sequential, want_hessian,
-                                              want_per_sample, on_block, offload, share_inputs)
+                                              want_per_sample, on_block, offload, share_inputs, min_expert_tokens)
         all_stats.update(stats)
         hidden = outputs
     return all_stats
@@ -260,7 +263,7 @@ def calibrate_blockwise(
 
 def _calibrate_block(block: nn.Module, name: str, i: int, hidden: list, kwargs: list, sequential: bool,
                      want_hessian: bool, want_per_sample: bool, on_block: BlockCallback | None, offload: str,
-                     share_inputs: bool) -> tuple[dict[str, ActivationStats], list]:
+                     share_inputs: bool, min_expert_tokens: int) -> tuple[dict[str, ActivationStats], list]:
     """One block of :func:`calibrate_blockwise`: its statistics, the callback, and its outputs for the next block."""
     layers = block_layers(block, name)
     shared = SharedInputs(enabled=share_inputs)
@@ -274,6 +277,7 @@ def _calibrate_block(block: nn.Module, name: str, i: int, hidden: list, kwargs: 
         for h in handles:
             h.remove()
     stats = {n: c.stats() for n, c in collectors.items()}
+    pool_rare_experts(stats, expert_groups(block, name), min_expert_tokens)
     if on_block is not None:
         on_block(i, layers, stats)
     if sequential and on_block is not None:
@@ -281,6 +285,27 @@ def _calibrate_block(block: nn.Module, name: str, i: int, hidden: list, kwargs: 
     for s in stats.values():
         s.xtx = None
     return stats, outputs
+
+
+def pool_rare_experts(stats: dict[str, ActivationStats], groups: list[list[str]], min_tokens: int) -> list[str]:
+    """Give each expert that saw fewer than ``min_tokens`` routed tokens the pooled statistics of its group (one
+    projection over all the experts of a layer: what the layer's tokens look like), in place, and say so in the
+    log. An expert the router never chose has no statistics of its own at all: its scores would be zero, its
+    SparseGPT Hessian empty. Returns the names pooled; their own counts stay in ``own_count``."""
+    pooled = []
+    for group in groups:
+        rare = [n for n in group if stats[n].count < min_tokens]
+        if not rare:
+            continue
+        total = ActivationStats.pooled([stats[n] for n in group], own_count=0)
+        for n in rare:
+            stats[n] = dataclasses.replace(total, own_count=stats[n].count,
+                                           xtx=None if total.xtx is None else total.xtx.clone())
+        pooled += rare
+        log.warning("%d of %d experts saw fewer than calibration.min_expert_tokens=%d routed tokens and are scored "
+                    "with the layer's pooled statistics: %s", len(rare), len(group), min_tokens,
+                    ", ".join(f"{n} ({stats[n].own_count})" for n in rare[:4]) + (" ..." if len(rare) > 4 else ""))
+    return pooled
 
 
 def stats_to_tensors(stats: dict[str, ActivationStats], per_sample: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -292,6 +317,8 @@ def stats_to_tensors(stats: dict[str, ActivationStats], per_sample: bool = True)
         if per_sample and s.sample_mean_sq is not None:
             tensors[f"{name}.sample_mean_sq"] = s.sample_mean_sq
         meta[f"{name}.count"] = str(s.count)
+        if s.own_count is not None:
+            meta[f"{name}.own_count"] = str(s.own_count)
     return tensors, meta
 
 
@@ -299,6 +326,7 @@ def stats_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
     names = [k[: -len(".sq_sum")] for k in tensors if k.endswith(".sq_sum")]
     return {
         n: ActivationStats(sq_sum=tensors[f"{n}.sq_sum"], count=int(meta[f"{n}.count"]),
-                           sample_mean_sq=tensors.get(f"{n}.sample_mean_sq"))
+                           sample_mean_sq=tensors.get(f"{n}.sample_mean_sq"),
+                           own_count=int(meta[f"{n}.own_count"]) if f"{n}.own_count" in meta else None)
         for n in names
     }

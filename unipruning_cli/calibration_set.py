@@ -66,7 +66,8 @@ def dense_statistics(cfg: DictConfig, model, windows: TokenSamples) -> tuple[dic
             meta = f.metadata()
         log.info("calibration statistics from cache %s", path)
         return stats_from_tensors(load_tensors(path), meta), True
-    stats = calibrate_blockwise(model, windows, want_per_sample=True, offload=cfg.calibration.offload)
+    stats = calibrate_blockwise(model, windows, want_per_sample=True, offload=cfg.calibration.offload,
+                                min_expert_tokens=cfg.calibration.min_expert_tokens)
     tensors, meta = stats_to_tensors(stats)
     atomic_save_tensors(path, tensors, meta)
     return stats, False

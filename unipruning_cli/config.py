@@ -82,6 +82,9 @@ class CalibrationConfig:
     # documents: nsamples documents truncated at seqlen (the UniPruning reference); stream: windows of the
     # documents joined with blank lines (crossing their boundaries: every run's before this option).
     sampling: str = "windows"
+    # mixture of experts: an expert routed fewer calibration tokens than this is scored with its layer's pooled
+    # statistics (each projection summed over the layer's experts), and listed in the log
+    min_expert_tokens: int = 32
 
 
 @dataclass
@@ -289,6 +292,8 @@ def validate_calibration(c: DictConfig) -> None:
     check(c.seqlen > 1, f"calibration.seqlen={c.seqlen} must be at least 2 tokens")
     one_of("calibration.mode", c.mode, CALIBRATION_MODES)
     one_of("calibration.sampling", c.sampling, CALIBRATION_SAMPLINGS)
+    check(c.min_expert_tokens >= 1, f"calibration.min_expert_tokens={c.min_expert_tokens} must be at least 1 (an "
+                                    "expert with no routed token has no statistics of its own)")
 
 
 def validate_eval_values(e: DictConfig) -> None:

@@ -2,9 +2,10 @@
 
 Prunable layers are found by role, not by attribute names of one family: the decoder blocks are the
 ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks (the model's ``_no_split_modules`` class where it names
-one), and every ``nn.Linear`` inside them is prunable. Embeddings, norms and ``lm_head`` live outside the blocks
-or are not linear, so they are never touched. This covers Llama, Qwen2, Mistral, Gemma and similar layouts without
-a table; what else the blocks hold in 2-D or more (fused expert tensors) is reported as left dense.
+one), and every ``nn.Linear`` inside them is prunable. Fused 3-D expert tensors are taken as one Linear per
+expert at load (:mod:`.experts`). Embeddings, norms, routers and ``lm_head`` live outside the blocks or are not
+linear, so they are never touched. This covers Llama, Qwen2, Mistral, Gemma, Mixtral, Qwen-MoE and similar layouts
+without a table; what else the blocks hold in 2-D or more is reported as left dense.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .errors import UserError
+from .experts import unfuse_experts
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ def load_model(model_cfg: DictConfig, placement: str | None = None) -> tuple[nn.
         place_onloaded(model, find_blocks(model)[1], device)
     elif not model_cfg.device_map:
         model.to(device)
+    unfuse_experts(model)  # after placement: the per-expert views share the placed storage
     model.eval()
     model.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(location, revision=model_cfg.revision,

@@ -96,7 +96,9 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
             masks.add(block_masks)
 
         stats = calibrate_blockwise(model, windows, sequential=mode == "sequential",
-                                    want_hessian=method.needs_hessian, on_block=on_block, offload=c.offload)
+                                    want_hessian=method.needs_hessian, on_block=on_block, offload=c.offload,
+                                    min_expert_tokens=c.min_expert_tokens)
+    calib_info["experts_pooled"] = {n: s.own_count for n, s in stats.items() if s.own_count is not None}
     tensors, meta = stats_to_tensors(stats, per_sample=False)
     atomic_save_tensors(rd / "calibration.safetensors", tensors, meta)
     atomic_write_json(rd / "calibration.json", calib_info)

@@ -86,7 +86,8 @@ def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[s
             key = f"{b.label}:{own.tag}"
             if b.protocol == "sequential":
                 log.info("baseline %s: one sequential calibration pass", key)
-                out[key] = sequential_masks(model, windows, method, own, cfg.calibration.offload)
+                out[key] = sequential_masks(model, windows, method, own, cfg.calibration.offload,
+                                            cfg.calibration.min_expert_tokens)
             elif b.protocol == "one_shot":
                 if dense is None:
                     dense = dense_statistics(cfg, model, windows)[0]
@@ -96,7 +97,8 @@ def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[s
     return out
 
 
-def sequential_masks(model, windows, method: LocalMetricPruning, target: Target, offload: str = "cpu") -> dict:
+def sequential_masks(model, windows, method: LocalMetricPruning, target: Target, offload: str = "cpu",
+                     min_expert_tokens: int = 1) -> dict:
     """Masks of ``method`` at ``target`` under the sequential protocol: block i is scored on the outputs of the
     blocks < i as already pruned. Each block is pruned as it goes and restored after the pass: the values it
     zeroed are kept (on the host) and written back, so the model is bit for bit as before."""
@@ -112,7 +114,8 @@ def sequential_masks(model, windows, method: LocalMetricPruning, target: Target,
         apply_masks(block_layers, block_masks)
 
     try:
-        calibrate_blockwise(model, windows, sequential=True, on_block=on_block, offload=offload)
+        calibrate_blockwise(model, windows, sequential=True, on_block=on_block, offload=offload,
+                            min_expert_tokens=min_expert_tokens)
     finally:
         restore_removed(prunable_layers(model), masks, removed)
     return masks

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..experts import fused
 from ..models import TORCH_DTYPES
 
 COMPRESSED_FILE = "compressed.safetensors"
@@ -81,7 +82,8 @@ def save_hf(model: nn.Module, tok, folder: Path) -> None:
     kwargs = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
-    model.save_pretrained(folder, **kwargs)
+    with fused(model):  # transformers' own layout, so plain from_pretrained reloads it
+        model.save_pretrained(folder, **kwargs)
     if tok is not None:
         tok.save_pretrained(folder)
     if not list(Path(folder).glob("*.safetensors")):

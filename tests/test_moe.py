@@ -1,0 +1,244 @@
+"""Mixture-of-experts models (issue: every model family): fused 3-D expert tensors pruned as one matrix per expert,
+each expert calibrated on the tokens its router sent it, every method end to end, export reloading with plain
+transformers. Tiny random models of each transformers MoE layout, built in seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+
+
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64)
+
+
+def _config(family: str, vocab: int):
+    import transformers as tf
+
+    if family == "mixtral":
+        return tf.MixtralConfig(vocab_size=vocab, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                                **SHAPE)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=64,
+                                 shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2, **SHAPE)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                                 num_experts_per_tok=2, head_dim=16, **SHAPE)
+    if family == "gpt_oss":
+        return tf.GptOssConfig(vocab_size=vocab, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                               head_dim=16, layer_types=["full_attention"] * 2, **SHAPE)
+    raise ValueError(family)
+
+
+def _model(family: str, vocab: int = 320, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(family, vocab)).eval()
+    with torch.no_grad():  # transformers 5 leaves 3-D expert tensors at torch.empty's values in from_config
+        for p in model.parameters():
+            if p.dim() == 3:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _folder(family: str, tokenizer, root: Path) -> Path:
+    folder = root / family
+    if not (folder / "config.json").exists():
+        _model(family, len(tokenizer)).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+def test_one_linear_per_expert_computes_what_transformers_does_and_shares_its_storage(family):
+    """The per-expert Linears give transformers' eager logits (bit for bit where transformers' eager loop uses
+    F.linear, as every concatenated-gate layout does), hold no copy of the weights, and pruning one expert's
+    Linear prunes that expert's slice of the fused tensor that ``save_pretrained`` writes."""
+    from unipruning_cli.experts import fused, unfuse_experts
+    from unipruning_cli.models import prunable_layers, unprunable_in_blocks
+
+    model = _model(family)
+    model.set_experts_implementation("eager")
+    x = torch.randint(0, 320, (2, 12))
+    want = model(x).logits
+    n_params = sum(p.numel() for p in model.parameters())
+    assert unprunable_in_blocks(model)  # 3-D expert tensors, not Linear: before the conversion they are left out
+    assert unfuse_experts(model) == 2
+    got = model(x).logits
+    if family == "gpt_oss":  # its eager loop computes x @ W + b, ours F.linear: the same sums, other rounding
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert unprunable_in_blocks(model) == {}
+    layers = prunable_layers(model)
+    experts = [n for n in layers if ".mlp.experts." in n]
+    assert len(experts) == 2 * 4 * 2  # layers x experts x (gate_up, down)
+    one = "model.layers.1.mlp.experts.2.down_proj"
+    with torch.no_grad():
+        layers[one].weight[0, :5] = 0
+    with fused(model):
+        state = model.state_dict()
+    fused_down = state["model.layers.1.mlp.experts.down_proj"]
+    row = fused_down[2, :, 0] if family == "gpt_oss" else fused_down[2, 0]  # gpt-oss stores [E, in, out]
+    assert (row[:5] == 0).all() and (row[5:] != 0).all()
+    assert ".mlp.experts.2.down_proj.weight" not in "".join(state)  # transformers' own keys only
+
+
+def _routed_reference(model, layer: int, windows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Slow reference: Σx² of the tokens the router of ``layer`` sends each expert, from the hidden states the
+    dense model feeds that layer's MoE block (hooked input, the router's own top-k)."""
+    moe = model.model.layers[layer].mlp
+    seen: list[torch.Tensor] = []
+    handle = moe.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for w in windows:
+            model(w[None], use_cache=False)
+    handle.remove()
+    out: dict[int, torch.Tensor] = {}
+    for h in seen:
+        _, _, top = moe.gate(h)
+        for e in range(4):
+            rows = h[(top == e).any(-1)].double()
+            out[e] = out.get(e, torch.zeros(h.shape[-1], dtype=torch.float64)) + (rows * rows).sum(0)
+            out[f"n{e}"] = out.get(f"n{e}", 0) + rows.shape[0]
+    return out
+
+
+def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
+    from unipruning_cli.calibration import calibrate_blockwise
+    from unipruning_cli.experts import unfuse_experts
+
+    model = _model("mixtral")
+    windows = torch.randint(0, 320, (3, 16))
+    ref = _routed_reference(model, 1, windows)
+    unfuse_experts(model)
+    stats = calibrate_blockwise(model, windows, min_expert_tokens=1)
+    for e in range(4):
+        s = stats[f"model.layers.1.mlp.experts.{e}.gate_up_proj"]
+        assert s.count == ref[f"n{e}"] and s.own_count is None
+        torch.testing.assert_close(s.sq_sum, ref[e], rtol=1e-6, atol=1e-9)
+    total = sum(stats[f"model.layers.1.mlp.experts.{e}.down_proj"].count for e in range(4))
+    assert total == 3 * 16 * 2  # every token to its top-2 experts
+
+
+def test_an_expert_with_too_few_routed_tokens_gets_the_pooled_statistics_and_is_listed(caplog):
+    from unipruning_cli.calibration import calibrate_blockwise
+    from unipruning_cli.experts import unfuse_experts
+
+    model = _model("mixtral")
+
+    def never_expert_3(module, args, out):  # the router of layer 0, with expert 3's logit at -inf
+        logits = out[0].clone()
+        logits[:, 3] = -math.inf
+        weights, index = torch.softmax(logits.float(), -1).topk(2, dim=-1)
+        return logits, (weights / weights.sum(-1, keepdim=True)).to(out[1].dtype), index
+
+    model.model.layers[0].mlp.gate.register_forward_hook(never_expert_3)
+    unfuse_experts(model)
+    windows = torch.randint(0, 320, (3, 16))
+    hessians = {}  # Hessians live until the block's callback (SparseGPT's solve)
+    stats = calibrate_blockwise(model, windows, want_hessian=True, min_expert_tokens=1,
+                                on_block=lambda i, layers, st: hessians.update({n: s.xtx for n, s in st.items()}))
+    name = "model.layers.0.mlp.experts.{}.gate_up_proj"
+    rare = stats[name.format(3)]
+    assert rare.own_count == 0
+    assert rare.count == sum(stats[name.format(e)].count for e in range(3)) == 3 * 16 * 2
+    torch.testing.assert_close(rare.sq_sum, sum(stats[name.format(e)].sq_sum for e in range(3)))
+    torch.testing.assert_close(hessians[name.format(3)], sum(hessians[name.format(e)] for e in range(3)))
+    assert "model.layers.0.mlp.experts.3.gate_up_proj (0)" in caplog.text
+    everyone = calibrate_blockwise(model, windows, min_expert_tokens=10**6)
+    assert all(s.own_count is not None for n, s in everyone.items() if ".experts." in n)
+
+
+def _run(tmp_path, folder: Path, corpus_files, name: str, *extra: str) -> tuple[Path, dict]:
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.runner import run_prune
+
+    torch.set_num_threads(1)
+    cfg = compose_prune([*tiny_overrides(folder, corpus_files), "calibration.min_expert_tokens=4", *extra])
+    run_dir = tmp_path / name
+    return run_dir, run_prune(cfg, run_dir)
+
+
+def _expert_sparsity(metrics: dict, tag: str) -> float:
+    per = metrics["results"][tag]["per_layer_sparsity"]
+    experts = [v for n, v in per.items() if ".mlp.experts." in n]
+    assert len(experts) == 16
+    return sum(experts) / len(experts)
+
+
+METHODS = {
+    "wanda": ("method=local", "local_metric=wanda"),
+    "sparsegpt": ("method=sparsegpt",),
+    "uni_drift": ("method=unipruning", "schedule.steps=4", "export.patterns=[2:4]"),
+    "uni_frozen": ("method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3", "export.patterns=[2:4]"),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_prunes_the_experts_of_a_tiny_mixtral(method, tmp_path, tiny_tokenizer, corpus_files):
+    folder = _folder("mixtral", tiny_tokenizer, tmp_path)
+    _, metrics = _run(tmp_path, folder, corpus_files, method, *METHODS[method], "eval.dense=false")
+    assert metrics["coverage"]["dense_in_blocks"] == {}
+    assert metrics["coverage"]["prunable_fraction"] > 0.8
+    assert abs(_expert_sparsity(metrics, metrics["pattern"]) - 0.5) < 1e-6
+    if method.startswith("uni"):
+        per = metrics["results"]["2of4"]["per_layer_sparsity"]
+        assert all(v == 0.5 for n, v in per.items() if ".mlp.experts." in n)
+    for r in metrics["results"].values():
+        assert all(math.isfinite(v["ppl"] if isinstance(v, dict) else v) for v in r["ppl"].values())
+
+
+RELOAD = """
+import json, math, sys
+import torch
+from transformers import AutoModelForCausalLM
+from unipruning_cli.evaluation.perplexity import perplexity
+spec = json.load(open(sys.argv[1]))
+model = AutoModelForCausalLM.from_pretrained(spec["folder"], experts_implementation="eager").eval()
+zeros = {k: [int((p == 0).sum()), p.numel()] for k, p in model.state_dict().items()
+         if ".mlp.experts." in k and p.dim() == 3}
+ppl = perplexity(model, torch.tensor(spec["windows"]), spec["batch_size"], "reload").to_dict()["ppl"]
+print(json.dumps({"ppl": ppl, "zeros": zeros}))
+"""
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_export_reloads_with_plain_transformers_at_the_runs_perplexity(family, tmp_path, tiny_tokenizer, corpus_files):
+    """A UniPruning run on each tiny MoE layout, its 2:4 cut exported and reloaded in a fresh process by plain
+    ``from_pretrained`` (transformers' eager experts, the loop the run computed with): the same perplexity, bit for
+    bit, and half of every fused expert tensor zero."""
+    import subprocess
+    import sys
+
+    from test_export import _eval_windows_of
+    from unipruning_cli.export import export_command
+
+    folder = _folder(family, tiny_tokenizer, tmp_path)
+    run_dir, metrics = _run(tmp_path, folder, corpus_files, "run", *METHODS["uni_drift"], "eval.dense=false")
+    assert abs(_expert_sparsity(metrics, "s0.50_per_row") - 0.5) < 1e-6
+    out = tmp_path / "export"
+    export_command([str(run_dir), "pattern=2:4", "--out", str(out)])
+    windows, batch_size, corpus = _eval_windows_of(run_dir)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"folder": str(out), "windows": windows.tolist(), "batch_size": batch_size}))
+    (tmp_path / "reload.py").write_text(RELOAD)
+    proc = subprocess.run([sys.executable, str(tmp_path / "reload.py"), str(spec)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout)
+    assert got["ppl"] == metrics["results"]["2of4"]["ppl"][corpus]
+    assert len(got["zeros"]) == 4 and all(2 * z == n for z, n in got["zeros"].values()), got["zeros"]

@@ -1,0 +1,170 @@
+"""Fused mixture-of-experts tensors as one ``nn.Linear`` per expert and projection.
+
+transformers 5 holds the experts of a mixture-of-experts layer as 3-D parameters, ``gate_up_proj [E, 2I, H]`` and
+``down_proj [E, H, I]`` (``up_proj`` where the experts have no gate; ``[E, in, out]`` where the class says
+``is_transposed``, gpt-oss), in a module decorated by ``transformers.integrations.moe.use_experts_implementation``
+(Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4-MoE, gpt-oss, ...). Every stage here works on named 2-D
+Linear weights: calibration hooks, scores, masks, the drift search's parameters. So after loading, each such
+module is replaced by :class:`ExpertLinears`:
+
+- a ``ModuleList`` of E experts, each with Linear ``gate_up_proj`` (or ``up_proj``) and ``down_proj``, named
+  ``<layer>.mlp.experts.<e>.<proj>``;
+- whose weights are views of the 3-D tensors, so no copy is made, and pruning in place prunes the fused tensor;
+- whose forward is transformers' eager per-expert loop (``MixtralExperts.forward``). Each expert sees only the
+  tokens the router sent it, so its calibration statistics, and their token count, are its own.
+
+:func:`fused` puts the original modules back, with the current weights copied in, for ``save_pretrained``: an
+export reloads with plain transformers. Experts with a norm after each expert (``has_post_expert_norm``) are not
+converted; :func:`.models.report_unprunable` then says they stay dense.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    up = "gate_up_proj" if getattr(module, "has_gate", None) else "up_proj"
+    return (hasattr(module, "is_transposed") and hasattr(module, "has_bias")
+            and not getattr(module, "has_post_expert_norm", False)
+            and all(isinstance(getattr(module, p, None), torch.Tensor) and getattr(module, p).dim() == 3
+                    for p in (up, "down_proj")))
+
+
+def _linear_view(fused: torch.Tensor, bias: torch.Tensor | None, e: int, transposed: bool) -> nn.Linear:
+    """A Linear whose weight (and bias) are views of expert ``e`` of the 3-D ``fused`` tensor: no storage of its own."""
+    w = fused.data[e].t() if transposed else fused.data[e]
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.data[e], requires_grad=False)
+    return lin
+
+
+class Expert(nn.Module):
+    """One expert: ``gate_up_proj`` (or ``up_proj``) then ``down_proj``, each an ``nn.Linear`` ``[out, in]``."""
+
+    def __init__(self, up_name: str, up: nn.Linear, down: nn.Linear) -> None:
+        super().__init__()
+        self.up_name = up_name
+        setattr(self, up_name, up)
+        self.down_proj = down
+
+
+class ExpertLinears(nn.ModuleList):
+    """The experts of one transformers fused-experts module as E :class:`Expert` s; same inputs and outputs.
+
+    ``forward(hidden_states [T, H], top_k_index int64 [T, k], top_k_weights [T, k]) -> [T, H]``: the eager loop of
+    transformers (each hit expert on its routed tokens, weighted, ``index_add_``-ed), with the fused module's own
+    gate (``_apply_gate``: SwiGLU, gpt-oss's clamped variant) or activation. Holds the fused module (not as a
+    submodule) to put it back (:func:`fused`)."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        has_gate, transposed = bool(experts.has_gate), bool(experts.is_transposed)
+        up_name = "gate_up_proj" if has_gate else "up_proj"
+        bias = bool(experts.has_bias)
+        up, down = getattr(experts, up_name), experts.down_proj
+        super().__init__(Expert(up_name,
+                                _linear_view(up, getattr(experts, f"{up_name}_bias") if bias else None, e, transposed),
+                                _linear_view(down, experts.down_proj_bias if bias else None, e, transposed))
+                         for e in range(up.shape[0]))
+        object.__setattr__(self, "fused_module", experts)
+        self.up_name, self.has_gate, self.transposed, self.bias = up_name, has_gate, transposed, bias
+
+    @property
+    def projections(self) -> tuple[str, str]:
+        return self.up_name, "down_proj"
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():  # the routing, as transformers computes it (so the token order per expert is the same)
+            expert_mask = nn.functional.one_hot(top_k_index, num_classes=len(self) + 1).permute(2, 1, 0)
+            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit[:, 0].tolist():
+            if e == len(self):
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[e])
+            expert = self[e]
+            h = getattr(expert, self.up_name)(hidden_states[token_idx])
+            h = self.fused_module._apply_gate(h) if self.has_gate else self.fused_module.act_fn(h)
+            h = expert.down_proj(h) * top_k_weights[token_idx, top_k_pos, None]
+            out.index_add_(0, token_idx, h.to(out.dtype))
+        return out
+
+    def write_back(self) -> nn.Module:
+        """The fused module holding this module's current weights (copied in where they no longer share its
+        storage: after a dtype or device change); returned for swapping back in."""
+        experts = self.fused_module
+        with torch.no_grad():
+            for name in self.projections:
+                fused, bias = getattr(experts, name), getattr(experts, f"{name}_bias", None) if self.bias else None
+                for e, expert in enumerate(self):
+                    lin = getattr(expert, name)
+                    dst = fused.data[e].t() if self.transposed else fused.data[e]
+                    if fused.dtype != lin.weight.dtype or fused.device != lin.weight.device:
+                        fused.data = fused.data.to(lin.weight.device, lin.weight.dtype)
+                        dst = fused.data[e].t() if self.transposed else fused.data[e]
+                    if dst.data_ptr() != lin.weight.data_ptr():
+                        dst.copy_(lin.weight)
+                    if bias is not None:
+                        if bias.dtype != lin.bias.dtype or bias.device != lin.bias.device:
+                            bias.data = bias.data.to(lin.bias.device, lin.bias.dtype)
+                        if bias.data[e].data_ptr() != lin.bias.data_ptr():
+                            bias.data[e].copy_(lin.bias)
+        return experts
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def unfuse_experts(model: nn.Module) -> int:
+    """Replace every fused-experts module of ``model`` by :class:`ExpertLinears` (views, no copy). Call after the
+    weights are placed (a later ``.to()`` gives the views their own storage; :func:`fused` copes). Returns how
+    many modules were converted."""
+    found = [(n, m) for n, m in model.named_modules() if _is_fused_experts(m)]
+    for name, module in found:
+        _swap(model, name, ExpertLinears(module))
+    if found:
+        log.info("%d fused expert modules taken as one Linear per expert and projection", len(found))
+    return len(found)
+
+
+def fuse_experts(model: nn.Module) -> None:
+    """Put transformers' fused modules back, holding the current (pruned) weights; the inverse of
+    :func:`unfuse_experts`."""
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertLinears)]:
+        _swap(model, name, module.write_back())
+
+
+@contextmanager
+def fused(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in transformers' own layout (for ``save_pretrained``, ``state_dict``) inside the block."""
+    converted = [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertLinears)]
+    for name, module in converted:
+        _swap(model, name, module.write_back())
+    try:
+        yield model
+    finally:
+        for name, module in converted:
+            _swap(model, name, module)
+
+
+def expert_groups(block: nn.Module, block_name: str) -> list[list[str]]:
+    """The prunable names of one projection across the experts of each :class:`ExpertLinears` in ``block``: the
+    groups whose statistics pool (:func:`.calibration.pool_rare_experts`)."""
+    groups = []
+    for name, module in block.named_modules():
+        if isinstance(module, ExpertLinears):
+            for proj in module.projections:
+                groups.append([f"{block_name}.{name}.{e}.{proj}" for e in range(len(module))])
+    return groups
