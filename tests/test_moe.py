@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
+from test_model_limits import no_weights_read  # noqa: F401  (a fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -242,3 +243,57 @@ def test_export_reloads_with_plain_transformers_at_the_runs_perplexity(family, t
     got = json.loads(proc.stdout)
     assert got["ppl"] == metrics["results"]["2of4"]["ppl"][corpus]
     assert len(got["zeros"]) == 4 and all(2 * z == n for z, n in got["zeros"].values()), got["zeros"]
+
+
+def test_the_router_loss_enters_the_drift_loss_only_when_asked(tmp_path, tiny_tokenizer, corpus_files, no_weights_read):
+    """``schedule.router_aux_loss=true``: the loss W drifts on is the LM loss plus the config's coefficient times the
+    router's load-balancing loss (transformers' own); false (the default): the LM loss alone. Asked of a dense model,
+    it is refused before any weight is read."""
+    from unipruning_cli.experts import unfuse_experts
+    from unipruning_cli.search.mirror_descent import _lm_backward
+    from unipruning_cli.search.settings import SearchSettings
+
+    model = _model("mixtral")
+    unfuse_experts(model)
+    x = torch.randint(0, 320, (1, 16))
+    with torch.no_grad():
+        out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
+    lm = float(out.loss) - model.config.router_aux_loss_coef * float(out.aux_loss)
+    losses = {on: _lm_backward(model, x, 0, SearchSettings(router_aux_loss=on)) for on in (False, True)}
+    assert math.isclose(losses[False], lm, rel_tol=1e-6) and math.isclose(losses[True], float(out.loss), rel_tol=1e-6)
+    assert float(out.aux_loss) > 0
+
+    from test_model_limits import _llama, _save, _validate
+    from unipruning_cli.errors import UserError
+
+    folder = _save(_llama(tiny_tokenizer), tiny_tokenizer, tmp_path / "llama")
+    with pytest.raises(UserError, match="schedule.router_aux_loss=true.*not a mixture of experts"):
+        _validate(folder, corpus_files, "method=unipruning", "schedule.router_aux_loss=true")
+
+
+def test_a_compressed_nm_export_of_a_moe_model_rebuilds_its_weights(tmp_path, tiny_tokenizer, corpus_files):
+    from transformers import AutoModelForCausalLM
+
+    from unipruning_cli.export import export_command
+    from unipruning_cli.export.nm import load_compressed
+
+    folder = _folder("qwen3_moe", tiny_tokenizer, tmp_path)
+    run_dir, _ = _run(tmp_path, folder, corpus_files, "run", *METHODS["uni_frozen"], "eval.dense=false")
+    out = tmp_path / "export"
+    export_command([str(run_dir), "pattern=2:4", "--compressed", "--out", str(out)])
+    rebuilt = load_compressed(out).state_dict()
+    plain = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert rebuilt.keys() == plain.keys()
+    assert all(torch.equal(rebuilt[k], plain[k]) for k in plain)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_gamma_and_masks_on_a_moe_model(tmp_path, tiny_tokenizer, corpus_files):
+    """The drift search sharded by FSDP2 over 2 gloo ranks: each expert's Linear is sharded by rows like any other
+    matrix, and Γ and the masks are the single process's."""
+    from test_distributed import _assert_same_run, _overrides, _single_and_sharded
+
+    folder = _folder("mixtral", tiny_tokenizer, tmp_path)
+    single, sharded, t1, t2 = _single_and_sharded(tmp_path, _overrides(folder, corpus_files, "local_metric=ria"))
+    print(f"mixtral: one process {t1:.1f} s, 2 ranks {t2:.1f} s")
+    _assert_same_run(single, sharded)

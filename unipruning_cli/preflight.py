@@ -143,6 +143,16 @@ def check_model_limits(cfg: DictConfig) -> None:
         return
     _check_positions(cfg, model)
     check_targets_fit(prunable_layers(model), targets_of(cfg, make_target(cfg)))
+    _check_router_loss(cfg, model)
+
+
+def _check_router_loss(cfg: DictConfig, model) -> None:
+    from .models import text_config
+
+    if cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift" and cfg.schedule.get("router_aux_loss"):
+        if getattr(text_config(model), "router_aux_loss_coef", None) is None:
+            raise UserError(f"schedule.router_aux_loss=true, but {cfg.model.path} has no router load-balancing loss "
+                            "(no router_aux_loss_coef in its config: not a mixture of experts): leave it false")
 
 
 def _check_positions(cfg: DictConfig, model) -> None:

@@ -216,9 +216,10 @@ def search_drift(
 def _lm_backward(model: nn.Module, windows: torch.Tensor, step: int, settings: SearchSettings) -> float:
     device = next(model.parameters()).device
     total = 0.0
+    extra = {"output_router_logits": True} if settings.router_aux_loss else {}
     for k in range(settings.grad_accumulation):
         x = windows[(step * settings.grad_accumulation + k) % windows.shape[0]].unsqueeze(0).to(device)
-        loss = model(input_ids=x, labels=x, use_cache=False).loss / settings.grad_accumulation
+        loss = model(input_ids=x, labels=x, use_cache=False, **extra).loss / settings.grad_accumulation
         loss.backward()
         total += float(loss.detach())
     return total

@@ -47,6 +47,9 @@ class ScheduleConfig:
     # copy of W drifts (forward and backward under autocast in the weights' dtype), with fp32 gradient, m and v.
     # In bf16 most small weights never move at the first learning rates; fp32 lets them.
     drift_dtype: str = _drift_only("weights")
+    # mixture of experts: add the model's router load-balancing loss (``output_router_logits``, weighted by the
+    # config's ``router_aux_loss_coef``) to the LM loss W drifts on; off: the LM loss alone, as for a dense model
+    router_aux_loss: bool = _drift_only(False)
     checkpoint_every: int = 16
     activation_checkpointing: bool = True  # drift: recompute block activations in the backward (same Γ)
     search_state: str = "auto"  # drift: V and Γ on the weights' "device", or "host" (pinned), one matrix moved at a
