@@ -119,3 +119,43 @@ def test_longest_stack_wins_and_no_stack_is_a_user_error():
 
     with pytest.raises(UserError):
         find_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+from pathlib import Path
+
+from test_model_limits import no_weights_read  # noqa: F401,E402  (fixture)
+from unipruning_cli.paths import cache_dir as _cache_dir
+
+REAL_CACHE = _cache_dir()  # the prepared offline assets, whatever cache a test points UNIPRUNING_CACHE at later
+
+
+# ====================================================================================== GGUF files as a source
+
+
+def test_a_gguf_source_that_is_not_a_gguf_file_is_refused_before_anything_loads(tmp_path, tiny_llama_dir,
+                                                                                  corpus_files, no_weights_read):
+    from test_model_limits import _validate
+    from unipruning_cli.errors import UserError
+
+    for bad in (tmp_path / "missing.gguf", tiny_llama_dir):
+        with pytest.raises(UserError, match="not a .gguf file here"):
+            _validate(tiny_llama_dir, corpus_files, "model=gguf", f"model.path={bad}")
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_converted_once_into_the_cache_and_loads_as_the_embedded_model_does(tmp_path):
+    """The embedded model's own GGUF file through ``model=gguf``: the cached folder holds the same weights as the
+    embedded folder (converted by ``unipruning prepare`` from that very file), and a second call converts nothing."""
+    from safetensors.torch import load_file
+
+    from unipruning_cli.assets import EMBEDDED_MODELS, GGUF_MEMBER, ensure_gguf_folder
+
+    gguf, embedded_dir = REAL_CACHE / "raw" / Path(GGUF_MEMBER).name, REAL_CACHE / EMBEDDED_MODELS["smollm2-135m"]
+    if not (gguf.exists() and (embedded_dir / "config.json").exists()):
+        pytest.skip("the embedded model is not prepared (unipruning prepare)")
+    folder = ensure_gguf_folder(gguf, root=tmp_path)
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert ensure_gguf_folder(gguf, root=tmp_path) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    ours = load_file(str(next(folder.glob("*.safetensors"))))
+    embedded = load_file(str(next(embedded_dir.glob("*.safetensors"))))
+    assert ours.keys() == embedded.keys() and all(torch.equal(ours[k], embedded[k]) for k in ours)

@@ -297,3 +297,4 @@ def test_two_ranks_give_the_single_process_gamma_and_masks_on_a_moe_model(tmp_pa
     single, sharded, t1, t2 = _single_and_sharded(tmp_path, _overrides(folder, corpus_files, "local_metric=ria"))
     print(f"mixtral: one process {t1:.1f} s, 2 ranks {t2:.1f} s")
     _assert_same_run(single, sharded)
+

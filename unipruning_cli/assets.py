@@ -188,6 +188,34 @@ def prepare(root: Path | None = None, with_model: bool = True, with_data: bool =
     return root
 
 
+def gguf_folder(gguf: str | Path, root: Path | None = None) -> Path:
+    """Where the HF folder converted from the GGUF file ``gguf`` lives in the cache: one folder per file path,
+    size and modification time, so a changed file is converted again (the same rule as the embedded model)."""
+    path = Path(gguf).expanduser().resolve()
+    stat = path.stat() if path.exists() else None
+    key = hashlib.sha256(json.dumps([str(path), stat and stat.st_size, stat and stat.st_mtime_ns]).encode()).hexdigest()
+    return (root or cache_dir()) / "models" / "gguf" / f"{path.stem}-{key[:12]}"
+
+
+def ensure_gguf_folder(gguf: str | Path, root: Path | None = None) -> Path:
+    """The cached HF folder of the GGUF file ``gguf``, converted (dequantized to fp32) on the first call.
+    Raises :class:`UserError` for a missing file, one that is not GGUF, or no ``gguf`` package."""
+    path = Path(gguf).expanduser()
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        raise UserError(f"model.path={str(gguf)!r}: not a .gguf file here (model=gguf converts a GGUF file once into "
+                        f"the cache; a folder is model=local, a hub id model=hf)")
+    dest = gguf_folder(path, root)
+    if not (dest / "config.json").exists():
+        try:
+            import gguf as _  # noqa: F401  (transformers' GGUF reader needs it)
+        except ImportError:
+            raise UserError("model=gguf needs the gguf package: pip install gguf") from None
+        log.info("converting %s once into %s (dequantized to fp32; later runs load the folder)", path, dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(path, dest)
+    return dest
+
+
 def embedded_model_path(name: str, root: Path | None = None) -> Path:
     if name not in EMBEDDED_MODELS:
         raise UserError(f"model.path={name!r} is not an embedded model; known: {', '.join(EMBEDDED_MODELS)}")

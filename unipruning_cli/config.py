@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from .errors import UserError
 from .search.settings import LR_SCHEDULES, ScheduleConfig
 
-MODEL_SOURCES = ("hub", "local", "embedded")
+MODEL_SOURCES = ("hub", "local", "embedded", "gguf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENTS = ("auto", "device", "onload")
 ALLOCATIONS = ("per_row", "per_matrix", "global")

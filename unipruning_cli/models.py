@@ -50,6 +50,10 @@ def model_location(model_cfg: DictConfig) -> str:
         return str(embedded_model_path(model_cfg.path))
     if model_cfg.source == "local":
         return str(Path(model_cfg.path).expanduser())
+    if model_cfg.source == "gguf":
+        from .assets import gguf_folder
+
+        return str(gguf_folder(model_cfg.path))
     return model_cfg.path
 
 
@@ -68,6 +72,10 @@ def check_model_reachable(model_cfg: DictConfig) -> None:
     """Fail fast, before any weights are read, for a model that cannot be loaded here."""
     if model_cfg.source == "embedded":
         model_location(model_cfg)
+    elif model_cfg.source == "gguf":  # converted once (minutes for a large file), then a folder like any other
+        from .assets import ensure_gguf_folder
+
+        ensure_gguf_folder(model_cfg.path)
     elif model_cfg.source == "local":
         path = Path(model_cfg.path).expanduser()
         if not (path / "config.json").exists():

@@ -43,6 +43,17 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                                  "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
                                  "vocab_size": 128256, "max_position_embeddings": 131072, "tie_word_embeddings": False,
                                  "rope_theta": 500000.0, "rope_scaling": _LLAMA3_ROPE},
+    "mistralai/Mixtral-8x7B-v0.1": {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+                                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                    "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+                                    "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                                    "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02},
+    "Qwen/Qwen3-30B-A3B-Base": {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                                "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+                                "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                                "num_experts_per_tok": 8, "norm_topk_prob": True, "vocab_size": 151936,
+                                "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                                "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001},
 }
 
 
