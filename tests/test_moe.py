@@ -67,7 +67,7 @@ def test_one_linear_per_expert_computes_what_transformers_does_and_shares_its_st
     """The per-expert Linears give transformers' eager logits (bit for bit where transformers' eager loop uses
     F.linear, as every concatenated-gate layout does), hold no copy of the weights, and pruning one expert's
     Linear prunes that expert's slice of the fused tensor that ``save_pretrained`` writes."""
-    from unipruning_cli.experts import fused, unfuse_experts
+    from unipruning_cli.layouts import as_linears, hf_layout
     from unipruning_cli.models import prunable_layers, unprunable_in_blocks
 
     model = _model(family)
@@ -76,7 +76,7 @@ def test_one_linear_per_expert_computes_what_transformers_does_and_shares_its_st
     want = model(x).logits
     n_params = sum(p.numel() for p in model.parameters())
     assert unprunable_in_blocks(model)  # 3-D expert tensors, not Linear: before the conversion they are left out
-    assert unfuse_experts(model) == 2
+    assert as_linears(model) == 2
     got = model(x).logits
     if family == "gpt_oss":  # its eager loop computes x @ W + b, ours F.linear: the same sums, other rounding
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -90,7 +90,7 @@ def test_one_linear_per_expert_computes_what_transformers_does_and_shares_its_st
     one = "model.layers.1.mlp.experts.2.down_proj"
     with torch.no_grad():
         layers[one].weight[0, :5] = 0
-    with fused(model):
+    with hf_layout(model):
         state = model.state_dict()
     fused_down = state["model.layers.1.mlp.experts.down_proj"]
     row = fused_down[2, :, 0] if family == "gpt_oss" else fused_down[2, 0]  # gpt-oss stores [E, in, out]
@@ -120,12 +120,12 @@ def _routed_reference(model, layer: int, windows: torch.Tensor) -> dict[int, tor
 
 def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
     from unipruning_cli.calibration import calibrate_blockwise
-    from unipruning_cli.experts import unfuse_experts
+    from unipruning_cli.layouts import as_linears
 
     model = _model("mixtral")
     windows = torch.randint(0, 320, (3, 16))
     ref = _routed_reference(model, 1, windows)
-    unfuse_experts(model)
+    as_linears(model)
     stats = calibrate_blockwise(model, windows, min_expert_tokens=1)
     for e in range(4):
         s = stats[f"model.layers.1.mlp.experts.{e}.gate_up_proj"]
@@ -137,7 +137,7 @@ def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
 
 def test_an_expert_with_too_few_routed_tokens_gets_the_pooled_statistics_and_is_listed(caplog):
     from unipruning_cli.calibration import calibrate_blockwise
-    from unipruning_cli.experts import unfuse_experts
+    from unipruning_cli.layouts import as_linears
 
     model = _model("mixtral")
 
@@ -148,7 +148,7 @@ def test_an_expert_with_too_few_routed_tokens_gets_the_pooled_statistics_and_is_
         return logits, (weights / weights.sum(-1, keepdim=True)).to(out[1].dtype), index
 
     model.model.layers[0].mlp.gate.register_forward_hook(never_expert_3)
-    unfuse_experts(model)
+    as_linears(model)
     windows = torch.randint(0, 320, (3, 16))
     hessians = {}  # Hessians live until the block's callback (SparseGPT's solve)
     stats = calibrate_blockwise(model, windows, want_hessian=True, min_expert_tokens=1,
@@ -249,12 +249,12 @@ def test_the_router_loss_enters_the_drift_loss_only_when_asked(tmp_path, tiny_to
     """``schedule.router_aux_loss=true``: the loss W drifts on is the LM loss plus the config's coefficient times the
     router's load-balancing loss (transformers' own); false (the default): the LM loss alone. Asked of a dense model,
     it is refused before any weight is read."""
-    from unipruning_cli.experts import unfuse_experts
+    from unipruning_cli.layouts import as_linears
     from unipruning_cli.search.mirror_descent import _lm_backward
     from unipruning_cli.search.settings import SearchSettings
 
     model = _model("mixtral")
-    unfuse_experts(model)
+    as_linears(model)
     x = torch.randint(0, 320, (1, 16))
     with torch.no_grad():
         out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .experts import expert_groups
+from .layouts import expert_groups
 from .models import block_layers, find_blocks, input_device
 from .onload import onloaded
 from .progress import track
@@ -245,6 +245,9 @@ def calibrate_blockwise(
     ``on_block(i, layers, stats)`` runs after block i's statistics are complete; in sequential mode
     the block's outputs are recomputed afterwards, so a callback that prunes feeds the pruned
     outputs forward. Hessians (``xtx``) are dropped after the callback to keep one block's worth.
+
+    Experts (:mod:`.layouts`) see only the tokens routed to them; one that saw fewer than ``min_expert_tokens``
+    gets its layer's pooled statistics (:func:`pool_rare_experts`) before the callback.
     """
     prefix, blocks = find_blocks(model)
     hidden, kwargs = capture_block_inputs(model, windows, offload)

@@ -3,7 +3,7 @@
 Prunable layers are found by role, not by attribute names of one family: the decoder blocks are the
 ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks (the model's ``_no_split_modules`` class where it names
 one), and every ``nn.Linear`` inside them is prunable. Fused 3-D expert tensors are taken as one Linear per
-expert at load (:mod:`.experts`). Embeddings, norms, routers and ``lm_head`` live outside the blocks or are not
+expert at load, and HF ``Conv1D`` as a Linear (:mod:`.layouts`). Embeddings, norms, routers and ``lm_head`` live outside the blocks or are not
 linear, so they are never touched. This covers Llama, Qwen2, Mistral, Gemma, Mixtral, Qwen-MoE and similar layouts
 without a table; what else the blocks hold in 2-D or more is reported as left dense.
 """
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .errors import UserError
-from .experts import unfuse_experts
+from .layouts import as_linears
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def load_model(model_cfg: DictConfig, placement: str | None = None) -> tuple[nn.
         place_onloaded(model, find_blocks(model)[1], device)
     elif not model_cfg.device_map:
         model.to(device)
-    unfuse_experts(model)  # after placement: the per-expert views share the placed storage
+    as_linears(model)  # after placement: the views share the placed storage
     model.eval()
     model.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(location, revision=model_cfg.revision,
@@ -177,9 +177,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     Raises :class:`UserError` when no list of blocks with linear layers is found."""
     lists = [(name, module) for name, module in model.named_modules()
              if isinstance(module, nn.ModuleList) and len(module) and len({type(c) for c in module}) == 1
-             and any(isinstance(m, nn.Linear) for m in module[0].modules())]
+             and any(p.dim() >= 2 for p in module[0].parameters())]  # matrices of any layout (Conv1D too)
     if not lists:
-        raise UserError(f"{type(model).__name__}: no stack of decoder blocks with linear layers found")
+        raise UserError(f"{type(model).__name__}: no stack of decoder blocks with weight matrices found")
     layers = getattr(text_config(model), "num_hidden_layers", None)
     no_split = set(getattr(model, "_no_split_modules", None) or [])
     by_count = [(n, m) for n, m in lists if len(m) == layers]

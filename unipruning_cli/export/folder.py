@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..experts import fused
+from ..layouts import hf_layout
 from ..models import TORCH_DTYPES
 
 COMPRESSED_FILE = "compressed.safetensors"
@@ -82,7 +82,7 @@ def save_hf(model: nn.Module, tok, folder: Path) -> None:
     kwargs = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
-    with fused(model):  # transformers' own layout, so plain from_pretrained reloads it
+    with hf_layout(model):  # transformers' own layout, so plain from_pretrained reloads it
         model.save_pretrained(folder, **kwargs)
     if tok is not None:
         tok.save_pretrained(folder)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..experts import fuse_experts, unfuse_experts
+from ..layouts import as_linears, restore_layouts
 from ..mask_files import pack_mask, unpack_mask
 from ..models import prunable_layers
 from ..rundir import atomic_save_tensors, load_tensors
@@ -157,7 +157,7 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu", trus
     n, m = int(meta["n"]), int(meta["m"])
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[meta["dtype"]], trust_remote_code=trust_remote_code)
-    unfuse_experts(model)  # the compressed file names experts one Linear each, as the run did
+    as_linears(model)  # the compressed file names experts one Linear each, as the run did
     state: dict[str, torch.Tensor] = {k[len("dense."):]: v for k, v in data.items() if k.startswith("dense.")}
     for name, lm in json.loads(meta["layers"]).items():
         state[f"{name}.weight"] = decompress_nm(data[f"nm.{name}.values"], data[f"nm.{name}.indices"],
@@ -165,7 +165,7 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu", trus
     for alias, src in json.loads(meta.get("aliases", "{}")).items():
         state[alias] = state[src]
     model.load_state_dict(state, strict=True)
-    fuse_experts(model)
+    restore_layouts(model)
     model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -79,11 +79,11 @@ def meta_model(model_cfg: DictConfig, dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..experts import unfuse_experts
+    from ..layouts import as_linears
 
     config = model_config(model_cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=bool(model_cfg.trust_remote_code))
-    unfuse_experts(model)  # the matrices the run prunes: one per expert
+    as_linears(model)  # the matrices the run prunes: one per expert, Conv1D as Linear
     return model

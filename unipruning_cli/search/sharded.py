@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from ..calibration_set import calibration_set
 from ..distributed import Ranks, broadcast, picklable
 from ..errors import UserError
-from ..experts import unfuse_experts
+from ..layouts import as_linears
 from ..models import find_blocks, model_location, prunable_layers, resolve_dtype
 from ..progress import Timer
 from ..rundir import RunDir, file_locks
@@ -76,14 +76,14 @@ def load_sharded(model_cfg: DictConfig, ranks: Ranks, device: torch.device, offl
         log.info("loading %s (%s) on rank 0, sharded over %d ranks with FSDP2", location, dtype, ranks.world)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, revision=model_cfg.revision,
                                                      trust_remote_code=remote)
-        unfuse_experts(model)  # the same parameter names on every rank: one Linear per expert
+        as_linears(model)  # the same parameter names on every rank: one Linear per expert
         full = model.state_dict()
         tok = AutoTokenizer.from_pretrained(location, revision=model_cfg.revision, trust_remote_code=remote)
     else:
         config = AutoConfig.from_pretrained(location, revision=model_cfg.revision, trust_remote_code=remote)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
-        unfuse_experts(model)
+        as_linears(model)
     mesh = init_device_mesh(device.type, (ranks.world,))
     policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     for block in find_blocks(model)[1]:

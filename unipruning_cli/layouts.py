@@ -1,4 +1,13 @@
-"""Fused mixture-of-experts tensors as one ``nn.Linear`` per expert and projection.
+"""Weights stored in other layouts than ``nn.Linear``, as Linear views: fused mixture-of-experts tensors (one
+Linear per expert and projection) and HF ``Conv1D`` (GPT-2's projections, stored ``[in, out]``).
+
+Every stage here works on named 2-D Linear weights ``[out, in]``: calibration hooks, scores, masks, the drift
+search's parameters. After loading, :func:`as_linears` swaps each such module for Linears whose weights are views of
+the original tensors (no copy), and :func:`hf_layout` swaps the originals back, holding the current weights, for
+``save_pretrained``: an export reloads with plain transformers.
+
+Conv1D computes ``addmm(b, x, W)`` with ``W [in, out]``; :class:`Conv1DLinear` holds ``W.t()`` as its weight, and
+``F.linear(x, W.t(), b)`` is that same ``addmm``.
 
 transformers 5 holds the experts of a mixture-of-experts layer as 3-D parameters, ``gate_up_proj [E, 2I, H]`` and
 ``down_proj [E, H, I]`` (``up_proj`` where the experts have no gate; ``[E, in, out]`` where the class says
@@ -13,9 +22,8 @@ module is replaced by :class:`ExpertLinears`:
 - whose forward is transformers' eager per-expert loop (``MixtralExperts.forward``). Each expert sees only the
   tokens the router sent it, so its calibration statistics, and their token count, are its own.
 
-:func:`fused` puts the original modules back, with the current weights copied in, for ``save_pretrained``: an
-export reloads with plain transformers. Experts with a norm after each expert (``has_post_expert_norm``) are not
-converted; :func:`.models.report_unprunable` then says they stay dense.
+Experts with a norm after each expert (``has_post_expert_norm``) are not converted;
+:func:`.models.report_unprunable` then says they stay dense.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ class ExpertLinears(nn.ModuleList):
     ``forward(hidden_states [T, H], top_k_index int64 [T, k], top_k_weights [T, k]) -> [T, H]``: the eager loop of
     transformers (each hit expert on its routed tokens, weighted, ``index_add_``-ed), with the fused module's own
     gate (``_apply_gate``: SwiGLU, gpt-oss's clamped variant) or activation. Holds the fused module (not as a
-    submodule) to put it back (:func:`fused`)."""
+    submodule) to put it back (:func:`hf_layout`)."""
 
     def __init__(self, experts: nn.Module) -> None:
         has_gate, transposed = bool(experts.has_gate), bool(experts.is_transposed)
@@ -123,34 +131,71 @@ class ExpertLinears(nn.ModuleList):
         return experts
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor) \
+        and module.weight.dim() == 2 and hasattr(module, "nf")
+
+
+class Conv1DLinear(nn.Linear):
+    """An HF ``Conv1D`` (``y = x W + b``, ``W [in, out]``) as an ``nn.Linear`` whose weight is the view ``W.t()``
+    ``[out, in]`` and whose bias is the same tensor: the same ``addmm``, no copy. Holds the Conv1D to put it back."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no weights of its own to initialise
+        self.in_features, self.out_features = conv.weight.shape
+        self.weight = nn.Parameter(conv.weight.data.t(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.data, requires_grad=False)
+        object.__setattr__(self, "original", conv)
+
+    def write_back(self) -> nn.Module:
+        conv = self.original
+        with torch.no_grad():
+            for mine, theirs, turn in ((self.weight, conv.weight, True), (self.bias, conv.bias, False)):
+                if mine is None:
+                    continue
+                if theirs.dtype != mine.dtype or theirs.device != mine.device:
+                    theirs.data = theirs.data.to(mine.device, mine.dtype)
+                dst = theirs.data.t() if turn else theirs.data
+                if dst.data_ptr() != mine.data_ptr():
+                    dst.copy_(mine)
+        return conv
+
+
+#: The layouts taken as Linears: (recognises a module, builds its Linear form).
+_LAYOUTS = ((_is_fused_experts, lambda m: ExpertLinears(m)), (_is_conv1d, lambda m: Conv1DLinear(m)))
+
+
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def unfuse_experts(model: nn.Module) -> int:
-    """Replace every fused-experts module of ``model`` by :class:`ExpertLinears` (views, no copy). Call after the
-    weights are placed (a later ``.to()`` gives the views their own storage; :func:`fused` copes). Returns how
-    many modules were converted."""
-    found = [(n, m) for n, m in model.named_modules() if _is_fused_experts(m)]
-    for name, module in found:
-        _swap(model, name, ExpertLinears(module))
+def _converted(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (ExpertLinears, Conv1DLinear))]
+
+
+def as_linears(model: nn.Module) -> int:
+    """Swap every fused-experts and ``Conv1D`` module of ``model`` for its Linear form (views, no copy). Call after
+    the weights are placed (a later ``.to()`` gives the views their own storage; :func:`hf_layout` copes). Returns
+    how many modules were swapped."""
+    found = [(n, build) for n, m in model.named_modules() for match, build in _LAYOUTS if match(m)]
+    for name, build in found:
+        _swap(model, name, build(model.get_submodule(name)))
     if found:
-        log.info("%d fused expert modules taken as one Linear per expert and projection", len(found))
+        log.info("%d modules stored in another layout (fused experts, Conv1D) taken as Linear views", len(found))
     return len(found)
 
 
-def fuse_experts(model: nn.Module) -> None:
-    """Put transformers' fused modules back, holding the current (pruned) weights; the inverse of
-    :func:`unfuse_experts`."""
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertLinears)]:
+def restore_layouts(model: nn.Module) -> None:
+    """Put transformers' own modules back, holding the current (pruned) weights; the inverse of :func:`as_linears`."""
+    for name, module in _converted(model):
         _swap(model, name, module.write_back())
 
 
 @contextmanager
-def fused(model: nn.Module) -> Iterator[nn.Module]:
+def hf_layout(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in transformers' own layout (for ``save_pretrained``, ``state_dict``) inside the block."""
-    converted = [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertLinears)]
+    converted = _converted(model)
     for name, module in converted:
         _swap(model, name, module.write_back())
     try:
