@@ -163,6 +163,19 @@ def test_an_expert_with_too_few_routed_tokens_gets_the_pooled_statistics_and_is_
     everyone = calibrate_blockwise(model, windows, min_expert_tokens=10**6)
     assert all(s.own_count is not None for n, s in everyone.items() if ".experts." in n)
 
+    # the drift search's statistics of each step, by the same rule
+    from unipruning_cli.layouts import expert_groups
+    from unipruning_cli.models import prunable_layers
+    from unipruning_cli.search.recompute import StepStats
+
+    hooks = StepStats(prunable_layers(model), expert_groups(model, ""), 1)
+    with torch.no_grad():
+        model(windows[:1], use_cache=False)
+    step = hooks.take()
+    hooks.remove()
+    assert step[name.format(3)].own_count == 0 and step[name.format(3)].count == 16 * 2
+    torch.testing.assert_close(step[name.format(3)].sq_sum, sum(step[name.format(e)].sq_sum for e in range(3)))
+
 
 def _run(tmp_path, folder: Path, corpus_files, name: str, *extra: str) -> tuple[Path, dict]:
     from unipruning_cli.config import compose_prune

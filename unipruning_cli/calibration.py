@@ -290,11 +290,12 @@ def _calibrate_block(block: nn.Module, name: str, i: int, hidden: list, kwargs: 
     return stats, outputs
 
 
-def pool_rare_experts(stats: dict[str, ActivationStats], groups: list[list[str]], min_tokens: int) -> list[str]:
+def pool_rare_experts(stats: dict[str, ActivationStats], groups: list[list[str]], min_tokens: int,
+                      level: int = logging.WARNING) -> list[str]:
     """Give each expert that saw fewer than ``min_tokens`` routed tokens the pooled statistics of its group (one
     projection over all the experts of a layer: what the layer's tokens look like), in place, and say so in the
-    log. An expert the router never chose has no statistics of its own at all: its scores would be zero, its
-    SparseGPT Hessian empty. Returns the names pooled; their own counts stay in ``own_count``."""
+    log (at ``level``). An expert the router never chose has no statistics of its own at all: its scores would be
+    zero, its SparseGPT Hessian empty. Returns the names pooled; their own counts stay in ``own_count``."""
     pooled = []
     for group in groups:
         rare = [n for n in group if stats[n].count < min_tokens]
@@ -305,8 +306,8 @@ def pool_rare_experts(stats: dict[str, ActivationStats], groups: list[list[str]]
             stats[n] = dataclasses.replace(total, own_count=stats[n].count,
                                            xtx=None if total.xtx is None else total.xtx.clone())
         pooled += rare
-        log.warning("%d of %d experts saw fewer than calibration.min_expert_tokens=%d routed tokens and are scored "
-                    "with the layer's pooled statistics: %s", len(rare), len(group), min_tokens,
+        log.log(level, "%d of %d experts saw fewer than calibration.min_expert_tokens=%d routed tokens and are "
+                "scored with the layer's pooled statistics: %s", len(rare), len(group), min_tokens,
                     ", ".join(f"{n} ({stats[n].own_count})" for n in rare[:4]) + (" ..." if len(rare) > 4 else ""))
     return pooled
 

@@ -206,11 +206,13 @@ def hf_layout(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def expert_groups(block: nn.Module, block_name: str) -> list[list[str]]:
-    """The prunable names of one projection across the experts of each :class:`ExpertLinears` in ``block``: the
-    groups whose statistics pool (:func:`.calibration.pool_rare_experts`)."""
+    """The prunable names of one projection across the experts of each :class:`ExpertLinears` in ``block`` (a
+    decoder block named ``block_name``, or the model with ``""``): the groups whose statistics pool
+    (:func:`.calibration.pool_rare_experts`)."""
     groups = []
     for name, module in block.named_modules():
         if isinstance(module, ExpertLinears):
+            prefix = ".".join(p for p in (block_name, name) if p)
             for proj in module.projections:
-                groups.append([f"{block_name}.{name}.{e}.{proj}" for e in range(len(module))])
+                groups.append([f"{prefix}.{e}.{proj}" for e in range(len(module))])
     return groups

@@ -14,15 +14,20 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..calibration import pool_rare_experts
 from ..stats import ActivationStats
 
 log = logging.getLogger(__name__)
 
 
 class StepStats:
-    """Pre-hooks summing x² per input channel over the current step's forward passes."""
+    """Pre-hooks summing x² per input channel over the current step's forward passes. ``expert_groups`` (one
+    projection over a layer's experts, :func:`..layouts.expert_groups`): an expert routed fewer than
+    ``min_expert_tokens`` of the step's tokens is scored with its group's pooled statistics, as in calibration."""
 
-    def __init__(self, layers: Mapping[str, nn.Linear]) -> None:
+    def __init__(self, layers: Mapping[str, nn.Linear], expert_groups: list[list[str]] = (),
+                 min_expert_tokens: int = 1) -> None:
+        self.groups, self.min_tokens = list(expert_groups), min_expert_tokens
         self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in layers.items()}
         self.counts = {n: 0 for n in layers}
         self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
@@ -42,6 +47,7 @@ class StepStats:
         for n in self.sums:
             self.sums[n].zero_()
             self.counts[n] = 0
+        pool_rare_experts(out, self.groups, self.min_tokens, level=logging.DEBUG)  # every step: not a warning each
         return out
 
     def remove(self) -> None:

@@ -85,6 +85,7 @@ class SearchSettings(ScheduleConfig):
     """The ``schedule`` config as the search reads it, plus the run's seed (one list of fields)."""
 
     seed: int = 0
+    min_expert_tokens: int = 1  # calibration.min_expert_tokens: the step statistics of a rarely routed expert pool
 
     @property
     def warmup_steps(self) -> int:

@@ -90,7 +90,8 @@ def search_parts(cfg: DictConfig) -> tuple:
     knobs = {k: v for k, v in plain(cfg.local_metric).items() if k != "name"}
     metric = build_metric(cfg.local_metric.name, **knobs)
     prox = build_regularizer(cfg.regularizer.name, cfg.regularizer.lam, cfg.regularizer.threshold_mode)
-    return metric, prox, SearchSettings(**plain(cfg.schedule), seed=cfg.seed)
+    return metric, prox, SearchSettings(**plain(cfg.schedule), seed=cfg.seed,
+                                            min_expert_tokens=cfg.calibration.min_expert_tokens)
 
 
 def search_info(cfg: DictConfig, calib: dict, windows, bytes_per_param: float, seconds: float) -> dict:
