@@ -124,6 +124,16 @@ def frozen_search_cfg(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
     return make
 
 
+def _real_cache() -> Path:
+    from unipruning_cli.paths import cache_dir
+
+    return cache_dir()
+
+
+#: The prepared offline assets (``unipruning prepare``), whatever cache a test later points UNIPRUNING_CACHE at.
+REAL_CACHE = _real_cache()
+
+
 def real_model_prepared() -> bool:
     from unipruning_cli.paths import cache_dir
 

@@ -297,3 +297,25 @@ def test_a_corpus_shorter_than_one_window_is_refused_before_loading(key, tmp_pat
     value = str(short) if key == "calibration.source" else f"[{short}]"
     with pytest.raises(UserError, match=rf"{key}: .*short.txt holds 16 bytes, fewer than the \d+ tokens of one window"):
         _validate(tiny_llama_dir, corpus_files, f"{key}={value}")
+
+
+def test_lm_eval_requests_longer_than_max_length_are_refused_before_loading(tiny_llama_dir, corpus_files, monkeypatch,
+                                                                            no_weights_read):
+    """HFLM cuts a request longer than its max_length from the left, silently: the offline tasks' requests are
+    counted with the model's tokenizer before any weight is read, and a max_length that would cut one is refused."""
+    from conftest import REAL_CACHE
+    from unipruning_cli.evaluation.zeroshot import request_lengths
+
+    if not (REAL_CACHE / "tasks" / "quartz_offline.yaml").exists():
+        pytest.skip("the offline tasks are not prepared (unipruning prepare)")
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(REAL_CACHE))  # read only: validate() writes nothing
+    from transformers import AutoTokenizer
+
+    lengths = request_lengths(AutoTokenizer.from_pretrained(tiny_llama_dir), ["quartz_offline"], 20)["quartz_offline"]
+    longest = max(lengths)
+    with pytest.raises(UserError, match=rf"eval.max_length={longest - 1}: .*quartz_offline: \d+ of {len(lengths)} "
+                                        rf"requests, the longest {longest} tokens"):
+        _validate(tiny_llama_dir, corpus_files, "eval.tasks=[quartz_offline]", "eval.task_limit=20",
+                  f"eval.max_length={longest - 1}", "model.seqlen=256")
+    _validate(tiny_llama_dir, corpus_files, "eval.tasks=[quartz_offline]", "eval.task_limit=20",
+              f"eval.max_length={longest}", "model.seqlen=256")

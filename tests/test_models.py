@@ -123,10 +123,8 @@ def test_longest_stack_wins_and_no_stack_is_a_user_error():
 
 from pathlib import Path
 
+from conftest import REAL_CACHE
 from test_model_limits import no_weights_read  # noqa: F401,E402  (fixture)
-from unipruning_cli.paths import cache_dir as _cache_dir
-
-REAL_CACHE = _cache_dir()  # the prepared offline assets, whatever cache a test points UNIPRUNING_CACHE at later
 
 
 # ====================================================================================== GGUF files as a source

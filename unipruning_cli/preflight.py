@@ -56,6 +56,7 @@ def validate(cfg: DictConfig) -> None:
     check_model_limits(cfg)
     check_bos(cfg)
     check_corpus_lengths(cfg)
+    check_task_lengths(cfg)
 
 
 def validate_eval(e: DictConfig) -> None:
@@ -100,23 +101,38 @@ def check_corpus_lengths(cfg: DictConfig) -> None:
               f"least one byte): use a longer corpus or a smaller model.seqlen")
 
 
+def _tokenizer(cfg: DictConfig, what: str):
+    """The model's tokenizer (no weight is read), or None with a warning that ``what`` is checked after the load."""
+    from transformers import AutoTokenizer
+
+    from .models import model_location
+
+    try:
+        return AutoTokenizer.from_pretrained(model_location(cfg.model), revision=cfg.model.revision,
+                                             trust_remote_code=bool(cfg.model.trust_remote_code))
+    except (OSError, ValueError) as err:
+        log.warning("the tokenizer of %s cannot be read before loading (%s): %s is checked then", cfg.model.path, err,
+                    what)
+        return None
+
+
 def check_bos(cfg: DictConfig) -> None:
     """``model.add_bos=true`` with a tokenizer that has no BOS token is refused from the tokenizer alone (no weight
     is read). Raises :class:`UserError`; a tokenizer that cannot be had here is left to the load."""
-    if str(cfg.model.add_bos).lower() != "true":
-        return
-    from transformers import AutoTokenizer
+    from .models import resolve_add_bos
 
-    from .models import model_location, resolve_add_bos
+    if str(cfg.model.add_bos).lower() == "true" and (tok := _tokenizer(cfg, "model.add_bos")) is not None:
+        resolve_add_bos(cfg.model, tok)
 
-    try:
-        tok = AutoTokenizer.from_pretrained(model_location(cfg.model), revision=cfg.model.revision,
-                                            trust_remote_code=bool(cfg.model.trust_remote_code))
-    except (OSError, ValueError) as err:
-        log.warning("the tokenizer of %s cannot be read before loading (%s): model.add_bos is checked then",
-                    cfg.model.path, err)
-        return
-    resolve_add_bos(cfg.model, tok)
+
+def check_task_lengths(cfg: DictConfig) -> None:
+    """Every lm-eval request (``eval.tasks``, ``eval.task_limit`` documents each) within ``eval.max_length`` (or
+    ``eval.seqlen``), counted with the model's tokenizer before any weight is read. Raises :class:`UserError`."""
+    from .evaluation.zeroshot import check_request_lengths
+
+    if cfg.eval.tasks and (tok := _tokenizer(cfg, "the length of the lm-eval requests")) is not None:
+        key = "eval.max_length" if cfg.eval.max_length else "eval.seqlen"
+        check_request_lengths(tok, cfg.eval.tasks, cfg.eval.task_limit, cfg.eval[key.split(".")[1]], key)
 
 
 def check_model_limits(cfg: DictConfig) -> None:

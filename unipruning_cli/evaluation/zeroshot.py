@@ -59,11 +59,14 @@ def check_tasks(tasks: Iterable[str]) -> None:
                 f"'{t}'" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items()))
 
 
-def _task_manager():
+def _task_manager(names: Iterable[str] = ()):
+    """lm-eval's task index, with the offline tasks; only them when ``names`` are all offline (indexing lm-eval's
+    own thousands of task files takes most of 20 s on 2 cores)."""
     from lm_eval.tasks import TaskManager
 
     folder = cache_dir() / "tasks"
-    return TaskManager(include_path=str(folder) if folder.exists() else None)
+    only_offline = bool(names) and all(n in OFFLINE_TASKS for n in names) and folder.exists()
+    return TaskManager(include_path=str(folder) if folder.exists() else None, include_defaults=not only_offline)
 
 
 def task_metric(task: str) -> str:
@@ -80,7 +83,7 @@ def zero_shot(model, tokenizer, tasks: Iterable[str], limit: int | None, batch_s
         return {}
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
-    res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=_task_manager(), limit=limit, num_fewshot=0,
+    res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=_task_manager(names), limit=limit, num_fewshot=0,
                                   log_samples=False, bootstrap_iters=100)
     per_task = {}
     for name in names:
@@ -91,3 +94,27 @@ def zero_shot(model, tokenizer, tasks: Iterable[str], limit: int | None, batch_s
         per_task[name]["samples"] = res.get("n-samples", {}).get(name, {}).get("effective")
     mean = sum(per_task[t][task_metric(t)] for t in names) / len(names)
     return {"tasks": per_task, "mean": mean, "limit": limit, "max_length": max_length, "num_fewshot": 0}
+
+
+def request_lengths(tokenizer, tasks: Iterable[str], limit: int | None) -> dict[str, list[int]]:
+    """Tokens of each zero-shot request (context + continuation, as HFLM scores it) per task, from the tasks'
+    documents and the tokenizer alone: no model. ``limit``: lm-eval's per-task document limit."""
+    out: dict[str, list[int]] = {}
+    names = expand_tasks(tasks)
+    for name, task in _task_manager(names).load(names)["tasks"].items():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        texts = ["".join(a for a in inst.args if isinstance(a, str)) for inst in task.instances]
+        out[name] = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return out
+
+
+def check_request_lengths(tokenizer, tasks: Iterable[str], limit: int | None, max_length: int, key: str) -> None:
+    """Refuse tasks with requests longer than ``max_length`` tokens: HFLM would cut their contexts from the left
+    without a word, and score questions it never saw whole. Raises :class:`UserError` naming ``key``."""
+    too_long = {t: (sum(n > max_length for n in lengths), len(lengths), max(lengths))
+                for t, lengths in request_lengths(tokenizer, tasks, limit).items() if lengths and max(lengths) > max_length}
+    if too_long:
+        raise UserError(f"{key}={max_length}: lm-eval would cut the contexts of requests longer than that from the "
+                        "left: " + "; ".join(f"{t}: {n} of {total} requests, the longest {longest} tokens"
+                                             for t, (n, total, longest) in too_long.items())
+                        + f". Use {key} of at least the longest (within the model's position limit) or drop the task")
