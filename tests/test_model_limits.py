@@ -319,3 +319,16 @@ def test_lm_eval_requests_longer_than_max_length_are_refused_before_loading(tiny
                   f"eval.max_length={longest - 1}", "model.seqlen=256")
     _validate(tiny_llama_dir, corpus_files, "eval.tasks=[quartz_offline]", "eval.task_limit=20",
               f"eval.max_length={longest}", "model.seqlen=256")
+
+
+def test_a_dtype_or_device_this_machine_lacks_is_refused_before_loading(tiny_llama_dir, corpus_files, monkeypatch,
+                                                                         no_weights_read):
+    import torch
+
+    with pytest.raises(UserError, match="model.device='cuda' but no CUDA device"):
+        _validate(tiny_llama_dir, corpus_files, "model.device=cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a pre-Ampere GPU: no bf16 arithmetic
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(UserError, match="model.dtype=bfloat16, but Tesla V100 has no bfloat16 arithmetic.*float16"):
+        _validate(tiny_llama_dir, corpus_files, "model.device=cuda", "model.dtype=bfloat16")

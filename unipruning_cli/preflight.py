@@ -57,6 +57,7 @@ def validate(cfg: DictConfig) -> None:
     check_bos(cfg)
     check_corpus_lengths(cfg)
     check_task_lengths(cfg)
+    check_dtype_device(cfg.model)
 
 
 def validate_eval(e: DictConfig) -> None:
@@ -99,6 +100,25 @@ def check_corpus_lengths(cfg: DictConfig) -> None:
         check(size is None or size + 1 >= tokens,
               f"{key}: {corpus} holds {size} bytes, fewer than the {tokens} tokens of one window (a token covers at "
               f"least one byte): use a longer corpus or a smaller model.seqlen")
+
+
+def check_dtype_device(model_cfg: DictConfig) -> None:
+    """``model.device`` present here, and ``model.dtype`` one it computes in: bfloat16 needs a GPU with bf16
+    (compute capability 8.0, Ampere, or newer); float16 on the CPU gets a warning (slow, and it overflows where
+    bf16 and fp32 do not). Raises :class:`UserError` naming the key."""
+    import torch
+
+    from .models import resolve_device
+
+    if model_cfg.device_map:
+        return  # accelerate places it; the dtype is checked on the devices it chooses
+    device = resolve_device(model_cfg.device)
+    if model_cfg.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"model.dtype=bfloat16, but {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic "
+                        "(it needs compute capability 8.0 or newer): use model.dtype=float16 or float32")
+    if model_cfg.dtype == "float16" and device.type == "cpu":
+        log.warning("model.dtype=float16 on the CPU computes slowly and overflows where bfloat16 and float32 do not "
+                    "(the dense evaluation stops at the first non-finite layer): model.dtype=float32 is the CPU's")
 
 
 def _tokenizer(cfg: DictConfig, what: str):
