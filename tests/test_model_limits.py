@@ -332,3 +332,20 @@ def test_a_dtype_or_device_this_machine_lacks_is_refused_before_loading(tiny_lla
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
     with pytest.raises(UserError, match="model.dtype=bfloat16, but Tesla V100 has no bfloat16 arithmetic.*float16"):
         _validate(tiny_llama_dir, corpus_files, "model.device=cuda", "model.dtype=bfloat16")
+
+
+def test_a_corpus_with_enough_bytes_but_too_few_tokens_is_refused_before_loading(tmp_path, tiny_llama_dir,
+                                                                                  corpus_files, no_weights_read):
+    """The byte count lets a short corpus of long words through; its tokens, counted with the model's tokenizer
+    before any weight is read, do not."""
+    short = tmp_path / "short.txt"
+    short.write_text("the " * 12)  # 48 bytes: more than the 33 a window needs, but 12 tokens
+    with pytest.raises(UserError, match="fewer than one window of 32"):
+        _validate(tiny_llama_dir, corpus_files, f"calibration.source={short}", "calibration.sampling=stream")
+    with pytest.raises(UserError, match="eval.corpora: .*fewer than one window of 32"):
+        _validate(tiny_llama_dir, corpus_files, f"eval.corpora=[{short}]")
+
+
+def test_calibration_windows_that_overlap_the_whole_corpus_are_warned_about(tiny_llama_dir, corpus_files, caplog):
+    _validate(tiny_llama_dir, corpus_files, "calibration.sampling=stream", "calibration.nsamples=4096")
+    assert "calibration: 4096 windows of 32 tokens" in caplog.text and "they overlap" in caplog.text

@@ -93,6 +93,11 @@ def _is_path(source: str) -> bool:
     return "/" in source or source.endswith((".txt", ".jsonl"))
 
 
+def needs_hub(source: str) -> bool:
+    """Whether the corpus ``source`` is fetched from the HF hub (not a file, not an offline corpus)."""
+    return not _is_path(source) and CORPORA.get(source).hub
+
+
 def check_corpus_available(source: str) -> None:
     """Fail fast for a corpus that is unknown, missing, or needs a hub that is switched off."""
     if _is_path(source):

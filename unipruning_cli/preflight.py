@@ -8,6 +8,7 @@ imports it, so there is no circle. The CLI calls :func:`validate` before it load
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from omegaconf import DictConfig, OmegaConf
@@ -56,6 +57,7 @@ def validate(cfg: DictConfig) -> None:
     check_model_limits(cfg)
     check_bos(cfg)
     check_corpus_lengths(cfg)
+    check_corpus_tokens(cfg)
     check_task_lengths(cfg)
     check_dtype_device(cfg.model)
 
@@ -121,19 +123,49 @@ def check_dtype_device(model_cfg: DictConfig) -> None:
                     "(the dense evaluation stops at the first non-finite layer): model.dtype=float32 is the CPU's")
 
 
-def _tokenizer(cfg: DictConfig, what: str):
-    """The model's tokenizer (no weight is read), or None with a warning that ``what`` is checked after the load."""
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(location: str, revision: str | None, remote: bool):
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=remote)
+
+
+def _tokenizer(cfg: DictConfig, what: str):
+    """The model's tokenizer (no weight is read; loaded once for all the checks), or None with a warning that
+    ``what`` is checked after the load."""
     from .models import model_location
 
     try:
-        return AutoTokenizer.from_pretrained(model_location(cfg.model), revision=cfg.model.revision,
-                                             trust_remote_code=bool(cfg.model.trust_remote_code))
+        return _load_tokenizer(model_location(cfg.model), cfg.model.revision, bool(cfg.model.trust_remote_code))
     except (OSError, ValueError) as err:
         log.warning("the tokenizer of %s cannot be read before loading (%s): %s is checked then", cfg.model.path, err,
                     what)
         return None
+
+
+def check_corpus_tokens(cfg: DictConfig) -> None:
+    """The calibration samples and evaluation windows cut with the model's tokenizer before any weight is read
+    (files and offline corpora: seconds; hub corpora are cut after the load, when they are fetched): a corpus too
+    short for them raises :class:`UserError` here. Warns when the calibration windows, drawn from the joined
+    corpus, hold more tokens than it has (they overlap: the same text counted several times)."""
+    from .calibration_set import calibration_set
+    from .data import eval_samples, needs_hub
+
+    c = cfg.calibration
+    if any(needs_hub(s) for s in [c.source, *cfg.eval.corpora]) or \
+            (tok := _tokenizer(cfg, "the corpus token counts")) is None:
+        return
+    samples, info = calibration_set(cfg, tok)
+    drawn, corpus = c.nsamples * c.seqlen, info.get("corpus_tokens")
+    if info["sampling"] == "stream" and corpus and drawn > corpus:
+        log.warning("calibration: %d windows of %d tokens (%d) are drawn from a corpus of %d tokens: they overlap, each "
+                    "token about %.1f times on average; use a larger calibration.source or fewer "
+                    "calibration.nsamples", c.nsamples, c.seqlen, drawn, corpus, drawn / corpus)
+    for source in cfg.eval.corpora:
+        try:
+            eval_samples(tok, source, cfg.eval.seqlen, cfg.eval.max_windows, cfg.eval.random_windows)
+        except UserError as err:
+            raise UserError(f"eval.corpora: {err}") from None
 
 
 def check_bos(cfg: DictConfig) -> None:
