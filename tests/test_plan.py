@@ -225,3 +225,18 @@ def test_a_70b_model_prunes_on_one_80gb_gpu_with_sequential_onloading(tmp_path, 
     assert any("weight_mode=frozen" in a and "planned: GPU" in a for a in drift["advice"])
     cpu = _plan(tmp_path, "model=llama-3.1-70b", "method=sparsegpt", "--gpus", "0")
     assert not cpu["onload"] and cpu["placement"] == "cpu"
+
+
+def test_a_runs_peak_rss_is_its_own_not_its_parents():
+    """Linux carries getrusage's ru_maxrss across exec: a run started by a large parent (pytest after many tests,
+    a notebook) reported the parent's size as its peak, and the check above failed in the full suite only. The
+    peak is the process's own VmHWM."""
+    import subprocess
+    import sys
+
+    held = bytearray(800 * 2**20)
+    held[:: 4096] = b"\1" * len(held[:: 4096])  # touched: resident in the parent when it forks
+    code = "from unipruning_cli.provenance import peak_memory; print(peak_memory()['peak_rss_mib'])"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 600, child
+    del held

@@ -8,6 +8,7 @@ imports it, so there is no circle. The CLI calls :func:`validate` before it load
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -155,7 +156,8 @@ def check_corpus_tokens(cfg: DictConfig) -> None:
     if any(needs_hub(s) for s in [c.source, *cfg.eval.corpora]) or \
             (tok := _tokenizer(cfg, "the corpus token counts")) is None:
         return
-    samples, info = calibration_set(cfg, tok)
+    with _quiet("unipruning_cli.data", "unipruning_cli.calibration_set"):  # said once, after the load
+        samples, info = calibration_set(cfg, tok)
     drawn, corpus = c.nsamples * c.seqlen, info.get("corpus_tokens")
     if info["sampling"] == "stream" and corpus and drawn > corpus:
         log.warning("calibration: %d windows of %d tokens (%d) are drawn from a corpus of %d tokens: they overlap, each "
@@ -163,9 +165,24 @@ def check_corpus_tokens(cfg: DictConfig) -> None:
                     "calibration.nsamples", c.nsamples, c.seqlen, drawn, corpus, drawn / corpus)
     for source in cfg.eval.corpora:
         try:
-            eval_samples(tok, source, cfg.eval.seqlen, cfg.eval.max_windows, cfg.eval.random_windows)
+            with _quiet("unipruning_cli.data"):
+                eval_samples(tok, source, cfg.eval.seqlen, cfg.eval.max_windows, cfg.eval.random_windows)
         except UserError as err:
             raise UserError(f"eval.corpora: {err}") from None
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """The loggers ``names`` at ERROR inside the block: what they say here, they say again after the load."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def check_bos(cfg: DictConfig) -> None:

@@ -20,9 +20,11 @@ def versions() -> dict[str, str]:
 
 
 def peak_memory() -> dict[str, float]:
-    """Peak resident set size of this process (``peak_rss_mib``, MiB) and, on CUDA, the peak memory the
+    """Peak resident set size of this process (``peak_rss_mib``, MiB: ``VmHWM``) and, on CUDA, the peak memory the
     caching allocator handed out (``peak_cuda_mib``, ``torch.cuda.max_memory_allocated``, MiB)."""
-    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a run started by a large parent
+    # (a notebook, a sweep launcher, pytest) would report the parent's size at fork as its own peak.
+    out = {"peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)}
     if torch.cuda.is_available():
         out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
