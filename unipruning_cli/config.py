@@ -23,7 +23,9 @@ from .search.settings import LR_SCHEDULES, ScheduleConfig
 MODEL_SOURCES = ("hub", "local", "embedded", "gguf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENTS = ("auto", "device", "onload")
-ALLOCATIONS = ("per_row", "per_matrix", "global")
+ALLOCATIONS = ("per_row", "per_matrix", "global", "owl", "gamma")
+#: The allocations that share the budget across matrices: they need every score at once, and the per-matrix cap.
+SHARED_BUDGET = ("global", "owl", "gamma")
 CALIBRATION_MODES = ("auto", "one_shot", "sequential")
 CALIBRATION_SAMPLINGS = ("windows", "documents", "stream")
 WEIGHT_MODES = ("drift", "frozen")
@@ -66,6 +68,11 @@ class PatternConfig:
     # where the budget is shared across matrices (allocation=global): the most any one matrix may lose; the
     # budget a capped matrix leaves goes to the others (a matrix pruned to 100 % breaks the model's forward)
     max_matrix_sparsity: float = 0.99
+    # allocation=owl: OWL's outlier threshold M and the half-range λ of the layer sparsities (published: 5, 0.08)
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    # allocation=gamma: the most a layer's sparsity may differ from the target (our choice: OWL's λ)
+    gamma_delta: float = 0.08
 
 
 @dataclass
@@ -253,8 +260,8 @@ def validate_pattern(cfg: DictConfig) -> None:
     one_of("model.add_bos", str(cfg.model.add_bos).lower(), ("auto", "true", "false"))
     check(0.0 < p.max_matrix_sparsity <= 1.0, f"pattern.max_matrix_sparsity={p.max_matrix_sparsity} is out of range: "
           f"it must satisfy 0 < max_matrix_sparsity <= 1 (1: no cap)")
-    check(cfg.sparsity is None or p.allocation != "global" or cfg.sparsity <= p.max_matrix_sparsity,
-          f"sparsity={cfg.sparsity} with pattern.allocation=global is more than pattern.max_matrix_sparsity="
+    check(cfg.sparsity is None or p.allocation not in SHARED_BUDGET or cfg.sparsity <= p.max_matrix_sparsity,
+          f"sparsity={cfg.sparsity} with pattern.allocation={p.allocation} is more than pattern.max_matrix_sparsity="
           f"{p.max_matrix_sparsity} lets any matrix lose: raise the cap or lower the sparsity")
     if cfg.sparsity is not None:
         s = cfg.sparsity
@@ -345,7 +352,7 @@ def validate_export(cfg: DictConfig) -> None:
               f"export.patterns contains {pat!r}: each must be N:M with 0 < N < M, e.g. 2:4")
     for s in cfg.export.sparsities or []:
         check(0.0 <= s < 1.0, f"export.sparsities contains {s}: every sparsity must satisfy 0 <= s < 1")
-    if cfg.pattern.allocation == "global":
+    if cfg.pattern.allocation in SHARED_BUDGET:
         check(cfg.calibration.mode in ("auto", "one_shot") and cfg.method != "sparsegpt",
-              "pattern.allocation=global needs every score at once: use calibration.mode=one_shot and a "
+              f"pattern.allocation={cfg.pattern.allocation} needs every score at once: use calibration.mode=one_shot and a "
               "score-based method (local, unipruning)")

@@ -7,6 +7,7 @@ also expose ``scores`` so masks can be cut with a global budget over all layers.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
@@ -17,11 +18,14 @@ from torch import nn
 from omegaconf import DictConfig
 
 from . import masks as M
-from .config import target_sparsity
+from .config import SHARED_BUDGET, target_sparsity
 from .errors import UserError
+from .layer_budgets import gamma_offsets, layerwise_masks, owl_offsets
 from .metrics import METRICS, LocalMetric
 from .registry import Registry
 from .stats import ActivationStats
+
+log = logging.getLogger(__name__)
 
 METHODS: Registry[type] = Registry("method")
 
@@ -41,6 +45,8 @@ class Target:
     n: int = 0
     m: int = 0
     cap: float = 1.0  # the most one matrix may lose where the budget is shared (global): pattern.max_matrix_sparsity
+    owl: tuple[float, float] = (5.0, 0.08)  # allocation=owl: M, λ (pattern.owl_m, pattern.owl_lambda)
+    gamma_delta: float = 0.08  # allocation=gamma: pattern.gamma_delta
 
     @property
     def is_nm(self) -> bool:
@@ -50,9 +56,28 @@ class Target:
     def tag(self) -> str:
         return f"{self.n}of{self.m}" if self.is_nm else f"s{self.sparsity:.2f}_{self.allocation}"
 
+    @property
+    def shares_budget(self) -> bool:
+        """Whether the cut shares one budget across matrices (``global``, ``owl``, ``gamma``): it needs every score
+        at once."""
+        return not self.is_nm and self.allocation in SHARED_BUDGET
+
+    def unstructured(self, sparsity: float, allocation: str) -> "Target":
+        """An unstructured cut at ``sparsity`` with ``allocation``, with this target's cap and layer-budget knobs."""
+        return Target(sparsity=sparsity, allocation=allocation, cap=self.cap, owl=self.owl,
+                      gamma_delta=self.gamma_delta)
+
     def cut(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep masks (bool ``[out, in]``) of every matrix of ``scores`` (name -> ``[out, in]``, higher = keep)."""
         if self.is_nm:
             return M.nm_masks(scores, self.n, self.m)
+        if self.allocation in ("owl", "gamma"):
+            offsets = (owl_offsets(scores, *self.owl) if self.allocation == "owl"
+                       else gamma_offsets(scores, self.gamma_delta))
+            masks, per_layer = layerwise_masks(scores, self.sparsity, offsets, self.cap)
+            log.info("%s: layer sparsities from %.3f to %.3f (%s)", self.tag, min(per_layer.values()),
+                     max(per_layer.values()), ", ".join(f"{k.rsplit('.', 1)[-1]}: {v:.3f}" for k, v in per_layer.items()))
+            return masks
         return M.masks_for(scores, self.sparsity, self.allocation, self.cap)
 
 
@@ -66,7 +91,9 @@ def make_target(cfg: DictConfig) -> Target:
     if cfg.method == "sparsegpt":
         allocation = SPARSEGPT_ALLOCATION
     return Target(sparsity=target_sparsity(cfg), allocation=allocation,
-                  cap=float(p.get("max_matrix_sparsity", 1.0)))  # a run made before the cap existed: none
+                  cap=float(p.get("max_matrix_sparsity", 1.0)),  # a run made before the cap existed: none
+                  owl=(float(p.get("owl_m", 5.0)), float(p.get("owl_lambda", 0.08))),
+                  gamma_delta=float(p.get("gamma_delta", 0.08)))
 
 
 def check_targets_fit(layers: Mapping[str, nn.Module], targets: list[Target]) -> None:
@@ -91,7 +118,7 @@ def calibration_mode(cfg: DictConfig) -> str:
     if cfg.method == "sparsegpt":
         return "sequential"
     if cfg.method == "local" and METRICS.get(cfg.local_metric.name).uses_activations \
-            and make_target(cfg).allocation != "global":
+            and not make_target(cfg).shares_budget:
         return "sequential"
     return "one_shot"
 
@@ -102,8 +129,7 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
     out = [primary]
     if cfg.method == "unipruning":
         for sp in cfg.export.sparsities or []:
-            t = Target(sparsity=float(sp), allocation=primary.allocation if not primary.is_nm else "per_matrix",
-                       cap=primary.cap)
+            t = primary.unstructured(float(sp), primary.allocation if not primary.is_nm else "per_matrix")
             if t not in out:
                 out.append(t)
         for pat in cfg.export.patterns:

@@ -79,7 +79,7 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
         else:
             stats, cached = dense_statistics(cfg, model, windows)
         calib_info["cached"] = cached
-        if target.allocation == "global" and not target.is_nm:
+        if target.shares_budget:
             every = target.cut(method.scores(layers, stats))
             apply_masks(layers, every)
             masks.add(every)

@@ -159,7 +159,7 @@ def run_metrics(cfg: DictConfig, model, layers, primary: Target, calib_info: dic
     }
     if cfg.method == "unipruning":
         metrics["search"] = {k: plain(cfg[k]) for k in ("regularizer", "schedule")}
-    if primary.allocation == "global" and not primary.is_nm:
+    if primary.shares_budget:
         from .masks import num_pruned
 
         numel = {n: m.weight.numel() for n, m in layers.items()}

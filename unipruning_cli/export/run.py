@@ -22,13 +22,13 @@ from omegaconf import OmegaConf
 
 from ..errors import UserError
 from ..mask_files import load_masks, save_masks
+from ..config import ALLOCATIONS
 from ..methods import Target, make_target
 from ..rundir import load_tensors
 from .folder import DTYPES
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("per_row", "per_matrix", "global")
 _NM_TAG = re.compile(r"^(\d+)of(\d+)$")
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -178,7 +178,7 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
                         f"share a file)")
     if allocation is None:
         allocation = primary.allocation if not primary.is_nm else "per_matrix"
-    return Target(sparsity=round(float(sparsity), 2), allocation=allocation, cap=primary.cap)
+    return primary.unstructured(round(float(sparsity), 2), allocation)
 
 
 def _unavailable(run: RunInfo, target: Target) -> UserError:

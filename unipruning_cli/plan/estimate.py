@@ -193,7 +193,7 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
         add("prune", Wo + Wb + obs, block_io + P / 8,
             f"W{one} + the block's XᵀX + OBS buffers of the widest layer (5 x I² fp32); masks packed on the host")
     elif cfg.method == "local":
-        scores = 5 * P if cfg.pattern.kind != "nm" and make_target(cfg).allocation == "global" else 5 * s["L_max"]
+        scores = 5 * P if make_target(cfg).shares_budget else 5 * s["L_max"]
         add("prune", Wo, scores + P / 8, "scores (fp32) and masks (every matrix's for a global cut, else one "
                                          "matrix's) on the host; masks packed")
     elif mode == "frozen":
