@@ -142,6 +142,8 @@ class PruneConfig:
     reuse_search: bool = True  # adopt Γ from an earlier run with the same search (see search.store.reuse_search)
     share_lam_search: bool = True  # in a λ sweep, one pass searches every λ where W does not depend on Γ
     plan_check: bool = True  # refuse, before any weight is read, a run whose memory plan does not fit here
+    # "obs": each cut's kept weights updated by the OBS solve on its fixed mask (reconstruction.py); "none": W x mask
+    reconstruct: str = "none"
     experiment: Optional[str] = None
 
 
@@ -243,6 +245,10 @@ def validate_values(cfg: DictConfig) -> None:
     :func:`unipruning_cli.preflight.validate`, which calls this first).
     """
     validate_pattern(cfg)
+    one_of("reconstruct", cfg.get("reconstruct", "none"), ("none", "obs"))
+    check(cfg.get("reconstruct", "none") == "none" or cfg.method != "sparsegpt",
+          "reconstruct=obs updates the kept weights of a mask by SparseGPT's own OBS solve; method=sparsegpt already "
+          "does, as it chooses its mask: drop reconstruct")
     one_of("model.source", cfg.model.source, MODEL_SOURCES)
     one_of("model.dtype", cfg.model.dtype, DTYPES)
     validate_placement(cfg)

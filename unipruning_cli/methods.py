@@ -207,6 +207,13 @@ class UniPruning:
     name = "unipruning"
 
 
+def restore_weights(layers: Mapping[str, nn.Linear], weights: Mapping[str, torch.Tensor]) -> None:
+    """W ← the saved ``weights`` (name -> a copy, on any device), in place."""
+    with torch.no_grad():
+        for name, w in weights.items():
+            layers[name].weight.copy_(w)
+
+
 def apply_masks(layers: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor]) -> None:
     """W ← W ⊙ mask, in place; weights outside ``masks`` are left alone."""
     with torch.no_grad():

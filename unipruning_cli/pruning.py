@@ -120,19 +120,25 @@ def prune_stage(cfg: DictConfig, model, tok, target: Target, rd: RunDir, timer: 
         return json.loads((rd / "calibration.json").read_text())
     with timer.stage("calibrate_prune"):
         masks, calib_info = calibrate_and_prune(cfg, model, tok, method, target, rd)
-    masks.save(rd / mask_path, {"target": target.tag, "method": cfg.method})
+    masks.save(rd / mask_path, {"target": target.tag, "method": cfg.method, **reconstruct_info(cfg)})
     rd.mark_complete("prune", prune_fp, [mask_path, "calibration.safetensors", "calibration.json"],
                      timer.seconds["calibrate_prune"])
     return calib_info
 
 
-def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir) -> dict[str, dict[str, torch.Tensor]]:
+def reconstruct_info(cfg: DictConfig) -> dict:
+    """What a masks file's header says of the weights its run evaluated: ``{"reconstruct": "obs"}`` or nothing."""
+    return {"reconstruct": "obs"} if cfg.get("reconstruct", "none") == "obs" else {}
+
+
+def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir,
+              info: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Masks for every target from one Γ (|Γ| as the score; seconds, no model forward), each saved to
-    ``rd/masks/<tag>.safetensors``. Returns tag -> name -> bool ``[out, in]``."""
+    ``rd/masks/<tag>.safetensors`` (with ``info`` in its header). Returns tag -> name -> bool ``[out, in]``."""
     # one matrix's |Γ| at a time, not a second copy of Γ (4 bytes per prunable weight: 255 GiB for a 70B model)
     scores = LazyMap(gamma, lambda name: gamma[name].abs())
     out = {}
     for t in targets:
         out[t.tag] = t.cut(scores)
-        save_masks(rd / f"masks/{t.tag}.safetensors", out[t.tag], {"target": t.tag, "method": "unipruning"})
+        save_masks(rd / f"masks/{t.tag}.safetensors", out[t.tag], {"target": t.tag, "method": "unipruning", **(info or {})})
     return out

@@ -20,14 +20,15 @@ from .config import plain
 from .distributed import SINGLE, Ranks, broadcast, picklable, start
 from .evaluation.dense import dense_evaluation
 from .evaluation.protocol import eval_windows_of, evaluate_masks, evaluate_pruned, result_entry
-from .methods import Target, check_targets_fit, make_target, targets_of
+from .mask_files import load_masks
+from .methods import Target, check_targets_fit, make_target, restore_weights, targets_of
 from .models import (input_device, load_model, load_model_reused, model_location, prunable_layers,
                      report_unprunable)
 from .plan.estimate import Plan, check_run_fits
 from .progress import Timer
 from .provenance import peak_memory, versions
 from .baselines.local import baseline_masks
-from .pruning import cut_masks, prune_stage
+from .pruning import cut_masks, prune_stage, reconstruct_info
 from .report import print_summary, write_plots, write_summary_md
 from .rundir import RunDir, atomic_write_json, atomic_write_text
 from .search.sharded import check_sharded_run, run_sharded_search
@@ -82,9 +83,16 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
         gamma, calib_info = run_search(cfg, model, tok, rd, timer, sweep)
         targets = targets_of(cfg, primary)
         with timer.stage("masks"):
-            all_masks = cut_masks(gamma, targets, rd)
+            all_masks = cut_masks(gamma, targets, rd, reconstruct_info(cfg))
             all_masks |= baseline_masks(cfg, model, tok, targets)
         results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer)
+    elif cfg.reconstruct == "obs":  # the method's mask, then the kept weights updated on it from the dense ones
+        dense_weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
+        calib_info = prune_stage(cfg, model, tok, primary, rd, timer)
+        restore_weights(layers, dense_weights)
+        del dense_weights
+        masks = load_masks(rd / f"masks/{primary.tag}.safetensors")
+        results = evaluate_masks(cfg, model, tok, layers, {primary.tag: masks}, windows, timer)
     else:
         calib_info = prune_stage(cfg, model, tok, primary, rd, timer)
         with timer.stage("pruned_eval"):

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-__all__ = ["accumulate_hessian", "sparsegpt_prune"]
+__all__ = ["accumulate_hessian", "obs_reconstruct", "sparsegpt_prune"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,15 +212,19 @@ def _prune_block(
     sparsity: float,
     n: int,
     m: int,
+    fixed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the column-by-column OBS sweep inside one block; ``w_block`` is updated in place.
+    """Run the column-by-column OBS sweep inside one block; ``w_block`` is updated in place. ``fixed``: the
+    block's pruned mask, given (reconstruction on a fixed mask), not chosen.
 
     Returns (pruned/compensated block, pruned mask, scaled errors). The errors
     err_j = (w_j − q_j) / U_jj are what the caller propagates to the columns after the block.
     """
     rows, width = w_block.shape
     hinv_diag = hinv_block.diagonal()
-    if m > 0:
+    if fixed is not None:
+        prune, m = fixed, 0
+    elif m > 0:
         prune = torch.zeros_like(w_block, dtype=torch.bool)
     else:
         prune = _unstructured_block_prune_mask(w_block, hinv_diag, sparsity)
@@ -306,3 +310,38 @@ def sparsegpt_prune(
     keep = ~prune
     w.masked_fill_(prune, 0.0)  # already zero; guards against any rounding on the way back
     return w.to(weight.dtype), keep
+
+
+def obs_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, blocksize: int = 128,
+                    percdamp: float = 0.01) -> torch.Tensor:
+    """The kept weights of a linear layer updated for a GIVEN mask: SparseGPT's column-by-column OBS sweep (module
+    docstring) with the mask fixed instead of chosen, so the error of each pruned weight is absorbed by the kept
+    weights of its row to the right (the "preserve the sparsity mask" update of llm-compressor's SparseGPT).
+
+    ``weight`` ``[out, in]`` (any float dtype), ``hessian`` ``[in, in]`` (H = (2/T) Σ x xᵀ), ``keep`` bool
+    ``[out, in]``. Returns the new weight in ``weight``'s dtype, zero exactly where ``keep`` is False; with an
+    all-ones mask, the weight unchanged (every error is zero); the kept weights of input channels that never fired
+    unchanged. Raises ``ValueError`` as :func:`sparsegpt_prune` does, or for a mask of
+    another shape."""
+    if keep.shape != weight.shape or keep.dtype != torch.bool:
+        raise ValueError(f"obs_reconstruct: keep must be bool {tuple(weight.shape)}, got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
+    _validate(weight, hessian, 0.0, 0, 0, blocksize, percdamp)
+    dead = hessian.diagonal() == 0
+    w, h = _prepare_hessian(weight, hessian, percdamp)
+    hinv = _inverse_hessian_factor(h)
+    del h
+    prune = ~keep.to(w.device)
+    in_features = w.shape[1]
+    for start in range(0, in_features, blocksize):
+        end = min(start + blocksize, in_features)
+        q_block, _, err_block = _prune_block(w[:, start:end].clone(), hinv[start:end, start:end], 0.0, 0, 0,
+                                             fixed=prune[:, start:end])
+        w[:, start:end] = q_block
+        if end < in_features:
+            w[:, end:].sub_(err_block @ hinv[start:end, end:])
+    # a channel that never fired cannot change the calibration outputs: its kept weights stay as they were
+    # (_prepare_hessian zeroed them, which a fixed mask must not do)
+    w[:, dead.to(w.device)] = weight.detach().float()[:, dead.to(weight.device)].to(w.device)
+    w.masked_fill_(prune, 0.0)
+    return w.to(weight.dtype)

@@ -18,9 +18,10 @@ from torch import nn
 
 from ..data import eval_samples
 from ..masks import count_zeros
-from ..methods import apply_masks
+from ..methods import apply_masks, restore_weights
 from ..models import prunable_layers, resolve_add_bos
 from ..progress import Timer
+from ..reconstruction import reconstruct_cut
 from .perplexity import perplexity, with_bos
 
 
@@ -84,12 +85,17 @@ def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear],
                 for n, m in layers.items()}
     results = {}
     for tag, masks in all_masks.items():
-        apply_masks(layers, masks)
+        rebuilt = None
+        if cfg.get("reconstruct", "none") == "obs":  # the kept weights updated on the fixed mask
+            with timer.stage("reconstruct"):
+                rebuilt = reconstruct_cut(cfg, model, tok, masks)
+        else:
+            apply_masks(layers, masks)
         with timer.stage("pruned_eval"):
             results[tag] = evaluate_pruned(cfg, model, tok, windows, tag)
-        with torch.no_grad():
-            for n, m in layers.items():
-                m.weight.copy_(original[n])
+        if rebuilt is not None:
+            results[tag]["reconstruction"] = {"method": "obs", **rebuilt}
+        restore_weights(layers, original)
     return results
 
 
@@ -98,4 +104,5 @@ def result_entry(r: dict) -> dict:
     return {"ppl": {c: p["ppl"] for c, p in r["perplexity"].items()},
             "protocol": {c: {"seqlen": p["seqlen"], "windows": p["windows"]} for c, p in r["perplexity"].items()},
             "measured_sparsity": r["sparsity"]["overall"], "per_layer_sparsity": r["sparsity"]["per_layer"],
-            "zero_shot_mean": r["zero_shot"].get("mean")}
+            "zero_shot_mean": r["zero_shot"].get("mean"),
+            **({"reconstruction": r["reconstruction"]} if "reconstruction" in r else {})}

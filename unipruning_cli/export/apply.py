@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..mask_files import load_masks, read_masks_header
 from ..methods import apply_masks
 from ..models import check_model_reachable, load_model, prunable_layers
+from ..reconstruction import reconstruct_cut
 from .card import export_record, kept_counts, masks_card, run_card
 from .folder import (COMPRESSED_FILE, DTYPES, check_mask_shapes, check_out, folder_bytes, precheck_shapes, save_hf,
                      staging_folder, weights_bytes)
@@ -69,7 +70,13 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     model, tok = load_model(cfg.model)
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, f"{run.mask_path(target.tag)}")
-    apply_masks(layers, masks)
+    rebuilt = cfg.get("reconstruct", "none") == "obs"
+    if rebuilt:  # the run evaluated W updated on the mask, not W x mask: the same update, redone here
+        log.info("the run updated the kept weights by OBS reconstruction (reconstruct=obs): redoing it on %s's "
+                 "calibration samples", target.tag)
+        reconstruct_cut(cfg, model, tok, masks)
+    else:
+        apply_masks(layers, masks)
     kept = kept_counts(model)
     expected = (run.metrics.get("results") or {}).get(target.tag, {}).get("measured_sparsity")
     if expected is not None and abs(expected - kept["measured_sparsity"]) > 1e-9:
@@ -85,7 +92,8 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
         record = export_record({"run": str(run.path), "tag": target.tag,
                                 "masks": "file" if source == "file" else "cut from gamma",
                                 "method": run.method, "sparsity": target.sparsity, "allocation": target.allocation,
-                                "pattern": f"{target.n}:{target.m}" if target.is_nm else "unstructured"},
+                                "pattern": f"{target.n}:{target.m}" if target.is_nm else "unstructured",
+                                "weights": "reconstructed (OBS on the fixed mask)" if rebuilt else "original x mask"},
                                kept, sizes, comp, model_dtype)
         return run_card(run, target, source, kept, sizes, model_dtype, comp), record
 
@@ -134,6 +142,11 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype!r} is not allowed; choose one of: {', '.join(DTYPES)}")
     nm = nm_of_tag(info.get("target", ""))
+    if info.get("reconstruct") == "obs":
+        raise UserError(f"{masks_path.name} comes from a run with reconstruct=obs: its model is the kept weights "
+                        "updated by OBS reconstruction, which the masks alone do not hold (applying them would give "
+                        "W x mask, another model). Export that run instead (unipruning export <run_dir>): it redoes "
+                        "the update on the run's calibration samples")
     if compressed and nm is None:
         raise UserError(f"--compressed needs N:M masks; {masks_path.name} holds {info.get('target', 'unknown')!r}")
     out_path = Path(out).expanduser()
