@@ -130,3 +130,4 @@ def test_a_run_cuts_layerwise_budgets_at_every_target_and_export_cuts_a_new_one(
         assert all(torch.all(b[n] <= a[n]) for a, b in zip(masks, masks[1:]) for n in a)  # nested
         out = export_run(run, sparsity=0.65, out=tmp_path / "export")
         assert out["tag"] == f"s0.65_{allocation}" and abs(out["kept"]["measured_sparsity"] - 0.65) <= 0.5 / 64
+

@@ -184,6 +184,17 @@ def plot_search(jsonl: Path, png: Path) -> None:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     if not rows:
         return
+    fig = search_figure(rows)
+    save_png(fig, png)
+    plt.close(fig)
+
+
+def search_figure(rows: list[dict]):
+    """The figure of :func:`plot_search` from ``search.jsonl``'s rows. Every axis reads at a glance: no offset
+    ("1e-8 + 1.00058e-3"), the share of Γ at zero in percent from 0."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     losses = [r["loss"] for r in rows]
@@ -203,11 +214,16 @@ def plot_search(jsonl: Path, png: Path) -> None:
     axes[1].set_title("saliency |Γ|")
     axes[1].set_ylabel("|Γ|")
     axes[1].legend(fontsize=8)
-    axes[2].plot(steps, [r["gamma_zero_frac"] for r in rows])
-    axes[2].set_title("fraction of Γ at zero")
-    axes[2].set_ylabel("fraction")
+    zero = [r["gamma_zero_frac"] for r in rows]
+    axes[2].plot(steps, zero)
+    axes[2].set_title("share of Γ at zero")
+    axes[2].set_ylabel("share of the prunable weights")
+    axes[2].set_ylim(0, max(max(zero) * 1.15, 1e-4))
+    axes[2].yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+    twin = [ax2] if any(v is not None for v in losses) else []
     for ax in axes:
         ax.set_xlabel("step")
+    for ax in (axes[0], axes[1], *twin):
+        ax.ticklabel_format(axis="y", useOffset=False)
     fig.tight_layout()
-    save_png(fig, png)
-    plt.close(fig)
+    return fig
