@@ -186,3 +186,19 @@ def test_a_pass_takes_only_the_lams_that_fit_in_half_the_free_memory(monkeypatch
     assert store.siblings_that_fit(sibs, numel, "frozen", torch.device("cpu")) == sibs  # 4 B each: six fit
     monkeypatch.setattr(store, "_available_host_bytes", lambda: 0)
     assert store.siblings_that_fit(sibs, numel, "frozen", torch.device("cpu")) == []
+
+
+def test_knobs_added_later_leave_the_fingerprint_of_a_recorded_search_alone_at_their_defaults(frozen_search_cfg):
+    """A search recorded before ``calibration.min_expert_tokens`` and ``schedule.router_aux_loss`` existed is still
+    found: at their defaults they are not in the fingerprint; away from them they are."""
+    from omegaconf import OmegaConf, open_dict
+
+    from unipruning_cli.search.store import search_fingerprint
+
+    cfg = frozen_search_cfg()
+    old = OmegaConf.create(OmegaConf.to_container(cfg))
+    with open_dict(old):
+        del old.calibration["min_expert_tokens"]
+        del old.schedule["router_aux_loss"]
+    assert search_fingerprint(cfg) == search_fingerprint(old)
+    assert search_fingerprint(frozen_search_cfg("calibration.min_expert_tokens=8")) != search_fingerprint(cfg)

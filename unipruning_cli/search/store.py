@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 SEARCH_REVISION = 3
 
 
+#: Knobs added after searches were recorded, with the value that gives the Γ of before: at that value they stay out
+#: of the fingerprint, so a recorded search is still found (mixture-of-experts knobs do nothing on a dense model).
+ADDED_LATER = {"schedule": {"router_aux_loss": False}, "calibration": {"min_expert_tokens": 32}}
+
+
 def search_fingerprint(cfg: DictConfig) -> str:
     """Everything Γ depends on, and nothing else, so equal searches are recognised as equal.
 
@@ -51,6 +56,10 @@ def search_fingerprint(cfg: DictConfig) -> str:
     if schedule.get("weight_mode") == "frozen":
         schedule = {k: v for k, v in schedule.items() if k not in DRIFT_ONLY}
     calibration = {k: v for k, v in plain(cfg.calibration).items() if k not in ("mode", "offload")}
+    for group, values in (("schedule", schedule), ("calibration", calibration)):
+        for key, default in ADDED_LATER[group].items():
+            if values.get(key) == default:
+                values.pop(key, None)
     return fingerprint({"model": model_values(cfg.model), "calibration": calibration, "local_metric": plain(cfg.local_metric),
                         "regularizer": plain(cfg.regularizer), "schedule": schedule, "seed": cfg.seed,
                         "revision": SEARCH_REVISION})
