@@ -76,9 +76,15 @@ class Target:
                        else gamma_offsets(scores, self.gamma_delta))
             masks, per_layer = layerwise_masks(scores, self.sparsity, offsets, self.cap)
             log.info("%s: layer sparsities from %.3f to %.3f (%s)", self.tag, min(per_layer.values()),
-                     max(per_layer.values()), ", ".join(f"{k.rsplit('.', 1)[-1]}: {v:.3f}" for k, v in per_layer.items()))
+                     max(per_layer.values()), ", ".join(f"{k.rsplit('.', 1)[-1]}: {v:.3f}" for k, v in
+                                                        sorted(per_layer.items(), key=lambda kv: _natural(kv[0]))))
             return masks
         return M.masks_for(scores, self.sparsity, self.allocation, self.cap)
+
+
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
 
 
 def make_target(cfg: DictConfig) -> Target:
