@@ -8,6 +8,8 @@ every sparsity and N:M pattern from its one Γ.
 
     python scripts/bench_methods.py --out bench-out            # full table (about an hour on 2 cores)
     python scripts/bench_methods.py --quick --out bench-out    # a small tier for CI (minutes)
+    python scripts/bench_methods.py --only wanda,unipruning-drift --allocation owl --reconstruct --out bench-out
+                                                                # beyond the paper: OWL budgets, OBS reconstruction
 """
 
 from __future__ import annotations
@@ -24,8 +26,23 @@ SPARSITIES = (0.5, 0.6, 0.7)
 PATTERNS = ("2:4", "4:8")
 
 
-def jobs(quick: bool, sgpt_mode: str = "sequential") -> list[tuple[str, list[str]]]:
-    """(label, overrides) per process."""
+def jobs(quick: bool, sgpt_mode: str = "sequential", allocation: str | None = None,
+         reconstruct: bool = False) -> list[tuple[str, list[str]]]:
+    """(label, overrides) per process. ``allocation``: ``pattern.allocation`` of every unstructured cut but
+    SparseGPT's (which chooses its own); ``reconstruct``: ``reconstruct=obs`` for every method but SparseGPT (which
+    reconstructs as it prunes)."""
+    out = []
+    for label, ov in _jobs(quick, sgpt_mode):
+        if label != "sparsegpt":
+            if allocation and not any(o.startswith("pattern=") for o in ov):  # N:M cuts have no allocation
+                ov = [*ov, f"pattern.allocation={allocation}"]
+            if reconstruct:
+                ov = [*ov, "reconstruct=obs"]
+        out.append((label, ov))
+    return out
+
+
+def _jobs(quick: bool, sgpt_mode: str) -> list[tuple[str, list[str]]]:
     sps = SPARSITIES[:1] if quick else SPARSITIES
     pats = PATTERNS[:1] if quick else PATTERNS
     out = []
@@ -70,15 +87,23 @@ def label_of(m: dict) -> str:
     mode = m["calibration"].get("mode")
     if m["method"] == "local":
         name = m["local_metric"]["name"]
-        return name if name == "magnitude" else f"{name} ({mode})"
+        return (name if name == "magnitude" else f"{name} ({mode})") + _extras(m)
     if m["method"] == "unipruning":
         sch = m["search"]["schedule"]
         sampler = m["local_metric"].get("sampler", "exact")  # runs from before "auto" drew exactly
         if sampler == "auto":
             sampler = "cyclic" if sch["weight_mode"] == "frozen" else "exact"
         clip = f", clip over {sch.get('grad_clip_scope', 'prunable')}" if sch["weight_mode"] == "drift" else ""
-        return f"unipruning-{sch['weight_mode']} ({sch['steps']} steps, {sampler} draws{clip})"
+        return f"unipruning-{sch['weight_mode']} ({sch['steps']} steps, {sampler} draws{clip}){_extras(m)}"
     return f"{m['method']} ({mode})"
+
+
+def _extras(m: dict) -> str:
+    """The allocation of a run's unstructured cuts, and whether it reconstructed the kept weights."""
+    unstructured = [t for t in m["results"] if t.startswith("s")]
+    allocation = unstructured[0].split("_", 1)[1] if unstructured else None
+    rebuilt = any("reconstruction" in r for r in m["results"].values())
+    return (f" [{allocation}]" if allocation else "") + (" + OBS" if rebuilt else "")
 
 
 def collect(runs: Path) -> list[tuple[str, dict]]:
@@ -135,6 +160,10 @@ def main() -> None:
                     help="build the table from every finished run under <out>/runs (after partial runs)")
     ap.add_argument("--override", action="append", default=[],
                     help="an extra config override for every job, e.g. --override schedule.grad_clip_scope=prunable")
+    ap.add_argument("--allocation", default=None, choices=("per_row", "per_matrix", "global", "owl", "gamma"),
+                    help="pattern.allocation of every unstructured cut (not SparseGPT's)")
+    ap.add_argument("--reconstruct", action="store_true",
+                    help="reconstruct=obs: each cut's kept weights updated on its mask (not SparseGPT, which does)")
     ap.add_argument("--sparsegpt-mode", default="sequential", choices=("sequential", "one_shot"),
                     help="one_shot halves SparseGPT's calibration cost (each block sees dense inputs)")
     args = ap.parse_args()
@@ -144,7 +173,7 @@ def main() -> None:
               f"eval.corpora=[{corpus}]", "calibration.source=owt_offline", "reuse_search=false", *args.override]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    todo = jobs(args.quick, args.sparsegpt_mode)
+    todo = jobs(args.quick, args.sparsegpt_mode, args.allocation, args.reconstruct)
     if args.only:
         keep = set(args.only.split(","))
         todo = [(lab, ov) for lab, ov in todo if lab in keep and (not args.only_cut or any(args.only_cut in o for o in ov))]
