@@ -112,23 +112,26 @@ class ExpertLinears(nn.ModuleList):
         """The fused module holding this module's current weights (copied in where they no longer share its
         storage: after a dtype or device change); returned for swapping back in."""
         experts = self.fused_module
-        with torch.no_grad():
-            for name in self.projections:
-                fused, bias = getattr(experts, name), getattr(experts, f"{name}_bias", None) if self.bias else None
-                for e, expert in enumerate(self):
-                    lin = getattr(expert, name)
-                    dst = fused.data[e].t() if self.transposed else fused.data[e]
-                    if fused.dtype != lin.weight.dtype or fused.device != lin.weight.device:
-                        fused.data = fused.data.to(lin.weight.device, lin.weight.dtype)
-                        dst = fused.data[e].t() if self.transposed else fused.data[e]
-                    if dst.data_ptr() != lin.weight.data_ptr():
-                        dst.copy_(lin.weight)
-                    if bias is not None:
-                        if bias.dtype != lin.bias.dtype or bias.device != lin.bias.device:
-                            bias.data = bias.data.to(lin.bias.device, lin.bias.dtype)
-                        if bias.data[e].data_ptr() != lin.bias.data_ptr():
-                            bias.data[e].copy_(lin.bias)
+        for name in self.projections:
+            for e, expert in enumerate(self):
+                lin = getattr(expert, name)
+                _write_back(getattr(experts, name), lin.weight, e, self.transposed)
+                if self.bias:
+                    _write_back(getattr(experts, f"{name}_bias"), lin.bias, e, False)
         return experts
+
+
+@torch.no_grad()
+def _write_back(original: torch.Tensor, mine: torch.Tensor, index: int | None, transposed: bool) -> None:
+    """Put ``mine`` (a Linear's tensor) into its place in ``original``: entry ``index`` of a fused tensor (None: the
+    whole tensor), transposed back where it was taken transposed. ``original`` follows ``mine`` to its dtype and
+    device first; nothing is copied where ``mine`` is still a view of that very place."""
+    if original.dtype != mine.dtype or original.device != mine.device:
+        original.data = original.data.to(mine.device, mine.dtype)
+    dst = original.data if index is None else original.data[index]
+    dst = dst.t() if transposed else dst
+    if dst.data_ptr() != mine.data_ptr():
+        dst.copy_(mine)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -149,15 +152,9 @@ class Conv1DLinear(nn.Linear):
 
     def write_back(self) -> nn.Module:
         conv = self.original
-        with torch.no_grad():
-            for mine, theirs, turn in ((self.weight, conv.weight, True), (self.bias, conv.bias, False)):
-                if mine is None:
-                    continue
-                if theirs.dtype != mine.dtype or theirs.device != mine.device:
-                    theirs.data = theirs.data.to(mine.device, mine.dtype)
-                dst = theirs.data.t() if turn else theirs.data
-                if dst.data_ptr() != mine.data_ptr():
-                    dst.copy_(mine)
+        _write_back(conv.weight, self.weight, None, True)
+        if self.bias is not None:
+            _write_back(conv.bias, self.bias, None, False)
         return conv
 
 
@@ -186,18 +183,19 @@ def as_linears(model: nn.Module) -> int:
     return len(found)
 
 
-def restore_layouts(model: nn.Module) -> None:
-    """Put transformers' own modules back, holding the current (pruned) weights; the inverse of :func:`as_linears`."""
-    for name, module in _converted(model):
+def restore_layouts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Put transformers' own modules back, holding the current (pruned) weights; the inverse of :func:`as_linears`.
+    Returns the Linear forms taken out (name, module), for :func:`hf_layout` to put back."""
+    converted = _converted(model)
+    for name, module in converted:
         _swap(model, name, module.write_back())
+    return converted
 
 
 @contextmanager
 def hf_layout(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in transformers' own layout (for ``save_pretrained``, ``state_dict``) inside the block."""
-    converted = _converted(model)
-    for name, module in converted:
-        _swap(model, name, module.write_back())
+    converted = restore_layouts(model)
     try:
         yield model
     finally:

@@ -60,11 +60,13 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], *, offload: s
     return {"layers": count, "error_ratio": ratio}
 
 
-def reconstruct_cut(cfg, model, tok, masks: Mapping[str, torch.Tensor]) -> dict:
+def reconstruct_cut(cfg, model, tok, masks: Mapping[str, torch.Tensor], windows=None) -> dict:
     """:func:`reconstruct` of ``model`` (dense on entry) on ``masks`` with the run's calibration samples
-    (``calibration``: source, nsamples, seqlen, seed, BOS as the run's); returns its record."""
+    (``calibration``: source, nsamples, seqlen, seed, BOS as the run's; ``windows``: those samples, already cut, for
+    a caller that reconstructs several cuts); returns its record."""
     from .calibration_set import calibration_set
 
-    windows, _ = calibration_set(cfg, tok)
+    if windows is None:
+        windows, _ = calibration_set(cfg, tok)
     return reconstruct(model, windows, masks, offload=cfg.calibration.offload,
                        min_expert_tokens=cfg.calibration.min_expert_tokens)

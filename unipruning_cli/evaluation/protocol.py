@@ -21,6 +21,7 @@ from ..masks import count_zeros
 from ..methods import apply_masks, restore_weights
 from ..models import prunable_layers, resolve_add_bos
 from ..progress import Timer
+from ..calibration_set import calibration_set
 from ..reconstruction import reconstruct_cut
 from .perplexity import perplexity, with_bos
 
@@ -84,11 +85,14 @@ def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear],
     original = {n: torch.empty(m.weight.shape, dtype=m.weight.dtype, pin_memory=m.weight.is_cuda).copy_(m.weight.detach())
                 for n, m in layers.items()}
     results = {}
+    calibration = None  # reconstruct=obs: the calibration samples, cut once for every cut
     for tag, masks in all_masks.items():
         rebuilt = None
         if cfg.get("reconstruct", "none") == "obs":  # the kept weights updated on the fixed mask
+            if calibration is None:
+                calibration, _ = calibration_set(cfg, tok)
             with timer.stage("reconstruct"):
-                rebuilt = reconstruct_cut(cfg, model, tok, masks)
+                rebuilt = reconstruct_cut(cfg, model, tok, masks, calibration)
         else:
             apply_masks(layers, masks)
         with timer.stage("pruned_eval"):
