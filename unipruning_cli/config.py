@@ -144,6 +144,8 @@ class PruneConfig:
     plan_check: bool = True  # refuse, before any weight is read, a run whose memory plan does not fit here
     # "obs": each cut's kept weights updated by the OBS solve on its fixed mask (reconstruction.py); "none": W x mask
     reconstruct: str = "none"
+    # "swap": each cut's mask refined by swaps inside its rows (N:M groups) that lower the output error (refinement.py)
+    refine: str = "none"
     experiment: Optional[str] = None
 
 
@@ -249,6 +251,10 @@ def validate_values(cfg: DictConfig) -> None:
     check(cfg.get("reconstruct", "none") == "none" or cfg.method != "sparsegpt",
           "reconstruct=obs updates the kept weights of a mask by SparseGPT's own OBS solve; method=sparsegpt already "
           "does, as it chooses its mask: drop reconstruct")
+    one_of("refine", cfg.get("refine", "none"), ("none", "swap"))
+    check(cfg.get("refine", "none") == "none" or cfg.method != "sparsegpt",
+          "refine=swap refines a mask on the original weights; method=sparsegpt updates the kept weights as it chooses "
+          "its mask, so a swap would revive a weight it has already compensated for: drop refine")
     one_of("model.source", cfg.model.source, MODEL_SOURCES)
     one_of("model.dtype", cfg.model.dtype, DTYPES)
     validate_placement(cfg)

@@ -8,6 +8,7 @@ also expose ``scores`` so masks can be cut with a global budget over all layers.
 from __future__ import annotations
 
 import logging
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
@@ -34,6 +35,16 @@ DEFAULT_ALLOCATION = {"magnitude": "per_matrix", "wanda": "per_row", "ria": "per
 # SparseGPT chooses its mask in each block of 128 columns as it goes (adaptive mask selection, SparseGPT §3.2):
 # a label for metrics.json and tags; pattern.allocation does not apply to it and is refused.
 SPARSEGPT_ALLOCATION = "per_block"
+
+
+#: An N:M cut's tag, ``2of4``; a baseline's cut is ``<label>:<tag>`` (``wanda@one_shot:2of4``).
+NM_TAG = re.compile(r"^(\d+)of(\d+)$")
+
+
+def nm_of_tag(tag: str) -> tuple[int, int] | None:
+    """(N, M) of an N:M cut's tag (``2of4``, or a baseline's ``wanda:2of4``), None for any other tag."""
+    m = NM_TAG.match((tag or "").rsplit(":", 1)[-1])
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 @dataclass(frozen=True)

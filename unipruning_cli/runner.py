@@ -29,6 +29,7 @@ from .progress import Timer
 from .provenance import peak_memory, versions
 from .baselines.local import baseline_masks
 from .pruning import cut_masks, prune_stage, reconstruct_info
+from .refinement import refine_stage
 from .report import print_summary, write_plots, write_summary_md
 from .rundir import RunDir, atomic_write_json, atomic_write_text
 from .search.sharded import check_sharded_run, run_sharded_search
@@ -85,14 +86,16 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
         with timer.stage("masks"):
             all_masks = cut_masks(gamma, targets, rd, reconstruct_info(cfg))
             all_masks |= baseline_masks(cfg, model, tok, targets)
-        results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer)
-    elif cfg.reconstruct == "obs":  # the method's mask, then the kept weights updated on it from the dense ones
+        all_masks, refined = refine_stage(cfg, model, tok, all_masks, rd, timer)
+        results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer, refined)
+    elif cfg.reconstruct == "obs" or cfg.refine == "swap":  # the method's mask, then refined / reconstructed on it
         dense_weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
         calib_info = prune_stage(cfg, model, tok, primary, rd, timer)
         restore_weights(layers, dense_weights)
         del dense_weights
-        masks = load_masks(rd / f"masks/{primary.tag}.safetensors")
-        results = evaluate_masks(cfg, model, tok, layers, {primary.tag: masks}, windows, timer)
+        masks = {primary.tag: load_masks(rd / f"masks/{primary.tag}.safetensors")}
+        masks, refined = refine_stage(cfg, model, tok, masks, rd, timer)
+        results = evaluate_masks(cfg, model, tok, layers, masks, windows, timer, refined)
     else:
         calib_info = prune_stage(cfg, model, tok, primary, rd, timer)
         with timer.stage("pruned_eval"):

@@ -54,6 +54,8 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
     from ..rundir import atomic_write_json
     from ..mask_files import load_masks
     from ..progress import Timer
+    from ..refinement import refine_stage
+    from ..rundir import RunDir
     from .dense import dense_evaluation
     from .protocol import eval_windows_of, evaluate_masks, result_entry
 
@@ -87,7 +89,9 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
     timer = Timer()
     windows = eval_windows_of(cfg, tok)
     dense = dense_evaluation(cfg, model, tok, windows, timer)
-    results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer)
+    # a run that refined its masks (refine=swap): a cut new from Γ is refined as the run's were, and saved so
+    all_masks, refined = refine_stage(cfg, model, tok, all_masks, RunDir(run.path), timer)
+    results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer, refined)
     metrics = dict(run.metrics)
     for tag, r in results.items():
         metrics.setdefault("results", {})[tag] = result_entry(r)

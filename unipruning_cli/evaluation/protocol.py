@@ -78,10 +78,12 @@ def evaluate_pruned(cfg: DictConfig, model, tok, windows: dict[str, torch.Tensor
 
 
 def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear], all_masks: dict[str, dict],
-                   windows: dict[str, torch.Tensor], timer: Timer) -> dict[str, dict]:
+                   windows: dict[str, torch.Tensor], timer: Timer, refined: Mapping[str, dict] | None = None
+                   ) -> dict[str, dict]:
     """Evaluate each set of masks in turn (``tag -> name -> bool [out, in]``); the original weights are
     restored between sets, from one full copy of the prunable weights (``scripts/bench_eval_memory.py``)
-    kept in host memory (pinned under CUDA), so a GPU holds no second copy of them."""
+    kept in host memory (pinned under CUDA), so a GPU holds no second copy of them. ``refined``: tag -> the
+    record of its mask's refinement (``refine=swap``, :mod:`..refinement`), kept with its results."""
     original = {n: torch.empty(m.weight.shape, dtype=m.weight.dtype, pin_memory=m.weight.is_cuda).copy_(m.weight.detach())
                 for n, m in layers.items()}
     results = {}
@@ -99,6 +101,8 @@ def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear],
             results[tag] = evaluate_pruned(cfg, model, tok, windows, tag)
         if rebuilt is not None:
             results[tag]["reconstruction"] = {"method": "obs", **rebuilt}
+        if refined and tag in refined:
+            results[tag]["refinement"] = refined[tag]
         restore_weights(layers, original)
     return results
 
@@ -109,4 +113,4 @@ def result_entry(r: dict) -> dict:
             "protocol": {c: {"seqlen": p["seqlen"], "windows": p["windows"]} for c, p in r["perplexity"].items()},
             "measured_sparsity": r["sparsity"]["overall"], "per_layer_sparsity": r["sparsity"]["per_layer"],
             "zero_shot_mean": r["zero_shot"].get("mean"),
-            **({"reconstruction": r["reconstruction"]} if "reconstruction" in r else {})}
+            **{k: r[k] for k in ("reconstruction", "refinement") if k in r}}

@@ -61,6 +61,11 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype={dtype!r} is not allowed; choose one of: {', '.join(DTYPES)}")
     source = masks_source(run, target)
+    if source == "gamma" and run.cfg.get("refine", "none") == "swap":
+        raise UserError(f"run {run.path} refined its masks (refine=swap), and it holds no {target.tag} cut: one cut "
+                        f"from Γ here would not be refined. Evaluate that cut first (unipruning eval {run.path} "
+                        f"{'pattern=%d:%d' % (target.n, target.m) if target.is_nm else 'sparsity=%g' % target.sparsity}"
+                        "), which refines and saves it, then export it")
     out_path = Path(out).expanduser() if out is not None else run.path / "export" / target.tag
     check_out(out_path, force, protect=[run.path])
     cfg = resolve_dtype_for_run(run)

@@ -23,13 +23,12 @@ from omegaconf import OmegaConf
 from ..errors import UserError
 from ..mask_files import load_masks, save_masks
 from ..config import ALLOCATIONS
-from ..methods import Target, make_target
+from ..methods import NM_TAG as _NM_TAG, Target, make_target, nm_of_tag
 from ..rundir import load_tensors
 from .folder import DTYPES
 
 log = logging.getLogger(__name__)
 
-_NM_TAG = re.compile(r"^(\d+)of(\d+)$")
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -132,12 +131,6 @@ def _describe_tag(tag: str) -> str:
     if m:
         return f"{tag} (sparsity={float(m.group(1)):g} allocation={m.group(2)})"
     return tag
-
-
-def nm_of_tag(tag: str) -> tuple[int, int] | None:
-    """(N, M) of an N:M cut's tag (``2of4``), None for any other tag."""
-    m = _NM_TAG.match(tag or "")
-    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 # ==============================================================================================
