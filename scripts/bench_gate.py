@@ -28,9 +28,10 @@ from bench_common import isolated_cache  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 TIERS = {
-    # calibration nsamples x seqlen, eval windows, and the cases: (name, overrides)
+    # calibration nsamples x seqlen, eval windows, and the cases: (name, overrides); one cut per run, UniPruning's cut
+    # per matrix (the reference), as the references were measured
     "ci": {"common": ["calibration.nsamples=16", "model.seqlen=256", "eval.max_windows=6", "schedule.steps=6",
-                     "reuse_search=false"],
+                     "reuse_search=false", *(ONE_CUT := ["export.sparsities=[]", "export.patterns=[]", "eval.baselines=[]"])],
            "cases": [("magnitude-0.5", ["method=local", "local_metric=magnitude", "sparsity=0.5"]),
                      ("wanda-0.5", ["method=local", "local_metric=wanda", "sparsity=0.5"]),  # sequential (auto)
                      ("wanda-0.5-one_shot", ["method=local", "local_metric=wanda", "sparsity=0.5",
@@ -39,15 +40,18 @@ TIERS = {
                      ("ria-0.6", ["method=local", "local_metric=ria", "sparsity=0.6"]),
                      ("sparsegpt-0.5", ["method=sparsegpt", "sparsity=0.5"]),
                      ("unipruning-frozen-0.5", ["method=unipruning", "local_metric=stochria",
-                                                "schedule.weight_mode=frozen", "sparsity=0.5"])]},
+                                                "schedule.weight_mode=frozen", "sparsity=0.5",
+                                                "pattern.allocation=per_matrix"])]},
     "full": {"common": ["calibration.nsamples=128", "model.seqlen=512", "eval.max_windows=20", "schedule.steps=32",
-                       "reuse_search=false"],
+                       "reuse_search=false", *ONE_CUT],
              "cases": [(f"{m}-{p.split('=')[1]}", ["method=local", f"local_metric={m}", p])
                        for m in ("magnitude", "wanda", "ria") for p in ("sparsity=0.5", "sparsity=0.7", "pattern=2:4")]
              + [("sparsegpt-0.5", ["method=sparsegpt", "sparsity=0.5"]),
                 ("sparsegpt-2:4", ["method=sparsegpt", "pattern=2:4"]),
-                ("unipruning-frozen-0.5", ["method=unipruning", "schedule.weight_mode=frozen", "sparsity=0.5"]),
-                ("unipruning-drift-0.5", ["method=unipruning", "schedule.weight_mode=drift", "sparsity=0.5"])]},
+                ("unipruning-frozen-0.5", ["method=unipruning", "schedule.weight_mode=frozen", "sparsity=0.5",
+                                           "pattern.allocation=per_matrix"]),
+                ("unipruning-drift-0.5", ["method=unipruning", "schedule.weight_mode=drift", "sparsity=0.5",
+                                          "pattern.allocation=per_matrix"])]},
 }
 DEFAULT_TOLERANCES = {"ppl_rel_tol": 0.02, "time_ratio_factor": 3.0}
 

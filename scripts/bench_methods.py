@@ -10,6 +10,7 @@ every sparsity and N:M pattern from its one Γ.
     python scripts/bench_methods.py --quick --out bench-out    # a small tier for CI (minutes)
     python scripts/bench_methods.py --only wanda,unipruning-drift --allocation owl --reconstruct --out bench-out
                                                                 # beyond the paper: OWL budgets, OBS reconstruction
+    python scripts/bench_methods.py --only wanda@one_shot --refine --out bench-out   # swap refinement of the masks
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ PATTERNS = ("2:4", "4:8")
 
 
 def jobs(quick: bool, sgpt_mode: str = "sequential", allocation: str | None = None,
-         reconstruct: bool = False) -> list[tuple[str, list[str]]]:
+         reconstruct: bool = False, refine: bool = False) -> list[tuple[str, list[str]]]:
     """(label, overrides) per process. ``allocation``: ``pattern.allocation`` of every unstructured cut but
     SparseGPT's (which chooses its own); ``reconstruct``: ``reconstruct=obs`` for every method but SparseGPT (which
-    reconstructs as it prunes)."""
+    reconstructs as it prunes); ``refine``: ``refine=swap`` likewise."""
     out = []
     for label, ov in _jobs(quick, sgpt_mode):
         if label != "sparsegpt":
             if allocation and not any(o.startswith("pattern=") for o in ov):  # N:M cuts have no allocation
                 ov = [*ov, f"pattern.allocation={allocation}"]
+            if refine:
+                ov = [*ov, "refine=swap"]
             if reconstruct:
                 ov = [*ov, "reconstruct=obs"]
         out.append((label, ov))
@@ -99,11 +102,13 @@ def label_of(m: dict) -> str:
 
 
 def _extras(m: dict) -> str:
-    """The allocation of a run's unstructured cuts, and whether it reconstructed the kept weights."""
+    """The allocation of a run's unstructured cuts, and whether it refined its masks and reconstructed the kept
+    weights."""
     unstructured = [t for t in m["results"] if t.startswith("s")]
     allocation = unstructured[0].split("_", 1)[1] if unstructured else None
+    refined = any("refinement" in r for r in m["results"].values())
     rebuilt = any("reconstruction" in r for r in m["results"].values())
-    return (f" [{allocation}]" if allocation else "") + (" + OBS" if rebuilt else "")
+    return (f" [{allocation}]" if allocation else "") + (" + swap" if refined else "") + (" + OBS" if rebuilt else "")
 
 
 def collect(runs: Path) -> list[tuple[str, dict]]:
@@ -164,16 +169,18 @@ def main() -> None:
                     help="pattern.allocation of every unstructured cut (not SparseGPT's)")
     ap.add_argument("--reconstruct", action="store_true",
                     help="reconstruct=obs: each cut's kept weights updated on its mask (not SparseGPT, which does)")
+    ap.add_argument("--refine", action="store_true",
+                    help="refine=swap: each cut's mask refined by swaps inside rows / N:M groups (not SparseGPT)")
     ap.add_argument("--sparsegpt-mode", default="sequential", choices=("sequential", "one_shot"),
                     help="one_shot halves SparseGPT's calibration cost (each block sees dense inputs)")
     args = ap.parse_args()
     corpus = "wiki_offline"
     common = [f"calibration.nsamples={args.nsamples}", f"calibration.seqlen={args.seqlen}",
               f"eval.seqlen={args.seqlen}", f"eval.max_windows={args.windows}", f"schedule.steps={args.steps}",
-              f"eval.corpora=[{corpus}]", "calibration.source=owt_offline", "reuse_search=false", *args.override]
+              f"eval.corpora=[{corpus}]", "calibration.source=owt_offline", "reuse_search=false", "eval.baselines=[]", *args.override]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    todo = jobs(args.quick, args.sparsegpt_mode, args.allocation, args.reconstruct)
+    todo = jobs(args.quick, args.sparsegpt_mode, args.allocation, args.reconstruct, args.refine)
     if args.only:
         keep = set(args.only.split(","))
         todo = [(lab, ov) for lab, ov in todo if lab in keep and (not args.only_cut or any(args.only_cut in o for o in ov))]

@@ -22,7 +22,7 @@ TIERS = {
     # commands that sequence stages
     "runner": 2, "evaluation.existing_run": 2, "export": 2, "export.commands": 2, "plan.command": 2,
     # stages: each builds one step of a run from primitives
-    "preflight": 1, "calibration_set": 1, "pruning": 1, "reconstruction": 1, "baselines.local": 1, "search.stage": 1, "search.store": 1,
+    "preflight": 1, "calibration_set": 1, "pruning": 1, "reconstruction": 1, "refinement": 1, "baselines.local": 1, "search.stage": 1, "search.store": 1,
     "search.sharded": 1,
     "evaluation.dense": 1, "evaluation.protocol": 1, "export.*": 1, "plan": 1, "plan.*": 1,
     # primitives

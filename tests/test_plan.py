@@ -30,8 +30,9 @@ def test_plan_of_the_headline_job_runs_offline_with_every_stage(tmp_path, monkey
     assert {"fits", "peak_gpu_gib", "peak_host_gib", "stages"} <= p.keys()
     assert p["prunable_weights"] == 6_525_288_448 and p["other_weights"] == 1_090_328_064  # Qwen2.5-7B's counts
     stages = {s["stage"]: s for s in p["stages"]}
-    assert [n for n in stages if n != "tokenise"] == ["load", "dense_eval", "search", "search_checkpoint", "masks",
-                                                      "pruned_eval"]
+    # the default cuts Wanda (one-shot) beside Γ: one calibration pass for the dense statistics
+    assert [n for n in stages if n != "tokenise"] == ["load", "dense_eval", "calibration", "search",
+                                                      "search_checkpoint", "masks", "pruned_eval"]
     P, N, V = 6_525_288_448, 1_090_328_064, 152_064
     W = 2 * (P + N)  # bf16 on a GPU
     assert stages["load"]["gpu_gib"] == pytest.approx(W / GIB, abs=0.01)
@@ -39,7 +40,12 @@ def test_plan_of_the_headline_job_runs_offline_with_every_stage(tmp_path, monkey
     # bf16 logits (2 bytes), their fp32 cast (4) and the log-softmax (4) per position and vocabulary entry
     assert stages["dense_eval"]["gpu_gib"] == pytest.approx((W + 10 * 4 * rows * V) / GIB, abs=0.01)
     L_max = 18944 * 3584  # the largest prunable matrix (the MLP's)
-    assert stages["masks"]["host_gib"] == pytest.approx((4 * P + 4 * L_max + P) / GIB, abs=0.01)  # Γ, one |Γ|, a cut
+    # Γ, one |Γ|, a cut as it is made, then 70 / 50 / 60 % and 2:4 of Γ and of Wanda packed, and Wanda's scores
+    assert stages["masks"]["host_gib"] == pytest.approx((4 * P + 4 * L_max + P + 4 * 2 * P / 8 + 4 * P) / GIB, abs=0.01)
+    one = {s["stage"]: s for s in _plan(tmp_path, *common, "export.sparsities=[]", "export.patterns=[]",
+                                        "eval.baselines=[]")["stages"]}
+    assert "calibration" not in one and one["masks"]["host_gib"] == pytest.approx((4 * P + 4 * L_max + P + P / 8) / GIB,
+                                                                                  abs=0.01)
     # search_state=auto: V and Γ do not fit beside W, its gradient and Adam's m, v on one 80 GB card: the host
     assert "on the host" in stages["search"]["what"]
     assert stages["search"]["gpu_gib"] > (W + P * 3 * 2) / GIB

@@ -107,7 +107,8 @@ def test_bounded_real_unipruning_run(real_ws):
 
     env = cli_env(real_ws["runs"], real_ws["cache"], threads=1)
     proc, _ = run_cli(["prune", "schedule.steps=2", "calibration.nsamples=4", "eval.max_windows=2",
-                       f"model.seqlen={SEQLEN}"], real_ws["cwd"], env, timeout=600)
+                       f"model.seqlen={SEQLEN}", "pattern.allocation=per_matrix",  # the reference's cut, checked below
+                       "export.sparsities=[]", "export.patterns=[]", "eval.baselines=[]"], real_ws["cwd"], env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir, m = _single_metrics(real_ws["runs"])
     _check(run_dir, m, real_ws["real"], nsamples=4, tag="s0.50_per_matrix", seqlen=SEQLEN)
@@ -159,5 +160,7 @@ def test_full_defaults_run(real_ws):
     proc, _ = run_cli(["prune"], real_ws["cwd"], env, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir, m = _single_metrics(real_ws["runs"])
-    _check(run_dir, m, real_ws["real"], nsamples=128, tag="s0.50_per_matrix")
-    assert m["perplexity"]["wiki_offline"]["pruned"]["windows"] == 40
+    _check(run_dir, m, real_ws["real"], nsamples=128, tag="s0.50_owl")
+    assert m["perplexity"]["wiki_offline"]["pruned"]["windows"] == 20
+    assert len(m["results"]) == 8  # 50 / 60 / 70 % and 2:4 from one Γ, and Wanda at the same four
+    assert "| target | unipruning | wanda@one_shot |" in (run_dir / "summary.md").read_text()

@@ -162,7 +162,7 @@ def test_a_unipruning_run_refines_every_cut_and_a_new_cut_is_refined_or_refused(
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
     metrics = run_prune(compose_prune([*base, "method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3",
                                        "refine=swap", "eval.dense=false", "export.patterns=[2:4]"]), run)
-    for tag in ("s0.50_per_matrix", "2of4"):
+    for tag in ("s0.50_owl", "2of4"):
         assert metrics["results"][tag]["refinement"]["swaps"] > 0
         assert read_masks_header(run / "masks" / f"{tag}.safetensors")[1]["refine"] == "swap"
     nm = load_masks(run / "masks/2of4.safetensors")
@@ -170,5 +170,5 @@ def test_a_unipruning_run_refines_every_cut_and_a_new_cut_is_refined_or_refused(
     with pytest.raises(UserError, match="refine=swap.*unipruning eval"):
         export_run(run, sparsity=0.6, out=tmp_path / "export")
     evaluate_run(run, ["sparsity=0.6"])
-    assert read_masks_header(run / "masks/s0.60_per_matrix.safetensors")[1]["refine"] == "swap"
-    assert json.loads((run / "metrics.json").read_text())["results"]["s0.60_per_matrix"]["refinement"]["swaps"] > 0
+    assert read_masks_header(run / "masks/s0.60_owl.safetensors")[1]["refine"] == "swap"
+    assert json.loads((run / "metrics.json").read_text())["results"]["s0.60_owl"]["refinement"]["swaps"] > 0

@@ -106,7 +106,8 @@ class EvalConfig:
     task_limit: Optional[int] = None  # examples per task (None: all)
     task_batch_size: int = 8
     max_length: Optional[int] = None  # lm-eval context; None: eval.seqlen (never the model's 32k default)
-    baselines: List[str] = field(default_factory=list)  # local metrics cut at the same sparsities, for the plot
+    # local metrics cut at the same sparsities, for the plot; None: UniPruning's default (methods.UNIPRUNING_CUTS)
+    baselines: Optional[List[str]] = None
 
 
 @dataclass
@@ -122,8 +123,9 @@ class RegularizerConfig:
 class ExportConfig:
     """Which masks to cut from one set of scores (UniPruning's Γ): every sparsity listed."""
 
-    sparsities: Optional[List[float]] = None  # None: just the run's target sparsity
-    patterns: List[str] = field(default_factory=list)  # extra N:M cuts, e.g. ["2:4", "4:8"]
+    # extra cuts of one Γ, e.g. [0.5, 0.6, 0.7] and ["2:4", "4:8"]; None: UniPruning's default (methods.UNIPRUNING_CUTS)
+    sparsities: Optional[List[float]] = None
+    patterns: Optional[List[str]] = None
 
 
 @dataclass
@@ -290,7 +292,9 @@ def validate_pattern(cfg: DictConfig) -> None:
             f"sparsity={cfg.sparsity} conflicts with pattern={p.n}:{p.m}, whose sparsity is {implied:g}; "
             f"drop the sparsity override or use pattern=unstructured",
         )
-        check(p.allocation in (None, "per_row"), "pattern.allocation applies to unstructured patterns only")
+        check(p.allocation in (None, "per_row") or cfg.method == "unipruning",
+              "pattern.allocation applies to unstructured cuts only (with an N:M pattern, to the export.sparsities "
+              "cuts of a UniPruning run)")
 
 
 def validate_placement(cfg: DictConfig) -> None:
@@ -358,7 +362,7 @@ def validate_search(cfg: DictConfig) -> None:
 
 def validate_export(cfg: DictConfig) -> None:
     """``export.patterns`` / ``export.sparsities``, and the one cross-field rule of ``pattern.allocation=global``."""
-    for pat in cfg.export.patterns:
+    for pat in cfg.export.patterns or []:
         n, _, m = str(pat).partition(":")
         check(n.isdigit() and m.isdigit() and 0 < int(n) < int(m),
               f"export.patterns contains {pat!r}: each must be N:M with 0 < N < M, e.g. 2:4")

@@ -35,6 +35,13 @@ DEFAULT_ALLOCATION = {"magnitude": "per_matrix", "wanda": "per_row", "ria": "per
 # SparseGPT chooses its mask in each block of 128 columns as it goes (adaptive mask selection, SparseGPT §3.2):
 # a label for metrics.json and tags; pattern.allocation does not apply to it and is refused.
 SPARSEGPT_ALLOCATION = "per_block"
+#: UniPruning's cut of Γ where ``pattern.allocation`` is null: OWL's layer budgets (published M = 5, λ = 0.08), the
+#: best of per_matrix / per_row / global / owl / gamma at 60 and 70 % on the embedded model (README, "Beyond the
+#: paper"); inside a layer the cut is per row.
+UNIPRUNING_ALLOCATION = "owl"
+#: ``unipruning prune`` with no overrides: one Γ cut at these sparsities and N:M patterns, beside these local metrics
+#: at the same targets (one-shot: from the same calibration statistics as the search), so the summary compares them.
+UNIPRUNING_CUTS = {"sparsities": (0.5, 0.6, 0.7), "patterns": ("2:4",), "baselines": ("wanda@one_shot",)}
 
 
 #: An N:M cut's tag, ``2of4``; a baseline's cut is ``<label>:<tag>`` (``wanda@one_shot:2of4``).
@@ -104,9 +111,7 @@ def make_target(cfg: DictConfig) -> Target:
     p = cfg.pattern
     if p.kind == "nm":
         return Target(sparsity=target_sparsity(cfg), allocation="per_row", n=p.n, m=p.m)
-    allocation = p.allocation or DEFAULT_ALLOCATION.get(cfg.local_metric.name, "per_matrix")
-    if cfg.method == "sparsegpt":
-        allocation = SPARSEGPT_ALLOCATION
+    allocation = SPARSEGPT_ALLOCATION if cfg.method == "sparsegpt" else p.allocation or default_allocation(cfg)
     return Target(sparsity=target_sparsity(cfg), allocation=allocation,
                   cap=float(p.get("max_matrix_sparsity", 1.0)),  # a run made before the cap existed: none
                   owl=(float(p.get("owl_m", 5.0)), float(p.get("owl_lambda", 0.08))),
@@ -140,16 +145,46 @@ def calibration_mode(cfg: DictConfig) -> str:
     return "one_shot"
 
 
+def default_allocation(cfg: DictConfig) -> str:
+    """``pattern.allocation`` where it is null: UniPruning's ``UNIPRUNING_ALLOCATION``, else the local metric's own
+    comparison group (``DEFAULT_ALLOCATION``: Wanda per row, RIA and magnitude per matrix)."""
+    if cfg.method == "unipruning":
+        return UNIPRUNING_ALLOCATION
+    return DEFAULT_ALLOCATION.get(cfg.local_metric.name, "per_matrix")
+
+
+def _default_cuts(cfg: DictConfig, value, key: str) -> list:
+    if value is not None:
+        return list(value)
+    return list(UNIPRUNING_CUTS[key]) if cfg.method == "unipruning" else []
+
+
+def extra_sparsities(cfg: DictConfig) -> list[float]:
+    """``export.sparsities``; null: UniPruning's default cuts (``UNIPRUNING_CUTS``), none for other methods."""
+    return [float(s) for s in _default_cuts(cfg, cfg.export.sparsities, "sparsities")]
+
+
+def extra_patterns(cfg: DictConfig) -> list[str]:
+    """``export.patterns`` (N:M strings); null: UniPruning's default (2:4), none for other methods."""
+    return [str(p) for p in _default_cuts(cfg, cfg.export.patterns, "patterns")]
+
+
+def baselines_of(cfg: DictConfig) -> list[str]:
+    """``eval.baselines``; null: UniPruning's default (``wanda@one_shot``), none for other methods."""
+    return [str(b) for b in _default_cuts(cfg, cfg.eval.baselines, "baselines")]
+
+
 def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
     """The primary target, then every extra sparsity of ``export.sparsities`` and N:M of ``export.patterns``
-    (UniPruning only: the cuts of one Γ)."""
+    (UniPruning only: the cuts of one Γ; :func:`extra_sparsities`, :func:`extra_patterns`)."""
     out = [primary]
     if cfg.method == "unipruning":
-        for sp in cfg.export.sparsities or []:
-            t = primary.unstructured(float(sp), primary.allocation if not primary.is_nm else "per_matrix")
+        allocation = primary.allocation if not primary.is_nm else cfg.pattern.allocation or default_allocation(cfg)
+        for sp in extra_sparsities(cfg):
+            t = primary.unstructured(float(sp), allocation)
             if t not in out:
                 out.append(t)
-        for pat in cfg.export.patterns:
+        for pat in extra_patterns(cfg):
             n, m = (int(v) for v in str(pat).split(":"))
             t = Target(sparsity=1 - n / m, allocation="per_row", n=n, m=m)
             if t not in out:

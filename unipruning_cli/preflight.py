@@ -66,7 +66,7 @@ def validate(cfg: DictConfig) -> None:
 def validate_eval(e: DictConfig) -> None:
     """The ``eval`` group: its ranges, its baselines (registered local metrics) and its lm-eval tasks."""
     validate_eval_values(e)
-    for b in e.baselines:
+    for b in e.baselines or []:
         parse_baseline(b)
     check_tasks(e.tasks)
 

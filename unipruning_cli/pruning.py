@@ -19,7 +19,7 @@ from .calibration import calibrate_blockwise, stats_to_tensors
 from .calibration_set import calibration_set, dense_statistics
 from .config import model_values, plain
 from .lazymap import LazyMap
-from .mask_files import load_masks, save_masks, save_packed_masks
+from .mask_files import load_masks, packed_masks, save_masks, save_packed_masks
 from .methods import METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target, apply_masks, calibration_mode
 from .metrics import build_metric
 from .mask_files import pack_mask
@@ -134,11 +134,14 @@ def reconstruct_info(cfg: DictConfig) -> dict:
 def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir,
               info: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Masks for every target from one Γ (|Γ| as the score; seconds, no model forward), each saved to
-    ``rd/masks/<tag>.safetensors`` (with ``info`` in its header). Returns tag -> name -> bool ``[out, in]``."""
+    ``rd/masks/<tag>.safetensors`` (with ``info`` in its header). Returns tag -> name -> bool ``[out, in]`` (held
+    packed, :func:`.mask_files.packed_masks`)."""
     # one matrix's |Γ| at a time, not a second copy of Γ (4 bytes per prunable weight: 255 GiB for a 70B model)
     scores = LazyMap(gamma, lambda name: gamma[name].abs())
     out = {}
     for t in targets:
-        out[t.tag] = t.cut(scores)
-        save_masks(rd / f"masks/{t.tag}.safetensors", out[t.tag], {"target": t.tag, "method": "unipruning", **(info or {})})
+        cut = t.cut(scores)
+        save_masks(rd / f"masks/{t.tag}.safetensors", cut, {"target": t.tag, "method": "unipruning", **(info or {})})
+        out[t.tag] = packed_masks(cut)
+        del cut
     return out

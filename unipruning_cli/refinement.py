@@ -18,7 +18,7 @@ from typing import Mapping, Optional
 import torch
 
 from .calibration import calibrate_blockwise
-from .mask_files import read_masks_header, save_masks
+from .mask_files import packed_masks, read_masks_header, save_masks
 from .methods import apply_masks, nm_of_tag, restore_weights
 from .models import prunable_layers
 
@@ -151,8 +151,9 @@ def refine_cuts(cfg, model, tok, all_masks: Mapping[str, Mapping[str, torch.Tens
     masks, records = {}, {}
     for tag, cut in all_masks.items():
         log.info("refine=swap: %s", tag)
-        masks[tag], records[tag] = refine(model, windows, cut, nm=nm_of_tag(tag), offload=cfg.calibration.offload,
-                                          min_expert_tokens=cfg.calibration.min_expert_tokens)
+        new, records[tag] = refine(model, windows, cut, nm=nm_of_tag(tag), offload=cfg.calibration.offload,
+                                   min_expert_tokens=cfg.calibration.min_expert_tokens)
+        masks[tag] = packed_masks(new)
         restore_weights(layers, original)
     return masks, records
 

@@ -56,6 +56,31 @@ def _results_md(metrics: dict) -> list[str]:
     return lines + [""]
 
 
+def _comparison_md(metrics: dict) -> list[str]:
+    """A UniPruning run with ``eval.baselines``: one row per target, the run's cut beside each baseline's, the lowest
+    perplexity in bold (on the first corpus), and how far the run's is from the best baseline's."""
+    results = metrics.get("results", {})
+    sources = list(dict.fromkeys(_parse_tag(t)[0] for t in results if ":" in t))
+    if not sources or not metrics["perplexity"]:
+        return []
+    corpus = next(iter(metrics["perplexity"]))
+    targets: dict[str, dict[str, float]] = {}
+    for tag, r in results.items():
+        source, kind, sp = _parse_tag(tag)
+        key = f"{sp:.0%}" if kind == "unstructured" else kind
+        targets.setdefault(key, {})[source or metrics["method"]] = r["ppl"][corpus]
+    cols = [metrics["method"], *sources]
+    lines = [f"PPL on {corpus}, every method at the same targets from the same calibration samples:", "",
+             "| target | " + " | ".join(cols) + " | vs best baseline |", "|---|" + "---|" * (len(cols) + 1)]
+    for key, row in targets.items():
+        best = min(row.values())
+        cells = [("" if c not in row else f"**{row[c]:.3f}**" if row[c] == best else f"{row[c]:.3f}") for c in cols]
+        others = [row[c] for c in sources if c in row]
+        diff = f"{row[cols[0]] / min(others) - 1:+.1%}" if cols[0] in row and others else ""
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {diff} |")
+    return lines + [""]
+
+
 def _parse_tag(tag: str) -> tuple[str | None, str, float]:
     """'wanda:s0.60_per_row' -> ('wanda', 'unstructured', 0.6); '2of4' -> (None, '2:4', 0.5)."""
     source, _, cut = tag.rpartition(":")
@@ -72,6 +97,46 @@ def save_png(fig, png: Path) -> None:
     tmp.replace(png)
 
 
+def ppl_figure(metrics: dict):
+    """Perplexity against sparsity, one panel per corpus: one colour per method (the run's, each baseline), its
+    unstructured cuts joined by a line and its N:M cuts as other markers at their sparsity; plain numbers on a log
+    axis, the cuts' sparsities as percent ticks."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, PercentFormatter, ScalarFormatter
+
+    results, corpora = metrics["results"], list(metrics["perplexity"])
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for tag, r in results.items():
+            source, kind, sp = _parse_tag(tag)
+            series.setdefault((source or metrics["method"], kind), []).append((sp, r["ppl"][corpus]))
+        colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(dict.fromkeys(m for m, _ in series))}
+        markers = {k: mk for k, mk in zip(dict.fromkeys(k for _, k in series if k != "unstructured"), "sD^v<>")}
+        for (method, kind), pts in series.items():
+            pts.sort()
+            style = ("o-" if len(pts) > 1 else "o") if kind == "unstructured" else markers[kind]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colors[method], markersize=7,
+                    label=method if kind == "unstructured" else f"{method} {kind}")
+        dense = metrics["perplexity"][corpus].get("dense")
+        if dense:
+            ax.axhline(dense["ppl"], color="grey", linestyle="--", label=f"dense {dense['ppl']:.2f}")
+        seqlen = metrics["perplexity"][corpus]["pruned"]["seqlen"]
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted({p[0] for pts in series.values() for p in pts}))
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.set_xlabel("sparsity (share of the prunable weights removed)")
+        ax.set_ylabel(f"perplexity on {corpus} (seqlen {seqlen}, log scale)")
+        ax.set_title(f"{metrics['model']['name']}: perplexity vs sparsity")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(run_dir: Path, metrics: dict) -> list[str]:
     """PNG pictures of the run; returns their paths relative to the run directory."""
     import matplotlib
@@ -83,28 +148,7 @@ def write_plots(run_dir: Path, metrics: dict) -> list[str]:
     results = metrics.get("results", {})
     corpora = list(metrics["perplexity"])
     if results and corpora:
-        fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
-        for ax, corpus in zip(axes[0], corpora):
-            series: dict[str, list[tuple[float, float]]] = {}
-            for tag, r in results.items():
-                source, kind, sp = _parse_tag(tag)
-                label = f"{source or metrics['method']}" + ("" if kind == "unstructured" else f" {kind}")
-                series.setdefault(label, []).append((sp, r["ppl"][corpus]))
-            for label, pts in sorted(series.items()):
-                pts.sort()
-                style = "o-" if len(pts) > 1 else "s"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-            dense = metrics["perplexity"][corpus].get("dense")
-            if dense:
-                ax.axhline(dense["ppl"], color="grey", linestyle="--", label=f"dense {dense['ppl']:.2f}")
-            seqlen = metrics["perplexity"][corpus]["pruned"]["seqlen"]
-            ax.set_yscale("log")
-            ax.set_xlabel("sparsity (fraction of prunable weights removed)")
-            ax.set_ylabel(f"perplexity on {corpus} (seqlen {seqlen}, log scale)")
-            ax.set_title(f"{metrics['model']['name']}: perplexity vs sparsity")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
+        fig = ppl_figure(metrics)
         save_png(fig, run_dir / "plots" / "ppl_vs_sparsity.png")
         plt.close(fig)
         out.append("plots/ppl_vs_sparsity.png")
@@ -155,6 +199,7 @@ def write_summary_md(path: Path, metrics: dict, plots: list[str] | None = None) 
         "|---|---|---|---|---|",
         *[f"| {' | '.join(r)} |" for r in _rows(metrics)],
         "",
+        *_comparison_md(metrics),
         *_results_md(metrics),
         *_zero_shot_md(metrics),
         *[f"![{Path(p).stem}]({p})" for p in (plots or [])],

@@ -24,8 +24,9 @@ from omegaconf import DictConfig
 from ..calibration import calibrate_blockwise
 from ..calibration_set import calibration_set, dense_statistics
 from ..errors import UserError
-from ..methods import DEFAULT_ALLOCATION, LocalMetricPruning, Target, apply_masks
+from ..methods import DEFAULT_ALLOCATION, LocalMetricPruning, Target, apply_masks, baselines_of
 from ..metrics import METRICS
+from ..mask_files import packed_masks
 from ..models import prunable_layers
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ def parse_baseline(entry: str) -> Baseline:
 
 def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[str, dict[str, torch.Tensor]]:
     """``eval.baselines`` cut at every target of the run. Returns ``"<label>:<tag>"`` -> name -> bool mask
-    ``[out, in]``; the model's weights are as they were on return."""
-    baselines = [parse_baseline(b) for b in cfg.eval.baselines]
+    ``[out, in]`` (held packed, 1 bit per weight); the model's weights are as they were on return."""
+    baselines = [parse_baseline(b) for b in baselines_of(cfg)]
     if not baselines:
         return {}
     layers = prunable_layers(model)
@@ -86,14 +87,14 @@ def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[s
             key = f"{b.label}:{own.tag}"
             if b.protocol == "sequential":
                 log.info("baseline %s: one sequential calibration pass", key)
-                out[key] = sequential_masks(model, windows, method, own, cfg.calibration.offload,
-                                            cfg.calibration.min_expert_tokens)
+                out[key] = packed_masks(sequential_masks(model, windows, method, own, cfg.calibration.offload,
+                                                         cfg.calibration.min_expert_tokens))
             elif b.protocol == "one_shot":
                 if dense is None:
                     dense = dense_statistics(cfg, model, windows)[0]
-                out[key] = own.cut(method.scores(layers, dense))
+                out[key] = packed_masks(own.cut(method.scores(layers, dense)))
             else:  # data-free
-                out[key] = own.cut(method.scores(layers, {}))
+                out[key] = packed_masks(own.cut(method.scores(layers, {})))
     return out
 
 

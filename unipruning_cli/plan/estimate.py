@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from omegaconf import DictConfig
 
-from ..methods import make_target, targets_of
+from ..methods import baselines_of, make_target, targets_of
 from ..evaluation.perplexity import chunk_positions
 from ..models import block_layers, find_blocks, prunable_layers, resolve_dtype, text_config
 from ..provenance import rss_bytes
@@ -181,7 +181,7 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     if cfg.eval.dense:
         add("dense_eval", Wo + Wb + logits, 0.0, f"W{one} + fp32 logits of one chunk")
     needs_stats = (not uni and not (cfg.method == "local" and cfg.local_metric.name == "magnitude")) \
-        or (uni and mode == "frozen") or bool(cfg.eval.baselines)
+        or (uni and mode == "frozen") or bool(baselines_of(cfg))
     if needs_stats:
         act = T_c * (6 * h + 3 * s["I"]) * b
         add("calibration", Wo + Wb + act, block_io + per_sample,
@@ -219,9 +219,10 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
             add("search_checkpoint", Wd + state, host + s["L_max"] * (4 * b + 8),
                 "every checkpoint_every steps: the state written one matrix at a time through the host")
     if uni:
-        masks = 4 * P + 4 * s["L_max"] + cuts * P * (1 + len(cfg.eval.baselines))
-        add("masks", Wo, masks + (4 * P if cfg.eval.baselines else 0),
-            "Γ, one matrix's |Γ| and every cut's masks on the host")
+        # one cut's masks at a byte per weight as it is made, then every cut kept packed (mask_files.packed_masks)
+        masks = 4 * P + 4 * s["L_max"] + P + cuts * (1 + len(baselines_of(cfg))) * P / 8
+        add("masks", Wo, masks + (4 * P if baselines_of(cfg) else 0),
+            "Γ, one matrix's |Γ|, one cut's masks, and every cut's masks packed (1 bit per weight) on the host")
         add("pruned_eval", Wo + Wb + logits, masks + P * b,
             f"W{one} + logits; a copy of the prunable W on the host to restore it between cuts")
     else:
