@@ -116,11 +116,12 @@ def frozen_search_cfg(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
-    base += ["method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3",
-             "pattern.allocation=per_matrix"]  # the reference's cut, exact per matrix on these tiny widths
+    base += ["method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3"]
 
     def make(*extra: str):
-        cfg = compose_prune([*base, *extra])
+        # UniPruning's runs cut per matrix (the reference's cut, exact on these tiny widths), unless told otherwise
+        switched = any(e.startswith(("method=", "pattern.allocation=")) for e in extra)
+        cfg = compose_prune([*base, *([] if switched else ["pattern.allocation=per_matrix"]), *extra])
         validate(cfg)
         return cfg
 

@@ -20,7 +20,7 @@ from unipruning_cli.distributed import Ranks, launch_ranks, row_range
 from unipruning_cli.errors import UserError
 
 SEARCH = ["method=unipruning", "schedule.steps=6", "schedule.checkpoint_every=2", "reuse_search=false",
-          "export.sparsities=[0.5,0.6]", "export.patterns=[2:4]"]
+          "export.sparsities=[0.5,0.6]", "export.patterns=[2:4]", "pattern.allocation=per_matrix"]
 
 
 def _overrides(model_dir: Path, corpus_files, *extra: str) -> list[str]:

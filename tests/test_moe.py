@@ -197,8 +197,10 @@ def _expert_sparsity(metrics: dict, tag: str) -> float:
 METHODS = {
     "wanda": ("method=local", "local_metric=wanda"),
     "sparsegpt": ("method=sparsegpt",),
-    "uni_drift": ("method=unipruning", "schedule.steps=4", "export.patterns=[2:4]"),
-    "uni_frozen": ("method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3", "export.patterns=[2:4]"),
+    # per row: every expert matrix at exactly the target (OWL's layer budgets would move them)
+    "uni_drift": ("method=unipruning", "schedule.steps=4", "export.patterns=[2:4]", "pattern.allocation=per_row"),
+    "uni_frozen": ("method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3", "export.patterns=[2:4]",
+                   "pattern.allocation=per_row"),
 }
 
 
