@@ -61,3 +61,23 @@ def test_the_default_runs_summary_compares_unipruning_and_wanda_at_four_targets(
         cells = [c.strip() for c in row.split("|")[2:4]]
         assert all(cells) and sum(c.startswith("**") for c in cells) >= 1, row
     assert (tmp_path / "run/plots/ppl_vs_sparsity.png").is_file()
+
+
+def test_a_run_made_under_the_old_default_allocation_keeps_its_own_cut(tmp_path):
+    """A UniPruning run whose config left ``pattern.allocation`` null when null meant per matrix: export and eval of
+    "the run's own cut" still mean its per-matrix cut (recorded in metrics.json), not today's owl."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from unipruning_cli.export.run import open_run, resolve_target
+
+    run = tmp_path / "old"
+    (run / "stages").mkdir(parents=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(compose_prune(["export.sparsities=[0.6]"])))
+    (run / "stages/search.json").write_text("{}")
+    for recorded, tag in (("per_matrix", "s0.50_per_matrix"), ("owl", "s0.50_owl")):
+        (run / "metrics.json").write_text(json.dumps({"allocation": recorded, "results": {}}))
+        info = open_run(run)
+        assert resolve_target(info).tag == tag
+        assert resolve_target(info, sparsity=0.6).tag == tag.replace("0.50", "0.60")

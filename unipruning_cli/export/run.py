@@ -100,6 +100,10 @@ def open_run(path: str | Path) -> RunInfo:
         metrics = json.loads((p / "metrics.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{p / 'metrics.json'} is not valid JSON ({err}): the run directory is damaged") from None
+    allocation = metrics.get("allocation")
+    if cfg.pattern.get("allocation") is None and allocation and cfg.method != "sparsegpt":
+        # the run's own cut as it resolved it: a null allocation's default has changed before (per matrix -> owl)
+        cfg.pattern.allocation = allocation
     return RunInfo(p, cfg, metrics)
 
 
