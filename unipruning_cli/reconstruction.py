@@ -23,10 +23,16 @@ log = logging.getLogger(__name__)
 RECONSTRUCTIONS = ("none", "obs")
 
 
-def output_error(delta: torch.Tensor, xtx: torch.Tensor) -> float:
-    """‖ΔW X‖² over the calibration tokens, from ``ΔW [out, in]`` and ``XᵀX = Σ x xᵀ [in, in]`` (fp32)."""
+def row_output_errors(delta: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
+    """‖ΔW_r X‖² per output row ``[out]`` (fp32) over the calibration tokens, from ``ΔW [out, in]`` and
+    ``XᵀX = Σ x xᵀ [in, in]``."""
     d = delta.float()
-    return float(((d @ xtx.to(d.device).float()) * d).sum())
+    return ((d @ xtx.to(d.device).float()) * d).sum(1)
+
+
+def output_error(delta: torch.Tensor, xtx: torch.Tensor) -> float:
+    """‖ΔW X‖² over the calibration tokens: :func:`row_output_errors` summed."""
+    return float(row_output_errors(delta, xtx).sum())
 
 
 @torch.no_grad()

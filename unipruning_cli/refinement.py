@@ -19,20 +19,20 @@ import torch
 
 from .calibration import calibrate_blockwise
 from .mask_files import packed_masks, read_masks_header, save_masks
-from .methods import apply_masks, nm_of_tag, restore_weights
+from .baselines.local import restore_removed
+from .methods import apply_masks, nm_of_tag
 from .models import prunable_layers
+from .reconstruction import output_error, row_output_errors
 
 log = logging.getLogger(__name__)
 
-REFINEMENTS = ("none", "swap")
 #: Rounds of swaps per matrix (each round: at most one swap per row). DSnoT's published cap is 50 cycles.
 MAX_ROUNDS = 50
 
 
 def row_errors(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
     """Output error per row ``[out]`` (fp32): ``δ_r H δ_rᵀ`` with ``δ = W ⊙ ¬keep`` ``[out, in]``, ``H = XᵀX [in, in]``."""
-    delta = weight.float() * ~keep
-    return ((delta @ xtx.to(delta.device).float()) * delta).sum(1)
+    return row_output_errors(weight.float() * ~keep, xtx)
 
 
 @torch.no_grad()
@@ -104,13 +104,15 @@ def swap_refine(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, *, 
 @torch.no_grad()
 def refine(model, windows, masks: Mapping[str, torch.Tensor], *, nm: Optional[tuple[int, int]] = None,
            offload: str = "cpu", min_expert_tokens: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
-    """:func:`swap_refine` of every prunable layer of ``model`` (dense on entry; its weights times the refined
-    masks on return), block by block on ``windows`` (the calibration samples, int64 ``[n, seqlen]`` or
+    """:func:`swap_refine` of every prunable layer of ``model`` (dense on entry and on return: each block is pruned
+    with its refined masks for the blocks after it, and the values it zeroed are put back at the end, as
+    :func:`.baselines.local.sequential_masks` does), block by block on ``windows`` (the calibration samples, int64 ``[n, seqlen]`` or
     :class:`.sampling.TokenSamples`), sequentially. ``masks``: name -> bool ``[out, in]``; ``nm``: the (N, M) of
     an N:M cut, whose swaps stay inside a group. Returns (the refined masks on the host, the record
     ``{"method": "swap", "swaps": n, "fraction": swaps per weight, "error_ratio": r}``, r being the output error of
     the refined masks over that of the given ones, summed over every layer on its calibration inputs)."""
     refined: dict[str, torch.Tensor] = {}
+    removed: dict[str, torch.Tensor] = {}
     before = after = 0.0
     swaps = numel = 0
 
@@ -121,15 +123,19 @@ def refine(model, windows, masks: Mapping[str, torch.Tensor], *, nm: Optional[tu
             xtx = stats[name].xtx.to(w.device)
             keep = masks[name].to(w.device)
             new, n = swap_refine(w, keep, xtx, group=nm[1] if nm else None)
-            before += float(row_errors(w, keep, xtx).sum())
-            after += float(row_errors(w, new, xtx).sum())
+            before += output_error(w.float() * ~keep, xtx)
+            after += output_error(w.float() * ~new, xtx)
             swaps += n
             numel += w.numel()
             refined[name] = new.cpu()
+            removed[name] = w.masked_select(~new).cpu()
         apply_masks(layers, {n: refined[n] for n in layers})
 
-    calibrate_blockwise(model, windows, sequential=True, want_hessian=True, on_block=on_block, offload=offload,
-                        min_expert_tokens=min_expert_tokens)
+    try:
+        calibrate_blockwise(model, windows, sequential=True, want_hessian=True, on_block=on_block, offload=offload,
+                            min_expert_tokens=min_expert_tokens)
+    finally:
+        restore_removed(prunable_layers(model), refined, removed)
     ratio = after / before if before > 0 else 1.0
     log.info("swap refinement: %d swaps (%.3g%% of the weights), output error on the calibration data %.3g of the "
              "given masks'", swaps, 100 * swaps / max(numel, 1), ratio)
@@ -140,21 +146,17 @@ def refine_cuts(cfg, model, tok, all_masks: Mapping[str, Mapping[str, torch.Tens
                 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict]]:
     """:func:`refine` of every cut of ``all_masks`` (tag -> name -> bool ``[out, in]``; an N:M tag, ``2of4`` or
     ``wanda:2of4``, keeps its swaps inside groups) on the run's calibration samples (``windows``: those samples,
-    already cut). ``model`` is dense on entry and on return (its prunable weights restored from one host copy).
-    Returns (tag -> refined masks, tag -> record)."""
+    already cut). ``model`` is dense on entry and on return. Returns (tag -> refined masks, tag -> record)."""
     from .calibration_set import calibration_set
 
     if windows is None:
         windows, _ = calibration_set(cfg, tok)
-    layers = prunable_layers(model)
-    original = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
     masks, records = {}, {}
     for tag, cut in all_masks.items():
         log.info("refine=swap: %s", tag)
         new, records[tag] = refine(model, windows, cut, nm=nm_of_tag(tag), offload=cfg.calibration.offload,
                                    min_expert_tokens=cfg.calibration.min_expert_tokens)
         masks[tag] = packed_masks(new)
-        restore_weights(layers, original)
     return masks, records
 
 
