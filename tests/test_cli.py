@@ -349,18 +349,23 @@ def test_rerun_in_the_same_dir_skips_prune(default_run, ws, base_args):
     assert "calibrate_prune" not in new["seconds"]
 
 
-def test_changed_config_in_the_same_dir_redoes_prune(default_run, ws, base_args):
+def test_changed_config_in_the_same_dir_is_refused(default_run, ws, base_args):
+    """One directory, one run (issue 26): another seed there is refused and leaves the run as it was; with
+    existing_run=beside it runs in a fresh directory next to it."""
     src, _ = default_run
     run_dir = ws["root"] / "rerun_changed"
     shutil.copytree(src, run_dir)
-    old_marker = json.loads((run_dir / "stages" / "prune.json").read_text())
+    old_marker = (run_dir / "stages" / "prune.json").read_bytes()
     proc, _ = run_cli(["prune", *merge_overrides(base_args, "seed=1"), f"hydra.run.dir={run_dir}"],
                       ws["cwd"], ws["env"])
+    assert proc.returncode == 2 and "holds a run of another config (seed: 0 -> 1)" in proc.stderr, proc.stderr[-4000:]
+    assert (run_dir / "stages" / "prune.json").read_bytes() == old_marker
+    proc, _ = run_cli(["prune", *merge_overrides(base_args, "seed=1", "existing_run=beside"),
+                       f"hydra.run.dir={run_dir}"], ws["cwd"], ws["env"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    new_marker = json.loads((run_dir / "stages" / "prune.json").read_text())
-    assert new_marker["fingerprint"] != old_marker["fingerprint"]
-    m = _metrics(run_dir)
+    m = _metrics(run_dir.with_name(f"{run_dir.name}-1"))
     assert m["seed"] == 1 and "calibrate_prune" in m["seconds"]
+    assert _metrics(run_dir)["seed"] == 0
 
 
 # -------------------------------------------------------------------------------------- variants

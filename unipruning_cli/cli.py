@@ -48,6 +48,8 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[list[str]], No
         register_schemas()
         cfg_dir = config_dir()
         args = rewrite_nm_overrides(args, cfg_dir) + _rank_overrides(args)
+        _check_output_root(args)
+        _HYDRA_BEFORE.update(_hydra_files(args))
         sys.argv = [f"unipruning {config_name}", *args]
         hydra.main(version_base="1.3", config_path=cfg_dir, config_name=config_name)(task)()
 
@@ -80,6 +82,65 @@ def _rank_overrides(args: list[str]) -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=rank"]
 
 
+#: ``.hydra/`` of a run directory named by ``hydra.run.dir=``, as it was before Hydra rewrote it for this launch.
+_HYDRA_BEFORE: dict[Path, bytes] = {}
+
+
+def _hydra_files(args: list[str]) -> dict[Path, bytes]:
+    """The files of ``<hydra.run.dir>/.hydra/`` when an override names a directory that holds a run: Hydra rewrites
+    them before the task starts, so a launch refused there (another config) must be able to put them back."""
+    for arg in args:
+        if arg.startswith("hydra.run.dir="):
+            folder = Path(arg.split("=", 1)[1]).expanduser() / ".hydra"
+            if (folder.parent / "config.yaml").is_file() and folder.is_dir():
+                return {f: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+    return {}
+
+
+def _check_output_root(args: list[str]) -> None:
+    """The folder Hydra will make the run (``-m``: sweep) directory in, writable: Hydra makes it before the task runs
+    and fails there with a bare ``PermissionError``. Raises :class:`UserError`."""
+    import os
+
+    from .storage import check_writable
+
+    if any(a.startswith(("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--shell-completion")) for a in args):
+        return  # nothing runs
+    key = "hydra.sweep.dir=" if any(a in ("-m", "--multirun") for a in args) else "hydra.run.dir="
+    given = [a.split("=", 1)[1] for a in args if a.startswith(key)]
+    if given and "${" not in given[-1]:
+        check_writable(Path(given[-1]), key.rstrip("="))
+    elif not given:
+        check_writable(Path(os.environ.get("UNIPRUNING_RUNS", "runs")), "the runs folder (UNIPRUNING_RUNS)")
+
+
+def _claim(cfg, asked: Path) -> Path:
+    """The run directory of this job (:func:`.rundir.claim_run_dir`): where Hydra's ``.hydra/`` files of this launch
+    landed in another run's directory, they follow the job to its own, and the other run's are put back."""
+    import shutil
+
+    from .config import plain
+    from .rundir import claim_run_dir
+    from .runner import follow_log
+
+    try:
+        out = claim_run_dir(asked, plain(cfg), cfg.get("existing_run", "refuse"))
+    except UserError:
+        _restore_hydra()
+        raise
+    if out != asked:
+        if (asked / ".hydra").is_dir():
+            shutil.copytree(asked / ".hydra", out / ".hydra", dirs_exist_ok=True)
+        _restore_hydra()
+        follow_log(asked, out)
+    return out
+
+
+def _restore_hydra() -> None:
+    for path, data in _HYDRA_BEFORE.items():
+        path.write_bytes(data)
+
+
 def _prune_task(cfg) -> float | None:
     """One prune job. In a sweep (-m) a failing job records ``error.json`` and the sweep goes on."""
     from hydra.core.hydra_config import HydraConfig
@@ -87,6 +148,8 @@ def _prune_task(cfg) -> float | None:
 
     from .preflight import validate
     from .runner import record_failure, run_prune
+    from .rundir import RunDirRefused
+    from .storage import check_run_storage
     from .sweep import sweep_context
 
     from .distributed import launch_ranks
@@ -98,14 +161,24 @@ def _prune_task(cfg) -> float | None:
     if not ranks.main:  # a hydra/launcher=slurm task other than 0 (Hydra set its logging up): no log file
         for handler in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
             logging.getLogger().removeHandler(handler)
+    if ranks.main:
+        try:
+            out = _claim(cfg, out)
+        except UserError as err:  # no error.json either: nothing of this launch is left in the other run's directory
+            if multirun:
+                log.error("job %s refused: %s", hc.job.num, err)
+                return None
+            _fail(err)
     try:
         validate(cfg)
+        if ranks.main:
+            check_run_storage(cfg, out)
         metrics = run_prune(cfg, out, reuse_model=multirun, sweep=sweep_context(Path(hc.sweep.dir)) if multirun else None,
                             ranks=ranks)
         if metrics is None:  # a rank other than 0: its part (the sharded search) is done
             return None
     except Exception as err:  # noqa: BLE001 - every failure is recorded, then re-raised outside sweeps
-        if ranks.main:
+        if ranks.main and not isinstance(err, RunDirRefused):  # a refused directory holds another run: untouched
             record_failure(out, err)
         if multirun:
             log.error("job %s failed: %s", hc.job.num, err)

@@ -148,6 +148,9 @@ class PruneConfig:
     reconstruct: str = "none"
     # "swap": each cut's mask refined by swaps inside its rows (N:M groups) that lower the output error (refinement.py)
     refine: str = "none"
+    # a run directory that holds a run of another config: "refuse" it, or start a fresh directory "beside" it
+    # (<dir>-1, <dir>-2, ...); the same config always resumes (rundir.claim_run_dir)
+    existing_run: str = "refuse"
     experiment: Optional[str] = None
 
 
@@ -257,6 +260,7 @@ def validate_values(cfg: DictConfig) -> None:
     check(cfg.get("refine", "none") == "none" or cfg.method != "sparsegpt",
           "refine=swap refines a mask on the original weights; method=sparsegpt updates the kept weights as it chooses "
           "its mask, so a swap would revive a weight it has already compensated for: drop refine")
+    one_of("existing_run", cfg.get("existing_run", "refuse"), ("refuse", "beside"))
     one_of("model.source", cfg.model.source, MODEL_SOURCES)
     one_of("model.dtype", cfg.model.dtype, DTYPES)
     validate_placement(cfg)

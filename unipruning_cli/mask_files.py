@@ -2,7 +2,7 @@
 
 Format (README, "The run directory"): a safetensors file whose tensors are :func:`pack_mask` of
 each keep mask (1 bit per weight, row-major, little-endian within a byte), with two metadata keys:
-``shapes`` (JSON: name -> [out, in]) and ``info`` (JSON: the target tag, the method, ...).
+``shapes`` (JSON: name -> [out, in]) and ``info`` (JSON: the target tag, the method, the ``inputs`` it was cut for, ...).
 Written atomically (:func:`rundir.atomic_save_tensors`).
 """
 
@@ -69,7 +69,13 @@ def save_masks(path: Path, masks: dict[str, torch.Tensor], info: dict) -> None:
 
 
 def save_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]], info: dict) -> None:
-    """Write masks already packed by :func:`pack_mask` (``uint8``, 1 bit per weight) with their shapes."""
+    """Write masks already packed by :func:`pack_mask` (``uint8``, 1 bit per weight) with their shapes. Inside
+    :func:`.inputs.recording` the header's ``info["inputs"]`` names the model and tokenizer the masks were cut for
+    (files, bytes, SHA-256), unless ``info`` already holds them."""
+    from .inputs import recorded_now
+
+    if "inputs" not in info and (inputs := recorded_now()) is not None:
+        info = {**info, "inputs": inputs}
     atomic_save_tensors(path, packed, {"shapes": json.dumps(shapes), "info": json.dumps(info)})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -20,24 +21,64 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
+from .errors import UserError
 
-def _atomic_write(path: Path, write: "callable[[Path], None]") -> None:
+log = logging.getLogger(__name__)
+
+
+class RunDirRefused(UserError):
+    """A run directory that holds another run (another config, other inputs): nothing may be written into it, not
+    even the refused launch's ``error.json``."""
+
+
+class StorageError(UserError, OSError):
+    """A write that the storage refused (read-only, full, no permission), naming the path, what was being written and
+    how many bytes it needed; raised from the ``OSError`` it replaces."""
+
+
+def storage_error(err: OSError, path: Path, what: str, nbytes: int | None = None) -> StorageError:
+    """:class:`StorageError` for ``err`` raised while writing ``what`` (``nbytes`` bytes where known) to ``path``:
+    with the free space of its file system where the disk is full."""
+    import errno
+    import shutil
+
+    need = f" ({nbytes / 2**20:,.1f} MiB)" if nbytes is not None else ""
+    msg = f"cannot write {what}{need} to {path}: {err.strerror or err}"
+    if err.errno == errno.ENOSPC:
+        try:
+            free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+            msg += f"; {free / 2**20:,.1f} MiB are free there. Free some space or point the run elsewhere"
+        except (OSError, StopIteration):
+            pass
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        msg += "; choose a writable folder (hydra.run.dir, --out, or UNIPRUNING_CACHE for the cache)"
+    out = StorageError(msg)
+    out.errno = err.errno
+    return out
+
+
+def _atomic_write(path: Path, write: "callable[[Path], None]", what: str = "a file", nbytes: int | None = None) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, StorageError) and err.errno is not None:
+            raise storage_error(err, path, what, nbytes) from err
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    data = text.encode("utf-8")
+    _atomic_write(path, lambda p: p.write_bytes(data), f"{Path(path).name}", len(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -48,7 +89,8 @@ def atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadat
     from safetensors.torch import save_file
 
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda p: save_file(data, str(p), metadata=dict(metadata or {})))
+    _atomic_write(path, lambda p: save_file(data, str(p), metadata=dict(metadata or {})), f"{Path(path).name}",
+                  sum(t.numel() * t.element_size() for t in data.values()))
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -141,3 +183,97 @@ class RunDir:
 
     def invalidate(self, stage: str) -> None:
         self._marker(stage).unlink(missing_ok=True)
+
+
+# ==============================================================================================
+# one run per directory
+
+#: Config keys that change how a run gets its results, not what they are: they may differ when a run resumes.
+RESUME_NEUTRAL = ("plan_check", "reuse_search", "share_lam_search", "existing_run")
+
+
+def config_differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that both configs hold and that differs (keys of :data:`RESUME_NEUTRAL`
+    aside). A key only one side holds (added or dropped by another unipruning version) is not a difference."""
+    out = []
+    for key in sorted(set(old) & set(new), key=str):
+        path = f"{prefix}{key}"
+        if path in RESUME_NEUTRAL:
+            continue
+        a, b = old[key], new[key]
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_differences(a, b, f"{path}.")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
+
+
+def claim_run_dir(path: Path, config: Mapping, existing: str = "refuse") -> Path:
+    """The directory a prune run of ``config`` (the resolved config, plain) writes into, given the one asked for.
+
+    ``path`` itself when it holds no run yet (no ``config.yaml``) or a run of the same config (it resumes: finished
+    stages are skipped). A run of another config there is refused with a :class:`UserError` naming the differences
+    (``existing="refuse"``), or left alone for a fresh ``<path>-1`` (``-2``, ...) beside it (``existing="beside"``;
+    one of those holding the same config resumes). One directory, one run: its masks, metrics and card never mix two
+    configs (lm-eval#1918)."""
+    import yaml
+
+    def differences(folder: Path) -> list[str] | None:
+        saved = folder / "config.yaml"
+        if not saved.is_file():
+            return None
+        try:
+            old = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{saved} is not readable YAML ({err}): the run directory {folder} is damaged; choose "
+                            "another hydra.run.dir") from None
+        return config_differences(old, config)
+
+    path = Path(path)
+    diff = differences(path)
+    if not diff:
+        return path
+    if existing != "beside":
+        shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise RunDirRefused(f"run directory {path} holds a run of another config ({shown}). One directory holds one run: "
+                        "choose another hydra.run.dir, rerun with that run's own config to resume it, or pass "
+                        "existing_run=beside to start a fresh directory next to it")
+    for k in range(1, 1000):
+        fresh = path.with_name(f"{path.name}-{k}")
+        if not differences(fresh):
+            log.warning("run directory %s holds a run of another config: this run goes to %s (existing_run=beside)",
+                        path, fresh)
+            return fresh
+    raise UserError(f"run directory {path}: no free <dir>-k beside it for existing_run=beside")
+
+
+@contextmanager
+def run_lock(path: Path, command: str) -> Iterator[None]:
+    """Hold the run directory's lock (``<path>/.lock``, ``flock``) for the block: one process writes a run at a time.
+
+    Taken without waiting: a second process (``unipruning prune``, ``eval`` or ``export`` on the same run) gets a
+    :class:`UserError` naming the holder's command and pid. The kernel drops the lock when its process dies, so a
+    crashed run never leaves it behind."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    f = open(path / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"run directory {path} is being written by {holder}; wait for it to finish (or stop it) "
+                            "before running another command on this run") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"`unipruning {command}` (pid {os.getpid()})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    finally:
+        f.close()

@@ -8,6 +8,8 @@ marker with the fingerprint of the config values it depends on, so rerunning in 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
 import traceback
@@ -17,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import plain
+from .inputs import compare_inputs, recording, run_inputs
 from .distributed import SINGLE, Ranks, broadcast, picklable, start
 from .evaluation.dense import dense_evaluation
 from .evaluation.protocol import eval_windows_of, evaluate_masks, evaluate_pruned, result_entry
@@ -31,7 +34,7 @@ from .baselines.local import baseline_masks
 from .pruning import cut_masks, prune_stage, reconstruct_info
 from .refinement import refine_stage
 from .report import print_summary, write_plots, write_summary_md
-from .rundir import RunDir, atomic_write_json, atomic_write_text
+from .rundir import RunDir, RunDirRefused, atomic_write_json, atomic_write_text, claim_run_dir, run_lock
 from .search.sharded import check_sharded_run, run_sharded_search
 from .search.stage import run_search
 from .sweep import SweepContext
@@ -53,10 +56,24 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     ``sweep``: the sweep this job belongs to, whose other λ its search may serve (see ``run_search``).
     ``ranks``: a launch over several processes (``torchrun``): every rank runs the drift search with FSDP2
     (:mod:`.search.sharded`), then rank 0 alone runs the rest and the others return None. Only rank 0 writes."""
+    if ranks.main:
+        asked, out_dir = Path(out_dir), claim_run_dir(out_dir, plain(cfg), cfg.get("existing_run", "refuse"))
+        if out_dir != asked:
+            follow_log(asked, out_dir)
+    if ranks.sharded:
+        out_dir = broadcast(out_dir, ranks)
+    with run_lock(out_dir, "prune") if ranks.main else contextlib.nullcontext():
+        return _run_prune(cfg, Path(out_dir), reuse_model, sweep, ranks)
+
+
+def _run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool, sweep: SweepContext | None,
+               ranks: Ranks) -> dict | None:
     t_start = time.perf_counter()
     rd = RunDir(out_dir, create=ranks.main)
     timer = Timer()
+    inputs = None
     if ranks.main:
+        inputs = checked_inputs(cfg, rd)  # before the config is written: a refused run leaves the old one as it was
         (rd / "error.json").unlink(missing_ok=True)  # a resumed run starts clean
         atomic_write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
@@ -73,6 +90,59 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
 
     with timer.stage("load"):
         model, tok = (load_model_reused if reuse_model else load_model)(cfg.model, placement)
+    if inputs["model"] is None:  # a hub model fetched by the load: its files are in the cache now
+        inputs = checked_inputs(cfg, rd)
+    with recording(inputs):
+        metrics = _prune_loaded(cfg, rd, model, tok, primary, plan, placement, timer, sweep)
+    metrics["inputs"] = inputs
+    metrics["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
+    atomic_write_json(rd / "metrics.json", metrics)
+    plots = write_plots(rd.path, metrics)
+    write_summary_md(rd / "summary.md", metrics, plots)
+    print_summary(metrics, rd.path)
+    return metrics
+
+
+def follow_log(old: Path, new: Path) -> None:
+    """Point the log files Hydra opened in ``old`` (``prune.log``) at the same names in ``new``: the run that moved
+    beside another (``existing_run=beside``) logs into its own directory, not into the other run's log."""
+    new.mkdir(parents=True, exist_ok=True)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == old.resolve():
+            handler.acquire()
+            try:
+                handler.close()
+                handler.baseFilename = str(new.resolve() / Path(handler.baseFilename).name)
+                handler.stream = handler._open()
+            finally:
+                handler.release()
+
+
+def checked_inputs(cfg: DictConfig, rd: RunDir) -> dict:
+    """:func:`.inputs.run_inputs` of ``cfg``, written to ``rd/inputs.json``; a run directory started on other
+    inputs (its model, tokenizer or corpus files changed since) is refused with :class:`UserError`: its finished
+    stages were computed from them."""
+    inputs = run_inputs(cfg)
+    saved = rd / "inputs.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        changes = compare_inputs(old, inputs)
+        for role, corpus in (("calibration", cfg.calibration.source), *(("eval", c) for c in cfg.eval.corpora)):
+            before = (old.get("corpora") or {}).get(role)
+            before = before.get(corpus) if role == "eval" and before else before
+            now = inputs["corpora"]["calibration"] if role == "calibration" else inputs["corpora"]["eval"][corpus]
+            if before and before.get("sha256") and before.get("sha256") != now.get("sha256"):
+                changes.append(f"{role} corpus {corpus} changed")
+        if changes:
+            raise RunDirRefused(f"run directory {rd.path} was started on other inputs ({'; '.join(changes[:6])}): its "
+                            "finished stages were computed from them. Choose another hydra.run.dir")
+    atomic_write_json(saved, inputs)
+    return inputs
+
+
+def _prune_loaded(cfg: DictConfig, rd: RunDir, model, tok, primary: Target, plan: Plan | None, placement: str,
+                  timer: Timer, sweep: SweepContext | None) -> dict:
+    """The stages after the load: dense eval, the method's masks (refined, reconstructed), evaluation; the metrics."""
     layers = prunable_layers(model)
     coverage = report_unprunable(model, layers)
     check_targets_fit(layers, targets_of(cfg, primary))
@@ -101,13 +171,9 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
         with timer.stage("pruned_eval"):
             results = {primary.tag: evaluate_pruned(cfg, model, tok, windows, primary.tag)}
 
-    metrics = run_metrics(cfg, model, layers, primary, calib_info, dense, results,
-                          {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}, timer, plan, placement)
+    metrics = run_metrics(cfg, model, layers, primary, calib_info, dense, results, dict(timer.seconds), timer, plan,
+                          placement)
     metrics["coverage"] = coverage
-    atomic_write_json(rd / "metrics.json", metrics)
-    plots = write_plots(rd.path, metrics)
-    write_summary_md(rd / "summary.md", metrics, plots)
-    print_summary(metrics, rd.path)
     return metrics
 
 

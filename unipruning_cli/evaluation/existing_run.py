@@ -24,9 +24,11 @@ def eval_command(args: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="unipruning eval", description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("settings", nargs="*", help="sparsity=S | pattern=N:M | allocation=A | all | eval.<key>=<value>")
+    ap.add_argument("--allow-changed-model", action="store_true",
+                    help="evaluate although the model's files differ from those the run pruned (recorded)")
     ns = ap.parse_args(args)
     console_logging()
-    evaluate_run(ns.run_dir, ns.settings)
+    evaluate_run(ns.run_dir, ns.settings, allow_changed_model=ns.allow_changed_model)
 
 
 def _parse(settings: list[str]) -> tuple[dict, list[str], bool]:
@@ -45,9 +47,22 @@ def _parse(settings: list[str]) -> tuple[dict, list[str], bool]:
     return cut, dotlist, every
 
 
-def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
+def evaluate_run(run_dir: Path, settings: list[str], allow_changed_model: bool = False) -> dict:
+    """Evaluate cuts of the finished run ``run_dir`` (``settings``: see :func:`eval_command`) and merge the results
+    into its ``metrics.json``. Before the model loads, the model's files must be the ones the run read
+    (:func:`.inputs.check_same_inputs`; ``allow_changed_model`` lets a change through, recorded in the evaluation's
+    entry), and no other process may be writing the run (:func:`.rundir.run_lock`). Raises :class:`UserError`."""
+    from ..export.run import open_run
+    from ..rundir import run_lock
+
+    run = open_run(run_dir)
+    with run_lock(run.path, "eval"):
+        return _evaluate(run, settings, allow_changed_model)
+
+
+def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
     from ..data import check_corpus_available
-    from ..export.run import held_tags, load_or_cut, masks_source, open_run, resolve_target
+    from ..export.run import held_tags, load_or_cut, masks_source, resolve_target
     from ..models import load_model, prunable_layers
     from ..preflight import validate_eval
     from ..report import print_summary, write_plots, write_summary_md
@@ -59,7 +74,8 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
     from .dense import dense_evaluation
     from .protocol import eval_windows_of, evaluate_masks, result_entry
 
-    run = open_run(run_dir)
+    from ..inputs import check_same_inputs, recording
+
     cut, dotlist, every = _parse(settings)
     cfg = run.cfg
     if dotlist:
@@ -78,20 +94,22 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
         target = resolve_target(run, float(cut["sparsity"]) if "sparsity" in cut else None, cut.get("pattern"),
                                 cut.get("allocation"))
         targets, sources = {target.tag: target}, {target.tag: masks_source(run, target)}
+    changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model)
     # everything is checked: now the model, placed as the run placed it (a 70B run onloaded is evaluated onloaded)
     placement = cfg.model.get("placement") or "auto"
     if placement == "auto":
         placement = (run.metrics.get("placement") or {}).get("placement") or "device"
     model, tok = load_model(cfg.model, placement)
     layers = prunable_layers(model)
-    all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else load_or_cut(run, targets[t], sources[t]))
-                 for t in targets}
-    timer = Timer()
-    windows = eval_windows_of(cfg, tok)
-    dense = dense_evaluation(cfg, model, tok, windows, timer)
-    # a run that refined its masks (refine=swap): a cut new from Γ is refined as the run's were, and saved so
-    all_masks, refined = refine_stage(cfg, model, tok, all_masks, RunDir(run.path), timer)
-    results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer, refined)
+    with recording(run.metrics.get("inputs")):
+        all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else
+                         load_or_cut(run, targets[t], sources[t])) for t in targets}
+        timer = Timer()
+        windows = eval_windows_of(cfg, tok)
+        dense = dense_evaluation(cfg, model, tok, windows, timer)
+        # a run that refined its masks (refine=swap): a cut new from Γ is refined as the run's were, and saved so
+        all_masks, refined = refine_stage(cfg, model, tok, all_masks, RunDir(run.path), timer)
+        results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer, refined)
     metrics = dict(run.metrics)
     for tag, r in results.items():
         metrics.setdefault("results", {})[tag] = result_entry(r)
@@ -100,6 +118,7 @@ def evaluate_run(run_dir: Path, settings: list[str]) -> dict:
             metrics["zero_shot"] = {"dense": dense["zero_shot"], "pruned": r["zero_shot"]}
             metrics["sparsity"] = r["sparsity"]
     metrics.setdefault("evaluations", []).append({"tags": list(results), "eval": OmegaConf.to_container(cfg.eval),
+                                                  **({"changed_model": changed} if changed else {}),
                                                   "seconds": timer.seconds, "per_tag": {
                                                       t: {"perplexity": r["perplexity"], "zero_shot": r["zero_shot"]}
                                                       for t, r in results.items()}})

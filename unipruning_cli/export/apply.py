@@ -21,13 +21,16 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..inputs import check_same_inputs, model_folder, recording
 from ..mask_files import load_masks, read_masks_header
 from ..methods import apply_masks
 from ..models import check_model_reachable, load_model, prunable_layers
 from ..reconstruction import reconstruct_cut
 from .card import export_record, kept_counts, masks_card, run_card
-from .folder import (COMPRESSED_FILE, DTYPES, check_mask_shapes, check_out, folder_bytes, precheck_shapes, save_hf,
-                     staging_folder, weights_bytes)
+from ..rundir import run_lock
+from ..storage import check_free
+from .folder import (COMPRESSED_FILE, DTYPES, check_mask_shapes, check_out, folder_bytes, precheck_shapes,
+                     protected_sources, save_hf, staging_folder, weights_bytes)
 from .nm import write_compressed
 from .run import load_or_cut, masks_source, nm_of_tag, open_run, resolve_dtype_for_run, resolve_target
 
@@ -51,8 +54,13 @@ def _publish(model: nn.Module, tok, out: Path, force: bool, nm: Optional[tuple[i
 
 def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern: Optional[str] = None,
                allocation: Optional[str] = None, dtype: Optional[str] = None, out: Optional[str | Path] = None,
-               compressed: bool = False, force: bool = False) -> dict:
-    """Export one cut of a run as an HF folder; returns what was written (see ``export_command``)."""
+               compressed: bool = False, force: bool = False, allow_changed_model: bool = False) -> dict:
+    """Export one cut of a run as an HF folder; returns what was written (see ``export_command``).
+
+    Before the model loads: the run is complete and holds (or its Γ can cut) the cut; ``out`` is free, writable, has
+    room for the weights, and is no model source or cache (:func:`.folder.check_out`); the model's files are the ones
+    the run read (:func:`.inputs.check_same_inputs`; ``allow_changed_model`` lets a changed model through, recorded
+    in the card's record). Raises :class:`UserError` for each."""
     run = open_run(run_dir)
     target = resolve_target(run, sparsity, pattern, allocation)
     if compressed and not target.is_nm:
@@ -67,10 +75,13 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
                         f"{'pattern=%d:%d' % (target.n, target.m) if target.is_nm else 'sparsity=%g' % target.sparsity}"
                         "), which refines and saves it, then export it")
     out_path = Path(out).expanduser() if out is not None else run.path / "export" / target.tag
-    check_out(out_path, force, protect=[run.path])
     cfg = resolve_dtype_for_run(run)
+    check_out(out_path, force, protect=[run.path], sources=protected_sources(cfg.model))
     check_model_reachable(cfg.model)
-    masks = load_or_cut(run, target, source)
+    changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model)
+    check_export_space(cfg.model, out_path, dtype)
+    with run_lock(run.path, "export"), recording(run.metrics.get("inputs")):
+        masks = load_or_cut(run, target, source)
 
     model, tok = load_model(cfg.model)
     layers = prunable_layers(model)
@@ -98,13 +109,28 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
                                 "masks": "file" if source == "file" else "cut from gamma",
                                 "method": run.method, "sparsity": target.sparsity, "allocation": target.allocation,
                                 "pattern": f"{target.n}:{target.m}" if target.is_nm else "unstructured",
-                                "weights": "reconstructed (OBS on the fixed mask)" if rebuilt else "original x mask"},
+                                "weights": "reconstructed (OBS on the fixed mask)" if rebuilt else "original x mask",
+                                **({"changed_model": changed} if changed else {})},
                                kept, sizes, comp, model_dtype)
         return run_card(run, target, source, kept, sizes, model_dtype, comp), record
 
     written = _publish(model, tok, out_path, force, nm, card)
     return {"out": out_path.resolve(), "tag": target.tag, "target": target, "source": source, "kept": kept,
             "dtype": model_dtype, **written}
+
+
+def check_export_space(model_cfg, out: Path, dtype: Optional[str]) -> None:
+    """Room for the exported folder on ``out``'s file system: the model folder's weight files, scaled to ``dtype``
+    (from the ``float32`` / 16-bit element size; unscaled where either is unknown). A hub model not cached yet is not
+    checked (its size is unknown before the download)."""
+    folder = model_folder(model_cfg)
+    if folder is None:
+        return
+    weights = weights_bytes(folder)
+    source = str(model_cfg.get("dtype", "auto"))
+    if dtype in DTYPES and source in DTYPES:
+        weights = weights * DTYPES[dtype].itemsize // DTYPES[source].itemsize
+    check_free(out.parent if not out.exists() else out, weights + 2**24, "the exported folder")
 
 
 # ==============================================================================================
@@ -138,8 +164,10 @@ def _model_cfg_for(model_arg: str):
 
 
 def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | Path, *, force: bool = False,
-                     dtype: Optional[str] = None, compressed: bool = False) -> dict:
-    """Apply a masks file to an original model and save the result as an HF folder (``apply_command``)."""
+                     dtype: Optional[str] = None, compressed: bool = False, allow_changed_model: bool = False) -> dict:
+    """Apply a masks file to an original model and save the result as an HF folder (``apply_command``). The model must
+    be the one the masks were cut for (their header's ``inputs``), unless ``allow_changed_model``; ``out`` is checked
+    as for an export. Raises :class:`UserError`."""
     masks_path = Path(masks_path).expanduser()
     shapes, info = read_masks_header(masks_path)
     model_cfg, what = _model_cfg_for(str(model_arg))
@@ -156,10 +184,10 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
         raise UserError(f"--compressed needs N:M masks; {masks_path.name} holds {info.get('target', 'unknown')!r}")
     out_path = Path(out).expanduser()
     protect = [masks_path] + ([Path(model_arg)] if Path(model_arg).exists() else [])
-    if model_cfg.source == "local":
-        protect.append(Path(model_cfg.path).expanduser())
-    check_out(out_path, force, protect=protect)
+    check_out(out_path, force, protect=protect, sources=protected_sources(model_cfg))
     check_model_reachable(model_cfg)
+    changed = check_same_inputs(info.get("inputs"), model_cfg, f"the masks file {masks_path}", allow_changed_model)
+    check_export_space(model_cfg, out_path, dtype)
     if model_cfg.source == "local":
         precheck_shapes(Path(model_cfg.path).expanduser(), shapes, str(masks_path))
     masks = load_masks(masks_path)
@@ -174,7 +202,8 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
     model_dtype = next(model.parameters()).dtype
 
     def card(sizes, comp):
-        record = export_record({"masks": str(masks_path), "model": what, "target": info.get("target")},
+        record = export_record({"masks": str(masks_path), "model": what, "target": info.get("target"),
+                                **({"changed_model": changed} if changed else {})},
                                kept, sizes, comp, model_dtype)
         text = masks_card(str(model_cfg.path), what, masks_path, info, nm, kept, sizes, model_dtype)
         return text, record

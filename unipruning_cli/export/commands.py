@@ -58,7 +58,7 @@ def _print_summary(title: str, res: dict, n: int, m: int) -> None:
 
 def export_command(args: list[str]) -> None:
     """``unipruning export <run_dir> [sparsity=0.6] [pattern=2:4] [allocation=per_matrix] [dtype=bfloat16]
-    [--out DIR] [--compressed] [--force]``"""
+    [--out DIR] [--compressed] [--force] [--allow-changed-model]``"""
     parser = argparse.ArgumentParser(
         prog="unipruning export",
         description="Write a pruned HF model folder (safetensors + tokenizer + README.md card) from a finished run. "
@@ -73,6 +73,8 @@ def export_command(args: list[str]) -> None:
     parser.add_argument("--compressed", action="store_true",
                         help=f"N:M only: also write {COMPRESSED_FILE} (kept values + bit-packed positions)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--allow-changed-model", action="store_true",
+                        help="export although the model's files differ from those the run pruned (recorded)")
     ns = parser.parse_args(args)
     positional, opts = _split_tokens(ns.items, EXPORT_KEYS)
     if len(positional) != 1:
@@ -81,14 +83,16 @@ def export_command(args: list[str]) -> None:
     sparsity = _parse_float("sparsity", opts["sparsity"]) if "sparsity" in opts else None
     _logging()
     res = export_run(positional[0], sparsity=sparsity, pattern=opts.get("pattern"), allocation=opts.get("allocation"),
-                     dtype=opts.get("dtype"), out=ns.out, compressed=ns.compressed, force=ns.force)
+                     dtype=opts.get("dtype"), out=ns.out, compressed=ns.compressed, force=ns.force,
+                     allow_changed_model=ns.allow_changed_model)
     t = res["target"]
     how = "from the run's masks" if res["source"] == "file" else "cut from Γ (masks saved into the run)"
     _print_summary(f"exported {res['tag']} ({how}) to {res['out']}", res, t.n, t.m)
 
 
 def apply_command(args: list[str]) -> None:
-    """``unipruning apply <masks.safetensors> --model <HF folder or run_dir> --out DIR [--force]``"""
+    """``unipruning apply <masks.safetensors> --model <HF folder or run_dir> --out DIR [--force]
+    [--allow-changed-model]``"""
     parser = argparse.ArgumentParser(
         prog="unipruning apply",
         description="Apply a masks file (masks/<tag>.safetensors of a run) to the original model and save an HF "
@@ -100,8 +104,11 @@ def apply_command(args: list[str]) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="dtype of the saved weights")
     parser.add_argument("--compressed", action="store_true", help=f"N:M masks only: also write {COMPRESSED_FILE}")
+    parser.add_argument("--allow-changed-model", action="store_true",
+                        help="apply although --model is not the model the masks were cut for (recorded)")
     ns = parser.parse_args(args)
     _logging()
-    res = apply_masks_file(ns.masks, ns.model, ns.out, force=ns.force, dtype=ns.dtype, compressed=ns.compressed)
+    res = apply_masks_file(ns.masks, ns.model, ns.out, force=ns.force, dtype=ns.dtype, compressed=ns.compressed,
+                           allow_changed_model=ns.allow_changed_model)
     n, m = res["nm"] or (0, 0)
     _print_summary(f"applied {ns.masks} to {ns.model}: {res['out']}", res, n, m)

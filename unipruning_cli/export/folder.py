@@ -30,13 +30,38 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_out(out: Path, force: bool, protect: list[Path]) -> None:
-    """UserError unless ``out`` may be written: outside every ``protect`` path, and free (or ``force``)."""
+def protected_sources(model_cfg=None) -> list[Path]:
+    """Folders no export may write into, be, or hold, whatever ``--force`` says: the model's own folder (the one
+    ``from_pretrained`` reads for ``model_cfg``), unipruning's cache and the Hugging Face cache."""
+    from huggingface_hub import constants
+
+    from ..inputs import model_folder
+    from ..paths import cache_dir
+
+    found = [cache_dir(), Path(constants.HF_HUB_CACHE), Path(constants.HF_HOME)]
+    if model_cfg is not None and (folder := model_folder(model_cfg)) is not None:
+        found.append(folder)
+    return found
+
+
+def check_out(out: Path, force: bool, protect: list[Path], sources: list[Path] = ()) -> None:
+    """UserError unless ``out`` may be written: not any ``protect`` path nor holding one; not any of ``sources`` (model
+    folders, caches: :func:`protected_sources`), holding one or inside one, even with ``force`` (replacing them would
+    destroy what the user did not produce); free (or ``force``); and writable."""
+    from ..storage import check_writable
+
     out = out.resolve()
+    for p in sources:
+        p = Path(p).expanduser().resolve()
+        if p == out or out in p.parents or p in out.parents:
+            raise UserError(f"--out {out} is, holds or sits inside {p}, a model source or a cache: an export there "
+                            "would overwrite files unipruning did not produce (even with --force). Choose an output "
+                            "folder outside it")
     for p in protect:
         p = Path(p).resolve()
         if p == out or out in p.parents:
             raise UserError(f"--out {out} would hold {p}; choose an output folder outside it")
+    check_writable(out, "--out")
     if out.exists() and not force:
         raise UserError(f"output folder {out} already exists; pass --force to replace it (nothing was written)")
     if out.exists() and not out.is_dir():
@@ -84,10 +109,34 @@ def save_hf(model: nn.Module, tok, folder: Path) -> None:
         kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
     with hf_layout(model):  # transformers' own layout, so plain from_pretrained reloads it
         model.save_pretrained(folder, **kwargs)
+    drop_sparsity_metadata(folder)
     if tok is not None:
         tok.save_pretrained(folder)
     if not list(Path(folder).glob("*.safetensors")):
         raise RuntimeError(f"save_pretrained wrote no safetensors file into {folder}")
+
+
+def drop_sparsity_metadata(folder: Path) -> list[str]:
+    """Remove every sparsity description from ``folder/config.json``: a top-level ``sparsity_config`` and one inside
+    ``quantization_config`` or ``compression_config`` (compressed-tensors), which a source model's config carries
+    into ``save_pretrained``. Returns the keys removed. The weights written are dense, and vLLM refuses any
+    ``sparsity_config`` (vLLM #51188), so an export never holds one."""
+    import json
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    removed = []
+    for key, part in [("", config), *((f"{k}.", config.get(k)) for k in ("quantization_config", "compression_config"))]:
+        if isinstance(part, dict) and "sparsity_config" in part:
+            del part["sparsity_config"]
+            removed.append(f"{key}sparsity_config")
+    if removed:
+        import logging
+
+        logging.getLogger(__name__).warning("config.json: %s of the source model dropped (the exported weights are "
+                                            "dense, and vLLM refuses any sparsity_config)", ", ".join(removed))
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return removed
 
 
 def folder_bytes(folder: Path) -> int:

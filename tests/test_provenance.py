@@ -1,0 +1,237 @@
+"""Nothing silently wrong after the run (issue 26): a run knows its inputs, a run directory holds one run and one
+writer, no write destroys what the user did not produce, storage is checked before the work."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from _helpers import cli_env, one_torch_thread, run_cli  # noqa: F401  (fixture)
+from conftest import build_tiny_model, tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _header(path: Path) -> dict:
+    from unipruning_cli.mask_files import read_masks_header
+
+    return read_masks_header(path)[1]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_llama_dir, tiny_tokenizer, corpus_files):
+    """A model folder of its own (tests swap its weights), a second model of the same shapes, one Wanda 50 % run."""
+    root = tmp_path_factory.mktemp("provenance")
+    model = root / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    other = root / "other"
+    build_tiny_model("llama", len(tiny_tokenizer), seed=1).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    (root / "cwd").mkdir()
+    env = cli_env(root / "runs", root / "cache")
+    args = tiny_overrides(model, corpus_files)
+    run = root / "run"
+    proc, _ = run_cli(["prune", *args, f"hydra.run.dir={run}"], root / "cwd", env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"root": root, "model": model, "other": other, "env": env, "args": args, "run": run, "cwd": root / "cwd"}
+
+
+def _cli(ws, *args: str):
+    return run_cli(list(args), ws["cwd"], ws["env"])[0]
+
+
+@pytest.fixture()
+def swapped_weights(ws):
+    """The run's model folder holding other weights of the same shapes (restored after the test)."""
+    target = ws["model"] / "model.safetensors"
+    saved = target.read_bytes()
+    shutil.copyfile(ws["other"] / "model.safetensors", target)
+    yield target
+    target.write_bytes(saved)
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+def test_run_records_what_it_read_by_content(ws, corpus_files):
+    metrics = json.loads((ws["run"] / "metrics.json").read_text())
+    inputs = metrics["inputs"]
+    weights = ws["model"] / "model.safetensors"
+    assert inputs["model"]["model.safetensors"] == {"bytes": weights.stat().st_size, "sha256": _sha(weights)}
+    assert inputs["model"]["config.json"]["sha256"] == _sha(ws["model"] / "config.json")
+    assert inputs["tokenizer"]["tokenizer.json"]["sha256"] == _sha(ws["model"] / "tokenizer.json")
+    assert inputs["corpora"]["calibration"]["sha256"] == _sha(corpus_files["calib"])
+    assert inputs["corpora"]["eval"][str(corpus_files["eval"])]["sha256"] == _sha(corpus_files["eval"])
+    for masks in (ws["run"] / "masks").glob("*.safetensors"):
+        header = _header(masks)["inputs"]
+        assert header["model"] == inputs["model"] and header["tokenizer"] == inputs["tokenizer"]
+
+
+def test_changed_weights_are_refused_by_export_eval_and_apply(ws, swapped_weights):
+    run, masks = ws["run"], next((ws["run"] / "masks").glob("*.safetensors"))
+    before = (run / "metrics.json").read_bytes()
+    for args in (["export", str(run), "--out", str(ws["root"] / "ex-refused")],
+                 ["eval", str(run)],
+                 ["apply", str(masks), "--model", str(ws["model"]), "--out", str(ws["root"] / "ap-refused")]):
+        proc = _cli(ws, *args)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert "model.safetensors changed" in proc.stderr and "--allow-changed-model" in proc.stderr, proc.stderr
+        assert "loading" not in proc.stderr  # refused before any weight is read
+    assert (run / "metrics.json").read_bytes() == before
+    assert not (ws["root"] / "ex-refused").exists() and not (ws["root"] / "ap-refused").exists()
+
+    out = ws["root"] / "ex-allowed"
+    proc = _cli(ws, "export", str(run), "--out", str(out), "--allow-changed-model")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "unipruning_export.json").read_text())
+    assert any("model.safetensors changed" in c for c in json.dumps(record).split('"'))
+
+
+def test_apply_to_another_model_of_the_same_shapes_is_refused(ws):
+    masks = next((ws["run"] / "masks").glob("*.safetensors"))
+    proc = _cli(ws, "apply", str(masks), "--model", str(ws["other"]), "--out", str(ws["root"] / "ap-other"))
+    assert proc.returncode == 2 and "model.safetensors changed" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resuming_a_run_on_changed_weights_is_refused(ws, swapped_weights):
+    proc = _cli(ws, "prune", *ws["args"], f"hydra.run.dir={ws['run']}")
+    assert proc.returncode == 2 and "started on other inputs" in proc.stderr, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ one run per directory
+
+
+def test_a_run_directory_holds_one_run(ws):
+    run = ws["run"]
+    keep = {p: p.read_bytes() for p in [run / "config.yaml", run / "metrics.json", run / ".hydra" / "overrides.yaml",
+                                        *(run / "masks").glob("*")]}
+    other = [*ws["args"], "local_metric=magnitude", "sparsity=0.6", f"hydra.run.dir={run}"]
+    proc = _cli(ws, "prune", *other)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "holds a run of another config" in proc.stderr and "local_metric.name" in proc.stderr
+    assert {p: p.read_bytes() for p in keep} == keep  # Hydra's .hydra/ of the old run put back too
+    assert sorted(p.name for p in (run / "masks").iterdir()) == sorted(p.name for p in keep if p.parent.name == "masks")
+    assert not (run / "error.json").exists()
+
+    proc = _cli(ws, "prune", *other, "existing_run=beside")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    beside = run.with_name(f"{run.name}-1")
+    assert json.loads((beside / "metrics.json").read_text())["target_sparsity"] == 0.6
+    assert "magnitude" in (beside / ".hydra" / "overrides.yaml").read_text()
+    assert {p: p.read_bytes() for p in keep} == keep
+
+
+def test_a_run_directory_has_one_writer(ws):
+    from unipruning_cli.errors import UserError
+    from unipruning_cli.rundir import run_lock
+
+    with run_lock(ws["run"], "prune"):
+        proc = _cli(ws, "eval", str(ws["run"]))
+        assert proc.returncode == 2 and "is being written by `unipruning prune`" in proc.stderr, proc.stderr[-2000:]
+        proc = _cli(ws, "export", str(ws["run"]), "sparsity=0.5", "--out", str(ws["root"] / "ex-locked"))
+        assert proc.returncode == 2 and "is being written" in proc.stderr, proc.stderr[-2000:]
+    with run_lock(ws["run"], "eval"):  # released: taken again
+        pass
+
+
+def test_config_differences_ignore_what_only_one_version_knows():
+    from unipruning_cli.rundir import config_differences
+
+    old = {"method": "local", "eval": {"seqlen": 32}, "plan_check": True}
+    new = {"method": "local", "eval": {"seqlen": 32, "added_later": 1}, "plan_check": False}
+    assert config_differences(old, new) == []
+    assert config_differences(old, {**new, "method": "sparsegpt"}) == ["method: 'local' -> 'sparsegpt'"]
+
+
+# ------------------------------------------------------------------------------------------ no write destroys user files
+
+
+def test_export_never_writes_into_a_model_source_or_the_cache(ws):
+    model = ws["model"]
+    before = {p.name: _sha(p) for p in model.iterdir()}
+    for out in (model, model / "pruned", ws["root"] / "cache" / "x"):
+        proc = _cli(ws, "export", str(ws["run"]), "--out", str(out), "--force")
+        assert proc.returncode == 2 and "model source or a cache" in proc.stderr, (out, proc.stderr[-2000:])
+    masks = next((ws["run"] / "masks").glob("*.safetensors"))
+    proc = _cli(ws, "apply", str(masks), "--model", str(model), "--out", str(model), "--force")
+    assert proc.returncode == 2 and "model source or a cache" in proc.stderr, proc.stderr[-2000:]
+    assert {p.name: _sha(p) for p in model.iterdir()} == before
+
+
+# ------------------------------------------------------------------------------------------ storage
+
+
+def _unwritable() -> Path:
+    """A folder no file can be created in, even by root (sysfs); the test is skipped where there is none."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        return Path("/sys/unipruning-test")
+    Path(probe).unlink()
+    pytest.skip("/sys is writable here")
+
+
+def test_unwritable_storage_is_refused_before_the_load(ws):
+    bad = _unwritable()
+    env = {**ws["env"], "UNIPRUNING_CACHE": str(bad / "cache")}
+    proc = run_cli(["prune", *ws["args"], f"hydra.run.dir={ws['root'] / 'ro-cache'}"], ws["cwd"], env)[0]
+    assert proc.returncode == 2 and "cache (UNIPRUNING_CACHE)" in proc.stderr and "not writable" in proc.stderr
+    assert "loading" not in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli(ws, "prune", *ws["args"], f"hydra.run.dir={bad / 'run'}")
+    assert proc.returncode == 2 and "hydra.run.dir" in proc.stderr and "not writable" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "PermissionError" not in proc.stderr
+    proc = _cli(ws, "export", str(ws["run"]), "--out", str(bad / "out"))
+    assert proc.returncode == 2 and "--out" in proc.stderr and "not writable" in proc.stderr, proc.stderr
+
+
+def test_a_run_that_cannot_fit_the_disk_is_refused(ws, monkeypatch, tmp_path):
+    from unipruning_cli import storage
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.errors import UserError
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    cfg = compose_prune([o for o in ws["args"] if not o.startswith("method=")] + ["method=unipruning"])
+    need = storage.run_disk_bytes(cfg)
+    monkeypatch.setattr(storage, "free_bytes", lambda path: need["run_dir"] + need["cache"] - 1)
+    with pytest.raises(UserError, match="needs about .* GiB .* free there"):
+        storage.check_run_storage(cfg, tmp_path / "run")
+    monkeypatch.setattr(storage, "free_bytes", lambda path: need["run_dir"] + need["cache"])
+    assert storage.check_run_storage(cfg, tmp_path / "run") == need
+
+
+def test_disk_figure_bounds_what_a_unipruning_run_writes(frozen_search_cfg, tmp_path):
+    """The figure against the bytes a real (tiny) UniPruning run leaves in its directory, tensors only."""
+    from unipruning_cli import storage
+    from unipruning_cli.runner import run_prune
+
+    cfg = frozen_search_cfg("export.sparsities=[0.5,0.6]", "export.patterns=[2:4]")
+    run_prune(cfg, tmp_path / "run")
+    written = sum(f.stat().st_size for f in (tmp_path / "run").rglob("*.safetensors"))
+    need = storage.run_disk_bytes(cfg)["run_dir"] - storage.SMALL_FILES
+    assert 0 < written <= need
+
+
+def test_a_failed_write_names_the_path_what_and_how_much(tmp_path):
+    from unipruning_cli.errors import UserError
+    from unipruning_cli.rundir import _atomic_write
+
+    def full(path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError) as err:
+        _atomic_write(tmp_path / "gamma.safetensors", full, "gamma.safetensors", 3 * 2**20)
+    text = str(err.value)
+    assert str(tmp_path / "gamma.safetensors") in text and "3.0 MiB" in text and "No space left" in text
+    assert "MiB are free there" in text and isinstance(err.value, OSError)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
