@@ -64,14 +64,15 @@ def check_free(path: Path, need: int, what: str) -> None:
                         "free there: free some space or point it at another disk")
 
 
-def run_disk_bytes(cfg: DictConfig) -> dict[str, int]:
+def run_disk_bytes(cfg: DictConfig, device: str | None = None) -> dict[str, int]:
     """Upper bounds of the bytes a prune run of ``cfg`` writes: ``{"run_dir": bytes, "cache": bytes}``.
 
     From the model's shapes on the ``meta`` device (P prunable weights, N others, Σ of the prunable matrices' input
     widths): ``ceil(P/8)`` per cut's masks file (the run's targets, times one more per baseline metric); for
     UniPruning, Γ (fp32, 4P) and two search checkpoints (frozen: Γ and V, 8P; drift: also W, its gradient and Adam's
-    two moments, 24P plus the other weights' gradients 4N); calibration statistics (fp32 per input channel) in the
-    run, and per sample in the cache. Raises whatever building the meta model raises."""
+    two moments, b bytes each under ``schedule.drift_dtype``, plus the other weights' gradients, bN); calibration statistics (fp32 per input channel) in the
+    run, and per sample in the cache. ``device`` (``cuda`` / ``cpu``): where ``model.dtype=auto`` is resolved (default:
+    ``model.device`` on this machine). Raises whatever building the meta model raises."""
     import torch
 
     from .methods import make_target, targets_of
@@ -88,8 +89,18 @@ def run_disk_bytes(cfg: DictConfig) -> dict[str, int]:
     baselines = cfg.eval.baselines if cfg.eval.baselines is not None else (["wanda"] if uni else [])
     run = cuts * (1 + len(baselines)) * math.ceil(P / 8) + 2 * 4 * sum_in + SMALL_FILES
     if uni:
-        drift = cfg.schedule.weight_mode == "drift"
-        run += 4 * P + 2 * ((24 * P + 4 * N) if drift else 8 * P)
+        if cfg.schedule.weight_mode == "drift":
+            from .models import resolve_device, resolve_dtype
+            from .search.settings import drift_element_size
+
+            import torch
+
+            where = torch.device(device) if device else resolve_device(cfg.model.device)
+            weights = resolve_dtype(cfg.model.dtype, where).itemsize
+            b = drift_element_size(cfg.schedule.get("drift_dtype", "weights"), weights)
+            run += 4 * P + 2 * ((8 + 4 * b) * P + b * N)
+        else:
+            run += 4 * P + 2 * 8 * P
     cache = cfg.calibration.nsamples * 4 * sum_in + SMALL_FILES
     return {"run_dir": int(run), "cache": int(cache)}
 

@@ -61,12 +61,25 @@ def plan_command(args: list[str]) -> None:
     ranks = gpus if drift and gpus > 1 and not cfg.model.device_map else 1  # N GPUs, no device_map: torchrun -n N
     plan = plan_run(cfg, gpus, gpu_memory, host_memory, ranks)
     _print(plan, GIB, USABLE)
+    disk = _print_disk(cfg, GIB, "cuda" if gpus else "cpu")
     if drift and gpu_memory and not cfg.model.device_map:
         _print_gpus_needed(cfg, gpu_memory, host_memory, GIB)
     if ns.json:
         from ..rundir import atomic_write_json
 
-        atomic_write_json(ns.json, plan.to_dict())
+        atomic_write_json(ns.json, {**plan.to_dict(), "disk_gib": disk})
+
+
+def _print_disk(cfg, gib: float, device: str) -> dict[str, float]:
+    """The disk a run writes (:func:`.storage.run_disk_bytes`, upper bounds), printed; returned in GiB."""
+    from ..progress import console
+    from ..storage import run_disk_bytes
+
+    disk = {k: round(v / gib, 2) for k, v in run_disk_bytes(cfg, device).items()}
+    console.print(f"disk: at most {disk['run_dir']:.2f} GiB in the run directory and {disk['cache']:.2f} GiB in the "
+                  "cache (masks, Γ, search checkpoints, calibration statistics); checked against the free space "
+                  "before a run loads any weight")
+    return disk
 
 
 def _print(plan, gib: float, usable: float) -> None:
