@@ -235,3 +235,40 @@ def test_a_failed_write_names_the_path_what_and_how_much(tmp_path):
     assert str(tmp_path / "gamma.safetensors") in text and "3.0 MiB" in text and "No space left" in text
     assert "MiB are free there" in text and isinstance(err.value, OSError)
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_a_plot_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    """PIL reports ENOSPC as an AttributeError raised while handling it; the cause is what the user reads."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from unipruning_cli.errors import UserError
+    from unipruning_cli.report import save_png
+
+    fig = plt.figure()
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise AttributeError("'NoneType' object has no attribute 'close'")  # what PIL's cleanup raised
+
+    monkeypatch.setattr(fig, "savefig", full)
+    with pytest.raises(UserError, match=r"cannot write the plot ppl\.png .* No space left on device"):
+        save_png(fig, tmp_path / "plots" / "ppl.png")
+    assert not list((tmp_path / "plots").iterdir())
+
+
+def test_plan_shows_the_disk_a_run_writes(tiny_llama_dir, corpus_files, tmp_path, monkeypatch):
+    from unipruning_cli.plan.command import plan_command
+    from unipruning_cli.storage import run_disk_bytes
+    from unipruning_cli.config import compose_prune
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    args = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith("method=")] + ["method=unipruning"]
+    plan_command([*args, "--gpus", "0", "--json", str(tmp_path / "plan.json")])
+    disk = json.loads((tmp_path / "plan.json").read_text())["disk_gib"]
+    expected = run_disk_bytes(compose_prune(args), "cpu")
+    assert disk == {k: round(v / 2**30, 2) for k, v in expected.items()}
