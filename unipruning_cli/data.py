@@ -43,11 +43,15 @@ class Corpus:
     # Its perplexity protocol: "stream" (joined, non-overlapping windows: WikiText-2's) or "random" (seeded
     # random windows inside one document each: C4's, GPTQ / SparseGPT datautils.py, 256 windows, seed 0).
     eval_windows: str = "stream"
+    # Its documents are paragraphs (median about 150 tokens): calibration windows of 512 tokens come from the
+    # joined stream, as the README documents for the default run, so that is said as a note, not a warning.
+    paragraphs: bool = False
 
 
-def _register(name: str, hub: bool, cache_file: str | None = None, eval_windows: str = "stream") -> Callable[[Loader], Loader]:
+def _register(name: str, hub: bool, cache_file: str | None = None, eval_windows: str = "stream",
+              paragraphs: bool = False) -> Callable[[Loader], Loader]:
     def deco(fn: Loader) -> Loader:
-        CORPORA.register(name)(Corpus(name, fn, hub, cache_file, eval_windows))
+        CORPORA.register(name)(Corpus(name, fn, hub, cache_file, eval_windows=eval_windows, paragraphs=paragraphs))
         return fn
 
     return deco
@@ -69,20 +73,62 @@ def _c4(role: str) -> list[str]:
     return list(load_dataset("allenai/c4", data_files={"x": files[role]}, split="x")["text"])
 
 
+_ONE_PER_LINE = 'each line of a .jsonl corpus is one {"text": "..."} object (blank lines are skipped)'
+
+
 def _read_text_file(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [path.read_text(encoding="utf-8")]
+    """The documents of a ``.txt`` (the whole file, one document) or ``.jsonl`` file (the ``"text"`` of each
+    non-blank line), line ends read as ``open()`` reads them.
+
+    Raises :class:`UserError` naming the file and its line (1-based) for bytes that are not UTF-8 (with the
+    byte in that line, 1-based), a line that is not JSON, not an object, has no ``"text"`` or a ``"text"``
+    that is not a string; and for a file with no text at all (empty, blank lines, or only empty texts), which
+    would otherwise fail much later in the tokenizer."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line, line_start = raw.count(b"\n", 0, err.start) + 1, raw.rfind(b"\n", 0, err.start) + 1
+        raise UserError(f"corpus file {path}, line {line}, byte {err.start - line_start + 1}: not UTF-8; save "
+                        f"the file as UTF-8") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # open()'s universal newlines, as before
+    if path.suffix != ".jsonl":
+        docs = [text]
+    else:
+        # Split on "\n" alone: str.splitlines would also cut at U+2028 and the like, which JSON allows in a
+        # string, and the line numbers in the messages would no longer be the file's.
+        docs = [_jsonl_text(path, no, line) for no, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not any(d.strip() for d in docs):
+        raise UserError(f"corpus file {path} holds no text (it is empty, or every line is blank or an empty "
+                        f"text): give it some text; {_ONE_PER_LINE}" if path.suffix == ".jsonl" else
+                        f"corpus file {path} holds no text: give it some (a .txt file is one document)")
+    return docs
 
 
-@_register("wiki_offline", hub=False, cache_file="data/wiki_offline.jsonl")
+def _jsonl_text(path: Path, no: int, line: str) -> str:
+    where = f"corpus file {path}, line {no}"
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not JSON ({err.msg} at column {err.colno}); {_ONE_PER_LINE}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{where}: {json.dumps(doc)[:40]} is not a JSON object; {_ONE_PER_LINE}")
+    if "text" not in doc:
+        keys = ", ".join(map(repr, list(doc)[:5])) or "none"
+        raise UserError(f"{where}: no \"text\" field (its keys: {keys}); {_ONE_PER_LINE}")
+    if not isinstance(doc["text"], str):
+        raise UserError(f"{where}: \"text\" is {json.dumps(doc['text'])[:40]}, not a string; {_ONE_PER_LINE}")
+    return doc["text"]
+
+
+@_register("wiki_offline", hub=False, cache_file="data/wiki_offline.jsonl", paragraphs=True)
 def _wiki_offline(role: str) -> list[str]:
     from .assets import offline_file
 
     return _read_text_file(offline_file("data/wiki_offline.jsonl"))
 
 
-@_register("owt_offline", hub=False, cache_file="data/owt_offline.jsonl")
+@_register("owt_offline", hub=False, cache_file="data/owt_offline.jsonl", paragraphs=True)
 def _owt_offline(role: str) -> list[str]:
     from .assets import offline_file
 
@@ -99,13 +145,16 @@ def needs_hub(source: str) -> bool:
 
 
 def check_corpus_available(source: str) -> None:
-    """Fail fast for a corpus that is unknown, missing, or needs a hub that is switched off."""
+    """Fail fast for a corpus that is unknown, missing, or needs a hub that is switched off; a file corpus is
+    read here (files are small), so a malformed one is refused before any weight is read. Raises
+    :class:`UserError` (for a file, naming its line: :func:`_read_text_file`)."""
     if _is_path(source):
         path = Path(source).expanduser()
         if not path.is_file():
             raise UserError(f"corpus file {source!r} does not exist")
         if path.suffix not in (".txt", ".jsonl"):
             raise UserError(f"corpus file {source!r}: only .txt and .jsonl (one {{\"text\": ...}} per line) are read")
+        _read_text_file(path)
         return
     try:
         corpus = CORPORA.get(source)
@@ -187,6 +236,7 @@ class DocumentTokens:
     def __init__(self, tokenizer, texts: list[str]) -> None:
         self.tokenizer, self.texts = tokenizer, texts
         self._ids: dict[int, torch.Tensor] = {}
+        self.said: set[tuple] = set()  # the fallbacks already logged for these documents (:func:`_long_enough`)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -216,20 +266,28 @@ def document_tokens(tokenizer, source: str, role: str) -> DocumentTokens:
 
 def _long_enough(docs: DocumentTokens, source: str, need: int, seqlen: int, what: str) -> bool:
     """Whether at least ``need`` documents are longer than ``seqlen`` (calibration asks one per window, else its
-    windows would repeat a few documents); if not, say so loudly: the caller uses the joined stream."""
+    windows would repeat a few documents); if not, the caller uses the joined stream, and that is said once per
+    ``docs`` (per tokenizer and corpus: a run's search, baselines and cuts each draw the same samples): a
+    warning, or a note for an offline corpus of paragraphs (``Corpus.paragraphs``), where the README documents
+    it. Nothing is marked said while the logger is silenced (the preflight's first pass)."""
     long = count_long_documents(docs, len(docs), seqlen, need)
-    if long < need:
-        log.warning("%s: only %d document(s) of %s have more than %d tokens (%d needed); the windows are drawn "
-                    "from the documents joined with blank lines instead (they cross document boundaries)",
-                    what, long, source, seqlen, need)
+    paragraphs = not _is_path(source) and CORPORA.get(source).paragraphs
+    level = logging.INFO if paragraphs else logging.WARNING
+    said = (what, need, seqlen)
+    if long < need and said not in docs.said and log.isEnabledFor(level):
+        docs.said.add(said)
+        why = f"{need} needed" + ("; its documents are paragraphs: README, calibration.sampling" if paragraphs else "")
+        log.log(level, "%s: only %d document(s) of %s have more than %d tokens (%s); the windows are drawn from "
+                "the documents joined with blank lines instead (they cross document boundaries)",
+                what, long, source, seqlen, why)
     return long >= need
 
 
 def calibration_samples(tokenizer, source: str, sampling: str, nsamples: int, seqlen: int, seed: int) -> TokenSamples:
     """The calibration set of ``calibration.sampling`` (:mod:`.sampling`): ``windows`` (inside one document
-    each, Wanda / SparseGPT; the joined stream, with a warning, where fewer than ``nsamples`` documents are
-    longer than ``seqlen``), ``documents`` (truncated at ``seqlen``, the UniPruning reference) or ``stream``.
-    ``info`` holds ``sampling`` (the one used), ``requested`` when it differs, and ``documents`` drawn from.
+    each, Wanda / SparseGPT; the joined stream, said once (:func:`_long_enough`), where fewer than ``nsamples``
+    documents are longer than ``seqlen``), ``documents`` (truncated at ``seqlen``, the UniPruning reference) or
+    ``stream``. ``info`` holds ``sampling`` (the one used), ``requested`` when it differs, and ``documents`` drawn from.
 
     Raises :class:`UserError` for a corpus shorter than one window, or with fewer than ``nsamples`` documents
     (``documents``)."""
