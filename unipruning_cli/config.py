@@ -85,7 +85,7 @@ class CalibrationConfig:
     mode: str = "auto"
     offload: str = "cpu"  # where captured block inputs live between blocks
     # windows: nsamples windows of seqlen tokens, each inside one document (Wanda / SparseGPT's loaders; the
-    # joined stream, with a warning, where fewer than nsamples documents are longer than seqlen);
+    # joined stream, said once, where fewer than nsamples documents are longer than seqlen);
     # documents: nsamples documents truncated at seqlen (the UniPruning reference); stream: windows of the
     # documents joined with blank lines (crossing their boundaries: every run's before this option).
     sampling: str = "windows"
