@@ -7,8 +7,10 @@
 The model is loaded in float16 (``--dtype``) on the GPU, timed dense (CUDA events, after warm-up), then its
 2:4 prunable Linear weights are swapped for ``torch.sparse`` semi-structured tensors
 (``unipruning_cli.export.to_semi_structured``) and timed again; the largest logit difference is printed
-next to the times. Small models (the tiny test models, the 135M embedded one) are launch-bound and show
-little or no gain: the kernels pay off on large matmuls (hidden sizes of thousands, many tokens).
+next to the times. Small models (the tiny test models, the 135M embedded one) are launch-bound; on large ones the
+result depends on the GPU, the shapes and the batch (semi-structured matmuls can be slower at batch-1 decode,
+pytorch #111339), so this script's numbers are the only speed figures the project states. It measures PyTorch's
+research path, not a serving engine: none of the mainstream ones runs 2:4 in 2026 (vLLM #36799, TensorRT-LLM #15918).
 
 Without an NVIDIA GPU of compute capability >= 8.0 it prints why it cannot time anything and exits 0.
 ``--json FILE`` also writes the numbers.

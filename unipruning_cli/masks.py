@@ -193,8 +193,9 @@ def per_matrix_mask(score: Tensor, sparsity: float, *, name: Optional[str] = Non
 def nm_mask(score: Tensor, n: int, m: int, *, name: Optional[str] = None) -> Tensor:
     """Keep the ``n`` best of every ``m`` consecutive inputs of each row (N:M sparsity).
 
-    Groups run along the input dimension because that is the layout sparse tensor cores
-    accelerate (2:4 on Ampere and later).
+    Groups run along the input dimension: the layout of the published N:M results and of NVIDIA's 2:4 sparse
+    tensor cores (compute capability >= 8.0). No mainstream serving engine of 2026 runs it, so the pattern is a
+    quality constraint here, not a speed one (:func:`unipruning_cli.export.card.speed_note`).
     """
     _check_nm(n, m)
     _require_2d(score, "N:M allocation", name)

@@ -245,7 +245,7 @@ class SparseGPTPruning(PruningMethod):
             hessian = (2.0 / max(s.count, 1)) * s.xtx
             w, keep = sparsegpt_prune(layer.weight.data, hessian.to(layer.weight.device),
                                       sparsity=target.sparsity, n=target.n, m=target.m,
-                                      blocksize=self.blocksize, percdamp=self.percdamp)
+                                      blocksize=self.blocksize, percdamp=self.percdamp, name=name)
             layer.weight.data.copy_(w)
             out[name] = keep.cpu()
         return out

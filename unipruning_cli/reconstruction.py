@@ -52,7 +52,7 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], *, offload: s
             w = layer.weight.data
             keep = masks[name].to(w.device)
             xtx = stats[name].xtx
-            new = obs_reconstruct(w, (2.0 / max(stats[name].count, 1)) * xtx.to(w.device), keep)
+            new = obs_reconstruct(w, (2.0 / max(stats[name].count, 1)) * xtx.to(w.device), keep, name=name)
             before += output_error(w.float() * keep - w.float(), xtx)
             after += output_error(new.float() - w.float(), xtx)
             w.copy_(new)

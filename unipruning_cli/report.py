@@ -181,7 +181,8 @@ def _zero_shot_md(metrics: dict) -> list[str]:
     dense, pruned = zs.get("dense") or {}, zs.get("pruned") or {}
     if not pruned:
         return []
-    lines = [f"Zero-shot (lm-eval, 0-shot, limit {pruned.get('limit')}, max_length {pruned.get('max_length')}):", "",
+    lines = [f"Zero-shot (lm-eval, 0-shot, limit {pruned.get('limit')}, max_length {pruned.get('max_length')}, "
+             f"batch size {pruned.get('batch_size', 'not recorded')}):", "",
              "| task | metric | dense | pruned |", "|---|---|---|---|"]
     for task, r in pruned["tasks"].items():
         d = dense.get("tasks", {}).get(task, {}).get(r["metric"])
@@ -210,8 +211,10 @@ def write_summary_md(path: Path, metrics: dict, plots: list[str] | None = None) 
         f"{metrics['calibration']['source']} ({metrics['calibration'].get('mode', 'search')}), seed {metrics['seed']}",
         f"- seconds per stage: {metrics['seconds']}",
         f"- memory: {metrics['memory']}",
-        "- speed: unstructured zeros are stored dense and give no speed-up by themselves; 2:4 can be accelerated "
-        "on NVIDIA Ampere or newer with semi-structured sparse kernels.",
+        "- speed: none. The zeros are stored dense and the model runs at the dense speed; no mainstream serving "
+        "engine runs 2:4 or unstructured sparsity in 2026 (vLLM removed its 2:4 kernels, #36799; TensorRT-LLM the "
+        "backend of --weight_sparsity, #15918), so read these numbers as quality at this sparsity. PyTorch's 2:4 "
+        "semi-structured kernels remain a research path: scripts/bench_semi_structured.py measures them on a GPU.",
         "",
     ]
     atomic_write_text(path, "\n".join(lines))

@@ -7,9 +7,11 @@ both sides, and saved calibration artifacts, share one definition.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
+
+from .errors import UserError
 
 
 @dataclass
@@ -55,3 +57,28 @@ class ActivationStats:
     def from_mean_sq(cls, mean_sq: torch.Tensor, count: int) -> "ActivationStats":
         """Stats of one batch given its E[x²]; used by the search's per-step metric."""
         return cls(sq_sum=mean_sq.double() * count, count=count)
+
+
+def check_finite(stats: Mapping[str, ActivationStats], dtype: torch.dtype) -> None:
+    """Return if every statistic in ``stats`` (Σx² and, where held, XᵀX) is finite; else raise :class:`UserError`
+    naming the first layer, in ``stats``' order (the model's, block by block), whose inputs are not, the ``dtype``
+    the model ran in and what to do.
+
+    A NaN or inf here is an overflow of the activations in ``dtype`` at that layer's input or upstream (float16 stops
+    at 65504): no score, cut or Hessian built on it means anything, so the run must stop before any of them."""
+    for name, s in stats.items():
+        bad = [t for t in (s.sq_sum, s.xtx) if t is not None and not torch.isfinite(t).all()]
+        if not bad:
+            continue
+        kind = "NaN" if any(torch.isnan(t).any() for t in bad) else "inf"
+        shown = str(dtype).removeprefix("torch.")
+        if dtype == torch.float16:
+            fix = "model.dtype=bfloat16 (the range of float32) or model.dtype=float32"
+        elif dtype != torch.float32:
+            fix = "model.dtype=float32"
+        else:
+            fix = "a finite model: even float32 overflows here, so its weights (or the inputs) hold NaN or inf"
+        raise UserError(f"the calibration inputs of {name} are not finite ({kind}) in {shown}: the model's activations "
+                        f"overflow {shown}" + (" (largest value 65504)" if dtype == torch.float16 else "")
+                        + f" at that layer or before it, so no score or Hessian can rank its weights; try {fix}. "
+                        "Nothing was cached and no masks were saved.")

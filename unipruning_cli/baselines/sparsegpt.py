@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from ..errors import UserError
+
 __all__ = ["accumulate_hessian", "obs_reconstruct", "sparsegpt_prune"]
 
 
@@ -86,8 +88,9 @@ def _validate(
     m: int,
     blocksize: int,
     percdamp: float,
+    name: str | None = None,
 ) -> None:
-    """Reject bad arguments up front, with messages that name the offending values."""
+    """Reject bad arguments up front, with messages that name the offending values (and ``name``, the layer)."""
     if weight.dim() != 2:
         raise ValueError(f"sparsegpt: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
@@ -115,10 +118,20 @@ def _validate(
         raise ValueError(f"sparsegpt: blocksize must be >= 1, got {blocksize}")
     if not (percdamp >= 0.0 and math.isfinite(percdamp)):
         raise ValueError(f"sparsegpt: percdamp must be a finite number >= 0, got {percdamp}")
+    layer = f" of {name}" if name else ""
+    dtype = str(weight.dtype).removeprefix("torch.")
     if not torch.isfinite(weight).all():
-        raise ValueError("sparsegpt: weight contains non-finite values (nan/inf)")
+        raise UserError(f"sparsegpt: weight{layer} contains non-finite values (nan/inf) in {dtype}; check the "
+                        "model's files: no solve can repair them")
     if not torch.isfinite(hessian).all():
-        raise ValueError("sparsegpt: hessian contains non-finite values (nan/inf)")
+        # H is summed in float32 from the layer's inputs: a NaN/inf means those inputs overflowed the model's dtype
+        # (float16 stops at 65504), or the float32 sum over the tokens did; dampening cannot repair either
+        fix = {torch.float16: "model.dtype=bfloat16 or float32, ", torch.float32: ""}.get(weight.dtype,
+                                                                                        "model.dtype=float32, ")
+        raise UserError(f"sparsegpt: hessian{layer} contains non-finite values (nan/inf): the layer's inputs "
+                        f"overflowed {dtype} (the model's dtype; H itself is summed in float32) at this layer or "
+                        f"before it. Try {fix}fewer calibration tokens (calibration.nsamples, calibration.seqlen), "
+                        "or check the model for NaN/inf in its weights; percdamp only dampens a finite H")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,11 +159,12 @@ def _prepare_hessian(
     return w, h
 
 
-def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
+def _inverse_hessian_factor(h: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U).
 
     Row j of U / U_jj is the OBS compensation direction for column j once columns < j are
     fixed, and U_jj² is the matching diagonal of that restricted inverse (see module docstring).
+    Raises ``ValueError`` (naming ``name``, the layer) when H is not positive definite.
     """
     try:
         lower = torch.linalg.cholesky(h)
@@ -158,7 +172,7 @@ def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
         return torch.linalg.cholesky(h_inv, upper=True)
     except torch.linalg.LinAlgError as exc:
         raise ValueError(
-            "sparsegpt: hessian is not positive definite even after dampening; "
+            f"sparsegpt: hessian{f' of {name}' if name else ''} is not positive definite even after dampening; "
             "increase percdamp or use more calibration data"
         ) from exc
 
@@ -256,6 +270,8 @@ def sparsegpt_prune(
     m: int = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    *,
+    name: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune a linear layer's weight with SparseGPT; returns (new_weight, keep_mask).
 
@@ -269,6 +285,7 @@ def sparsegpt_prune(
         blocksize: columns per lazy-update block. In N:M mode it is rounded down to a multiple
             of m (at least m) so no group straddles two blocks.
         percdamp: dampening λ = percdamp · mean(diag H), added to diag H.
+        name: the layer's name, for the error messages.
 
     Mask rule (unstructured): the mask is chosen per block of columns, as in the paper. For a
     block of ``rows × width`` weights, exactly ``int(rows * width * sparsity)`` weights with the
@@ -284,13 +301,14 @@ def sparsegpt_prune(
     has weight's dtype and is exactly zero wherever ``keep_mask`` is False; ``keep_mask`` is bool.
 
     Raises:
-        ValueError: bad shapes, sparsity outside [0, 1), invalid n/m, non-finite inputs, or a
-            Hessian that stays non positive definite after dampening.
+        ValueError: bad shapes, sparsity outside [0, 1), invalid n/m, or a Hessian that stays non positive
+            definite after dampening. Non-finite inputs raise its subclass :class:`UserError`, naming ``name``,
+            the weight's dtype and what to do.
     """
     n, m = int(n), int(m)
-    _validate(weight, hessian, sparsity, n, m, blocksize, percdamp)
+    _validate(weight, hessian, sparsity, n, m, blocksize, percdamp, name)
     w, h = _prepare_hessian(weight, hessian, percdamp)
-    hinv = _inverse_hessian_factor(h)
+    hinv = _inverse_hessian_factor(h, name)
     del h
 
     in_features = w.shape[1]
@@ -313,7 +331,7 @@ def sparsegpt_prune(
 
 
 def obs_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, blocksize: int = 128,
-                    percdamp: float = 0.01) -> torch.Tensor:
+                    percdamp: float = 0.01, *, name: str | None = None) -> torch.Tensor:
     """The kept weights of a linear layer updated for a GIVEN mask: SparseGPT's column-by-column OBS sweep (module
     docstring) with the mask fixed instead of chosen, so the error of each pruned weight is absorbed by the kept
     weights of its row to the right (the "preserve the sparsity mask" update of llm-compressor's SparseGPT).
@@ -321,15 +339,15 @@ def obs_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Ten
     ``weight`` ``[out, in]`` (any float dtype), ``hessian`` ``[in, in]`` (H = (2/T) Σ x xᵀ), ``keep`` bool
     ``[out, in]``. Returns the new weight in ``weight``'s dtype, zero exactly where ``keep`` is False; with an
     all-ones mask, the weight unchanged (every error is zero); the kept weights of input channels that never fired
-    unchanged. Raises ``ValueError`` as :func:`sparsegpt_prune` does, or for a mask of
-    another shape."""
+    unchanged. Raises ``ValueError`` as :func:`sparsegpt_prune` does (naming ``name``, the layer), or for a mask
+    of another shape."""
     if keep.shape != weight.shape or keep.dtype != torch.bool:
         raise ValueError(f"obs_reconstruct: keep must be bool {tuple(weight.shape)}, got {keep.dtype} "
                          f"{tuple(keep.shape)}")
-    _validate(weight, hessian, 0.0, 0, 0, blocksize, percdamp)
+    _validate(weight, hessian, 0.0, 0, 0, blocksize, percdamp, name)
     dead = hessian.diagonal() == 0
     w, h = _prepare_hessian(weight, hessian, percdamp)
-    hinv = _inverse_hessian_factor(h)
+    hinv = _inverse_hessian_factor(h, name)
     del h
     prune = ~keep.to(w.device)
     in_features = w.shape[1]

@@ -2,8 +2,8 @@
 
 Cache: ``<cache>/dense/<key>.json``, the key a fingerprint of the model's identity (the files behind
 it), its dtype, ``model.add_bos``, the library versions and the protocol (corpus identity, seqlen,
-window count, C4's random windows; or tasks, limit, context length). A dense result never changes, so sweeps, benchmarks
-and later runs read it instead of measuring it again.
+window count, C4's random windows; or tasks, limit, context length, task batch size). A dense result never
+changes, so sweeps, benchmarks and later runs read it instead of measuring it again.
 """
 
 from __future__ import annotations
@@ -67,8 +67,10 @@ def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tenso
         ppl[corpus] = {**res, "cached": False}
     zs = {}
     if cfg.eval.tasks:
+        # the batch size is part of the protocol: padding and batched kernels move accuracy with it (lm-eval#1645)
         cached = _dense_cache_key(cfg, model, {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.task_limit,
-                                               "max_length": max_length(cfg)}, bos)
+                                               "max_length": max_length(cfg),
+                                               "task_batch_size": cfg.eval.task_batch_size}, bos)
         if cached.exists():
             zs = json.loads(cached.read_text())
         else:

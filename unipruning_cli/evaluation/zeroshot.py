@@ -74,7 +74,9 @@ def task_metric(task: str) -> str:
 
 
 def zero_shot(model, tokenizer, tasks: Iterable[str], limit: int | None, batch_size: int, max_length: int) -> dict:
-    """Per-task accuracy (acc and acc_norm with stderr) and the mean of each task's customary metric."""
+    """Per-task accuracy (acc and acc_norm with stderr) and the mean of each task's customary metric, with the
+    protocol they were measured under: ``limit``, ``max_length``, ``num_fewshot`` and ``batch_size`` (lm-eval's
+    accuracies move with the batch size on GPUs, lm-eval#1645, so a result without it cannot be compared)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -93,7 +95,8 @@ def zero_shot(model, tokenizer, tasks: Iterable[str], limit: int | None, batch_s
         per_task[name]["metric"] = task_metric(name)
         per_task[name]["samples"] = res.get("n-samples", {}).get(name, {}).get("effective")
     mean = sum(per_task[t][task_metric(t)] for t in names) / len(names)
-    return {"tasks": per_task, "mean": mean, "limit": limit, "max_length": max_length, "num_fewshot": 0}
+    return {"tasks": per_task, "mean": mean, "limit": limit, "max_length": max_length, "num_fewshot": 0,
+            "batch_size": batch_size}
 
 
 def request_lengths(tokenizer, tasks: Iterable[str], limit: int | None) -> dict[str, list[int]]:

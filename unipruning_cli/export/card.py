@@ -1,7 +1,8 @@
 """The model card (README.md) and record (unipruning_export.json) of an exported folder, and its speed notes.
 
 The card says what the model is (base model, method, cut, calibration), the perplexity the run measured,
-how many weights are kept as saved, how large the files are, and what the zeros buy at inference time.
+how many weights are kept as saved, how large the files are, and what the zeros buy at inference time: on the
+serving engines of 2026, nothing (:func:`speed_note`).
 """
 
 from __future__ import annotations
@@ -37,28 +38,36 @@ def kept_counts(model: nn.Module) -> dict:
             "per_layer": per_layer}
 
 
+#: Why no engine speed is promised (peers-2026: each is a public issue or PR); written into cards and summaries.
+ENGINES_2026 = ("vLLM removed its 2:4 kernels (vLLM #36799) and refuses any sparsity_config (#51188), TensorRT-LLM "
+                "removed the backend that held --weight_sparsity (#15918), and torchao deleted its sparsity code")
+
+
 def speed_note(n: int = 0, m: int = 0) -> str:
-    """One plain sentence on what the zeros buy at inference time."""
+    """One plain sentence on what the zeros buy at inference time: nothing on the serving engines of 2026
+    (:data:`ENGINES_2026`); for 2:4, PyTorch's semi-structured kernels as a research path, with the project's own
+    bench to measure them (no figure is claimed without that measurement)."""
     if n == 2 and m == 4:
-        return ("Stored dense, this model runs at the dense speed; its 2:4 pattern can be accelerated on NVIDIA "
-                "Ampere or newer GPUs (compute capability >= 8.0) with semi-structured sparse kernels "
-                "(torch.sparse.to_sparse_semi_structured, see unipruning_cli.export.to_semi_structured and "
-                "scripts/bench_semi_structured.py): the pruned matmuls do half the work, so up to about 2x on "
-                "those layers in theory and less end to end.")
+        return ("Stored dense, this model runs at the dense speed, and no mainstream serving engine runs 2:4 "
+                f"sparsity any more: {ENGINES_2026}. Read it as a quality result at 2:4. PyTorch's "
+                "torch.sparse.to_sparse_semi_structured still runs 2:4 matmuls on NVIDIA GPUs of compute capability "
+                ">= 8.0 as a research path (unipruning_cli.export.to_semi_structured); "
+                "scripts/bench_semi_structured.py times it against the dense forward on your GPU, and no speed is "
+                "claimed here without that measurement.")
     if n:
-        return (f"Stored dense, this model runs at the dense speed; the {n}:{m} pattern has no hardware kernel here "
-                f"(NVIDIA sparse tensor cores accelerate 2:4 only), though --compressed shrinks the file.")
+        return (f"Stored dense, this model runs at the dense speed; no engine has {n}:{m} kernels. --compressed "
+                "only shrinks the file (load_compressed rebuilds the dense model).")
     return ("Unstructured zeros give no speed-up when stored dense: the file and the matmuls are as large as the "
-            "dense model's; they need sparse kernels or a sparse format to pay off.")
+            f"dense model's, and no mainstream serving engine runs unstructured sparsity ({ENGINES_2026}).")
 
 
 def short_speed(n: int, m: int) -> str:
     """:func:`speed_note` in a few words, for the command's summary."""
     if n == 2 and m == 4:
-        return ("none as stored (dense); up to ~2x on the pruned matmuls with 2:4 semi-structured kernels "
-                "on NVIDIA Ampere+ (to_semi_structured, scripts/bench_semi_structured.py)")
+        return ("none: stored dense, and no mainstream serving engine runs 2:4 any more (PyTorch's semi-structured "
+                "kernels remain a research path: measure them with scripts/bench_semi_structured.py)")
     if n:
-        return f"none: stored dense, and only 2:4 has sparse kernels ({n}:{m} does not)"
+        return f"none: stored dense, and no engine has {n}:{m} kernels (--compressed only shrinks the file)"
     return "none: unstructured zeros stored dense run at the dense speed"
 
 
@@ -136,8 +145,10 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
                  f"`{COMPRESSED_FILE}` stores the {target.n}:{target.m} model compactly: the kept values and their "
                  f"in-group positions ({index_bits(target.m)} bits each) per prunable layer, the other tensors "
                  f"dense. Prunable tensors: {compressed['prunable_compressed_bytes']:,} bytes instead of "
-                 f"{compressed['prunable_dense_bytes']:,} ({compressed['prunable_ratio']:.3f}x). Load it with "
-                 "`unipruning_cli.export.load_compressed(folder)` (needs config.json from this folder).", ""]
+                 f"{compressed['prunable_dense_bytes']:,} ({compressed['prunable_ratio']:.3f}x). It is a storage "
+                 "format: it saves disk and download, not inference time. Load it with "
+                 "`unipruning_cli.export.load_compressed(folder)` (needs config.json from this folder), which "
+                 "rebuilds the dense model.", ""]
     return _card(f"{model.get('name', 'model')} pruned to {target.tag} by {run.method}", rows, ppl_lines, kept,
                  sizes, speed_note(target.n, target.m), extra)
 

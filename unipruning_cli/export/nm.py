@@ -1,4 +1,4 @@
-"""N:M-sparse weights stored compactly (``--compressed``) and run on 2:4 semi-structured kernels.
+"""N:M-sparse weights stored compactly (``--compressed``, a file format), and 2:4 semi-structured kernels to measure.
 
 N:M models can be stored compressed: per prunable layer the N kept values of every group of M inputs,
 ``[out, in*N/M]`` in the weight dtype, and their in-group positions bit-packed (``ceil(log2 M)`` bits
@@ -7,9 +7,12 @@ each: 2 for 2:4, 3 for 4:8), next to the dense non-prunable tensors. At 2:4 the 
 that fraction of the dense file by the share of embeddings, norms and ``lm_head``. :func:`load_compressed`
 rebuilds the dense model exactly (pruned zeros come back as +0.0).
 
-Unstructured zeros stored dense give no speed-up. 2:4 can run on the sparse tensor cores of NVIDIA Ampere
-and newer GPUs through ``torch.sparse.to_sparse_semi_structured``: :func:`to_semi_structured` converts a
-model's 2:4 layers, and ``scripts/bench_semi_structured.py`` times it against the dense model.
+The compressed file saves disk, not inference time: no mainstream serving engine of 2026 runs 2:4 or
+unstructured sparsity (vLLM removed its 2:4 kernels, #36799, and refuses any ``sparsity_config``, #51188;
+TensorRT-LLM removed the backend of ``--weight_sparsity``, #15918), and zeros stored dense run at the dense speed.
+PyTorch's ``torch.sparse.to_sparse_semi_structured`` remains a research path on NVIDIA GPUs of compute capability
+>= 8.0: :func:`to_semi_structured` converts a model's 2:4 layers, and ``scripts/bench_semi_structured.py`` times it
+against the dense model; any speed figure must come from that measurement.
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu", trus
 
 
 # ==============================================================================================
-# semi-structured 2:4 kernels (NVIDIA Ampere and newer)
+# semi-structured 2:4 kernels (PyTorch, NVIDIA compute capability >= 8.0): a research path, to be measured
 
 
 def to_semi_structured(model: nn.Module) -> dict:
@@ -181,6 +184,9 @@ def to_semi_structured(model: nn.Module) -> dict:
 
     Needs the model on an NVIDIA GPU with compute capability >= 8.0, in float16 or bfloat16. Layers that
     are not 2:4 sparse or whose shape the kernels do not take are left dense and listed under ``skipped``.
+    Returns ``{"converted": [names], "skipped": {name: why}, "backend": "cusparselt" | "cutlass"}``; raises
+    :class:`UserError` without such a GPU. Whether the converted model is faster is for
+    ``scripts/bench_semi_structured.py`` to measure: no serving engine runs these tensors.
     """
     need = "semi-structured 2:4 sparse kernels need an NVIDIA GPU with compute capability >= 8.0 (Ampere or newer)"
     if not torch.cuda.is_available() or torch.version.hip is not None:

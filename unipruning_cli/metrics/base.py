@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from unipruning_cli.errors import UserError
 from unipruning_cli.registry import Registry
 from unipruning_cli.stats import ActivationStats
 
@@ -89,7 +90,9 @@ def require_stats(
     """Return ``stats`` after checking it exists and has one entry per input channel.
 
     A missing or mis-sized statistic is a wiring error (calibration skipped, or stats of another
-    layer); failing loudly here beats broadcasting silently into wrong scores.
+    layer); failing loudly here beats broadcasting silently into wrong scores: ``ValueError``. Statistics holding
+    NaN or inf are the user's model overflowing its dtype: :class:`UserError` (a ``ValueError``), with what to do
+    (the calibration stages name the layer first, :func:`unipruning_cli.stats.check_finite`).
     """
     if stats is None:
         raise ValueError(
@@ -104,7 +107,7 @@ def require_stats(
         )
     if not torch.isfinite(stats.sq_sum).all():  # NaN or an overflow: no score can be right
         kind = "NaN" if torch.isnan(stats.sq_sum).any() else "inf"
-        raise ValueError(
+        raise UserError(
             f"local metric '{metric_name}': activation statistics hold {kind} (an overflow of the model's "
             "activations in its dtype, e.g. float16 above 65504); try model.dtype=bfloat16 or float32"
         )
