@@ -186,8 +186,8 @@ def _prune_task(cfg) -> float | None:
         if isinstance(err, UserError):
             _fail(err)
         raise
-    first = next(iter(metrics["perplexity"].values()))
-    return first["pruned"]["ppl"]
+    first = next(iter(metrics["perplexity"].values()), None)  # eval.corpora=[]: no perplexity to hand the sweeper
+    return None if first is None else first["pruned"]["ppl"]
 
 
 def _prepare(args: list[str]) -> None:

@@ -91,10 +91,24 @@ def _parse_tag(tag: str) -> tuple[str | None, str, float]:
 
 
 def save_png(fig, png: Path) -> None:
-    png.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``fig`` to ``png`` atomically (a temporary sibling, then a rename). Raises
+    :class:`.rundir.StorageError` naming the file when the storage refuses it: a full disk surfaces in PIL as an
+    unrelated ``AttributeError`` raised while it handles the ``OSError``, which is the cause reported here."""
+    from .rundir import storage_error
+
     tmp = png.with_name("." + png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(png)
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(png)
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        cause = err
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None or cause.errno is None:
+            raise
+        raise storage_error(cause, png, f"the plot {png.name}") from err
 
 
 def ppl_figure(metrics: dict):
