@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from unipruning_cli.layouts import expert_counts
 from unipruning_cli.models import block_layers, find_blocks, prunable_layers
 
 from _helpers import one_torch_thread  # noqa: F401,E402  (fixture)
@@ -55,7 +56,7 @@ def _check_llama_like(model, n_layers: int, projections=LLAMA_PROJ):
 
     # block_layers of block i = the prunable layers of block i
     for i, block in enumerate(blocks):
-        bl = block_layers(block, f"model.layers.{i}")
+        bl = block_layers(block, f"model.layers.{i}", expert_counts(model))
         assert set(bl) == {f"model.layers.{i}.{p}" for p in projections}
         assert all(bl[n] is layers[n] for n in bl)
 

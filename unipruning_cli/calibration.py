@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .layouts import expert_groups
+from .layouts import expert_counts, expert_groups
 from .models import block_layers, find_blocks, input_device
 from .onload import onloaded
 from .progress import track
@@ -246,19 +246,22 @@ def calibrate_blockwise(
     the block's outputs are recomputed afterwards, so a callback that prunes feeds the pruned
     outputs forward. Hessians (``xtx``) are dropped after the callback to keep one block's worth.
 
-    Experts (:mod:`.layouts`) see only the tokens routed to them; one that saw fewer than ``min_expert_tokens``
-    gets its layer's pooled statistics (:func:`pool_rare_experts`) before the callback.
+    Experts see only the tokens routed to them; one that saw fewer than ``min_expert_tokens`` gets its layer's
+    pooled statistics (:func:`pool_rare_experts`) before the callback, whether the experts are fused tensors taken
+    as Linears or a list of Linear experts (:func:`.layouts.expert_groups`). Routers and gates are not hooked.
     """
     prefix, blocks = find_blocks(model)
     hidden, kwargs = capture_block_inputs(model, windows, offload)
     all_stats: dict[str, ActivationStats] = {}
     device = input_device(model)
+    experts = expert_counts(model)
     for i, block in enumerate(track(blocks, "calibrate blocks")):
         # Sequential onloading: a host-resident block comes to the GPU for its passes and its callback,
         # and goes back with what the callback changed (a no-op for a model already on its device).
         with onloaded(block, device, write_back=on_block is not None):
             stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs[i], sequential, want_hessian,
-                                              want_per_sample, on_block, offload, share_inputs, min_expert_tokens)
+                                              want_per_sample, on_block, offload, share_inputs, min_expert_tokens,
+                                              experts)
         all_stats.update(stats)
         hidden = outputs
     return all_stats
@@ -266,9 +269,11 @@ def calibrate_blockwise(
 
 def _calibrate_block(block: nn.Module, name: str, i: int, hidden: list, kwargs: list, sequential: bool,
                      want_hessian: bool, want_per_sample: bool, on_block: BlockCallback | None, offload: str,
-                     share_inputs: bool, min_expert_tokens: int) -> tuple[dict[str, ActivationStats], list]:
-    """One block of :func:`calibrate_blockwise`: its statistics, the callback, and its outputs for the next block."""
-    layers = block_layers(block, name)
+                     share_inputs: bool, min_expert_tokens: int,
+                     experts: frozenset[int]) -> tuple[dict[str, ActivationStats], list]:
+    """One block of :func:`calibrate_blockwise`: its statistics, the callback, and its outputs for the next block
+    (``experts``: the model's expert counts, :func:`.layouts.expert_counts`)."""
+    layers = block_layers(block, name, experts)
     shared = SharedInputs(enabled=share_inputs)
     collectors = {n: InputCollector(m.in_features, want_hessian, want_per_sample, shared)
                   for n, m in layers.items()}
@@ -280,7 +285,7 @@ def _calibrate_block(block: nn.Module, name: str, i: int, hidden: list, kwargs: 
         for h in handles:
             h.remove()
     stats = {n: c.stats() for n, c in collectors.items()}
-    pool_rare_experts(stats, expert_groups(block, name), min_expert_tokens)
+    pool_rare_experts(stats, expert_groups(block, name, experts), min_expert_tokens)
     if on_block is not None:
         on_block(i, layers, stats)
     if sequential and on_block is not None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 from torch import nn
@@ -203,14 +203,54 @@ def hf_layout(model: nn.Module) -> Iterator[nn.Module]:
             _swap(model, name, module)
 
 
-def expert_groups(block: nn.Module, block_name: str) -> list[list[str]]:
-    """The prunable names of one projection across the experts of each :class:`ExpertLinears` in ``block`` (a
-    decoder block named ``block_name``, or the model with ``""``): the groups whose statistics pool
-    (:func:`.calibration.pool_rare_experts`)."""
-    groups = []
+#: The config fields that give a mixture of experts' expert count (Mixtral and gpt-oss; Qwen-MoE and OLMoE; DeepSeek).
+EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def expert_counts(model: nn.Module) -> frozenset[int]:
+    """The expert counts ``model``'s config gives (:data:`EXPERT_FIELDS`, read from its text config where a multimodal
+    config nests one): empty for a dense model, a module without a config, or a count of one (no routing)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return frozenset(v for v in (getattr(text, k, None) for k in EXPERT_FIELDS)
+                     if isinstance(v, int) and not isinstance(v, bool) and v > 1)
+
+
+def _same_linears(experts: nn.ModuleList) -> list[str]:
+    """The Linear names (relative to an expert) every child of ``experts`` holds with the same shapes, or [] when
+    the children are not identical modules holding Linears."""
+    if len({type(c) for c in experts}) != 1:
+        return []
+    layouts = [[(n, tuple(m.weight.shape)) for n, m in c.named_modules() if isinstance(m, nn.Linear)] for c in experts]
+    return [n for n, _ in layouts[0]] if layouts[0] and all(x == layouts[0] for x in layouts) else []
+
+
+def expert_lists(block: nn.Module, experts: Collection[int] = ()) -> list[tuple[str, nn.ModuleList]]:
+    """The lists of experts inside ``block``, a decoder block, by role, as (name relative to ``block``, list): every
+    :class:`ExpertLinears` (fused experts taken as Linears at load), and every ``nn.ModuleList`` whose length is one of
+    ``experts`` (:func:`expert_counts`) and whose children are identical modules holding the same ``nn.Linear``
+    projections: transformers' older layouts and remote-code MoEs (``gate_proj``/``up_proj``/``down_proj``,
+    ``w1``/``w2``/``w3``). A list inside a found list is not another. Only inside a block: the list of blocks itself
+    may be as long as the experts are many."""
+    found: list[tuple[str, nn.ModuleList]] = []
     for name, module in block.named_modules():
-        if isinstance(module, ExpertLinears):
-            prefix = ".".join(p for p in (block_name, name) if p)
-            for proj in module.projections:
-                groups.append([f"{prefix}.{e}.{proj}" for e in range(len(module))])
+        if any(name.startswith(f"{n}.") for n, _ in found):
+            continue
+        if isinstance(module, ExpertLinears) or (isinstance(module, nn.ModuleList) and len(module) in experts
+                                                 and _same_linears(module)):
+            found.append((name, module))
+    return found
+
+
+def expert_groups(block: nn.Module, block_name: str, experts: Collection[int] = ()) -> list[list[str]]:
+    """The prunable names of one projection across the experts of each list of :func:`expert_lists` in ``block`` (a
+    decoder block named ``block_name``): the groups whose statistics pool (:func:`.calibration.pool_rare_experts`).
+    ``experts``: the config's expert counts (:func:`expert_counts`); left empty, only :class:`ExpertLinears` are found,
+    which is also all a call on the whole model may look for (there the list of blocks could pass for experts;
+    :func:`.models.model_expert_groups` looks block by block)."""
+    groups = []
+    for name, module in expert_lists(block, experts):
+        prefix = ".".join(p for p in (block_name, name) if p)
+        for proj in _same_linears(module):
+            groups.append([f"{prefix}.{e}.{proj}" for e in range(len(module))])
     return groups

@@ -2,10 +2,11 @@
 
 Prunable layers are found by role, not by attribute names of one family: the decoder blocks are the
 ``nn.ModuleList`` of ``config.num_hidden_layers`` blocks (the model's ``_no_split_modules`` class where it names
-one), and every ``nn.Linear`` inside them is prunable. Fused 3-D expert tensors are taken as one Linear per
-expert at load, and HF ``Conv1D`` as a Linear (:mod:`.layouts`). Embeddings, norms, routers and ``lm_head`` live outside the blocks or are not
-linear, so they are never touched. This covers Llama, Qwen2, Mistral, Gemma, Mixtral, Qwen-MoE and similar layouts
-without a table; what else the blocks hold in 2-D or more is reported as left dense.
+one), and every ``nn.Linear`` inside them is prunable except a mixture of experts' routers and gates
+(:func:`block_routers`). Fused 3-D expert tensors are taken as one Linear per expert at load, and HF ``Conv1D`` as a
+Linear (:mod:`.layouts`). Embeddings, norms and ``lm_head`` live outside the blocks or are not linear, so they are
+never touched. This covers Llama, Qwen2, Mistral, Gemma, Mixtral, Qwen-MoE and similar layouts without a table; what
+else the blocks hold in 2-D or more is reported as left dense.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .errors import UserError
-from .layouts import as_linears
+from .layouts import as_linears, expert_counts, expert_groups, expert_lists
 
 log = logging.getLogger(__name__)
 
@@ -198,20 +199,54 @@ def unprunable_in_blocks(model: nn.Module) -> dict[str, int]:
     """Weights of two or more dimensions inside the decoder blocks that are not ``nn.Linear`` weights, by name ->
     element count: what pruning leaves dense although it sits where the prunable weights are (fused 3-D expert
     tensors of Mixtral / Qwen-MoE in transformers 5, HF ``Conv1D`` projections of GPT-2). Norms and biases (1-D)
-    and routers (``[experts, hidden]``, never pruned) are not counted."""
+    and routers (``[experts, hidden]``, never pruned, listed by :func:`router_names`) are not counted."""
     prefix, blocks = find_blocks(model)
     linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
-    text = text_config(model)
-    experts = {getattr(text, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts")} - {None}
+    experts = expert_counts(model)
     return {f"{prefix}.{n}": p.numel() for n, p in blocks.named_parameters() if p.dim() >= 2 and id(p) not in linear
             and not (p.dim() == 2 and p.shape[0] in experts)}  # a router (experts x hidden) is never pruned
+
+
+def block_routers(block: nn.Module, experts: frozenset[int] | set[int]) -> list[str]:
+    """The names (relative to ``block``, a decoder block) of the ``nn.Linear`` routers and gates of a mixture of
+    experts, which are never pruned: found by role, whatever their attribute name or class, outside the lists of
+    experts (:func:`.layouts.expert_lists`): a Linear whose output is a router's (``out_features`` one of
+    ``experts``, the config's expert counts: Mixtral's ``gate``, a remote-code router), or a gate of width 1 in a
+    block that holds experts (Qwen2-MoE's ``shared_expert_gate``; llm-compressor PR #2740 skips both). A dense
+    model (``experts`` empty) has none: a Linear of width 1 there is a projection like any other."""
+    if not experts:
+        return []
+    lists = expert_lists(block, experts)
+    inside = {id(m) for _, experts_list in lists for m in experts_list.modules()}
+    linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+    weights = {id(m.weight) for m in block.modules() if isinstance(m, nn.Linear)}
+    has_experts = bool(lists) or any(m.out_features in experts for _, m in linears) or any(
+        p.shape[0] in experts and (p.dim() >= 3 or id(p) not in weights) for p in block.parameters() if p.dim() >= 2)
+    return [n for n, m in linears if m.out_features in experts or (has_experts and m.out_features == 1)]
+
+
+def router_names(model: nn.Module) -> list[str]:
+    """Full module names of every router and gate in the decoder blocks, left dense: the ``nn.Linear`` ones of
+    :func:`block_routers` and the modules holding a non-Linear router weight ``[experts, hidden]`` (transformers 5's
+    ``TopKRouter``), in block order."""
+    prefix, blocks = find_blocks(model)
+    experts = expert_counts(model)
+    names: dict[str, None] = {}
+    for i, block in enumerate(blocks):
+        linear = {id(m.weight) for m in block.modules() if isinstance(m, nn.Linear)}
+        names.update((f"{prefix}.{i}.{n}", None) for n in block_routers(block, experts))
+        names.update((f"{prefix}.{i}.{n.rpartition('.')[0]}", None) for n, p in block.named_parameters()
+                     if p.dim() == 2 and p.shape[0] in experts and id(p) not in linear)
+    return list(names)
 
 
 def report_unprunable(model: nn.Module, layers: dict[str, nn.Linear]) -> dict:
     """Say loudly what pruning will leave dense inside the blocks, and the share of all parameters pruning can
     touch (``layers``: :func:`prunable_layers` of ``model``); returns ``{"prunable_fraction": f,
-    "dense_in_blocks": {name: numel}}`` for ``metrics.json``."""
+    "dense_in_blocks": {name: numel}, "routers": [module name]}`` for ``metrics.json`` (``routers``: the routers
+    and expert gates, never pruned, :func:`router_names`)."""
     dense = unprunable_in_blocks(model)
+    routers = router_names(model)
     total = sum(p.numel() for p in model.parameters())
     prunable = sum(m.weight.numel() for m in layers.values())
     if dense:
@@ -219,22 +254,36 @@ def report_unprunable(model: nn.Module, layers: dict[str, nn.Linear]) -> dict:
         log.warning("%d weight tensors inside the decoder blocks are not nn.Linear and stay DENSE (%.1f %% of all "
                     "parameters; e.g. %s): the asked sparsity applies to the Linear weights only, %.1f %% of all "
                     "parameters", len(dense), 100 * share, ", ".join(list(dense)[:3]), 100 * prunable / total)
-    return {"prunable_fraction": prunable / total, "dense_in_blocks": dense}
+    if routers:
+        log.info("%d routers and expert gates stay dense, as they always do (e.g. %s)", len(routers),
+                 ", ".join(routers[:3]))
+    return {"prunable_fraction": prunable / total, "dense_in_blocks": dense, "routers": routers}
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside the decoder blocks, by full module name, in block order."""
+    """Every ``nn.Linear`` inside the decoder blocks but the routers and gates of a mixture of experts
+    (:func:`block_routers`), by full module name, in block order."""
     prefix, blocks = find_blocks(model)
+    experts = expert_counts(model)
     layers: dict[str, nn.Linear] = {}
     for i, block in enumerate(blocks):
-        for name, module in block.named_modules():
-            if isinstance(module, nn.Linear):
-                layers[f"{prefix}.{i}.{name}"] = module
+        layers.update(block_layers(block, f"{prefix}.{i}", experts))
     return layers
 
 
-def block_layers(block: nn.Module, block_name: str) -> dict[str, nn.Linear]:
-    return {f"{block_name}.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+def block_layers(block: nn.Module, block_name: str, experts: frozenset[int] | set[int]) -> dict[str, nn.Linear]:
+    """The prunable Linears of one decoder block named ``block_name``, by full name: all but its routers and gates
+    (:func:`block_routers`; ``experts``: the model's :func:`.layouts.expert_counts`, empty for a dense model)."""
+    routers = set(block_routers(block, experts))
+    return {f"{block_name}.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n not in routers}
+
+
+def model_expert_groups(model: nn.Module) -> list[list[str]]:
+    """The groups of :func:`.layouts.expert_groups` over every decoder block of ``model`` (fused experts and lists of
+    Linear experts), by full name: what pools a rarely routed expert's statistics in calibration and the search."""
+    prefix, blocks = find_blocks(model)
+    experts = expert_counts(model)
+    return [g for i, block in enumerate(blocks) for g in expert_groups(block, f"{prefix}.{i}", experts)]
 
 
 def resolve_add_bos(model_cfg: DictConfig, tok) -> bool:

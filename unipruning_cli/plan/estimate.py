@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from ..methods import baselines_of, make_target, targets_of
 from ..evaluation.perplexity import chunk_positions
+from ..layouts import expert_counts
 from ..models import block_layers, find_blocks, prunable_layers, resolve_dtype, text_config
 from ..provenance import rss_bytes
 from ..search.settings import drift_element_size, drift_gpu_bytes
@@ -83,6 +84,7 @@ def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
     layers = prunable_layers(model)
     prunable = sum(m.weight.numel() for m in layers.values())
     blocks = find_blocks(model)[1]
+    experts = expert_counts(model)
     in_blocks = sum(p.numel() for p in blocks.parameters())
     text = text_config(model)
     return {"P": prunable, "N": sum(p.numel() for p in model.parameters()) - prunable,
@@ -90,7 +92,8 @@ def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
             "I_max": max(m.weight.shape[1] for m in layers.values()),
             "sum_in": sum(m.weight.shape[1] for m in layers.values()),
             # Σ in² over one block's layers: the XᵀX every layer of the block accumulates before SparseGPT solves it
-            "xtx_block": max(sum(m.weight.shape[1] ** 2 for m in block_layers(b, "").values()) for b in blocks),
+            "xtx_block": max(sum(m.weight.shape[1] ** 2 for m in block_layers(b, "", experts).values())
+                             for b in blocks),
             "h": text.hidden_size, "V": text.vocab_size, "L": text.num_hidden_layers,
             "I": getattr(text, "intermediate_size", 4 * text.hidden_size),
             "outside": sum(p.numel() for p in model.parameters()) - in_blocks,

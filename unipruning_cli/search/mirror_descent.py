@@ -34,8 +34,8 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..layouts import expert_groups
 from ..metrics import LocalMetric
+from ..models import model_expert_groups
 from ..progress import track
 from .log import SearchLog, sample_index
 from .recompute import StepStats, activation_checkpointing
@@ -163,7 +163,7 @@ def search_drift(
     lanes += [_DriftLane(SearchState.zeros(shapes, state_device, pin), s.prox, prox_generator(settings.seed, device),
                          SearchLog(s.log_path, 0)) for s in siblings]
     index = {n: sample_index(layers[n].weight.numel(), settings.seed + i) for i, n in enumerate(names)}
-    hooks = StepStats(layers, expert_groups(model, ""), settings.min_expert_tokens)
+    hooks = StepStats(layers, model_expert_groups(model), settings.min_expert_tokens)
     recomputed = activation_checkpointing(model, True) if settings.activation_checkpointing else []
     t0 = time.perf_counter()
     try:

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 #: Bumped when the search computes a different Γ from the same config, so older checkpoints and indexed
 #: searches are not taken for current ones. 2: the prox samples its quantile from its own generator.
 #: 3: on a GPU the metric's and the prox's draws come from CUDA generators (CPU draws unchanged).
-SEARCH_REVISION = 3
+#: 4: routers and expert gates are no prunable layers (a Γ recorded before holds one for them, issue 26), and lists
+#: of Linear experts pool a rarely routed expert's step statistics.
+SEARCH_REVISION = 4
 
 
 #: Knobs added after searches were recorded, with the value that gives the Γ of before: at that value they stay out
