@@ -272,3 +272,10 @@ def test_plan_shows_the_disk_a_run_writes(tiny_llama_dir, corpus_files, tmp_path
     disk = json.loads((tmp_path / "plan.json").read_text())["disk_gib"]
     expected = run_disk_bytes(compose_prune(args), "cpu")
     assert disk == {k: round(v / 2**30, 2) for k, v in expected.items()}
+
+
+def test_a_run_without_evaluation_corpora_finishes(ws):
+    args = [a for a in ws["args"] if not a.startswith("eval.corpora=")] + ["eval.corpora=[]"]
+    proc = _cli(ws, "prune", *args, f"hydra.run.dir={ws['root'] / 'no-corpora'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((ws["root"] / "no-corpora" / "metrics.json").read_text())["perplexity"] == {}
