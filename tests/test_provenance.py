@@ -94,6 +94,7 @@ def test_changed_weights_are_refused_by_export_eval_and_apply(ws, swapped_weight
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((out / "unipruning_export.json").read_text())
     assert any("model.safetensors changed" in c for c in json.dumps(record).split('"'))
+    assert (out / "README.md").read_text().startswith("> **Warning: these weights are not the ones")
 
 
 def test_apply_to_another_model_of_the_same_shapes_is_refused(ws):

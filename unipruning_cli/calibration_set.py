@@ -49,6 +49,10 @@ def calibration_set(cfg: DictConfig, tok) -> tuple[TokenSamples, dict]:
                      "seed": cfg.seed, **samples.info, "tokens": int(samples.numel())}
 
 
+#: Raised when the statistics of the same model and data change: 2, routers left out and Linear-list experts pooled.
+STATISTICS_REVISION = 2
+
+
 def dense_statistics(cfg: DictConfig, model, windows: TokenSamples) -> tuple[dict[str, ActivationStats], bool]:
     """One-shot statistics of the dense model per prunable matrix, shared by every run on the same model and data.
 
@@ -58,7 +62,7 @@ def dense_statistics(cfg: DictConfig, model, windows: TokenSamples) -> tuple[dic
     key = fingerprint({"model": model_identity(cfg.model), "corpus": corpus_identity(cfg.calibration.source),
                        "dtype": str(next(model.parameters()).dtype),
                        "calibration": plain(cfg.calibration), **({"bos": True} if windows.info.get("bos") else {}),
-                       "seed": cfg.seed, "versions": versions()})
+                       "seed": cfg.seed, "versions": versions(), "revision": STATISTICS_REVISION})
     path = cache_dir() / "calibration" / f"{key}.safetensors"
     if path.exists():
         from safetensors import safe_open

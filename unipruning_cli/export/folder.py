@@ -165,7 +165,8 @@ def check_mask_shapes(layers: Mapping[str, nn.Linear], masks: Mapping[str, torch
     bad = []
     for name, mask in masks.items():
         if name not in layers:
-            bad.append(f"{name} (no such prunable layer)")
+            bad.append(f"{name} (no such prunable layer; masks of an older run may cut a router or gate, which "
+                       "unipruning never prunes now: prune again)")
         elif tuple(mask.shape) != tuple(layers[name].weight.shape):
             bad.append(f"{name} (mask {tuple(mask.shape)}, weight {tuple(layers[name].weight.shape)})")
     if bad:
