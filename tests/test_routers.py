@@ -226,3 +226,48 @@ def test_a_list_of_linear_experts_pools_a_rarely_routed_experts_statistics(names
     hooks.remove()
     rare = step[f"model.layers.0.mlp.experts.3.{names[1]}"]
     assert rare.own_count == 0 and rare.count == 16 * TOP_K
+
+
+class _LinearListMoE(nn.Module):
+    """Experts held as ``nn.ModuleList`` s of plain Linears, one list per projection (``w1``, ``w2``)."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.router = nn.Linear(hidden, E, bias=False)
+        self.w1 = nn.ModuleList(nn.Linear(hidden, inter, bias=False) for _ in range(E))
+        self.w2 = nn.ModuleList(nn.Linear(inter, hidden, bias=False) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, index = torch.softmax(self.router(flat).float(), -1).topk(TOP_K, dim=-1)
+        out = torch.zeros_like(flat)
+        for e in range(E):
+            token, slot = torch.where(index == e)
+            if len(token):
+                h = self.w2[e](nn.functional.silu(self.w1[e](flat[token])))
+                out.index_add_(0, token, h * weights[token, slot, None].to(flat.dtype))
+        return out.reshape(x.shape)
+
+
+def test_lists_of_plain_linear_experts_pool_by_their_own_names():
+    """``nn.ModuleList(nn.Linear ...)`` per projection: groups named ``<list>.<e>`` (no trailing dot), calibration
+    runs and pools a never-routed expert."""
+    from unipruning_cli.calibration import calibrate_blockwise
+    from unipruning_cli.models import model_expert_groups, prunable_layers
+
+    model = _list_moe()
+    for layer in model.model.layers:
+        layer.mlp = _LinearListMoE(64, 32)
+
+    def never_expert_3(module, args, out):
+        out = out.clone()
+        out[..., 3] = -math.inf
+        return out
+
+    model.model.layers[0].mlp.router.register_forward_hook(never_expert_3)
+    groups = model_expert_groups(model)
+    assert [f"model.layers.0.mlp.w1.{e}" for e in range(E)] in groups
+    assert all(n in prunable_layers(model) for g in groups for n in g)
+    stats = calibrate_blockwise(model, torch.randint(0, 320, (2, 16)), min_expert_tokens=1)
+    rare, others = stats["model.layers.0.mlp.w2.3"], [stats[f"model.layers.0.mlp.w2.{e}"] for e in range(3)]
+    assert rare.own_count == 0 and rare.count == sum(s.count for s in others)

@@ -251,6 +251,6 @@ def expert_groups(block: nn.Module, block_name: str, experts: Collection[int] = 
     groups = []
     for name, module in expert_lists(block, experts):
         prefix = ".".join(p for p in (block_name, name) if p)
-        for proj in _same_linears(module):
-            groups.append([f"{prefix}.{e}.{proj}" for e in range(len(module))])
+        for proj in _same_linears(module):  # "" where the experts are Linears themselves: ModuleList(nn.Linear)
+            groups.append([".".join(p for p in (prefix, str(e), proj) if p) for e in range(len(module))])
     return groups
