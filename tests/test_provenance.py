@@ -89,6 +89,14 @@ def test_changed_weights_are_refused_by_export_eval_and_apply(ws, swapped_weight
     assert (run / "metrics.json").read_bytes() == before
     assert not (ws["root"] / "ex-refused").exists() and not (ws["root"] / "ap-refused").exists()
 
+    proc = _cli(ws, "eval", str(run), "--allow-changed-model")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = json.loads((run / "metrics.json").read_text())
+    old = json.loads(before)
+    assert after["results"] == old["results"] and after["perplexity"] == old["perplexity"]  # the run's own figures
+    assert any("model.safetensors changed" in c for c in after["evaluations"][-1]["changed_model"])
+    assert after["evaluations"][-1]["per_tag"]
+
     out = ws["root"] / "ex-allowed"
     proc = _cli(ws, "export", str(run), "--out", str(out), "--allow-changed-model")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -138,8 +146,12 @@ def test_a_run_directory_has_one_writer(ws):
     with run_lock(ws["run"], "prune"):
         proc = _cli(ws, "eval", str(ws["run"]))
         assert proc.returncode == 2 and "is being written by `unipruning prune`" in proc.stderr, proc.stderr[-2000:]
+        proc = _cli(ws, "prune", *ws["args"], f"hydra.run.dir={ws['run']}")
+        assert proc.returncode == 2 and "is being written by `unipruning prune`" in proc.stderr, proc.stderr[-2000:]
+        assert not (ws["run"] / "error.json").exists()  # the refused launch writes nothing into the live run
+        # an export that only reads a held cut writes nothing into the run: it needs no lock (read-only runs export)
         proc = _cli(ws, "export", str(ws["run"]), "sparsity=0.5", "--out", str(ws["root"] / "ex-locked"))
-        assert proc.returncode == 2 and "is being written" in proc.stderr, proc.stderr[-2000:]
+        assert proc.returncode == 0, proc.stderr[-2000:]
     with run_lock(ws["run"], "eval"):  # released: taken again
         pass
 
@@ -280,3 +292,119 @@ def test_a_run_without_evaluation_corpora_finishes(ws):
     proc = _cli(ws, "prune", *args, f"hydra.run.dir={ws['root'] / 'no-corpora'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((ws["root"] / "no-corpora" / "metrics.json").read_text())["perplexity"] == {}
+
+
+# ------------------------------------------------------------------------------------------ hub models
+
+
+def _hub_cache(root: Path, model_dir: Path, repo: str = "acme/tiny") -> Path:
+    """A Hugging Face hub cache holding ``model_dir`` as ``repo`` at one commit, laid out as huggingface_hub lays it
+    out: blobs named by their SHA-256, a snapshot of symlinks, refs/main."""
+    import os
+
+    cache = root / "hf-hub"
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
+    for f in model_dir.iterdir():
+        blob = repo_dir / "blobs" / _sha(f)
+        shutil.copyfile(f, blob)
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    return cache
+
+
+def test_a_hub_model_is_recorded_by_its_blobs_and_a_changed_blob_refused(ws, corpus_files):
+    import os
+
+    cache = _hub_cache(ws["root"] / "hub", ws["model"])
+    env = {**ws["env"], "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    args = [a for a in ws["args"] if not a.startswith(("model=", "model.path="))] + ["model=hf", "model.path=acme/tiny"]
+    run = ws["root"] / "hub-run"
+    proc = run_cli(["prune", *args, f"hydra.run.dir={run}"], ws["cwd"], env)[0]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    inputs = json.loads((run / "metrics.json").read_text())["inputs"]
+    assert inputs["commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert inputs["model"]["model.safetensors"]["sha256"] == _sha(ws["model"] / "model.safetensors")
+    assert set(inputs["model"]) >= {"config.json", "model.safetensors"} and "tokenizer.json" in inputs["tokenizer"]
+
+    # the same commit's weights replaced in the cache (a corrupted or hand-edited blob)
+    snap = cache / "models--acme--tiny" / "snapshots" / inputs["commit"]
+    other = cache / "models--acme--tiny" / "blobs" / _sha(ws["other"] / "model.safetensors")
+    shutil.copyfile(ws["other"] / "model.safetensors", other)
+    (snap / "model.safetensors").unlink()
+    os.symlink(os.path.relpath(other, snap), snap / "model.safetensors")
+    proc = run_cli(["export", str(run), "--out", str(ws["root"] / "hub-ex")], ws["cwd"], env)[0]
+    assert proc.returncode == 2 and "model.safetensors changed" in proc.stderr, proc.stderr[-2000:]
+    proc = run_cli(["export", str(run), "--out", str(cache / "x")], ws["cwd"], env)[0]
+    assert proc.returncode == 2 and "model source or a cache" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_sweep_launched_again_with_another_config_leaves_the_old_jobs_as_they_were(ws):
+    """Hydra rewrites each job's .hydra/ before the task runs: a refused job puts its overrides back, and the report
+    of the sweep folder does not present the old jobs' figures under the new overrides."""
+    sweep = ws["root"] / "sweep"
+    proc = _cli(ws, "prune", "-m", *ws["args"], "seed=0,1", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = {p: p.read_bytes() for p in sweep.glob("*/.hydra/overrides.yaml")}
+    assert len(before) == 2 and all((p.parent.parent / "overrides.yaml").is_file() for p in before)
+    proc = _cli(ws, "prune", "-m", *ws["args"], "seed=0,1", "sparsity=0.6", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0 and proc.stderr.count("holds a run of another config") == 2, proc.stderr[-3000:]
+    assert {p: p.read_bytes() for p in before} == before
+    assert not list(sweep.glob("*/error.json"))
+    proc = _cli(ws, "report", str(sweep))
+    report = (sweep / "report.md").read_text()
+    assert "INCOMPLETE SWEEP: 0 of the 2 jobs it asked for" in report and "never started (jobs 0, 1)" in report
+    assert "2 folder(s) hold runs of other overrides" in report and "(best" not in report, report
+
+
+def test_resume_neutral_keys_and_a_resume_counts_what_it_holds(ws, monkeypatch, tmp_path):
+    """What the plan's advice changes (placement, batch sizes, search state) resumes; a resumed run's disk check
+    counts the bytes its directory already holds as written."""
+    from unipruning_cli import storage
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.rundir import config_differences
+
+    old = {"model": {"placement": "device", "path": "x"}, "eval": {"batch_size": 4}, "schedule": {"search_state": "auto"}}
+    new = {"model": {"placement": "onload", "path": "x"}, "eval": {"batch_size": 1}, "schedule": {"search_state": "host"}}
+    assert config_differences(old, new) == []
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    cfg = compose_prune([o for o in ws["args"] if not o.startswith("method=")] + ["method=unipruning"])
+    need = storage.run_disk_bytes(cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "gamma.safetensors").write_bytes(b"\0" * 2**20)
+    monkeypatch.setattr(storage, "free_bytes", lambda path: need["run_dir"] + need["cache"] - 2**20)
+    assert storage.check_run_storage(cfg, run)["run_dir"] == need["run_dir"] - 2**20
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    from unipruning_cli import rundir
+
+    def no_locks(fd, op):
+        if op & fcntl.LOCK_EX:
+            raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    with rundir.run_lock(tmp_path / "run", "prune"):
+        pass
+    assert "takes no locks" in caplog.text
+
+
+def test_a_gguf_files_own_folder_is_protected(tmp_path):
+    from omegaconf import OmegaConf
+
+    from unipruning_cli.config import ModelConfig
+    from unipruning_cli.errors import UserError
+    from unipruning_cli.export.folder import check_out, protected_sources
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.gguf").write_bytes(b"GGUF")
+    cfg = OmegaConf.structured(ModelConfig(name="m", source="gguf", path=str(tmp_path / "models" / "m.gguf")))
+    with pytest.raises(UserError, match="model source or a cache"):
+        check_out(tmp_path / "models", True, [], protected_sources(cfg))

@@ -114,31 +114,41 @@ def _check_output_root(args: list[str]) -> None:
         check_writable(Path(os.environ.get("UNIPRUNING_RUNS", "runs")), "the runs folder (UNIPRUNING_RUNS)")
 
 
-def _claim(cfg, asked: Path) -> Path:
-    """The run directory of this job (:func:`.rundir.claim_run_dir`): where Hydra's ``.hydra/`` files of this launch
-    landed in another run's directory, they follow the job to its own, and the other run's are put back."""
+def _claim(cfg, asked: Path, overrides: list[str]) -> Path:
+    """The run directory of this job (:func:`.rundir.claim_run_dir`), where its own ``overrides.yaml`` (the launch's
+    overrides, what ``unipruning report`` reads) is written. Hydra rewrote ``<asked>/.hydra/`` before the task ran:
+    where that directory holds another run, the job's ``.hydra/`` follows it to its own directory (``beside``) and the
+    other run's files are put back (exactly, for ``hydra.run.dir``; its ``overrides.yaml`` for a sweep's job)."""
     import shutil
 
+    import yaml
+
     from .config import plain
-    from .rundir import claim_run_dir
+    from .rundir import atomic_write_text, claim_run_dir
     from .runner import follow_log
 
     try:
         out = claim_run_dir(asked, plain(cfg), cfg.get("existing_run", "refuse"))
     except UserError:
-        _restore_hydra()
+        _restore_hydra(asked)
         raise
     if out != asked:
         if (asked / ".hydra").is_dir():
             shutil.copytree(asked / ".hydra", out / ".hydra", dirs_exist_ok=True)
-        _restore_hydra()
+        _restore_hydra(asked)
         follow_log(asked, out)
+    atomic_write_text(out / "overrides.yaml", yaml.safe_dump(overrides, default_flow_style=False))
     return out
 
 
-def _restore_hydra() -> None:
-    for path, data in _HYDRA_BEFORE.items():
+def _restore_hydra(folder: Path) -> None:
+    """Put back the ``.hydra/`` files of the run in ``folder`` that Hydra rewrote for a launch refused there."""
+    before = {p: data for p, data in _HYDRA_BEFORE.items() if p.parent.parent.resolve() == folder.resolve()}
+    for path, data in before.items():
         path.write_bytes(data)
+    own = folder / "overrides.yaml"
+    if not before and own.is_file() and (folder / ".hydra").is_dir():
+        (folder / ".hydra" / "overrides.yaml").write_bytes(own.read_bytes())
 
 
 def _prune_task(cfg) -> float | None:
@@ -148,11 +158,9 @@ def _prune_task(cfg) -> float | None:
 
     from .preflight import validate
     from .runner import record_failure, run_prune
+    from .distributed import broadcast, launch_ranks, picklable, start
     from .rundir import RunDirRefused
-    from .storage import check_run_storage
     from .sweep import sweep_context
-
-    from .distributed import launch_ranks
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
@@ -161,18 +169,25 @@ def _prune_task(cfg) -> float | None:
     if not ranks.main:  # a hydra/launcher=slurm task other than 0 (Hydra set its logging up): no log file
         for handler in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
             logging.getLogger().removeHandler(handler)
+    refused = None
     if ranks.main:
         try:
-            out = _claim(cfg, out)
+            out = _claim(cfg, out, [str(o) for o in hc.overrides.task])
         except UserError as err:  # no error.json either: nothing of this launch is left in the other run's directory
-            if multirun:
-                log.error("job %s refused: %s", hc.job.num, err)
-                return None
-            _fail(err)
+            refused = err
+    if ranks.sharded:  # every rank stops where rank 0 refused
+        start(ranks)
+        try:
+            out = broadcast(picklable(refused) if refused is not None else out, ranks)
+        except UserError as err:
+            refused = err
+    if refused is not None:
+        if multirun:
+            log.error("job %s refused: %s", hc.job.num, refused)
+            return None
+        _fail(refused)
     try:
         validate(cfg)
-        if ranks.main:
-            check_run_storage(cfg, out)
         metrics = run_prune(cfg, out, reuse_model=multirun, sweep=sweep_context(Path(hc.sweep.dir)) if multirun else None,
                             ranks=ranks)
         if metrics is None:  # a rank other than 0: its part (the sharded search) is done

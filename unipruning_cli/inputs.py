@@ -121,23 +121,27 @@ def model_folder(model_cfg) -> Path | None:
     location = Path(model_location(model_cfg))
     if model_cfg.source != "hub":
         return location if location.is_dir() else None
-    try:
-        from huggingface_hub import snapshot_download
+    try:  # the snapshot folder of that revision, as far as it is downloaded (a commit's folder holds its files)
+        from huggingface_hub import try_to_load_from_cache
 
-        return Path(snapshot_download(model_cfg.path, revision=model_cfg.revision, local_files_only=True))
+        found = try_to_load_from_cache(model_cfg.path, "config.json", revision=model_cfg.get("revision"))
     except Exception:  # noqa: BLE001 - not cached (yet): nothing to hash
         return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def model_inputs(model_cfg) -> dict:
     """The identity of a model: ``{"location", "revision", "model": {file: {bytes, sha256}}, "tokenizer": {...}}``
     (weights, configs and remote code under ``model``; the tokenizer's files under ``tokenizer``). ``model`` and
-    ``tokenizer`` are None where the folder cannot be found (a hub model not cached)."""
+    ``tokenizer`` are None where the folder cannot be found (a hub model not cached); a hub model's record also holds
+    the ``commit`` of its snapshot and only the files downloaded so far (complete after the load)."""
     from .models import model_location
 
     folder = model_folder(model_cfg)
     out = {"location": model_location(model_cfg), "revision": model_cfg.get("revision"), "model": None,
            "tokenizer": None}
+    if folder is not None and model_cfg.source == "hub":
+        out["commit"] = folder.name  # the hub cache names a snapshot by its commit
     if folder is not None:
         out["model"] = _folder_files(folder, MODEL_NAMES, MODEL_SUFFIXES)
         out["tokenizer"] = _folder_files(folder, TOKENIZER_NAMES)
@@ -169,15 +173,19 @@ def run_inputs(cfg) -> dict:
         "eval": {c: corpus_inputs(c) for c in cfg.eval.corpora}}}
 
 
-def compare_inputs(recorded: dict, current: dict, parts: tuple[str, ...] = ("model", "tokenizer")) -> list[str]:
+def compare_inputs(recorded: dict, current: dict, parts: tuple[str, ...] = ("model", "tokenizer"),
+                   partial: bool = False) -> list[str]:
     """What differs between two :func:`model_inputs` records, one line per file of ``parts``: changed content,
-    added, removed. [] when the same (or when either side could not be read: nothing to compare)."""
+    added, removed (``partial``: only files both hold, for a hub snapshot not fully downloaded yet). [] when the same
+    (or when either side could not be read: nothing to compare)."""
     changes = []
     for part in parts:
         old, new = recorded.get(part), current.get(part)
         if old is None or new is None:
             continue
         for name in sorted(set(old) | set(new)):
+            if partial and not (name in old and name in new):
+                continue
             if name not in new:
                 changes.append(f"{part} file {name} is gone")
             elif name not in old:
@@ -192,13 +200,19 @@ def check_same_inputs(recorded: dict | None, model_cfg, what: str, allow_changed
     """Compare the model and tokenizer ``recorded`` by a run (or a masks file) with those ``model_cfg`` points at now,
     before any weight is read. Raises :class:`UserError` listing the changes unless ``allow_changed``
     (``--allow-changed-model``), which warns and returns them for the caller to record. A record made before
-    runs recorded their inputs is warned about and passes."""
+    runs recorded their inputs is warned about and passes. A hub model is compared on the files it has downloaded: call
+    again after the load (all its files are there then)."""
     if not recorded or not (recorded.get("model") or recorded.get("tokenizer")):
         log.warning("%s records no content hashes of its model (made before unipruning recorded them, or a hub model "
                     "not in the cache): that the model at %s is the one it pruned cannot be checked", what,
                     recorded.get("location") if recorded else "?")
         return []
-    changes = compare_inputs(recorded, model_inputs(model_cfg))
+    current = model_inputs(model_cfg)
+    hub = model_cfg.source == "hub"
+    if hub and current["model"] is None:
+        log.warning("%s is not in the local hub cache yet: the files the load fetches are compared with the run's after "
+                    "the load, before any mask is applied", model_cfg.path)
+    changes = compare_inputs(recorded, current, partial=hub)
     if not changes:
         return []
     listed = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")

@@ -9,6 +9,7 @@ stage depends on); a rerun in the same directory skips complete stages and redoe
 from __future__ import annotations
 
 import fcntl
+import errno
 import hashlib
 import json
 import logging
@@ -39,7 +40,6 @@ class StorageError(UserError, OSError):
 def storage_error(err: OSError, path: Path, what: str, nbytes: int | None = None) -> StorageError:
     """:class:`StorageError` for ``err`` raised while writing ``what`` (``nbytes`` bytes where known) to ``path``:
     with the free space of its file system where the disk is full."""
-    import errno
     import shutil
 
     need = f" ({nbytes / 2**20:,.1f} MiB)" if nbytes is not None else ""
@@ -188,8 +188,13 @@ class RunDir:
 # ==============================================================================================
 # one run per directory
 
-#: Config keys that change how a run gets its results, not what they are: they may differ when a run resumes.
-RESUME_NEUTRAL = ("plan_check", "reuse_search", "share_lam_search", "existing_run")
+#: Config keys that change how a run gets its results, not what they are: they may differ when a run resumes (the
+#: stage fingerprints leave them out too), and the resumed run's config.yaml then records the new values.
+RESUME_NEUTRAL = ("plan_check", "reuse_search", "share_lam_search", "existing_run",
+                  # where the work runs and in what pieces: what the plan's advice changes when a run does not fit
+                  "model.placement", "model.max_memory", "model.device_map", "calibration.offload", "eval.batch_size",
+                  "schedule.checkpoint_every", "schedule.activation_checkpointing", "schedule.search_state",
+                  "schedule.fsdp_offload")
 
 
 def config_differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
@@ -255,16 +260,25 @@ def run_lock(path: Path, command: str) -> Iterator[None]:
     :class:`UserError` naming the holder's command and pid. The kernel drops the lock when its process dies, so a
     crashed run never leaves it behind."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    f = open(path / ".lock", "a+")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        f = open(path / ".lock", "a+")
+    except OSError as err:
+        raise storage_error(err, path / ".lock", f"the lock of run directory {path} (`unipruning {command}` writes "
+                            "into the run)") from None
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise UserError(f"run directory {path} is being written by {holder}; wait for it to finish (or stop it) "
-                            "before running another command on this run") from None
+            raise RunDirRefused(f"run directory {path} is being written by {holder}; wait for it to finish (or stop "
+                                "it) before running another command on this run") from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            log.warning("run directory %s: this file system takes no locks (%s); nothing stops a second process from "
+                        "writing this run at the same time", path, err.strerror)
         f.seek(0)
         f.truncate()
         f.write(f"`unipruning {command}` (pid {os.getpid()})\n")

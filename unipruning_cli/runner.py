@@ -37,6 +37,7 @@ from .report import print_summary, write_plots, write_summary_md
 from .rundir import RunDir, RunDirRefused, atomic_write_json, atomic_write_text, claim_run_dir, run_lock
 from .search.sharded import check_sharded_run, run_sharded_search
 from .search.stage import run_search
+from .storage import check_run_storage
 from .sweep import SweepContext
 
 log = logging.getLogger(__name__)
@@ -56,24 +57,33 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     ``sweep``: the sweep this job belongs to, whose other λ its search may serve (see ``run_search``).
     ``ranks``: a launch over several processes (``torchrun``): every rank runs the drift search with FSDP2
     (:mod:`.search.sharded`), then rank 0 alone runs the rest and the others return None. Only rank 0 writes."""
-    if ranks.main:
-        asked, out_dir = Path(out_dir), claim_run_dir(out_dir, plain(cfg), cfg.get("existing_run", "refuse"))
-        if out_dir != asked:
-            follow_log(asked, out_dir)
-    if ranks.sharded:
-        out_dir = broadcast(out_dir, ranks)
-    with run_lock(out_dir, "prune") if ranks.main else contextlib.nullcontext():
-        return _run_prune(cfg, Path(out_dir), reuse_model, sweep, ranks)
+    with contextlib.ExitStack() as held:
+        failure, inputs = None, None
+        if ranks.main:  # rank 0 claims, locks and checks; every rank stops when it refuses (no rank waits forever)
+            try:
+                asked, out_dir = Path(out_dir), claim_run_dir(out_dir, plain(cfg), cfg.get("existing_run", "refuse"))
+                if out_dir != asked:
+                    follow_log(asked, out_dir)
+                held.enter_context(run_lock(out_dir, "prune"))
+                check_run_storage(cfg, out_dir)
+                if cfg.model.source != "hub":  # a hub snapshot is complete only after the load
+                    inputs = checked_inputs(cfg, RunDir(out_dir))  # before config.yaml: a refused run leaves the old
+            except Exception as err:  # noqa: BLE001 - raised again below, on every rank
+                failure = err
+        if ranks.sharded:
+            start(ranks)
+            out_dir = broadcast(picklable(failure) if failure is not None else out_dir, ranks)
+        elif failure is not None:
+            raise failure
+        return _run_prune(cfg, Path(out_dir), inputs, reuse_model, sweep, ranks)
 
 
-def _run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool, sweep: SweepContext | None,
+def _run_prune(cfg: DictConfig, out_dir: Path, inputs: dict | None, reuse_model: bool, sweep: SweepContext | None,
                ranks: Ranks) -> dict | None:
     t_start = time.perf_counter()
     rd = RunDir(out_dir, create=ranks.main)
     timer = Timer()
-    inputs = None
     if ranks.main:
-        inputs = checked_inputs(cfg, rd)  # before the config is written: a refused run leaves the old one as it was
         (rd / "error.json").unlink(missing_ok=True)  # a resumed run starts clean
         atomic_write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
@@ -90,7 +100,7 @@ def _run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool, sweep: SweepCo
 
     with timer.stage("load"):
         model, tok = (load_model_reused if reuse_model else load_model)(cfg.model, placement)
-    if inputs["model"] is None:  # a hub model fetched by the load: its files are in the cache now
+    if inputs is None or inputs["model"] is None:  # a hub model fetched by the load: its files are in the cache now
         inputs = checked_inputs(cfg, rd)
     with recording(inputs):
         metrics = _prune_loaded(cfg, rd, model, tok, primary, plan, placement, timer, sweep)
@@ -108,7 +118,7 @@ def follow_log(old: Path, new: Path) -> None:
     beside another (``existing_run=beside``) logs into its own directory, not into the other run's log."""
     new.mkdir(parents=True, exist_ok=True)
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == old.resolve():
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent.resolve() == old.resolve():
             handler.acquire()
             try:
                 handler.close()

@@ -107,16 +107,22 @@ def run_disk_bytes(cfg: DictConfig, device: str | None = None) -> dict[str, int]
 
 def check_run_storage(cfg: DictConfig, run_dir: Path) -> dict[str, int] | None:
     """The run directory and the cache writable, and the free space of their file systems at least
-    :func:`run_disk_bytes` (summed where both share one). Raises :class:`UserError`; returns the figure (None where
-    the architecture cannot be built here: then only writability is checked, with a warning)."""
+    :func:`run_disk_bytes` (summed where both share one; less what ``run_dir`` already holds, for a resumed run).
+    Raises :class:`UserError`; returns the figure checked (None where ``plan_check=false`` or the architecture cannot
+    be built here: then only writability is checked, the latter with a warning)."""
     cache = cache_dir()
     check_writable(run_dir, "the run directory")
     check_writable(cache, "the cache (UNIPRUNING_CACHE)")
+    if not cfg.get("plan_check", True):
+        return None
     try:
         need = run_disk_bytes(cfg)
     except Exception as err:  # noqa: BLE001 - an architecture the meta device cannot build: the load will tell
         log.warning("the disk space a run of %s needs cannot be estimated before loading (%s)", cfg.model.path, err)
         return None
+    # a resumed run has written part of it already: what it holds counts as written (files are replaced, not added)
+    held = sum(f.stat().st_size for f in Path(run_dir).rglob("*") if f.is_file()) if Path(run_dir).is_dir() else 0
+    need = {**need, "run_dir": max(0, need["run_dir"] - held)}
     same = os.stat(_existing(run_dir)).st_dev == os.stat(_existing(cache)).st_dev
     if same:
         check_free(run_dir, need["run_dir"] + need["cache"], "this run (its run directory and the cache)")

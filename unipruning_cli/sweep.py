@@ -117,6 +117,8 @@ def _started_jobs(sweep: Path) -> list[dict]:
     jobs = []
     for ov in sorted(sweep.glob("*/.hydra/overrides.yaml"), key=lambda p: _num(p.parent.parent.name)):
         job = ov.parent.parent
+        if (job / "overrides.yaml").is_file():  # the run's own record: Hydra's .hydra/ is rewritten by every launch
+            ov = job / "overrides.yaml"
         given = [str(o) for o in yaml.safe_load(ov.read_text()) or []]
         entry = {"job": job.name, "dir": str(job), "given": given, "overrides": dict(o.split("=", 1) for o in given)}
         if (job / "metrics.json").exists():
@@ -154,11 +156,14 @@ def standing(jobs: list[dict]) -> dict:
     failed), ``best`` (the finished job of lowest perplexity, or None), ``mark`` (the label of that job's row: "(best)"
     only for a complete sweep, else "(best of the finished N of M)") and ``headline`` (what is missing, said first
     and loudly; "" for a complete sweep without failures)."""
-    by = {s: [j["job"] for j in jobs if j["status"] == s] for s in ("ok", "failed", "incomplete", "not started")}
-    ranked = [j for j in jobs if j["status"] == "ok" and j.get("ppl") is not None]
-    best = min(ranked, key=lambda j: j["ppl"])["job"] if ranked else None
     listed = any(j.get("planned") for j in jobs)
-    n, m = len(by["ok"]), sum(bool(j.get("planned")) for j in jobs) if listed else len(jobs)
+    # folders the sweep did not ask for (another launch into this folder, with other overrides) are never its results
+    asked = [j for j in jobs if j.get("planned")] if listed else jobs
+    others = [j["job"] for j in jobs if listed and not j.get("planned")]
+    by = {s: [j["job"] for j in asked if j["status"] == s] for s in ("ok", "failed", "incomplete", "not started")}
+    ranked = [j for j in asked if j["status"] == "ok" and j.get("ppl") is not None]
+    best = min(ranked, key=lambda j: j["ppl"])["job"] if ranked else None
+    n, m = len(by["ok"]), len(asked)
     complete = listed and not by["incomplete"] and not by["not started"]
     if complete:
         mark = "(best)"
@@ -178,6 +183,8 @@ def standing(jobs: list[dict]) -> dict:
             if by["incomplete"] else []
         parts += [f"{len(by['not started'])} never started ({_jobs(by['not started'])})"] \
             if by["not started"] else []
+        parts += [f"{len(others)} folder(s) hold runs of other overrides it did not ask for ({_jobs(others)}: "
+                  "another launch into this folder), left out of the best"] if others else []
         mark = f"(best of the finished {n} of {m})"
         headline = (f"**INCOMPLETE SWEEP: {'; '.join(parts)}. It has no best yet"
                     + (f": the marked job is only the best of the finished {n} of {m}, and a job that never ran may "

@@ -50,8 +50,9 @@ def _parse(settings: list[str]) -> tuple[dict, list[str], bool]:
 def evaluate_run(run_dir: Path, settings: list[str], allow_changed_model: bool = False) -> dict:
     """Evaluate cuts of the finished run ``run_dir`` (``settings``: see :func:`eval_command`) and merge the results
     into its ``metrics.json``. Before the model loads, the model's files must be the ones the run read
-    (:func:`.inputs.check_same_inputs`; ``allow_changed_model`` lets a change through, recorded in the evaluation's
-    entry), and no other process may be writing the run (:func:`.rundir.run_lock`). Raises :class:`UserError`."""
+    (:func:`.inputs.check_same_inputs`; ``allow_changed_model`` lets a change through: then the figures go only into
+    a new entry of ``evaluations``, marked ``changed_model``, never over the run's own), and no other process may be
+    writing the run (:func:`.rundir.run_lock`). Raises :class:`UserError`."""
     from ..export.run import open_run
     from ..rundir import run_lock
 
@@ -74,6 +75,9 @@ def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
     from .dense import dense_evaluation
     from .protocol import eval_windows_of, evaluate_masks, result_entry
 
+    import tempfile
+
+    from ..export.folder import check_mask_shapes
     from ..inputs import check_same_inputs, recording
 
     cut, dotlist, every = _parse(settings)
@@ -100,18 +104,23 @@ def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
     if placement == "auto":
         placement = (run.metrics.get("placement") or {}).get("placement") or "device"
     model, tok = load_model(cfg.model, placement)
+    if cfg.model.source == "hub" and not changed:  # a hub model not cached before: its files are here now
+        changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model)
     layers = prunable_layers(model)
-    with recording(run.metrics.get("inputs")):
+    with recording(run.metrics.get("inputs")), tempfile.TemporaryDirectory() as scratch:
         all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else
                          load_or_cut(run, targets[t], sources[t])) for t in targets}
+        for t, masks in all_masks.items():
+            check_mask_shapes(layers, masks, str(run.mask_path(t)))
         timer = Timer()
         windows = eval_windows_of(cfg, tok)
         dense = dense_evaluation(cfg, model, tok, windows, timer)
-        # a run that refined its masks (refine=swap): a cut new from Γ is refined as the run's were, and saved so
-        all_masks, refined = refine_stage(cfg, model, tok, all_masks, RunDir(run.path), timer)
+        # a run that refined its masks (refine=swap): a cut new from Γ is refined as the run's were, and saved so;
+        # on other weights (--allow-changed-model) the refined masks are not the run's: they stay out of it
+        all_masks, refined = refine_stage(cfg, model, tok, all_masks, RunDir(scratch if changed else run.path), timer)
         results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer, refined)
     metrics = dict(run.metrics)
-    for tag, r in results.items():
+    for tag, r in (results.items() if not changed else ()):  # the run's own figures are of the run's own weights
         metrics.setdefault("results", {})[tag] = result_entry(r)
         if tag == metrics.get("pattern"):
             metrics["perplexity"] = {c: {"dense": dense["perplexity"][c], "pruned": r["perplexity"][c]} for c in windows}

@@ -80,10 +80,15 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     check_model_reachable(cfg.model)
     changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model)
     check_export_space(cfg.model, out_path, dtype)
-    with run_lock(run.path, "export"), recording(run.metrics.get("inputs")):
+    if source == "file":  # nothing is written into the run: a finished run on read-only storage exports too
         masks = load_or_cut(run, target, source)
+    else:
+        with run_lock(run.path, "export"), recording(run.metrics.get("inputs")):
+            masks = load_or_cut(run, target, source)
 
     model, tok = load_model(cfg.model)
+    if cfg.model.source == "hub" and not changed:  # a hub model not cached before: its files are here now
+        changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model)
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, f"{run.mask_path(target.tag)}")
     rebuilt = cfg.get("reconstruct", "none") == "obs"
@@ -129,17 +134,24 @@ def _changed_note(changed: list[str]) -> str:
 
 
 def check_export_space(model_cfg, out: Path, dtype: Optional[str]) -> None:
-    """Room for the exported folder on ``out``'s file system: the model folder's weight files, scaled to ``dtype``
-    (from the ``float32`` / 16-bit element size; unscaled where either is unknown). A hub model not cached yet is not
-    checked (its size is unknown before the download)."""
+    """Room for the exported folder on ``out``'s file system: the model folder's weight files, scaled from the dtype its
+    ``config.json`` names to the dtype the export saves (``dtype``, else the one the model loads in). A hub model not
+    cached yet is not checked (its size is unknown before the download). Raises :class:`UserError`."""
+    from ..models import resolve_device, resolve_dtype
+
     folder = model_folder(model_cfg)
     if folder is None:
         return
     weights = weights_bytes(folder)
-    source = str(model_cfg.get("dtype", "auto"))
-    if dtype in DTYPES and source in DTYPES:
-        weights = weights * DTYPES[dtype].itemsize // DTYPES[source].itemsize
-    check_free(out.parent if not out.exists() else out, weights + 2**24, "the exported folder")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        stored = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")))
+    except (OSError, ValueError):
+        stored = None
+    saved = DTYPES[dtype] if dtype in DTYPES else resolve_dtype(model_cfg.dtype, resolve_device(model_cfg.device))
+    if stored is not None:
+        weights = weights * saved.itemsize // stored.itemsize
+    check_free(out, weights + 2**24, "the exported folder")
 
 
 # ==============================================================================================
@@ -202,6 +214,8 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
     masks = load_masks(masks_path)
 
     model, tok = load_model(model_cfg)
+    if model_cfg.source == "hub" and not changed:  # a hub model not cached before: its files are here now
+        changed = check_same_inputs(info.get("inputs"), model_cfg, f"the masks file {masks_path}", allow_changed_model)
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, str(masks_path))
     apply_masks(layers, masks)

@@ -32,7 +32,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def protected_sources(model_cfg=None) -> list[Path]:
     """Folders no export may write into, be, or hold, whatever ``--force`` says: the model's own folder (the one
-    ``from_pretrained`` reads for ``model_cfg``), unipruning's cache and the Hugging Face cache."""
+    ``from_pretrained`` reads for ``model_cfg``; for ``model.source=gguf`` also the folder holding the ``.gguf``
+    file), unipruning's cache and the Hugging Face cache."""
     from huggingface_hub import constants
 
     from ..inputs import model_folder
@@ -41,6 +42,8 @@ def protected_sources(model_cfg=None) -> list[Path]:
     found = [cache_dir(), Path(constants.HF_HUB_CACHE), Path(constants.HF_HOME)]
     if model_cfg is not None and (folder := model_folder(model_cfg)) is not None:
         found.append(folder)
+    if model_cfg is not None and model_cfg.source == "gguf":  # the user's folder that holds the .gguf file
+        found.append(Path(model_cfg.path).expanduser().resolve().parent)
     return found
 
 
