@@ -346,8 +346,14 @@ def test_existing_output_folder_needs_force(uni_run, ws):
     with pytest.raises(UserError, match="already exists.*--force"):
         export_command([str(uni_run), "--out", str(out)])
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    export_command([str(uni_run), "--out", str(out), "--force"])
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    with pytest.raises(UserError, match="no unipruning export wrote"):  # issue 26: --force replaces exports only
+        export_command([str(uni_run), "--out", str(out), "--force"])
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    export_command([str(uni_run), "--out", str(out), "--force"])  # an empty folder: replaced
+    (out / "added.txt").write_text("written by the export's user")
+    export_command([str(uni_run), "--out", str(out), "--force"])  # an earlier export: replaced
+    assert not (out / "added.txt").exists() and (out / "config.json").is_file()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".occupied")]
     with pytest.raises(UserError, match="would hold"):  # --force never replaces the run itself
         export_command([str(uni_run), "--out", str(uni_run), "--force"])

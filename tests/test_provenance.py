@@ -89,7 +89,7 @@ def test_changed_weights_are_refused_by_export_eval_and_apply(ws, swapped_weight
     assert (run / "metrics.json").read_bytes() == before
     assert not (ws["root"] / "ex-refused").exists() and not (ws["root"] / "ap-refused").exists()
 
-    proc = _cli(ws, "eval", str(run), "--allow-changed-model")
+    proc_eval = proc = _cli(ws, "eval", str(run), "--allow-changed-model")
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = json.loads((run / "metrics.json").read_text())
     old = json.loads(before)
@@ -102,7 +102,9 @@ def test_changed_weights_are_refused_by_export_eval_and_apply(ws, swapped_weight
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((out / "unipruning_export.json").read_text())
     assert any("model.safetensors changed" in c for c in json.dumps(record).split('"'))
-    assert (out / "README.md").read_text().startswith("> **Warning: these weights are not the ones")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "\n---\n\n> **Warning: these weights are not the ones" in card  # after the YAML
+    assert "CHANGED MODEL" in proc_eval.stderr + proc_eval.stdout
 
 
 def test_apply_to_another_model_of_the_same_shapes_is_refused(ws):
@@ -408,3 +410,25 @@ def test_a_gguf_files_own_folder_is_protected(tmp_path):
     cfg = OmegaConf.structured(ModelConfig(name="m", source="gguf", path=str(tmp_path / "models" / "m.gguf")))
     with pytest.raises(UserError, match="model source or a cache"):
         check_out(tmp_path / "models", True, [], protected_sources(cfg))
+
+
+def test_force_replaces_an_earlier_export_only(ws, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    proc = _cli(ws, "export", str(ws["run"]), "--out", str(mine), "--force")
+    assert proc.returncode == 2 and "no unipruning export wrote" in proc.stderr, proc.stderr[-2000:]
+    assert (mine / "notes.txt").read_text() == "mine"
+    out = tmp_path / "export"
+    for _ in range(2):  # the second replaces the first
+        proc = _cli(ws, "export", str(ws["run"]), "--out", str(out), "--force")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_rerun_keeps_the_runs_later_evaluations(ws):
+    run = ws["run"]
+    assert _cli(ws, "eval", str(run), "eval.max_windows=2").returncode == 0
+    evaluations = json.loads((run / "metrics.json").read_text())["evaluations"]
+    proc = _cli(ws, "prune", *ws["args"], f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "metrics.json").read_text())["evaluations"] == evaluations

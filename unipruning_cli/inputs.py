@@ -217,8 +217,9 @@ def check_same_inputs(recorded: dict | None, model_cfg, what: str, allow_changed
         return []
     listed = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
     if not allow_changed:
-        raise UserError(f"the model is not the one {what} pruned: {listed}. Its masks on other weights would give "
-                        "another model than the one measured. Point at the original model, or pass "
+        raise UserError(f"the model at {current['location']} is not the one {what} pruned: {listed}. Its masks on "
+                        "other weights would give another model than the one measured. Put the original files back "
+                        "there (or, for `unipruning apply`, give the original with --model), or pass "
                         "--allow-changed-model if you mean to use these weights (recorded in the output)")
     log.warning("--allow-changed-model: the model is not the one %s pruned (%s)", what, listed)
     return changes

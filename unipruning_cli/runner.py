@@ -106,6 +106,10 @@ def _run_prune(cfg: DictConfig, out_dir: Path, inputs: dict | None, reuse_model:
         metrics = _prune_loaded(cfg, rd, model, tok, primary, plan, placement, timer, sweep)
     metrics["inputs"] = inputs
     metrics["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
+    if (rd / "metrics.json").is_file():  # a rerun of this run: the later `unipruning eval` records stay with it
+        earlier = json.loads((rd / "metrics.json").read_text()).get("evaluations")
+        if earlier:
+            metrics["evaluations"] = earlier
     atomic_write_json(rd / "metrics.json", metrics)
     plots = write_plots(rd.path, metrics)
     write_summary_md(rd / "summary.md", metrics, plots)

@@ -69,8 +69,9 @@ def run_disk_bytes(cfg: DictConfig, device: str | None = None) -> dict[str, int]
 
     From the model's shapes on the ``meta`` device (P prunable weights, N others, Σ of the prunable matrices' input
     widths): ``ceil(P/8)`` per cut's masks file (the run's targets, times one more per baseline metric); for
-    UniPruning, Γ (fp32, 4P) and two search checkpoints (frozen: Γ and V, 8P; drift: also W, its gradient and Adam's
-    two moments, b bytes each under ``schedule.drift_dtype``, plus the other weights' gradients, bN); calibration statistics (fp32 per input channel) in the
+    UniPruning, Γ (fp32, 4P) and the search checkpoints, at most two at once (one per ``schedule.checkpoint_every``
+    steps before the last; frozen: matrices; each frozen: Γ and V, 8P; drift: also W, its gradient and Adam's two
+    moments, b bytes each under ``schedule.drift_dtype``, plus the other weights' gradients, bN); calibration statistics (fp32 per input channel) in the
     run, and per sample in the cache. ``device`` (``cuda`` / ``cpu``): where ``model.dtype=auto`` is resolved (default:
     ``model.device`` on this machine). Raises whatever building the meta model raises."""
     import torch
@@ -89,18 +90,19 @@ def run_disk_bytes(cfg: DictConfig, device: str | None = None) -> dict[str, int]
     baselines = cfg.eval.baselines if cfg.eval.baselines is not None else (["wanda"] if uni else [])
     run = cuts * (1 + len(baselines)) * math.ceil(P / 8) + 2 * 4 * sum_in + SMALL_FILES
     if uni:
+        # checkpoints every schedule.checkpoint_every steps (frozen: matrices) before the last; while one replaces
+        # the other, two are on disk (search/state.py), so at most two count
+        every = max(1, int(cfg.schedule.checkpoint_every))
         if cfg.schedule.weight_mode == "drift":
             from .models import resolve_device, resolve_dtype
             from .search.settings import drift_element_size
 
-            import torch
-
             where = torch.device(device) if device else resolve_device(cfg.model.device)
             weights = resolve_dtype(cfg.model.dtype, where).itemsize
             b = drift_element_size(cfg.schedule.get("drift_dtype", "weights"), weights)
-            run += 4 * P + 2 * ((8 + 4 * b) * P + b * N)
+            run += 4 * P + min(2, (int(cfg.schedule.steps) - 1) // every) * ((8 + 4 * b) * P + b * N)
         else:
-            run += 4 * P + 2 * 8 * P
+            run += 4 * P + min(2, (len(layers) - 1) // every) * 8 * P
     cache = cfg.calibration.nsamples * 4 * sum_in + SMALL_FILES
     return {"run_dir": int(run), "cache": int(cache)}
 

@@ -109,7 +109,7 @@ def collect_jobs(sweep: Path) -> list[dict]:
         else:
             jobs.append({"job": str(num), "dir": str(sweep / str(num)), "given": given, "planned": True,
                          "overrides": dict(o.split("=", 1) for o in given), "status": "not started",
-                         "error": "never started (the sweep stopped before it)"})
+                         "error": "no folder: never started (the sweep stopped before it), or its folder was removed"})
     return jobs + [j for rest in by_overrides.values() for j in rest]
 
 

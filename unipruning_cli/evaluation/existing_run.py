@@ -78,6 +78,9 @@ def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
     import tempfile
 
     from ..export.folder import check_mask_shapes
+    from ..models import check_model_reachable
+    from ..paths import cache_dir
+    from ..storage import check_writable
     from ..inputs import check_same_inputs, recording
 
     cut, dotlist, every = _parse(settings)
@@ -98,6 +101,8 @@ def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
         target = resolve_target(run, float(cut["sparsity"]) if "sparsity" in cut else None, cut.get("pattern"),
                                 cut.get("allocation"))
         targets, sources = {target.tag: target}, {target.tag: masks_source(run, target)}
+    check_model_reachable(cfg.model)
+    check_writable(cache_dir(), "the cache (UNIPRUNING_CACHE)")
     changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model)
     # everything is checked: now the model, placed as the run placed it (a 70B run onloaded is evaluated onloaded)
     placement = cfg.model.get("placement") or "auto"
@@ -128,10 +133,21 @@ def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
             metrics["sparsity"] = r["sparsity"]
     metrics.setdefault("evaluations", []).append({"tags": list(results), "eval": OmegaConf.to_container(cfg.eval),
                                                   **({"changed_model": changed} if changed else {}),
+                                                  "dense": {"perplexity": dense["perplexity"],
+                                                            "zero_shot": dense["zero_shot"]},
                                                   "seconds": timer.seconds, "per_tag": {
                                                       t: {"perplexity": r["perplexity"], "zero_shot": r["zero_shot"]}
                                                       for t, r in results.items()}})
     atomic_write_json(run.path / "metrics.json", metrics)
+    if changed:  # what was measured is shown as what it is; the run's own summary and plots stay the run's
+        tag, first = next(iter(results.items()))
+        shown = {**metrics, "results": {t: result_entry(r) for t, r in results.items()}, "pattern": tag,
+                 "sparsity": first["sparsity"], "perplexity": {
+                     c: {"dense": dense["perplexity"][c], "pruned": first["perplexity"][c]} for c in windows}}
+        log.warning("CHANGED MODEL (--allow-changed-model): the figures below are of the weights now at %s, not of "
+                    "the run's; metrics.json keeps them under evaluations[-1], beside the run's own", cfg.model.path)
+        print_summary(shown, run.path)
+        return metrics
     plots = write_plots(run.path, metrics)
     write_summary_md(run.path / "summary.md", metrics, plots)
     print_summary(metrics, run.path)

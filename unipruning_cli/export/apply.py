@@ -117,20 +117,25 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
                                 "weights": "reconstructed (OBS on the fixed mask)" if rebuilt else "original x mask",
                                 **({"changed_model": changed} if changed else {})},
                                kept, sizes, comp, model_dtype)
-        return _changed_note(changed) + run_card(run, target, source, kept, sizes, model_dtype, comp), record
+        return _changed_note(changed, run_card(run, target, source, kept, sizes, model_dtype, comp)), record
 
     written = _publish(model, tok, out_path, force, nm, card)
     return {"out": out_path.resolve(), "tag": target.tag, "target": target, "source": source, "kept": kept,
             "dtype": model_dtype, **written}
 
 
-def _changed_note(changed: list[str]) -> str:
-    """The card's first words where ``--allow-changed-model`` let other weights through: no figure below is theirs."""
+def _changed_note(changed: list[str], card: str) -> str:
+    """``card`` opening with a warning where ``--allow-changed-model`` let other weights through (no figure in it is
+    theirs), after its YAML front matter, so the hub still reads the metadata."""
     if not changed:
-        return ""
-    return ("> **Warning: these weights are not the ones the masks were cut for and measured on** (exported with "
+        return card
+    note = ("> **Warning: these weights are not the ones the masks were cut for and measured on** (exported with "
             "`--allow-changed-model`: " + "; ".join(changed) + "). The figures below describe the original run, not "
             "this model.\n\n")
+    if card.startswith("---\n") and (end := card.find("\n---\n", 4)) != -1:
+        head = card[: end + 5]
+        return head + "\n" + note + card[end + 5:].lstrip("\n")
+    return note + card
 
 
 def check_export_space(model_cfg, out: Path, dtype: Optional[str]) -> None:
@@ -229,7 +234,7 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
                                 **({"changed_model": changed} if changed else {})},
                                kept, sizes, comp, model_dtype)
         text = masks_card(str(model_cfg.path), what, masks_path, info, nm, kept, sizes, model_dtype)
-        return _changed_note(changed) + text, record
+        return _changed_note(changed, text), record
 
     written = _publish(model, tok, out_path, force, nm if compressed else None, card)
     return {"out": out_path.resolve(), "kept": kept, "dtype": model_dtype, "nm": nm, **written}

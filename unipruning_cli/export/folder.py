@@ -50,7 +50,8 @@ def protected_sources(model_cfg=None) -> list[Path]:
 def check_out(out: Path, force: bool, protect: list[Path], sources: list[Path] = ()) -> None:
     """UserError unless ``out`` may be written: not any ``protect`` path nor holding one; not any of ``sources`` (model
     folders, caches: :func:`protected_sources`), holding one or inside one, even with ``force`` (replacing them would
-    destroy what the user did not produce); free (or ``force``); and writable."""
+    destroy what the user did not produce); free (or ``force``, which replaces only an earlier export: a folder holding
+    ``unipruning_export.json``, or an empty one); and writable."""
     from ..storage import check_writable
 
     out = out.resolve()
@@ -69,6 +70,9 @@ def check_out(out: Path, force: bool, protect: list[Path], sources: list[Path] =
         raise UserError(f"output folder {out} already exists; pass --force to replace it (nothing was written)")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "unipruning_export.json").is_file():
+        raise UserError(f"--out {out} holds files that no unipruning export wrote (no unipruning_export.json): --force "
+                        "replaces an earlier export only. Choose another output folder, or empty this one yourself")
 
 
 @contextmanager

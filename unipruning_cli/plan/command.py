@@ -76,8 +76,10 @@ def _print_disk(cfg, gib: float, device: str) -> dict[str, float]:
     from ..storage import run_disk_bytes
 
     disk = {k: round(v / gib, 2) for k, v in run_disk_bytes(cfg, device).items()}
+    what = "masks, Γ, search checkpoints, calibration statistics" if cfg.method == "unipruning" else \
+        "masks, calibration statistics"
     console.print(f"disk: at most {disk['run_dir']:.2f} GiB in the run directory and {disk['cache']:.2f} GiB in the "
-                  "cache (masks, Γ, search checkpoints, calibration statistics); checked against the free space "
+                  f"unipruning cache ({what}; the model's own download not counted); checked against the free space "
                   "before a run loads any weight")
     return disk
 
