@@ -11,7 +11,7 @@ Where more than one GPU is visible (or ``--ranks N`` is given), the multi-GPU pa
 the one-GPU run, and how far its Γ is from the one-GPU run's (relative Frobenius norm, per matrix at worst).
 
     python scripts/gpu_check.py --out DIR                          # Qwen2.5-7B, seqlen 4096, on CUDA
-    python scripts/gpu_check.py --arch tiny --device cpu --out DIR # the same steps on a tiny model, here
+    python scripts/gpu_check.py --arch tiny --device cpu --out DIR # the same steps on a tiny model (seqlen 256), here
     python scripts/gpu_check.py --arch tiny --device cpu --ranks 2 --out DIR  # with the 2-rank part (gloo)
 """
 
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -79,14 +80,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="Qwen/Qwen2.5-7B", help="a hub id of plan.architectures, or tiny")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--seqlen", type=int, default=4096)
+    ap.add_argument("--seqlen", type=int, default=None,
+                    help="window of calibration and evaluation (default: 4096; 256 for --arch tiny, 512 positions)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu_check"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ranks", type=int, default=None,
                     help="ranks of the multi-GPU part (default: the visible GPUs where more than one; 0: skip it)")
     args = ap.parse_args()
+    if args.seqlen is None:
+        args.seqlen = 256 if args.arch == "tiny" else 4096
     args.out.mkdir(parents=True, exist_ok=True)
+    for old in [*args.work.glob("run_*"), *args.work.glob("masks_*")]:  # a run directory holds one run: start afresh
+        shutil.rmtree(old)
     env = {**os.environ, "UNIPRUNING_CACHE": str(args.work / "cache"), "UNIPRUNING_RUNS": str(args.work / "runs"),
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     dtype = "bfloat16" if args.device == "cuda" else "float32"

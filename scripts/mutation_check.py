@@ -27,10 +27,10 @@ COPY = ("unipruning_cli", "tests", "configs", "scripts", "pyproject.toml", "READ
 MUTATIONS = {
     "metric-after-step": (
         "unipruning_cli/search/mirror_descent.py",
-        "            accumulated = _score_and_update(params, names, stats, metric, gen, lanes, settings)\n"
+        "            accumulated = _score_and_update(params, names, stats, metric, gen, lanes, settings, shards)\n"
         "            _weight_step(accumulated, opt)\n",
         "            opt.step()\n"
-        "            accumulated = _score_and_update(params, names, stats, metric, gen, lanes, settings)\n",
+        "            accumulated = _score_and_update(params, names, stats, metric, gen, lanes, settings, shards)\n",
         ["tests/test_drift_reference.py"], "the step metric S is taken on W after this step's AdamW update"),
     "no-clip": (
         "unipruning_cli/search/mirror_descent.py",
@@ -91,8 +91,8 @@ MUTATIONS = {
         ["tests/test_sparsegpt.py"], "SparseGPT selects by w²/[H⁻¹]_cc instead of w²/[H⁻¹]_cc²"),
     "sharded-metric-on-rows": (
         "unipruning_cli/search/mirror_descent.py",
-        "        m = shards.rows(metric.score(shards.full(p), stats[n], generator=gen if metric.stochastic else None))",
-        "        m = metric.score(shards.local(p), stats[n], generator=gen if metric.stochastic else None)",
+        "        m = shards.rows(metric.score(shards.full(p).to(dev), stats[n], generator=gen if metric.stochastic else None))",
+        "        m = metric.score(shards.local(p).to(dev), stats[n], generator=gen if metric.stochastic else None)",
         ["tests/test_distributed.py::test_two_ranks_give_the_single_process_gamma_and_masks_in_one_run_directory"],
         "over FSDP2 ranks each rank scores only its rows (RIA's column sums over a shard)"),
     "sharded-quantile-local": (
