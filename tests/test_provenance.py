@@ -245,7 +245,7 @@ def test_a_failed_write_names_the_path_what_and_how_much(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(UserError) as err:
-        _atomic_write(tmp_path / "gamma.safetensors", full, "gamma.safetensors", 3 * 2**20)
+        _atomic_write(tmp_path / "gamma.safetensors", full, 3 * 2**20)
     text = str(err.value)
     assert str(tmp_path / "gamma.safetensors") in text and "3.0 MiB" in text and "No space left" in text
     assert "MiB are free there" in text and isinstance(err.value, OSError)

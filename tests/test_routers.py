@@ -13,16 +13,26 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import one_torch_thread  # noqa: F401  (fixture)
 from conftest import tiny_overrides
 from test_moe import _folder, _model
 
 E, TOP_K = 4, 2
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
+
+
+def never_expert_3(module, args, out):
+    """A router forward hook: expert 3's logit is -inf, so the router never picks it."""
+    out = out.clone()
+    out[..., 3] = -math.inf
+    return out
 
 
 class _Expert(nn.Module):
@@ -191,11 +201,6 @@ def test_a_list_of_linear_experts_pools_a_rarely_routed_experts_statistics(names
 
     model = _list_moe(names)
 
-    def never_expert_3(module, args, out):
-        out = out.clone()
-        out[..., 3] = -math.inf
-        return out
-
     model.model.layers[0].mlp.dispatch.register_forward_hook(never_expert_3)
     windows = torch.randint(0, 320, (3, 16))
     hessians = {}
@@ -258,11 +263,6 @@ def test_lists_of_plain_linear_experts_pool_by_their_own_names():
     model = _list_moe()
     for layer in model.model.layers:
         layer.mlp = _LinearListMoE(64, 32)
-
-    def never_expert_3(module, args, out):
-        out = out.clone()
-        out[..., 3] = -math.inf
-        return out
 
     model.model.layers[0].mlp.router.register_forward_hook(never_expert_3)
     groups = model_expert_groups(model)

@@ -234,3 +234,19 @@ def test_every_speed_note_promises_nothing():
         for text in (speed_note(n, m), short_speed(n, m)):
             assert not [p for p in PROMISES if p in text], text
         assert short_speed(n, m).startswith("none")
+
+
+def test_every_sparsity_description_leaves_an_exported_config(tmp_path):
+    """The three places a source config may carry one (compressed-tensors nests it): all go, the rest stays."""
+    from unipruning_cli.export.folder import drop_sparsity_metadata
+
+    config = {"model_type": "llama", "sparsity_config": {"format": "dense"},
+              "quantization_config": {"quant_method": "compressed-tensors", "sparsity_config": {"format": "24"}},
+              "compression_config": {"sparsity_config": {}, "keep": 1}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert drop_sparsity_metadata(tmp_path) == ["sparsity_config", "quantization_config.sparsity_config",
+                                                "compression_config.sparsity_config"]
+    assert json.loads((tmp_path / "config.json").read_text()) == {
+        "model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors"},
+        "compression_config": {"keep": 1}}
+    assert drop_sparsity_metadata(tmp_path) == []

@@ -24,7 +24,7 @@ from .layouts import expert_counts, expert_groups
 from .models import block_layers, find_blocks, input_device
 from .onload import onloaded
 from .progress import track
-from .stats import ActivationStats
+from .stats import ActivationStats, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,8 @@ def calibrate_blockwise(
     Experts see only the tokens routed to them; one that saw fewer than ``min_expert_tokens`` gets its layer's
     pooled statistics (:func:`pool_rare_experts`) before the callback, whether the experts are fused tensors taken
     as Linears or a list of Linear experts (:func:`.layouts.expert_groups`). Routers and gates are not hooked.
+    Raises :class:`.errors.UserError` at the first block whose statistics are not finite (an overflow of the model's
+    dtype, :func:`.stats.check_finite`), before its callback.
     """
     prefix, blocks = find_blocks(model)
     hidden, kwargs = capture_block_inputs(model, windows, offload)
@@ -285,6 +287,8 @@ def _calibrate_block(block: nn.Module, name: str, i: int, hidden: list, kwargs: 
         for h in handles:
             h.remove()
     stats = {n: c.stats() for n, c in collectors.items()}
+    if layers:  # an overflow stops the run here, before any callback scores, cuts or caches what it made
+        check_finite(stats, next(iter(layers.values())).weight.dtype)
     pool_rare_experts(stats, expert_groups(block, name, experts), min_expert_tokens)
     if on_block is not None:
         on_block(i, layers, stats)

@@ -24,7 +24,7 @@ from .paths import cache_dir
 from .provenance import versions
 from .rundir import atomic_save_tensors, fingerprint, load_tensors
 from .sampling import TokenSamples
-from .stats import ActivationStats, check_finite
+from .stats import ActivationStats
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def dense_statistics(cfg: DictConfig, model, windows: TokenSamples) -> tuple[dic
     """One-shot statistics of the dense model per prunable matrix, shared by every run on the same model and data.
 
     Returns (statistics, whether they came from the cache). Per-sample statistics are included. Raises
-    :class:`.errors.UserError` (:func:`.stats.check_finite`) where an overflow made them non-finite.
+    :class:`.errors.UserError` (:func:`.calibration.calibrate_blockwise`) where an overflow made them non-finite:
+    nothing is cached then.
     """
     key = fingerprint({"model": model_identity(cfg.model), "corpus": corpus_identity(cfg.calibration.source),
                        "dtype": str(next(model.parameters()).dtype),
@@ -73,7 +74,6 @@ def dense_statistics(cfg: DictConfig, model, windows: TokenSamples) -> tuple[dic
         return stats_from_tensors(load_tensors(path), meta), True
     stats = calibrate_blockwise(model, windows, want_per_sample=True, offload=cfg.calibration.offload,
                                 min_expert_tokens=cfg.calibration.min_expert_tokens)
-    check_finite(stats, next(model.parameters()).dtype)  # an overflow is never cached as the dense statistics
     tensors, meta = stats_to_tensors(stats)
     atomic_save_tensors(path, tensors, meta)
     return stats, False

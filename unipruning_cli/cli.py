@@ -158,7 +158,7 @@ def _prune_task(cfg) -> float | None:
 
     from .preflight import validate
     from .runner import record_failure, run_prune
-    from .distributed import broadcast, launch_ranks, picklable, start
+    from .distributed import from_main, launch_ranks
     from .rundir import RunDirRefused
     from .sweep import sweep_context
 
@@ -169,23 +169,14 @@ def _prune_task(cfg) -> float | None:
     if not ranks.main:  # a hydra/launcher=slurm task other than 0 (Hydra set its logging up): no log file
         for handler in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
             logging.getLogger().removeHandler(handler)
-    refused = None
-    if ranks.main:
-        try:
-            out = _claim(cfg, out, [str(o) for o in hc.overrides.task])
-        except UserError as err:  # no error.json either: nothing of this launch is left in the other run's directory
-            refused = err
-    if ranks.sharded:  # every rank stops where rank 0 refused
-        start(ranks)
-        try:
-            out = broadcast(picklable(refused) if refused is not None else out, ranks)
-        except UserError as err:
-            refused = err
-    if refused is not None:
+    asked, overrides = out, [str(o) for o in hc.overrides.task]
+    try:  # rank 0 claims; every rank stops where it refused
+        out = from_main(lambda: _claim(cfg, asked, overrides), ranks)
+    except UserError as err:  # no error.json either: nothing of this launch is left in the other run's directory
         if multirun:
-            log.error("job %s refused: %s", hc.job.num, refused)
+            log.error("job %s refused: %s", hc.job.num, err)
             return None
-        _fail(refused)
+        _fail(err)
     try:
         validate(cfg)
         metrics = run_prune(cfg, out, reuse_model=multirun, sweep=sweep_context(Path(hc.sweep.dir)) if multirun else None,

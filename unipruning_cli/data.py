@@ -76,14 +76,28 @@ def _c4(role: str) -> list[str]:
 _ONE_PER_LINE = 'each line of a .jsonl corpus is one {"text": "..."} object (blank lines are skipped)'
 
 
+_FILES: dict[tuple, list[str]] = {}
+
+
 def _read_text_file(path: Path) -> list[str]:
     """The documents of a ``.txt`` (the whole file, one document) or ``.jsonl`` file (the ``"text"`` of each
-    non-blank line), line ends read as ``open()`` reads them.
+    non-blank line), line ends read as ``open()`` reads them. Read and checked once per process while the file's
+    size and mtime stay the same (the preflight's read serves the run's), handed out as a new list each time.
 
     Raises :class:`UserError` naming the file and its line (1-based) for bytes that are not UTF-8 (with the
     byte in that line, 1-based), a line that is not JSON, not an object, has no ``"text"`` or a ``"text"``
     that is not a string; and for a file with no text at all (empty, blank lines, or only empty texts), which
     would otherwise fail much later in the tokenizer."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILES:
+        if len(_FILES) >= _MAX_STREAMS:
+            _FILES.pop(next(iter(_FILES)))
+        _FILES[key] = _parse_text_file(path)
+    return list(_FILES[key])
+
+
+def _parse_text_file(path: Path) -> list[str]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")

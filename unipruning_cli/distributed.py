@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
@@ -106,6 +107,24 @@ def broadcast(obj, ranks: Ranks):
     if isinstance(box[0], BaseException):
         raise box[0]
     return box[0]
+
+
+T = TypeVar("T")
+
+
+def from_main(compute: Callable[[], T], ranks: Ranks) -> T:
+    """``compute()`` run on rank 0 alone, and its value on every rank; what it raised is raised on every rank, so no
+    rank waits forever on one that failed. Joins the process group first (:func:`start`). One process: ``compute()``."""
+    if not ranks.sharded:
+        return compute()
+    start(ranks)
+    value = None
+    if ranks.main:
+        try:
+            value = compute()
+        except Exception as err:  # noqa: BLE001 - raised again on every rank by broadcast
+            value = picklable(err)
+    return broadcast(value, ranks)
 
 
 def picklable(err: BaseException) -> BaseException:

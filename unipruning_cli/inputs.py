@@ -173,19 +173,28 @@ def run_inputs(cfg) -> dict:
         "eval": {c: corpus_inputs(c) for c in cfg.eval.corpora}}}
 
 
-def compare_inputs(recorded: dict, current: dict, parts: tuple[str, ...] = ("model", "tokenizer"),
-                   partial: bool = False) -> list[str]:
-    """What differs between two :func:`model_inputs` records, one line per file of ``parts``: changed content,
-    added, removed (``partial``: only files both hold, for a hub snapshot not fully downloaded yet). [] when the same
-    (or when either side could not be read: nothing to compare)."""
+def _files(record: dict, part: str) -> dict[str, dict] | None:
+    """The ``{name: {bytes, sha256}}`` of one part of a record: ``model``, ``tokenizer``, or ``corpora`` (the
+    calibration corpus and each evaluation corpus that has a content hash; hub corpora have none)."""
+    if part != "corpora":
+        return record.get(part)
+    corpora = record.get("corpora")
+    if corpora is None:
+        return None
+    named = {"calibration": corpora.get("calibration"), **{f"eval {k}": v for k, v in (corpora.get("eval") or {}).items()}}
+    return {k: v for k, v in named.items() if v and "sha256" in v}
+
+
+def compare_inputs(recorded: dict, current: dict, parts: tuple[str, ...] = ("model", "tokenizer")) -> list[str]:
+    """What differs between two records (:func:`model_inputs`, :func:`run_inputs`), one line per file of ``parts``
+    (``model``, ``tokenizer``, ``corpora``): changed content, added, removed. [] when the same (or when either side
+    could not be read: nothing to compare)."""
     changes = []
     for part in parts:
-        old, new = recorded.get(part), current.get(part)
+        old, new = _files(recorded, part), _files(current, part)
         if old is None or new is None:
             continue
         for name in sorted(set(old) | set(new)):
-            if partial and not (name in old and name in new):
-                continue
             if name not in new:
                 changes.append(f"{part} file {name} is gone")
             elif name not in old:
@@ -196,23 +205,24 @@ def compare_inputs(recorded: dict, current: dict, parts: tuple[str, ...] = ("mod
     return changes
 
 
-def check_same_inputs(recorded: dict | None, model_cfg, what: str, allow_changed: bool) -> list[str]:
-    """Compare the model and tokenizer ``recorded`` by a run (or a masks file) with those ``model_cfg`` points at now,
-    before any weight is read. Raises :class:`UserError` listing the changes unless ``allow_changed``
-    (``--allow-changed-model``), which warns and returns them for the caller to record. A record made before
-    runs recorded their inputs is warned about and passes. A hub model is compared on the files it has downloaded: call
-    again after the load (all its files are there then)."""
+def check_same_inputs(recorded: dict | None, model_cfg, what: str, allow_changed: bool, loaded: bool) -> list[str]:
+    """Compare the model and tokenizer ``recorded`` by a run (or a masks file) with those ``model_cfg`` points at now.
+    Call it twice, before the load (``loaded=False``) and after it (``loaded=True``): a model on disk is compared
+    before any weight is read, a hub model after the load, when its snapshot holds every file the load needed (before
+    it, the cache may hold none or some of them); the other call returns []. Either way before any mask is applied.
+
+    Raises :class:`UserError` listing the changes unless ``allow_changed`` (``--allow-changed-model``), which warns
+    and returns them for the caller to record. A record made before runs recorded their inputs is warned about (once,
+    before the load) and passes."""
+    if (model_cfg.source == "hub") != loaded:
+        return []
     if not recorded or not (recorded.get("model") or recorded.get("tokenizer")):
         log.warning("%s records no content hashes of its model (made before unipruning recorded them, or a hub model "
                     "not in the cache): that the model at %s is the one it pruned cannot be checked", what,
                     recorded.get("location") if recorded else "?")
         return []
     current = model_inputs(model_cfg)
-    hub = model_cfg.source == "hub"
-    if hub and current["model"] is None:
-        log.warning("%s is not in the local hub cache yet: the files the load fetches are compared with the run's after "
-                    "the load, before any mask is applied", model_cfg.path)
-    changes = compare_inputs(recorded, current, partial=hub)
+    changes = compare_inputs(recorded, current)
     if not changes:
         return []
     listed = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")

@@ -207,11 +207,17 @@ def hf_layout(model: nn.Module) -> Iterator[nn.Module]:
 EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
+def text_config(model: nn.Module):
+    """The config of a model's language part (a multimodal config nests it; a text model's is its own), or None
+    for a module without a config."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def expert_counts(model: nn.Module) -> frozenset[int]:
     """The expert counts ``model``'s config gives (:data:`EXPERT_FIELDS`, read from its text config where a multimodal
     config nests one): empty for a dense model, a module without a config, or a count of one (no routing)."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(model)
     return frozenset(v for v in (getattr(text, k, None) for k in EXPERT_FIELDS)
                      if isinstance(v, int) and not isinstance(v, bool) and v > 1)
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .errors import UserError
-from .layouts import as_linears, expert_counts, expert_groups, expert_lists
+from .layouts import as_linears, expert_counts, expert_groups, expert_lists, text_config  # noqa: F401  (its home)
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +162,6 @@ def load_model_reused(model_cfg: DictConfig, placement: str | None = None) -> tu
     return model, tok
 
 
-def text_config(model: nn.Module):
-    """The config of a model's language part (a multimodal config nests it; a text model's is its own), or None
-    for a module without a config."""
-    config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks, by their role in the model's own description where it has one: the ``nn.ModuleList``
     of ``config.num_hidden_layers`` children of one class, preferring the class the model names in
@@ -202,9 +195,16 @@ def unprunable_in_blocks(model: nn.Module) -> dict[str, int]:
     and routers (``[experts, hidden]``, never pruned, listed by :func:`router_names`) are not counted."""
     prefix, blocks = find_blocks(model)
     linear = {id(m.weight) for m in blocks.modules() if isinstance(m, nn.Linear)}
-    experts = expert_counts(model)
+    routers = set(_router_weights(blocks, expert_counts(model)))  # never pruned: not "left dense" by pruning
     return {f"{prefix}.{n}": p.numel() for n, p in blocks.named_parameters() if p.dim() >= 2 and id(p) not in linear
-            and not (p.dim() == 2 and p.shape[0] in experts)}  # a router (experts x hidden) is never pruned
+            and n not in routers}
+
+
+def _router_weights(module: nn.Module, experts: frozenset[int] | set[int]) -> dict[str, nn.Parameter]:
+    """The non-Linear router weights ``[experts, hidden]`` inside ``module`` (transformers 5's ``TopKRouter``), by
+    parameter name: 2-D, as many rows as one of ``experts`` (the config's expert counts), not an ``nn.Linear``'s."""
+    linear = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+    return {n: p for n, p in module.named_parameters() if p.dim() == 2 and p.shape[0] in experts and id(p) not in linear}
 
 
 def block_routers(block: nn.Module, experts: frozenset[int] | set[int]) -> list[str]:
@@ -219,9 +219,8 @@ def block_routers(block: nn.Module, experts: frozenset[int] | set[int]) -> list[
     lists = expert_lists(block, experts)
     inside = {id(m) for _, experts_list in lists for m in experts_list.modules()}
     linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
-    weights = {id(m.weight) for m in block.modules() if isinstance(m, nn.Linear)}
-    has_experts = bool(lists) or any(m.out_features in experts for _, m in linears) or any(
-        p.shape[0] in experts and (p.dim() >= 3 or id(p) not in weights) for p in block.parameters() if p.dim() >= 2)
+    has_experts = bool(lists) or any(m.out_features in experts for _, m in linears) or bool(
+        _router_weights(block, experts)) or any(p.dim() >= 3 and p.shape[0] in experts for p in block.parameters())
     return [n for n, m in linears if m.out_features in experts or (has_experts and m.out_features == 1)]
 
 
@@ -233,10 +232,8 @@ def router_names(model: nn.Module) -> list[str]:
     experts = expert_counts(model)
     names: dict[str, None] = {}
     for i, block in enumerate(blocks):
-        linear = {id(m.weight) for m in block.modules() if isinstance(m, nn.Linear)}
         names.update((f"{prefix}.{i}.{n}", None) for n in block_routers(block, experts))
-        names.update((f"{prefix}.{i}.{n.rpartition('.')[0]}", None) for n, p in block.named_parameters()
-                     if p.dim() == 2 and p.shape[0] in experts and id(p) not in linear)
+        names.update((f"{prefix}.{i}.{n.rpartition('.')[0]}", None) for n in _router_weights(block, experts))
     return list(names)
 
 

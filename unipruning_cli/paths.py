@@ -21,3 +21,10 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "unipruning"
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` (absolute) or its nearest existing ancestor: where a file or folder to be made there would be made,
+    whose file system and permissions decide whether it can be."""
+    path = Path(path).expanduser().absolute()
+    return next(p for p in (path, *path.parents) if p.exists())

@@ -42,11 +42,13 @@ def storage_error(err: OSError, path: Path, what: str, nbytes: int | None = None
     with the free space of its file system where the disk is full."""
     import shutil
 
+    from .paths import nearest_existing
+
     need = f" ({nbytes / 2**20:,.1f} MiB)" if nbytes is not None else ""
     msg = f"cannot write {what}{need} to {path}: {err.strerror or err}"
     if err.errno == errno.ENOSPC:
         try:
-            free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+            free = shutil.disk_usage(nearest_existing(path)).free
             msg += f"; {free / 2**20:,.1f} MiB are free there. Free some space or point the run elsewhere"
         except (OSError, StopIteration):
             pass
@@ -57,7 +59,9 @@ def storage_error(err: OSError, path: Path, what: str, nbytes: int | None = None
     return out
 
 
-def _atomic_write(path: Path, write: "callable[[Path], None]", what: str = "a file", nbytes: int | None = None) -> None:
+def _atomic_write(path: Path, write: "callable[[Path], None]", nbytes: int | None = None) -> None:
+    """``write`` a temporary sibling of ``path``, then rename it into place; an ``OSError`` becomes a
+    :class:`StorageError` naming ``path`` and the ``nbytes`` it needed (where known), and leaves nothing behind."""
     path = Path(path)
     tmp = None
     try:
@@ -72,13 +76,13 @@ def _atomic_write(path: Path, write: "callable[[Path], None]", what: str = "a fi
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError) and not isinstance(err, StorageError) and err.errno is not None:
-            raise storage_error(err, path, what, nbytes) from err
+            raise storage_error(err, path, path.name, nbytes) from err
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     data = text.encode("utf-8")
-    _atomic_write(path, lambda p: p.write_bytes(data), f"{Path(path).name}", len(data))
+    _atomic_write(path, lambda p: p.write_bytes(data), len(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -89,7 +93,7 @@ def atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadat
     from safetensors.torch import save_file
 
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda p: save_file(data, str(p), metadata=dict(metadata or {})), f"{Path(path).name}",
+    _atomic_write(path, lambda p: save_file(data, str(p), metadata=dict(metadata or {})),
                   sum(t.numel() * t.element_size() for t in data.values()))
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import plain
 from .inputs import compare_inputs, recording, run_inputs
-from .distributed import SINGLE, Ranks, broadcast, picklable, start
+from .distributed import SINGLE, Ranks, from_main, start
 from .evaluation.dense import dense_evaluation
 from .evaluation.protocol import eval_windows_of, evaluate_masks, evaluate_pruned, result_entry
 from .mask_files import load_masks
@@ -57,24 +57,18 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     ``sweep``: the sweep this job belongs to, whose other λ its search may serve (see ``run_search``).
     ``ranks``: a launch over several processes (``torchrun``): every rank runs the drift search with FSDP2
     (:mod:`.search.sharded`), then rank 0 alone runs the rest and the others return None. Only rank 0 writes."""
+    asked = Path(out_dir)
     with contextlib.ExitStack() as held:
-        failure, inputs = None, None
-        if ranks.main:  # rank 0 claims, locks and checks; every rank stops when it refuses (no rank waits forever)
-            try:
-                asked, out_dir = Path(out_dir), claim_run_dir(out_dir, plain(cfg), cfg.get("existing_run", "refuse"))
-                if out_dir != asked:
-                    follow_log(asked, out_dir)
-                held.enter_context(run_lock(out_dir, "prune"))
-                check_run_storage(cfg, out_dir)
-                if cfg.model.source != "hub":  # a hub snapshot is complete only after the load
-                    inputs = checked_inputs(cfg, RunDir(out_dir))  # before config.yaml: a refused run leaves the old
-            except Exception as err:  # noqa: BLE001 - raised again below, on every rank
-                failure = err
-        if ranks.sharded:
-            start(ranks)
-            out_dir = broadcast(picklable(failure) if failure is not None else out_dir, ranks)
-        elif failure is not None:
-            raise failure
+        def claim() -> tuple[Path, dict | None]:  # rank 0 claims, locks and checks; a refusal stops every rank
+            path = claim_run_dir(asked, plain(cfg), cfg.get("existing_run", "refuse"))
+            if path != asked:
+                follow_log(asked, path)
+            held.enter_context(run_lock(path, "prune"))
+            check_run_storage(cfg, path)
+            # before config.yaml, so a refused run leaves the old one as it was; a hub snapshot is whole after the load
+            return path, checked_inputs(cfg, RunDir(path)) if cfg.model.source != "hub" else None
+
+        out_dir, inputs = from_main(claim, ranks)
         return _run_prune(cfg, Path(out_dir), inputs, reuse_model, sweep, ranks)
 
 
@@ -139,17 +133,10 @@ def checked_inputs(cfg: DictConfig, rd: RunDir) -> dict:
     inputs = run_inputs(cfg)
     saved = rd / "inputs.json"
     if saved.is_file():
-        old = json.loads(saved.read_text())
-        changes = compare_inputs(old, inputs)
-        for role, corpus in (("calibration", cfg.calibration.source), *(("eval", c) for c in cfg.eval.corpora)):
-            before = (old.get("corpora") or {}).get(role)
-            before = before.get(corpus) if role == "eval" and before else before
-            now = inputs["corpora"]["calibration"] if role == "calibration" else inputs["corpora"]["eval"][corpus]
-            if before and before.get("sha256") and before.get("sha256") != now.get("sha256"):
-                changes.append(f"{role} corpus {corpus} changed")
+        changes = compare_inputs(json.loads(saved.read_text()), inputs, ("model", "tokenizer", "corpora"))
         if changes:
             raise RunDirRefused(f"run directory {rd.path} was started on other inputs ({'; '.join(changes[:6])}): its "
-                            "finished stages were computed from them. Choose another hydra.run.dir")
+                                "finished stages were computed from them. Choose another hydra.run.dir")
     atomic_write_json(saved, inputs)
     return inputs
 
@@ -193,15 +180,7 @@ def _prune_loaded(cfg: DictConfig, rd: RunDir, model, tok, primary: Target, plan
 
 def _checked_plan(cfg: DictConfig, ranks: Ranks) -> Plan | None:
     """:func:`check_run_fits` on rank 0, its plan or its refusal then on every rank (all stop, or none)."""
-    if not ranks.sharded:
-        return check_run_fits(cfg)
-    plan = None
-    if ranks.main:
-        try:
-            plan = check_run_fits(cfg, ranks.world)
-        except Exception as err:  # noqa: BLE001 - raised again on every rank by broadcast
-            plan = picklable(err)
-    return broadcast(plan, ranks)
+    return from_main(lambda: check_run_fits(cfg, ranks.world), ranks)
 
 
 def chosen_placement(cfg: DictConfig, plan: Plan | None) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from .errors import UserError
-from .paths import cache_dir
+from .paths import cache_dir, nearest_existing
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +29,11 @@ log = logging.getLogger(__name__)
 SMALL_FILES = 16 * 2**20
 
 
-def _existing(path: Path) -> Path:
-    """``path`` or its nearest existing ancestor: where a folder to be made would be made."""
-    path = Path(path).expanduser().absolute()
-    return next(p for p in (path, *path.parents) if p.exists())
-
-
 def check_writable(path: Path, what: str) -> None:
     """:class:`UserError` unless a file can be created in ``path`` (or, where it does not exist yet, in the nearest
     ancestor that does): tried for real with a temporary file, since permission bits do not tell a read-only mount
     (or root's view of one)."""
-    base = _existing(path)
+    base = nearest_existing(path)
     if not base.is_dir():
         raise UserError(f"{what} {path}: {base} is a file, not a folder")
     try:
@@ -53,7 +47,7 @@ def check_writable(path: Path, what: str) -> None:
 
 def free_bytes(path: Path) -> int:
     """Free bytes for an unprivileged writer on the file system that holds (or would hold) ``path``."""
-    return shutil.disk_usage(_existing(path)).free
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def check_free(path: Path, need: int, what: str) -> None:
@@ -125,7 +119,7 @@ def check_run_storage(cfg: DictConfig, run_dir: Path) -> dict[str, int] | None:
     # a resumed run has written part of it already: what it holds counts as written (files are replaced, not added)
     held = sum(f.stat().st_size for f in Path(run_dir).rglob("*") if f.is_file()) if Path(run_dir).is_dir() else 0
     need = {**need, "run_dir": max(0, need["run_dir"] - held)}
-    same = os.stat(_existing(run_dir)).st_dev == os.stat(_existing(cache)).st_dev
+    same = os.stat(nearest_existing(run_dir)).st_dev == os.stat(nearest_existing(cache)).st_dev
     if same:
         check_free(run_dir, need["run_dir"] + need["cache"], "this run (its run directory and the cache)")
     else:

@@ -199,12 +199,11 @@ def _jobs(names: list[str]) -> str:
     return ("job " if len(names) == 1 else "jobs ") + ", ".join(names)
 
 
-def tables(jobs: list[dict]) -> tuple[str, str]:
-    """The report as markdown (the :func:`standing` headline first, one row per job, the timing line) and as CSV (the
-    same rows)."""
+def tables(jobs: list[dict], where: dict) -> tuple[str, str]:
+    """The report as markdown (the headline of ``where``, :func:`standing`, first; one row per job; the timing line)
+    and as CSV (the same rows)."""
     keys = swept_keys(jobs)
     ok = [j for j in jobs if j["status"] == "ok"]
-    where = standing(jobs)
     cuts = list(dict.fromkeys(t for j in ok for t in j["cuts"]))
     head = ["job", *keys, "status", *[f"PPL {c}" for c in cuts], "zero-shot mean", "seconds", "error"]
     rows = []
@@ -239,7 +238,9 @@ def _fmt(v, digits: int = 3) -> str:
     return "" if v is None else f"{v:.{digits}f}"
 
 
-def plot(jobs: list[dict], png: Path) -> bool:
+def plot(jobs: list[dict], png: Path, where: dict) -> bool:
+    """The sweep's pruned perplexity over one swept key (a line) or two (a heatmap), the best of ``where``
+    (:func:`standing`) marked, saved to ``png``; False (nothing drawn) for other key counts or without a best."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,11 +249,10 @@ def plot(jobs: list[dict], png: Path) -> bool:
 
     keys = swept_keys(jobs)
     ok = [j for j in jobs if j["status"] == "ok" and j.get("ppl") is not None]
-    if not ok or not 1 <= len(keys) <= 2:
+    best = next((j for j in ok if j["job"] == where["best"]), None)  # none: no job the sweep asked for finished
+    if best is None or not 1 <= len(keys) <= 2:
         return False
     corpus = ok[0]["corpus"]
-    where = standing(jobs)
-    best = next(j for j in ok if j["job"] == where["best"])
     if len(keys) == 1:
         k = keys[0]
         pts = sorted((float(j["overrides"][k]), j["ppl"]) for j in ok)
@@ -305,11 +305,12 @@ def report(sweep: Path) -> dict:
     jobs = collect_jobs(sweep)
     if not jobs:
         raise UserError(f"{sweep} holds no sweep jobs (no */.hydra/overrides.yaml); is it a `unipruning prune -m` dir?")
-    md, csv_text = tables(jobs)
+    where = standing(jobs)
+    md, csv_text = tables(jobs, where)
     atomic_write_text(sweep / "report.md", md)
     atomic_write_text(sweep / "report.csv", csv_text)
-    has_plot = plot(jobs, sweep / "report.png")
-    return {"jobs": jobs, "markdown": md, "plot": has_plot, "standing": standing(jobs)}
+    has_plot = plot(jobs, sweep / "report.png", where)
+    return {"jobs": jobs, "markdown": md, "plot": has_plot, "standing": where}
 
 
 def report_command(args: list[str]) -> None:

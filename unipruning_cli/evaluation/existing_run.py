@@ -103,14 +103,13 @@ def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
         targets, sources = {target.tag: target}, {target.tag: masks_source(run, target)}
     check_model_reachable(cfg.model)
     check_writable(cache_dir(), "the cache (UNIPRUNING_CACHE)")
-    changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model)
+    changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, False)
     # everything is checked: now the model, placed as the run placed it (a 70B run onloaded is evaluated onloaded)
     placement = cfg.model.get("placement") or "auto"
     if placement == "auto":
         placement = (run.metrics.get("placement") or {}).get("placement") or "device"
     model, tok = load_model(cfg.model, placement)
-    if cfg.model.source == "hub" and not changed:  # a hub model not cached before: its files are here now
-        changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model)
+    changed += check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, True)
     layers = prunable_layers(model)
     with recording(run.metrics.get("inputs")), tempfile.TemporaryDirectory() as scratch:
         all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else

@@ -78,7 +78,7 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     cfg = resolve_dtype_for_run(run)
     check_out(out_path, force, protect=[run.path], sources=protected_sources(cfg.model))
     check_model_reachable(cfg.model)
-    changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model)
+    changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, False)
     check_export_space(cfg.model, out_path, dtype)
     if source == "file":  # nothing is written into the run: a finished run on read-only storage exports too
         masks = load_or_cut(run, target, source)
@@ -87,8 +87,7 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
             masks = load_or_cut(run, target, source)
 
     model, tok = load_model(cfg.model)
-    if cfg.model.source == "hub" and not changed:  # a hub model not cached before: its files are here now
-        changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model)
+    changed += check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, True)
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, f"{run.mask_path(target.tag)}")
     rebuilt = cfg.get("reconstruct", "none") == "obs"
@@ -212,15 +211,16 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
     protect = [masks_path] + ([Path(model_arg)] if Path(model_arg).exists() else [])
     check_out(out_path, force, protect=protect, sources=protected_sources(model_cfg))
     check_model_reachable(model_cfg)
-    changed = check_same_inputs(info.get("inputs"), model_cfg, f"the masks file {masks_path}", allow_changed_model)
+    changed = check_same_inputs(info.get("inputs"), model_cfg, f"the masks file {masks_path}", allow_changed_model,
+                                False)
     check_export_space(model_cfg, out_path, dtype)
     if model_cfg.source == "local":
         precheck_shapes(Path(model_cfg.path).expanduser(), shapes, str(masks_path))
     masks = load_masks(masks_path)
 
     model, tok = load_model(model_cfg)
-    if model_cfg.source == "hub" and not changed:  # a hub model not cached before: its files are here now
-        changed = check_same_inputs(info.get("inputs"), model_cfg, f"the masks file {masks_path}", allow_changed_model)
+    changed += check_same_inputs(info.get("inputs"), model_cfg, f"the masks file {masks_path}", allow_changed_model,
+                                 True)
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, str(masks_path))
     apply_masks(layers, masks)

@@ -8,6 +8,8 @@ masks file fits the weights it is applied to.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +23,8 @@ from torch import nn
 from ..errors import UserError
 from ..layouts import hf_layout
 from ..models import TORCH_DTYPES
+
+log = logging.getLogger(__name__)
 
 COMPRESSED_FILE = "compressed.safetensors"
 DTYPES = TORCH_DTYPES  # the dtypes a folder can be written in: those a model loads in
@@ -128,8 +132,6 @@ def drop_sparsity_metadata(folder: Path) -> list[str]:
     ``quantization_config`` or ``compression_config`` (compressed-tensors), which a source model's config carries
     into ``save_pretrained``. Returns the keys removed. The weights written are dense, and vLLM refuses any
     ``sparsity_config`` (vLLM #51188), so an export never holds one."""
-    import json
-
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     removed = []
@@ -138,10 +140,8 @@ def drop_sparsity_metadata(folder: Path) -> list[str]:
             del part["sparsity_config"]
             removed.append(f"{key}sparsity_config")
     if removed:
-        import logging
-
-        logging.getLogger(__name__).warning("config.json: %s of the source model dropped (the exported weights are "
-                                            "dense, and vLLM refuses any sparsity_config)", ", ".join(removed))
+        log.warning("config.json: %s of the source model dropped (the exported weights are dense, and vLLM refuses "
+                    "any sparsity_config)", ", ".join(removed))
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return removed
 

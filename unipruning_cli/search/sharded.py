@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..calibration_set import calibration_set
-from ..distributed import Ranks, broadcast, picklable
+from ..distributed import Ranks, broadcast, from_main
 from ..errors import UserError
 from ..layouts import as_linears
 from ..models import find_blocks, model_location, prunable_layers, resolve_dtype
@@ -114,25 +114,13 @@ def run_sharded_search(cfg: DictConfig, rd: RunDir, timer: Timer, ranks: Ranks, 
     index = search_index(cfg, fp, [str(dtype), device.type])
     locks = [index.with_suffix(".lock")] if cfg.reuse_search and ranks.main else []
     with file_locks(locks):
-        done = None
-        if ranks.main:
-            try:
-                done = "complete" if rd.is_complete("search", fp) else (
-                    "reused" if reuse_search(cfg, fp, rd, index) is not None else None)
-            except Exception as err:  # noqa: BLE001 - every rank must learn it, or they wait forever
-                done = picklable(err)
-        done = broadcast(done, ranks)
+        done = from_main(lambda: "complete" if rd.is_complete("search", fp) else (
+            "reused" if reuse_search(cfg, fp, rd, index) is not None else None), ranks)
         if done is not None:
             log.info("search stage %s in %s: no sharded search", done, rd.path)
             return
         model, tok = load_sharded(cfg.model, ranks, device, offload=offload)
-        calibration = None
-        if ranks.main:
-            try:
-                calibration = calibration_set(cfg, tok)
-            except Exception as err:  # noqa: BLE001
-                calibration = picklable(err)
-        windows, calib = broadcast(calibration, ranks)
+        windows, calib = from_main(lambda: calibration_set(cfg, tok), ranks)
         metric, prox, settings = search_parts(cfg)
         layers = prunable_layers(model)
         with timer.stage("search"):
