@@ -313,3 +313,80 @@ def test_two_ranks_give_the_single_process_gamma_and_masks_on_a_moe_model(tmp_pa
     print(f"mixtral: one process {t1:.1f} s, 2 ranks {t2:.1f} s")
     _assert_same_run(single, sharded)
 
+
+
+def _experts(family: str, dtype: torch.dtype):
+    """The fused-experts module of layer 0 of a tiny random ``family`` model (4 experts, hidden 64), in ``dtype``,
+    with transformers' eager loop, and its :class:`ExpertLinears` (views of the same tensors)."""
+    from unipruning_cli.layouts import ExpertLinears
+
+    model = _model(family).to(dtype)
+    model.set_experts_implementation("eager")
+    fused = model.model.layers[0].mlp.experts
+    return fused, ExpertLinears(fused)
+
+
+def _where_routes(top_k_index: torch.Tensor, n_experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Slow reference: the routing of transformers' eager loop, one ``torch.where`` per hit expert of the one-hot
+    ``[E + 1, k, T]`` mask, index E (dropped tokens) skipped."""
+    mask = torch.nn.functional.one_hot(top_k_index, num_classes=n_experts + 1).permute(2, 1, 0)
+    hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+    return [(e, *torch.where(mask[e])) for e in hit if e != n_experts]
+
+
+def _where_loop(experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """Slow reference: ``ExpertLinears.forward`` as it was, the per-expert ``torch.where`` loop."""
+    out = torch.zeros_like(hidden_states)
+    for e, top_k_pos, token_idx in _where_routes(top_k_index, len(experts)):
+        h = getattr(experts[e], experts.up_name)(hidden_states[token_idx])
+        h = experts.fused_module._apply_gate(h) if experts.has_gate else experts.fused_module.act_fn(h)
+        h = experts[e].down_proj(h) * top_k_weights[token_idx, top_k_pos, None]
+        out.index_add_(0, token_idx, h.to(out.dtype))
+    return out
+
+
+def _routings(n_tokens: int = 40, k: int = 3, n_experts: int = 4) -> dict[str, torch.Tensor]:
+    """Top-k indices ``int64 [T, k]``: distinct experts per token; experts 1 and 3 never hit; an expert hit from
+    several slots, a token sent twice to one expert, and index E (a dropped token) in several slots."""
+    gen = torch.Generator().manual_seed(1)
+    distinct = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(n_tokens)])
+    repeats = torch.randint(0, n_experts + 1, (n_tokens, k), generator=gen)  # duplicates in a row, and E
+    repeats[0] = torch.tensor([2, 2, 2])
+    repeats[1] = n_experts
+    return {"distinct": distinct, "some_experts_idle": torch.where(distinct % 2 == 1, 0, distinct),
+            "repeats_and_dropped": repeats, "all_dropped": torch.full((n_tokens, k), n_experts),
+            "no_tokens": distinct[:0]}
+
+
+def test_the_sorted_routing_visits_each_experts_tokens_in_the_order_of_torch_where():
+    """``ExpertLinears.routes`` (one stable sort per layer) gives, expert by expert, the very (slot, token) lists
+    that a ``torch.where`` per expert gives, in the same order: the order ``index_add_`` sums in."""
+    _, experts = _experts("mixtral", torch.float32)
+    for case, index in _routings().items():
+        got = experts.routes(index)
+        want = _where_routes(index, len(experts))
+        assert [e for e, *_ in got] == [e for e, *_ in want], case
+        for (_, pos, tok), (_, want_pos, want_tok) in zip(got, want):
+            assert torch.equal(pos, want_pos) and torch.equal(tok, want_tok), case
+    assert [e for e, *_ in experts.routes(_routings()["some_experts_idle"])] == [0, 2]
+    assert experts.routes(_routings()["all_dropped"]) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_the_sorted_expert_loop_is_the_torch_where_loop_bit_for_bit(family, dtype):
+    """``ExpertLinears.forward`` equals, bit for bit, the per-expert ``torch.where`` loop it replaced, and
+    transformers' own eager loop where that uses F.linear too (not gpt-oss: ``x @ W + b``), on routings with idle
+    experts, repeated experts in one token's slots and dropped tokens (index E)."""
+    fused, experts = _experts(family, dtype)
+    gen = torch.Generator().manual_seed(2)
+    for case, index in _routings().items():
+        x = torch.randn(index.shape[0], 64, generator=gen).to(dtype)
+        w = torch.rand(index.shape, generator=gen).to(dtype)
+        with torch.no_grad():
+            got = experts(x, index, w)
+            assert torch.equal(got, _where_loop(experts, x, index, w)), case
+            if family != "gpt_oss":
+                assert torch.equal(got, fused(x, index, w)), case
+        if case == "repeats_and_dropped":
+            assert (got[1] == 0).all() and (got[0] != 0).any()  # token 1: every slot dropped; token 0: 3 x expert 2

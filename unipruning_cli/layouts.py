@@ -94,19 +94,31 @@ class ExpertLinears(nn.ModuleList):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():  # the routing, as transformers computes it (so the token order per expert is the same)
-            expert_mask = nn.functional.one_hot(top_k_index, num_classes=len(self) + 1).permute(2, 1, 0)
-            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for e in hit[:, 0].tolist():
-            if e == len(self):
-                continue
-            top_k_pos, token_idx = torch.where(expert_mask[e])
+        for e, top_k_pos, token_idx in self.routes(top_k_index):
             expert = self[e]
             h = getattr(expert, self.up_name)(hidden_states[token_idx])
             h = self.fused_module._apply_gate(h) if self.has_gate else self.fused_module.act_fn(h)
             h = expert.down_proj(h) * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, h.to(out.dtype))
         return out
+
+    @torch.no_grad()
+    def routes(self, top_k_index: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(e, top_k_pos int64 [n_e], token_idx int64 [n_e])`` for each expert ``e < E`` that gets a token, ``e``
+        ascending; ``top_k_index`` is ``[T, k]``. The same as transformers' eager loop (``torch.where`` of
+        ``one_hot(top_k_index, E + 1).permute(2, 1, 0)[e]``): the same experts in the same order, each one's
+        (slot, token) pairs row-major over ``[k, T]``, so ``index_add_`` sums in the same order, bit for bit. An
+        index ``E`` (dropped tokens, in some families) is no expert's.
+
+        One stable sort and one ``.tolist()`` per layer instead of a ``torch.where`` (a nonzero: a host sync on a
+        GPU) per expert, 128 per layer for Qwen3-30B-A3B (shared/docs/gpu-readiness.md §6). The bounds come from
+        ``searchsorted``, not ``bincount``, whose CUDA kernel reads the largest index back to size its output."""
+        n_tokens = top_k_index.shape[0]
+        # [k, T] row-major: the order torch.where walks the one-hot [E + 1, k, T]; stable keeps it within an expert
+        ids, order = torch.sort(top_k_index.t().reshape(-1), stable=True)
+        bounds = torch.searchsorted(ids, torch.arange(len(self) + 1, device=ids.device, dtype=ids.dtype)).tolist()
+        top_k_pos, token_idx = order // n_tokens, order % n_tokens
+        return [(e, top_k_pos[a:b], token_idx[a:b]) for e, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
 
     def write_back(self) -> nn.Module:
         """The fused module holding this module's current weights (copied in where they no longer share its
