@@ -77,20 +77,77 @@ def launch_ranks(environ: dict[str, str] | None = None) -> Ranks:
     return SINGLE
 
 
-def start(ranks: Ranks) -> torch.device:
-    """Join the process group of ``ranks`` (once; a no-op for one process) and return this rank's device:
-    ``cuda:<local rank>`` where CUDA is present, else the CPU."""
-    import torch.distributed as dist
+#: How long a rank waits in one collective before it gives up (``UNIPRUNING_DIST_TIMEOUT_MIN`` overrides, minutes):
+#: rank 0 alone reads a 70B checkpoint from disk (or the hub) and tokenises while the others wait in a broadcast,
+#: which can outlast torch's default of 30 minutes for ``cpu:gloo,cuda:nccl``.
+DEFAULT_TIMEOUT_MIN = 120
 
-    device = torch.device("cuda", ranks.local) if torch.cuda.is_available() else torch.device("cpu")
+
+def compute_device(ranks: Ranks) -> torch.device:
+    """This rank's device: ``cuda:<local rank modulo the visible GPUs>`` where CUDA is present, else the CPU. Modulo,
+    since SLURM with ``--gpus-per-task 1`` shows each task one GPU (``cuda:0``) whatever its local rank."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", ranks.local % max(1, torch.cuda.device_count()))
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def start(ranks: Ranks) -> torch.device:
+    """Join the process group of ``ranks`` (once; a no-op for one process) and return this rank's device
+    (:func:`compute_device`). The group has an explicit timeout (:data:`DEFAULT_TIMEOUT_MIN`), and each rank takes
+    its share of the node's cores for its CPU work (torchrun leaves one thread per rank: ``OMP_NUM_THREADS=1``)."""
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    device = compute_device(ranks)
     if not ranks.sharded or dist.is_initialized():
         return device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world)
-    log.info("rank %d of %d (%s, %s)", ranks.rank, ranks.world, ranks.launcher, backend)
+    minutes = float(os.environ.get("UNIPRUNING_DIST_TIMEOUT_MIN", DEFAULT_TIMEOUT_MIN))
+    dist.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world, timeout=timedelta(minutes=minutes))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
+    threads = max(1, cores() // max(1, local_world))
+    if torch.get_num_threads() < threads:
+        torch.set_num_threads(threads)
+    log.info("rank %d of %d (%s, %s, %d CPU threads, collectives time out after %g min)", ranks.rank, ranks.world,
+             ranks.launcher, backend, torch.get_num_threads(), minutes)
     return device
+
+
+def finish(ranks: Ranks) -> None:
+    """Leave the process group on every rank, together (NCCL's communicators are torn down collectively: PyTorch's
+    shutdown notes, pytorch/pytorch#122358), and let rank 0, which goes on alone, use every core it may run on.
+    Every rank must call it; a no-op for one process or where no group was started."""
+    import torch.distributed as dist
+
+    if not ranks.sharded or not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    if ranks.main:
+        torch.set_num_threads(max(torch.get_num_threads(), cores()))
+        log.info("process group closed; rank 0 goes on alone with %d CPU threads", torch.get_num_threads())
+
+
+def agree(flag: bool, ranks: Ranks) -> bool:
+    """True on every rank when ``flag`` is true on every rank (an ``all_reduce`` MIN): one decision for all ranks
+    where each could decide differently (which would mix NCCL and gloo collectives and hang)."""
+    import torch.distributed as dist
+
+    if not ranks.sharded:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)  # a CPU tensor: gloo, in either backend set
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def broadcast(obj, ranks: Ranks):

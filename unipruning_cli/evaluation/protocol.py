@@ -20,6 +20,7 @@ from ..data import eval_samples
 from ..masks import count_zeros
 from ..methods import apply_masks, restore_weights
 from ..models import prunable_layers, resolve_add_bos
+from ..pinned import HostArena, empty_host_cache
 from ..progress import Timer
 from ..calibration_set import calibration_set
 from ..reconstruction import reconstruct_cut
@@ -82,10 +83,16 @@ def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear],
                    ) -> dict[str, dict]:
     """Evaluate each set of masks in turn (``tag -> name -> bool [out, in]``); the original weights are
     restored between sets, from one full copy of the prunable weights (``scripts/bench_eval_memory.py``)
-    kept in host memory (pinned under CUDA), so a GPU holds no second copy of them. ``refined``: tag -> the
+    kept in host memory (pinned under CUDA, and handed back to the OS at the end), so a GPU holds no second copy of
+    them. ``refined``: tag -> the
     record of its mask's refinement (``refine=swap``, :mod:`..refinement`), kept with its results."""
-    original = {n: torch.empty(m.weight.shape, dtype=m.weight.dtype, pin_memory=m.weight.is_cuda).copy_(m.weight.detach())
-                for n, m in layers.items()}
+    first = next(iter(layers.values())).weight
+    # pinned where it goes back to a GPU: one exact-size arena (..pinned), not a power of two per matrix
+    arena = HostArena({n: m.weight.shape for n, m in layers.items()}, first.dtype, pin=True) \
+        if first.is_cuda and all(m.weight.dtype == first.dtype for m in layers.values()) else None
+    original = {n: (arena.tensors[n] if arena else torch.empty(m.weight.shape, dtype=m.weight.dtype,
+                                                               pin_memory=m.weight.is_cuda))
+                .copy_(m.weight.detach()) for n, m in layers.items()}
     results = {}
     calibration = None  # reconstruct=obs: the calibration samples, cut once for every cut
     for tag, masks in all_masks.items():
@@ -104,6 +111,10 @@ def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear],
         if refined and tag in refined:
             results[tag]["refinement"] = refined[tag]
         restore_weights(layers, original)
+    del original
+    if arena is not None:
+        arena.release()
+        empty_host_cache()
     return results
 
 

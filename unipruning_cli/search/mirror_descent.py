@@ -25,6 +25,7 @@ process and over the ranks of a ``torchrun`` launch with FSDP2 (:mod:`.shards` s
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -36,6 +37,7 @@ from torch import nn
 
 from ..metrics import LocalMetric
 from ..models import model_expert_groups
+from ..pinned import HostArena, empty_host_cache, pageable
 from ..progress import track
 from .log import SearchLog, sample_index
 from .recompute import StepStats, activation_checkpointing
@@ -119,15 +121,19 @@ def search_drift(
     names = list(layers)
     params = [layers[n].weight for n in names]
     locals_ = [shards.local(p) for p in params]
-    # The restore copy lives on the host (pinned where CUDA is present): device memory is for the search.
-    original = [torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t.detach()) for t in locals_]
+    # The restore copy lives on the host (pinned where it goes back to a GPU: one exact-size arena, see ..pinned):
+    # device memory is for the search.
+    restore = HostArena({i: t.shape for i, t in enumerate(locals_)}, locals_[0].dtype, pin=True) \
+        if locals_[0].is_cuda and all(t.dtype == locals_[0].dtype for t in locals_) else None
+    original = [(restore.tensors[i] if restore else torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda))
+                .copy_(t.detach()) for i, t in enumerate(locals_)]
     device = shards.device_for(params[0])  # where the metric, dual step and prox run (a GPU under FSDP's CPU offload)
     whole = {n: layers[n].weight.shape for n in names}
     shapes = {n: t.shape for n, t in zip(names, locals_)}  # V and Γ: this rank's rows (all of them in one process)
     # V and Γ live on the weights' device, or in (pinned) host memory, moved one matrix at a time (always so where
     # the weights themselves are offloaded to the host).
     offloaded = params[0].device != device
-    settings = replace(settings, search_state="host" if offloaded else search_state_of(settings, locals_))
+    settings = replace(settings, search_state="host" if offloaded else search_state_of(settings, locals_, shards.ranks))
     state_device = device if settings.search_state == "device" else torch.device("cpu")
     pin = state_device.type == "cpu" and device.type == "cuda"
     state = SearchState.zeros(shapes, state_device, pin)
@@ -168,7 +174,9 @@ def search_drift(
     t0 = time.perf_counter()
     try:
         for step in track(range(start, settings.steps), "search (drift W)", total=settings.steps - start):
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            # no cache of the casts: it would keep a low-precision copy of every fp32 master weight (2 bytes per
+            # weight) until the autocast region ends; a cast is redone per use instead (the same bits)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None, cache_enabled=False):
                 loss = _lm_backward(model, windows, step, settings)
             if settings.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(clipped, settings.grad_clip)
@@ -199,18 +207,28 @@ def search_drift(
                     p.data = p.data.to(w0.dtype)
             for p, flag in flags.items():
                 p.requires_grad_(flag)
+    b = original[0].element_size()
+    del original
+    if restore is not None:
+        restore.release()
+    for lane in lanes:  # V is done with; Γ leaves the pinned arenas for pageable memory, which then go back to the OS
+        lane.state.free("v")
     for sibling, lane in zip(siblings, lanes[1:]):
-        sibling.gamma = {n: g.cpu() for n, g in lane.state.gamma.items()}
+        sibling.gamma = {n: pageable(g) for n, g in lane.state.gamma.items()}
+        lane.state.free("gamma")
     gamma = {}
     for n, g in state.gamma.items():  # one matrix at a time gathered; rank 0 keeps it
         g = shards.gather(g, whole[n][0])
         if shards.writer:
-            gamma[n] = g.cpu()
+            gamma[n] = pageable(g)
         del g
+    state.free("gamma")
+    del lanes, state
+    empty_host_cache()
     # V, Γ (fp32) per λ; the gradient and Adam's m and v in the drift dtype (torch's AdamW allocates them like
     # the drifting W); the restore copy of W (on the host). One matrix's step metric S comes on top.
-    drift = drift_element_size(settings.drift_dtype, original[0].element_size())
-    bytes_pp = 4.0 * 2 * len(lanes) + 3.0 * drift + original[0].element_size()
+    drift = drift_element_size(settings.drift_dtype, b)
+    bytes_pp = 4.0 * 2 * (1 + len(siblings)) + 3.0 * drift + b
     return gamma, bytes_pp
 
 
@@ -286,8 +304,8 @@ def _save_drift(state, names, params, others, opt, gen, prox_gen, ckpt, fp, shar
               "adam_step": torch.tensor([float(opt.state[params[0]]["step"])])}
     if shards.writer:
         write_checkpoint(ckpt, fp, state.step, groups(), common, extra)
-    else:  # the same gathers, nothing written
-        for _ in (*groups(), *extra):
+    else:  # the same gathers, one group at a time, nothing written
+        for _ in itertools.chain(groups(), extra):
             pass
 
 

@@ -7,13 +7,23 @@ import logging
 
 import torch
 
+from ..distributed import SINGLE, Ranks, agree
 from .settings import SearchSettings, drift_gpu_bytes
 
 log = logging.getLogger(__name__)
 
 
-def search_state_of(settings: SearchSettings, params) -> str:
-    """``schedule.search_state`` resolved: ``auto`` is the device unless ``drift_gpu_bytes`` exceeds the free GPU memory."""
+def free_gpu_bytes(device: torch.device) -> int:
+    """Bytes a new allocation on ``device`` can take: free to the driver plus what torch's caching allocator holds
+    reserved but unused (``mem_get_info`` alone misses the latter: several GiB after an evaluation)."""
+    free = torch.cuda.mem_get_info(device)[0]
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def search_state_of(settings: SearchSettings, params, ranks: Ranks = SINGLE) -> str:
+    """``schedule.search_state`` resolved: ``auto`` is the device unless ``drift_gpu_bytes`` exceeds the free GPU
+    memory (:func:`free_gpu_bytes`) on this rank or, over several ranks, on any of them: one choice for all, since
+    the state's collectives run on it (NCCL on the GPU, gloo on the host)."""
     device = params[0].device
     if settings.search_state != "auto":
         return settings.search_state
@@ -21,8 +31,8 @@ def search_state_of(settings: SearchSettings, params) -> str:
         return "device"
     numel = sum(p.numel() for p in params)
     need = drift_gpu_bytes(numel, params[0].element_size(), settings.drift_dtype)
-    free = torch.cuda.mem_get_info(device)[0]
-    where = "device" if need <= free else "host"
+    free = free_gpu_bytes(device)
+    where = "device" if agree(need <= free, ranks) else "host"
     log.info("search: V and Γ on the %s (%.1f GiB needed on the GPU with them, %.1f GiB free)", where, need / 2**30,
              free / 2**30)
     return where

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..calibration_set import calibration_set
-from ..distributed import Ranks, broadcast, from_main
+from ..distributed import Ranks, broadcast, finish, from_main
 from ..errors import UserError
 from ..layouts import as_linears
 from ..models import find_blocks, model_location, prunable_layers, resolve_dtype
@@ -91,6 +91,7 @@ def load_sharded(model_cfg: DictConfig, ranks: Ranks, device: torch.device, offl
     fully_shard(model, mesh=mesh, offload_policy=policy)
     if not ranks.main:
         model.to_empty(device="cpu" if offload else device)
+    buffers_to(model, device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     import torch.distributed as dist
@@ -100,6 +101,17 @@ def load_sharded(model_cfg: DictConfig, ranks: Ranks, device: torch.device, offl
     model.eval()
     model.requires_grad_(False)
     return model, tok
+
+
+def buffers_to(model: torch.nn.Module, device: torch.device) -> None:
+    """Every buffer of ``model`` on ``device``, in place. FSDP2 does not shard buffers: ``fully_shard`` moves rank 0's
+    (built from real weights) to the mesh's device, while ``to_empty(device="cpu")`` under CPU offload leaves the
+    other ranks' on the host; a broadcast would then run NCCL on rank 0 and gloo elsewhere, and hang. The forward
+    reads them on the compute device anyway (torchtitan likewise sets ``buffer_device`` under CPU offload)."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
 
 
 def run_sharded_search(cfg: DictConfig, rd: RunDir, timer: Timer, ranks: Ranks, device: torch.device,
@@ -118,6 +130,7 @@ def run_sharded_search(cfg: DictConfig, rd: RunDir, timer: Timer, ranks: Ranks, 
             "reused" if reuse_search(cfg, fp, rd, index) is not None else None), ranks)
         if done is not None:
             log.info("search stage %s in %s: no sharded search", done, rd.path)
+            finish(ranks)
             return
         model, tok = load_sharded(cfg.model, ranks, device, offload=offload)
         windows, calib = from_main(lambda: calibration_set(cfg, tok), ranks)
@@ -134,3 +147,4 @@ def run_sharded_search(cfg: DictConfig, rd: RunDir, timer: Timer, ranks: Ranks, 
         del model, layers, gamma
         gc.collect()
         broadcast(None, ranks)  # the others wait for Γ on disk before they end
+    finish(ranks)

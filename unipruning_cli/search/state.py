@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from ..pinned import HostArena
 from ..rundir import atomic_save_tensors, atomic_write_json, load_tensors
 
 _COMMON = "common.safetensors"
@@ -117,14 +118,24 @@ class SearchState:
     v: dict[str, torch.Tensor] = field(default_factory=dict)
     gamma: dict[str, torch.Tensor] = field(default_factory=dict)
     step: int = 0
+    arenas: dict[str, HostArena] = field(default_factory=dict)  # "v", "gamma": the pinned memory they are views of
 
     @classmethod
     def zeros(cls, shapes: dict[str, torch.Size], device: torch.device | str = "cpu", pin: bool = False) -> "SearchState":
-        """V = Γ = 0 (fp32) per matrix on ``device``; ``pin``: in page-locked host memory (fast copies to a GPU)."""
-        def z(shape):
-            return torch.zeros(shape, dtype=torch.float32, device=device, pin_memory=pin)
+        """V = Γ = 0 (fp32) per matrix on ``device``; ``pin``: in page-locked host memory (fast copies to a GPU), each
+        of V and Γ one :class:`..pinned.HostArena` (power-of-two chunks: not a power of two per matrix)."""
+        if pin:
+            arenas = {k: HostArena(shapes, torch.float32, pin=True) for k in ("v", "gamma")}
+            return cls(v=arenas["v"].tensors, gamma=arenas["gamma"].tensors, arenas=arenas)
+        return cls(v={n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in shapes.items()},
+                   gamma={n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in shapes.items()})
 
-        return cls(v={n: z(s) for n, s in shapes.items()}, gamma={n: z(s) for n, s in shapes.items()})
+    def free(self, kind: str) -> None:
+        """Drop ``kind`` ("v" or "gamma") and its arena: its memory goes back once no view of it is alive."""
+        setattr(self, kind, {})
+        arena = self.arenas.pop(kind, None)
+        if arena is not None:
+            arena.release()
 
     def save(self, path: Path, fp: str, per_matrix: Callable[[str], Mapping[str, torch.Tensor]] | None = None,
              common: Mapping[str, torch.Tensor] | None = None,

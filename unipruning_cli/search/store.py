@@ -29,6 +29,7 @@ from ..paths import cache_dir
 from ..provenance import host_available_bytes, versions
 from ..rundir import RunDir, atomic_save_tensors, atomic_write_json, fingerprint, link_or_copy
 from ..sweep import SweepContext
+from .placement import free_gpu_bytes
 from .settings import DRIFT_ONLY, NOT_IN_FINGERPRINT
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def siblings_that_fit(siblings: list[LamSearch], numel: int, weight_mode: str, d
     on_gpu, drift = device.type == "cuda", weight_mode == "drift"
     fit = _available_host_bytes() // 2 // (4 * numel + (8 * numel if drift and not on_gpu else 0))
     if drift and on_gpu:
-        fit = min(fit, torch.cuda.mem_get_info(device)[0] // 2 // (8 * numel))
+        fit = min(fit, free_gpu_bytes(device) // 2 // (8 * numel))
     if fit < len(siblings):
         log.info("search: memory for %d of the sweep's %d other λ in this pass; the rest search in their own jobs",
                  fit, len(siblings))
