@@ -16,6 +16,7 @@ import torch
 
 from _helpers import cli_env, run_cli
 from conftest import tiny_overrides
+from unipruning_cli import distributed
 from unipruning_cli.distributed import Ranks, launch_ranks, row_range
 from unipruning_cli.errors import UserError
 
@@ -49,6 +50,8 @@ def _single_and_sharded(tmp_path: Path, args: list[str]) -> tuple[Path, Path, fl
     proc = subprocess.run(_torchrun(args), cwd=tmp_path, env=env2, capture_output=True, text=True, timeout=300)
     t_sharded = time.perf_counter() - t0
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    # every rank left the process group after the search; rank 0 went on with every core (torchrun had left it one)
+    assert f"rank 0 goes on alone with {distributed.cores()} CPU threads" in " ".join((proc.stdout + proc.stderr).split())
     single = list((tmp_path / "runs1" / "prune").iterdir())
     sharded = list((tmp_path / "runs2" / "prune").iterdir())
     assert len(single) == 1 and len(sharded) == 1, sharded  # one run directory for the two ranks

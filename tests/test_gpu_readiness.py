@@ -257,3 +257,48 @@ def test_buffers_go_to_the_compute_device_whatever_fsdp_left_them_on():
     buffers_to(model, torch.device("meta"))
     assert {b.device.type for b in model.buffers()} == {"meta"}
     assert all(p.device.type == "cpu" for p in model.parameters())  # parameters are FSDP's to place
+
+
+# ------------------------------------------------------------------------------------------------- the plan
+
+
+def _plan_json(tmp_path, monkeypatch, *args: str) -> dict:
+    import json
+
+    from unipruning_cli.plan.command import plan_command
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "plan.json"
+    plan_command([*args, "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_the_7b_plan_counts_pinned_state_as_the_allocator_takes_it_and_fits_80gb_and_128gib(tmp_path, monkeypatch):
+    """V, Γ and the restore copy of the host-mode search in pinned arenas: the plan's host figure is their chunks,
+    bytes for bytes, and the default 7B run fits one 80 GB GPU on a 128 GiB host."""
+    plan = _plan_json(tmp_path, monkeypatch, "model=qwen2.5-7b", "--gpus", "1", "--gpu-memory", "80GiB",
+                      "--host-memory", "128GiB")
+    assert plan["fits"] and plan["disk_gib"]["run_dir"] > 100  # Γ, two checkpoints of V, Γ, W, gradient, m, v
+    stages = {s["stage"]: s for s in plan["stages"]}
+    assert "V, Γ (fp32) on the host" in stages["search"]["what"]
+    sizes = [s.numel() for s in _qwen7b_shapes()]
+    arenas = arena_bytes([n * 2 for n in sizes]) + 2 * arena_bytes([n * 4 for n in sizes])
+    assert stages["search"]["host_gib"] == round(arenas / GIB, 2)
+    per_matrix = sum(allocator_bytes(n * 2) + 2 * allocator_bytes(n * 4) for n in sizes)
+    assert per_matrix / GIB > 114 and arenas / GIB < 61  # matrix by matrix: 114.9 GiB pinned, then kept cached
+
+
+def test_the_70b_plan_over_8_gpus_counts_fsdp_and_nccl_buffers_and_fits(tmp_path, monkeypatch):
+    from unipruning_cli.plan.estimate import NCCL_BUFFERS
+
+    plan = _plan_json(tmp_path, monkeypatch, "model=llama-3.1-70b", "--gpus", "8", "--gpu-memory", "80GiB")
+    assert plan["fits"] and plan["ranks"] == 8 and plan["fsdp_offload"]
+    search = {s["stage"]: s for s in plan["stages"]}["search"]
+    assert "reduce-scatter" in search["what"] and "NCCL" in search["what"] and "pinned" in search["what"]
+    prunable_only = _plan_json(tmp_path, monkeypatch, "model=llama-3.1-70b", "--gpus", "8", "--gpu-memory", "80GiB",
+                               "schedule.grad_clip_scope=prunable")
+    lean = {s["stage"]: s for s in prunable_only["stages"]}["search"]
+    # 70B's embeddings and lm_head (2 x 128256 x 8192 bf16) whole on every GPU as gradients before their reduce-scatter
+    root_grads = 2 * 2 * 128256 * 8192 * 2
+    assert search["gpu_gib"] - lean["gpu_gib"] >= round(root_grads / GIB, 2) - 0.02
+    assert lean["gpu_gib"] * GIB > NCCL_BUFFERS

@@ -19,6 +19,7 @@ from ..methods import baselines_of, make_target, targets_of
 from ..evaluation.perplexity import chunk_positions
 from ..layouts import expert_counts
 from ..models import block_layers, find_blocks, prunable_layers, resolve_dtype, text_config
+from ..pinned import allocator_bytes, arena_bytes
 from ..provenance import rss_bytes
 from ..search.settings import drift_element_size, drift_gpu_bytes
 from .architectures import meta_model
@@ -28,8 +29,12 @@ GIB = 2**30
 CUDA_OVERHEAD = 0.75 * GIB
 #: Host bytes a fast tokenizer holds per character of text tokenised at once (measured; shared/docs/large-models.md).
 TOKENISE_BYTES_PER_CHAR = 150
-#: Fraction of a device's memory a plan may fill: fragmentation and libraries' own buffers take the rest.
+#: Fraction of a device's memory a plan may fill: fragmentation and libraries' own buffers take the rest
+#: (assumed; ``scripts/gpu_check.py`` records ``max_memory_reserved`` against the allocated peak per stage).
 USABLE = 0.92
+#: GPU bytes NCCL's communicators hold on each rank of a launch (channels' buffers; outside
+#: ``max_memory_allocated``). Assumed from NCCL's defaults (``NCCL_BUFFSIZE`` 4 MiB per channel and peer).
+NCCL_BUFFERS = 1.0 * GIB
 
 
 @dataclass
@@ -88,6 +93,8 @@ def _shapes(cfg: DictConfig, dtype: torch.dtype) -> dict:
     in_blocks = sum(p.numel() for p in blocks.parameters())
     text = text_config(model)
     return {"P": prunable, "N": sum(p.numel() for p in model.parameters()) - prunable,
+            "sizes": [m.weight.numel() for m in layers.values()],  # each prunable matrix (pinned arenas)
+            "rows": [(p.shape[0] if p.dim() else 1, p.numel()) for p in model.parameters()],  # FSDP2's Shard(0)
             "L_max": max(m.weight.numel() for m in layers.values()),
             "I_max": max(m.weight.shape[1] for m in layers.values()),
             "sum_in": sum(m.weight.shape[1] for m in layers.values()),
@@ -212,7 +219,8 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
         others = N * b if cfg.schedule.grad_clip_scope == "model" else 0
         state = P * (3 * bd + (bd - b) + (0 if on_host else 8)) + 16 * s["L_max"] + others
         act = (s["L"] * T_c * h * b + T_c * (10 * h + 3 * s["I"]) * b * 2 + 12 * T_c * V)
-        host = P * b + (8 * P if on_host else 0)  # the restore copy of W (+ V and Γ) live on the host
+        # the restore copy of W (+ V and Γ) live on the host: pinned arenas where there is a GPU (..pinned)
+        host = _host_copy(s["sizes"], b, on_gpu) + (2 * _host_copy(s["sizes"], 4, on_gpu) if on_host else 0)
         where = "on the host" if on_host else "on the device"
         add("search", Wd + state + act, host,
             f"W + gradient, Adam m, v ({'fp32' if bd == 4 else 'W dtype'})"
@@ -226,7 +234,7 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
         masks = 4 * P + 4 * s["L_max"] + P + cuts * (1 + len(baselines_of(cfg))) * P / 8
         add("masks", Wo, masks + (4 * P if baselines_of(cfg) else 0),
             "Γ, one matrix's |Γ|, one cut's masks, and every cut's masks packed (1 bit per weight) on the host")
-        add("pruned_eval", Wo + Wb + logits, masks + P * b,
+        add("pruned_eval", Wo + Wb + logits, masks + _host_copy(s["sizes"], b, on_gpu),
             f"W{one} + logits; a copy of the prunable W on the host to restore it between cuts")
     else:
         add("pruned_eval", Wo + Wb + logits, P / 8, f"W{one} + fp32 logits of one chunk")
@@ -248,6 +256,13 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     plan.fits = (not on_gpu or gpu_memory is None or plan.peak_gpu <= USABLE * gpu_memory) and \
         (host_memory is None or plan.peak_host <= USABLE * host_memory)
     return plan
+
+
+def _host_copy(sizes: list[int], item: int, pinned: bool) -> int:
+    """Host bytes of one copy of the prunable matrices (``sizes`` elements each, ``item`` bytes per element): as a
+    pinned arena takes them where ``pinned`` (:func:`..pinned.arena_bytes`), else exactly."""
+    nbytes = [n * item for n in sizes]
+    return arena_bytes(nbytes) if pinned else sum(nbytes)
 
 
 def _corpus_bytes(source: str) -> int:
@@ -353,16 +368,31 @@ def sharded_search_stages(cfg: DictConfig, s: dict, b: int, ranks: int, offload:
     T_c = cfg.calibration.seqlen
     act = s["L"] * T_c * s["h"] * b + T_c * (10 * s["h"] + 3 * s["I"]) * b * 2 + 12 * T_c * s["V"]
     gathered = 4 * s["block"] * b + s["outside"] * b
+    # FSDP2's reduce-scatter of one block's gradients (the unsharded input and this rank's output), the root's
+    # gradients unsharded until theirs (grad_clip_scope=model: embeddings, lm_head), and NCCL's own buffers
+    collectives = s["block"] * bd * (1 + 1 / ranks) + (2 * s["outside"] * b if others else 0) \
+        + (NCCL_BUFFERS if gpu_memory is not None else 0)
     metric = L_max * (b + 4 + 16)
     state_host = offload or cfg.schedule.search_state == "host" or (
         cfg.schedule.search_state == "auto" and gpu_memory is not None
-        and gathered + act + metric + shards + vg > USABLE * gpu_memory - CUDA_OVERHEAD)
-    gpu = gathered + act + metric + (0 if offload else shards) + (0 if state_host else vg)
-    host_rank = P * b / ranks + (shards if offload else 0) + (vg if state_host else 0)  # + the restore copy of W
+        and gathered + act + metric + collectives + shards + vg > USABLE * gpu_memory - CUDA_OVERHEAD)
+    gpu = gathered + act + metric + collectives + (0 if offload else shards) + (0 if state_host else vg)
+    on_gpu = gpu_memory is not None
+    # this rank's rows of every matrix: the restore copy (pinned arena), V and Γ where on the host (pinned arenas)
+    mine = [-(-n // ranks) for n in s["sizes"]]
+    restore = _host_copy(mine, b, on_gpu) if not offload else sum(mine) * b
+    host_rank = restore + (2 * _host_copy(mine, 4, on_gpu) if state_host else 0)
+    if offload:  # FSDP pins each parameter's and gradient's shard alone (power-of-two blocks); m and v are pageable
+        pinned = sum(allocator_bytes(-(-rows // ranks) * (numel // max(rows, 1)) * b) for rows, numel in s["rows"])
+        host_rank += 2 * pinned if on_gpu else shards
+        host_rank += 2 * P * bd / ranks if on_gpu else 0
     load_host = (P + N) * b  # rank 0 reads every weight before they are sent out
     where = "host" if state_host else "GPU"
-    what = (f"per GPU: 1/{ranks} of W, gradient, Adam m, v" + (" (on the host: FSDP CPU offload)" if offload else "")
-            + f"; V, Γ shards on the {where}; two blocks and the root gathered; activations; one matrix's metric")
+    what = (f"per GPU: 1/{ranks} of W, gradient, Adam m, v" + (" (on the host: FSDP CPU offload, W and gradient "
+                                                              "pinned)" if offload else "")
+            + f"; V, Γ shards on the {where}; two blocks and the root gathered; a block's reduce-scatter buffers"
+            + (", the root's gradients" if others else "") + (", NCCL's buffers" if on_gpu else "")
+            + "; activations; one matrix's metric")
     return [Stage("load_sharded", (0 if offload else ((P + N) * b) / ranks) + s["block"] * b, load_host,
                   f"rank 0 reads W on the host and sends each rank its 1/{ranks}"),
             Stage("search", gpu, host_rank * ranks, what),
