@@ -91,9 +91,12 @@ def load_sharded(model_cfg: DictConfig, ranks: Ranks, device: torch.device, offl
     fully_shard(model, mesh=mesh, offload_policy=policy)
     if not ranks.main:
         model.to_empty(device="cpu" if offload else device)
-    buffers_to(model, device)
+    # DCP's load refuses local state on two devices ("Multiple devices found"): under offload the parameters' shards
+    # are on the host, so the (persistent) buffers wait there too; then every rank's go to its compute device
+    buffers_to(model, torch.device("cpu") if offload else device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
+    buffers_to(model, device)
     import torch.distributed as dist
 
     for buf in model.buffers():  # not in the state dict when non-persistent (RoPE's inv_freq): rank 0's values
