@@ -26,7 +26,7 @@ TIERS = {
     "search.sharded": 1, "storage": 1,
     "evaluation.dense": 1, "evaluation.protocol": 1, "export.*": 1, "plan": 1, "plan.*": 1,
     # primitives
-    "": 0, "errors": 0, "paths": 0, "registry": 0, "progress": 0, "stats": 0, "provenance": 0, "inputs": 0, "rundir": 0,
+    "": 0, "errors": 0, "paths": 0, "registry": 0, "progress": 0, "stats": 0, "provenance": 0, "pinned": 0, "inputs": 0, "rundir": 0,
     "config": 0, "lazymap": 0, "masks": 0, "mask_files": 0, "methods": 0, "models": 0, "layouts": 0, "layer_budgets": 0, "onload": 0, "data": 0, "sampling": 0, "assets": 0,
     "calibration": 0, "report": 0, "sweep": 0, "metrics": 0, "metrics.*": 0, "baselines": 0, "baselines.*": 0,
     "evaluation": 0, "evaluation.perplexity": 0, "evaluation.tasks": 0, "evaluation.zeroshot": 0,

@@ -67,6 +67,13 @@ def arena_bytes(sizes: Sequence[int], smallest: int = CHUNK) -> int:
     return sum(arena_layout(sizes, smallest)[0])
 
 
+def copy_bytes(numels: Sequence[int], item: int, pinned: bool) -> int:
+    """Host bytes of one copy of tensors of ``numels`` elements, ``item`` bytes each: as a :class:`HostArena` takes
+    them where ``pinned``, else exactly (the memory plan's figure for V, Γ and the restore copies)."""
+    nbytes = [n * item for n in numels]
+    return arena_bytes(nbytes) if pinned else sum(nbytes)
+
+
 class HostArena:
     """Tensors of ``shapes`` (one dtype) as views of a few power-of-two host chunks, pinned where ``pin``.
 

@@ -19,7 +19,7 @@ from ..methods import baselines_of, make_target, targets_of
 from ..evaluation.perplexity import chunk_positions
 from ..layouts import expert_counts
 from ..models import block_layers, find_blocks, prunable_layers, resolve_dtype, text_config
-from ..pinned import allocator_bytes, arena_bytes
+from ..pinned import allocator_bytes, copy_bytes
 from ..provenance import rss_bytes
 from ..search.settings import drift_element_size, drift_gpu_bytes
 from .architectures import meta_model
@@ -161,8 +161,7 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     b = dtype.itemsize
     P, N, h, V = s["P"], s["N"], s["h"], s["V"]
     W = (P + N) * b
-    spread = gpus if (on_gpu and cfg.model.device_map) else 1  # device_map: weights split, search state on GPU 0
-    Wd = W / spread
+    Wd = W / (gpus if (on_gpu and cfg.model.device_map) else 1)  # device_map: weights split, search state on GPU 0
     # Sequential onloading: outside the blocks on the GPU; the blocks on the host, one at a time on the GPU.
     Wo, Wb, Wh = (s["outside"] * b, s["block"] * b, W - s["outside"] * b) if onload else (Wd, 0.0, 0.0)
     uni = cfg.method == "unipruning"
@@ -171,7 +170,7 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     n_c, T_c = cfg.calibration.nsamples, cfg.calibration.seqlen
     B, T = min(cfg.eval.batch_size, cfg.eval.max_windows or cfg.eval.batch_size), cfg.eval.seqlen
     # One chunk's logits: fp32 logits, their reshaped copy and the log-softmax (12 bytes each); in bf16/fp16 the
-    # logits in that dtype, their fp32 cast and the log-softmax (2 + 4 + 4).
+    # logits, their fp32 cast and the log-softmax (2 + 4 + 4).
     logits = (12 if b == 4 else 8 + b) * B * chunk_positions(B, T, V) * V
     block_io = 2 * n_c * T_c * h * b  # every window's block inputs and outputs, offloaded to the host
     per_sample = n_c * s["sum_in"] * 4 + s["sum_in"] * 8
@@ -220,7 +219,7 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
         state = P * (3 * bd + (bd - b) + (0 if on_host else 8)) + 16 * s["L_max"] + others
         act = (s["L"] * T_c * h * b + T_c * (10 * h + 3 * s["I"]) * b * 2 + 12 * T_c * V)
         # the restore copy of W (+ V and Γ) live on the host: pinned arenas where there is a GPU (..pinned)
-        host = _host_copy(s["sizes"], b, on_gpu) + (2 * _host_copy(s["sizes"], 4, on_gpu) if on_host else 0)
+        host = copy_bytes(s["sizes"], b, on_gpu) + (2 * copy_bytes(s["sizes"], 4, on_gpu) if on_host else 0)
         where = "on the host" if on_host else "on the device"
         add("search", Wd + state + act, host,
             f"W + gradient, Adam m, v ({'fp32' if bd == 4 else 'W dtype'})"
@@ -234,7 +233,7 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
         masks = 4 * P + 4 * s["L_max"] + P + cuts * (1 + len(baselines_of(cfg))) * P / 8
         add("masks", Wo, masks + (4 * P if baselines_of(cfg) else 0),
             "Γ, one matrix's |Γ|, one cut's masks, and every cut's masks packed (1 bit per weight) on the host")
-        add("pruned_eval", Wo + Wb + logits, masks + _host_copy(s["sizes"], b, on_gpu),
+        add("pruned_eval", Wo + Wb + logits, masks + copy_bytes(s["sizes"], b, on_gpu),
             f"W{one} + logits; a copy of the prunable W on the host to restore it between cuts")
     else:
         add("pruned_eval", Wo + Wb + logits, P / 8, f"W{one} + fp32 logits of one chunk")
@@ -256,13 +255,6 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     plan.fits = (not on_gpu or gpu_memory is None or plan.peak_gpu <= USABLE * gpu_memory) and \
         (host_memory is None or plan.peak_host <= USABLE * host_memory)
     return plan
-
-
-def _host_copy(sizes: list[int], item: int, pinned: bool) -> int:
-    """Host bytes of one copy of the prunable matrices (``sizes`` elements each, ``item`` bytes per element): as a
-    pinned arena takes them where ``pinned`` (:func:`..pinned.arena_bytes`), else exactly."""
-    nbytes = [n * item for n in sizes]
-    return arena_bytes(nbytes) if pinned else sum(nbytes)
 
 
 def _corpus_bytes(source: str) -> int:
@@ -352,14 +344,11 @@ def check_run_fits(cfg: DictConfig, ranks: int = 1) -> Plan | None:
 def sharded_search_stages(cfg: DictConfig, s: dict, b: int, ranks: int, offload: bool,
                           gpu_memory: float | None) -> list[Stage]:
     """The drift search with FSDP2 over ``ranks`` processes (:mod:`..search.sharded`): GPU bytes of each rank, host
-    bytes of the node (all its ranks). Each rank holds 1/ranks of W, of its gradient and Adam's m and v, of the other
-    parameters' gradients (``grad_clip_scope=model``) and of V and Γ (fp32; on the host with
-    ``schedule.search_state=host``); FSDP gathers the current and the prefetched block whole (weights, and their
-    gradients in the backward pass) and keeps the root's parameters (embeddings, lm_head) whole through the step;
-    each rank computes one matrix's metric on the whole matrix (W gathered, S fp32, V's quantile sample). With
-    CPU offload the shards (W, gradients, m, v, and V and Γ) live in host memory instead. ``search_state=auto`` puts
-    V and Γ on the host where they do not fit on a GPU of ``gpu_memory`` bytes beside the rest, as each rank does.
-    The host figures are the node's, for one node of ``ranks`` GPUs."""
+    bytes of the node (one node of ``ranks`` GPUs). Each rank holds 1/ranks of W, its gradient, Adam's m and v, the
+    other parameters' gradients (``grad_clip_scope=model``) and V and Γ (fp32; on the host with ``search_state=host``,
+    or ``auto`` where they do not fit a GPU of ``gpu_memory`` bytes); FSDP gathers the current and the prefetched
+    block whole (weights, and their gradients in the backward pass) and the root's parameters through the step;
+    each rank computes one matrix's metric on the whole matrix. With CPU offload the shards live on the host."""
     P, N, L_max = s["P"], s["N"], s["L_max"]
     bd = drift_element_size(cfg.schedule.drift_dtype, b)
     others = N * b if cfg.schedule.grad_clip_scope == "model" else 0
@@ -380,20 +369,17 @@ def sharded_search_stages(cfg: DictConfig, s: dict, b: int, ranks: int, offload:
     on_gpu = gpu_memory is not None
     # this rank's rows of every matrix: the restore copy (pinned arena), V and Γ where on the host (pinned arenas)
     mine = [-(-n // ranks) for n in s["sizes"]]
-    restore = _host_copy(mine, b, on_gpu) if not offload else sum(mine) * b
-    host_rank = restore + (2 * _host_copy(mine, 4, on_gpu) if state_host else 0)
+    host_rank = copy_bytes(mine, b, on_gpu and not offload) + (2 * copy_bytes(mine, 4, on_gpu) if state_host else 0)
     if offload:  # FSDP pins each parameter's and gradient's shard alone (power-of-two blocks); m and v are pageable
         pinned = sum(allocator_bytes(-(-rows // ranks) * (numel // max(rows, 1)) * b) for rows, numel in s["rows"])
-        host_rank += 2 * pinned if on_gpu else shards
-        host_rank += 2 * P * bd / ranks if on_gpu else 0
-    load_host = (P + N) * b  # rank 0 reads every weight before they are sent out
+        host_rank += 2 * pinned + 2 * P * bd / ranks if on_gpu else shards
     where = "host" if state_host else "GPU"
-    what = (f"per GPU: 1/{ranks} of W, gradient, Adam m, v" + (" (on the host: FSDP CPU offload, W and gradient "
-                                                              "pinned)" if offload else "")
+    what = (f"per GPU: 1/{ranks} of W, gradient, Adam m, v" + (" (on the host: FSDP CPU offload, W, gradient pinned)"
+                                                              if offload else "")
             + f"; V, Γ shards on the {where}; two blocks and the root gathered; a block's reduce-scatter buffers"
             + (", the root's gradients" if others else "") + (", NCCL's buffers" if on_gpu else "")
             + "; activations; one matrix's metric")
-    return [Stage("load_sharded", (0 if offload else ((P + N) * b) / ranks) + s["block"] * b, load_host,
+    return [Stage("load_sharded", (0 if offload else ((P + N) * b) / ranks) + s["block"] * b, (P + N) * b,
                   f"rank 0 reads W on the host and sends each rank its 1/{ranks}"),
             Stage("search", gpu, host_rank * ranks, what),
             Stage("search_checkpoint", gpu, host_rank * ranks + L_max * (4 * b + 8),
