@@ -200,7 +200,11 @@ def run_metrics(cfg: DictConfig, model, layers, primary: Target, calib_info: dic
     if timer.cuda_peak_mib:  # the stages reset CUDA's peak counter: the run's peak is the largest of theirs
         memory["peak_cuda_mib"] = max(memory.get("peak_cuda_mib", 0.0), *timer.cuda_peak_mib.values())
         memory["stages_cuda_mib"] = dict(timer.cuda_peak_mib)
+        memory["stages_cuda_reserved_mib"] = dict(timer.cuda_reserved_mib)  # the allocator's peak, fragmentation too
+    if timer.pinned_host_mib:  # pinned host memory CUDA's host allocator holds at each stage's end
+        memory["stages_pinned_host_mib"] = dict(timer.pinned_host_mib)
     memory["host_peak_so_far_mib"] = dict(timer.host_peak_mib)  # which stage set the host's peak
+    memory["stages_mem_available_mib"] = dict(timer.mem_available_mib)  # the machine's MemAvailable at each stage's end
     weight = next(model.parameters())
     metrics = {
         "model": {"name": cfg.model.name, "location": model_location(cfg.model),
