@@ -91,7 +91,7 @@ PART_KEYS = {
               "gpu_total_gib", "cpu_count", "host_total_gib", "mem_available_gib", "disk_free_gib", "context_mib",
               "host_stats_key", "pinned_request_bytes", "pinned_expected_bytes", "pinned_probe_bytes",
               "pinned_rounded_to_power_of_two", "arena_expected_bytes", "arena_nbytes", "arena_pinned_bytes",
-              "host_cache_api", "alloc_conf", "probe_errors"),
+              "host_cache_api", "alloc_conf", "sharded_buffers", "probe_errors"),
     "cpu_vs_device": ("devices", "masks_kept_in_common", "masks_matrices", "masks_ok", "gamma_rel_diff_worst_matrix",
                       "gamma_max_abs_diff", "gamma_target", "gamma_within_target", "runs"),
     "drift_7b": ("model", "model_gib", "prunable_weights", "build", "fwdbwd", "run", "step_over_fwdbwd",
@@ -875,6 +875,10 @@ def helper_probe(args: argparse.Namespace) -> dict:
         out["arena_expected_bytes"] = arena_bytes([request])
     except Exception as err:  # noqa: BLE001 - pinned.py may be missing in an older tree
         errors["arena_expected"] = f"{type(err).__name__}: {err}"[:500]
+    try:
+        out["sharded_buffers"] = sharded_buffer_devices(args.work / "probe_model", cuda)
+    except Exception as err:  # noqa: BLE001
+        errors["sharded_buffers"] = f"{type(err).__name__}: {err}"[:500]
     if not cuda:
         return out
     from unipruning_cli.progress import pinned_host_bytes
@@ -915,6 +919,41 @@ def helper_probe(args: argparse.Namespace) -> dict:
     except Exception as err:  # noqa: BLE001 - pinned.py missing, say
         errors["arena"] = f"{type(err).__name__}: {err}"[:500]
     return out
+
+
+def sharded_buffer_devices(folder: Path, cuda: bool) -> dict:
+    """``search.sharded.load_sharded`` in a world of one rank (``cpu:gloo,cuda:nccl`` on a GPU, with FSDP's CPU
+    offload; gloo without it here): where the buffers (RoPE's ``inv_freq``) and the parameters' shards end up. Under
+    offload the buffers must be on the GPU and the shards on the host (gpu-readiness §3b)."""
+    import torch
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from unipruning_cli.distributed import Ranks
+    from unipruning_cli.search.sharded import load_sharded
+
+    fields = dict(TINY)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(folder)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=0, world_size=1)
+    try:
+        cfg = OmegaConf.create({"source": "local", "path": str(folder), "dtype": "bfloat16", "revision": None,
+                                "trust_remote_code": False})
+        model, _ = load_sharded(cfg, Ranks(0, 1), device, offload=cuda)
+        buffers = sorted({str(b.device) for b in model.buffers()})
+        shards = sorted({str(p.to_local().device) for p in model.parameters()})
+        ok = buffers == [str(device)] and shards == (["cpu"] if cuda else [str(device)])
+        return {"offload": cuda, "buffer_devices": buffers, "shard_devices": shards, "ok": ok}
+    finally:
+        dist.destroy_process_group()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def helper_build(args: argparse.Namespace) -> dict:

@@ -100,6 +100,7 @@ def test_the_cpu_form_runs_every_part_and_writes_the_device_layout(tmp_path):
     probe = parts["probe"]
     assert probe["pinned_expected_bytes"] == 536870912 and probe["torch"] == torch.__version__
     assert probe["context_mib"] is None and probe["pinned_probe_bytes"] is None  # CUDA-only: null on a CPU
+    assert probe["sharded_buffers"]["ok"] and probe["probe_errors"] == {}  # load_sharded in a world of one rank
     same = parts["cpu_vs_device"]
     assert same["masks_kept_in_common"] == 1.0 and same["gamma_rel_diff_worst_matrix"] <= 1e-6
     runs = [parts["drift_7b"]["run"], parts["checkpoint_7b"]["run"], parts["frozen_and_onload"]["frozen"],
