@@ -6,7 +6,7 @@ BIN      := $(VENV)/bin
 # (cheap); elsewhere pip takes the regular build for the platform (CUDA on a Linux GPU machine).
 TORCH    ?= torch==2.13.0
 
-.PHONY: setup install prepare run test test-slow bench bench-ci bench-gate clean
+.PHONY: setup install prepare run test test-slow bench bench-ci bench-gate gpu-check-cpu clean
 
 setup: install prepare          ## install everything and prepare the offline model and corpora
 
@@ -30,6 +30,9 @@ test: setup                     ## the default suite (fast tests + bounded real-
 
 test-slow: setup                ## real-model checks that take minutes
 	$(BIN)/python -m pytest -q -m slow
+
+gpu-check-cpu: setup           ## scripts/gpu_check.py's CPU form end to end (every part, 2 ranks), as CI runs it
+	$(BIN)/python -m pytest -q -m slow tests/test_gpu_check.py
 
 bench: setup                    ## full tier: every method and pattern on the default model (table in bench-out/), then the full gate
 	$(BIN)/python scripts/bench_methods.py --out bench-out
