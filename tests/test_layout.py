@@ -3,6 +3,9 @@
 Every ``import`` of the package is read from the source (module level and inside functions alike),
 with the package ``__init__`` that importing a submodule runs. ``python -m pytest tests/test_layout.py``
 is the command that checks it; a new module must be given a tier in ``TIERS`` below.
+
+The docs are checked here too: ``docs/layout.md`` lists every module with its tier, README.md stays under
+``README_MAX_LINES`` and links every ``docs/*.md`` page, and every relative link of those pages resolves.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "unipruning_cli"
 MAX_LINES = 400
+README = PACKAGE.parent / "README.md"
+DOCS = PACKAGE.parent / "docs"
+README_MAX_LINES = 250  # the page a newcomer reads in five minutes; the rest lives in docs/
 
 #: Tier of each module (a name ending in ``.*`` covers a package's modules). An import may go to its
 #: own tier or a lower one, never a higher one.
@@ -163,20 +169,69 @@ def test_modules_are_small_and_say_their_job(module):
         assert doc and doc.splitlines()[0].strip(), f"{path.relative_to(PACKAGE.parent)}: the first line of its docstring says its job"
 
 
-def test_the_readme_layout_table_lists_every_module_and_no_other():
+def test_the_layout_page_lists_every_module_and_no_other():
     import re
 
-    readme = (PACKAGE.parent / "README.md").read_text()
-    table = readme.split("## Code layout", 1)[1].split("\n## ", 1)[0]
+    table = (DOCS / "layout.md").read_text()  # the module table, linked from the README
     listed = set()
     for row in table.splitlines():
         if row.startswith("| `"):
             listed |= set(re.findall(r"`([\w/]+\.py)`", row.split("|")[1]))
     actual = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")}
-    assert listed == actual, f"missing from the README: {sorted(actual - listed)}; gone: {sorted(listed - actual)}"
-    for row in table.splitlines():  # the tier the README gives is the tier the test holds
+    assert listed == actual, f"missing from docs/layout.md: {sorted(actual - listed)}; gone: {sorted(listed - actual)}"
+    for row in table.splitlines():  # the tier the page gives is the tier the test holds
         if row.startswith("| `"):
             cells = [c.strip() for c in row.split("|")]
             for path in re.findall(r"`([\w/]+\.py)`", cells[1]):
                 module = _module_name(PACKAGE / path)
                 assert cells[2] == (NAMES[tier(module)] if tier(module) < 3 else "cli"), (path, cells[2])
+
+
+def _markdown_pages() -> list[Path]:
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, code marks and punctuation dropped, spaces to hyphens."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _links(page: Path) -> list[str]:
+    """The targets of a page's markdown links, code blocks and code spans left out (``[0.5,0.6]`` is no link)."""
+    import re
+
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
+    lines = README.read_text().count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines (at most {README_MAX_LINES}): move detail to docs/"
+    linked = {(README.parent / t.split("#")[0]).resolve() for t in _links(README) if not t.startswith(("http:", "https:", "#"))}
+    pages = sorted(DOCS.glob("*.md"))
+    assert pages, "docs/ holds no page"
+    missing = [p.name for p in pages if p.resolve() not in linked]
+    assert not missing, f"docs pages the README does not link: {missing}"
+
+
+@pytest.mark.parametrize("page", _markdown_pages(), ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_relative_links_point_to_files_that_exist(page):
+    import re
+
+    bad = []
+    for target in _links(page):
+        if target.startswith(("http:", "https:", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            bad.append(f"{target} (no such file)")
+        elif anchor and file.suffix == ".md":
+            text = re.sub(r"```.*?```", "", file.read_text(), flags=re.S)  # a shell comment is no heading
+            headings = [l.lstrip("#") for l in text.splitlines() if l.startswith("#")]
+            if anchor not in {_anchor(h) for h in headings}:
+                bad.append(f"{target} (no such heading in {file.name})")
+    assert not bad, f"{page.relative_to(PACKAGE.parent)}: broken links: {bad}"
