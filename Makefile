@@ -6,7 +6,7 @@ BIN      := $(VENV)/bin
 # (cheap); elsewhere pip takes the regular build for the platform (CUDA on a Linux GPU machine).
 TORCH    ?= torch==2.13.0
 
-.PHONY: setup install prepare run test test-slow bench bench-ci bench-gate gpu-check-cpu clean
+.PHONY: setup install prepare run test test-fast test-slow bench bench-ci bench-gate gpu-check-cpu clean
 
 setup: install prepare          ## install everything and prepare the offline model and corpora
 
@@ -25,8 +25,11 @@ prepare: install                ## idempotent: verifies hashes, redoes only what
 run: setup                      ## the main job: prune the embedded default model with the defaults
 	$(BIN)/unipruning prune
 
-test: setup                     ## the default suite (fast tests + bounded real-model checks)
+test: setup                     ## the default suite, what CI runs: unit, stage and end-to-end tests (all but slow)
 	$(BIN)/python -m pytest -q
+
+test-fast: setup                ## unit and stage tests, under 3 minutes
+	$(BIN)/python -m pytest -q -m 'not slow and not e2e'
 
 test-slow: setup                ## real-model checks that take minutes
 	$(BIN)/python -m pytest -q -m slow

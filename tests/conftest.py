@@ -1,58 +1,25 @@
-"""Shared fixtures: tiny random-weight Llama / Qwen2 models with a real (small) tokenizer, tiny corpora.
+"""Shared fixtures: tiny random-weight Llama / Qwen2 models with a real (small) tokenizer, tiny corpora, one torch
+thread, a guard that no weight is read.
 
 The models are built from transformers configs and saved as local HF folders, so tests exercise the
-same loading code as a user's model folder, in seconds, without any hub or cache.
+same loading code as a user's model folder, in seconds, without any hub or cache. The helpers behind them live in
+``_helpers.py``; test modules import from there, never from here.
 """
 
 from __future__ import annotations
 
 import os
-import random
-from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parent.parent
+from pathlib import Path  # noqa: E402
 
-_WORDS = ("the model prunes weights with a mask while activations flow through every layer of the network "
-          "and sparse matrices keep half of their entries so perplexity grows slowly when calibration data "
-          "is good and the saliency is anchored to a local metric").split()
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-
-def make_text(seed: int, n_words: int = 6000) -> str:
-    rng = random.Random(seed)
-    sentences, words = [], 0
-    while words < n_words:
-        k = rng.randint(5, 14)
-        sentences.append(" ".join(rng.choice(_WORDS) for _ in range(k)).capitalize() + ".")
-        words += k
-    return " ".join(sentences)
-
-
-def make_tokenizer(text: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
-    tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-def build_tiny_model(arch: str, vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).eval()
-    if arch == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
-    raise ValueError(arch)
+from _helpers import build_tiny_model, make_text, make_tokenizer, tiny_overrides  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -94,19 +61,6 @@ def isolated_env(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def tiny_overrides(model_dir: Path, corpus_files: dict[str, Path], **extra: object) -> list[str]:
-    """Overrides that point a prune run at a tiny local model and tiny corpora."""
-    args = [
-        "method=local", "local_metric=wanda",
-        "model=local", f"model.path={model_dir}", "model.seqlen=32",
-        f"calibration.source={corpus_files['calib']}", "calibration.nsamples=8",
-        f"eval.corpora=[{corpus_files['eval']}]", "eval.max_windows=4", "eval.batch_size=2",
-        # one cut per run, as the tests were written: UniPruning's default adds 0.6, 0.7, 2:4 and Wanda beside
-        "export.sparsities=[]", "export.patterns=[]", "eval.baselines=[]",
-    ]
-    return args + [f"{k}={v}" for k, v in extra.items()]
-
-
 @pytest.fixture()
 def frozen_search_cfg(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
     """``make(*overrides)``: validated UniPruning configs (frozen W, 3 steps) on the tiny Llama, cache in tmp_path."""
@@ -128,22 +82,21 @@ def frozen_search_cfg(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
     return make
 
 
-def _real_cache() -> Path:
-    from unipruning_cli.paths import cache_dir
-
-    return cache_dir()
-
-
-#: The prepared offline assets (``unipruning prepare``), whatever cache a test later points UNIPRUNING_CACHE at.
-REAL_CACHE = _real_cache()
-
-
-def real_model_prepared() -> bool:
-    from unipruning_cli.paths import cache_dir
-
-    return (cache_dir() / "models" / "smollm2-135m" / "config.json").exists()
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+@pytest.fixture()
+def no_weights_read(monkeypatch):
+    """Any attempt to load a model's weights fails the test: the checks must come before."""
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)

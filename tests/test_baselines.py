@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from _helpers import build_tiny_model
 from unipruning_cli.baselines.local import Baseline, parse_baseline, sequential_masks
 from unipruning_cli.calibration import calibrate_blockwise
 from unipruning_cli.errors import UserError

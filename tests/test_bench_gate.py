@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from _helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,6 @@ from torch import nn
 
 from unipruning_cli.calibration import calibrate_blockwise
 
-from _helpers import one_torch_thread  # noqa: F401,E402  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

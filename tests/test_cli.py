@@ -25,12 +25,12 @@ from _helpers import (
     hook_sq_sums,
     linears,
     merge_overrides,
-    one_torch_thread,  # noqa: F401  (fixture)
     run_cli,
+    tiny_overrides,
 )
-from conftest import tiny_overrides
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# every test here runs the CLI in a subprocess: end to end (`make test`, not `make test-fast`)
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parent.parent
 NSAMPLES, SEQLEN, MAX_WINDOWS = 8, 32, 4  # what tiny_overrides asks for

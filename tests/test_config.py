@@ -132,7 +132,7 @@ def test_regularizer_and_schedule_defaults_validate(offline_inputs):
 
 
 def test_defaults_validate_with_prepared_cache():
-    from conftest import real_model_prepared
+    from _helpers import real_model_prepared
 
     if not real_model_prepared():
         pytest.skip("embedded model not prepared in the cache")

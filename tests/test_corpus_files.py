@@ -17,7 +17,7 @@ import logging
 import pytest
 import torch
 
-from conftest import real_model_prepared, tiny_overrides
+from _helpers import real_model_prepared, tiny_overrides
 from unipruning_cli import data
 from unipruning_cli.config import compose_prune
 from unipruning_cli.errors import UserError

@@ -38,7 +38,7 @@ def test_other_methods_and_explicit_lists_keep_their_cuts(overrides, tags, basel
 
 def test_the_default_runs_summary_compares_unipruning_and_wanda_at_four_targets(tmp_path, tiny_llama_dir,
                                                                                 corpus_files, monkeypatch):
-    from conftest import tiny_overrides
+    from _helpers import tiny_overrides
     from unipruning_cli.runner import run_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))

@@ -9,87 +9,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from _helpers import cli_env, run_cli
-from conftest import tiny_overrides
-from unipruning_cli import distributed
+from _helpers import (
+    assert_same_run,
+    cli_env,
+    sharded_overrides,
+    single_and_sharded,
+    tiny_overrides,
+    torchrun_command,
+)
 from unipruning_cli.distributed import Ranks, launch_ranks, row_range
 from unipruning_cli.errors import UserError
-
-SEARCH = ["method=unipruning", "schedule.steps=6", "schedule.checkpoint_every=2", "reuse_search=false",
-          "export.sparsities=[0.5,0.6]", "export.patterns=[2:4]", "pattern.allocation=per_matrix"]
-
-
-def _overrides(model_dir: Path, corpus_files, *extra: str) -> list[str]:
-    base = [o for o in tiny_overrides(model_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
-    return [*base, *SEARCH, *extra]
-
-
-def _torchrun(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "unipruning_cli", "prune", *args]
-
-
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _single_and_sharded(tmp_path: Path, args: list[str]) -> tuple[Path, Path, float, float]:
-    """Run the same prune in one process and over 2 ranks; their run directories and wall seconds."""
-    env1 = cli_env(tmp_path / "runs1", tmp_path / "cache1")
-    proc, t_single = run_cli(["prune", *args], tmp_path, env1, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    env2 = cli_env(tmp_path / "runs2", tmp_path / "cache2")
-    t0 = time.perf_counter()
-    proc = subprocess.run(_torchrun(args), cwd=tmp_path, env=env2, capture_output=True, text=True, timeout=300)
-    t_sharded = time.perf_counter() - t0
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    # every rank left the process group after the search; rank 0 went on with every core (torchrun had left it one)
-    assert f"rank 0 goes on alone with {distributed.cores()} CPU threads" in " ".join((proc.stdout + proc.stderr).split())
-    single = list((tmp_path / "runs1" / "prune").iterdir())
-    sharded = list((tmp_path / "runs2" / "prune").iterdir())
-    assert len(single) == 1 and len(sharded) == 1, sharded  # one run directory for the two ranks
-    return single[0], sharded[0], t_single, t_sharded
-
-
-def _assert_same_gamma(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Γ of every matrix within 1e-6 relative (Frobenius); returns the worst matrix's difference."""
-    assert a.keys() == b.keys() and a
-    worst = 0.0
-    for name in a:
-        rel = float((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-30))
-        assert rel <= 1e-6, (name, rel)
-        worst = max(worst, rel)
-    return worst
-
-
-def _files(run: Path) -> set[str]:
-    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "checkpoints" not in p.parts}
-
-
-def _assert_same_run(single: Path, sharded: Path, same_files: bool = True) -> None:
-    """Γ within 1e-6 relative, the same masks at every cut, and the same files (rank 1 wrote nothing)."""
-    from unipruning_cli.mask_files import load_masks
-
-    worst = _assert_same_gamma(_load(single / "gamma.safetensors"), _load(sharded / "gamma.safetensors"))
-    print(f"Γ, 2 ranks against one process: worst matrix {worst:.2g} relative")
-    tags = sorted(p.name for p in (single / "masks").iterdir())
-    assert tags == ["2of4.safetensors", "s0.50_per_matrix.safetensors", "s0.60_per_matrix.safetensors"]
-    for tag in tags:
-        a, b = load_masks(single / "masks" / tag), load_masks(sharded / "masks" / tag)
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[n], b[n]) for n in a), tag
-    if same_files:
-        assert _files(sharded) == _files(single)
-    info = json.loads((sharded / "stages" / "search.json").read_text())["info"]
-    assert info["ranks"] == 2 and info["sharding"] == "fsdp2"
-
 
 # The default suite runs Qwen2 here and Llama with rho > 0 in the resume test below (about 2 minutes on 2 cores);
 # make test-slow runs the rest.
@@ -99,20 +32,22 @@ def _assert_same_run(single: Path, sharded: Path, same_files: bool = True) -> No
     pytest.param("qwen2", 0.0),
     pytest.param("qwen2", 0.5, marks=pytest.mark.slow),
 ])
+@pytest.mark.e2e
 def test_two_ranks_give_the_single_process_gamma_and_masks_in_one_run_directory(
         model, rho, tmp_path, tiny_tokenizer, corpus_files):
-    from conftest import build_tiny_model
+    from _helpers import build_tiny_model
 
     model_dir = tmp_path / model
     build_tiny_model(model, len(tiny_tokenizer)).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    args = _overrides(model_dir, corpus_files, f"schedule.rho={rho}", "local_metric=ria" if model == "qwen2" else
+    args = sharded_overrides(model_dir, corpus_files, f"schedule.rho={rho}", "local_metric=ria" if model == "qwen2" else
                       "local_metric=stochria")
-    single, sharded, t_single, t_sharded = _single_and_sharded(tmp_path, args)
+    single, sharded, t_single, t_sharded = single_and_sharded(tmp_path, args)
     print(f"{model} rho={rho}: one process {t_single:.1f} s, 2 ranks {t_sharded:.1f} s")
-    _assert_same_run(single, sharded)
+    assert_same_run(single, sharded)
 
 
+@pytest.mark.e2e
 def test_a_rank_killed_mid_search_then_a_rerun_resumes_and_ends_with_the_same_gamma(
         tiny_llama_dir, corpus_files, tmp_path, monkeypatch):
     import psutil
@@ -120,10 +55,10 @@ def test_a_rank_killed_mid_search_then_a_rerun_resumes_and_ends_with_the_same_ga
     from unipruning_cli.config import compose_prune
     from unipruning_cli.runner import run_prune
 
-    args = _overrides(tiny_llama_dir, corpus_files, "schedule.steps=20", "schedule.rho=0.5")
+    args = sharded_overrides(tiny_llama_dir, corpus_files, "schedule.steps=20", "schedule.rho=0.5")
     run = tmp_path / "run"
     env = cli_env(tmp_path / "runs", tmp_path / "cache")
-    cmd = _torchrun([*args, f"hydra.run.dir={run}"])
+    cmd = torchrun_command([*args, f"hydra.run.dir={run}"])
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = run / "checkpoints" / "search.json"
     deadline = time.time() + 240
@@ -148,7 +83,7 @@ def test_a_rank_killed_mid_search_then_a_rerun_resumes_and_ends_with_the_same_ga
         run_prune(compose_prune(args), tmp_path / "single")
     finally:
         torch.set_num_threads(threads)
-    _assert_same_run(tmp_path / "single", run, same_files=False)
+    assert_same_run(tmp_path / "single", run, same_files=False)
     assert not (tmp_path / "runs").exists()  # hydra.run.dir given: no rank made a folder of its own
 
 
@@ -261,9 +196,10 @@ def test_plan_says_the_70b_drift_search_fits_8_gpus_of_80gb_and_how(tmp_path, mo
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_an_srun_step_of_two_tasks_runs_the_sharded_search_in_one_run_directory(tiny_llama_dir, corpus_files, tmp_path):
     """Two processes with the variables ``srun --ntasks 2`` sets (no SLURM here): ranks from SLURM_* via submitit."""
-    args = _overrides(tiny_llama_dir, corpus_files)
+    args = sharded_overrides(tiny_llama_dir, corpus_files)
     procs = []
     for rank in (0, 1):
         env = {**cli_env(tmp_path / "runs", tmp_path / "cache"), "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "localhost",

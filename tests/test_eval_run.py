@@ -46,7 +46,7 @@ def test_evaluating_several_cuts_in_turn_equals_each_alone_and_restores_the_mode
     import torch
     from omegaconf import OmegaConf
 
-    from conftest import build_tiny_model
+    from _helpers import build_tiny_model
     from unipruning_cli.masks import masks_for
     from unipruning_cli.methods import apply_masks
     from unipruning_cli.models import prunable_layers

@@ -25,8 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from _helpers import cli_env, merge_overrides, one_torch_thread, run_cli  # noqa: F401  (fixture)
-from conftest import build_tiny_model, tiny_overrides
+from _helpers import build_tiny_model, cli_env, eval_windows_of, merge_overrides, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,6 +36,7 @@ REL_TOL = 1e-6
 # ====================================================================================== runs
 
 
+# Prune runs through the CLI that most tests here export and reload: those are end to end (`e2e`).
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
@@ -95,26 +95,6 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     for f in files:
         out.update(load_file(str(f)))
     return out
-
-
-def _eval_windows_of(run_dir: Path) -> tuple[torch.Tensor, int, str]:
-    """The run's evaluation windows, rebuilt from its config (same tokenizer, corpus, seqlen, max_windows)."""
-    from transformers import AutoTokenizer
-
-    from unipruning_cli.data import eval_windows, token_stream
-    from unipruning_cli.evaluation.perplexity import with_bos
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    tok = AutoTokenizer.from_pretrained(cfg["model"]["path"])
-    corpus = cfg["eval"]["corpora"][0]
-    windows = eval_windows(token_stream(tok, corpus, "eval"), cfg["eval"]["seqlen"], cfg["eval"]["max_windows"])
-    from omegaconf import OmegaConf
-
-    from unipruning_cli.models import resolve_add_bos
-
-    if resolve_add_bos(OmegaConf.create(cfg["model"]), tok):
-        windows = with_bos(windows, tok.bos_token_id)
-    return windows, cfg["eval"]["batch_size"], corpus
 
 
 def _expected_zeros(shape, target: str) -> int:
@@ -176,8 +156,8 @@ def reloaded(ws, exported, uni_run, wanda_run):
         "uni_s070_pm": ("uni", uni_run, "s0.70_per_matrix", ("sparsity=0.7", "allocation=per_matrix")),
     }
     folders = {name: exported(name, run, *opts)[0] for name, (run, _, _, opts) in cases.items()}
-    windows, batch_size, corpus = _eval_windows_of(uni_run)
-    w2, _, _ = _eval_windows_of(wanda_run)
+    windows, batch_size, corpus = eval_windows_of(uni_run)
+    w2, _, _ = eval_windows_of(wanda_run)
     assert torch.equal(windows, w2)
     spec = ws["root"] / "reload_spec.json"
     spec.write_text(json.dumps({"folders": [str(f) for f in folders.values()], "windows": windows.tolist(),
@@ -196,6 +176,7 @@ def reloaded(ws, exported, uni_run, wanda_run):
 
 
 @pytest.mark.parametrize("case", ["uni_s050", "uni_2of4", "wanda_s050"])
+@pytest.mark.e2e
 def test_fresh_reload_gives_the_runs_perplexity(reloaded, case):
     r = reloaded[case]
     want = _metrics(r["run"])["results"][r["tag"]]["ppl"][r["corpus"]]
@@ -205,6 +186,7 @@ def test_fresh_reload_gives_the_runs_perplexity(reloaded, case):
 
 
 @pytest.mark.parametrize("case", ["uni_s050", "uni_2of4", "wanda_s050", "uni_s080", "uni_s070_pm"])
+@pytest.mark.e2e
 def test_reloaded_sparsity_is_the_asked_one(reloaded, case):
     r = reloaded[case]
     zeros = r["zeros"]
@@ -218,6 +200,7 @@ def test_reloaded_sparsity_is_the_asked_one(reloaded, case):
         assert overall == _metrics(r["run"])["results"][r["tag"]]["measured_sparsity"]
 
 
+@pytest.mark.e2e
 def test_2of4_export_keeps_two_of_every_four(reloaded):
     folder = reloaded["uni_2of4"]["folder"]
     for name, w in _weights(folder).items():
@@ -225,6 +208,7 @@ def test_2of4_export_keeps_two_of_every_four(reloaded):
             assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) == 2).all(), name
 
 
+@pytest.mark.e2e
 def test_model_card_and_summary(exported, uni_run):
     folder, stdout = exported("uni_s050", "uni")
     m = _metrics(uni_run)
@@ -246,6 +230,7 @@ def test_model_card_and_summary(exported, uni_run):
     assert "pattern | 2:4" in card24 and "Ampere" not in card24 and "no mainstream serving engine runs 2:4" in card24
 
 
+@pytest.mark.e2e
 def test_default_out_is_inside_the_run(uni_run, capsys):
     from unipruning_cli.export import export_command
 
@@ -256,6 +241,7 @@ def test_default_out_is_inside_the_run(uni_run, capsys):
     assert str(out) in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_gamma_cut_at_a_sparsity_the_run_does_not_hold(exported, uni_run, tiny_llama_dir):
     from unipruning_cli.methods import Target
     from unipruning_cli.rundir import load_tensors
@@ -277,6 +263,7 @@ def test_gamma_cut_at_a_sparsity_the_run_does_not_hold(exported, uni_run, tiny_l
     assert "cut from" in stdout
 
 
+@pytest.mark.e2e
 def test_export_in_bfloat16_with_compressed_file(exported, uni_run):
     folder, stdout = exported("uni_2of4_bf16", "uni", "pattern=2:4", "dtype=bfloat16", "--compressed")
     weights = _weights(folder)
@@ -286,6 +273,7 @@ def test_export_in_bfloat16_with_compressed_file(exported, uni_run):
     assert "compressed prunable tensors" in stdout
 
 
+@pytest.mark.e2e
 def test_wanda_run_cannot_cut_a_new_sparsity(wanda_run, ws):
     from unipruning_cli.errors import UserError
     from unipruning_cli.export import export_command
@@ -301,6 +289,7 @@ def test_wanda_run_cannot_cut_a_new_sparsity(wanda_run, ws):
     assert sorted(p.name for p in (wanda_run / "masks").iterdir()) == before
 
 
+@pytest.mark.e2e
 def test_sparsegpt_run_is_refused(wanda_run, ws):
     """A run whose config says method=sparsegpt (a copy of the Wanda run's layout: same files as a SparseGPT run)."""
     from unipruning_cli.errors import UserError
@@ -318,6 +307,7 @@ def test_sparsegpt_run_is_refused(wanda_run, ws):
 
 
 @pytest.mark.parametrize("case", ["missing", "half_written"])
+@pytest.mark.e2e
 def test_bad_run_dir_via_cli_exits_2(case, ws, wanda_run):
     if case == "missing":
         target, words = ws["root"] / "no_such_run", ["does not exist", "no_such_run"]
@@ -336,6 +326,7 @@ def test_bad_run_dir_via_cli_exits_2(case, ws, wanda_run):
     assert not (target / "export").exists()
 
 
+@pytest.mark.e2e
 def test_existing_output_folder_needs_force(uni_run, ws):
     from unipruning_cli.errors import UserError
     from unipruning_cli.export import export_command
@@ -359,6 +350,7 @@ def test_existing_output_folder_needs_force(uni_run, ws):
         export_command([str(uni_run), "--out", str(uni_run), "--force"])
 
 
+@pytest.mark.e2e
 def test_bad_requests_name_the_problem(uni_run):
     from unipruning_cli.errors import UserError
     from unipruning_cli.export import export_command
@@ -379,6 +371,7 @@ def test_bad_requests_name_the_problem(uni_run):
 
 
 @pytest.mark.parametrize("model_from", ["run_dir", "hf_folder"])
+@pytest.mark.e2e
 def test_apply_reproduces_the_export_bit_for_bit(model_from, exported, uni_run, tiny_llama_dir, ws):
     from unipruning_cli.export import apply_command
 
@@ -393,6 +386,7 @@ def test_apply_reproduces_the_export_bit_for_bit(model_from, exported, uni_run, 
     assert (out / "tokenizer.json").is_file() and "2of4" in (out / "README.md").read_text()
 
 
+@pytest.mark.e2e
 def test_apply_shape_mismatch_lists_the_layers(uni_run, tiny_llama_dir, ws):
     from unipruning_cli.errors import UserError
     from unipruning_cli.export import apply_command
@@ -412,6 +406,7 @@ def test_apply_shape_mismatch_lists_the_layers(uni_run, tiny_llama_dir, ws):
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_apply_refuses_an_existing_folder_via_cli(uni_run, tiny_llama_dir, ws):
     out = ws["root"] / "applied_exists"
     out.mkdir()
@@ -480,6 +475,7 @@ def test_compressed_round_trip_is_exact_and_small_in_bf16(tmp_path, tiny_tokeniz
     assert stored["nm.model.layers.0.mlp.up_proj.values"].dtype == torch.bfloat16
 
 
+@pytest.mark.e2e
 def test_exported_compressed_file_rebuilds_the_exported_model(exported, ws):
     from transformers import AutoModelForCausalLM
 
@@ -502,6 +498,7 @@ def test_exported_compressed_file_rebuilds_the_exported_model(exported, ws):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.e2e
 def test_semi_structured_needs_an_nvidia_gpu(exported, capsys):
     import importlib.util
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from _helpers import tiny_overrides
 
 
 def _register(monkeypatch, registry, name: str, cls) -> None:

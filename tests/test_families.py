@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from _helpers import eval_windows_of, tiny_overrides
 
 #: model_type -> the fields its tiny config needs beyond the common ones (README "Model families").
 FAMILIES = {
@@ -37,7 +37,6 @@ def test_a_family_prunes_every_projection_and_its_export_reloads_at_the_runs_per
         family, tmp_path, tiny_tokenizer, corpus_files):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from test_export import _eval_windows_of
     from unipruning_cli.config import compose_prune
     from unipruning_cli.evaluation.perplexity import perplexity
     from unipruning_cli.export import export_command
@@ -61,6 +60,6 @@ def test_a_family_prunes_every_projection_and_its_export_reloads_at_the_runs_per
     export_command([str(run_dir), "--out", str(out)])
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded).__name__ == type(AutoModelForCausalLM.from_config(config)).__name__
-    windows, batch_size, corpus = _eval_windows_of(run_dir)
+    windows, batch_size, corpus = eval_windows_of(run_dir)
     got = perplexity(reloaded, windows, batch_size, "reload").to_dict()["ppl"]
     assert got == metrics["results"]["s0.50_per_row"]["ppl"][corpus]

@@ -142,7 +142,7 @@ def test_a_rank_that_does_not_write_gathers_a_checkpoint_one_matrix_at_a_time(tm
 def test_the_fp32_master_copy_drifts_under_autocast_without_its_cache_of_casts(tiny_tokenizer, tmp_path):
     """Autocast keeps a low-precision cast of every fp32 weight that needs a gradient until its region ends (2 bytes
     per weight, 12 GiB at 7B, counted nowhere); the search runs its forward and backward with the cache off."""
-    from conftest import build_tiny_model
+    from _helpers import build_tiny_model
     from unipruning_cli.metrics import build_metric
     from unipruning_cli.models import prunable_layers
     from unipruning_cli.search.mirror_descent import search_drift

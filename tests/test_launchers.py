@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from _helpers import cli_env, merge_overrides, run_cli
-from conftest import tiny_overrides
+from _helpers import cli_env, merge_overrides, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.e2e  # sweeps through the launchers, the CLI in subprocesses
 
 
 def _plugin(module: str) -> None:

@@ -106,7 +106,7 @@ def _own_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("method, allocation", [("unipruning", "owl"), ("unipruning", "gamma"), ("local", "owl")])
 def test_a_run_cuts_layerwise_budgets_at_every_target_and_export_cuts_a_new_one(
         method, allocation, tmp_path, tiny_llama_dir, corpus_files, _own_cache):
-    from conftest import tiny_overrides
+    from _helpers import tiny_overrides
     from unipruning_cli.config import compose_prune
     from unipruning_cli.export.apply import export_run
     from unipruning_cli.mask_files import load_masks

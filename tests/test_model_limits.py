@@ -4,11 +4,9 @@ cannot take."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from conftest import tiny_overrides
+from _helpers import save_model, tiny_llama, tiny_overrides, validate_overrides
 from unipruning_cli.errors import UserError
 
 
@@ -18,74 +16,40 @@ def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
 
 
-def _llama(tokenizer, **fields):
-    """A random tiny Llama (2 layers, 4 heads, 2 KV heads) over ``tokenizer``'s vocabulary, with ``fields``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, **fields))
-
-
-def _save(model, tokenizer, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def _validate(model_dir: Path, corpus_files, *extra: str):
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.preflight import validate
-
-    cfg = compose_prune([*tiny_overrides(model_dir, corpus_files), *extra])
-    validate(cfg)
-    return cfg
-
-
-@pytest.fixture()
-def no_weights_read(monkeypatch):
-    """Any attempt to load a model's weights fails the test: the checks must come before."""
-    import transformers
-
-    def refuse(*a, **k):
-        raise AssertionError("weights were read")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-
-
 def test_a_window_past_a_learned_position_table_is_refused_before_loading(tmp_path, tiny_tokenizer, corpus_files,
                                                                           no_weights_read):
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                        num_attention_heads=4, max_position_embeddings=16, word_embed_proj_dim=32)
-    folder = _save(OPTForCausalLM(config), tiny_tokenizer, tmp_path / "opt")
+    folder = save_model(OPTForCausalLM(config), tiny_tokenizer, tmp_path / "opt")
     with pytest.raises(UserError, match=r"calibration\.seqlen=32 is longer than the 16 positions.*learned"):
-        _validate(folder, corpus_files)  # tiny_overrides: model.seqlen=32
+        validate_overrides(folder, corpus_files)  # tiny_overrides: model.seqlen=32
     with pytest.raises(UserError, match="learned"):  # no way around a learned table
-        _validate(folder, corpus_files, "model.allow_long_context=true")
-    _validate(folder, corpus_files, "model.seqlen=16")
+        validate_overrides(folder, corpus_files, "model.allow_long_context=true")
+    validate_overrides(folder, corpus_files, "model.seqlen=16")
 
 
 def test_a_rope_model_past_its_trained_length_needs_to_be_asked(tmp_path, tiny_tokenizer, corpus_files, caplog,
                                                                 no_weights_read):
-    model = _llama(tiny_tokenizer, hidden_size=32, intermediate_size=64, max_position_embeddings=16)
-    folder = _save(model, tiny_tokenizer, tmp_path / "llama16")
+    model = tiny_llama(tiny_tokenizer, hidden_size=32, intermediate_size=64, max_position_embeddings=16)
+    folder = save_model(model, tiny_tokenizer, tmp_path / "llama16")
     with pytest.raises(UserError, match=r"model\.allow_long_context=true"):
-        _validate(folder, corpus_files)
-    _validate(folder, corpus_files, "model.allow_long_context=true")
+        validate_overrides(folder, corpus_files)
+    validate_overrides(folder, corpus_files, "model.allow_long_context=true")
     assert "past the trained length" in caplog.text
-    _validate(folder, corpus_files, "model.seqlen=16", "eval.seqlen=8")
+    validate_overrides(folder, corpus_files, "model.seqlen=16", "eval.seqlen=8")
 
 
 @pytest.mark.parametrize("extra", [["pattern=4:8"], ["method=unipruning", "export.patterns=[4:8]"]])
 def test_an_nm_pattern_a_matrix_cannot_take_is_refused_before_loading(extra, tmp_path, tiny_tokenizer, corpus_files,
                                                                       no_weights_read):
-    model = _llama(tiny_tokenizer, hidden_size=32, intermediate_size=100, max_position_embeddings=64)
-    folder = _save(model, tiny_tokenizer, tmp_path / "llama100")
+    model = tiny_llama(tiny_tokenizer, hidden_size=32, intermediate_size=100, max_position_embeddings=64)
+    folder = save_model(model, tiny_tokenizer, tmp_path / "llama100")
     base = [e for e in extra if e.startswith("method=")]
     with pytest.raises(UserError, match=r"4:8.*model\.layers\.0\.mlp\.down_proj \(in=100\)"):
-        _validate(folder, corpus_files, *extra, *(["local_metric=stochria"] if base else []))
-    _validate(folder, corpus_files, "pattern=2:4")  # 100 is a multiple of 4
+        validate_overrides(folder, corpus_files, *extra, *(["local_metric=stochria"] if base else []))
+    validate_overrides(folder, corpus_files, "pattern=2:4")  # 100 is a multiple of 4
 
 
 def test_a_float16_overflow_stops_the_run_at_the_first_non_finite_module_and_caches_nothing(tmp_path, tiny_tokenizer,
@@ -97,11 +61,11 @@ def test_a_float16_overflow_stops_the_run_at_the_first_non_finite_module_and_cac
     from unipruning_cli.runner import run_prune
 
     torch.manual_seed(0)
-    model = _llama(tiny_tokenizer, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
+    model = tiny_llama(tiny_tokenizer, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
     with torch.no_grad():  # the first MLP's product silu(gate)·up far above float16's 65504
         model.model.layers[0].mlp.gate_proj.weight.mul_(2e5)
         model.model.layers[0].mlp.up_proj.weight.mul_(2e5)
-    folder = _save(model.to(torch.float16), tiny_tokenizer, tmp_path / "fp16")
+    folder = save_model(model.to(torch.float16), tiny_tokenizer, tmp_path / "fp16")
     cfg = compose_prune([*tiny_overrides(folder, corpus_files), "model.dtype=float16"])
     validate(cfg)
     with pytest.raises(UserError, match=r"not finite.*float16.*model\.layers\.0\.mlp.*model\.dtype=bfloat16"):
@@ -163,10 +127,10 @@ def test_a_global_run_lists_its_capped_matrix_in_metrics(tmp_path, tiny_tokenize
     from unipruning_cli.runner import run_prune
 
     torch.manual_seed(0)
-    model = _llama(tiny_tokenizer, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
+    model = tiny_llama(tiny_tokenizer, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
     with torch.no_grad():
         model.model.layers[1].self_attn.v_proj.weight.mul_(1e-6)  # the smallest magnitudes of the model, by far
-    folder = _save(model, tiny_tokenizer, tmp_path / "tinyv")
+    folder = save_model(model, tiny_tokenizer, tmp_path / "tinyv")
     cfg = compose_prune([*tiny_overrides(folder, corpus_files), "local_metric=magnitude", "pattern.allocation=global",
                          "sparsity=0.6", "eval.dense=false"])
     validate(cfg)
@@ -196,14 +160,14 @@ def _bos_tokenizer(tiny_tokenizer, adds_bos: bool, has_bos: bool = True):
 
 
 def test_bos_follows_the_tokenizer_in_calibration_search_and_evaluation(tmp_path, tiny_tokenizer, corpus_files):
-    from conftest import build_tiny_model
+    from _helpers import build_tiny_model
     from unipruning_cli.calibration_set import calibration_set
     from unipruning_cli.config import compose_prune
     from unipruning_cli.evaluation.protocol import eval_windows_of
 
     for adds in (True, False):
         tok = _bos_tokenizer(tiny_tokenizer, adds)
-        folder = _save(build_tiny_model("llama", len(tok)), tok, tmp_path / f"bos{adds}")
+        folder = save_model(build_tiny_model("llama", len(tok)), tok, tmp_path / f"bos{adds}")
         cfg = compose_prune([*tiny_overrides(folder, corpus_files), "method=unipruning"])  # model.add_bos: auto
         samples, info = calibration_set(cfg, tok)  # the drift search's batches are these samples
         windows = next(iter(eval_windows_of(cfg, tok).values()))
@@ -217,13 +181,13 @@ def test_bos_follows_the_tokenizer_in_calibration_search_and_evaluation(tmp_path
 
 def test_add_bos_true_without_a_bos_token_is_refused_before_loading(tmp_path, tiny_tokenizer, corpus_files,
                                                                     no_weights_read):
-    from conftest import build_tiny_model
+    from _helpers import build_tiny_model
 
     tok = _bos_tokenizer(tiny_tokenizer, adds_bos=False, has_bos=False)
-    folder = _save(build_tiny_model("llama", len(tiny_tokenizer)), tok, tmp_path / "nobos")
+    folder = save_model(build_tiny_model("llama", len(tiny_tokenizer)), tok, tmp_path / "nobos")
     with pytest.raises(UserError, match="model.add_bos=true, but the tokenizer .* has no BOS token"):
-        _validate(folder, corpus_files, "model.add_bos=true")
-    _validate(folder, corpus_files)  # auto: no BOS, no error
+        validate_overrides(folder, corpus_files, "model.add_bos=true")
+    validate_overrides(folder, corpus_files)  # auto: no BOS, no error
 
 
 def test_expert_tensors_left_dense_are_said_loudly_and_recorded(tmp_path, tiny_tokenizer, corpus_files, caplog,
@@ -245,7 +209,7 @@ def test_expert_tensors_left_dense_are_said_loudly_and_recorded(tmp_path, tiny_t
     config = MixtralConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                            max_position_embeddings=64)
-    folder = _save(MixtralForCausalLM(config), tiny_tokenizer, tmp_path / "mixtral")
+    folder = save_model(MixtralForCausalLM(config), tiny_tokenizer, tmp_path / "mixtral")
     cfg = compose_prune([*tiny_overrides(folder, corpus_files), "eval.dense=false"])
     metrics = run_prune(cfg, tmp_path / "run")
     dense = metrics["coverage"]["dense_in_blocks"]
@@ -296,14 +260,14 @@ def test_a_corpus_shorter_than_one_window_is_refused_before_loading(key, tmp_pat
     short.write_text("a few words only")  # 16 bytes, at most 17 tokens: no window of 32
     value = str(short) if key == "calibration.source" else f"[{short}]"
     with pytest.raises(UserError, match=rf"{key}: .*short.txt holds 16 bytes, fewer than the \d+ tokens of one window"):
-        _validate(tiny_llama_dir, corpus_files, f"{key}={value}")
+        validate_overrides(tiny_llama_dir, corpus_files, f"{key}={value}")
 
 
 def test_lm_eval_requests_longer_than_max_length_are_refused_before_loading(tiny_llama_dir, corpus_files, monkeypatch,
                                                                             no_weights_read):
     """HFLM cuts a request longer than its max_length from the left, silently: the offline tasks' requests are
     counted with the model's tokenizer before any weight is read, and a max_length that would cut one is refused."""
-    from conftest import REAL_CACHE
+    from _helpers import REAL_CACHE
     from unipruning_cli.evaluation.zeroshot import request_lengths
 
     if not (REAL_CACHE / "tasks" / "quartz_offline.yaml").exists():
@@ -315,9 +279,9 @@ def test_lm_eval_requests_longer_than_max_length_are_refused_before_loading(tiny
     longest = max(lengths)
     with pytest.raises(UserError, match=rf"eval.max_length={longest - 1}: .*quartz_offline: \d+ of {len(lengths)} "
                                         rf"requests, the longest {longest} tokens"):
-        _validate(tiny_llama_dir, corpus_files, "eval.tasks=[quartz_offline]", "eval.task_limit=20",
+        validate_overrides(tiny_llama_dir, corpus_files, "eval.tasks=[quartz_offline]", "eval.task_limit=20",
                   f"eval.max_length={longest - 1}", "model.seqlen=256")
-    _validate(tiny_llama_dir, corpus_files, "eval.tasks=[quartz_offline]", "eval.task_limit=20",
+    validate_overrides(tiny_llama_dir, corpus_files, "eval.tasks=[quartz_offline]", "eval.task_limit=20",
               f"eval.max_length={longest}", "model.seqlen=256")
 
 
@@ -326,12 +290,12 @@ def test_a_dtype_or_device_this_machine_lacks_is_refused_before_loading(tiny_lla
     import torch
 
     with pytest.raises(UserError, match="model.device='cuda' but no CUDA device"):
-        _validate(tiny_llama_dir, corpus_files, "model.device=cuda")
+        validate_overrides(tiny_llama_dir, corpus_files, "model.device=cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a pre-Ampere GPU: no bf16 arithmetic
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
     with pytest.raises(UserError, match="model.dtype=bfloat16, but Tesla V100 has no bfloat16 arithmetic.*float16"):
-        _validate(tiny_llama_dir, corpus_files, "model.device=cuda", "model.dtype=bfloat16")
+        validate_overrides(tiny_llama_dir, corpus_files, "model.device=cuda", "model.dtype=bfloat16")
 
 
 def test_a_corpus_with_enough_bytes_but_too_few_tokens_is_refused_before_loading(tmp_path, tiny_llama_dir,
@@ -341,11 +305,11 @@ def test_a_corpus_with_enough_bytes_but_too_few_tokens_is_refused_before_loading
     short = tmp_path / "short.txt"
     short.write_text("the " * 12)  # 48 bytes: more than the 33 a window needs, but 12 tokens
     with pytest.raises(UserError, match="fewer than one window of 32"):
-        _validate(tiny_llama_dir, corpus_files, f"calibration.source={short}", "calibration.sampling=stream")
+        validate_overrides(tiny_llama_dir, corpus_files, f"calibration.source={short}", "calibration.sampling=stream")
     with pytest.raises(UserError, match="eval.corpora: .*fewer than one window of 32"):
-        _validate(tiny_llama_dir, corpus_files, f"eval.corpora=[{short}]")
+        validate_overrides(tiny_llama_dir, corpus_files, f"eval.corpora=[{short}]")
 
 
 def test_calibration_windows_that_overlap_the_whole_corpus_are_warned_about(tiny_llama_dir, corpus_files, caplog):
-    _validate(tiny_llama_dir, corpus_files, "calibration.sampling=stream", "calibration.nsamples=4096")
+    validate_overrides(tiny_llama_dir, corpus_files, "calibration.sampling=stream", "calibration.nsamples=4096")
     assert "calibration: 4096 windows of 32 tokens" in caplog.text and "they overlap" in caplog.text

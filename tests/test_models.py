@@ -9,7 +9,6 @@ from torch import nn
 from unipruning_cli.layouts import expert_counts
 from unipruning_cli.models import block_layers, find_blocks, prunable_layers
 
-from _helpers import one_torch_thread  # noqa: F401,E402  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -124,8 +123,7 @@ def test_longest_stack_wins_and_no_stack_is_a_user_error():
 
 from pathlib import Path
 
-from conftest import REAL_CACHE
-from test_model_limits import no_weights_read  # noqa: F401,E402  (fixture)
+from _helpers import REAL_CACHE, validate_overrides  # noqa: E402
 
 
 # ====================================================================================== GGUF files as a source
@@ -133,12 +131,11 @@ from test_model_limits import no_weights_read  # noqa: F401,E402  (fixture)
 
 def test_a_gguf_source_that_is_not_a_gguf_file_is_refused_before_anything_loads(tmp_path, tiny_llama_dir,
                                                                                   corpus_files, no_weights_read):
-    from test_model_limits import _validate
     from unipruning_cli.errors import UserError
 
     for bad in (tmp_path / "missing.gguf", tiny_llama_dir):
         with pytest.raises(UserError, match="not a .gguf file here"):
-            _validate(tiny_llama_dir, corpus_files, "model=gguf", f"model.path={bad}")
+            validate_overrides(tiny_llama_dir, corpus_files, "model=gguf", f"model.path={bad}")
 
 
 @pytest.mark.slow

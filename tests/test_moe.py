@@ -11,55 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
-from test_model_limits import no_weights_read  # noqa: F401  (a fixture)
+from _helpers import (
+    assert_same_run,
+    eval_windows_of,
+    moe_folder,
+    moe_model,
+    save_model,
+    sharded_overrides,
+    single_and_sharded,
+    tiny_llama,
+    tiny_overrides,
+    validate_overrides,
+)
 
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
-
-
-SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64)
-
-
-def _config(family: str, vocab: int):
-    import transformers as tf
-
-    if family == "mixtral":
-        return tf.MixtralConfig(vocab_size=vocab, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
-                                **SHAPE)
-    if family == "qwen2_moe":
-        return tf.Qwen2MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=64,
-                                 shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2, **SHAPE)
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(vocab_size=vocab, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
-                                 num_experts_per_tok=2, head_dim=16, **SHAPE)
-    if family == "gpt_oss":
-        return tf.GptOssConfig(vocab_size=vocab, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
-                               head_dim=16, layer_types=["full_attention"] * 2, **SHAPE)
-    raise ValueError(family)
-
-
-def _model(family: str, vocab: int = 320, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(family, vocab)).eval()
-    with torch.no_grad():  # transformers 5 leaves 3-D expert tensors at torch.empty's values in from_config
-        for p in model.parameters():
-            if p.dim() == 3:
-                p.normal_(0, 0.05)
-    return model
-
-
-def _folder(family: str, tokenizer, root: Path) -> Path:
-    folder = root / family
-    if not (folder / "config.json").exists():
-        _model(family, len(tokenizer)).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
@@ -70,7 +38,7 @@ def test_one_linear_per_expert_computes_what_transformers_does_and_shares_its_st
     from unipruning_cli.layouts import as_linears, hf_layout
     from unipruning_cli.models import prunable_layers, unprunable_in_blocks
 
-    model = _model(family)
+    model = moe_model(family)
     model.set_experts_implementation("eager")
     x = torch.randint(0, 320, (2, 12))
     want = model(x).logits
@@ -122,7 +90,7 @@ def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
     from unipruning_cli.calibration import calibrate_blockwise
     from unipruning_cli.layouts import as_linears
 
-    model = _model("mixtral")
+    model = moe_model("mixtral")
     windows = torch.randint(0, 320, (3, 16))
     ref = _routed_reference(model, 1, windows)
     as_linears(model)
@@ -139,7 +107,7 @@ def test_an_expert_with_too_few_routed_tokens_gets_the_pooled_statistics_and_is_
     from unipruning_cli.calibration import calibrate_blockwise
     from unipruning_cli.layouts import as_linears
 
-    model = _model("mixtral")
+    model = moe_model("mixtral")
 
     def never_expert_3(module, args, out):  # the router of layer 0, with expert 3's logit at -inf
         logits = out[0].clone()
@@ -206,7 +174,7 @@ METHODS = {
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_prunes_the_experts_of_a_tiny_mixtral(method, tmp_path, tiny_tokenizer, corpus_files):
-    folder = _folder("mixtral", tiny_tokenizer, tmp_path)
+    folder = moe_folder("mixtral", tiny_tokenizer, tmp_path)
     _, metrics = _run(tmp_path, folder, corpus_files, method, *METHODS[method], "eval.dense=false")
     assert metrics["coverage"]["dense_in_blocks"] == {}
     assert metrics["coverage"]["prunable_fraction"] > 0.8
@@ -233,6 +201,7 @@ print(json.dumps({"ppl": ppl, "zeros": zeros}))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.e2e
 def test_export_reloads_with_plain_transformers_at_the_runs_perplexity(family, tmp_path, tiny_tokenizer, corpus_files):
     """A UniPruning run on each tiny MoE layout, its 2:4 cut exported and reloaded in a fresh process by plain
     ``from_pretrained`` (transformers' eager experts, the loop the run computed with): the same perplexity, bit for
@@ -240,15 +209,14 @@ def test_export_reloads_with_plain_transformers_at_the_runs_perplexity(family, t
     import subprocess
     import sys
 
-    from test_export import _eval_windows_of
     from unipruning_cli.export import export_command
 
-    folder = _folder(family, tiny_tokenizer, tmp_path)
+    folder = moe_folder(family, tiny_tokenizer, tmp_path)
     run_dir, metrics = _run(tmp_path, folder, corpus_files, "run", *METHODS["uni_drift"], "eval.dense=false")
     assert abs(_expert_sparsity(metrics, "s0.50_per_row") - 0.5) < 1e-6
     out = tmp_path / "export"
     export_command([str(run_dir), "pattern=2:4", "--out", str(out)])
-    windows, batch_size, corpus = _eval_windows_of(run_dir)
+    windows, batch_size, corpus = eval_windows_of(run_dir)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"folder": str(out), "windows": windows.tolist(), "batch_size": batch_size}))
     (tmp_path / "reload.py").write_text(RELOAD)
@@ -268,7 +236,7 @@ def test_the_router_loss_enters_the_drift_loss_only_when_asked(tmp_path, tiny_to
     from unipruning_cli.search.mirror_descent import _lm_backward
     from unipruning_cli.search.settings import SearchSettings
 
-    model = _model("mixtral")
+    model = moe_model("mixtral")
     as_linears(model)
     x = torch.randint(0, 320, (1, 16))
     with torch.no_grad():
@@ -278,12 +246,11 @@ def test_the_router_loss_enters_the_drift_loss_only_when_asked(tmp_path, tiny_to
     assert math.isclose(losses[False], lm, rel_tol=1e-6) and math.isclose(losses[True], float(out.loss), rel_tol=1e-6)
     assert float(out.aux_loss) > 0
 
-    from test_model_limits import _llama, _save, _validate
     from unipruning_cli.errors import UserError
 
-    folder = _save(_llama(tiny_tokenizer), tiny_tokenizer, tmp_path / "llama")
+    folder = save_model(tiny_llama(tiny_tokenizer), tiny_tokenizer, tmp_path / "llama")
     with pytest.raises(UserError, match="schedule.router_aux_loss=true.*not a mixture of experts"):
-        _validate(folder, corpus_files, "method=unipruning", "schedule.router_aux_loss=true")
+        validate_overrides(folder, corpus_files, "method=unipruning", "schedule.router_aux_loss=true")
 
 
 def test_a_compressed_nm_export_of_a_moe_model_rebuilds_its_weights(tmp_path, tiny_tokenizer, corpus_files):
@@ -292,7 +259,7 @@ def test_a_compressed_nm_export_of_a_moe_model_rebuilds_its_weights(tmp_path, ti
     from unipruning_cli.export import export_command
     from unipruning_cli.export.nm import load_compressed
 
-    folder = _folder("qwen3_moe", tiny_tokenizer, tmp_path)
+    folder = moe_folder("qwen3_moe", tiny_tokenizer, tmp_path)
     run_dir, _ = _run(tmp_path, folder, corpus_files, "run", *METHODS["uni_frozen"], "eval.dense=false")
     out = tmp_path / "export"
     export_command([str(run_dir), "pattern=2:4", "--compressed", "--out", str(out)])
@@ -303,15 +270,15 @@ def test_a_compressed_nm_export_of_a_moe_model_rebuilds_its_weights(tmp_path, ti
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_two_ranks_give_the_single_process_gamma_and_masks_on_a_moe_model(tmp_path, tiny_tokenizer, corpus_files):
     """The drift search sharded by FSDP2 over 2 gloo ranks: each expert's Linear is sharded by rows like any other
     matrix, and Γ and the masks are the single process's."""
-    from test_distributed import _assert_same_run, _overrides, _single_and_sharded
 
-    folder = _folder("mixtral", tiny_tokenizer, tmp_path)
-    single, sharded, t1, t2 = _single_and_sharded(tmp_path, _overrides(folder, corpus_files, "local_metric=ria"))
+    folder = moe_folder("mixtral", tiny_tokenizer, tmp_path)
+    single, sharded, t1, t2 = single_and_sharded(tmp_path, sharded_overrides(folder, corpus_files, "local_metric=ria"))
     print(f"mixtral: one process {t1:.1f} s, 2 ranks {t2:.1f} s")
-    _assert_same_run(single, sharded)
+    assert_same_run(single, sharded)
 
 
 
@@ -320,7 +287,7 @@ def _experts(family: str, dtype: torch.dtype):
     with transformers' eager loop, and its :class:`ExpertLinears` (views of the same tensors)."""
     from unipruning_cli.layouts import ExpertLinears
 
-    model = _model(family).to(dtype)
+    model = moe_model(family).to(dtype)
     model.set_experts_implementation("eager")
     fused = model.model.layers[0].mlp.experts
     return fused, ExpertLinears(fused)

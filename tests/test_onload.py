@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from _helpers import build_tiny_model
 from unipruning_cli.calibration import capture_block_inputs
 from unipruning_cli.evaluation.perplexity import chunk_positions, window_nlls
 from unipruning_cli.models import find_blocks

@@ -11,7 +11,6 @@ from unipruning_cli.data import calibration_windows, eval_windows, token_stream
 from unipruning_cli.errors import UserError
 from unipruning_cli.evaluation.perplexity import perplexity, window_nlls, with_bos
 
-from _helpers import one_torch_thread  # noqa: F401,E402  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -220,7 +219,7 @@ def test_dense_perplexity_is_measured_then_cached(tmp_path, monkeypatch, tiny_ll
 def test_dense_cache_follows_the_corpus_file_content(tmp_path, monkeypatch, tiny_llama, tiny_llama_dir, corpus_files):
     from transformers import AutoTokenizer
 
-    from conftest import make_text
+    from _helpers import make_text
     from unipruning_cli.progress import Timer
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))

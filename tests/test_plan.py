@@ -4,13 +4,11 @@ peak memory a real run measures, and the check ``prune`` runs before any weight 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from _helpers import cli_env, run_cli
-from conftest import tiny_overrides
+from _helpers import cli_env, run_cli, tiny_overrides
 
 GIB = 2**30
 
@@ -130,6 +128,7 @@ def wide_model(tmp_path_factory, tiny_tokenizer):
                                     # the ratio at 0.85-0.9, on the edge of 15 %; SparseGPT also takes 76 s
                                     pytest.param(["method=local", "local_metric=wanda"], marks=pytest.mark.slow),
                                     pytest.param(["method=sparsegpt", "model.placement=onload"], marks=pytest.mark.slow)])
+@pytest.mark.e2e
 def test_planned_peak_host_memory_is_within_15_percent_of_the_measured(method, request, corpus_files, tmp_path):
     """Each in a fresh process, as a user runs them: the plan's peak against metrics.json's peak RSS."""
     medium_model = request.getfixturevalue("medium_model" if "method=unipruning" in method else "wide_model")
@@ -154,6 +153,7 @@ def test_planned_peak_host_memory_is_within_15_percent_of_the_measured(method, r
     assert abs(metrics["plan"]["peak_host_gib"] / measured - 1) <= 0.15
 
 
+@pytest.mark.e2e
 def test_prune_refuses_a_run_its_plan_says_cannot_fit_before_reading_weights(corpus_files, tiny_tokenizer, tmp_path):
     """A folder with Llama-3.1-70B's config.json and no weights at all: the refusal comes from the plan alone."""
     from transformers import LlamaConfig

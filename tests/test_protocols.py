@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from unipruning_cli import data
 from unipruning_cli.calibration import calibrate_blockwise, capture_block_inputs
 
-from _helpers import hook_sq_sums, one_torch_thread  # noqa: F401  (fixture)
+from _helpers import hook_sq_sums
 
 SEQLEN = 24
 
@@ -149,7 +149,7 @@ def test_calibration_sampling_is_validated():
 
 @torch.no_grad()
 def test_variable_length_documents_calibrate_like_full_forwards(tmp_path, tok, tiny_llama_dir, fresh_memo,
-                                                                 one_torch_thread):  # noqa: F811
+                                                                 one_torch_thread):
     """Samples of different lengths flow through capture and every block (one-shot and sequential with a no-op
     callback): their statistics are those of plain forwards over each document."""
     from transformers import AutoModelForCausalLM
@@ -242,7 +242,7 @@ def _stats_equal_hooks(model, windows) -> dict:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @torch.no_grad()
-def test_sliding_window_blocks_calibrate_on_their_own_masks(attn, one_torch_thread):  # noqa: F811
+def test_sliding_window_blocks_calibrate_on_their_own_masks(attn, one_torch_thread):
     """Qwen2 with sliding-window layers 1-2 (window 4 < 16 tokens): one-shot statistics equal hooks on plain
     full forwards. Old main ran every block on block 0's full-attention mask: blocks 1-2 differ (shown here by
     running the blocks with block 0's kwargs, which is what old main did)."""
@@ -285,10 +285,10 @@ def test_captured_kwargs_are_stored_once_and_blocks_do_not_run():
 
 
 def test_a_drift_search_and_sequential_sparsegpt_run_on_truncated_documents(tmp_path, tiny_llama_dir, corpus_files,
-                                                                            isolated_env, fresh_memo, one_torch_thread):  # noqa: F811
+                                                                            isolated_env, fresh_memo, one_torch_thread):
     """Every consumer takes samples of different lengths: the drift search's LM loss (sample i of the set), the
     sequential SparseGPT pass; the sampling, documents and real token count are recorded."""
-    from conftest import tiny_overrides
+    from _helpers import tiny_overrides
 
     from unipruning_cli.config import compose_prune
     from unipruning_cli.preflight import validate
@@ -310,7 +310,7 @@ def test_a_drift_search_and_sequential_sparsegpt_run_on_truncated_documents(tmp_
 
 def test_documents_sampling_on_a_too_small_file_corpus_is_refused_before_the_model_loads(tiny_llama_dir, corpus_files):
     """A .txt corpus is one document: preflight refuses nsamples=8 truncated documents from it."""
-    from conftest import tiny_overrides
+    from _helpers import tiny_overrides
 
     from unipruning_cli.config import compose_prune
     from unipruning_cli.errors import UserError
@@ -323,7 +323,7 @@ def test_documents_sampling_on_a_too_small_file_corpus_is_refused_before_the_mod
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 @torch.no_grad()
-def test_gemma_layers_get_their_own_mask_and_rotary_tables(arch, one_torch_thread):  # noqa: F811
+def test_gemma_layers_get_their_own_mask_and_rotary_tables(arch, one_torch_thread):
     """Gemma 2/3 alternate sliding and full attention (Gemma 3 also with their own rotary tables, read through
     ``layer.attention_type``): one-shot statistics equal hooks on full forwards; block 0's kwargs (old main's)
     do not."""

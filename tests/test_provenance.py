@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import cli_env, one_torch_thread, run_cli  # noqa: F401  (fixture)
-from conftest import build_tiny_model, tiny_overrides
+from _helpers import build_tiny_model, cli_env, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,6 +26,7 @@ def _header(path: Path) -> dict:
     return read_masks_header(path)[1]
 
 
+# A prune run through the CLI that most tests here then work on: those are end to end (`e2e`).
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_llama_dir, tiny_tokenizer, corpus_files):
     """A model folder of its own (tests swap its weights), a second model of the same shapes, one Wanda 50 % run."""
@@ -62,6 +62,7 @@ def swapped_weights(ws):
 # ------------------------------------------------------------------------------------------ provenance
 
 
+@pytest.mark.e2e
 def test_run_records_what_it_read_by_content(ws, corpus_files):
     metrics = json.loads((ws["run"] / "metrics.json").read_text())
     inputs = metrics["inputs"]
@@ -76,6 +77,7 @@ def test_run_records_what_it_read_by_content(ws, corpus_files):
         assert header["model"] == inputs["model"] and header["tokenizer"] == inputs["tokenizer"]
 
 
+@pytest.mark.e2e
 def test_changed_weights_are_refused_by_export_eval_and_apply(ws, swapped_weights):
     run, masks = ws["run"], next((ws["run"] / "masks").glob("*.safetensors"))
     before = (run / "metrics.json").read_bytes()
@@ -107,12 +109,14 @@ def test_changed_weights_are_refused_by_export_eval_and_apply(ws, swapped_weight
     assert "CHANGED MODEL" in proc_eval.stderr + proc_eval.stdout
 
 
+@pytest.mark.e2e
 def test_apply_to_another_model_of_the_same_shapes_is_refused(ws):
     masks = next((ws["run"] / "masks").glob("*.safetensors"))
     proc = _cli(ws, "apply", str(masks), "--model", str(ws["other"]), "--out", str(ws["root"] / "ap-other"))
     assert proc.returncode == 2 and "model.safetensors changed" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_resuming_a_run_on_changed_weights_is_refused(ws, swapped_weights):
     proc = _cli(ws, "prune", *ws["args"], f"hydra.run.dir={ws['run']}")
     assert proc.returncode == 2 and "started on other inputs" in proc.stderr, proc.stderr[-2000:]
@@ -121,6 +125,7 @@ def test_resuming_a_run_on_changed_weights_is_refused(ws, swapped_weights):
 # ------------------------------------------------------------------------------------------ one run per directory
 
 
+@pytest.mark.e2e
 def test_a_run_directory_holds_one_run(ws):
     run = ws["run"]
     keep = {p: p.read_bytes() for p in [run / "config.yaml", run / "metrics.json", run / ".hydra" / "overrides.yaml",
@@ -141,8 +146,8 @@ def test_a_run_directory_holds_one_run(ws):
     assert {p: p.read_bytes() for p in keep} == keep
 
 
+@pytest.mark.e2e
 def test_a_run_directory_has_one_writer(ws):
-    from unipruning_cli.errors import UserError
     from unipruning_cli.rundir import run_lock
 
     with run_lock(ws["run"], "prune"):
@@ -170,6 +175,7 @@ def test_config_differences_ignore_what_only_one_version_knows():
 # ------------------------------------------------------------------------------------------ no write destroys user files
 
 
+@pytest.mark.e2e
 def test_export_never_writes_into_a_model_source_or_the_cache(ws):
     model = ws["model"]
     before = {p.name: _sha(p) for p in model.iterdir()}
@@ -197,6 +203,7 @@ def _unwritable() -> Path:
     pytest.skip("/sys is writable here")
 
 
+@pytest.mark.e2e
 def test_unwritable_storage_is_refused_before_the_load(ws):
     bad = _unwritable()
     env = {**ws["env"], "UNIPRUNING_CACHE": str(bad / "cache")}
@@ -210,6 +217,7 @@ def test_unwritable_storage_is_refused_before_the_load(ws):
     assert proc.returncode == 2 and "--out" in proc.stderr and "not writable" in proc.stderr, proc.stderr
 
 
+@pytest.mark.e2e
 def test_a_run_that_cannot_fit_the_disk_is_refused(ws, monkeypatch, tmp_path):
     from unipruning_cli import storage
     from unipruning_cli.config import compose_prune
@@ -289,6 +297,7 @@ def test_plan_shows_the_disk_a_run_writes(tiny_llama_dir, corpus_files, tmp_path
     assert disk == {k: round(v / 2**30, 2) for k, v in expected.items()}
 
 
+@pytest.mark.e2e
 def test_a_run_without_evaluation_corpora_finishes(ws):
     args = [a for a in ws["args"] if not a.startswith("eval.corpora=")] + ["eval.corpora=[]"]
     proc = _cli(ws, "prune", *args, f"hydra.run.dir={ws['root'] / 'no-corpora'}")
@@ -319,6 +328,7 @@ def _hub_cache(root: Path, model_dir: Path, repo: str = "acme/tiny") -> Path:
     return cache
 
 
+@pytest.mark.e2e
 def test_a_hub_model_is_recorded_by_its_blobs_and_a_changed_blob_refused(ws, corpus_files):
     import os
 
@@ -345,6 +355,7 @@ def test_a_hub_model_is_recorded_by_its_blobs_and_a_changed_blob_refused(ws, cor
     assert proc.returncode == 2 and "model source or a cache" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_a_sweep_launched_again_with_another_config_leaves_the_old_jobs_as_they_were(ws):
     """Hydra rewrites each job's .hydra/ before the task runs: a refused job puts its overrides back, and the report
     of the sweep folder does not present the old jobs' figures under the new overrides."""
@@ -363,6 +374,7 @@ def test_a_sweep_launched_again_with_another_config_leaves_the_old_jobs_as_they_
     assert "2 folder(s) hold runs of other overrides" in report and "(best" not in report, report
 
 
+@pytest.mark.e2e
 def test_resume_neutral_keys_and_a_resume_counts_what_it_holds(ws, monkeypatch, tmp_path):
     """What the plan's advice changes (placement, batch sizes, search state) resumes; a resumed run's disk check
     counts the bytes its directory already holds as written."""
@@ -412,6 +424,7 @@ def test_a_gguf_files_own_folder_is_protected(tmp_path):
         check_out(tmp_path / "models", True, [], protected_sources(cfg))
 
 
+@pytest.mark.e2e
 def test_force_replaces_an_earlier_export_only(ws, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -425,6 +438,7 @@ def test_force_replaces_an_earlier_export_only(ws, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.e2e
 def test_a_rerun_keeps_the_runs_later_evaluations(ws):
     run = ws["run"]
     assert _cli(ws, "eval", str(run), "eval.max_windows=2").returncode == 0

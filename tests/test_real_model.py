@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import cli_env, run_cli
-from conftest import real_model_prepared
+from _helpers import cli_env, real_model_prepared, run_cli
 
-pytestmark = pytest.mark.skipif(not real_model_prepared(), reason="embedded model not prepared (unipruning prepare)")
+pytestmark = [pytest.mark.skipif(not real_model_prepared(), reason="embedded model not prepared (unipruning prepare)"),
+              pytest.mark.e2e]  # the real model through the CLI
 
 
 @pytest.fixture()

@@ -72,7 +72,7 @@ def test_on_sparsegpts_own_mask_it_gives_sparsegpts_weights():
 
 def test_a_run_with_reconstruction_keeps_the_methods_mask_and_records_the_update(tmp_path, tiny_llama_dir,
                                                                              corpus_files, monkeypatch):
-    from conftest import tiny_overrides
+    from _helpers import tiny_overrides
     from unipruning_cli.config import compose_prune
     from unipruning_cli.mask_files import load_masks
     from unipruning_cli.runner import run_prune
@@ -99,8 +99,7 @@ def test_export_of_a_reconstructing_run_redoes_the_update_and_apply_refuses_its_
     perplexity); a masks file of such a run cannot stand for it, and apply says so."""
     from transformers import AutoModelForCausalLM
 
-    from conftest import tiny_overrides
-    from test_export import _eval_windows_of
+    from _helpers import eval_windows_of, tiny_overrides
     from unipruning_cli.config import compose_prune
     from unipruning_cli.errors import UserError
     from unipruning_cli.evaluation.perplexity import perplexity
@@ -114,7 +113,7 @@ def test_export_of_a_reconstructing_run_redoes_the_update_and_apply_refuses_its_
     metrics = run_prune(compose_prune([*base, "method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3",
                                        "reconstruct=obs", "eval.dense=false"]), run)
     out = export_run(run, out=tmp_path / "export")
-    windows, batch_size, corpus = _eval_windows_of(run)
+    windows, batch_size, corpus = eval_windows_of(run)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     got = perplexity(reloaded, windows, batch_size, "reload").to_dict()["ppl"]
     assert got == pytest.approx(metrics["results"][out["tag"]]["ppl"][corpus], rel=1e-6)

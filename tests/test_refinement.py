@@ -119,7 +119,7 @@ def test_a_run_with_refinement_keeps_the_counts_saves_the_refined_masks_and_reco
                                                                                        corpus_files, monkeypatch):
     """Wanda's mask refined in a run: the same counts per row, another mask (saved, its header says so), a lower
     output error on the calibration data, and the refined mask is the one evaluated (the weights are W x mask)."""
-    from conftest import tiny_overrides
+    from _helpers import tiny_overrides
     from unipruning_cli.config import compose_prune
     from unipruning_cli.mask_files import load_masks, read_masks_header
     from unipruning_cli.runner import run_prune
@@ -148,7 +148,7 @@ def test_a_unipruning_run_refines_every_cut_and_a_new_cut_is_refined_or_refused(
                                                                                corpus_files, monkeypatch):
     """Every cut of one Γ (unstructured and 2:4, swaps inside groups) is refined; `unipruning eval` refines a cut
     new from Γ as the run's were, and export refuses a cut the run does not hold (it would not be refined)."""
-    from conftest import tiny_overrides
+    from _helpers import tiny_overrides
     from unipruning_cli.config import compose_prune
     from unipruning_cli.errors import UserError
     from unipruning_cli.evaluation.existing_run import evaluate_run

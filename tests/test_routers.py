@@ -13,9 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from _helpers import one_torch_thread  # noqa: F401  (fixture)
-from conftest import tiny_overrides
-from test_moe import _folder, _model
+from _helpers import moe_folder, moe_model, tiny_overrides
 
 E, TOP_K = 4, 2
 
@@ -102,7 +100,7 @@ def test_qwen2_moe_shared_expert_gate_is_no_prunable_layer_and_is_listed_as_a_ro
     from unipruning_cli.layouts import as_linears
     from unipruning_cli.models import prunable_layers, report_unprunable
 
-    model = _model("qwen2_moe")
+    model = moe_model("qwen2_moe")
     as_linears(model)
     layers = prunable_layers(model)
     for i in range(2):
@@ -125,7 +123,7 @@ def test_a_prune_run_leaves_qwen2_moe_shared_expert_gate_bit_for_bit_dense(tmp_p
     from unipruning_cli.export import export_command
     from unipruning_cli.runner import run_prune
 
-    folder = _folder("qwen2_moe", tiny_tokenizer, tmp_path)
+    folder = moe_folder("qwen2_moe", tiny_tokenizer, tmp_path)
     run_dir = tmp_path / "run"
     metrics = run_prune(compose_prune([*tiny_overrides(folder, corpus_files), "eval.dense=false"]), run_dir)
     gates = [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)]

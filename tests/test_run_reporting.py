@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import cli_env, one_torch_thread, run_cli  # noqa: F401  (fixture)
-from conftest import tiny_overrides
+from _helpers import cli_env, run_cli, tiny_overrides
 from unipruning_cli.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,6 +57,7 @@ def test_a_float16_overflow_without_eval_corpora_names_the_layer_and_dtype(extra
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "masks").exists()
 
 
+@pytest.mark.e2e
 def test_the_overflow_reaches_the_user_as_a_message_not_a_traceback(tmp_path, tiny_tokenizer, corpus_files):
     folder = _fp16_overflowing_llama(tiny_tokenizer, tmp_path / "fp16")
     args = [*tiny_overrides(folder, corpus_files), "model.dtype=float16", "eval.corpora=[]",
@@ -101,6 +101,7 @@ def _finished(job: Path, ppl: float) -> None:
         "zero_shot": {}, "seconds": {"total": 1.0}, "calibration": {}}))
 
 
+@pytest.mark.e2e
 def test_the_report_of_an_interrupted_sweep_lists_every_job_and_names_no_best(tmp_path, tiny_llama_dir, corpus_files):
     from unipruning_cli.sweep import report
 

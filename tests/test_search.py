@@ -17,7 +17,7 @@ from unipruning_cli.search import frozen as FZ
 from unipruning_cli.search import mirror_descent as MD
 from unipruning_cli.stats import ActivationStats
 
-from conftest import build_tiny_model
+from _helpers import build_tiny_model
 
 
 # --------------------------------------------------------------------------------------------- prox

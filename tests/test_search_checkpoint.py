@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from _helpers import build_tiny_model
 from unipruning_cli.metrics import build_metric
 from unipruning_cli.models import prunable_layers
 from unipruning_cli.search import L1Prox, SearchSettings, search_drift, search_frozen

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _helpers import one_torch_thread  # noqa: F401  (fixture)
 from unipruning_cli.baselines.sparsegpt import accumulate_hessian, sparsegpt_prune
 
 
@@ -328,7 +327,7 @@ def test_accumulate_hessian_rejects_mismatch() -> None:
 def sparsegpt_run(tmp_path, monkeypatch, tiny_llama_dir, corpus_files, one_torch_thread):
     """``run(name, *overrides)``: ``method=sparsegpt`` through ``run_prune`` on the tiny Llama; returns
     (config, run dir, metrics). Caches under tmp_path."""
-    from conftest import tiny_overrides
+    from _helpers import tiny_overrides
     from unipruning_cli.config import compose_prune
     from unipruning_cli.preflight import validate
     from unipruning_cli.runner import run_prune

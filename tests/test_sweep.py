@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import json
 
-from _helpers import cli_env, merge_overrides, run_cli
-from conftest import tiny_overrides
+import pytest
+
+from _helpers import cli_env, merge_overrides, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.e2e  # sweeps and reports through the CLI in subprocesses
 
 
 def test_grid_sweep_report_with_a_failed_job(tmp_path, tiny_llama_dir, corpus_files):
