@@ -5,7 +5,7 @@ the heap, where a search's many [out, in] temporaries fragment it and the reside
 step. ``MALLOC_MMAP_THRESHOLD_=131072`` pins the threshold: large blocks go back to the OS at once, at
 the price of fresh pages (page faults, zero-fill) for every large temporary. This measures both sides;
 the library does not pin it (the time it costs is far larger than the memory it saves on this machine),
-the README says how to, for a user short of memory.
+docs/results.md says how to, for a user short of memory.
 
 Each variant runs in its own process (peak RSS is per process): the frozen UniPruning search over
 random weights with the embedded model's matrix shapes (30 blocks of q, k, v, o, gate, up, down;

@@ -5,7 +5,7 @@
 Prints a markdown table (for each card size, whether the run fits, its peak GPU and host GiB, and "onload" where
 the plan chose sequential onloading; a card of "80 GB" taken as the 80 GiB nvidia-smi reports, with the plan's 8 %
 margin; host memory not limited, its peak shown),
-the README's "Large models" table. Needs no weights and no hub.
+the "What fits one GPU" table of docs/large-models.md. Needs no weights and no hub.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from unipruning_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-GROUPS = ("model", "local_metric", "pattern", "regularizer", "schedule")
+GROUPS = ("method", "model", "local_metric", "pattern", "regularizer", "schedule")
 
 
 def _options(group: str) -> list[str]:
@@ -72,6 +72,30 @@ def _assert_matches_yaml(node, expected: dict, where: str) -> None:
             assert got == value, f"{where}.{key}: {got!r} != {value!r}"
 
 
+def _documented(group: str, option: str) -> dict:
+    """What an option of a group composes to: its schema's defaults (the group's dataclass, or the metric's knobs)
+    with the option file's own values on top (an option file says only what differs: every default is written
+    once, tests/test_config_defaults.py)."""
+    from dataclasses import asdict
+
+    from unipruning_cli.config import ModelConfig, PatternConfig, RegularizerConfig
+    from unipruning_cli.metrics import METRICS, knob_defaults
+    from unipruning_cli.search.settings import ScheduleConfig
+
+    own = yaml.safe_load((CONFIGS / group / f"{option}.yaml").read_text()) or {}
+    own.pop("defaults", None)
+    schema = {"model": ModelConfig, "pattern": PatternConfig, "regularizer": RegularizerConfig,
+              "schedule": ScheduleConfig}
+    if group == "method":
+        from unipruning_cli.methods.base import METHODS
+
+        base = {"name": option, **asdict(METHODS.get(option).Settings())}
+    else:
+        base = {"name": option, **knob_defaults(METRICS.get(option))} if group == "local_metric" else \
+            asdict(schema[group]())
+    return {**base, **own}
+
+
 def test_defaults_compose_to_the_documented_defaults():
     cfg = _compose()
     top = yaml.safe_load((CONFIGS / "prune.yaml").read_text())
@@ -80,12 +104,11 @@ def test_defaults_compose_to_the_documented_defaults():
         if isinstance(entry, dict):
             defaults.update({k: v for k, v in entry.items() if not k.startswith("override")})
     for group in GROUPS:
-        expected = yaml.safe_load((CONFIGS / group / f"{defaults[group]}.yaml").read_text())
-        _assert_matches_yaml(cfg[group], expected, group)
+        _assert_matches_yaml(cfg[group], _documented(group, defaults[group]), group)
     assert cfg.model.name == "smollm2-135m"
     assert cfg.local_metric.name == "stochria"
     assert cfg.pattern.kind == "unstructured"
-    assert cfg.method == top["method"] == "unipruning"
+    assert cfg.method.name == defaults["method"] == "unipruning"
     assert cfg.sparsity is None
     assert cfg.seed == 0
     # interpolations resolve to the model's window
@@ -102,12 +125,12 @@ def test_defaults_compose_to_the_documented_defaults():
 )
 def test_every_option_of_every_group_composes(group, option):
     cfg = _compose(f"{group}={option}")
-    expected = yaml.safe_load((CONFIGS / group / f"{option}.yaml").read_text()) or {}
-    assert expected, f"{group}/{option}.yaml is empty"
+    expected = _documented(group, option)
+    assert expected, f"{group}/{option} composes to nothing"
     _assert_matches_yaml(cfg[group], expected, f"{group}/{option}")
-    if group == "local_metric":
+    if group in ("local_metric", "method"):
         # the group is an open dict: exactly the YAML's keys, no leftovers from the default
-        assert OmegaConf.to_container(cfg.local_metric) == expected
+        assert OmegaConf.to_container(cfg[group]) == expected
 
 
 def test_every_group_has_options():
@@ -213,8 +236,11 @@ def test_unknown_local_metric_knob(offline_inputs):
 
 
 def test_unknown_method(offline_inputs):
-    msg = _user_error([*offline_inputs, "method=foo"])
-    assert "method" in msg and "foo" in msg
+    """``method`` is a config group: an unknown one fails at compose, listing the methods (as every group does)."""
+    with pytest.raises(MissingConfigException) as info:
+        _compose(*offline_inputs, "method=foo")
+    msg = str(info.value)
+    assert "method" in msg and "foo" in msg and "sparsegpt" in msg
 
 
 def test_bad_calibration_mode(offline_inputs):

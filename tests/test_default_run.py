@@ -13,7 +13,7 @@ from unipruning_cli.methods import baselines_of, make_target, targets_of
 
 def test_the_default_config_cuts_four_targets_from_one_gamma_beside_wanda():
     cfg = compose_prune([])
-    assert cfg.method == "unipruning"
+    assert cfg.method.name == "unipruning"
     assert [t.tag for t in targets_of(cfg, make_target(cfg))] == ["s0.50_owl", "s0.60_owl", "s0.70_owl", "2of4"]
     assert baselines_of(cfg) == ["wanda@one_shot"]
 

@@ -58,7 +58,7 @@ def test_evaluating_several_cuts_in_turn_equals_each_alone_and_restores_the_mode
     before = copy.deepcopy(model.state_dict())
     scores = {n: m.weight.abs() for n, m in layers.items()}
     cuts = {"a": masks_for(scores, 0.5), "b": masks_for(scores, 0.8, "per_row"), "c": masks_for(scores, 0.3)}
-    cfg = OmegaConf.create({"eval": {"batch_size": 2, "tasks": []}})
+    cfg = OmegaConf.create({"eval": {"batch_size": 2, "tasks": []}, "reconstruct": "none"})
     windows = {"w": torch.randint(3, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(0))}
     together = evaluate_masks(cfg, model, None, layers, cuts, windows, Timer())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # left as it was found

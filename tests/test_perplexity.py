@@ -182,7 +182,8 @@ def _dense_cfg(model_dir, corpus):
 
     return OmegaConf.create({
         "model": {"name": "local", "source": "local", "path": str(model_dir), "revision": None, "add_bos": False},
-        "eval": {"corpora": [str(corpus)], "seqlen": 32, "max_windows": 3, "batch_size": 2, "tasks": []},
+        "eval": {"corpora": [str(corpus)], "seqlen": 32, "max_windows": 3, "random_windows": 256, "batch_size": 2,
+                 "tasks": []},
     })
 
 

@@ -128,7 +128,7 @@ def _claim(cfg, asked: Path, overrides: list[str]) -> Path:
     from .runner import follow_log
 
     try:
-        out = claim_run_dir(asked, plain(cfg), cfg.get("existing_run", "refuse"))
+        out = claim_run_dir(asked, plain(cfg), cfg.existing_run)
     except UserError:
         _restore_hydra(asked)
         raise

@@ -18,14 +18,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import UserError
+from .methods.targets import SHARED_BUDGET
 from .search.settings import LR_SCHEDULES, ScheduleConfig
 
 MODEL_SOURCES = ("hub", "local", "embedded", "gguf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENTS = ("auto", "device", "onload")
 ALLOCATIONS = ("per_row", "per_matrix", "global", "owl", "gamma")
-#: The allocations that share the budget across matrices: they need every score at once, and the per-matrix cap.
-SHARED_BUDGET = ("global", "owl", "gamma")
 CALIBRATION_MODES = ("auto", "one_shot", "sequential")
 CALIBRATION_SAMPLINGS = ("windows", "documents", "stream")
 WEIGHT_MODES = ("drift", "frozen")
@@ -77,37 +76,32 @@ class PatternConfig:
 
 @dataclass
 class CalibrationConfig:
-    source: str = "owt_offline"
-    nsamples: int = 128
-    seqlen: int = 512
-    # one_shot: all stats from the dense model; sequential: block i sees pruned blocks < i; auto: the method's
-    # published protocol (methods.calibration_mode: sequential for Wanda, RIA, SparseGPT)
-    mode: str = "auto"
+    """``calibration``: its values and their meaning are in ``configs/prune.yaml`` (written once, there)."""
+
+    source: str = MISSING
+    nsamples: int = MISSING
+    seqlen: int = MISSING
+    mode: str = MISSING
     offload: str = "cpu"  # where captured block inputs live between blocks
-    # windows: nsamples windows of seqlen tokens, each inside one document (Wanda / SparseGPT's loaders; the
-    # joined stream, said once, where fewer than nsamples documents are longer than seqlen);
-    # documents: nsamples documents truncated at seqlen (the UniPruning reference); stream: windows of the
-    # documents joined with blank lines (crossing their boundaries: every run's before this option).
-    sampling: str = "windows"
-    # mixture of experts: an expert routed fewer calibration tokens than this is scored with its layer's pooled
-    # statistics (each projection summed over the layer's experts), and listed in the log
-    min_expert_tokens: int = 32
+    sampling: str = MISSING
+    min_expert_tokens: int = MISSING
 
 
 @dataclass
 class EvalConfig:
-    corpora: List[str] = field(default_factory=lambda: ["wiki_offline"])
-    seqlen: int = 512
-    max_windows: Optional[int] = None  # None: every window of the corpus (the paper protocol)
-    random_windows: Optional[int] = 256  # c4: this many random windows (seed 0, one document each); None: all
-    batch_size: int = 4
+    """``eval``: its values and their meaning are in ``configs/prune.yaml`` (written once, there)."""
+
+    corpora: List[str] = MISSING
+    seqlen: int = MISSING
+    max_windows: Optional[int] = MISSING
+    random_windows: Optional[int] = MISSING
+    batch_size: int = MISSING
     dense: bool = True  # also measure the unpruned model (cached per model, corpus, seqlen)
-    tasks: List[str] = field(default_factory=list)  # lm-eval zero-shot: task names, or suites paper / offline
-    task_limit: Optional[int] = None  # examples per task (None: all)
-    task_batch_size: int = 8
-    max_length: Optional[int] = None  # lm-eval context; None: eval.seqlen (never the model's 32k default)
-    # local metrics cut at the same sparsities, for the plot; None: UniPruning's default (methods.UNIPRUNING_CUTS)
-    baselines: Optional[List[str]] = None
+    tasks: List[str] = MISSING
+    task_limit: Optional[int] = MISSING
+    task_batch_size: int = MISSING
+    max_length: Optional[int] = MISSING
+    baselines: Optional[List[str]] = MISSING
 
 
 @dataclass
@@ -121,36 +115,36 @@ class RegularizerConfig:
 
 @dataclass
 class ExportConfig:
-    """Which masks to cut from one set of scores (UniPruning's Γ): every sparsity listed."""
+    """``export``: which masks to cut from one set of scores (UniPruning's Γ); values in ``configs/prune.yaml``."""
 
-    # extra cuts of one Γ, e.g. [0.5, 0.6, 0.7] and ["2:4", "4:8"]; None: UniPruning's default (methods.UNIPRUNING_CUTS)
-    sparsities: Optional[List[float]] = None
-    patterns: Optional[List[str]] = None
+    sparsities: Optional[List[float]] = MISSING
+    patterns: Optional[List[str]] = MISSING
 
 
 @dataclass
 class PruneConfig:
+    """The schema of ``configs/prune.yaml``. Every default is written once: the top-level values, ``calibration``,
+    ``eval`` and ``export`` in ``prune.yaml`` (MISSING here), the groups' in their dataclasses (``ModelConfig``,
+    ``PatternConfig``, ``RegularizerConfig``, ``search.settings.ScheduleConfig``, the metrics' knobs), whose option
+    files say only what differs (``tests/test_config_defaults.py``)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    local_metric: Dict[str, Any] = field(default_factory=lambda: {"name": "wanda"})
+    local_metric: Dict[str, Any] = MISSING
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pattern: PatternConfig = field(default_factory=PatternConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    method: str = "local"
-    sparsity: Optional[float] = None  # None: 0.5 unstructured, 1 - n/m for N:M
-    seed: int = 0
-    reuse_search: bool = True  # adopt Γ from an earlier run with the same search (see search.store.reuse_search)
-    share_lam_search: bool = True  # in a λ sweep, one pass searches every λ where W does not depend on Γ
-    plan_check: bool = True  # refuse, before any weight is read, a run whose memory plan does not fit here
-    # "obs": each cut's kept weights updated by the OBS solve on its fixed mask (reconstruction.py); "none": W x mask
-    reconstruct: str = "none"
-    # "swap": each cut's mask refined by swaps inside its rows (N:M groups) that lower the output error (refinement.py)
-    refine: str = "none"
-    # a run directory that holds a run of another config: "refuse" it, or start a fresh directory "beside" it
-    # (<dir>-1, <dir>-2, ...); the same config always resumes (rundir.claim_run_dir)
-    existing_run: str = "refuse"
+    method: Any = MISSING  # the method group: name and settings (methods.base.Method.Settings)
+    sparsity: Optional[float] = MISSING
+    seed: int = MISSING
+    reuse_search: bool = MISSING
+    share_lam_search: bool = MISSING
+    plan_check: bool = MISSING
+    reconstruct: str = MISSING
+    refine: str = MISSING
+    existing_run: str = MISSING
     experiment: Optional[str] = None
 
 
@@ -175,18 +169,27 @@ OmegaConf.register_new_resolver("launch_time", _launch_time, use_cache=True, rep
 
 
 def register_schemas() -> None:
-    """Register the prune schema, and a group option for every registered local metric and regulariser
-    that has no YAML of its own in ``configs/``: a new one is then selectable as ``local_metric=<name>``
-    (``regularizer=<name>``) with its class defaults, without a config file."""
+    """Register the prune schema, the defaults of every method's and local metric's knobs (their YAML options take
+    them from there), and a group option for every registered method, local metric and regulariser that has no YAML
+    of its own in ``configs/``: a new one is then selectable as ``method=<name>`` (``local_metric=<name>``,
+    ``regularizer=<name>``) with its class defaults, without a config file."""
+    from dataclasses import asdict
+
+    from .methods.base import METHODS
     from .metrics import METRICS, knob_defaults
     from .search.regularizers import REGULARIZERS
 
     cs = ConfigStore.instance()
     cs.store(name="prune_schema", node=PruneConfig)
     root = Path(config_dir())
-    for name in METRICS:
-        if not (root / "local_metric" / f"{name}.yaml").exists():
-            cs.store(group="local_metric", name=name, node={"name": name, **knob_defaults(METRICS.get(name))})
+    for name in METHODS:  # the settings' defaults come from the method's Settings alone; its YAML only adds docs
+        own = (root / "method" / f"{name}.yaml").exists()
+        cs.store(group="method" if not own else "defaults/method", name=name,
+                 node={"name": name, **asdict(METHODS.get(name).Settings())})
+    for name in METRICS:  # the knobs' defaults come from the metric's class alone; a YAML of its own only adds docs
+        own = (root / "local_metric" / f"{name}.yaml").exists()
+        cs.store(group="local_metric" if not own else "defaults/local_metric", name=name,
+                 node={"name": name, **knob_defaults(METRICS.get(name))})
     for name in REGULARIZERS:
         if not (root / "regularizer" / f"{name}.yaml").exists():
             cs.store(group="regularizer", name=name, node={"name": name})
@@ -200,6 +203,28 @@ def config_dir() -> str:
         raise UserError(f"config folder {path} not found; install the package editable (pip install -e .) "
                         f"or set UNIPRUNING_CONFIG_DIR")
     return str(path)
+
+
+#: Fields a run may predate, and what their absence meant where that is not today's default (a run made before the
+#: per-matrix cap existed was cut with none).
+PREDATED = {"pattern": {"max_matrix_sparsity": 1.0}}
+
+
+def complete_run_config(saved: DictConfig) -> DictConfig:
+    """A run's saved ``config.yaml`` with every field it predates filled in: :data:`PREDATED` where its absence meant
+    something else, else today's default (``configs/prune.yaml``'s values, the schemas' defaults), so a run made by
+    an older version opens for ``eval`` and ``export`` and the code reads every field directly. Keys the schema no
+    longer knows are kept as they were."""
+    base = OmegaConf.structured(PruneConfig)
+    OmegaConf.set_struct(base, False)
+    today = OmegaConf.load(Path(config_dir()) / "prune.yaml")
+    for key in ("defaults", "hydra"):
+        today.pop(key, None)
+    predated = OmegaConf.create({group: {k: v for k, v in fields.items() if k not in saved.get(group, {})}
+                                 for group, fields in PREDATED.items()})
+    if isinstance(saved.get("method"), str):  # before methods had settings: ``method: <name>``
+        saved = OmegaConf.create({**OmegaConf.to_container(saved), "method": {"name": saved.method}})
+    return OmegaConf.merge(base, today, predated, saved)
 
 
 def compose_prune(overrides: list[str]) -> DictConfig:
@@ -238,13 +263,6 @@ def model_values(model_cfg: DictConfig) -> dict:
     return {k: v for k, v in plain(model_cfg).items() if k not in ("placement", "max_memory", "allow_long_context")}
 
 
-def target_sparsity(cfg: DictConfig) -> float:
-    """The sparsity the run aims at: explicit, or implied by N:M, or 0.5."""
-    if cfg.pattern.kind == "nm":
-        return 1.0 - cfg.pattern.n / cfg.pattern.m
-    return 0.5 if cfg.sparsity is None else float(cfg.sparsity)
-
-
 def validate_values(cfg: DictConfig) -> None:
     """Raise :class:`UserError` for a value that is out of range or inconsistent with another.
 
@@ -252,15 +270,9 @@ def validate_values(cfg: DictConfig) -> None:
     :func:`unipruning_cli.preflight.validate`, which calls this first).
     """
     validate_pattern(cfg)
-    one_of("reconstruct", cfg.get("reconstruct", "none"), ("none", "obs"))
-    check(cfg.get("reconstruct", "none") == "none" or cfg.method != "sparsegpt",
-          "reconstruct=obs updates the kept weights of a mask by SparseGPT's own OBS solve; method=sparsegpt already "
-          "does, as it chooses its mask: drop reconstruct")
-    one_of("refine", cfg.get("refine", "none"), ("none", "swap"))
-    check(cfg.get("refine", "none") == "none" or cfg.method != "sparsegpt",
-          "refine=swap refines a mask on the original weights; method=sparsegpt updates the kept weights as it chooses "
-          "its mask, so a swap would revive a weight it has already compensated for: drop refine")
-    one_of("existing_run", cfg.get("existing_run", "refuse"), ("refuse", "beside"))
+    one_of("reconstruct", cfg.reconstruct, ("none", "obs"))
+    one_of("refine", cfg.refine, ("none", "swap"))
+    one_of("existing_run", cfg.existing_run, ("refuse", "beside"))
     one_of("model.source", cfg.model.source, MODEL_SOURCES)
     one_of("model.dtype", cfg.model.dtype, DTYPES)
     validate_placement(cfg)
@@ -296,21 +308,15 @@ def validate_pattern(cfg: DictConfig) -> None:
             f"sparsity={cfg.sparsity} conflicts with pattern={p.n}:{p.m}, whose sparsity is {implied:g}; "
             f"drop the sparsity override or use pattern=unstructured",
         )
-        check(p.allocation in (None, "per_row") or cfg.method == "unipruning",
-              "pattern.allocation applies to unstructured cuts only (with an N:M pattern, to the export.sparsities "
-              "cuts of a UniPruning run)")
 
 
 def validate_placement(cfg: DictConfig) -> None:
-    """``model.placement`` against ``device_map`` and the method (the drift search backpropagates through every block)."""
+    """``model.placement`` against ``device_map`` (against the method: :meth:`.methods.base.Method.check`)."""
     m = cfg.model
     one_of("model.placement", m.placement, PLACEMENTS)
     if m.placement == "onload":
         check(not m.device_map, "model.placement=onload and model.device_map are two ways to place the model: "
                                 "choose one")
-        check(not (cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift"),
-              "model.placement=onload serves the block-wise stages (method=local, method=sparsegpt, "
-              "schedule.weight_mode=frozen); the drift search backpropagates through the whole model at once")
     check(not m.max_memory or bool(m.device_map), "model.max_memory caps what model.device_map places: set both")
 
 
@@ -373,6 +379,6 @@ def validate_export(cfg: DictConfig) -> None:
     for s in cfg.export.sparsities or []:
         check(0.0 <= s < 1.0, f"export.sparsities contains {s}: every sparsity must satisfy 0 <= s < 1")
     if cfg.pattern.allocation in SHARED_BUDGET:
-        check(cfg.calibration.mode in ("auto", "one_shot") and cfg.method != "sparsegpt",
+        check(cfg.calibration.mode in ("auto", "one_shot"),
               f"pattern.allocation={cfg.pattern.allocation} needs every score at once: use calibration.mode=one_shot and a "
               "score-based method (local, unipruning)")

@@ -44,7 +44,7 @@ class Corpus:
     # random windows inside one document each: C4's, GPTQ / SparseGPT datautils.py, 256 windows, seed 0).
     eval_windows: str = "stream"
     # Its documents are paragraphs (median about 150 tokens): calibration windows of 512 tokens come from the
-    # joined stream, as the README documents for the default run, so that is said as a note, not a warning.
+    # joined stream, as docs/methods.md documents for the default run, so that is said as a note, not a warning.
     paragraphs: bool = False
 
 
@@ -282,7 +282,7 @@ def _long_enough(docs: DocumentTokens, source: str, need: int, seqlen: int, what
     """Whether at least ``need`` documents are longer than ``seqlen`` (calibration asks one per window, else its
     windows would repeat a few documents); if not, the caller uses the joined stream, and that is said once per
     ``docs`` (per tokenizer and corpus: a run's search, baselines and cuts each draw the same samples): a
-    warning, or a note for an offline corpus of paragraphs (``Corpus.paragraphs``), where the README documents
+    warning, or a note for an offline corpus of paragraphs (``Corpus.paragraphs``), where docs/methods.md documents
     it. Nothing is marked said while the logger is silenced (the preflight's first pass)."""
     long = count_long_documents(docs, len(docs), seqlen, need)
     paragraphs = not _is_path(source) and CORPORA.get(source).paragraphs

@@ -1,6 +1,6 @@
 """Mask files on disk: one bit-packed ``uint8`` tensor per prunable matrix, its shape and provenance in the metadata.
 
-Format (README, "The run directory"): a safetensors file whose tensors are :func:`pack_mask` of
+Format (docs/run-directory.md): a safetensors file whose tensors are :func:`pack_mask` of
 each keep mask (1 bit per weight, row-major, little-endian within a byte), with two metadata keys:
 ``shapes`` (JSON: name -> [out, in]) and ``info`` (JSON: the target tag, the method, the ``inputs`` it was cut for, ...).
 Written atomically (:func:`rundir.atomic_save_tensors`).

@@ -19,8 +19,8 @@ from .config import check, validate_eval_values, validate_values
 from .data import check_calibration_documents, check_corpus_available
 from .errors import UserError
 from .evaluation.zeroshot import check_tasks
-from .methods import METHODS
-from .metrics import METRICS, build_metric
+from .methods.base import method_of
+from .metrics import build_metric
 from .models import check_model_reachable
 from .search.regularizers import REGULARIZERS
 
@@ -37,10 +37,7 @@ def validate(cfg: DictConfig) -> None:
     """
     validate_values(cfg)
     check_model_reachable(cfg.model)
-    try:
-        METHODS.get(cfg.method)
-    except KeyError as err:
-        raise UserError(f"method: {err}") from None
+    method_of(cfg)  # an unknown name or bad settings: UserError, "did you mean"
     check(cfg.regularizer.name in REGULARIZERS, f"regularizer.name: {REGULARIZERS.unknown_message(cfg.regularizer.name)}")
     knobs = {k: v for k, v in OmegaConf.to_container(cfg.local_metric, resolve=True).items() if k != "name"}
     try:
@@ -72,21 +69,9 @@ def validate_eval(e: DictConfig) -> None:
 
 
 def validate_method_options(cfg: DictConfig) -> None:
-    """Refuse an option the chosen method would ignore, so no run reports a setting it did not use."""
-    uni = cfg.method == "unipruning"
-    check(uni or not cfg.eval.baselines,
-          f"eval.baselines cuts local metrics beside a UniPruning Γ; with method={cfg.method} run each baseline as "
-          f"its own run (method=local local_metric=<name>)")
-    check(uni or not (cfg.export.sparsities or cfg.export.patterns),
-          f"export.sparsities / export.patterns cut one Γ at several targets (method=unipruning); method={cfg.method} "
-          f"prunes one target per run: sweep it with -m sparsity=0.5,0.6,0.7")
-    check(cfg.method != "sparsegpt" or cfg.pattern.allocation is None,
-          f"method=sparsegpt chooses its mask per block of 128 columns as it updates the weights (SparseGPT §3.2), "
-          f"so pattern.allocation={cfg.pattern.allocation} would be ignored: drop it")
-    check(not (cfg.method == "local" and not METRICS.get(cfg.local_metric.name).uses_activations
-               and cfg.calibration.mode == "sequential"),
-          f"local_metric={cfg.local_metric.name} reads no calibration data, so calibration.mode=sequential would be "
-          f"ignored: drop it")
+    """Refuse an option the chosen method cannot do or would ignore, so no run reports a setting it did not use
+    (:meth:`.methods.base.Method.check`: the method's own rules)."""
+    method_of(cfg).check()
 
 
 def check_corpus_lengths(cfg: DictConfig) -> None:
@@ -216,7 +201,7 @@ def check_model_limits(cfg: DictConfig) -> None:
     here (a hub model not cached, an unknown ``model_type``) is left to the load, with a warning."""
     import torch
 
-    from .methods import check_targets_fit, make_target, targets_of
+    from .methods.targets import check_targets_fit, make_target, targets_of
     from .models import prunable_layers
     from .plan.architectures import meta_model
 
@@ -234,7 +219,7 @@ def check_model_limits(cfg: DictConfig) -> None:
 def _check_router_loss(cfg: DictConfig, model) -> None:
     from .models import text_config
 
-    if cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift" and cfg.schedule.get("router_aux_loss"):
+    if method_of(cfg).backpropagates() and cfg.schedule.router_aux_loss:
         if getattr(text_config(model), "router_aux_loss_coef", None) is None:
             raise UserError(f"schedule.router_aux_loss=true, but {cfg.model.path} has no router load-balancing loss "
                             "(no router_aux_loss_coef in its config: not a mixture of experts): leave it false")

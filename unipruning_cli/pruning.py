@@ -1,6 +1,6 @@
 """From scores to a pruned model: the prune stage of the block-wise methods, and the cuts of one Γ at every target.
 
-- :func:`prune_stage` (``method=local`` and ``method=sparsegpt``): calibrate, then per block score or
+- :func:`prune_stage` (a block-wise method's pruner: ``method=local``, ``method=sparsegpt``): calibrate, then per block score or
   solve, cut the target and apply it (one-shot local metrics score every matrix from the cached dense
   statistics instead). Masks are saved bit-packed (:mod:`.mask_files`) with a stage marker.
 - :func:`cut_masks` (UniPruning): masks for every target from |Γ|, no forward pass (the same targets from plain
@@ -20,25 +20,15 @@ from .calibration_set import calibration_set, dense_statistics
 from .config import model_values, plain
 from .lazymap import LazyMap
 from .mask_files import load_masks, packed_masks, save_masks, save_packed_masks
-from .methods import METHODS, LocalMetricPruning, PruningMethod, SparseGPTPruning, Target, apply_masks, calibration_mode
-from .metrics import build_metric
+from .methods import (Cuts, LocalMetricPruning, PruningMethod, RunContext, Target, apply_masks, calibration_mode,
+                      method_name)
+from .methods.weights import restore_weights
 from .mask_files import pack_mask
 from .models import prunable_layers
 from .progress import Timer
 from .rundir import RunDir, atomic_save_tensors, atomic_write_json, fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def make_method(cfg: DictConfig) -> PruningMethod:
-    """The block-wise method of ``cfg.method`` with its knobs (the local metric's, the seed)."""
-    cls = METHODS.get(cfg.method)
-    if cls is LocalMetricPruning:
-        knobs = {k: v for k, v in plain(cfg.local_metric).items() if k != "name"}
-        return LocalMetricPruning(build_metric(cfg.local_metric.name, **knobs), seed=cfg.seed)
-    if cls is SparseGPTPruning:
-        return SparseGPTPruning()
-    return cls()
 
 
 class PackedMasks:
@@ -106,10 +96,10 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
     return masks, calib_info
 
 
-def prune_stage(cfg: DictConfig, model, tok, target: Target, rd: RunDir, timer: Timer) -> dict:
-    """Local-metric or SparseGPT pruning of the model in place, its masks in ``rd/masks/<tag>.safetensors``
-    (reloaded and applied when the stage is already complete). Returns the calibration info."""
-    method = make_method(cfg)
+def prune_stage(cfg: DictConfig, model, tok, method: PruningMethod, target: Target, rd: RunDir, timer: Timer) -> dict:
+    """The block-wise ``method`` (a local metric's pruner, SparseGPT's) applied to the model in place, its masks in
+    ``rd/masks/<tag>.safetensors`` (reloaded and applied when the stage is already complete). Returns the
+    calibration info."""
     layers = prunable_layers(model)
     prune_fp = fingerprint({"model": model_values(cfg.model),
                             **{k: plain(cfg[k]) for k in ("calibration", "local_metric", "method", "pattern", "sparsity",
@@ -121,15 +111,28 @@ def prune_stage(cfg: DictConfig, model, tok, target: Target, rd: RunDir, timer: 
         return json.loads((rd / "calibration.json").read_text())
     with timer.stage("calibrate_prune"):
         masks, calib_info = calibrate_and_prune(cfg, model, tok, method, target, rd)
-    masks.save(rd / mask_path, {"target": target.tag, "method": cfg.method, **reconstruct_info(cfg)})
+    masks.save(rd / mask_path, {"target": target.tag, "method": method_name(cfg), **reconstruct_info(cfg)})
     rd.mark_complete("prune", prune_fp, [mask_path, "calibration.safetensors", "calibration.json"],
                      timer.seconds["calibrate_prune"])
     return calib_info
 
 
+def blockwise_cuts(ctx: RunContext, method: PruningMethod) -> Cuts:
+    """A block-wise method's one cut (:func:`prune_stage`): left in the model where it is evaluated as it is, or
+    handed over as masks on the dense weights (restored) where ``refine`` or ``reconstruct`` works on them next."""
+    cfg, layers = ctx.cfg, ctx.layers
+    if cfg.reconstruct == "none" and cfg.refine == "none":
+        return Cuts(prune_stage(cfg, ctx.model, ctx.tok, method, ctx.primary, ctx.rd, ctx.timer), in_place=True)
+    dense = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
+    calibration = prune_stage(cfg, ctx.model, ctx.tok, method, ctx.primary, ctx.rd, ctx.timer)
+    restore_weights(layers, dense)
+    del dense
+    return Cuts(calibration, {ctx.primary.tag: load_masks(ctx.rd / f"masks/{ctx.primary.tag}.safetensors")})
+
+
 def reconstruct_info(cfg: DictConfig) -> dict:
     """What a masks file's header says of the weights its run evaluated: ``{"reconstruct": "obs"}`` or nothing."""
-    return {"reconstruct": "obs"} if cfg.get("reconstruct", "none") == "obs" else {}
+    return {"reconstruct": "obs"} if cfg.reconstruct == "obs" else {}
 
 
 def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir,

@@ -165,7 +165,7 @@ def refine_stage(cfg, model, tok, all_masks: dict[str, dict[str, torch.Tensor]],
     """``refine=swap`` in a run: :func:`refine_cuts` of the cuts in ``all_masks``, each refined mask written over its
     file in ``rd/masks/`` (its header then says ``"refine": "swap"``); a file that already says so (a resumed run)
     is taken as it is. With ``refine=none``: ``all_masks`` unchanged and no records."""
-    if cfg.get("refine", "none") != "swap":
+    if cfg.refine != "swap":
         return all_masks, {}
     paths = {tag: rd / f"masks/{tag}.safetensors" for tag in all_masks}
     headers = {tag: read_masks_header(p)[1] for tag, p in paths.items() if p.is_file()}

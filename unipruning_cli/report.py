@@ -11,6 +11,24 @@ from .progress import console
 from .rundir import atomic_write_text
 
 
+
+def method_label(metrics: dict) -> str:
+    """A run's method as its summaries title it: the method's own label (``sparsegpt``, ``local (wanda)``,
+    ``unipruning (stochria)``), or for a run made before labels, its name and local metric."""
+    return metrics.get("method_label") or f"{metrics['method']} ({(metrics.get('local_metric') or {}).get('name')})"
+
+
+def _calibration_tokens(metrics: dict) -> str:
+    tokens = (metrics.get("calibration") or {}).get("tokens")
+    return "none" if tokens is None else f"{tokens:,} tokens"
+
+
+def _calibration_md(c: dict) -> str:
+    """The calibration line of ``summary.md`` (``none`` for a method that read no calibration data)."""
+    if not c or "nsamples" not in c:
+        return "none"
+    return f"{c['nsamples']} x {c['seqlen']} tokens from {c['source']} ({c.get('mode', 'search')})"
+
 def _rows(metrics: dict) -> list[tuple[str, str, str, str, str]]:
     rows = []
     for corpus, r in metrics["perplexity"].items():
@@ -22,8 +40,7 @@ def _rows(metrics: dict) -> list[tuple[str, str, str, str, str]]:
 
 def print_summary(metrics: dict, run_dir: Path) -> None:
     s = metrics["sparsity"]
-    table = Table(title=escape(f"{metrics['model']['name']} | {metrics['method']} "
-                               f"({metrics['local_metric'].get('name')}) | {metrics['pattern']}"))
+    table = Table(title=escape(f"{metrics['model']['name']} | {method_label(metrics)} | {metrics['pattern']}"))
     for col in ("corpus", "seqlen", "windows", "dense PPL", "pruned PPL"):
         table.add_column(col, justify="right" if col != "corpus" else "left")
     for row in _rows(metrics):
@@ -38,7 +55,7 @@ def print_summary(metrics: dict, run_dir: Path) -> None:
         console.print(more)
     console.print(f"measured sparsity: {s['overall']:.4f} of {s['prunable_params']:,} prunable weights "
                   f"({s['overall_all_params']:.4f} of all {s['all_params']:,} parameters); "
-                  f"calibration {metrics['calibration']['tokens']:,} tokens; total {metrics['seconds']['total']:.0f} s; "
+                  f"calibration {_calibration_tokens(metrics)}; total {metrics['seconds']['total']:.0f} s; "
                   f"peak RSS {metrics['memory']['peak_rss_mib']:.0f} MiB", markup=False)
     console.print(f"run directory: {run_dir}", markup=False)
 
@@ -208,7 +225,7 @@ def _zero_shot_md(metrics: dict) -> list[str]:
 def write_summary_md(path: Path, metrics: dict, plots: list[str] | None = None) -> None:
     s = metrics["sparsity"]
     lines = [
-        f"# {metrics['model']['name']}: {metrics['method']} ({metrics['local_metric'].get('name')}), {metrics['pattern']}",
+        f"# {metrics['model']['name']}: {method_label(metrics)}, {metrics['pattern']}",
         "",
         "| corpus | seqlen | windows | dense PPL | pruned PPL |",
         "|---|---|---|---|---|",
@@ -221,8 +238,7 @@ def write_summary_md(path: Path, metrics: dict, plots: list[str] | None = None) 
         "",
         f"- measured sparsity (prunable layers): {s['overall']:.4f} ({s['zeros']:,} of {s['prunable_params']:,})",
         f"- sparsity over all parameters: {s['overall_all_params']:.4f}",
-        f"- calibration: {metrics['calibration']['nsamples']} x {metrics['calibration']['seqlen']} tokens from "
-        f"{metrics['calibration']['source']} ({metrics['calibration'].get('mode', 'search')}), seed {metrics['seed']}",
+        f"- calibration: {_calibration_md(metrics['calibration'])}, seed {metrics['seed']}",
         f"- seconds per stage: {metrics['seconds']}",
         f"- memory: {metrics['memory']}",
         "- speed: none. The zeros are stored dense and the model runs at the dense speed; no mainstream serving "

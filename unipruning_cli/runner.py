@@ -23,20 +23,17 @@ from .inputs import compare_inputs, recording, run_inputs
 from .distributed import SINGLE, Ranks, from_main, start
 from .evaluation.dense import dense_evaluation
 from .evaluation.protocol import eval_windows_of, evaluate_masks, evaluate_pruned, result_entry
-from .mask_files import load_masks
-from .methods import Target, check_targets_fit, make_target, restore_weights, targets_of
+from .methods.base import RunContext, method_of
+from .methods.targets import Target, check_targets_fit, make_target, targets_of
 from .models import (input_device, load_model, load_model_reused, model_location, prunable_layers,
                      report_unprunable)
 from .plan.estimate import Plan, check_run_fits
 from .progress import Timer
 from .provenance import peak_memory, versions
-from .baselines.local import baseline_masks
-from .pruning import cut_masks, prune_stage, reconstruct_info
 from .refinement import refine_stage
 from .report import print_summary, write_plots, write_summary_md
 from .rundir import RunDir, RunDirRefused, atomic_write_json, atomic_write_text, claim_run_dir, run_lock
 from .search.sharded import check_sharded_run, run_sharded_search
-from .search.stage import run_search
 from .storage import check_run_storage
 from .sweep import SweepContext
 
@@ -60,7 +57,7 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     asked = Path(out_dir)
     with contextlib.ExitStack() as held:
         def claim() -> tuple[Path, dict | None]:  # rank 0 claims, locks and checks; a refusal stops every rank
-            path = claim_run_dir(asked, plain(cfg), cfg.get("existing_run", "refuse"))
+            path = claim_run_dir(asked, plain(cfg), cfg.existing_run)
             if path != asked:
                 follow_log(asked, path)
             held.enter_context(run_lock(path, "prune"))
@@ -143,34 +140,24 @@ def checked_inputs(cfg: DictConfig, rd: RunDir) -> dict:
 
 def _prune_loaded(cfg: DictConfig, rd: RunDir, model, tok, primary: Target, plan: Plan | None, placement: str,
                   timer: Timer, sweep: SweepContext | None) -> dict:
-    """The stages after the load: dense eval, the method's masks (refined, reconstructed), evaluation; the metrics."""
+    """The stages after the load: dense eval, the method's masks (:meth:`.methods.base.Method.masks`), refined and
+    reconstructed, then evaluated; the metrics."""
     layers = prunable_layers(model)
     coverage = report_unprunable(model, layers)
-    check_targets_fit(layers, targets_of(cfg, primary))
+    targets = targets_of(cfg, primary)
+    check_targets_fit(layers, targets)
 
     windows = eval_windows_of(cfg, tok)
     dense = dense_evaluation(cfg, model, tok, windows, timer) if cfg.eval.dense else {"perplexity": {}, "zero_shot": {}}
 
-    if cfg.method == "unipruning":
-        gamma, calib_info = run_search(cfg, model, tok, rd, timer, sweep)
-        targets = targets_of(cfg, primary)
-        with timer.stage("masks"):
-            all_masks = cut_masks(gamma, targets, rd, reconstruct_info(cfg))
-            all_masks |= baseline_masks(cfg, model, tok, targets)
-        all_masks, refined = refine_stage(cfg, model, tok, all_masks, rd, timer)
-        results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer, refined)
-    elif cfg.reconstruct == "obs" or cfg.refine == "swap":  # the method's mask, then refined / reconstructed on it
-        dense_weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
-        calib_info = prune_stage(cfg, model, tok, primary, rd, timer)
-        restore_weights(layers, dense_weights)
-        del dense_weights
-        masks = {primary.tag: load_masks(rd / f"masks/{primary.tag}.safetensors")}
-        masks, refined = refine_stage(cfg, model, tok, masks, rd, timer)
-        results = evaluate_masks(cfg, model, tok, layers, masks, windows, timer, refined)
-    else:
-        calib_info = prune_stage(cfg, model, tok, primary, rd, timer)
+    cuts = method_of(cfg).masks(RunContext(cfg, model, tok, layers, rd, timer, primary, targets, sweep))
+    calib_info = cuts.calibration
+    if cuts.in_place:  # the model holds its one cut, with the weights the method chose
         with timer.stage("pruned_eval"):
             results = {primary.tag: evaluate_pruned(cfg, model, tok, windows, primary.tag)}
+    else:
+        masks, refined = refine_stage(cfg, model, tok, cuts.masks, rd, timer)
+        results = evaluate_masks(cfg, model, tok, layers, masks, windows, timer, refined)
 
     metrics = run_metrics(cfg, model, layers, primary, calib_info, dense, results, dict(timer.seconds), timer, plan,
                           placement)
@@ -192,10 +179,11 @@ def chosen_placement(cfg: DictConfig, plan: Plan | None) -> str:
 
 def run_metrics(cfg: DictConfig, model, layers, primary: Target, calib_info: dict, dense: dict, results: dict[str, dict],
                 seconds: dict[str, float], timer: Timer, plan: Plan | None, placement: str = "device") -> dict:
-    """The content of ``metrics.json`` (README, "The run directory"): the primary cut in full, every cut
+    """The content of ``metrics.json`` (docs/run-directory.md): the primary cut in full, every cut
     in ``results``, with the calibration, seconds per stage, the placement and its memory plan, peak memory
     (and per stage on CUDA) and library versions."""
     first = results[primary.tag]
+    method = method_of(cfg)
     memory = peak_memory()
     if timer.cuda_peak_mib:  # the stages reset CUDA's peak counter: the run's peak is the largest of theirs
         memory["peak_cuda_mib"] = max(memory.get("peak_cuda_mib", 0.0), *timer.cuda_peak_mib.values())
@@ -209,7 +197,8 @@ def run_metrics(cfg: DictConfig, model, layers, primary: Target, calib_info: dic
     metrics = {
         "model": {"name": cfg.model.name, "location": model_location(cfg.model),
                   "dtype": str(next(model.parameters()).dtype)},
-        "method": cfg.method,
+        "method": method.name,
+        "method_label": method.label(),
         "local_metric": plain(cfg.local_metric),
         "pattern": primary.tag,
         "target_sparsity": primary.sparsity,
@@ -225,13 +214,13 @@ def run_metrics(cfg: DictConfig, model, layers, primary: Target, calib_info: dic
         "placement": {"device": str(input_device(model)), "blocks": str(next(iter(layers.values())).weight.device),
                       "placement": placement, "dtype": str(weight.dtype), "device_map": cfg.model.device_map,
                       "max_memory": plain(cfg.model.max_memory),
-                      "search_state": cfg.schedule.search_state if cfg.method == "unipruning" else None},
+                      "search_state": cfg.schedule.search_state if method.searches else None},
         "plan": None if plan is None else {k: plan.to_dict()[k] for k in ("fits", "peak_gpu_gib", "peak_host_gib",
                                                                            "placement")},
         "memory": memory,
         "versions": versions(),
     }
-    if cfg.method == "unipruning":
+    if method.searches:
         metrics["search"] = {k: plain(cfg[k]) for k in ("regularizer", "schedule")}
     if primary.shares_budget:
         from .masks import num_pruned

@@ -70,7 +70,8 @@ def run_disk_bytes(cfg: DictConfig, device: str | None = None) -> dict[str, int]
     ``model.device`` on this machine). Raises whatever building the meta model raises."""
     import torch
 
-    from .methods import make_target, targets_of
+    from .methods.base import method_of
+    from .methods.targets import make_target, targets_of
     from .models import prunable_layers
     from .plan.architectures import meta_model
 
@@ -80,7 +81,7 @@ def run_disk_bytes(cfg: DictConfig, device: str | None = None) -> dict[str, int]
     N = sum(p.numel() for p in model.parameters()) - P
     sum_in = sum(m.weight.shape[1] for m in layers.values())
     cuts = len(targets_of(cfg, make_target(cfg)))
-    uni = cfg.method == "unipruning"
+    uni = method_of(cfg).searches
     baselines = cfg.eval.baselines if cfg.eval.baselines is not None else (["wanda"] if uni else [])
     run = cuts * (1 + len(baselines)) * math.ceil(P / 8) + 2 * 4 * sum_in + SMALL_FILES
     if uni:
@@ -93,7 +94,7 @@ def run_disk_bytes(cfg: DictConfig, device: str | None = None) -> dict[str, int]
 
             where = torch.device(device) if device else resolve_device(cfg.model.device)
             weights = resolve_dtype(cfg.model.dtype, where).itemsize
-            b = drift_element_size(cfg.schedule.get("drift_dtype", "weights"), weights)
+            b = drift_element_size(cfg.schedule.drift_dtype, weights)
             run += 4 * P + min(2, (int(cfg.schedule.steps) - 1) // every) * ((8 + 4 * b) * P + b * N)
         else:
             run += 4 * P + min(2, (len(layers) - 1) // every) * 8 * P
@@ -109,7 +110,7 @@ def check_run_storage(cfg: DictConfig, run_dir: Path) -> dict[str, int] | None:
     cache = cache_dir()
     check_writable(run_dir, "the run directory")
     check_writable(cache, "the cache (UNIPRUNING_CACHE)")
-    if not cfg.get("plan_check", True):
+    if not cfg.plan_check:
         return None
     try:
         need = run_disk_bytes(cfg)

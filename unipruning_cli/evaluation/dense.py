@@ -38,7 +38,7 @@ def _dense_cache_key(cfg: DictConfig, model, what: dict, bos: bool) -> Path:
 def _windows_from(cfg: DictConfig, corpus: str) -> dict:
     """The window protocol in the cache key: nothing for the joined-stream protocol (keys made before C4's random
     windows stay valid), else C4's random-window count and seed."""
-    proto = eval_protocol(corpus, cfg.eval.get("random_windows", 256))
+    proto = eval_protocol(corpus, cfg.eval.random_windows)
     return {} if proto["windows_from"] == "stream" else {"protocol": proto}
 
 

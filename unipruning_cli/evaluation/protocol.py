@@ -1,6 +1,6 @@
 """A run's evaluation protocol: windows per corpus, then perplexity, zero-shot and measured sparsity of a model.
 
-The perplexity protocol is the papers' (README, "Methods and what they compute"): WikiText-2 (and the
+The perplexity protocol is the papers' (docs/methods.md, "Methods and what they compute"): WikiText-2 (and the
 offline corpora, files) joined and tokenised once, cut into non-overlapping ``eval.seqlen`` windows; C4
 ``eval.random_windows`` (256) random windows inside one document each, seed 0 (GPTQ / SparseGPT
 ``datautils.py``); at most ``eval.max_windows`` either way, BOS put first when ``model.add_bos``;
@@ -97,7 +97,7 @@ def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear],
     calibration = None  # reconstruct=obs: the calibration samples, cut once for every cut
     for tag, masks in all_masks.items():
         rebuilt = None
-        if cfg.get("reconstruct", "none") == "obs":  # the kept weights updated on the fixed mask
+        if cfg.reconstruct == "obs":  # the kept weights updated on the fixed mask
             if calibration is None:
                 calibration, _ = calibration_set(cfg, tok)
             with timer.stage("reconstruct"):

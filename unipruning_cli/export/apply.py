@@ -19,11 +19,12 @@ from typing import Optional
 from omegaconf import OmegaConf
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, complete_run_config
 from ..errors import UserError
 from ..inputs import check_same_inputs, model_folder, recording
 from ..mask_files import load_masks, read_masks_header
-from ..methods import apply_masks
+from ..methods.targets import nm_of_tag
+from ..methods.weights import apply_masks
 from ..models import check_model_reachable, load_model, prunable_layers
 from ..reconstruction import reconstruct_cut
 from .card import export_record, kept_counts, masks_card, run_card
@@ -32,7 +33,7 @@ from ..storage import check_free
 from .folder import (COMPRESSED_FILE, DTYPES, check_mask_shapes, check_out, folder_bytes, precheck_shapes,
                      protected_sources, save_hf, staging_folder, weights_bytes)
 from .nm import write_compressed
-from .run import load_or_cut, masks_source, nm_of_tag, open_run, resolve_dtype_for_run, resolve_target
+from .run import load_or_cut, masks_source, open_run, resolve_dtype_for_run, resolve_target
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype={dtype!r} is not allowed; choose one of: {', '.join(DTYPES)}")
     source = masks_source(run, target)
-    if source == "gamma" and run.cfg.get("refine", "none") == "swap":
+    if source == "gamma" and run.cfg.refine == "swap":
         raise UserError(f"run {run.path} refined its masks (refine=swap), and it holds no {target.tag} cut: one cut "
                         f"from Γ here would not be refined. Evaluate that cut first (unipruning eval {run.path} "
                         f"{'pattern=%d:%d' % (target.n, target.m) if target.is_nm else 'sparsity=%g' % target.sparsity}"
@@ -90,7 +91,7 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     changed += check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, True)
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, f"{run.mask_path(target.tag)}")
-    rebuilt = cfg.get("reconstruct", "none") == "obs"
+    rebuilt = cfg.reconstruct == "obs"
     if rebuilt:  # the run evaluated W updated on the mask, not W x mask: the same update, redone here
         log.info("the run updated the kept weights by OBS reconstruction (reconstruct=obs): redoing it on %s's "
                  "calibration samples", target.tag)
@@ -167,7 +168,7 @@ def _model_cfg_for(model_arg: str):
     p = Path(model_arg).expanduser()
     if (p / "config.yaml").is_file() and not (p / "config.json").is_file():
         try:
-            cfg = OmegaConf.load(p / "config.yaml")
+            cfg = complete_run_config(OmegaConf.load(p / "config.yaml"))
             model_cfg = cfg.model
         except Exception as err:  # noqa: BLE001
             raise UserError(f"{p / 'config.yaml'} is not a unipruning run config: {err}") from None

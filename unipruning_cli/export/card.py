@@ -107,7 +107,7 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
     model = mt.get("model", {})
     rows = [("base model", f"{model.get('name', run.cfg.model.name)} ({model.get('location', run.cfg.model.path)})"),
             ("method", run.method),
-            ("anchor metric" if run.method == "unipruning" else "metric",
+            ("anchor metric" if run.searches else "metric",
              metric_name + (f" {json.dumps(knobs)}" if knobs else "")),
             ("sparsity", f"{target.sparsity:g}"),
             ("pattern", f"{target.n}:{target.m}" if target.is_nm else "unstructured"),
@@ -120,7 +120,7 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
             ("masks", f"{target.tag} from {'the run' if source == 'file' else 'Γ (gamma.safetensors), cut at export'}"),
             ("weights dtype", dtype_name(dtype)),
             ("run", str(run.path))]
-    if run.method == "unipruning":
+    if run.searches:
         sch = (mt.get("search") or {}).get("schedule") or {}
         if sch:
             rows.insert(3, ("search", f"{sch.get('steps', '?')} steps, weight_mode={sch.get('weight_mode', '?')}"))

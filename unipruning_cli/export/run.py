@@ -1,6 +1,6 @@
 """Reading a finished run for export: is it complete, which cuts it holds, which cut is asked, and its masks.
 
-A run directory stores masks, not weights (see README, "The run directory"): the pruned model is the
+A run directory stores masks, not weights (see docs/run-directory.md): the pruned model is the
 original model times a mask. A UniPruning run keeps its saliency Γ (``gamma.safetensors``), so any
 sparsity or N:M pattern can be cut from it at export time, without a forward pass; the new masks are
 saved into the run's ``masks/`` folder too. Runs of the other score-based methods can export only the
@@ -22,8 +22,9 @@ from omegaconf import OmegaConf
 
 from ..errors import UserError
 from ..mask_files import load_masks, save_masks
-from ..config import ALLOCATIONS
-from ..methods import NM_TAG as _NM_TAG, Target, make_target, nm_of_tag
+from ..config import ALLOCATIONS, complete_run_config
+from ..methods.base import METHODS, method_name
+from ..methods.targets import NM_TAG as _NM_TAG, Target, make_target
 from ..rundir import load_tensors
 from .folder import DTYPES
 
@@ -42,7 +43,12 @@ class RunInfo:
 
     @property
     def method(self) -> str:
-        return str(self.cfg.method)
+        return method_name(self.cfg)
+
+    @property
+    def searches(self) -> bool:
+        """Whether the run's method learned a Γ that new cuts can be made from (UniPruning)."""
+        return METHODS.get(self.method).searches
 
     @property
     def gamma_path(self) -> Path:
@@ -53,7 +59,7 @@ class RunInfo:
 
 
 def _stage_of(method: str) -> str:
-    return "search" if method == "unipruning" else "prune"
+    return METHODS.get(method).stage
 
 
 def open_run(path: str | Path) -> RunInfo:
@@ -70,19 +76,19 @@ def open_run(path: str | Path) -> RunInfo:
     cfg = None
     if (p / "config.yaml").is_file():
         try:
-            cfg = OmegaConf.load(p / "config.yaml")
+            cfg = complete_run_config(OmegaConf.load(p / "config.yaml"))  # a run of an older version too
             str(cfg.method), cfg.model.path  # noqa: B018  (the keys an export needs)
         except Exception as err:  # noqa: BLE001  (any parse error means the same to the user)
             raise UserError(f"{p / 'config.yaml'} is not a unipruning run config: {err}") from None
-    if cfg is not None and cfg.method == "sparsegpt":
+    if cfg is not None and METHODS.get(method_name(cfg)).updates_weights:
         raise UserError(
-            f"run {p} used method=sparsegpt: SparseGPT reconstructs the kept weights in memory and the run does not "
+            f"run {p} used method={method_name(cfg)}: it reconstructs the kept weights in memory and the run does not "
             f"store them, so the pruned model cannot be rebuilt from the run directory (its masks alone give a "
             f"different model than the one measured). Export a method=local or method=unipruning run, or apply "
             f"the masks to the original weights knowingly with `unipruning apply <masks> --model {p} --out DIR`")
     missing = [f for f in ("config.yaml", "metrics.json") if not (p / f).is_file()]
     if cfg is not None:
-        marker = f"stages/{_stage_of(cfg.method)}.json"
+        marker = f"stages/{_stage_of(method_name(cfg))}.json"
         if not (p / marker).is_file():
             missing.append(marker)
     elif not (p / "stages").is_dir() or not list((p / "stages").glob("*.json")):
@@ -101,7 +107,7 @@ def open_run(path: str | Path) -> RunInfo:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{p / 'metrics.json'} is not valid JSON ({err}): the run directory is damaged") from None
     allocation = metrics.get("allocation")
-    if cfg.pattern.get("allocation") is None and allocation and cfg.method != "sparsegpt":
+    if cfg.pattern.allocation is None and allocation and not METHODS.get(method_name(cfg)).updates_weights:
         # the run's own cut as it resolved it: a null allocation's default has changed before (per matrix -> owl)
         cfg.pattern.allocation = allocation
     return RunInfo(p, cfg, metrics)
@@ -181,7 +187,7 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
 def _unavailable(run: RunInfo, target: Target) -> UserError:
     held = held_tags(run)
     holds = ", ".join(_describe_tag(t) for t in held) if held else "no mask files"
-    if run.method == "unipruning":
+    if run.searches:
         why = f"and its {run.gamma_path.name} is missing, so no new cut can be made"
     else:
         why = (f"and a method={run.method} run keeps no saliency Γ to cut other sparsities from (only "
@@ -193,7 +199,7 @@ def masks_source(run: RunInfo, target: Target) -> str:
     """'file' when the run holds the cut, 'gamma' when Γ can cut it; UserError otherwise."""
     if run.mask_path(target.tag).is_file():
         return "file"
-    if run.method == "unipruning" and run.gamma_path.is_file():
+    if run.searches and run.gamma_path.is_file():
         return "gamma"
     raise _unavailable(run, target)
 

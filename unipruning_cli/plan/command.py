@@ -8,7 +8,6 @@ for the named models). ``--json`` writes the same (keys ``fits``, ``peak_gpu_gib
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -31,6 +30,7 @@ def plan_command(args: list[str]) -> None:
     import torch
 
     from ..config import compose_prune, validate_values
+    from ..methods.base import method_of
     from .estimate import GIB, USABLE, plan_run
 
     ap = argparse.ArgumentParser(prog="unipruning plan", description=__doc__.split("\n")[0])
@@ -57,7 +57,8 @@ def plan_command(args: list[str]) -> None:
         None if other_machine else host_total_bytes())
     cfg = compose_prune(ns.overrides)
     validate_values(cfg)
-    drift = cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift"
+    method_of(cfg).check()
+    drift = method_of(cfg).backpropagates()
     ranks = gpus if drift and gpus > 1 and not cfg.model.device_map else 1  # N GPUs, no device_map: torchrun -n N
     plan = plan_run(cfg, gpus, gpu_memory, host_memory, ranks)
     _print(plan, GIB, USABLE)
@@ -72,11 +73,12 @@ def plan_command(args: list[str]) -> None:
 
 def _print_disk(cfg, gib: float, device: str) -> dict[str, float]:
     """The disk a run writes (:func:`.storage.run_disk_bytes`, upper bounds), printed; returned in GiB."""
+    from ..methods.base import method_of
     from ..progress import console
     from ..storage import run_disk_bytes
 
     disk = {k: round(v / gib, 2) for k, v in run_disk_bytes(cfg, device).items()}
-    what = "masks, Γ, search checkpoints, calibration statistics" if cfg.method == "unipruning" else \
+    what = "masks, Γ, search checkpoints, calibration statistics" if method_of(cfg).searches else \
         "masks, calibration statistics"
     console.print(f"disk: at most {disk['run_dir']:.2f} GiB in the run directory and {disk['cache']:.2f} GiB in the "
                   f"unipruning cache ({what}; the model's own download not counted); checked against the free space "

@@ -1,6 +1,6 @@
 """Peak GPU and host memory of each stage of the run a config would start, from shapes alone (no weights).
 
-The arithmetic follows what the code holds (README "Large models"; the fixed bytes per weight are the
+The arithmetic follows what the code holds (docs/large-models.md; the fixed bytes per weight are the
 ones ``scripts/bench_search_memory.py`` measures). Symbols: W the weights ((P + N)·b bytes, P prunable
 weights, N the others, b bytes per weight element), L_max the largest prunable matrix, I_max its widest
 input, B·T the evaluation batch, T_c the calibration window, V the vocabulary, h the width, L the blocks.
@@ -15,34 +15,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from omegaconf import DictConfig
 
-from ..methods import baselines_of, make_target, targets_of
+from ..methods.base import method_of
+from ..methods.targets import make_target, targets_of
 from ..evaluation.perplexity import chunk_positions
 from ..layouts import expert_counts
 from ..models import block_layers, find_blocks, prunable_layers, resolve_dtype, text_config
-from ..pinned import allocator_bytes, copy_bytes
 from ..provenance import rss_bytes
-from ..search.settings import drift_element_size, drift_gpu_bytes
 from .architectures import meta_model
 
-GIB = 2**30
-#: The CUDA context and the caching allocator's slack on each GPU (not counted by max_memory_allocated).
-CUDA_OVERHEAD = 0.75 * GIB
-#: Host bytes a fast tokenizer holds per character of text tokenised at once (measured; shared/docs/large-models.md).
-TOKENISE_BYTES_PER_CHAR = 150
-#: Fraction of a device's memory a plan may fill: fragmentation and libraries' own buffers take the rest
-#: (assumed; ``scripts/gpu_check.py`` records ``max_memory_reserved`` against the allocated peak per stage).
-USABLE = 0.92
-#: GPU bytes NCCL's communicators hold on each rank of a launch (channels' buffers; outside
-#: ``max_memory_allocated``). Assumed from NCCL's defaults (``NCCL_BUFFSIZE`` 4 MiB per channel and peer).
-NCCL_BUFFERS = 1.0 * GIB
-
-
-@dataclass
-class Stage:
-    name: str
-    gpu: float  # bytes on the busiest GPU
-    host: float  # bytes on the host, beyond the process baseline
-    what: str
+from .rows import CUDA_OVERHEAD, GIB, NCCL_BUFFERS, TOKENISE_BYTES_PER_CHAR, USABLE, Sheet, Stage  # noqa: F401
 
 
 @dataclass
@@ -135,7 +116,7 @@ def _chosen_plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memo
 
 def _plan_offload(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None, placement: str,
                   ranks: int, shapes: dict) -> Plan:
-    choice = str(cfg.schedule.get("fsdp_offload", "auto")).lower()
+    choice = str(cfg.schedule.fsdp_offload).lower()
     if ranks < 2 or choice in ("true", "false"):
         return _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, choice == "true", shapes)
     plain_ = _plan(cfg, gpus, gpu_memory, host_memory, placement, ranks, False, shapes)
@@ -148,8 +129,7 @@ def _plan_offload(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_mem
 def _can_onload(cfg: DictConfig, gpus: int, ranks: int = 1) -> bool:
     """Sequential onloading serves block-wise stages on a GPU, with no ``device_map``, and not a one-process drift
     search (over several ranks the search has its own placement, FSDP2, and rank 0 onloads for the rest)."""
-    drift = cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift"
-    return gpus > 0 and not cfg.model.device_map and (not drift or ranks > 1)
+    return gpus > 0 and not cfg.model.device_map and (not method_of(cfg).backpropagates() or ranks > 1)
 
 
 def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: float | None, placement: str,
@@ -164,91 +144,38 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     Wd = W / (gpus if (on_gpu and cfg.model.device_map) else 1)  # device_map: weights split, search state on GPU 0
     # Sequential onloading: outside the blocks on the GPU; the blocks on the host, one at a time on the GPU.
     Wo, Wb, Wh = (s["outside"] * b, s["block"] * b, W - s["outside"] * b) if onload else (Wd, 0.0, 0.0)
-    uni = cfg.method == "unipruning"
-    mode = cfg.schedule.weight_mode if uni else None
-    cuts = len(targets_of(cfg, make_target(cfg)))
+    method = method_of(cfg)
+    mode = cfg.schedule.weight_mode if method.searches else None
     n_c, T_c = cfg.calibration.nsamples, cfg.calibration.seqlen
     B, T = min(cfg.eval.batch_size, cfg.eval.max_windows or cfg.eval.batch_size), cfg.eval.seqlen
     # One chunk's logits: fp32 logits, their reshaped copy and the log-softmax (12 bytes each); in bf16/fp16 the
     # logits, their fp32 cast and the log-softmax (2 + 4 + 4).
     logits = (12 if b == 4 else 8 + b) * B * chunk_positions(B, T, V) * V
-    block_io = 2 * n_c * T_c * h * b  # every window's block inputs and outputs, offloaded to the host
-    per_sample = n_c * s["sum_in"] * 4 + s["sum_in"] * 8
-    stages: list[Stage] = []
-
-    def add(name: str, dev: float, host: float, what: str) -> None:
-        # Without a GPU the device is the host: the two add up there. Onloaded blocks stay on the host throughout.
-        stages.append(Stage(name, dev if on_gpu else 0.0, host + Wh + (0.0 if on_gpu else dev), what))
-
+    one = " + one block" if onload else ""
+    sheet = Sheet(cfg, s, b, P, N, Wd, Wo, Wb, Wh, logits, 2 * n_c * T_c * h * b, n_c * s["sum_in"] * 4 + s["sum_in"] * 8,
+                  one, on_gpu, gpu_memory if on_gpu else None, ranks, offload, len(targets_of(cfg, make_target(cfg))))
+    add, stages = sheet.add, sheet.stages
     add("load", Wo, W - Wh if on_gpu and not cfg.model.device_map else 0.0,
         "W (read on the host, then moved)" + ("; the blocks stay on the host" if onload else ""))
     chars = max(_corpus_bytes(c) for c in [cfg.calibration.source, *cfg.eval.corpora])
     if chars:
         add("tokenise", Wo, TOKENISE_BYTES_PER_CHAR * chars,
             "the largest file corpus tokenised as one string (hub corpora not counted)")
-    one = " + one block" if onload else ""
     if cfg.eval.dense:
         add("dense_eval", Wo + Wb + logits, 0.0, f"W{one} + fp32 logits of one chunk")
-    needs_stats = (not uni and not (cfg.method == "local" and cfg.local_metric.name == "magnitude")) \
-        or (uni and mode == "frozen") or bool(baselines_of(cfg))
-    if needs_stats:
-        act = T_c * (6 * h + 3 * s["I"]) * b
-        add("calibration", Wo + Wb + act, block_io + per_sample,
-            f"W{one} + one window in one block; block inputs/outputs on the host")
-    if cfg.method == "sparsegpt":
-        # The block's XᵀX (fp32), then for the widest layer its Hessian, the copy the solve damps, the Cholesky
-        # factor, the inverse and its factor (5 x I² fp32) and fp32 working copies of the largest matrix (3 x).
-        obs = 4 * s["xtx_block"] + 5 * s["I_max"] ** 2 * 4 + 3 * s["L_max"] * 4
-        add("prune", Wo + Wb + obs, block_io + P / 8,
-            f"W{one} + the block's XᵀX + OBS buffers of the widest layer (5 x I² fp32); masks packed on the host")
-    elif cfg.method == "local":
-        scores = 5 * P if make_target(cfg).shares_budget else 5 * s["L_max"]
-        add("prune", Wo, scores + P / 8, "scores (fp32) and masks (every matrix's for a global cut, else one "
-                                         "matrix's) on the host; masks packed")
-    elif mode == "frozen":
-        add("search", Wo + 42 * s["L_max"], 4 * P + per_sample, "W + one matrix's search; Γ (fp32) on the host")
-    elif ranks > 1:  # before rank 0 loads the model for the rest of the run
-        stages[:0] = [stage if on_gpu else Stage(stage.name, 0.0, stage.host + stage.gpu * ranks, stage.what)
-                      for stage in sharded_search_stages(cfg, s, b, ranks, offload, gpu_memory if on_gpu else None)]
-    else:
-        on_host = _state_on_host(cfg, P, b, on_gpu, gpu_memory, Wd)
-        bd = drift_element_size(cfg.schedule.drift_dtype, b)  # the drifting W's dtype (fp32 master copy or W's own)
-        # gradient, Adam m, v (+ V, Γ fp32); one S; W grown into its fp32 master copy; with grad_clip_scope=model
-        # the other parameters' gradients (in their dtype), which enter the clipping norm
-        others = N * b if cfg.schedule.grad_clip_scope == "model" else 0
-        state = P * (3 * bd + (bd - b) + (0 if on_host else 8)) + 16 * s["L_max"] + others
-        act = (s["L"] * T_c * h * b + T_c * (10 * h + 3 * s["I"]) * b * 2 + 12 * T_c * V)
-        # the restore copy of W (+ V and Γ) live on the host: pinned arenas where there is a GPU (..pinned)
-        host = copy_bytes(s["sizes"], b, on_gpu) + (2 * copy_bytes(s["sizes"], 4, on_gpu) if on_host else 0)
-        where = "on the host" if on_host else "on the device"
-        add("search", Wd + state + act, host,
-            f"W + gradient, Adam m, v ({'fp32' if bd == 4 else 'W dtype'})"
-            f"{' + the other parameters’ gradients' if others else ''} + checkpointed activations + fp32 logits; "
-            f"V, Γ (fp32) {where}")
-        if on_gpu:
-            add("search_checkpoint", Wd + state, host + s["L_max"] * (4 * b + 8),
-                "every checkpoint_every steps: the state written one matrix at a time through the host")
-    if uni:
-        # one cut's masks at a byte per weight as it is made, then every cut kept packed (mask_files.packed_masks)
-        masks = 4 * P + 4 * s["L_max"] + P + cuts * (1 + len(baselines_of(cfg))) * P / 8
-        add("masks", Wo, masks + (4 * P if baselines_of(cfg) else 0),
-            "Γ, one matrix's |Γ|, one cut's masks, and every cut's masks packed (1 bit per weight) on the host")
-        add("pruned_eval", Wo + Wb + logits, masks + copy_bytes(s["sizes"], b, on_gpu),
-            f"W{one} + logits; a copy of the prunable W on the host to restore it between cuts")
-    else:
-        add("pruned_eval", Wo + Wb + logits, P / 8, f"W{one} + fp32 logits of one chunk")
+    method.plan_rows(sheet)
     if cfg.eval.tasks:
-        add("zero_shot", Wo + Wb, P * b if uni else 0.0, f"W{one} under lm-eval (+ the host copy)")
+        add("zero_shot", Wo + Wb, P * b if method.searches else 0.0, f"W{one} under lm-eval (+ the host copy)")
     from .. import pruning  # noqa: F401  (the baseline is a prune process's: the modules its stages run)
     from ..evaluation import dense  # noqa: F401
     from ..search import stage  # noqa: F401
 
-    sharded = ranks > 1 and mode == "drift"
+    sharded = ranks > 1 and method.backpropagates()
     where = "cpu" if not on_gpu else f"{1 if sharded else gpus} GPU(s)" + \
         (", device_map" if cfg.model.device_map else "") + (", sequential onloading" if onload else "")
     if sharded:
         where = f"search: FSDP2 over {ranks} ranks{' with CPU offload' if offload else ''}; then rank 0: {where}"
-    plan = Plan(model=cfg.model.name, method=cfg.method, weight_mode=mode, placement=where,
+    plan = Plan(model=cfg.model.name, method=method.name, weight_mode=mode, placement=where,
                 prunable_weights=P, other_weights=N, stages=stages, host_baseline=float(rss_bytes()) * ranks,
                 gpus=gpus, gpu_memory=gpu_memory, host_memory=host_memory, onload=onload, ranks=ranks,
                 fsdp_offload=offload and sharded)
@@ -267,21 +194,11 @@ def _corpus_bytes(source: str) -> int:
         return 0
 
 
-def _state_on_host(cfg: DictConfig, P: int, b: int, on_gpu: bool, gpu_memory: float | None, Wd: float) -> bool:
-    """Where the drift search will keep V and Γ: as ``schedule.search_state`` says; ``auto`` decides as the search
-    does (``search.placement.search_state_of``), against this plan's GPU with the weights already on it."""
-    if cfg.schedule.search_state != "auto":
-        return cfg.schedule.search_state == "host"
-    if not on_gpu or gpu_memory is None:
-        return False
-    return drift_gpu_bytes(P, b, cfg.schedule.drift_dtype) > USABLE * gpu_memory - CUDA_OVERHEAD - Wd
-
-
 def _advice(cfg: DictConfig, plan: Plan) -> list[str]:
     gpu_short = bool(plan.gpus) and plan.gpu_memory is not None and plan.peak_gpu > USABLE * plan.gpu_memory
     worst = max(plan.stages, key=lambda st: st.gpu if gpu_short else st.host)
     out = [f"the largest stage on the {'GPU' if gpu_short else 'host'} is {worst.name}: {worst.what}"]
-    if cfg.method == "unipruning" and cfg.schedule.weight_mode == "drift":
+    if method_of(cfg).backpropagates():
         if gpu_short and cfg.schedule.search_state != "host":
             out.append("schedule.search_state=host (V and Γ, 8 bytes per prunable weight, in pinned host memory)")
         out.append("schedule.weight_mode=frozen (W fixed: one matrix's search state at a time on the device)"
@@ -339,51 +256,6 @@ def check_run_fits(cfg: DictConfig, ranks: int = 1) -> Plan | None:
                         f"(`unipruning plan <overrides>` shows every stage). What would: " + "; ".join(plan.advice)
                         + ". plan_check=false runs it anyway.")
     return plan
-
-
-def sharded_search_stages(cfg: DictConfig, s: dict, b: int, ranks: int, offload: bool,
-                          gpu_memory: float | None) -> list[Stage]:
-    """The drift search with FSDP2 over ``ranks`` processes (:mod:`..search.sharded`): GPU bytes of each rank, host
-    bytes of the node (one node of ``ranks`` GPUs). Each rank holds 1/ranks of W, its gradient, Adam's m and v, the
-    other parameters' gradients (``grad_clip_scope=model``) and V and Γ (fp32; on the host with ``search_state=host``,
-    or ``auto`` where they do not fit a GPU of ``gpu_memory`` bytes); FSDP gathers the current and the prefetched
-    block whole (weights, and their gradients in the backward pass) and the root's parameters through the step;
-    each rank computes one matrix's metric on the whole matrix. With CPU offload the shards live on the host."""
-    P, N, L_max = s["P"], s["N"], s["L_max"]
-    bd = drift_element_size(cfg.schedule.drift_dtype, b)
-    others = N * b if cfg.schedule.grad_clip_scope == "model" else 0
-    shards = ((P + N) * b + 3 * P * bd + others) / ranks  # W, gradient, m, v, the others' gradients
-    vg = 8 * P / ranks
-    T_c = cfg.calibration.seqlen
-    act = s["L"] * T_c * s["h"] * b + T_c * (10 * s["h"] + 3 * s["I"]) * b * 2 + 12 * T_c * s["V"]
-    gathered = 4 * s["block"] * b + s["outside"] * b
-    # FSDP2's reduce-scatter of one block's gradients (the unsharded input and this rank's output), the root's
-    # gradients unsharded until theirs (grad_clip_scope=model: embeddings, lm_head), and NCCL's own buffers
-    collectives = s["block"] * bd * (1 + 1 / ranks) + (2 * s["outside"] * b if others else 0) \
-        + (NCCL_BUFFERS if gpu_memory is not None else 0)
-    metric = L_max * (b + 4 + 16)
-    state_host = offload or cfg.schedule.search_state == "host" or (
-        cfg.schedule.search_state == "auto" and gpu_memory is not None
-        and gathered + act + metric + collectives + shards + vg > USABLE * gpu_memory - CUDA_OVERHEAD)
-    gpu = gathered + act + metric + collectives + (0 if offload else shards) + (0 if state_host else vg)
-    on_gpu = gpu_memory is not None
-    # this rank's rows of every matrix: the restore copy (pinned arena), V and Γ where on the host (pinned arenas)
-    mine = [-(-n // ranks) for n in s["sizes"]]
-    host_rank = copy_bytes(mine, b, on_gpu and not offload) + (2 * copy_bytes(mine, 4, on_gpu) if state_host else 0)
-    if offload:  # FSDP pins each parameter's and gradient's shard alone (power-of-two blocks); m and v are pageable
-        pinned = sum(allocator_bytes(-(-rows // ranks) * (numel // max(rows, 1)) * b) for rows, numel in s["rows"])
-        host_rank += 2 * pinned + 2 * P * bd / ranks if on_gpu else shards
-    where = "host" if state_host else "GPU"
-    what = (f"per GPU: 1/{ranks} of W, gradient, Adam m, v" + (" (on the host: FSDP CPU offload, W, gradient pinned)"
-                                                              if offload else "")
-            + f"; V, Γ shards on the {where}; two blocks and the root gathered; a block's reduce-scatter buffers"
-            + (", the root's gradients" if others else "") + (", NCCL's buffers" if on_gpu else "")
-            + "; activations; one matrix's metric")
-    return [Stage("load_sharded", (0 if offload else ((P + N) * b) / ranks) + s["block"] * b, (P + N) * b,
-                  f"rank 0 reads W on the host and sends each rank its 1/{ranks}"),
-            Stage("search", gpu, host_rank * ranks, what),
-            Stage("search_checkpoint", gpu, host_rank * ranks + L_max * (4 * b + 8),
-                  "every checkpoint_every steps: rank 0 writes each matrix gathered whole, one at a time")]
 
 
 def gpus_needed(cfg: DictConfig, gpu_memory: float, host_memory: float | None, offload: bool,

@@ -1,7 +1,7 @@
 """The drift search's activations: the per-step statistics hooks, and activation checkpointing.
 
 Checkpointing recomputes each block's activations in the backward pass: the same gradients for a fraction
-of the activation memory (README, "Costs"). The statistics hooks skip that recomputation
+of the activation memory (docs/results.md, "Costs"). The statistics hooks skip that recomputation
 (``torch._C._current_graph_task_id() != -1`` inside a backward pass), so each block is counted once.
 """
 

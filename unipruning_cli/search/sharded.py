@@ -28,6 +28,7 @@ from ..calibration_set import calibration_set
 from ..distributed import Ranks, broadcast, finish, from_main
 from ..errors import UserError
 from ..layouts import as_linears
+from ..methods.base import method_of
 from ..models import find_blocks, model_location, prunable_layers, resolve_dtype
 from ..progress import Timer
 from ..rundir import RunDir, file_locks
@@ -42,9 +43,10 @@ log = logging.getLogger(__name__)
 def check_sharded_run(cfg: DictConfig, ranks: Ranks) -> None:
     """Refuse, before any weight is read, what a launch over ``ranks`` cannot do. Raises :class:`UserError`."""
     launch = f"this launch has {ranks.world} ranks ({ranks.launcher})"
-    if cfg.method != "unipruning" or cfg.schedule.weight_mode != "drift":
+    method = method_of(cfg)
+    if not method.backpropagates():
         raise UserError(f"{launch}: several ranks run UniPruning's drift search (method=unipruning, "
-                        f"schedule.weight_mode=drift) with FSDP2; method={cfg.method} "
+                        f"schedule.weight_mode=drift) with FSDP2; method={method.name} "
                         f"(weight_mode={cfg.schedule.weight_mode}) runs in one process: launch it without torchrun")
     if cfg.model.device_map:
         raise UserError(f"{launch}: model.device_map={cfg.model.device_map!r} places the model on one process's GPUs; "

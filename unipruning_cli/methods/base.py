@@ -1,0 +1,192 @@
+"""The unit of extension: a pruning method is one :class:`Method` subclass (one module of this package) and one
+config group option (``configs/method/<name>.yaml``).
+
+A method answers every question the rest of the house asks of it (the runner, the memory plan, the checks before
+any weight is read, export): its default allocation and cuts, its calibration protocol, its config checks, its rows
+of the memory plan, and its masks (:meth:`Method.masks`, given the run's :class:`RunContext`). Its knobs are a typed
+dataclass, ``Settings``, which is also the schema of its config group: ``method=sparsegpt method.percdamp=0.1``.
+
+Methods are looked up by name in :data:`METHODS` (a :class:`..registry.Registry` with a base-class check, as
+lm-eval's). The modules that define them sit above this one in the import order (their masks run the stages), so
+the registry imports a method's module on first use (lm-eval's lazy registry): a file
+``unipruning_cli/methods/<name>.py`` registering ``<name>`` is found without being listed anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import UserError
+from ..registry import Registry
+
+#: Each local metric's own comparison group in the paper that introduced it.
+DEFAULT_ALLOCATION = {"magnitude": "per_matrix", "wanda": "per_row", "ria": "per_matrix", "stochria": "per_matrix"}
+#: Modules of this package that hold no method.
+_NOT_METHODS = {"base", "targets", "blockwise", "weights"}
+
+
+def _method_modules() -> dict[str, Callable[[], None]]:
+    here = Path(__file__).parent
+    return {m.name: (lambda m=m.name: importlib.import_module(f"{__package__}.{m}"))
+            for m in pkgutil.iter_modules([str(here)]) if m.name not in _NOT_METHODS}
+
+
+@dataclass
+class NoSettings:
+    """A method without knobs of its own (its metric, schedule, ... are other config groups)."""
+
+
+@dataclass
+class Cuts:
+    """What :meth:`Method.masks` hands the runner: ``masks`` (tag -> name -> bool ``[out, in]``) to evaluate in turn
+    from the dense weights, or ``in_place`` when the model already holds its one cut (the weights it evaluates:
+    SparseGPT's reconstructed ones); ``calibration``: the calibration record for ``metrics.json``."""
+
+    calibration: dict
+    masks: dict[str, dict] = field(default_factory=dict)
+    in_place: bool = False
+
+
+@dataclass
+class RunContext:
+    """What a run has built once and every stage reads: the config, the model and tokenizer, the prunable layers,
+    the run directory and timer, the primary target and every target, and the sweep the run belongs to."""
+
+    cfg: DictConfig
+    model: Any
+    tok: Any
+    layers: dict
+    rd: Any  # rundir.RunDir
+    timer: Any  # progress.Timer
+    primary: Any  # targets.Target
+    targets: list
+    sweep: Any = None  # sweep.SweepContext
+
+
+class Method(ABC):
+    """A pruning method. Subclasses set ``name`` (by registering), ``Settings``, the class flags below, and
+    implement :meth:`masks` and :meth:`plan_rows`; every other answer has a default that fits a method which
+    scores weights once and cuts one target."""
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type] = NoSettings
+    #: one score per weight learned over the whole model (Γ) and cut at every target of a run: its run has a search
+    #: stage, extra cuts (``export.sparsities`` / ``patterns``), baselines beside it and a Γ that export can cut
+    searches: ClassVar[bool] = False
+    #: the kept weights change as the mask is chosen (SparseGPT): the masks alone do not give the measured model
+    updates_weights: ClassVar[bool] = False
+    #: the stage marker (``stages/<stage>.json``) that says a run of this method is complete
+    stage: ClassVar[str] = "prune"
+    #: the cuts a run makes where ``export.sparsities`` / ``export.patterns`` / ``eval.baselines`` are null
+    default_cuts: ClassVar[dict[str, tuple]] = {"sparsities": (), "patterns": (), "baselines": ()}
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.settings = self.settings_of(cfg)
+
+    @classmethod
+    def settings_of(cls, cfg: DictConfig):
+        """``cfg.method``'s knobs as a ``Settings`` instance; :class:`UserError` for an unknown knob or a bad type."""
+        knobs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
+        try:
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Settings), knobs))
+        except Exception as err:  # noqa: BLE001 - OmegaConf's validation errors, said as the user's
+            raise UserError(f"method={cls.name}: {str(err).splitlines()[0]}") from None
+
+    def label(self) -> str:
+        """How a summary titles a run of this method: its name, and its local metric where it uses one."""
+        return self.name
+
+    def allocation(self, asked: str | None) -> str:
+        """The allocation of an unstructured cut given ``pattern.allocation`` (``asked``, null: the default)."""
+        return asked or self.default_allocation()
+
+    def default_allocation(self) -> str:
+        """``pattern.allocation`` where it is null: the local metric's own comparison group."""
+        return DEFAULT_ALLOCATION.get(self.cfg.local_metric.name, "per_matrix")
+
+    def calibration_mode(self) -> str:
+        """``calibration.mode=auto`` resolved: this method's published block protocol."""
+        return "one_shot"
+
+    def backpropagates(self) -> bool:
+        """Whether the method backpropagates through the whole model at once (no sequential onloading; FSDP2 over
+        the ranks of a ``torchrun`` launch)."""
+        return False
+
+    def check(self) -> None:
+        """Refuse, before any weight is read, what this method cannot do or would ignore (:class:`UserError`)."""
+        cfg, name = self.cfg, self.name
+        if self.updates_weights:
+            _check(cfg.reconstruct == "none", f"reconstruct=obs updates the kept weights of a mask by SparseGPT's own "
+                   f"OBS solve; method={name} already does, as it chooses its mask: drop reconstruct")
+            _check(cfg.refine == "none", f"refine=swap refines a mask on the original weights; method={name} updates "
+                   "the kept weights as it chooses its mask, so a swap would revive a weight it has already "
+                   "compensated for: drop refine")
+        if not self.searches:
+            _check(not cfg.eval.baselines, f"eval.baselines cuts local metrics beside a UniPruning Γ; with "
+                   f"method={name} run each baseline as its own run (method=local local_metric=<name>)")
+            _check(not (cfg.export.sparsities or cfg.export.patterns), f"export.sparsities / export.patterns cut one "
+                   f"Γ at several targets (method=unipruning); method={name} prunes one target per run: sweep it "
+                   "with -m sparsity=0.5,0.6,0.7")
+            _check(cfg.pattern.kind != "nm" or cfg.pattern.allocation in (None, "per_row"),
+                   "pattern.allocation applies to unstructured cuts only (with an N:M pattern, to the "
+                   "export.sparsities cuts of a UniPruning run)")
+        if self.backpropagates():
+            _check(cfg.model.placement != "onload", "model.placement=onload serves the block-wise stages "
+                   "(method=local, method=sparsegpt, schedule.weight_mode=frozen); the drift search backpropagates "
+                   "through the whole model at once")
+
+    def plan_rows(self, sheet) -> None:
+        """Add this method's stages to the memory plan (:class:`..plan.estimate.Sheet`): by default, calibration
+        statistics, one matrix's scores and the packed masks, and the pruned model evaluated in place."""
+        sheet.calibration()
+        sheet.add("prune", sheet.Wo, 5 * sheet.s["L_max"] + sheet.P / 8,
+                  "one matrix's scores (fp32) on the host; masks packed")
+        sheet.pruned_eval_in_place()
+
+    @abstractmethod
+    def masks(self, ctx: RunContext) -> Cuts:
+        """The run's cuts (see :class:`Cuts`); records its stage in ``ctx.rd``."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+#: Methods by name (``method=<name>``), loaded on first use from this package's modules.
+METHODS: Registry[type[Method]] = Registry("method", base=Method, lazy=_method_modules)
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass as ``method=<name>`` (and set its ``name``)."""
+    def decorator(cls: type[Method]) -> type[Method]:
+        METHODS.register(name)(cls)
+        cls.name = name
+        return cls
+
+    return decorator
+
+
+def method_name(cfg: DictConfig) -> str:
+    """The method a config names: ``method.name`` (``method: <name>`` in a run made before methods had settings)."""
+    m = cfg.method
+    return str(m) if isinstance(m, str) else str(m.name)
+
+
+def method_of(cfg: DictConfig) -> Method:
+    """The :class:`Method` of ``cfg`` with its settings. Raises :class:`UserError` for an unknown name ("did you
+    mean") or bad settings."""
+    try:
+        cls = METHODS.get(method_name(cfg))
+    except KeyError as err:
+        raise UserError(f"method: {err}") from None
+    return cls(cfg)

@@ -1,0 +1,52 @@
+"""``method=local``: rank weights by a local metric (magnitude, Wanda, RIA, stochRIA: the ``local_metric`` group) and
+keep the top ones at the target, block by block under the metric's published protocol."""
+
+from __future__ import annotations
+
+from ..config import check, plain
+from ..metrics import METRICS, build_metric
+from ..pruning import blockwise_cuts
+from .base import Cuts, Method, RunContext, register_method
+from .blockwise import LocalMetricPruning
+
+
+@register_method("local")
+class LocalMetric(Method):
+    """Wanda / RIA / magnitude / stochRIA scores cut at one target (their reference code's loop)."""
+
+    def label(self) -> str:
+        return f"{self.name} ({self.cfg.local_metric.name})"
+
+    def calibration_mode(self) -> str:
+        """Sequential for activation-aware metrics (Wanda, RIA: their reference code calibrates block i on the
+        outputs of the already-pruned blocks < i); one-shot for a data-free metric and for a cut that shares one
+        budget over every matrix (it needs every score at once)."""
+        from .targets import make_target
+
+        uses = METRICS.get(self.cfg.local_metric.name).uses_activations
+        return "sequential" if uses and not make_target(self.cfg).shares_budget else "one_shot"
+
+    def check(self) -> None:
+        super().check()
+        cfg = self.cfg
+        check(METRICS.get(cfg.local_metric.name).uses_activations or cfg.calibration.mode != "sequential",
+              f"local_metric={cfg.local_metric.name} reads no calibration data, so calibration.mode=sequential would "
+              "be ignored: drop it")
+
+    def plan_rows(self, sheet) -> None:
+        from .targets import make_target
+
+        if METRICS.get(self.cfg.local_metric.name).uses_activations:
+            sheet.calibration()
+        scores = 5 * sheet.P if make_target(self.cfg).shares_budget else 5 * sheet.s["L_max"]
+        sheet.add("prune", sheet.Wo, scores + sheet.P / 8, "scores (fp32) and masks (every matrix's for a global cut, "
+                                                           "else one matrix's) on the host; masks packed")
+        sheet.pruned_eval_in_place()
+
+    def pruner(self) -> LocalMetricPruning:
+        """The block-wise pruner: the local metric with its knobs, its random draws seeded by the run's seed."""
+        knobs = {k: v for k, v in plain(self.cfg.local_metric).items() if k != "name"}
+        return LocalMetricPruning(build_metric(self.cfg.local_metric.name, **knobs), seed=self.cfg.seed)
+
+    def masks(self, ctx: RunContext) -> Cuts:
+        return blockwise_cuts(ctx, self.pruner())

@@ -1,0 +1,60 @@
+"""``method=unipruning`` (arXiv 2510.03291): the saliency Γ learned by mirror descent anchored to a local metric
+(``local_metric``, ``regularizer``, ``schedule`` groups; :mod:`..search`), then cut at every target of the run from
+|Γ|, beside the ``eval.baselines`` local metrics at the same targets; the weights stay the original ones."""
+
+from __future__ import annotations
+
+from ..baselines.local import baseline_masks
+from ..pruning import cut_masks, reconstruct_info
+from ..search.stage import run_search
+from .base import Cuts, Method, RunContext, register_method
+
+#: Where ``pattern.allocation`` is null: OWL's layer budgets (published M = 5, λ = 0.08), the best of per_matrix /
+#: per_row / global / owl / gamma at 60 and 70 % on the embedded model (docs/methods.md, "Beyond the paper");
+#: inside a layer the cut is per row.
+UNIPRUNING_ALLOCATION = "owl"
+
+
+@register_method("unipruning")
+class UniPruning(Method):
+    """One search, every cut: ``unipruning prune`` with no overrides cuts Γ at 0.5, 0.6, 0.7 and 2:4, beside Wanda
+    at the same targets from the same calibration statistics (one-shot), so the summary compares them."""
+
+    searches = True
+    stage = "search"
+    default_cuts = {"sparsities": (0.5, 0.6, 0.7), "patterns": ("2:4",), "baselines": ("wanda@one_shot",)}
+
+    def label(self) -> str:
+        return f"{self.name} ({self.cfg.local_metric.name})"
+
+    def default_allocation(self) -> str:
+        return UNIPRUNING_ALLOCATION
+
+    def backpropagates(self) -> bool:
+        """The drift search (``schedule.weight_mode=drift``) backpropagates the LM loss through the whole model."""
+        return self.cfg.schedule.weight_mode == "drift"
+
+    def plan_rows(self, sheet) -> None:
+        from ..plan.rows import search_rows
+        from .targets import baselines_of
+
+        frozen = self.cfg.schedule.weight_mode == "frozen"
+        if frozen or baselines_of(self.cfg):
+            sheet.calibration()
+        search_rows(self.cfg, sheet)
+        P, s, Wo, b = sheet.P, sheet.s, sheet.Wo, sheet.b
+        # one cut's masks at a byte per weight as it is made, then every cut kept packed (mask_files.packed_masks)
+        baselines = baselines_of(self.cfg)
+        masks = 4 * P + 4 * s["L_max"] + P + sheet.cuts * (1 + len(baselines)) * P / 8
+        sheet.add("masks", Wo, masks + (4 * P if baselines else 0),
+                  "Γ, one matrix's |Γ|, one cut's masks, and every cut's masks packed (1 bit per weight) on the host")
+        sheet.add("pruned_eval", Wo + sheet.Wb + sheet.logits, masks + sheet.restore_copy(b),
+                  f"W{sheet.one} + logits; a copy of the prunable W on the host to restore it between cuts")
+
+    def masks(self, ctx: RunContext) -> Cuts:
+        cfg = ctx.cfg
+        gamma, calibration = run_search(cfg, ctx.model, ctx.tok, ctx.rd, ctx.timer, ctx.sweep)
+        with ctx.timer.stage("masks"):
+            cuts = cut_masks(gamma, ctx.targets, ctx.rd, reconstruct_info(cfg))
+            cuts |= baseline_masks(cfg, ctx.model, ctx.tok, ctx.targets)
+        return Cuts(calibration, cuts)

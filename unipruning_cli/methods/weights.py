@@ -1,0 +1,23 @@
+"""Weight mutation in place: a mask applied to W, and W restored from a saved copy."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+
+def restore_weights(layers: Mapping[str, nn.Linear], weights: Mapping[str, torch.Tensor]) -> None:
+    """W ← the saved ``weights`` (name -> a copy, on any device), in place."""
+    with torch.no_grad():
+        for name, w in weights.items():
+            layers[name].weight.copy_(w)
+
+
+def apply_masks(layers: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tensor]) -> None:
+    """W ← W ⊙ mask, in place; weights outside ``masks`` are left alone."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            w = layers[name].weight
+            w.mul_(mask.to(device=w.device, dtype=w.dtype))
