@@ -150,3 +150,27 @@ def test_no_module_outside_methods_tests_the_methods_name():
     offenders = [f"{p.relative_to(REPO)}:{i}" for p in PACKAGE.rglob("*.py") if "methods" not in p.parts
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, offenders
+
+
+def test_a_method_in_a_folder_of_unipruning_plugins_needs_no_yaml(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
+    """An installed package's folder is not the user's to write in: a ``<name>.py`` in a folder of
+    ``$UNIPRUNING_PLUGINS`` registers a method that ``method=<name>`` selects, with its ``Settings`` defaults."""
+    import sys
+
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.methods.base import METHODS, method_of
+    from unipruning_cli.preflight import validate
+
+    (tmp_path / "my_column.py").write_text(TOY_MODULE.replace("from ..mask_files", "from unipruning_cli.mask_files")
+                                           .replace("from .base", "from unipruning_cli.methods.base")
+                                           .replace('"keep_column"', '"my_column"'))
+    monkeypatch.setenv("UNIPRUNING_PLUGINS", str(tmp_path))
+    base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith("method=")]
+    try:
+        assert "my_column" in METHODS.names()
+        cfg = compose_prune([*base, "method=my_column", "method.power=3"])
+        validate(cfg)
+        assert dict(cfg.method) == {"name": "my_column", "power": 3.0} and method_of(cfg).settings.power == 3.0
+    finally:
+        METHODS._items.pop("my_column", None)
+        sys.modules.pop("unipruning_plugins.my_column", None)

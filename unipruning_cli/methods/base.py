@@ -9,12 +9,15 @@ dataclass, ``Settings``, which is also the schema of its config group: ``method=
 Methods are looked up by name in :data:`METHODS` (a :class:`..registry.Registry` with a base-class check, as
 lm-eval's). The modules that define them sit above this one in the import order (their masks run the stages), so
 the registry imports a method's module on first use (lm-eval's lazy registry): a file
-``unipruning_cli/methods/<name>.py`` registering ``<name>`` is found without being listed anywhere.
+``unipruning_cli/methods/<name>.py`` registering ``<name>`` is found without being listed anywhere, and so is a
+``<name>.py`` in a folder of ``$UNIPRUNING_PLUGINS`` (for an installed package; it imports from
+``unipruning_cli.methods.base``, and needs no YAML: ``method=<name>`` then takes its ``Settings`` defaults).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -32,10 +35,34 @@ DEFAULT_ALLOCATION = {"magnitude": "per_matrix", "wanda": "per_row", "ria": "per
 _NOT_METHODS = {"base", "targets", "blockwise", "weights"}
 
 
+#: Folders of method modules outside the package (``os.pathsep``-separated): a user's own methods, for an installed
+#: package whose folder is not theirs to write in.
+PLUGINS_ENV = "UNIPRUNING_PLUGINS"
+
+
 def _method_modules() -> dict[str, Callable[[], None]]:
+    """name -> a loader of the module that registers it: this package's modules, then each ``<name>.py`` of the
+    folders in ``$UNIPRUNING_PLUGINS`` (a module's stem is the name it registers)."""
     here = Path(__file__).parent
-    return {m.name: (lambda m=m.name: importlib.import_module(f"{__package__}.{m}"))
-            for m in pkgutil.iter_modules([str(here)]) if m.name not in _NOT_METHODS}
+    found = {m.name: (lambda m=m.name: importlib.import_module(f"{__package__}.{m}"))
+             for m in pkgutil.iter_modules([str(here)]) if m.name not in _NOT_METHODS}
+    for folder in filter(None, os.environ.get(PLUGINS_ENV, "").split(os.pathsep)):
+        for path in sorted(Path(folder).expanduser().glob("*.py")):
+            found.setdefault(path.stem, lambda path=path: _load_file(path))
+    return found
+
+
+def _load_file(path: Path) -> None:
+    import importlib.util
+    import sys
+
+    name = f"unipruning_plugins.{path.stem}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
 
 
 @dataclass
