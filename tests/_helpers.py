@@ -109,7 +109,7 @@ def eval_windows_of(run_dir: Path) -> tuple[torch.Tensor, int, str]:
     from transformers import AutoTokenizer
 
     from unipruning_cli.data import eval_windows, token_stream
-    from unipruning_cli.evaluation.perplexity import with_bos
+    from unipruning_cli.sampling import with_bos
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     tok = AutoTokenizer.from_pretrained(cfg["model"]["path"])

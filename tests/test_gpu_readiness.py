@@ -289,7 +289,7 @@ def test_the_7b_plan_counts_pinned_state_as_the_allocator_takes_it_and_fits_80gb
 
 
 def test_the_70b_plan_over_8_gpus_counts_fsdp_and_nccl_buffers_and_fits(tmp_path, monkeypatch):
-    from unipruning_cli.plan.estimate import NCCL_BUFFERS
+    from unipruning_cli.plan.rows import NCCL_BUFFERS
 
     plan = _plan_json(tmp_path, monkeypatch, "model=llama-3.1-70b", "--gpus", "8", "--gpu-memory", "80GiB")
     assert plan["fits"] and plan["ranks"] == 8 and plan["fsdp_offload"]

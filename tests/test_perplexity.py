@@ -9,7 +9,8 @@ import torch
 
 from unipruning_cli.data import calibration_windows, eval_windows, token_stream
 from unipruning_cli.errors import UserError
-from unipruning_cli.evaluation.perplexity import perplexity, window_nlls, with_bos
+from unipruning_cli.evaluation.perplexity import perplexity, window_nlls
+from unipruning_cli.sampling import with_bos
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

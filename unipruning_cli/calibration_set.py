@@ -18,12 +18,11 @@ from omegaconf import DictConfig
 from .calibration import calibrate_blockwise, stats_from_tensors, stats_to_tensors
 from .config import plain
 from .data import calibration_samples, corpus_identity
-from .evaluation.perplexity import with_bos
 from .models import model_identity, resolve_add_bos
 from .paths import cache_dir
 from .provenance import versions
 from .rundir import atomic_save_tensors, fingerprint, load_tensors
-from .sampling import TokenSamples
+from .sampling import TokenSamples, with_bos
 from .stats import ActivationStats
 
 log = logging.getLogger(__name__)

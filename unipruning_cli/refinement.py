@@ -19,8 +19,8 @@ import torch
 
 from .calibration import calibrate_blockwise
 from .mask_files import packed_masks, read_masks_header, save_masks
-from .baselines.local import restore_removed
 from .methods import apply_masks, nm_of_tag
+from .methods.weights import restore_removed
 from .models import prunable_layers
 from .reconstruction import output_error, row_output_errors
 

@@ -132,3 +132,11 @@ def truncated_documents(tokens: Tokens, n_docs: int, nsamples: int, seqlen: int,
                 return rows
     raise UserError(f"calibration.sampling=documents needs {nsamples} documents of at least 2 tokens; the corpus "
                     f"has {len(rows)}: lower calibration.nsamples or use calibration.sampling=windows")
+
+
+def with_bos(windows: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Replace each window's first token by BOS (``[n, seqlen]``, or one 1-D sample): the length (and the scored
+    count) stays the same."""
+    out = windows.clone()
+    out[..., 0] = bos_id
+    return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from omegaconf import DictConfig
@@ -25,6 +24,7 @@ from ..calibration import calibrate_blockwise
 from ..calibration_set import calibration_set, dense_statistics
 from ..errors import UserError
 from ..methods import DEFAULT_ALLOCATION, LocalMetricPruning, Target, apply_masks, baselines_of
+from ..methods.weights import restore_removed
 from ..metrics import METRICS
 from ..mask_files import packed_masks
 from ..models import prunable_layers
@@ -120,11 +120,3 @@ def sequential_masks(model, windows, method: LocalMetricPruning, target: Target,
     finally:
         restore_removed(prunable_layers(model), masks, removed)
     return masks
-
-
-def restore_removed(layers: Mapping, masks: Mapping[str, torch.Tensor], removed: Mapping[str, torch.Tensor]) -> None:
-    """Put back the weights a mask zeroed: ``W[~mask] = removed`` (in ``masked_select`` order, exact)."""
-    with torch.no_grad():
-        for name, values in removed.items():
-            w = layers[name].weight
-            w.masked_scatter_(~masks[name].to(w.device), values.to(device=w.device, dtype=w.dtype))

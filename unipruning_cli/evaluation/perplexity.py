@@ -31,14 +31,6 @@ class PerplexityResult:
         return asdict(self)
 
 
-def with_bos(windows: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """Replace each window's first token by BOS (``[n, seqlen]``, or one 1-D sample): the length (and the scored
-    count) stays the same."""
-    out = windows.clone()
-    out[..., 0] = bos_id
-    return out
-
-
 #: fp32 logits one chunk may hold (bytes); the loss of a longer batch is taken over chunks of positions.
 LOGITS_CHUNK_BYTES = 2**30
 #: Model types whose logits are exactly ``lm_head(base_model(x).last_hidden_state)`` (no soft-capping or

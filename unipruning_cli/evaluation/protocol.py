@@ -24,7 +24,8 @@ from ..pinned import HostArena, empty_host_cache
 from ..progress import Timer
 from ..calibration_set import calibration_set
 from ..reconstruction import reconstruct_cut
-from .perplexity import perplexity, with_bos
+from ..sampling import with_bos
+from .perplexity import perplexity
 
 
 def eval_windows_of(cfg: DictConfig, tok) -> dict[str, torch.Tensor]:

@@ -21,3 +21,11 @@ def apply_masks(layers: Mapping[str, nn.Linear], masks: Mapping[str, torch.Tenso
         for name, mask in masks.items():
             w = layers[name].weight
             w.mul_(mask.to(device=w.device, dtype=w.dtype))
+
+
+def restore_removed(layers: Mapping, masks: Mapping[str, torch.Tensor], removed: Mapping[str, torch.Tensor]) -> None:
+    """Put back the weights a mask zeroed: ``W[~mask] = removed`` (in ``masked_select`` order, exact)."""
+    with torch.no_grad():
+        for name, values in removed.items():
+            w = layers[name].weight
+            w.masked_scatter_(~masks[name].to(w.device), values.to(device=w.device, dtype=w.dtype))

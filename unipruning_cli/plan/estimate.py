@@ -23,7 +23,7 @@ from ..models import block_layers, find_blocks, prunable_layers, resolve_dtype, 
 from ..provenance import rss_bytes
 from .architectures import meta_model
 
-from .rows import CUDA_OVERHEAD, GIB, NCCL_BUFFERS, TOKENISE_BYTES_PER_CHAR, USABLE, Sheet, Stage  # noqa: F401
+from .rows import CUDA_OVERHEAD, GIB, TOKENISE_BYTES_PER_CHAR, USABLE, Sheet, Stage
 
 
 @dataclass
