@@ -302,3 +302,17 @@ def test_the_70b_plan_over_8_gpus_counts_fsdp_and_nccl_buffers_and_fits(tmp_path
     root_grads = 2 * 2 * 128256 * 8192 * 2
     assert search["gpu_gib"] - lean["gpu_gib"] >= round(root_grads / GIB, 2) - 0.02
     assert lean["gpu_gib"] * GIB > NCCL_BUFFERS
+
+
+def test_after_the_group_is_closed_rank_0_goes_on_as_one_process(monkeypatch):
+    """Once every rank has left (``finish``), a later ``from_main`` or ``start`` on rank 0 must not open a second
+    process group its peers will never join (a hang until the timeout): it computes alone."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(distributed, "_FINISHED", True)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: pytest.fail("a second process group"))
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda *a, **kw: pytest.fail("a collective with no peers"))
+    ranks = Ranks(rank=0, world=2, local=0)
+    assert distributed.from_main(lambda: 7, ranks) == 7
+    assert distributed.broadcast("x", ranks) == "x"
+    assert distributed.start(ranks) == distributed.compute_device(ranks)

@@ -81,6 +81,8 @@ def launch_ranks(environ: dict[str, str] | None = None) -> Ranks:
 #: rank 0 alone reads a 70B checkpoint from disk (or the hub) and tokenises while the others wait in a broadcast,
 #: which can outlast torch's default of 30 minutes for ``cpu:gloo,cuda:nccl``.
 DEFAULT_TIMEOUT_MIN = 120
+#: Set once every rank has left the process group (:func:`finish`): rank 0 goes on as one process.
+_FINISHED = False
 
 
 def compute_device(ranks: Ranks) -> torch.device:
@@ -107,7 +109,7 @@ def start(ranks: Ranks) -> torch.device:
     from datetime import timedelta
 
     device = compute_device(ranks)
-    if not ranks.sharded or dist.is_initialized():
+    if not ranks.sharded or dist.is_initialized() or _FINISHED:  # never a second group after the peers have left
         return device
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -129,10 +131,12 @@ def finish(ranks: Ranks) -> None:
     Every rank must call it; a no-op for one process or where no group was started."""
     import torch.distributed as dist
 
+    global _FINISHED
     if not ranks.sharded or not dist.is_initialized():
         return
     dist.barrier()
     dist.destroy_process_group()
+    _FINISHED = True
     if ranks.main:
         torch.set_num_threads(max(torch.get_num_threads(), cores()))
         log.info("process group closed; rank 0 goes on alone with %d CPU threads", torch.get_num_threads())
@@ -155,7 +159,7 @@ def broadcast(obj, ranks: Ranks):
     an exception instead of a value, and every rank raises it, so no rank waits forever on a failed one."""
     import torch.distributed as dist
 
-    if not ranks.sharded:
+    if not ranks.sharded or _FINISHED:  # one process, or rank 0 alone after the group was closed
         if isinstance(obj, BaseException):
             raise obj
         return obj
@@ -172,7 +176,7 @@ T = TypeVar("T")
 def from_main(compute: Callable[[], T], ranks: Ranks) -> T:
     """``compute()`` run on rank 0 alone, and its value on every rank; what it raised is raised on every rank, so no
     rank waits forever on one that failed. Joins the process group first (:func:`start`). One process: ``compute()``."""
-    if not ranks.sharded:
+    if not ranks.sharded or _FINISHED:
         return compute()
     start(ranks)
     value = None
