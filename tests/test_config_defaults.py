@@ -97,3 +97,11 @@ def test_a_run_of_an_older_version_opens_with_what_it_predates_filled_in():
     now = complete_run_config(OmegaConf.create({**OmegaConf.to_container(saved),
                                                 "pattern": {"max_matrix_sparsity": 0.99}}))
     assert now.pattern.max_matrix_sparsity == 0.99  # a run that has the field keeps its own value
+
+
+def test_a_run_of_an_older_version_resumes_in_its_directory_when_only_the_method_gained_settings():
+    from unipruning_cli.rundir import config_differences
+
+    new = {"method": {"name": "sparsegpt", "blocksize": 128, "percdamp": 0.01}, "seed": 0}
+    assert config_differences({"method": "sparsegpt", "seed": 0}, new) == []
+    assert config_differences({"method": "local", "seed": 0}, new) == ["method.name: 'local' -> 'sparsegpt'"]

@@ -174,3 +174,29 @@ def test_a_method_in_a_folder_of_unipruning_plugins_needs_no_yaml(tmp_path, monk
     finally:
         METHODS._items.pop("my_column", None)
         sys.modules.pop("unipruning_plugins.my_column", None)
+
+
+def test_a_broken_or_clashing_plugin_only_matters_where_it_is_chosen(tmp_path, monkeypatch, caplog, tiny_llama_dir,
+                                                                      corpus_files):
+    """A plugin folder may hold a package's ``__init__.py``, a module that fails to import, or a file named like a
+    built-in method: every other method still composes and validates; the broken one, chosen, is a UserError naming
+    what failed; the clash is said, and the built-in wins."""
+    from unipruning_cli.config import compose_prune
+    from unipruning_cli.errors import UserError
+    from unipruning_cli.methods.base import METHODS, method_of
+    from unipruning_cli.preflight import validate
+
+    (tmp_path / "__init__.py").write_text("")
+    (tmp_path / "broken.py").write_text("raise ImportError('no such dependency')\n")
+    (tmp_path / "local.py").write_text("raise AssertionError('a plugin may not replace a built-in method')\n")
+    monkeypatch.setenv("UNIPRUNING_PLUGINS", str(tmp_path))
+    base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith("method=")]
+    with caplog.at_level("WARNING"):
+        validate(compose_prune([*base, "method=local"]))
+    assert "__init__" not in METHODS.names() and "broken" in METHODS.names()
+    assert any("local.py is not loaded" in r.message for r in caplog.records)
+    assert any("method broken is not available" in r.message for r in caplog.records)
+    cfg = compose_prune([*base, "method=local"])
+    cfg.method.name = "broken"
+    with pytest.raises(UserError, match="method=broken: its module could not be loaded: ImportError"):
+        method_of(cfg)

@@ -9,6 +9,7 @@ model is loaded.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,8 +185,12 @@ def register_schemas() -> None:
     root = Path(config_dir())
     for name in METHODS:  # the settings' defaults come from the method's Settings alone; its YAML only adds docs
         own = (root / "method" / f"{name}.yaml").exists()
-        cs.store(group="method" if not own else "defaults/method", name=name,
-                 node={"name": name, **asdict(METHODS.get(name).Settings())})
+        try:
+            settings = asdict(METHODS.get(name).Settings())
+        except Exception as err:  # noqa: BLE001 - a plugin that does not load fails only where it is chosen
+            logging.getLogger(__name__).warning("method %s is not available: %s: %s", name, type(err).__name__, err)
+            continue
+        cs.store(group="method" if not own else "defaults/method", name=name, node={"name": name, **settings})
     for name in METRICS:  # the knobs' defaults come from the metric's class alone; a YAML of its own only adds docs
         own = (root / "local_metric" / f"{name}.yaml").exists()
         cs.store(group="local_metric" if not own else "defaults/local_metric", name=name,

@@ -90,7 +90,11 @@ def compute_device(ranks: Ranks) -> torch.device:
     since SLURM with ``--gpus-per-task 1`` shows each task one GPU (``cuda:0``) whatever its local rank."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", ranks.local % max(1, torch.cuda.device_count()))
+    visible = max(1, torch.cuda.device_count())
+    if ranks.sharded and visible > 1 and ranks.local >= visible:
+        log.warning("local rank %d of a node with %d visible GPUs shares cuda:%d with another rank", ranks.local,
+                    visible, ranks.local % visible)
+    return torch.device("cuda", ranks.local % visible)
 
 
 def cores() -> int:
@@ -114,7 +118,13 @@ def start(ranks: Ranks) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    minutes = float(os.environ.get("UNIPRUNING_DIST_TIMEOUT_MIN", DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = float(os.environ.get("UNIPRUNING_DIST_TIMEOUT_MIN", DEFAULT_TIMEOUT_MIN))
+    except ValueError:
+        from .errors import UserError
+
+        raise UserError(f"UNIPRUNING_DIST_TIMEOUT_MIN={os.environ['UNIPRUNING_DIST_TIMEOUT_MIN']!r} must be a "
+                        "number of minutes") from None
     dist.init_process_group(backend=backend, rank=ranks.rank, world_size=ranks.world, timeout=timedelta(minutes=minutes))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
     threads = max(1, cores() // max(1, local_world))

@@ -203,13 +203,18 @@ RESUME_NEUTRAL = ("plan_check", "reuse_search", "share_lam_search", "existing_ru
 
 def config_differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
     """``key: old -> new`` for every leaf that both configs hold and that differs (keys of :data:`RESUME_NEUTRAL`
-    aside). A key only one side holds (added or dropped by another unipruning version) is not a difference."""
+    aside). A key only one side holds (added or dropped by another unipruning version) is not a difference, nor is a
+    bare name on one side against a node of that ``name`` on the other (a group that gained settings: ``method``)."""
     out = []
     for key in sorted(set(old) & set(new), key=str):
         path = f"{prefix}{key}"
         if path in RESUME_NEUTRAL:
             continue
         a, b = old[key], new[key]
+        if isinstance(a, str) and isinstance(b, Mapping):
+            a = {"name": a}
+        elif isinstance(b, str) and isinstance(a, Mapping):
+            b = {"name": b}
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += config_differences(a, b, f"{path}.")
         elif a != b:

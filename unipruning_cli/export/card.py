@@ -153,6 +153,16 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
                  sizes, speed_note(target.n, target.m), extra)
 
 
+def _updates_weights(method: str | None) -> bool:
+    """Whether the masks' method also changed the kept weights (SparseGPT); False for a method not registered here."""
+    from ..methods.base import METHODS
+
+    try:
+        return bool(method) and METHODS.get(method).updates_weights
+    except Exception:  # noqa: BLE001 - an unknown or unloadable method: the note cannot be said either way
+        return False
+
+
 def masks_card(model_path: str, what: str, masks_path: Path, info: dict, nm: Optional[tuple[int, int]], kept: dict,
                sizes: list[tuple[str, int]], dtype: torch.dtype) -> str:
     """The card of a masks file applied to a model (``unipruning apply``)."""
@@ -161,8 +171,8 @@ def masks_card(model_path: str, what: str, masks_path: Path, info: dict, nm: Opt
                                             f"method={info.get('method', '?')})"),
             ("pattern", f"{n}:{m}" if nm else "unstructured"), ("weights dtype", dtype_name(dtype))]
     extra = []
-    if info.get("method") == "sparsegpt":
-        extra = ["Note: these masks come from a SparseGPT run, which also reconstructed the kept weights; here "
+    if _updates_weights(info.get("method")):
+        extra = [f"Note: these masks come from a {info.get('method')} run, which also reconstructed the kept weights; here "
                  "they are applied to the original weights, which is a different model than the one the run "
                  "measured.", ""]
     return _card(f"{Path(model_path).name} with masks {info.get('target', masks_path.stem)}", rows, [],

@@ -48,7 +48,7 @@ class RunInfo:
     @property
     def searches(self) -> bool:
         """Whether the run's method learned a Γ that new cuts can be made from (UniPruning)."""
-        return METHODS.get(self.method).searches
+        return _method_class(self.method, self.path).searches
 
     @property
     def gamma_path(self) -> Path:
@@ -58,8 +58,17 @@ class RunInfo:
         return self.path / "masks" / f"{tag}.safetensors"
 
 
-def _stage_of(method: str) -> str:
-    return METHODS.get(method).stage
+def _method_class(method: str, run: Path):
+    """The class of a run's method; :class:`UserError` where it is not registered here (a plugin's, say)."""
+    try:
+        return METHODS.get(method)
+    except Exception as err:  # noqa: BLE001 - unknown, or its module failed to load
+        raise UserError(f"run {run} used method={method}, which this installation cannot load ({err}); a method of "
+                        f"your own is found through UNIPRUNING_PLUGINS=<its folder>") from None
+
+
+def _stage_of(method: str, run: Path) -> str:
+    return _method_class(method, run).stage
 
 
 def open_run(path: str | Path) -> RunInfo:
@@ -80,7 +89,7 @@ def open_run(path: str | Path) -> RunInfo:
             str(cfg.method), cfg.model.path  # noqa: B018  (the keys an export needs)
         except Exception as err:  # noqa: BLE001  (any parse error means the same to the user)
             raise UserError(f"{p / 'config.yaml'} is not a unipruning run config: {err}") from None
-    if cfg is not None and METHODS.get(method_name(cfg)).updates_weights:
+    if cfg is not None and _method_class(method_name(cfg), p).updates_weights:
         raise UserError(
             f"run {p} used method={method_name(cfg)}: it reconstructs the kept weights in memory and the run does not "
             f"store them, so the pruned model cannot be rebuilt from the run directory (its masks alone give a "
@@ -88,7 +97,7 @@ def open_run(path: str | Path) -> RunInfo:
             f"the masks to the original weights knowingly with `unipruning apply <masks> --model {p} --out DIR`")
     missing = [f for f in ("config.yaml", "metrics.json") if not (p / f).is_file()]
     if cfg is not None:
-        marker = f"stages/{_stage_of(method_name(cfg))}.json"
+        marker = f"stages/{_stage_of(method_name(cfg), p)}.json"
         if not (p / marker).is_file():
             missing.append(marker)
     elif not (p / "stages").is_dir() or not list((p / "stages").glob("*.json")):
@@ -107,7 +116,7 @@ def open_run(path: str | Path) -> RunInfo:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{p / 'metrics.json'} is not valid JSON ({err}): the run directory is damaged") from None
     allocation = metrics.get("allocation")
-    if cfg.pattern.allocation is None and allocation and not METHODS.get(method_name(cfg)).updates_weights:
+    if cfg.pattern.allocation is None and allocation and not _method_class(method_name(cfg), p).updates_weights:
         # the run's own cut as it resolved it: a null allocation's default has changed before (per matrix -> owl)
         cfg.pattern.allocation = allocation
     return RunInfo(p, cfg, metrics)

@@ -45,11 +45,29 @@ def _method_modules() -> dict[str, Callable[[], None]]:
     folders in ``$UNIPRUNING_PLUGINS`` (a module's stem is the name it registers)."""
     here = Path(__file__).parent
     found = {m.name: (lambda m=m.name: importlib.import_module(f"{__package__}.{m}"))
-             for m in pkgutil.iter_modules([str(here)]) if m.name not in _NOT_METHODS}
+             for m in pkgutil.iter_modules([str(here)]) if m.name not in _NOT_METHODS and not m.name.startswith("_")}
+    where = {name: here / f"{name}.py" for name in found}
     for folder in filter(None, os.environ.get(PLUGINS_ENV, "").split(os.pathsep)):
         for path in sorted(Path(folder).expanduser().glob("*.py")):
-            found.setdefault(path.stem, lambda path=path: _load_file(path))
+            if path.stem.startswith("_"):  # a package's __init__, a helper module: not a method
+                continue
+            if path.stem in where:
+                if where[path.stem] != path:
+                    _warn_once(f"{PLUGINS_ENV}: {path} is not loaded: method '{path.stem}' is {where[path.stem]}")
+                continue
+            found[path.stem], where[path.stem] = (lambda path=path: _load_file(path)), path
     return found
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    import logging
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger(__name__).warning(message)
 
 
 def _load_file(path: Path) -> None:
@@ -62,7 +80,11 @@ def _load_file(path: Path) -> None:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # a failed load is tried (and said) again, not taken for a module without methods
+        raise
 
 
 @dataclass
@@ -125,7 +147,9 @@ class Method(ABC):
         try:
             return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Settings), knobs))
         except Exception as err:  # noqa: BLE001 - OmegaConf's validation errors, said as the user's
-            raise UserError(f"method={cls.name}: {str(err).splitlines()[0]}") from None
+            key = getattr(err, "full_key", None)
+            raise UserError(f"method={cls.name}: {f'method.{key}: ' if key else ''}"
+                            f"{str(err).splitlines()[0]}") from None
 
     def label(self) -> str:
         """How a summary titles a run of this method: its name, and its local metric where it uses one."""
@@ -212,8 +236,11 @@ def method_name(cfg: DictConfig) -> str:
 def method_of(cfg: DictConfig) -> Method:
     """The :class:`Method` of ``cfg`` with its settings. Raises :class:`UserError` for an unknown name ("did you
     mean") or bad settings."""
+    name = method_name(cfg)
     try:
-        cls = METHODS.get(method_name(cfg))
+        cls = METHODS.get(name)
     except KeyError as err:
         raise UserError(f"method: {err}") from None
+    except Exception as err:  # noqa: BLE001 - its module failed to import: say which, as the user's error
+        raise UserError(f"method={name}: its module could not be loaded: {type(err).__name__}: {err}") from None
     return cls(cfg)

@@ -38,8 +38,9 @@ class SparseGPT(Method):
     def check(self) -> None:
         super().check()
         cfg, s = self.cfg, self.settings
-        check(s.blocksize > 0 and 0 <= s.percdamp, f"method.blocksize={s.blocksize} must be positive and "
-              f"method.percdamp={s.percdamp} at least 0")
+        check(s.blocksize > 0, f"method.blocksize={s.blocksize} must be a positive number of columns")
+        check(s.percdamp >= 0, f"method.percdamp={s.percdamp} must be at least 0 (a share of the Hessian's mean "
+              "diagonal)")
         check(cfg.pattern.allocation is None, f"method=sparsegpt chooses its mask per block of {s.blocksize} columns "
               f"as it updates the weights (SparseGPT §3.2), so pattern.allocation={cfg.pattern.allocation} would be "
               "ignored: drop it")

@@ -55,7 +55,13 @@ def plan_command(args: list[str]) -> None:
     other_machine = ns.gpus is not None or ns.gpu_memory is not None
     host_memory = parse_size(ns.host_memory, "--host-memory") if ns.host_memory else (
         None if other_machine else host_total_bytes())
-    cfg = compose_prune(ns.overrides)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose_prune(ns.overrides)
+    except (HydraException, OmegaConfBaseException) as err:  # an unknown option or a bad value: the message, no trace
+        raise UserError(str(err).strip().split("\nConfig search path")[0]) from None
     validate_values(cfg)
     method_of(cfg).check()
     drift = method_of(cfg).backpropagates()

@@ -200,11 +200,7 @@ def search_drift(
         with torch.no_grad():
             for p in others.values():
                 p.grad = None
-            for p, t, w0 in zip(params, locals_, original):
-                t.copy_(w0)
-                p.grad = None
-                if amp is not None:  # back from the fp32 master copy to the weights' own dtype (exact)
-                    p.data = p.data.to(w0.dtype)
+            _restore_weights(params, locals_, original, amp is not None)
             for p, flag in flags.items():
                 p.requires_grad_(flag)
     b = original[0].element_size()
@@ -230,6 +226,16 @@ def search_drift(
     drift = drift_element_size(settings.drift_dtype, b)
     bytes_pp = 4.0 * 2 * (1 + len(siblings)) + 3.0 * drift + b
     return gamma, bytes_pp
+
+
+def _restore_weights(params, locals_, original, from_master: bool) -> None:
+    """W back to its original values (and dtype, from an fp32 master copy), gradients dropped. A function of its own
+    so that no loop variable keeps a view of the pinned restore copy alive once the caller releases it."""
+    for p, t, w0 in zip(params, locals_, original):
+        t.copy_(w0)
+        p.grad = None
+        if from_master:  # back from the fp32 master copy to the weights' own dtype (exact)
+            p.data = p.data.to(w0.dtype)
 
 
 def _lm_backward(model: nn.Module, windows: torch.Tensor, step: int, settings: SearchSettings) -> float:
