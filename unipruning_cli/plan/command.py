@@ -70,7 +70,7 @@ def plan_command(args: list[str]) -> None:
     _print(plan, GIB, USABLE)
     disk = _print_disk(cfg, GIB, "cuda" if gpus else "cpu")
     if drift and gpu_memory and not cfg.model.device_map:
-        _print_gpus_needed(cfg, gpu_memory, host_memory, GIB)
+        _print_gpus_needed(cfg, gpu_memory, host_memory, GIB, one_fits=plan.fits and ranks == 1)
     if ns.json:
         from ..rundir import atomic_write_json
 
@@ -113,9 +113,10 @@ def _print(plan, gib: float, usable: float) -> None:
                   + "; ".join(plan.advice))
 
 
-def _print_gpus_needed(cfg, gpu_memory: float, host_memory: float | None, gib: float) -> None:
-    """How many GPUs of this size the drift search needs with FSDP2 (torchrun, one rank per GPU), with and without
-    FSDP's CPU offload, on this host (or the ``--host-memory`` given)."""
+def _print_gpus_needed(cfg, gpu_memory: float, host_memory: float | None, gib: float, one_fits: bool = False) -> None:
+    """How many GPUs of this size the drift search needs with FSDP2 (torchrun, one rank per GPU; at least 2), with
+    and without FSDP's CPU offload, on this host (or the ``--host-memory`` given). ``one_fits``: the plan above fits
+    one GPU in one process, so the line says FSDP2 is an option, not a need."""
     from ..progress import console
     from .estimate import gpus_needed
 
@@ -124,5 +125,6 @@ def _print_gpus_needed(cfg, gpu_memory: float, host_memory: float | None, gib: f
         n = gpus_needed(cfg, gpu_memory, host_memory, offload)
         how = "with FSDP CPU offload (schedule.fsdp_offload=true)" if offload else "without offload"
         parts.append(f"{n} {how}" if n else f"more than 64 {how}")
-    console.print(f"drift search on GPUs of {gpu_memory / gib:.0f} GiB with FSDP2 (torchrun --nproc-per-node N "
+    lead = "fits one GPU in one process (above); over several" if one_fits else "drift search on"
+    console.print(f"{lead} GPUs of {gpu_memory / gib:.0f} GiB with FSDP2 (torchrun --nproc-per-node N "
                   f"-m unipruning_cli prune ...): needs " + "; ".join(parts))
