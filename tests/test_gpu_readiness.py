@@ -316,3 +316,40 @@ def test_after_the_group_is_closed_rank_0_goes_on_as_one_process(monkeypatch):
     assert distributed.from_main(lambda: 7, ranks) == 7
     assert distributed.broadcast("x", ranks) == "x"
     assert distributed.start(ranks) == distributed.compute_device(ranks)
+
+
+def _failing_record_worker(rank: int, world: int, port: int, out) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        def record():  # rank 0 writing Γ to a full disk, as search.sharded.run_sharded_search does
+            raise OSError(28, "No space left on device")
+
+        try:
+            distributed.from_main(record, Ranks(rank, world))
+            out.put((rank, "no error"))
+        except OSError as err:
+            out.put((rank, err.strerror))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failure_writing_the_sharded_search_is_raised_on_every_rank_at_once():
+    """Rank 0 writes Γ while the other ranks wait for it: what fails there reaches every rank at once, not after the
+    collective timeout (two hours) the others would otherwise wait."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    t0 = time.perf_counter()
+    mp.start_processes(_failing_record_worker, args=(2, 29800 + os.getpid() % 90, out), nprocs=2, join=True,
+                       start_method="spawn")
+    got = dict(out.get() for _ in range(2))
+    assert got == {0: "No space left on device", 1: "No space left on device"}
+    assert time.perf_counter() - t0 < 50  # well before the group's 60 s timeout

@@ -18,6 +18,7 @@ number of ranks that wrote it (its files hold whole matrices).
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 
@@ -25,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..calibration_set import calibration_set
-from ..distributed import Ranks, broadcast, finish, from_main
+from ..distributed import Ranks, finish, from_main
 from ..errors import UserError
 from ..layouts import as_linears
 from ..methods.base import method_of
@@ -145,11 +146,16 @@ def run_sharded_search(cfg: DictConfig, rd: RunDir, timer: Timer, ranks: Ranks, 
             gamma, bpp = search_drift(model, layers, windows, metric, prox, settings,
                                       rd / "checkpoints" / "search.safetensors", fp, rd / "search.jsonl",
                                       shards=RowShards(ranks, device))
-        if ranks.main:
+        del model, layers
+        gc.collect()
+
+        def record(found: dict) -> None:
             info = {**search_info(cfg, calib, windows, bpp, timer.seconds["search"]), "ranks": ranks.world,
                     "launcher": ranks.launcher, "sharding": "fsdp2" + ("+cpu_offload" if offload else "")}
-            record_search(cfg, fp, rd, gamma, info, index)
-        del model, layers, gamma
-        gc.collect()
-        broadcast(None, ranks)  # the others wait for Γ on disk before they end
+            record_search(cfg, fp, rd, found, info, index)
+
+        # the others wait for Γ on disk before they end; what failed in writing it is raised on every rank at once,
+        # not after the collective timeout
+        from_main(functools.partial(record, gamma), ranks)
+        del gamma
     finish(ranks)
