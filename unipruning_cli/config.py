@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import UserError
+from .errors import UserError, check
 from .methods.targets import SHARED_BUDGET
 from .search.settings import LR_SCHEDULES, ScheduleConfig
 
@@ -247,11 +247,6 @@ def compose_prune(overrides: list[str]) -> DictConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Semantic validation: everything that can be checked without loading a model.
-
-
-def check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise UserError(msg)
 
 
 def one_of(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:

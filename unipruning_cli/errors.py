@@ -6,3 +6,9 @@ class UserError(ValueError):
 
     Raised before expensive work wherever possible; the message names the field and what is allowed.
     """
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise :class:`UserError` with ``msg`` unless ``cond``."""
+    if not cond:
+        raise UserError(msg)

@@ -15,7 +15,7 @@ freed chunks back to the OS once an arena is released.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -98,6 +98,30 @@ class HostArena:
     def release(self) -> None:
         self.tensors = {}
         self._chunks = []
+
+
+class HostCopy:
+    """A copy in host memory of tensors that go back to where they came from (the weights a stage restores): one
+    pinned :class:`HostArena` where they live on a GPU (fast copies back, no power-of-two rounding), plain host
+    tensors otherwise (and for tensors of several dtypes). ``tensors``: key -> copy, keyed as ``named``.
+    :meth:`release` drops the copies and hands the freed pinned memory back to the OS; no view of them may outlive
+    it. ``named`` must not be empty."""
+
+    def __init__(self, named: Mapping[Any, torch.Tensor]) -> None:
+        first = next(iter(named.values()))
+        one_dtype = all(t.dtype == first.dtype for t in named.values())
+        self._arena = HostArena({k: t.shape for k, t in named.items()}, first.dtype, pin=True) \
+            if first.is_cuda and one_dtype else None
+        self.tensors = {k: (self._arena.tensors[k] if self._arena else
+                            torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)).copy_(t.detach())
+                        for k, t in named.items()}
+
+    def release(self) -> None:
+        self.tensors = {}
+        if self._arena is not None:
+            self._arena.release()
+            self._arena = None
+            empty_host_cache()
 
 
 def pageable(t: torch.Tensor) -> torch.Tensor:

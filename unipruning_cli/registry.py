@@ -48,8 +48,10 @@ class Registry(Generic[T]):
         return {k: v for k, v in (self._lazy() if self._lazy else {}).items() if k not in self._items}
 
     def get(self, name: str) -> T:
-        if name not in self._items and name in self._pending():
-            self._pending()[name]()
+        if name not in self._items:
+            load = self._pending().get(name)
+            if load is not None:
+                load()
         try:
             return self._items[name]
         except KeyError:

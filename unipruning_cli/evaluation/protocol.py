@@ -20,7 +20,7 @@ from ..data import eval_samples
 from ..masks import count_zeros
 from ..methods import apply_masks, restore_weights
 from ..models import prunable_layers, resolve_add_bos
-from ..pinned import HostArena, empty_host_cache
+from ..pinned import HostCopy
 from ..progress import Timer
 from ..calibration_set import calibration_set
 from ..reconstruction import reconstruct_cut
@@ -87,13 +87,7 @@ def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear],
     kept in host memory (pinned under CUDA, and handed back to the OS at the end), so a GPU holds no second copy of
     them. ``refined``: tag -> the
     record of its mask's refinement (``refine=swap``, :mod:`..refinement`), kept with its results."""
-    first = next(iter(layers.values())).weight
-    # pinned where it goes back to a GPU: one exact-size arena (..pinned), not a power of two per matrix
-    arena = HostArena({n: m.weight.shape for n, m in layers.items()}, first.dtype, pin=True) \
-        if first.is_cuda and all(m.weight.dtype == first.dtype for m in layers.values()) else None
-    original = {n: (arena.tensors[n] if arena else torch.empty(m.weight.shape, dtype=m.weight.dtype,
-                                                               pin_memory=m.weight.is_cuda))
-                .copy_(m.weight.detach()) for n, m in layers.items()}
+    original = HostCopy({n: m.weight for n, m in layers.items()})
     results = {}
     calibration = None  # reconstruct=obs: the calibration samples, cut once for every cut
     for tag, masks in all_masks.items():
@@ -111,11 +105,8 @@ def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear],
             results[tag]["reconstruction"] = {"method": "obs", **rebuilt}
         if refined and tag in refined:
             results[tag]["refinement"] = refined[tag]
-        restore_weights(layers, original)
-    del original
-    if arena is not None:
-        arena.release()
-        empty_host_cache()
+        restore_weights(layers, original.tensors)
+    original.release()
     return results
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import UserError
+from ..errors import UserError, check
 from ..registry import Registry
 
 #: Each local metric's own comparison group in the paper that introduced it.
@@ -176,22 +176,22 @@ class Method(ABC):
         """Refuse, before any weight is read, what this method cannot do or would ignore (:class:`UserError`)."""
         cfg, name = self.cfg, self.name
         if self.updates_weights:
-            _check(cfg.reconstruct == "none", f"reconstruct=obs updates the kept weights of a mask by SparseGPT's own "
+            check(cfg.reconstruct == "none", f"reconstruct=obs updates the kept weights of a mask by SparseGPT's own "
                    f"OBS solve; method={name} already does, as it chooses its mask: drop reconstruct")
-            _check(cfg.refine == "none", f"refine=swap refines a mask on the original weights; method={name} updates "
+            check(cfg.refine == "none", f"refine=swap refines a mask on the original weights; method={name} updates "
                    "the kept weights as it chooses its mask, so a swap would revive a weight it has already "
                    "compensated for: drop refine")
         if not self.searches:
-            _check(not cfg.eval.baselines, f"eval.baselines cuts local metrics beside a UniPruning Γ; with "
+            check(not cfg.eval.baselines, f"eval.baselines cuts local metrics beside a UniPruning Γ; with "
                    f"method={name} run each baseline as its own run (method=local local_metric=<name>)")
-            _check(not (cfg.export.sparsities or cfg.export.patterns), f"export.sparsities / export.patterns cut one "
+            check(not (cfg.export.sparsities or cfg.export.patterns), f"export.sparsities / export.patterns cut one "
                    f"Γ at several targets (method=unipruning); method={name} prunes one target per run: sweep it "
                    "with -m sparsity=0.5,0.6,0.7")
-            _check(cfg.pattern.kind != "nm" or cfg.pattern.allocation in (None, "per_row"),
+            check(cfg.pattern.kind != "nm" or cfg.pattern.allocation in (None, "per_row"),
                    "pattern.allocation applies to unstructured cuts only (with an N:M pattern, to the "
                    "export.sparsities cuts of a UniPruning run)")
         if self.backpropagates():
-            _check(cfg.model.placement != "onload", "model.placement=onload serves the block-wise stages "
+            check(cfg.model.placement != "onload", "model.placement=onload serves the block-wise stages "
                    "(method=local, method=sparsegpt, schedule.weight_mode=frozen); the drift search backpropagates "
                    "through the whole model at once")
 
@@ -206,11 +206,6 @@ class Method(ABC):
     @abstractmethod
     def masks(self, ctx: RunContext) -> Cuts:
         """The run's cuts (see :class:`Cuts`); records its stage in ``ctx.rd``."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise UserError(msg)
 
 
 #: Methods by name (``method=<name>``), loaded on first use from this package's modules.

@@ -3,7 +3,8 @@ keep the top ones at the target, block by block under the metric's published pro
 
 from __future__ import annotations
 
-from ..config import check, plain
+from ..config import plain
+from ..errors import check
 from ..metrics import METRICS, build_metric
 from ..pruning import blockwise_cuts
 from .base import Cuts, Method, RunContext, register_method

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import check
+from ..errors import check
 from ..pruning import blockwise_cuts
 from .base import Cuts, Method, RunContext, register_method
 from .blockwise import SparseGPTPruning

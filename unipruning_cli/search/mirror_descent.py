@@ -37,7 +37,7 @@ from torch import nn
 
 from ..metrics import LocalMetric
 from ..models import model_expert_groups
-from ..pinned import HostArena, empty_host_cache, pageable
+from ..pinned import HostCopy, empty_host_cache, pageable
 from ..progress import track
 from .log import SearchLog, sample_index
 from .recompute import StepStats, activation_checkpointing
@@ -121,12 +121,9 @@ def search_drift(
     names = list(layers)
     params = [layers[n].weight for n in names]
     locals_ = [shards.local(p) for p in params]
-    # The restore copy lives on the host (pinned where it goes back to a GPU: one exact-size arena, see ..pinned):
-    # device memory is for the search.
-    restore = HostArena({i: t.shape for i, t in enumerate(locals_)}, locals_[0].dtype, pin=True) \
-        if locals_[0].is_cuda and all(t.dtype == locals_[0].dtype for t in locals_) else None
-    original = [(restore.tensors[i] if restore else torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda))
-                .copy_(t.detach()) for i, t in enumerate(locals_)]
+    # The restore copy lives on the host (pinned where it goes back to a GPU, ..pinned): device memory is for the
+    # search.
+    restore = HostCopy(dict(enumerate(locals_)))
     device = shards.device_for(params[0])  # where the metric, dual step and prox run (a GPU under FSDP's CPU offload)
     whole = {n: layers[n].weight.shape for n in names}
     shapes = {n: t.shape for n, t in zip(names, locals_)}  # V and Γ: this rank's rows (all of them in one process)
@@ -200,13 +197,11 @@ def search_drift(
         with torch.no_grad():
             for p in others.values():
                 p.grad = None
-            _restore_weights(params, locals_, original, amp is not None)
+            _restore_weights(params, locals_, restore.tensors, amp is not None)
             for p, flag in flags.items():
                 p.requires_grad_(flag)
-    b = original[0].element_size()
-    del original
-    if restore is not None:
-        restore.release()
+    b = locals_[0].element_size()
+    restore.release()
     for lane in lanes:  # V is done with; Γ leaves the pinned arenas for pageable memory, which then go back to the OS
         lane.state.free("v")
     for sibling, lane in zip(siblings, lanes[1:]):
@@ -228,10 +223,11 @@ def search_drift(
     return gamma, bytes_pp
 
 
-def _restore_weights(params, locals_, original, from_master: bool) -> None:
-    """W back to its original values (and dtype, from an fp32 master copy), gradients dropped. A function of its own
-    so that no loop variable keeps a view of the pinned restore copy alive once the caller releases it."""
-    for p, t, w0 in zip(params, locals_, original):
+def _restore_weights(params, locals_, original: dict, from_master: bool) -> None:
+    """W back to its original values (``original``: index -> copy; and dtype, from an fp32 master copy), gradients
+    dropped. A function of its own so that no loop variable keeps a view of the pinned restore copy alive once the
+    caller releases it."""
+    for p, t, w0 in zip(params, locals_, original.values()):
         t.copy_(w0)
         p.grad = None
         if from_master:  # back from the fp32 master copy to the weights' own dtype (exact)
