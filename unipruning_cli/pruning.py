@@ -15,7 +15,8 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from .calibration import calibrate_blockwise, stats_to_tensors
+from .block_loop import PassSettings, block_pass
+from .calibration import stats_to_tensors
 from .calibration_set import calibration_set, dense_statistics
 from .config import model_values, plain
 from .lazymap import LazyMap
@@ -39,10 +40,12 @@ class PackedMasks:
         self.packed: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, list[int]] = {}
 
-    def add(self, masks: dict[str, torch.Tensor]) -> None:
+    def add(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep ``masks`` (name -> bool ``[out, in]``) packed; returns them unchanged."""
         for name, mask in masks.items():
             self.packed[name] = pack_mask(mask.cpu())
             self.shapes[name] = list(mask.shape)
+        return masks
 
     def save(self, path, info: dict) -> None:
         save_packed_masks(path, self.packed, self.shapes, info)
@@ -57,7 +60,6 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
     needs every score at once. Raises :class:`.errors.UserError` naming the first layer whose calibration
     inputs overflowed the model's dtype (:func:`.calibration.calibrate_blockwise`), before anything is saved.
     """
-    c = cfg.calibration
     windows, calib_info = calibration_set(cfg, tok)
     layers = prunable_layers(model)
     masks = PackedMasks()
@@ -80,15 +82,11 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
                 apply_masks({name: layer}, one)
                 masks.add(one)
     else:
-        def on_block(i, block_layers, block_stats):
-            block_masks = method.prune_block(block_layers, block_stats, target)
-            if not method.updates_weights:
-                apply_masks(block_layers, block_masks)
-            masks.add(block_masks)
+        def step(i, block_layers, block_stats):
+            return masks.add(method.prune_block(block_layers, block_stats, target))
 
-        stats = calibrate_blockwise(model, windows, sequential=mode == "sequential",
-                                    want_hessian=method.needs_hessian, on_block=on_block, offload=c.offload,
-                                    min_expert_tokens=c.min_expert_tokens)
+        stats = block_pass(model, windows, step, PassSettings.of(cfg.calibration), sequential=mode == "sequential",
+                           want_hessian=method.needs_hessian, apply=not method.updates_weights).stats
     calib_info["experts_pooled"] = {n: s.own_count for n, s in stats.items() if s.own_count is not None}
     tensors, meta = stats_to_tensors(stats, per_sample=False)
     atomic_save_tensors(rd / "calibration.safetensors", tensors, meta)

@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 
 from .baselines.sparsegpt import obs_reconstruct
-from .calibration import calibrate_blockwise
+from .block_loop import PassSettings, block_pass
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ def output_error(delta: torch.Tensor, xtx: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], *, offload: str = "cpu",
-                min_expert_tokens: int = 1) -> dict:
+def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings()) -> dict:
     """Set every prunable weight of ``model`` (dense on entry) to its OBS reconstruction on ``masks`` (name -> bool
     ``[out, in]``, True = keep). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
     :class:`.sampling.TokenSamples`). Returns ``{"layers": n, "error_ratio": r}``: the output error on the
@@ -46,7 +45,7 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], *, offload: s
     before = after = 0.0
     count = 0
 
-    def on_block(i, layers, stats):
+    def step(i, layers, stats):
         nonlocal before, after, count
         for name, layer in layers.items():
             w = layer.weight.data
@@ -58,8 +57,7 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], *, offload: s
             w.copy_(new)
             count += 1
 
-    calibrate_blockwise(model, windows, sequential=True, want_hessian=True, on_block=on_block, offload=offload,
-                        min_expert_tokens=min_expert_tokens)
+    block_pass(model, windows, step, settings, want_hessian=True)
     ratio = after / before if before > 0 else 1.0
     log.info("OBS reconstruction on the fixed masks of %d matrices: output error on the calibration data %.3g of "
              "the masked weights'", count, ratio)
@@ -74,5 +72,4 @@ def reconstruct_cut(cfg, model, tok, masks: Mapping[str, torch.Tensor], windows=
 
     if windows is None:
         windows, _ = calibration_set(cfg, tok)
-    return reconstruct(model, windows, masks, offload=cfg.calibration.offload,
-                       min_expert_tokens=cfg.calibration.min_expert_tokens)
+    return reconstruct(model, windows, masks, PassSettings.of(cfg.calibration))

@@ -17,11 +17,9 @@ from typing import Mapping, Optional
 
 import torch
 
-from .calibration import calibrate_blockwise
+from .block_loop import PassSettings, block_pass
 from .mask_files import packed_masks, read_masks_header, save_masks
-from .methods import apply_masks, nm_of_tag
-from .methods.weights import restore_removed
-from .models import prunable_layers
+from .methods import nm_of_tag
 from .reconstruction import output_error, row_output_errors
 
 log = logging.getLogger(__name__)
@@ -103,7 +101,7 @@ def swap_refine(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, *, 
 
 @torch.no_grad()
 def refine(model, windows, masks: Mapping[str, torch.Tensor], *, nm: Optional[tuple[int, int]] = None,
-           offload: str = "cpu", min_expert_tokens: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
+           settings: PassSettings = PassSettings()) -> tuple[dict[str, torch.Tensor], dict]:
     """:func:`swap_refine` of every prunable layer of ``model`` (dense on entry and on return: each block is pruned
     with its refined masks for the blocks after it, and the values it zeroed are put back at the end, as
     :func:`.baselines.local.sequential_masks` does), block by block on ``windows`` (the calibration samples, int64 ``[n, seqlen]`` or
@@ -111,31 +109,24 @@ def refine(model, windows, masks: Mapping[str, torch.Tensor], *, nm: Optional[tu
     an N:M cut, whose swaps stay inside a group. Returns (the refined masks on the host, the record
     ``{"method": "swap", "swaps": n, "fraction": swaps per weight, "error_ratio": r}``, r being the output error of
     the refined masks over that of the given ones, summed over every layer on its calibration inputs)."""
-    refined: dict[str, torch.Tensor] = {}
-    removed: dict[str, torch.Tensor] = {}
     before = after = 0.0
     swaps = numel = 0
 
-    def on_block(i, layers, stats):
+    def step(i, layers, stats):
         nonlocal before, after, swaps, numel
+        block = {}
         for name, layer in layers.items():
             w = layer.weight.data
             xtx = stats[name].xtx.to(w.device)
             keep = masks[name].to(w.device)
-            new, n = swap_refine(w, keep, xtx, group=nm[1] if nm else None)
+            block[name], n = swap_refine(w, keep, xtx, group=nm[1] if nm else None)
             before += output_error(w.float() * ~keep, xtx)
-            after += output_error(w.float() * ~new, xtx)
+            after += output_error(w.float() * ~block[name], xtx)
             swaps += n
             numel += w.numel()
-            refined[name] = new.cpu()
-            removed[name] = w.masked_select(~new).cpu()
-        apply_masks(layers, {n: refined[n] for n in layers})
+        return block
 
-    try:
-        calibrate_blockwise(model, windows, sequential=True, want_hessian=True, on_block=on_block, offload=offload,
-                            min_expert_tokens=min_expert_tokens)
-    finally:
-        restore_removed(prunable_layers(model), refined, removed)
+    refined = block_pass(model, windows, step, settings, want_hessian=True, restore=True).masks
     ratio = after / before if before > 0 else 1.0
     log.info("swap refinement: %d swaps (%.3g%% of the weights), output error on the calibration data %.3g of the "
              "given masks'", swaps, 100 * swaps / max(numel, 1), ratio)
@@ -154,8 +145,8 @@ def refine_cuts(cfg, model, tok, all_masks: Mapping[str, Mapping[str, torch.Tens
     masks, records = {}, {}
     for tag, cut in all_masks.items():
         log.info("refine=swap: %s", tag)
-        new, records[tag] = refine(model, windows, cut, nm=nm_of_tag(tag), offload=cfg.calibration.offload,
-                                   min_expert_tokens=cfg.calibration.min_expert_tokens)
+        new, records[tag] = refine(model, windows, cut, nm=nm_of_tag(tag),
+                                   settings=PassSettings.of(cfg.calibration))
         masks[tag] = packed_masks(new)
     return masks, records
 

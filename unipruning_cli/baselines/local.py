@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from ..calibration import calibrate_blockwise
+from ..block_loop import PassSettings, block_pass
 from ..calibration_set import calibration_set, dense_statistics
 from ..errors import UserError
-from ..methods import DEFAULT_ALLOCATION, LocalMetricPruning, Target, apply_masks, baselines_of
-from ..methods.weights import restore_removed
+from ..methods import DEFAULT_ALLOCATION, LocalMetricPruning, Target, baselines_of
 from ..metrics import METRICS
 from ..mask_files import packed_masks
 from ..models import prunable_layers
@@ -87,8 +86,8 @@ def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[s
             key = f"{b.label}:{own.tag}"
             if b.protocol == "sequential":
                 log.info("baseline %s: one sequential calibration pass", key)
-                out[key] = packed_masks(sequential_masks(model, windows, method, own, cfg.calibration.offload,
-                                                         cfg.calibration.min_expert_tokens))
+                out[key] = packed_masks(sequential_masks(model, windows, method, own,
+                                                         PassSettings.of(cfg.calibration)))
             elif b.protocol == "one_shot":
                 if dense is None:
                     dense = dense_statistics(cfg, model, windows)[0]
@@ -98,25 +97,10 @@ def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[s
     return out
 
 
-def sequential_masks(model, windows, method: LocalMetricPruning, target: Target, offload: str = "cpu",
-                     min_expert_tokens: int = 1) -> dict:
+def sequential_masks(model, windows, method: LocalMetricPruning, target: Target,
+                     settings: PassSettings = PassSettings()) -> dict:
     """Masks of ``method`` at ``target`` under the sequential protocol: block i is scored on the outputs of the
-    blocks < i as already pruned. Each block is pruned as it goes and restored after the pass: the values it
-    zeroed are kept (on the host) and written back, so the model is bit for bit as before."""
-    masks: dict[str, torch.Tensor] = {}
-    removed: dict[str, torch.Tensor] = {}
-
-    def on_block(i, block_layers, block_stats):
-        block_masks = method.prune_block(block_layers, block_stats, target)
-        for name, mask in block_masks.items():
-            w = block_layers[name].weight
-            removed[name] = w.detach().masked_select(~mask.to(w.device)).cpu()
-            masks[name] = mask.cpu()
-        apply_masks(block_layers, block_masks)
-
-    try:
-        calibrate_blockwise(model, windows, sequential=True, on_block=on_block, offload=offload,
-                            min_expert_tokens=min_expert_tokens)
-    finally:
-        restore_removed(prunable_layers(model), masks, removed)
-    return masks
+    blocks < i as already pruned. Each block is pruned as it goes and restored after the pass
+    (:func:`..block_loop.block_pass` with ``restore``), so the model is bit for bit as before."""
+    return block_pass(model, windows, lambda i, layers, stats: method.prune_block(layers, stats, target), settings,
+                      restore=True).masks
