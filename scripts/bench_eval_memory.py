@@ -24,17 +24,17 @@ import torch
 from bench_common import reset_peak_rss, run_json_child, status_mib
 
 
-def _evaluate_setting_aside(cfg, model, tok, layers, all_masks, windows, timer):
+def _evaluate_setting_aside(ctx, all_masks, windows):
     """The alternative: keep aside (on the host) only the entries a cut zeroes, and put them back."""
     from unipruning_cli.methods import apply_masks
     from unipruning_cli.evaluation.protocol import evaluate_pruned
 
-    results = {}
+    layers, results = ctx.layers, {}
     for tag, masks in all_masks.items():
         with torch.no_grad():
             aside = {n: layers[n].weight[~m.to(layers[n].weight.device, torch.bool)].cpu() for n, m in masks.items()}
         apply_masks(layers, masks)
-        results[tag] = evaluate_pruned(cfg, model, tok, windows, tag)
+        results[tag] = evaluate_pruned(ctx, windows, tag)
         with torch.no_grad():
             for n, m in masks.items():
                 w = layers[n].weight
@@ -45,14 +45,14 @@ def _evaluate_setting_aside(cfg, model, tok, layers, all_masks, windows, timer):
 def run_variant(variant: str, n_windows: int, seqlen: int) -> dict:
     from unipruning_cli.config import compose_prune
     from unipruning_cli.masks import masks_for
-    from unipruning_cli.models import load_model, prunable_layers
+    from unipruning_cli.context import RunContext
+    from unipruning_cli.models import load_model
     from unipruning_cli.evaluation.protocol import eval_windows_of, evaluate_masks
-    from unipruning_cli.progress import Timer
 
     # The embedded model and its evaluation windows, composed as `unipruning prune` composes them.
     cfg = compose_prune([f"eval.seqlen={seqlen}", f"eval.max_windows={n_windows}", f"eval.batch_size={n_windows}"])
-    model, tok = load_model(cfg.model)
-    layers = prunable_layers(model)
+    ctx = RunContext(cfg).loaded(*load_model(cfg.model))
+    model, tok, layers = ctx.model, ctx.tok, ctx.layers
     scores = {n: m.weight.detach().abs() for n, m in layers.items()}
     cuts = {f"s{s}": masks_for(scores, s) for s in (0.5, 0.6, 0.7)}
     del scores
@@ -68,7 +68,7 @@ def run_variant(variant: str, n_windows: int, seqlen: int) -> dict:
     reset_peak_rss()
     before = status_mib("VmRSS")
     t0 = time.perf_counter()
-    results = rule(cfg, model, tok, layers, cuts, windows, Timer())
+    results = rule(ctx, cuts, windows)
     device = {"added_peak_device_mib": round((torch.cuda.max_memory_allocated() - dev_before) / 2**20, 1)} if cuda else {}
     return {"variant": variant, "added_peak_rss_mib": round(status_mib("VmHWM") - before, 1), **device,
             "seconds": round(time.perf_counter() - t0, 2),

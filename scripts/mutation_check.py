@@ -76,8 +76,8 @@ MUTATIONS = {
         ["tests/test_masks.py", "tests/test_mask_rules.py"], "the per-row cut keeps a fixed count per input column"),
     "baseline-not-sequential": (
         "unipruning_cli/baselines/local.py",
-        "calibrate_blockwise(model, windows, sequential=True,",
-        "calibrate_blockwise(model, windows, sequential=False,",
+        "settings,\n                      restore=True).masks",
+        "settings,\n                      sequential=False, restore=True).masks",
         ["tests/test_baselines.py"], "an eval.baselines entry said sequential but used the dense model's statistics"),
     "block0-kwargs": (
         "unipruning_cli/calibration.py",

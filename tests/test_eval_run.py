@@ -51,7 +51,7 @@ def test_evaluating_several_cuts_in_turn_equals_each_alone_and_restores_the_mode
     from unipruning_cli.methods import apply_masks
     from unipruning_cli.models import prunable_layers
     from unipruning_cli.evaluation.protocol import evaluate_masks, evaluate_pruned
-    from unipruning_cli.progress import Timer
+    from unipruning_cli.context import RunContext
 
     model = build_tiny_model("llama", len(tiny_tokenizer)).eval()
     layers = prunable_layers(model)
@@ -60,9 +60,9 @@ def test_evaluating_several_cuts_in_turn_equals_each_alone_and_restores_the_mode
     cuts = {"a": masks_for(scores, 0.5), "b": masks_for(scores, 0.8, "per_row"), "c": masks_for(scores, 0.3)}
     cfg = OmegaConf.create({"eval": {"batch_size": 2, "tasks": []}, "reconstruct": "none"})
     windows = {"w": torch.randint(3, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(0))}
-    together = evaluate_masks(cfg, model, None, layers, cuts, windows, Timer())
+    together = evaluate_masks(RunContext(cfg).loaded(model, None), cuts, windows)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # left as it was found
     for tag, masks in cuts.items():
         alone = build_tiny_model("llama", len(tiny_tokenizer)).eval()
         apply_masks(prunable_layers(alone), masks)
-        assert together[tag] == evaluate_pruned(cfg, alone, None, windows, tag), tag
+        assert together[tag] == evaluate_pruned(RunContext(cfg).loaded(alone, None), windows, tag), tag

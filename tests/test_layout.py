@@ -28,11 +28,11 @@ TIERS = {
     # commands that sequence stages
     "runner": 2, "evaluation.existing_run": 2, "export": 2, "export.commands": 2, "plan.command": 2,
     # stages: each builds one step of a run from primitives
-    "preflight": 1, "calibration_set": 1, "pruning": 1, "reconstruction": 1, "refinement": 1, "baselines.local": 1, "search.stage": 1, "search.store": 1,
+    "preflight": 1, "pruning": 1, "reconstruction": 1, "refinement": 1, "baselines.local": 1, "search.stage": 1, "search.store": 1,
     "search.sharded": 1, "storage": 1, "methods.local": 1, "methods.sparsegpt": 1, "methods.unipruning": 1,
     "evaluation.dense": 1, "evaluation.protocol": 1, "export.*": 1, "plan": 1, "plan.*": 1,
     # primitives
-    "": 0, "errors": 0, "paths": 0, "registry": 0, "progress": 0, "stats": 0, "provenance": 0, "pinned": 0, "inputs": 0, "rundir": 0,
+    "": 0, "context": 0, "calibration_set": 0, "block_loop": 0, "errors": 0, "paths": 0, "registry": 0, "progress": 0, "stats": 0, "provenance": 0, "pinned": 0, "inputs": 0, "rundir": 0,
     "config": 0, "lazymap": 0, "masks": 0, "mask_files": 0, "methods": 0, "methods.base": 0, "methods.targets": 0, "methods.blockwise": 0, "methods.weights": 0, "models": 0, "layouts": 0, "layer_budgets": 0, "onload": 0, "data": 0, "sampling": 0, "assets": 0,
     "calibration": 0, "report": 0, "sweep": 0, "metrics": 0, "metrics.*": 0, "baselines": 0, "baselines.*": 0,
     "evaluation": 0, "evaluation.perplexity": 0, "evaluation.tasks": 0, "evaluation.zeroshot": 0,

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from ..mask_files import save_masks
-from .base import Cuts, Method, RunContext, register_method
+from ..context import RunContext
+from .base import Cuts, Method, register_method
 
 
 @dataclass

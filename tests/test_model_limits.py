@@ -197,9 +197,9 @@ def test_expert_tensors_left_dense_are_said_loudly_and_recorded(tmp_path, tiny_t
     for experts with a norm after each one) stays dense, and the run says so and records how much it could prune."""
     import torch
 
-    import unipruning_cli.layouts
+    import unipruning_cli.layouts as layouts
 
-    monkeypatch.setattr(unipruning_cli.layouts, "_LAYOUTS", ())
+    monkeypatch.setattr(layouts, "_LAYOUTS", ())
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from unipruning_cli.config import compose_prune

@@ -238,7 +238,8 @@ def test_dense_cache_follows_the_corpus_file_content(tmp_path, monkeypatch, tiny
 
 def _dense_ppl(cfg, model, tok, timer):
     """Dense perplexity per corpus as the runner computes (and caches) it."""
+    from unipruning_cli.context import RunContext
     from unipruning_cli.evaluation.dense import dense_evaluation
     from unipruning_cli.evaluation.protocol import eval_windows_of
 
-    return dense_evaluation(cfg, model, tok, eval_windows_of(cfg, tok), timer)["perplexity"]
+    return dense_evaluation(RunContext(cfg, timer=timer).loaded(model, tok), eval_windows_of(cfg, tok))["perplexity"]

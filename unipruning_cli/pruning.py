@@ -15,18 +15,17 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from .block_loop import PassSettings, block_pass
+from .block_loop import block_pass
 from .calibration import stats_to_tensors
-from .calibration_set import calibration_set, dense_statistics
+from .calibration_set import dense_statistics
+from .context import RunContext
 from .config import model_values, plain
 from .lazymap import LazyMap
 from .mask_files import load_masks, packed_masks, save_masks, save_packed_masks
-from .methods import (Cuts, LocalMetricPruning, PruningMethod, RunContext, Target, apply_masks, calibration_mode,
+from .methods import (Cuts, LocalMetricPruning, PruningMethod, Target, apply_masks, calibration_mode,
                       method_name)
 from .methods.weights import restore_weights
 from .mask_files import pack_mask
-from .models import prunable_layers
-from .progress import Timer
 from .rundir import RunDir, atomic_save_tensors, atomic_write_json, fingerprint
 
 log = logging.getLogger(__name__)
@@ -51,17 +50,17 @@ class PackedMasks:
         save_packed_masks(path, self.packed, self.shapes, info)
 
 
-def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, target: Target, rd: RunDir) -> tuple[PackedMasks, dict]:
-    """Masks of every prunable layer at ``target``; weights are pruned in place on return.
+def calibrate_and_prune(ctx: RunContext, method: PruningMethod) -> tuple[PackedMasks, dict]:
+    """Masks of every prunable layer of ``ctx.model`` at ``ctx.primary``; weights are pruned in place on return.
 
     Writes ``calibration.safetensors`` (Σx² per input channel, counts in the metadata) and
-    ``calibration.json`` into ``rd``. Returns (the packed masks, calibration info). Scores and masks are
+    ``calibration.json`` into ``ctx.rd``. Returns (the packed masks, calibration info). Scores and masks are
     made matrix by matrix (block by block when calibrating), except for ``allocation=global``, whose cut
     needs every score at once. Raises :class:`.errors.UserError` naming the first layer whose calibration
     inputs overflowed the model's dtype (:func:`.calibration.calibrate_blockwise`), before anything is saved.
     """
-    windows, calib_info = calibration_set(cfg, tok)
-    layers = prunable_layers(model)
+    cfg, model, layers, target, rd = ctx.cfg, ctx.model, ctx.layers, ctx.primary, ctx.rd
+    windows, calib_info = ctx.calibration()
     masks = PackedMasks()
     mode = calibration_mode(cfg)
     calib_info["mode"] = mode
@@ -85,7 +84,7 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
         def step(i, block_layers, block_stats):
             return masks.add(method.prune_block(block_layers, block_stats, target))
 
-        stats = block_pass(model, windows, step, PassSettings.of(cfg.calibration), sequential=mode == "sequential",
+        stats = block_pass(model, windows, step, ctx.passes, sequential=mode == "sequential",
                            want_hessian=method.needs_hessian, apply=not method.updates_weights).stats
     calib_info["experts_pooled"] = {n: s.own_count for n, s in stats.items() if s.own_count is not None}
     tensors, meta = stats_to_tensors(stats, per_sample=False)
@@ -94,11 +93,11 @@ def calibrate_and_prune(cfg: DictConfig, model, tok, method: PruningMethod, targ
     return masks, calib_info
 
 
-def prune_stage(cfg: DictConfig, model, tok, method: PruningMethod, target: Target, rd: RunDir, timer: Timer) -> dict:
-    """The block-wise ``method`` (a local metric's pruner, SparseGPT's) applied to the model in place, its masks in
-    ``rd/masks/<tag>.safetensors`` (reloaded and applied when the stage is already complete). Returns the
+def prune_stage(ctx: RunContext, method: PruningMethod) -> dict:
+    """The block-wise ``method`` (a local metric's pruner, SparseGPT's) applied to ``ctx.model`` in place at
+    ``ctx.primary``, its masks in ``ctx.rd/masks/<tag>.safetensors`` (reloaded and applied when the stage is already complete). Returns the
     calibration info."""
-    layers = prunable_layers(model)
+    cfg, layers, target, rd, timer = ctx.cfg, ctx.layers, ctx.primary, ctx.rd, ctx.timer
     prune_fp = fingerprint({"model": model_values(cfg.model),
                             **{k: plain(cfg[k]) for k in ("calibration", "local_metric", "method", "pattern", "sparsity",
                                                           "seed")}})
@@ -108,7 +107,7 @@ def prune_stage(cfg: DictConfig, model, tok, method: PruningMethod, target: Targ
         apply_masks(layers, load_masks(rd / mask_path))
         return json.loads((rd / "calibration.json").read_text())
     with timer.stage("calibrate_prune"):
-        masks, calib_info = calibrate_and_prune(cfg, model, tok, method, target, rd)
+        masks, calib_info = calibrate_and_prune(ctx, method)
     masks.save(rd / mask_path, {"target": target.tag, "method": method_name(cfg), **reconstruct_info(cfg)})
     rd.mark_complete("prune", prune_fp, [mask_path, "calibration.safetensors", "calibration.json"],
                      timer.seconds["calibrate_prune"])
@@ -120,9 +119,9 @@ def blockwise_cuts(ctx: RunContext, method: PruningMethod) -> Cuts:
     handed over as masks on the dense weights (restored) where ``refine`` or ``reconstruct`` works on them next."""
     cfg, layers = ctx.cfg, ctx.layers
     if cfg.reconstruct == "none" and cfg.refine == "none":
-        return Cuts(prune_stage(cfg, ctx.model, ctx.tok, method, ctx.primary, ctx.rd, ctx.timer), in_place=True)
+        return Cuts(prune_stage(ctx, method), in_place=True)
     dense = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
-    calibration = prune_stage(cfg, ctx.model, ctx.tok, method, ctx.primary, ctx.rd, ctx.timer)
+    calibration = prune_stage(ctx, method)
     restore_weights(layers, dense)
     del dense
     return Cuts(calibration, {ctx.primary.tag: load_masks(ctx.rd / f"masks/{ctx.primary.tag}.safetensors")})

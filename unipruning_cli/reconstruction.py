@@ -17,6 +17,7 @@ import torch
 
 from .baselines.sparsegpt import obs_reconstruct
 from .block_loop import PassSettings, block_pass
+from .context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,7 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: Pas
     return {"layers": count, "error_ratio": ratio}
 
 
-def reconstruct_cut(cfg, model, tok, masks: Mapping[str, torch.Tensor], windows=None) -> dict:
-    """:func:`reconstruct` of ``model`` (dense on entry) on ``masks`` with the run's calibration samples
-    (``calibration``: source, nsamples, seqlen, seed, BOS as the run's; ``windows``: those samples, already cut, for
-    a caller that reconstructs several cuts); returns its record."""
-    from .calibration_set import calibration_set
-
-    if windows is None:
-        windows, _ = calibration_set(cfg, tok)
-    return reconstruct(model, windows, masks, PassSettings.of(cfg.calibration))
+def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:
+    """:func:`reconstruct` of ``ctx.model`` (dense on entry) on ``masks`` with the run's calibration samples
+    (``ctx.calibration()``: source, nsamples, seqlen, seed, BOS as the run's); returns its record."""
+    return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes)

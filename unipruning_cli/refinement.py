@@ -18,6 +18,7 @@ from typing import Mapping, Optional
 import torch
 
 from .block_loop import PassSettings, block_pass
+from .context import RunContext
 from .mask_files import packed_masks, read_masks_header, save_masks
 from .methods import nm_of_tag
 from .reconstruction import output_error, row_output_errors
@@ -133,36 +134,33 @@ def refine(model, windows, masks: Mapping[str, torch.Tensor], *, nm: Optional[tu
     return refined, {"method": "swap", "swaps": swaps, "fraction": swaps / max(numel, 1), "error_ratio": ratio}
 
 
-def refine_cuts(cfg, model, tok, all_masks: Mapping[str, Mapping[str, torch.Tensor]], windows=None
+def refine_cuts(ctx: RunContext, all_masks: Mapping[str, Mapping[str, torch.Tensor]]
                 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict]]:
     """:func:`refine` of every cut of ``all_masks`` (tag -> name -> bool ``[out, in]``; an N:M tag, ``2of4`` or
-    ``wanda:2of4``, keeps its swaps inside groups) on the run's calibration samples (``windows``: those samples,
-    already cut). ``model`` is dense on entry and on return. Returns (tag -> refined masks, tag -> record)."""
-    from .calibration_set import calibration_set
-
-    if windows is None:
-        windows, _ = calibration_set(cfg, tok)
+    ``wanda:2of4``, keeps its swaps inside groups) on the run's calibration samples (``ctx.calibration()``).
+    ``ctx.model`` is dense on entry and on return. Returns (tag -> refined masks, tag -> record)."""
+    windows, _ = ctx.calibration()
     masks, records = {}, {}
     for tag, cut in all_masks.items():
         log.info("refine=swap: %s", tag)
-        new, records[tag] = refine(model, windows, cut, nm=nm_of_tag(tag),
-                                   settings=PassSettings.of(cfg.calibration))
+        new, records[tag] = refine(ctx.model, windows, cut, nm=nm_of_tag(tag), settings=ctx.passes)
         masks[tag] = packed_masks(new)
     return masks, records
 
 
-def refine_stage(cfg, model, tok, all_masks: dict[str, dict[str, torch.Tensor]], rd, timer
+def refine_stage(ctx: RunContext, all_masks: dict[str, dict[str, torch.Tensor]]
                  ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict]]:
     """``refine=swap`` in a run: :func:`refine_cuts` of the cuts in ``all_masks``, each refined mask written over its
-    file in ``rd/masks/`` (its header then says ``"refine": "swap"``); a file that already says so (a resumed run)
+    file in ``ctx.rd/masks/`` (its header then says ``"refine": "swap"``); a file that already says so (a resumed run)
     is taken as it is. With ``refine=none``: ``all_masks`` unchanged and no records."""
-    if cfg.refine != "swap":
+    if ctx.cfg.refine != "swap":
         return all_masks, {}
+    rd = ctx.rd
     paths = {tag: rd / f"masks/{tag}.safetensors" for tag in all_masks}
     headers = {tag: read_masks_header(p)[1] for tag, p in paths.items() if p.is_file()}
     todo = {tag: m for tag, m in all_masks.items() if headers.get(tag, {}).get("refine") != "swap"}
-    with timer.stage("refine"):
-        refined, records = refine_cuts(cfg, model, tok, todo)
+    with ctx.timer.stage("refine"):
+        refined, records = refine_cuts(ctx, todo)
     for tag in refined:
         if tag in headers:
             save_masks(paths[tag], refined[tag], {**headers[tag], "refine": "swap"})

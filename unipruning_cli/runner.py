@@ -23,12 +23,11 @@ from .inputs import compare_inputs, recording, run_inputs
 from .distributed import SINGLE, Ranks, from_main, start
 from .evaluation.dense import dense_evaluation
 from .evaluation.protocol import eval_windows_of, evaluate_masks, evaluate_pruned, result_entry
-from .methods.base import RunContext, method_of
-from .methods.targets import Target, check_targets_fit, make_target, targets_of
-from .models import (input_device, load_model, load_model_reused, model_location, prunable_layers,
-                     report_unprunable)
+from .context import RunContext
+from .methods.base import method_of
+from .methods.targets import check_targets_fit, make_target, targets_of
+from .models import input_device, load_model, load_model_reused, model_location, report_unprunable
 from .plan.estimate import Plan, check_run_fits
-from .progress import Timer
 from .provenance import peak_memory, versions
 from .refinement import refine_stage
 from .report import print_summary, write_plots, write_summary_md
@@ -54,31 +53,31 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     ``sweep``: the sweep this job belongs to, whose other λ its search may serve (see ``run_search``).
     ``ranks``: a launch over several processes (``torchrun``): every rank runs the drift search with FSDP2
     (:mod:`.search.sharded`), then rank 0 alone runs the rest and the others return None. Only rank 0 writes."""
+    ctx = RunContext(cfg, sweep=sweep, ranks=ranks)  # every stage from here on reads the run through it
     asked = Path(out_dir)
     with contextlib.ExitStack() as held:
         def claim() -> tuple[Path, dict | None]:  # rank 0 claims, locks and checks; a refusal stops every rank
-            path = claim_run_dir(asked, plain(cfg), cfg.existing_run)
+            path = claim_run_dir(asked, plain(ctx.cfg), ctx.cfg.existing_run)
             if path != asked:
                 follow_log(asked, path)
             held.enter_context(run_lock(path, "prune"))
-            check_run_storage(cfg, path)
+            check_run_storage(ctx.cfg, path)
             # before config.yaml, so a refused run leaves the old one as it was; a hub snapshot is whole after the load
-            return path, checked_inputs(cfg, RunDir(path)) if cfg.model.source != "hub" else None
+            return path, checked_inputs(ctx.cfg, RunDir(path)) if ctx.cfg.model.source != "hub" else None
 
         out_dir, inputs = from_main(claim, ranks)
-        return _run_prune(cfg, Path(out_dir), inputs, reuse_model, sweep, ranks)
+        ctx.rd = RunDir(Path(out_dir), create=ranks.main)
+        return _run_prune(ctx, inputs, reuse_model)
 
 
-def _run_prune(cfg: DictConfig, out_dir: Path, inputs: dict | None, reuse_model: bool, sweep: SweepContext | None,
-               ranks: Ranks) -> dict | None:
+def _run_prune(ctx: RunContext, inputs: dict | None, reuse_model: bool) -> dict | None:
     t_start = time.perf_counter()
-    rd = RunDir(out_dir, create=ranks.main)
-    timer = Timer()
+    cfg, rd, timer, ranks = ctx.cfg, ctx.rd, ctx.timer, ctx.ranks
     if ranks.main:
         (rd / "error.json").unlink(missing_ok=True)  # a resumed run starts clean
         atomic_write_text(rd / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
-    primary = make_target(cfg)
+    ctx.primary = make_target(cfg)
     if ranks.sharded:
         check_sharded_run(cfg, ranks)
     plan = _checked_plan(cfg, ranks) if cfg.plan_check else None  # before any weight is read
@@ -90,11 +89,11 @@ def _run_prune(cfg: DictConfig, out_dir: Path, inputs: dict | None, reuse_model:
             return None
 
     with timer.stage("load"):
-        model, tok = (load_model_reused if reuse_model else load_model)(cfg.model, placement)
+        ctx.loaded(*(load_model_reused if reuse_model else load_model)(cfg.model, placement))
     if inputs is None or inputs["model"] is None:  # a hub model fetched by the load: its files are in the cache now
         inputs = checked_inputs(cfg, rd)
     with recording(inputs):
-        metrics = _prune_loaded(cfg, rd, model, tok, primary, plan, placement, timer, sweep)
+        metrics = _prune_loaded(ctx, plan, placement)
     metrics["inputs"] = inputs
     metrics["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
     if (rd / "metrics.json").is_file():  # a rerun of this run: the later `unipruning eval` records stay with it
@@ -138,29 +137,26 @@ def checked_inputs(cfg: DictConfig, rd: RunDir) -> dict:
     return inputs
 
 
-def _prune_loaded(cfg: DictConfig, rd: RunDir, model, tok, primary: Target, plan: Plan | None, placement: str,
-                  timer: Timer, sweep: SweepContext | None) -> dict:
+def _prune_loaded(ctx: RunContext, plan: Plan | None, placement: str) -> dict:
     """The stages after the load: dense eval, the method's masks (:meth:`.methods.base.Method.masks`), refined and
     reconstructed, then evaluated; the metrics."""
-    layers = prunable_layers(model)
-    coverage = report_unprunable(model, layers)
-    targets = targets_of(cfg, primary)
-    check_targets_fit(layers, targets)
+    cfg = ctx.cfg
+    coverage = report_unprunable(ctx.model, ctx.layers)
+    ctx.targets = targets_of(cfg, ctx.primary)
+    check_targets_fit(ctx.layers, ctx.targets)
 
-    windows = eval_windows_of(cfg, tok)
-    dense = dense_evaluation(cfg, model, tok, windows, timer) if cfg.eval.dense else {"perplexity": {}, "zero_shot": {}}
+    windows = eval_windows_of(cfg, ctx.tok)
+    dense = dense_evaluation(ctx, windows) if cfg.eval.dense else {"perplexity": {}, "zero_shot": {}}
 
-    cuts = method_of(cfg).masks(RunContext(cfg, model, tok, layers, rd, timer, primary, targets, sweep))
-    calib_info = cuts.calibration
+    cuts = method_of(cfg).masks(ctx)
     if cuts.in_place:  # the model holds its one cut, with the weights the method chose
-        with timer.stage("pruned_eval"):
-            results = {primary.tag: evaluate_pruned(cfg, model, tok, windows, primary.tag)}
+        with ctx.timer.stage("pruned_eval"):
+            results = {ctx.primary.tag: evaluate_pruned(ctx, windows, ctx.primary.tag)}
     else:
-        masks, refined = refine_stage(cfg, model, tok, cuts.masks, rd, timer)
-        results = evaluate_masks(cfg, model, tok, layers, masks, windows, timer, refined)
+        masks, refined = refine_stage(ctx, cuts.masks)
+        results = evaluate_masks(ctx, masks, windows, refined)
 
-    metrics = run_metrics(cfg, model, layers, primary, calib_info, dense, results, dict(timer.seconds), timer, plan,
-                          placement)
+    metrics = run_metrics(ctx, cuts.calibration, dense, results, plan, placement)
     metrics["coverage"] = coverage
     return metrics
 
@@ -177,11 +173,12 @@ def chosen_placement(cfg: DictConfig, plan: Plan | None) -> str:
     return "onload" if plan is not None and plan.onload else "device"
 
 
-def run_metrics(cfg: DictConfig, model, layers, primary: Target, calib_info: dict, dense: dict, results: dict[str, dict],
-                seconds: dict[str, float], timer: Timer, plan: Plan | None, placement: str = "device") -> dict:
+def run_metrics(ctx: RunContext, calib_info: dict, dense: dict, results: dict[str, dict], plan: Plan | None,
+                placement: str = "device") -> dict:
     """The content of ``metrics.json`` (docs/run-directory.md): the primary cut in full, every cut
-    in ``results``, with the calibration, seconds per stage, the placement and its memory plan, peak memory
-    (and per stage on CUDA) and library versions."""
+    in ``results``, with the calibration, seconds per stage (``ctx.timer``'s), the placement and its memory plan,
+    peak memory (and per stage on CUDA) and library versions."""
+    cfg, model, layers, primary, timer = ctx.cfg, ctx.model, ctx.layers, ctx.primary, ctx.timer
     first = results[primary.tag]
     method = method_of(cfg)
     memory = peak_memory()
@@ -210,7 +207,7 @@ def run_metrics(cfg: DictConfig, model, layers, primary: Target, calib_info: dic
         "sparsity": first["sparsity"],
         "zero_shot": {"dense": dense["zero_shot"], "pruned": first["zero_shot"]},
         "results": {tag: result_entry(r) for tag, r in results.items()},
-        "seconds": seconds,
+        "seconds": dict(timer.seconds),
         "placement": {"device": str(input_device(model)), "blocks": str(next(iter(layers.values())).weight.device),
                       "placement": placement, "dtype": str(weight.dtype), "device_map": cfg.model.device_map,
                       "max_memory": plain(cfg.model.max_memory),

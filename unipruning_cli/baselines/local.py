@@ -18,15 +18,14 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
 
 from ..block_loop import PassSettings, block_pass
-from ..calibration_set import calibration_set, dense_statistics
+from ..calibration_set import dense_statistics
+from ..context import RunContext
 from ..errors import UserError
 from ..methods import DEFAULT_ALLOCATION, LocalMetricPruning, Target, baselines_of
 from ..metrics import METRICS
 from ..mask_files import packed_masks
-from ..models import prunable_layers
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +68,14 @@ def parse_baseline(entry: str) -> Baseline:
     return Baseline(name, protocol)
 
 
-def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[str, dict[str, torch.Tensor]]:
-    """``eval.baselines`` cut at every target of the run. Returns ``"<label>:<tag>"`` -> name -> bool mask
-    ``[out, in]`` (held packed, 1 bit per weight); the model's weights are as they were on return."""
+def baseline_masks(ctx: RunContext) -> dict[str, dict[str, torch.Tensor]]:
+    """``eval.baselines`` cut at every target of the run (``ctx.targets``). Returns ``"<label>:<tag>"`` -> name ->
+    bool mask ``[out, in]`` (held packed, 1 bit per weight); ``ctx.model``'s weights are as they were on return."""
+    cfg, model, layers, targets = ctx.cfg, ctx.model, ctx.layers, ctx.targets
     baselines = [parse_baseline(b) for b in baselines_of(cfg)]
     if not baselines:
         return {}
-    layers = prunable_layers(model)
-    windows = calibration_set(cfg, tok)[0] if any(b.protocol for b in baselines) else None
+    windows = ctx.calibration()[0] if any(b.protocol for b in baselines) else None
     dense = None  # the dense model's statistics, computed once if a one-shot baseline asks for them
     out = {}
     for b in baselines:
@@ -86,8 +85,7 @@ def baseline_masks(cfg: DictConfig, model, tok, targets: list[Target]) -> dict[s
             key = f"{b.label}:{own.tag}"
             if b.protocol == "sequential":
                 log.info("baseline %s: one sequential calibration pass", key)
-                out[key] = packed_masks(sequential_masks(model, windows, method, own,
-                                                         PassSettings.of(cfg.calibration)))
+                out[key] = packed_masks(sequential_masks(model, windows, method, own, ctx.passes))
             elif b.protocol == "one_shot":
                 if dense is None:
                     dense = dense_statistics(cfg, model, windows)[0]

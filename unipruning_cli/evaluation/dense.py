@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from ..data import corpus_identity, eval_protocol
 from ..models import model_identity, resolve_add_bos
 from ..paths import cache_dir
-from ..progress import Timer
+from ..context import RunContext
 from ..provenance import versions
 from ..rundir import atomic_write_json, fingerprint
 from ..errors import UserError
@@ -42,12 +42,15 @@ def _windows_from(cfg: DictConfig, corpus: str) -> dict:
     return {} if proto["windows_from"] == "stream" else {"protocol": proto}
 
 
-def dense_evaluation(cfg: DictConfig, model, tok, windows: dict[str, torch.Tensor], timer: Timer) -> dict:
-    """Dense PPL per corpus (each with ``cached``: whether it came from the cache) and dense zero-shot.
+def dense_evaluation(ctx: RunContext, windows: dict[str, torch.Tensor]) -> dict:
+    """Dense PPL per corpus of ``ctx.model`` (``windows``: corpus -> int64 ``[windows, seqlen]``; each result with
+    ``cached``: whether it came from the cache) and dense zero-shot.
 
     Returns ``{"perplexity": {corpus: Perplexity.to_dict() + cached}, "zero_shot": {...}}``; time spent
-    measuring goes to ``timer``'s ``dense_eval`` stage.
+    measuring goes to ``ctx.timer``'s ``dense_eval`` stage. Raises :class:`UserError` where the dense model's loss
+    is not finite (never cached).
     """
+    cfg, model, tok, timer = ctx.cfg, ctx.model, ctx.tok, ctx.timer
     ppl = {}
     bos = resolve_add_bos(cfg.model, tok)
     for corpus, w in windows.items():

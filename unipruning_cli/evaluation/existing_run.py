@@ -64,12 +64,12 @@ def evaluate_run(run_dir: Path, settings: list[str], allow_changed_model: bool =
 def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
     from ..data import check_corpus_available
     from ..export.run import held_tags, load_or_cut, masks_source, resolve_target
-    from ..models import load_model, prunable_layers
+    from ..context import RunContext
+    from ..models import load_model
     from ..preflight import validate_eval
     from ..report import print_summary, write_plots, write_summary_md
     from ..rundir import atomic_write_json
     from ..mask_files import load_masks
-    from ..progress import Timer
     from ..refinement import refine_stage
     from ..rundir import RunDir
     from .dense import dense_evaluation
@@ -110,19 +110,21 @@ def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
         placement = (run.metrics.get("placement") or {}).get("placement") or "device"
     model, tok = load_model(cfg.model, placement)
     changed += check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, True)
-    layers = prunable_layers(model)
+    ctx = RunContext(cfg).loaded(model, tok)
+    layers = ctx.layers
     with recording(run.metrics.get("inputs")), tempfile.TemporaryDirectory() as scratch:
         all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else
                          load_or_cut(run, targets[t], sources[t])) for t in targets}
         for t, masks in all_masks.items():
             check_mask_shapes(layers, masks, str(run.mask_path(t)))
-        timer = Timer()
+        timer = ctx.timer
         windows = eval_windows_of(cfg, tok)
-        dense = dense_evaluation(cfg, model, tok, windows, timer)
+        dense = dense_evaluation(ctx, windows)
         # a run that refined its masks (refine=swap): a cut new from Γ is refined as the run's were, and saved so;
         # on other weights (--allow-changed-model) the refined masks are not the run's: they stay out of it
-        all_masks, refined = refine_stage(cfg, model, tok, all_masks, RunDir(scratch if changed else run.path), timer)
-        results = evaluate_masks(cfg, model, tok, layers, all_masks, windows, timer, refined)
+        ctx.rd = RunDir(scratch if changed else run.path)
+        all_masks, refined = refine_stage(ctx, all_masks)
+        results = evaluate_masks(ctx, all_masks, windows, refined)
     metrics = dict(run.metrics)
     for tag, r in (results.items() if not changed else ()):  # the run's own figures are of the run's own weights
         metrics.setdefault("results", {})[tag] = result_entry(r)

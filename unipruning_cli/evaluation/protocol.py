@@ -21,8 +21,7 @@ from ..masks import count_zeros
 from ..methods import apply_masks, restore_weights
 from ..models import prunable_layers, resolve_add_bos
 from ..pinned import HostCopy
-from ..progress import Timer
-from ..calibration_set import calibration_set
+from ..context import RunContext
 from ..reconstruction import reconstruct_cut
 from ..sampling import with_bos
 from .perplexity import perplexity
@@ -71,36 +70,35 @@ def measured_sparsity(model: nn.Module) -> dict:
             "overall_all_params": all_zeros / all_params, "all_params": all_params, "per_layer": per_layer}
 
 
-def evaluate_pruned(cfg: DictConfig, model, tok, windows: dict[str, torch.Tensor], label: str) -> dict:
-    """Measured sparsity, perplexity per corpus and zero-shot of the model as it is now."""
+def evaluate_pruned(ctx: RunContext, windows: dict[str, torch.Tensor], label: str) -> dict:
+    """Measured sparsity, perplexity per corpus (``windows``: corpus -> int64 ``[windows, seqlen]``) and zero-shot
+    of ``ctx.model`` as it is now."""
+    cfg, model = ctx.cfg, ctx.model
     return {"sparsity": measured_sparsity(model),
             "perplexity": {c: perplexity(model, w, cfg.eval.batch_size, f"pruned ppl {c} {label}").to_dict()
                            for c, w in windows.items()},
-            "zero_shot": zero_shot_of(cfg, model, tok) if cfg.eval.tasks else {}}
+            "zero_shot": zero_shot_of(cfg, model, ctx.tok) if cfg.eval.tasks else {}}
 
 
-def evaluate_masks(cfg: DictConfig, model, tok, layers: Mapping[str, nn.Linear], all_masks: dict[str, dict],
-                   windows: dict[str, torch.Tensor], timer: Timer, refined: Mapping[str, dict] | None = None
-                   ) -> dict[str, dict]:
-    """Evaluate each set of masks in turn (``tag -> name -> bool [out, in]``); the original weights are
+def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[str, torch.Tensor],
+                   refined: Mapping[str, dict] | None = None) -> dict[str, dict]:
+    """Evaluate each set of masks on ``ctx.model`` in turn (``tag -> name -> bool [out, in]``); the original weights are
     restored between sets, from one full copy of the prunable weights (``scripts/bench_eval_memory.py``)
     kept in host memory (pinned under CUDA, and handed back to the OS at the end), so a GPU holds no second copy of
     them. ``refined``: tag -> the
     record of its mask's refinement (``refine=swap``, :mod:`..refinement`), kept with its results."""
+    layers, timer = ctx.layers, ctx.timer
     original = HostCopy({n: m.weight for n, m in layers.items()})
     results = {}
-    calibration = None  # reconstruct=obs: the calibration samples, cut once for every cut
     for tag, masks in all_masks.items():
         rebuilt = None
-        if cfg.reconstruct == "obs":  # the kept weights updated on the fixed mask
-            if calibration is None:
-                calibration, _ = calibration_set(cfg, tok)
+        if ctx.cfg.reconstruct == "obs":  # the kept weights updated on the fixed mask
             with timer.stage("reconstruct"):
-                rebuilt = reconstruct_cut(cfg, model, tok, masks, calibration)
+                rebuilt = reconstruct_cut(ctx, masks)
         else:
             apply_masks(layers, masks)
         with timer.stage("pruned_eval"):
-            results[tag] = evaluate_pruned(cfg, model, tok, windows, tag)
+            results[tag] = evaluate_pruned(ctx, windows, tag)
         if rebuilt is not None:
             results[tag]["reconstruction"] = {"method": "obs", **rebuilt}
         if refined and tag in refined:

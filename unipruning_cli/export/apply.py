@@ -26,6 +26,7 @@ from ..mask_files import load_masks, read_masks_header
 from ..methods.targets import nm_of_tag
 from ..methods.weights import apply_masks
 from ..models import check_model_reachable, load_model, prunable_layers
+from ..context import RunContext
 from ..reconstruction import reconstruct_cut
 from .card import export_record, kept_counts, masks_card, run_card
 from ..rundir import run_lock
@@ -95,7 +96,7 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     if rebuilt:  # the run evaluated W updated on the mask, not W x mask: the same update, redone here
         log.info("the run updated the kept weights by OBS reconstruction (reconstruct=obs): redoing it on %s's "
                  "calibration samples", target.tag)
-        reconstruct_cut(cfg, model, tok, masks)
+        reconstruct_cut(RunContext(cfg).loaded(model, tok), masks)
     else:
         apply_masks(layers, masks)
     kept = kept_counts(model)

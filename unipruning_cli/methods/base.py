@@ -3,7 +3,7 @@ config group option (``configs/method/<name>.yaml``).
 
 A method answers every question the rest of the house asks of it (the runner, the memory plan, the checks before
 any weight is read, export): its default allocation and cuts, its calibration protocol, its config checks, its rows
-of the memory plan, and its masks (:meth:`Method.masks`, given the run's :class:`RunContext`). Its knobs are a typed
+of the memory plan, and its masks (:meth:`Method.masks`, given the run's :class:`unipruning_cli.context.RunContext`). Its knobs are a typed
 dataclass, ``Settings``, which is also the schema of its config group: ``method=sparsegpt method.percdamp=0.1``.
 
 Methods are looked up by name in :data:`METHODS` (a :class:`..registry.Registry` with a base-class check, as
@@ -22,7 +22,7 @@ import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -101,22 +101,6 @@ class Cuts:
     calibration: dict
     masks: dict[str, dict] = field(default_factory=dict)
     in_place: bool = False
-
-
-@dataclass
-class RunContext:
-    """What a run has built once and every stage reads: the config, the model and tokenizer, the prunable layers,
-    the run directory and timer, the primary target and every target, and the sweep the run belongs to."""
-
-    cfg: DictConfig
-    model: Any
-    tok: Any
-    layers: dict
-    rd: Any  # rundir.RunDir
-    timer: Any  # progress.Timer
-    primary: Any  # targets.Target
-    targets: list
-    sweep: Any = None  # sweep.SweepContext
 
 
 class Method(ABC):
@@ -204,8 +188,9 @@ class Method(ABC):
         sheet.pruned_eval_in_place()
 
     @abstractmethod
-    def masks(self, ctx: RunContext) -> Cuts:
-        """The run's cuts (see :class:`Cuts`); records its stage in ``ctx.rd``."""
+    def masks(self, ctx) -> Cuts:
+        """The run's cuts (see :class:`Cuts`) from ``ctx``, the run's :class:`unipruning_cli.context.RunContext`
+        (model, layers, targets, run directory, calibration samples); records its stage in ``ctx.rd``."""
 
 
 #: Methods by name (``method=<name>``), loaded on first use from this package's modules.

@@ -7,7 +7,8 @@ from ..config import plain
 from ..errors import check
 from ..metrics import METRICS, build_metric
 from ..pruning import blockwise_cuts
-from .base import Cuts, Method, RunContext, register_method
+from ..context import RunContext
+from .base import Cuts, Method, register_method
 from .blockwise import LocalMetricPruning
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..errors import check
 from ..pruning import blockwise_cuts
-from .base import Cuts, Method, RunContext, register_method
+from ..context import RunContext
+from .base import Cuts, Method, register_method
 from .blockwise import SparseGPTPruning
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from ..baselines.local import baseline_masks
 from ..pruning import cut_masks, reconstruct_info
 from ..search.stage import run_search
-from .base import Cuts, Method, RunContext, register_method
+from ..context import RunContext
+from .base import Cuts, Method, register_method
 
 #: Where ``pattern.allocation`` is null: OWL's layer budgets (published M = 5, λ = 0.08), the best of per_matrix /
 #: per_row / global / owl / gamma at 60 and 70 % on the embedded model (docs/methods.md, "Beyond the paper");
@@ -52,9 +53,8 @@ class UniPruning(Method):
                   f"W{sheet.one} + logits; a copy of the prunable W on the host to restore it between cuts")
 
     def masks(self, ctx: RunContext) -> Cuts:
-        cfg = ctx.cfg
-        gamma, calibration = run_search(cfg, ctx.model, ctx.tok, ctx.rd, ctx.timer, ctx.sweep)
+        gamma, calibration = run_search(ctx)
         with ctx.timer.stage("masks"):
-            cuts = cut_masks(gamma, ctx.targets, ctx.rd, reconstruct_info(cfg))
-            cuts |= baseline_masks(cfg, ctx.model, ctx.tok, ctx.targets)
+            cuts = cut_masks(gamma, ctx.targets, ctx.rd, reconstruct_info(ctx.cfg))
+            cuts |= baseline_masks(ctx)
         return Cuts(calibration, cuts)

@@ -13,14 +13,13 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from ..calibration_set import calibration_set, dense_statistics
+from ..calibration_set import dense_statistics
 from ..config import plain
 from ..metrics import build_metric
-from ..models import input_device, prunable_layers
+from ..context import RunContext
+from ..models import input_device
 from ..onload import weights_on
-from ..progress import Timer
 from ..rundir import RunDir, file_locks, load_tensors
-from ..sweep import SweepContext
 from .frozen import search_frozen
 from .mirror_descent import LamSibling, search_drift
 from .regularizers import build_regularizer
@@ -31,15 +30,15 @@ from .store import (indexed_search, lam_siblings, record_search, reuse_search, s
 log = logging.getLogger(__name__)
 
 
-def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
-               sweep: SweepContext | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Γ (name -> fp32 ``[out, in]``, on the CPU) and the search info recorded in the stage marker.
+def run_search(ctx: RunContext) -> tuple[dict[str, torch.Tensor], dict]:
+    """Γ of ``ctx.model`` (name -> fp32 ``[out, in]``, on the CPU) and the search info recorded in the stage marker.
 
     In a sweep over λ, where W does not depend on Γ, the pass also searches the other λ and files each
     in ``<sweep>/.searches/`` with an index entry, so their jobs adopt it instead of searching. Locks
     on the index entries make parallel jobs wait for that pass rather than repeat it.
     Raises ``FloatingPointError`` when the search diverges (Γ not finite).
     """
+    cfg, model, rd, timer, sweep = ctx.cfg, ctx.model, ctx.rd, ctx.timer, ctx.sweep
     fp = search_fingerprint(cfg)
     if rd.is_complete("search", fp):
         log.info("search stage complete in %s: loading gamma.safetensors", rd.path)
@@ -51,7 +50,7 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
         reused = reuse_search(cfg, fp, rd, own_index)
         if reused is not None:
             return load_tensors(rd / "gamma.safetensors"), reused
-        layers = prunable_layers(model)
+        layers = ctx.layers
         siblings = [s for s in siblings if indexed_search(s.index, s.fp) is None]
         siblings = siblings_that_fit(siblings, sum(m.weight.numel() for m in layers.values()),
                                      cfg.schedule.weight_mode, next(model.parameters()).device)
@@ -59,7 +58,7 @@ def run_search(cfg: DictConfig, model, tok, rd: RunDir, timer: Timer,
         if sch.weight_mode == "frozen" and sch.rho != 0:
             log.warning("schedule.rho=%g has no effect in frozen mode: ρ only steers the drifting weights", sch.rho)
         metric, prox, settings = search_parts(cfg)
-        windows, calib = calibration_set(cfg, tok)
+        windows, calib = ctx.calibration()
         ckpt = rd / "checkpoints" / "search.safetensors"
         lanes = [LamSibling(build_regularizer(cfg.regularizer.name, s.lam, cfg.regularizer.threshold_mode),
                             RunDir(s.dir) / "search.jsonl") for s in siblings]
