@@ -29,7 +29,7 @@ from pathlib import Path
 from bench_common import SMOLLM2_BLOCK_SHAPES, peak_rss_mib
 from unipruning_cli.metrics import build_metric
 from unipruning_cli.search import SearchSettings, build_regularizer, search_frozen
-from unipruning_cli.stats import ActivationStats
+from unipruning_cli.data.stats import ActivationStats
 mode, steps, blocks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 gen = torch.Generator().manual_seed(0)
 weights = {f"b{b}.{i}": torch.randn(*s, generator=gen) for b in range(blocks) for i, s in enumerate(SMOLLM2_BLOCK_SHAPES)}

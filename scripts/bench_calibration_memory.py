@@ -20,7 +20,7 @@ CHILD = r"""
 import json, sys, torch
 from bench_common import peak_rss_mib
 from transformers import LlamaConfig, LlamaForCausalLM
-from unipruning_cli.calibration import calibrate_blockwise
+from unipruning_cli.data.calibration import calibrate_blockwise
 depth, nsamples, seqlen, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=depth,

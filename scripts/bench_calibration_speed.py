@@ -19,8 +19,8 @@ import torch
 from bench_common import SMOLLM2
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unipruning_cli import calibration
-from unipruning_cli.calibration import calibrate_blockwise
+from unipruning_cli.data import calibration
+from unipruning_cli.data.calibration import calibrate_blockwise
 
 
 def run(model, windows, share: bool) -> tuple[float, dict[str, torch.Tensor], int]:

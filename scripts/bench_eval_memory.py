@@ -26,8 +26,8 @@ from bench_common import reset_peak_rss, run_json_child, status_mib
 
 def _evaluate_setting_aside(ctx, all_masks, windows):
     """The alternative: keep aside (on the host) only the entries a cut zeroes, and put them back."""
-    from unipruning_cli.methods import apply_masks
-    from unipruning_cli.evaluation.protocol import evaluate_pruned
+    from unipruning_cli.pruning.weights import apply_masks
+    from unipruning_cli.stages.evaluation import evaluate_pruned
 
     layers, results = ctx.layers, {}
     for tag, masks in all_masks.items():
@@ -43,11 +43,11 @@ def _evaluate_setting_aside(ctx, all_masks, windows):
 
 
 def run_variant(variant: str, n_windows: int, seqlen: int) -> dict:
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.masks import masks_for
-    from unipruning_cli.context import RunContext
-    from unipruning_cli.models import load_model
-    from unipruning_cli.evaluation.protocol import eval_windows_of, evaluate_masks
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.pruning.masks import masks_for
+    from unipruning_cli.core.context import RunContext
+    from unipruning_cli.models.loading import load_model
+    from unipruning_cli.stages.evaluation import eval_windows_of, evaluate_masks
 
     # The embedded model and its evaluation windows, composed as `unipruning prune` composes them.
     cfg = compose_prune([f"eval.seqlen={seqlen}", f"eval.max_windows={n_windows}", f"eval.batch_size={n_windows}"])

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from unipruning_cli.calibration import calibrate_blockwise
-from unipruning_cli.config import compose_prune
-from unipruning_cli.methods import LocalMetricPruning, Target
+from unipruning_cli.data.calibration import calibrate_blockwise
+from unipruning_cli.core.config import compose_prune
+from unipruning_cli.pruning.blockwise import LocalMetricPruning
+from unipruning_cli.pruning.targets import Target
 from unipruning_cli.metrics import build_metric
-from unipruning_cli.models import load_model, prunable_layers
-from unipruning_cli.calibration_set import calibration_set
+from unipruning_cli.models.loading import load_model, prunable_layers
+from unipruning_cli.data.calibration_set import calibration_set
 from unipruning_cli.search import SearchSettings, build_regularizer, search_frozen
 
 

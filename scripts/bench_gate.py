@@ -59,8 +59,8 @@ DEFAULT_TOLERANCES = {"ppl_rel_tol": 0.02, "time_ratio_factor": 3.0}
 def reference_seconds(cfg) -> float:
     """The time of a dense perplexity pass over the eval windows: the yardstick of every ratio."""
     from unipruning_cli.evaluation.perplexity import perplexity
-    from unipruning_cli.models import load_model
-    from unipruning_cli.evaluation.protocol import eval_windows_of
+    from unipruning_cli.models.loading import load_model
+    from unipruning_cli.stages.evaluation import eval_windows_of
 
     model, tok = load_model(cfg.model)
     windows = eval_windows_of(cfg, tok)
@@ -73,15 +73,15 @@ def reference_seconds(cfg) -> float:
 def fresh_cache(folder: Path) -> Path:
     """A cache that shares the prepared model and data but no cached results (dense PPL, calibration
     statistics): every gate run measures the same work, whatever ran before on this machine."""
-    from unipruning_cli.paths import cache_dir
+    from unipruning_cli.core.paths import cache_dir
 
     return isolated_cache(cache_dir(), folder)
 
 
 def run_suite(tier: str, out: Path, extra: list[str] | None = None) -> dict:
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.preflight import validate
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.preflight import validate
+    from unipruning_cli.commands.prune import run_prune
 
     spec = TIERS[tier]
     common = [*spec["common"], *(extra or [])]

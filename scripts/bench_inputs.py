@@ -1,4 +1,4 @@
-"""What recording a run's inputs costs (issue 26): :func:`unipruning_cli.inputs.run_inputs` of a config, with an
+"""What recording a run's inputs costs (issue 26): :func:`unipruning_cli.core.inputs.run_inputs` of a config, with an
 empty digest memo (every file hashed) and again with the memo it wrote (nothing read).
 
     python scripts/bench_inputs.py [overrides ...]      # default: the default run (embedded SmolLM2-135M)
@@ -17,8 +17,8 @@ from unittest import mock
 
 
 def main(overrides: list[str]) -> dict:
-    from unipruning_cli import inputs
-    from unipruning_cli.config import compose_prune
+    from unipruning_cli.core import inputs
+    from unipruning_cli.core.config import compose_prune
 
     cfg = compose_prune(overrides)
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(inputs, "_digest_cache",

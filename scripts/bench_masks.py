@@ -19,7 +19,7 @@ import time
 import torch
 from bench_common import SMOLLM2_BLOCK_SHAPES
 
-from unipruning_cli.masks import _keep_top_by_selection, _keep_top_by_sort, num_pruned
+from unipruning_cli.pruning.masks import _keep_top_by_selection, _keep_top_by_sort, num_pruned
 
 
 def _keep_top_by_kthvalue(values: torch.Tensor, keep: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The per-expert loop of ``ExpertLinears.forward`` (``layouts.py``): one stable sort per layer against the
+"""The per-expert loop of ``ExpertLinears.forward`` (``models/layouts.py``): one stable sort per layer against the
 ``torch.where`` per expert it replaced (shared/docs/gpu-readiness.md §6).
 
 Same inputs, same outputs (asserted bit for bit here, tested in tests/test_moe.py). On a GPU the gain is the host
@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from unipruning_cli.layouts import ExpertLinears
+from unipruning_cli.models.layouts import ExpertLinears
 
 
 def where_routes(top_k_index: torch.Tensor, n_experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -23,9 +23,9 @@ import torch
 from omegaconf import OmegaConf
 
 from unipruning_cli.metrics import build_metric
-from unipruning_cli.models import load_model, prunable_layers
+from unipruning_cli.models.loading import load_model, prunable_layers
 from unipruning_cli.search.regularizers import quantile
-from unipruning_cli.stats import ActivationStats
+from unipruning_cli.data.stats import ActivationStats
 
 
 def timed(fn, repeat: int) -> float:

@@ -31,7 +31,7 @@ from pathlib import Path
 from bench_common import reset_peak_rss, status_mib
 from transformers import LlamaConfig, LlamaForCausalLM
 from unipruning_cli.metrics import build_metric
-from unipruning_cli.models import prunable_layers
+from unipruning_cli.models.loading import prunable_layers
 from unipruning_cli.search import SearchSettings, build_regularizer, search_drift
 assert search_drift.__code__.co_filename.startswith(sys.argv[3]), search_drift.__code__.co_filename
 metric_name, steps, seqlen = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])

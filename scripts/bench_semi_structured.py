@@ -6,7 +6,7 @@
 
 The model is loaded in float16 (``--dtype``) on the GPU, timed dense (CUDA events, after warm-up), then its
 2:4 prunable Linear weights are swapped for ``torch.sparse`` semi-structured tensors
-(``unipruning_cli.export.to_semi_structured``) and timed again; the largest logit difference is printed
+(``unipruning_cli.stages.export.to_semi_structured``) and timed again; the largest logit difference is printed
 next to the times. Small models (the tiny test models, the 135M embedded one) are launch-bound; on large ones the
 result depends on the GPU, the shapes and the batch (semi-structured matmuls can be slower at batch-1 decode,
 pytorch #111339), so this script's numbers are the only speed figures the project states. It measures PyTorch's
@@ -42,8 +42,8 @@ def synthetic_model(spec: str, dtype: torch.dtype):
     """A random Llama of ``hidden,intermediate,layers`` with magnitude 2:4 masks on every block Linear."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from unipruning_cli.masks import nm_mask
-    from unipruning_cli.models import prunable_layers
+    from unipruning_cli.pruning.masks import nm_mask
+    from unipruning_cli.models.loading import prunable_layers
 
     hidden, inter, layers = (int(v) for v in spec.split(","))
     heads = max(1, hidden // 128)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
               f"capability >= 8.0 (Ampere or newer). Nothing was timed.")
         return 0
 
-    from unipruning_cli.export import to_semi_structured
+    from unipruning_cli.stages.export.nm import to_semi_structured
 
     dtype = DTYPES[ns.dtype]
     t0 = time.perf_counter()

@@ -52,7 +52,7 @@ def stage_seconds(runs: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    from unipruning_cli.paths import cache_dir
+    from unipruning_cli.core.paths import cache_dir
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=sorted(PRESETS), default="paper")

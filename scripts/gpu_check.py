@@ -630,8 +630,8 @@ def part_probe(c: Check, rec: dict) -> None:
 
 def part_cpu_vs_device(c: Check, rec: dict) -> None:
     """Wanda masks and the deterministic Γ of a tiny fp32 model on the CPU and on ``--device``."""
-    from unipruning_cli.mask_files import load_masks
-    from unipruning_cli.rundir import load_tensors
+    from unipruning_cli.pruning.mask_files import load_masks
+    from unipruning_cli.core.rundir import load_tensors
 
     small = c.args.work / "models" / "tiny_fp32"
     devices = ["cpu", c.args.device]
@@ -835,7 +835,7 @@ PART_FUNCTIONS = {"probe": part_probe, "cpu_vs_device": part_cpu_vs_device, "dri
 
 
 def _architecture(arch: str) -> dict:
-    from unipruning_cli.plan.architectures import ARCHITECTURES
+    from unipruning_cli.stages.plan.architectures import ARCHITECTURES
 
     return dict(ARCHITECTURES[arch])
 
@@ -870,7 +870,7 @@ def helper_probe(args: argparse.Namespace) -> dict:
     out.update(pinned_request_bytes=request, pinned_expected_bytes=1 << (request - 1).bit_length())
     out["probe_errors"] = errors = {}
     try:
-        from unipruning_cli.pinned import arena_bytes
+        from unipruning_cli.core.pinned import arena_bytes
 
         out["arena_expected_bytes"] = arena_bytes([request])
     except Exception as err:  # noqa: BLE001 - pinned.py may be missing in an older tree
@@ -881,7 +881,7 @@ def helper_probe(args: argparse.Namespace) -> dict:
         errors["sharded_buffers"] = f"{type(err).__name__}: {err}"[:500]
     if not cuda:
         return out
-    from unipruning_cli.progress import pinned_host_bytes
+    from unipruning_cli.core.progress import pinned_host_bytes
 
     try:
         torch.cuda.init()
@@ -907,7 +907,7 @@ def helper_probe(args: argparse.Namespace) -> dict:
     except Exception as err:  # noqa: BLE001
         errors["pinned"] = f"{type(err).__name__}: {err}"[:500]
     try:
-        from unipruning_cli.pinned import HostArena, empty_host_cache
+        from unipruning_cli.core.pinned import HostArena, empty_host_cache
 
         empty_host_cache()
         before = pinned_host_bytes() or 0
@@ -931,8 +931,8 @@ def sharded_buffer_devices(folder: Path, cuda: bool) -> dict:
     from tokenizers import Tokenizer, models
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from unipruning_cli.distributed import Ranks
-    from unipruning_cli.search.sharded import load_sharded
+    from unipruning_cli.core.distributed import Ranks
+    from unipruning_cli.stages.sharded_search import load_sharded
 
     fields = dict(TINY)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)

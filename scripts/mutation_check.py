@@ -68,24 +68,24 @@ MUTATIONS = {
         "    col_sum = abs_w.sum(dim=1, keepdim=True)",
         ["tests/test_metrics.py"], "RIA's column term is normalised by the row sum (both terms over the same axis)"),
     "per-row-wrong-axis": (
-        "unipruning_cli/masks.py",
+        "unipruning_cli/pruning/masks.py",
         "    in_features = values.shape[1]\n"
         "    return _keep_top_along_last_dim(values, in_features - num_pruned(in_features, sparsity))\n",
         "    in_features = values.shape[0]\n"
         "    return _keep_top_along_last_dim(values.T.contiguous(), in_features - num_pruned(in_features, sparsity)).T\n",
         ["tests/test_masks.py", "tests/test_mask_rules.py"], "the per-row cut keeps a fixed count per input column"),
     "baseline-not-sequential": (
-        "unipruning_cli/baselines/local.py",
+        "unipruning_cli/stages/baselines.py",
         "settings,\n                      restore=True).masks",
         "settings,\n                      sequential=False, restore=True).masks",
         ["tests/test_baselines.py"], "an eval.baselines entry said sequential but used the dense model's statistics"),
     "block0-kwargs": (
-        "unipruning_cli/calibration.py",
+        "unipruning_cli/data/calibration.py",
         'stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs[i], sequential,',
         'stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs[0], sequential,',
         ["tests/test_protocols.py"], "every block is calibrated with block 0's attention mask and keywords"),
     "sparsegpt-wrong-saliency": (
-        "unipruning_cli/baselines/sparsegpt.py",
+        "unipruning_cli/pruning/obs.py",
         "    scores = w_block.pow(2) / hinv_diag.pow(2).unsqueeze(0)",
         "    scores = w_block.pow(2) / hinv_diag.unsqueeze(0)",
         ["tests/test_sparsegpt.py"], "SparseGPT selects by w²/[H⁻¹]_cc instead of w²/[H⁻¹]_cc²"),

@@ -17,8 +17,8 @@ RUNS = {"drift (default)": [], "frozen": ["schedule.weight_mode=frozen"],
 
 
 def main() -> None:
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.plan.estimate import GIB, plan_run
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.plan.estimate import GIB, plan_run
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["qwen2.5-7b", "llama-3.1-8b", "llama-3.1-70b"])

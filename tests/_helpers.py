@@ -95,8 +95,8 @@ def tiny_overrides(model_dir: Path, corpus_files: dict[str, Path], **extra: obje
 
 def validate_overrides(model_dir: Path, corpus_files, *extra: str):
     """The prune config of :func:`tiny_overrides` plus ``extra``, composed and validated (preflight); returns it."""
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.preflight import validate
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.preflight import validate
 
     cfg = compose_prune([*tiny_overrides(model_dir, corpus_files), *extra])
     validate(cfg)
@@ -108,8 +108,8 @@ def eval_windows_of(run_dir: Path) -> tuple[torch.Tensor, int, str]:
     import yaml
     from transformers import AutoTokenizer
 
-    from unipruning_cli.data import eval_windows, token_stream
-    from unipruning_cli.sampling import with_bos
+    from unipruning_cli.data.corpora import eval_windows, token_stream
+    from unipruning_cli.data.sampling import with_bos
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     tok = AutoTokenizer.from_pretrained(cfg["model"]["path"])
@@ -117,7 +117,7 @@ def eval_windows_of(run_dir: Path) -> tuple[torch.Tensor, int, str]:
     windows = eval_windows(token_stream(tok, corpus, "eval"), cfg["eval"]["seqlen"], cfg["eval"]["max_windows"])
     from omegaconf import OmegaConf
 
-    from unipruning_cli.models import resolve_add_bos
+    from unipruning_cli.models.loading import resolve_add_bos
 
     if resolve_add_bos(OmegaConf.create(cfg["model"]), tok):
         windows = with_bos(windows, tok.bos_token_id)
@@ -128,7 +128,7 @@ def eval_windows_of(run_dir: Path) -> tuple[torch.Tensor, int, str]:
 
 
 def _real_cache() -> Path:
-    from unipruning_cli.paths import cache_dir
+    from unipruning_cli.core.paths import cache_dir
 
     return cache_dir()
 
@@ -139,7 +139,7 @@ REAL_CACHE = _real_cache()
 
 def real_model_prepared() -> bool:
     """Whether ``unipruning prepare`` has put the embedded model (SmolLM2-135M) in the cache."""
-    from unipruning_cli.paths import cache_dir
+    from unipruning_cli.core.paths import cache_dir
 
     return (cache_dir() / "models" / "smollm2-135m" / "config.json").exists()
 
@@ -188,7 +188,7 @@ def merge_overrides(base: list[str], *extra: str) -> list[str]:
 
 
 def linears(model) -> dict[str, nn.Linear]:
-    """Every Linear inside model.model.layers, by full name (independent of unipruning_cli.models)."""
+    """Every Linear inside model.model.layers, by full name (independent of unipruning_cli.models.loading)."""
     return {f"model.layers.{i}.{n}": m for i, block in enumerate(model.model.layers)
             for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
@@ -291,7 +291,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def single_and_sharded(tmp_path: Path, args: list[str]) -> tuple[Path, Path, float, float]:
     """Run the same prune in one process and over 2 ranks; their run directories and wall seconds."""
-    from unipruning_cli import distributed
+    from unipruning_cli.core import distributed
 
     env1 = cli_env(tmp_path / "runs1", tmp_path / "cache1")
     proc, t_single = run_cli(["prune", *args], tmp_path, env1, timeout=300)
@@ -327,7 +327,7 @@ def run_files(run: Path) -> set[str]:
 
 def assert_same_run(single: Path, sharded: Path, same_files: bool = True) -> None:
     """Γ within 1e-6 relative, the same masks at every cut, and the same files (rank 1 wrote nothing)."""
-    from unipruning_cli.mask_files import load_masks
+    from unipruning_cli.pruning.mask_files import load_masks
 
     worst = assert_same_gamma(load_tensors(single / "gamma.safetensors"), load_tensors(sharded / "gamma.safetensors"))
     print(f"Γ, 2 ranks against one process: worst matrix {worst:.2g} relative")

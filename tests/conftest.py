@@ -64,8 +64,8 @@ def isolated_env(tmp_path, monkeypatch) -> Path:
 @pytest.fixture()
 def frozen_search_cfg(tmp_path, monkeypatch, tiny_llama_dir, corpus_files):
     """``make(*overrides)``: validated UniPruning configs (frozen W, 3 steps) on the tiny Llama, cache in tmp_path."""
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.preflight import validate
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.preflight import validate
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from _helpers import build_tiny_model
-from unipruning_cli.baselines.local import Baseline, parse_baseline, sequential_masks
-from unipruning_cli.calibration import calibrate_blockwise
-from unipruning_cli.errors import UserError
-from unipruning_cli.methods import LocalMetricPruning, Target, calibration_mode, make_target
+from unipruning_cli.stages.baselines import Baseline, parse_baseline, sequential_masks
+from unipruning_cli.data.calibration import calibrate_blockwise
+from unipruning_cli.core.errors import UserError
+from unipruning_cli.pruning.blockwise import LocalMetricPruning
+from unipruning_cli.pruning.targets import Target, calibration_mode, make_target
 from unipruning_cli.metrics import build_metric
-from unipruning_cli.models import prunable_layers
-from unipruning_cli.preflight import validate
-from unipruning_cli.runner import run_prune
+from unipruning_cli.models.loading import prunable_layers
+from unipruning_cli.stages.preflight import validate
+from unipruning_cli.commands.prune import run_prune
 
 
 @pytest.mark.parametrize("entry, expected", [

@@ -49,7 +49,7 @@ def test_injected_worse_mask_rule_fails_the_gate(gate, monkeypatch, tmp_path, ti
     baseline["tolerances"] = {"time_ratio_factor": math.inf}
     assert gate.compare(gate.run_suite("tiny", tmp_path / "b"), baseline) == []
 
-    from unipruning_cli import masks
+    from unipruning_cli.pruning import masks
 
     real = masks.per_row_mask
     monkeypatch.setitem(masks._LOCAL_ALLOCATIONS, "per_row", lambda score, sparsity, **kw: real(-score, sparsity, **kw))

@@ -1,4 +1,4 @@
-"""The one block loop (unipruning_cli/block_loop.py) against hand-run references: masks applied before the next
+"""The one block loop (unipruning_cli/pruning/block_loop.py) against hand-run references: masks applied before the next
 block sees the outputs, weights put back bit for bit (on an exception too), apply=False leaves W alone."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from _helpers import build_tiny_model
-from unipruning_cli.block_loop import PassSettings, block_pass
-from unipruning_cli.calibration import calibrate_blockwise
-from unipruning_cli.models import prunable_layers
+from unipruning_cli.pruning.block_loop import PassSettings, block_pass
+from unipruning_cli.data.calibration import calibrate_blockwise
+from unipruning_cli.models.loading import prunable_layers
 
 VOCAB = 320
 

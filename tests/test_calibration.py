@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from unipruning_cli.calibration import calibrate_blockwise
+from unipruning_cli.data.calibration import calibrate_blockwise
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -185,7 +185,7 @@ def test_shared_inputs_give_the_same_statistics_as_per_layer_ones(model_and_wind
 
 
 def test_shared_inputs_memo_hits_same_tensor_and_misses_after_in_place_change():
-    from unipruning_cli.calibration import SharedInputs
+    from unipruning_cli.data.calibration import SharedInputs
 
     shared = SharedInputs()
     x = torch.randn(3, 5, 4)

@@ -162,7 +162,7 @@ def ref(tiny_llama_dir, corpus_files):
     """The original tiny model and the token windows the run uses, loaded independently."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unipruning_cli.data import calibration_windows
+    from unipruning_cli.data.corpora import calibration_windows
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
@@ -196,7 +196,7 @@ def _apply(model, masks):
 
 
 def _load_run_masks(run_dir: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    from unipruning_cli.mask_files import load_masks
+    from unipruning_cli.pruning.mask_files import load_masks
 
     files = sorted((run_dir / "masks").glob("*.safetensors"))
     assert len(files) == 1, files

@@ -16,9 +16,9 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from unipruning_cli.cli import rewrite_nm_overrides
-from unipruning_cli.config import register_schemas
-from unipruning_cli.preflight import validate
-from unipruning_cli.errors import UserError
+from unipruning_cli.core.config import register_schemas
+from unipruning_cli.stages.preflight import validate
+from unipruning_cli.core.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -78,7 +78,7 @@ def _documented(group: str, option: str) -> dict:
     once, tests/test_config_defaults.py)."""
     from dataclasses import asdict
 
-    from unipruning_cli.config import ModelConfig, PatternConfig, RegularizerConfig
+    from unipruning_cli.core.config import ModelConfig, PatternConfig, RegularizerConfig
     from unipruning_cli.metrics import METRICS, knob_defaults
     from unipruning_cli.search.settings import ScheduleConfig
 
@@ -87,7 +87,7 @@ def _documented(group: str, option: str) -> dict:
     schema = {"model": ModelConfig, "pattern": PatternConfig, "regularizer": RegularizerConfig,
               "schedule": ScheduleConfig}
     if group == "method":
-        from unipruning_cli.methods.base import METHODS
+        from unipruning_cli.pruning.method import METHODS
 
         base = {"name": option, **asdict(METHODS.get(option).Settings())}
     else:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from unipruning_cli.config import (ModelConfig, PatternConfig, PruneConfig, RegularizerConfig, compose_prune,
-                                   complete_run_config, config_dir)
+from unipruning_cli.core.config import (ModelConfig, PatternConfig, PruneConfig, RegularizerConfig, compose_prune,
+                                        complete_run_config, config_dir)
 from unipruning_cli.metrics import METRICS, knob_defaults
 from unipruning_cli.search.settings import ScheduleConfig, SearchSettings
 
@@ -56,7 +56,7 @@ def test_an_option_file_says_only_what_differs_from_its_schema(option):
     if group == "local_metric":
         defaults = {"name": Path(option).stem, **knob_defaults(METRICS.get(Path(option).stem))}
     elif group == "method":
-        from unipruning_cli.methods.base import METHODS
+        from unipruning_cli.pruning.method import METHODS
 
         defaults = {"name": Path(option).stem, **asdict(METHODS.get(Path(option).stem).Settings())}
     else:
@@ -100,7 +100,7 @@ def test_a_run_of_an_older_version_opens_with_what_it_predates_filled_in():
 
 
 def test_a_run_of_an_older_version_resumes_in_its_directory_when_only_the_method_gained_settings():
-    from unipruning_cli.rundir import config_differences
+    from unipruning_cli.core.rundir import config_differences
 
     new = {"method": {"name": "sparsegpt", "blocksize": 128, "percdamp": 0.01}, "seed": 0}
     assert config_differences({"method": "sparsegpt", "seed": 0}, new) == []

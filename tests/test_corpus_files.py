@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from _helpers import real_model_prepared, tiny_overrides
-from unipruning_cli import data
-from unipruning_cli.config import compose_prune
-from unipruning_cli.errors import UserError
+from unipruning_cli.data import corpora as data
+from unipruning_cli.core.config import compose_prune
+from unipruning_cli.core.errors import UserError
 
 GOOD = json.dumps({"text": "A line of text that is long enough to count. " * 4})
 
@@ -58,7 +58,7 @@ def _write(tmp_path, name: str, content: str | bytes):
 def test_a_malformed_corpus_file_is_refused_by_the_preflight_naming_its_line(case, role, tmp_path, monkeypatch,
                                                                               tiny_llama_dir, corpus_files,
                                                                               isolated_env):
-    from unipruning_cli.preflight import validate
+    from unipruning_cli.stages.preflight import validate
 
     name, content, message = MALFORMED[case]
     path = _write(tmp_path, name, content)
@@ -69,7 +69,7 @@ def test_a_malformed_corpus_file_is_refused_by_the_preflight_naming_its_line(cas
         raise AssertionError("a model weight was read before the corpus file was checked")
 
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
-    monkeypatch.setattr("unipruning_cli.models.load_model", no_weights)
+    monkeypatch.setattr("unipruning_cli.models.loading.load_model", no_weights)
     with pytest.raises(UserError, match=rf"^{key}: corpus file .*{message}"):
         validate(compose_prune(tiny_overrides(tiny_llama_dir, corpus_files, **{key: value})))
 
@@ -103,8 +103,8 @@ def _fallbacks(caplog) -> list[logging.LogRecord]:
 def _run_like(cfg, tok, monkeypatch):
     """What a default run does with its calibration: the preflight (same tokenizer object here, the hardest case
     for saying it once), then the search and the wanda@one_shot baseline each ask for the samples."""
-    from unipruning_cli import preflight
-    from unipruning_cli.calibration_set import calibration_set
+    from unipruning_cli.stages import preflight
+    from unipruning_cli.data.calibration_set import calibration_set
 
     monkeypatch.setattr(preflight, "_tokenizer", lambda *a: tok)
     monkeypatch.setattr(data, "_DOCS", {}, raising=False)
@@ -149,7 +149,7 @@ def test_the_default_config_does_not_warn_about_itself(monkeypatch, caplog):
     (the joined stream's seeded windows: the README's and the bench gate's figures depend on them)."""
     from transformers import AutoTokenizer
 
-    from unipruning_cli.models import model_location
+    from unipruning_cli.models.loading import model_location
 
     cfg = compose_prune([])
     tok = AutoTokenizer.from_pretrained(model_location(cfg.model))

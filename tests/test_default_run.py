@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unipruning_cli.config import compose_prune
-from unipruning_cli.methods import baselines_of, make_target, targets_of
+from unipruning_cli.core.config import compose_prune
+from unipruning_cli.pruning.targets import baselines_of, make_target, targets_of
 
 
 def test_the_default_config_cuts_four_targets_from_one_gamma_beside_wanda():
@@ -28,7 +28,7 @@ def test_the_default_config_cuts_four_targets_from_one_gamma_beside_wanda():
     (["experiment=paper_offline"], ["s0.50_per_matrix", "s0.60_per_matrix", "s0.70_per_matrix", "2of4", "4of8"], []),
 ])
 def test_other_methods_and_explicit_lists_keep_their_cuts(overrides, tags, baselines):
-    from unipruning_cli.preflight import validate_method_options
+    from unipruning_cli.stages.preflight import validate_method_options
 
     cfg = compose_prune(overrides)
     validate_method_options(cfg)  # the defaults never refuse another method
@@ -39,7 +39,7 @@ def test_other_methods_and_explicit_lists_keep_their_cuts(overrides, tags, basel
 def test_the_default_runs_summary_compares_unipruning_and_wanda_at_four_targets(tmp_path, tiny_llama_dir,
                                                                                 corpus_files, monkeypatch):
     from _helpers import tiny_overrides
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.commands.prune import run_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
@@ -70,7 +70,7 @@ def test_a_run_made_under_the_old_default_allocation_keeps_its_own_cut(tmp_path)
 
     from omegaconf import OmegaConf
 
-    from unipruning_cli.export.run import open_run, resolve_target
+    from unipruning_cli.stages.export.run import open_run, resolve_target
 
     run = tmp_path / "old"
     (run / "stages").mkdir(parents=True)

@@ -21,8 +21,8 @@ from _helpers import (
     tiny_overrides,
     torchrun_command,
 )
-from unipruning_cli.distributed import Ranks, launch_ranks, row_range
-from unipruning_cli.errors import UserError
+from unipruning_cli.core.distributed import Ranks, launch_ranks, row_range
+from unipruning_cli.core.errors import UserError
 
 # The default suite runs Qwen2 here and Llama with rho > 0 in the resume test below (about 2 minutes on 2 cores);
 # make test-slow runs the rest.
@@ -52,8 +52,8 @@ def test_a_rank_killed_mid_search_then_a_rerun_resumes_and_ends_with_the_same_ga
         tiny_llama_dir, corpus_files, tmp_path, monkeypatch):
     import psutil
 
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.commands.prune import run_prune
 
     args = sharded_overrides(tiny_llama_dir, corpus_files, "schedule.steps=20", "schedule.rho=0.5")
     run = tmp_path / "run"
@@ -155,8 +155,8 @@ def test_the_launch_is_read_from_torchrun_and_slurm_variables():
 ])
 def test_what_several_ranks_cannot_run_is_refused_before_any_weight_is_read(extra, message, tiny_llama_dir,
                                                                             corpus_files, monkeypatch, tmp_path):
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.search.sharded import check_sharded_run
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.sharded_search import check_sharded_run
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
@@ -178,7 +178,7 @@ def test_a_sweep_under_torchrun_is_refused_with_the_launcher_that_does_it(monkey
 def test_plan_says_the_70b_drift_search_fits_8_gpus_of_80gb_and_how(tmp_path, monkeypatch):
     import json
 
-    from unipruning_cli.plan.command import plan_command
+    from unipruning_cli.commands.plan import plan_command
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "plan.json"

@@ -18,10 +18,10 @@ import torch
 
 from _helpers import build_tiny_model
 from unipruning_cli.metrics import build_metric
-from unipruning_cli.models import prunable_layers
+from unipruning_cli.models.loading import prunable_layers
 from unipruning_cli.search import L1Prox, SearchSettings, search_drift
 from unipruning_cli.search.mirror_descent import alignment_grad
-from unipruning_cli.stats import ActivationStats
+from unipruning_cli.data.stats import ActivationStats
 
 
 def lr_factor(s: SearchSettings, step: int) -> float:

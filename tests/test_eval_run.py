@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from unipruning_cli.errors import UserError
-from unipruning_cli.evaluation.existing_run import evaluate_run
-from unipruning_cli.runner import run_prune
+from unipruning_cli.core.errors import UserError
+from unipruning_cli.commands.eval import evaluate_run
+from unipruning_cli.commands.prune import run_prune
 
 
 @pytest.fixture()
@@ -47,11 +47,11 @@ def test_evaluating_several_cuts_in_turn_equals_each_alone_and_restores_the_mode
     from omegaconf import OmegaConf
 
     from _helpers import build_tiny_model
-    from unipruning_cli.masks import masks_for
-    from unipruning_cli.methods import apply_masks
-    from unipruning_cli.models import prunable_layers
-    from unipruning_cli.evaluation.protocol import evaluate_masks, evaluate_pruned
-    from unipruning_cli.context import RunContext
+    from unipruning_cli.pruning.masks import masks_for
+    from unipruning_cli.pruning.weights import apply_masks
+    from unipruning_cli.models.loading import prunable_layers
+    from unipruning_cli.stages.evaluation import evaluate_masks, evaluate_pruned
+    from unipruning_cli.core.context import RunContext
 
     model = build_tiny_model("llama", len(tiny_tokenizer)).eval()
     layers = prunable_layers(model)

@@ -67,7 +67,7 @@ def wanda_run(ws, tiny_llama_dir, corpus_files) -> Path:
 @pytest.fixture(scope="module")
 def exported(ws, uni_run, wanda_run):
     """Memoised in-process exports: name -> (folder, stdout)."""
-    from unipruning_cli.export import export_command
+    from unipruning_cli.commands.export import export_command
 
     runs = {"uni": uni_run, "wanda": wanda_run}
     done: dict[str, tuple[Path, str]] = {}
@@ -98,7 +98,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _expected_zeros(shape, target: str) -> int:
-    from unipruning_cli.masks import num_pruned
+    from unipruning_cli.pruning.masks import num_pruned
 
     rows, cols = shape
     if target == "2of4":
@@ -232,7 +232,7 @@ def test_model_card_and_summary(exported, uni_run):
 
 @pytest.mark.e2e
 def test_default_out_is_inside_the_run(uni_run, capsys):
-    from unipruning_cli.export import export_command
+    from unipruning_cli.commands.export import export_command
 
     export_command([str(uni_run), "pattern=2:4"])
     out = uni_run / "export" / "2of4"
@@ -243,9 +243,9 @@ def test_default_out_is_inside_the_run(uni_run, capsys):
 
 @pytest.mark.e2e
 def test_gamma_cut_at_a_sparsity_the_run_does_not_hold(exported, uni_run, tiny_llama_dir):
-    from unipruning_cli.methods import Target
-    from unipruning_cli.rundir import load_tensors
-    from unipruning_cli.mask_files import load_masks
+    from unipruning_cli.pruning.targets import Target
+    from unipruning_cli.core.rundir import load_tensors
+    from unipruning_cli.pruning.mask_files import load_masks
 
     assert "s0.80_per_row" not in _metrics(uni_run)["results"]
     folder, stdout = exported("uni_s080", "uni", "sparsity=0.8")
@@ -275,8 +275,8 @@ def test_export_in_bfloat16_with_compressed_file(exported, uni_run):
 
 @pytest.mark.e2e
 def test_wanda_run_cannot_cut_a_new_sparsity(wanda_run, ws):
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.export import export_command
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.commands.export import export_command
 
     out = ws["root"] / "exports" / "wanda_s080"
     before = sorted(p.name for p in (wanda_run / "masks").iterdir())
@@ -292,8 +292,8 @@ def test_wanda_run_cannot_cut_a_new_sparsity(wanda_run, ws):
 @pytest.mark.e2e
 def test_sparsegpt_run_is_refused(wanda_run, ws):
     """A run whose config says method=sparsegpt (a copy of the Wanda run's layout: same files as a SparseGPT run)."""
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.export import export_command
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.commands.export import export_command
 
     fake = ws["root"] / "sparsegpt_run"
     shutil.copytree(wanda_run, fake)
@@ -328,8 +328,8 @@ def test_bad_run_dir_via_cli_exits_2(case, ws, wanda_run):
 
 @pytest.mark.e2e
 def test_existing_output_folder_needs_force(uni_run, ws):
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.export import export_command
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.commands.export import export_command
 
     out = ws["root"] / "exports" / "occupied"
     out.mkdir(parents=True)
@@ -352,8 +352,8 @@ def test_existing_output_folder_needs_force(uni_run, ws):
 
 @pytest.mark.e2e
 def test_bad_requests_name_the_problem(uni_run):
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.export import export_command
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.commands.export import export_command
 
     for args, match in ([["sparsity=1.5"], "sparsity=1.5 is out of range"],
                         [["sparsity=0.555"], "two decimals"],
@@ -373,7 +373,7 @@ def test_bad_requests_name_the_problem(uni_run):
 @pytest.mark.parametrize("model_from", ["run_dir", "hf_folder"])
 @pytest.mark.e2e
 def test_apply_reproduces_the_export_bit_for_bit(model_from, exported, uni_run, tiny_llama_dir, ws):
-    from unipruning_cli.export import apply_command
+    from unipruning_cli.commands.export import apply_command
 
     folder, _ = exported("uni_2of4", "uni", "pattern=2:4")
     out = ws["root"] / f"applied_{model_from}"
@@ -388,9 +388,9 @@ def test_apply_reproduces_the_export_bit_for_bit(model_from, exported, uni_run, 
 
 @pytest.mark.e2e
 def test_apply_shape_mismatch_lists_the_layers(uni_run, tiny_llama_dir, ws):
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.export import apply_command
-    from unipruning_cli.mask_files import load_masks, save_masks
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.commands.export import apply_command
+    from unipruning_cli.pruning.mask_files import load_masks, save_masks
 
     masks = load_masks(uni_run / "masks" / "2of4.safetensors")
     bad = ["model.layers.1.self_attn.k_proj", "model.layers.2.mlp.gate_proj"]
@@ -420,7 +420,7 @@ def test_apply_refuses_an_existing_folder_via_cli(uni_run, tiny_llama_dir, ws):
 
 
 def test_pack_indices_round_trip():
-    from unipruning_cli.export import pack_indices, unpack_indices
+    from unipruning_cli.stages.export.nm import pack_indices, unpack_indices
 
     g = torch.Generator().manual_seed(0)
     for m, bits in ((2, 1), (4, 2), (8, 3), (16, 4)):
@@ -432,7 +432,7 @@ def test_pack_indices_round_trip():
 
 
 def test_compress_nm_rules():
-    from unipruning_cli.export import compress_nm, decompress_nm
+    from unipruning_cli.stages.export.nm import compress_nm, decompress_nm
 
     g = torch.Generator().manual_seed(1)
     for n, m in ((2, 4), (4, 8), (1, 4)):
@@ -449,10 +449,11 @@ def test_compress_nm_rules():
 
 
 def test_compressed_round_trip_is_exact_and_small_in_bf16(tmp_path, tiny_tokenizer):
-    from unipruning_cli.export import COMPRESSED_FILE, load_compressed, write_compressed
-    from unipruning_cli.masks import nm_masks
-    from unipruning_cli.methods import apply_masks
-    from unipruning_cli.models import prunable_layers
+    from unipruning_cli.stages.export.folder import COMPRESSED_FILE
+    from unipruning_cli.stages.export.nm import load_compressed, write_compressed
+    from unipruning_cli.pruning.masks import nm_masks
+    from unipruning_cli.pruning.weights import apply_masks
+    from unipruning_cli.models.loading import prunable_layers
 
     model = build_tiny_model("llama", len(tiny_tokenizer)).to(torch.bfloat16)
     layers = prunable_layers(model)
@@ -479,7 +480,8 @@ def test_compressed_round_trip_is_exact_and_small_in_bf16(tmp_path, tiny_tokeniz
 def test_exported_compressed_file_rebuilds_the_exported_model(exported, ws):
     from transformers import AutoModelForCausalLM
 
-    from unipruning_cli.export import COMPRESSED_FILE, load_compressed
+    from unipruning_cli.stages.export.folder import COMPRESSED_FILE
+    from unipruning_cli.stages.export.nm import load_compressed
 
     folder, _ = exported("uni_2of4_fp32_c", "uni", "pattern=2:4", "--compressed")
     assert (folder / COMPRESSED_FILE).is_file()
@@ -502,8 +504,8 @@ def test_exported_compressed_file_rebuilds_the_exported_model(exported, ws):
 def test_semi_structured_needs_an_nvidia_gpu(exported, capsys):
     import importlib.util
 
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.export import to_semi_structured
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.stages.export.nm import to_semi_structured
 
     with pytest.raises(UserError, match=r"compute capability >= 8\.0"):
         to_semi_structured(torch.nn.Linear(4, 4))

@@ -41,10 +41,10 @@ def test_a_metric_registered_here_prunes_from_the_cli(monkeypatch, tmp_path, tin
     from transformers import AutoModelForCausalLM
 
     from unipruning_cli.cli import main
-    from unipruning_cli.mask_files import load_masks
-    from unipruning_cli.masks import masks_for
+    from unipruning_cli.pruning.mask_files import load_masks
+    from unipruning_cli.pruning.masks import masks_for
     from unipruning_cli.metrics import METRICS
-    from unipruning_cli.models import prunable_layers
+    from unipruning_cli.models.loading import prunable_layers
 
     metric = _column_weighted_metric()
     _register(monkeypatch, METRICS, "column_weighted", metric)
@@ -67,9 +67,9 @@ def test_a_metric_registered_here_prunes_from_the_cli(monkeypatch, tmp_path, tin
 
 
 def test_a_regularizer_registered_here_composes_validates_and_builds(monkeypatch, tiny_llama_dir, corpus_files):
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.preflight import validate
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.stages.preflight import validate
     from unipruning_cli.search.regularizers import REGULARIZERS, L1Prox, build_regularizer
 
     @dataclass(frozen=True)

@@ -37,10 +37,10 @@ def test_a_family_prunes_every_projection_and_its_export_reloads_at_the_runs_per
         family, tmp_path, tiny_tokenizer, corpus_files):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from unipruning_cli.config import compose_prune
+    from unipruning_cli.core.config import compose_prune
     from unipruning_cli.evaluation.perplexity import perplexity
-    from unipruning_cli.export import export_command
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.commands.export import export_command
+    from unipruning_cli.commands.prune import run_prune
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -35,7 +35,7 @@ def test_every_part_has_its_keys_its_reserve_and_its_function():
 
 
 def test_defaults_fit_the_device_and_the_tiny_form_fits_its_positions():
-    from unipruning_cli.plan.architectures import ARCHITECTURES
+    from unipruning_cli.stages.plan.architectures import ARCHITECTURES
 
     gc = _gpu_check()
     device = gc.parse_args(["--out", "o"])
@@ -70,7 +70,7 @@ def test_step_seconds_start_at_step_two_and_stages_pair_with_the_plan():
 
 
 def test_a_stage_records_mem_available_and_cuda_figures_only_where_cuda_is_in_use():
-    from unipruning_cli.progress import Timer, pinned_host_bytes
+    from unipruning_cli.core.progress import Timer, pinned_host_bytes
 
     timer = Timer()
     with timer.stage("work"):

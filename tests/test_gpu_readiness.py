@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from unipruning_cli import distributed
-from unipruning_cli.distributed import Ranks
-from unipruning_cli.pinned import ALIGN, HostArena, allocator_bytes, arena_bytes, arena_layout
+from unipruning_cli.core import distributed
+from unipruning_cli.core.distributed import Ranks
+from unipruning_cli.core.pinned import ALIGN, HostArena, allocator_bytes, arena_bytes, arena_layout
 from unipruning_cli.search.settings import SearchSettings
 
 GIB = 2**30
@@ -26,9 +26,9 @@ GIB = 2**30
 
 
 def _qwen7b_shapes() -> list[torch.Size]:
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.models import prunable_layers
-    from unipruning_cli.plan.architectures import meta_model
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.models.loading import prunable_layers
+    from unipruning_cli.stages.plan.architectures import meta_model
 
     cfg = compose_prune(["model=qwen2.5-7b"])
     return [m.weight.shape for m in prunable_layers(meta_model(cfg.model, torch.bfloat16)).values()]
@@ -144,7 +144,7 @@ def test_the_fp32_master_copy_drifts_under_autocast_without_its_cache_of_casts(t
     per weight, 12 GiB at 7B, counted nowhere); the search runs its forward and backward with the cache off."""
     from _helpers import build_tiny_model
     from unipruning_cli.metrics import build_metric
-    from unipruning_cli.models import prunable_layers
+    from unipruning_cli.models.loading import prunable_layers
     from unipruning_cli.search.mirror_descent import search_drift
     from unipruning_cli.search.regularizers import L1Prox
 
@@ -250,7 +250,7 @@ def test_the_process_group_has_an_explicit_timeout_and_each_rank_its_share_of_th
 def test_buffers_go_to_the_compute_device_whatever_fsdp_left_them_on():
     """Under FSDP's CPU offload rank 0's buffers (RoPE's ``inv_freq``) went to the GPU and the others' stayed on the
     host; every rank now puts them on its compute device before they are broadcast (here: ``meta`` stands for it)."""
-    from unipruning_cli.search.sharded import buffers_to
+    from unipruning_cli.stages.sharded_search import buffers_to
 
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     model[0].register_buffer("inv_freq", torch.ones(3), persistent=False)
@@ -265,7 +265,7 @@ def test_buffers_go_to_the_compute_device_whatever_fsdp_left_them_on():
 def _plan_json(tmp_path, monkeypatch, *args: str) -> dict:
     import json
 
-    from unipruning_cli.plan.command import plan_command
+    from unipruning_cli.commands.plan import plan_command
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "plan.json"
@@ -289,7 +289,7 @@ def test_the_7b_plan_counts_pinned_state_as_the_allocator_takes_it_and_fits_80gb
 
 
 def test_the_70b_plan_over_8_gpus_counts_fsdp_and_nccl_buffers_and_fits(tmp_path, monkeypatch):
-    from unipruning_cli.plan.rows import NCCL_BUFFERS
+    from unipruning_cli.stages.plan.rows import NCCL_BUFFERS
 
     plan = _plan_json(tmp_path, monkeypatch, "model=llama-3.1-70b", "--gpus", "8", "--gpu-memory", "80GiB")
     assert plan["fits"] and plan["ranks"] == 8 and plan["fsdp_offload"]

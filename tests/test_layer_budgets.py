@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from unipruning_cli.layer_budgets import gamma_offsets, layer_of, layer_sparsities, layerwise_masks, owl_offsets
-from unipruning_cli.masks import mask_sparsity, num_pruned
+from unipruning_cli.pruning.layer_budgets import gamma_offsets, layer_of, layer_sparsities, layerwise_masks, owl_offsets
+from unipruning_cli.pruning.masks import mask_sparsity, num_pruned
 
 
 def _scores(seed: int = 0, layers: int = 4, heavy: int = 1) -> dict[str, torch.Tensor]:
@@ -107,10 +107,10 @@ def _own_cache(tmp_path, monkeypatch):
 def test_a_run_cuts_layerwise_budgets_at_every_target_and_export_cuts_a_new_one(
         method, allocation, tmp_path, tiny_llama_dir, corpus_files, _own_cache):
     from _helpers import tiny_overrides
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.export.apply import export_run
-    from unipruning_cli.mask_files import load_masks
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.export.apply import export_run
+    from unipruning_cli.pruning.mask_files import load_masks
+    from unipruning_cli.commands.prune import run_prune
 
     torch.set_num_threads(1)
     extra = (["method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3", "export.sparsities=[0.6,0.7]"]

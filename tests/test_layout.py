@@ -2,7 +2,7 @@
 
 Every ``import`` of the package is read from the source (module level and inside functions alike),
 with the package ``__init__`` that importing a submodule runs. ``python -m pytest tests/test_layout.py``
-is the command that checks it; a new module must be given a tier in ``TIERS`` below.
+is the command that checks it; a new folder must be given a tier in ``FOLDER_TIERS`` below.
 
 The docs are checked here too: ``docs/layout.md`` lists every module with its tier, README.md stays under
 ``README_MAX_LINES`` and links every ``docs/*.md`` page, and every relative link of those pages resolves.
@@ -21,24 +21,19 @@ README = PACKAGE.parent / "README.md"
 DOCS = PACKAGE.parent / "docs"
 README_MAX_LINES = 250  # the page a newcomer reads in five minutes; the rest lives in docs/
 
-#: Tier of each module (a name ending in ``.*`` covers a package's modules). An import may go to its
-#: own tier or a lower one, never a higher one.
-TIERS = {
-    "cli": 3, "__main__": 3,
+#: The tier of each folder of the package: every module in it (its ``__init__`` too) has that tier, so a folder holds
+#: one tier. An import may go to its own tier or a lower one, never a higher one.
+FOLDER_TIERS = {
+    "": 3,  # cli.py, __main__.py (and the package's __init__: its version, imported by no module of the package)
     # commands that sequence stages
-    "runner": 2, "evaluation.existing_run": 2, "export": 2, "export.commands": 2, "plan.command": 2,
-    # stages: each builds one step of a run from primitives
-    "preflight": 1, "pruning": 1, "reconstruction": 1, "refinement": 1, "baselines.local": 1, "search.stage": 1, "search.store": 1,
-    "search.sharded": 1, "storage": 1, "methods.local": 1, "methods.sparsegpt": 1, "methods.unipruning": 1,
-    "evaluation.dense": 1, "evaluation.protocol": 1, "export.*": 1, "plan": 1, "plan.*": 1,
+    "commands": 2,
+    # stages: each builds one step of a run from primitives; the methods are stages too (their masks run stages)
+    "stages": 1, "stages.export": 1, "stages.plan": 1, "methods": 1,
     # primitives
-    "": 0, "context": 0, "calibration_set": 0, "block_loop": 0, "errors": 0, "paths": 0, "registry": 0, "progress": 0, "stats": 0, "provenance": 0, "pinned": 0, "inputs": 0, "rundir": 0,
-    "config": 0, "lazymap": 0, "masks": 0, "mask_files": 0, "methods": 0, "methods.base": 0, "methods.targets": 0, "methods.blockwise": 0, "methods.weights": 0, "models": 0, "layouts": 0, "layer_budgets": 0, "onload": 0, "data": 0, "sampling": 0, "assets": 0,
-    "calibration": 0, "report": 0, "sweep": 0, "metrics": 0, "metrics.*": 0, "baselines": 0, "baselines.*": 0,
-    "evaluation": 0, "evaluation.perplexity": 0, "evaluation.tasks": 0, "evaluation.zeroshot": 0,
-    "search": 0, "search.settings": 0, "search.regularizers": 0, "search.state": 0, "search.log": 0, "search.recompute": 0, "search.placement": 0, "search.mirror_descent": 0,
-    "search.frozen": 0, "search.shards": 0, "distributed": 0,
+    "core": 0, "data": 0, "models": 0, "pruning": 0, "metrics": 0, "search": 0, "evaluation": 0,
 }
+#: At most about a dozen entries at the top of the package (files and folders).
+TOP_MAX_ENTRIES = 13
 NAMES = {"cli": "cli", 2: "runner", 1: "stage", 0: "primitive"}
 
 
@@ -94,21 +89,34 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
+def folder_of(module: str) -> str:
+    """The folder a module lives in, dotted ("" for the package's top): a package's __init__ lives in its own."""
+    path = _modules()[module]
+    return ".".join(path.parent.relative_to(PACKAGE).parts)
+
+
 def tier(module: str) -> int:
-    if module in TIERS:
-        return TIERS[module]
-    parts = module.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        key = ".".join(parts[:i]) + ".*"
-        if key in TIERS:
-            return TIERS[key]
-    raise KeyError(module)
+    return FOLDER_TIERS[folder_of(module)]
 
 
-def test_every_module_has_a_tier():
-    missing = [m for m in _modules() if m not in TIERS and not any(
-        ".".join(m.split(".")[:i]) + ".*" in TIERS for i in range(1, m.count(".") + 1))]
-    assert not missing, f"give these modules a tier in tests/test_layout.py: {missing}"
+def test_every_folder_has_a_tier_and_holds_that_tier_alone():
+    """A module's tier is its folder's, with no exception: a module of another tier belongs in another folder."""
+    folders = {".".join(p.relative_to(PACKAGE).parts) for p in [PACKAGE, *PACKAGE.rglob("*")]
+               if p.is_dir() and p.name != "__pycache__" and any(p.glob("*.py"))}
+    assert folders == set(FOLDER_TIERS), (f"folders without a tier in tests/test_layout.py: {sorted(folders - set(FOLDER_TIERS))}; "
+                                          f"tiers of folders that are gone: {sorted(set(FOLDER_TIERS) - folders)}")
+    for folder in folders:
+        assert (PACKAGE.joinpath(*folder.split(".")) / "__init__.py").is_file(), f"{folder or 'unipruning_cli'} is no package"
+
+
+def test_commands_stages_and_primitives_have_folders_of_their_own():
+    tiers_of = {}
+    for folder, t in FOLDER_TIERS.items():
+        tiers_of.setdefault(t, []).append(folder)
+    assert tiers_of[2] == ["commands"]  # every command in one place
+    assert all(f.startswith("stages") or f == "methods" for f in tiers_of[1])
+    entries = [p.name for p in PACKAGE.iterdir() if p.name != "__pycache__"]
+    assert len(entries) <= TOP_MAX_ENTRIES, f"unipruning_cli/ holds {len(entries)} entries: {sorted(entries)}"
 
 
 def test_imports_never_run_up_the_tiers():
@@ -152,10 +160,10 @@ def test_the_cycle_finder_finds_a_circle():
 
 def test_the_graph_sees_lazy_relative_and_parent_imports():
     graph = import_graph()
-    assert "progress" in graph["cli"]  # a function-local import
-    assert "search.store" in graph["search.stage"]  # a relative import
-    assert "search" in graph["runner"]  # search.stage runs search/__init__ first
-    assert "config" in graph["preflight"]
+    assert "core.progress" in graph["cli"]  # a function-local import
+    assert "stages.search_store" in graph["stages.search"]  # a relative import
+    assert "stages" in graph["commands.prune"]  # stages.search runs stages/__init__ first
+    assert "core.config" in graph["stages.preflight"]
 
 
 @pytest.mark.parametrize("module", sorted(_modules()))

@@ -2,7 +2,7 @@
 
 The reference ranks with NumPy's ``lexsort`` on (-score, index) in float64: higher score first, then lower index,
 which is the promised tie-break stated directly (-0.0 and 0.0 compare equal there, as in a float comparison).
-It shares no code with ``unipruning_cli.masks`` (whose own sort rule is only another path of the code under test).
+It shares no code with ``unipruning_cli.pruning.masks`` (whose own sort rule is only another path of the code under test).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from unipruning_cli.masks import _BAND_SAMPLE, _keep_top_by_selection, _keep_top_by_sort, kth_smallest
+from unipruning_cli.pruning.masks import _BAND_SAMPLE, _keep_top_by_selection, _keep_top_by_sort, kth_smallest
 
 
 def ref_keep_top(values: torch.Tensor, keep: int) -> torch.Tensor:

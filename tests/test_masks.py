@@ -13,19 +13,9 @@ from typing import Callable
 import pytest
 import torch
 
-from unipruning_cli.masks import (
-    ALLOCATIONS,
-    check_nm_applicable,
-    global_masks,
-    mask_sparsity,
-    masks_for,
-    nm_mask,
-    nm_masks,
-    num_pruned,
-    per_matrix_mask,
-    per_row_mask,
-)
-from unipruning_cli.mask_files import pack_mask, unpack_mask
+from unipruning_cli.pruning.masks import (ALLOCATIONS, check_nm_applicable, global_masks, mask_sparsity, masks_for,
+                                          nm_mask, nm_masks, num_pruned, per_matrix_mask, per_row_mask)
+from unipruning_cli.pruning.mask_files import pack_mask, unpack_mask
 
 SPARSITIES = [0.0, 0.1, 0.5, 0.7, 0.99, 1.0]
 NM_PATTERNS = [(1, 4), (2, 4), (3, 4), (4, 8)]
@@ -565,7 +555,7 @@ def test_mask_sparsity_of_empty_mask_is_zero() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.bool])
 def test_count_zeros_matches_the_obvious_count(dtype):
-    from unipruning_cli.masks import count_zeros
+    from unipruning_cli.pruning.masks import count_zeros
 
     t = (torch.randn(37, 29) * (torch.rand(37, 29) > 0.4)).to(dtype)
     t.view(-1)[5] = -0.0 if dtype != torch.bool else False  # a negative zero is a zero

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..mask_files import save_masks
-from ..context import RunContext
-from .base import Cuts, Method, register_method
+from unipruning_cli.methods import Cuts, Method, RunContext, register_method
+from unipruning_cli.pruning.mask_files import save_masks
 
 
 @dataclass
@@ -80,7 +79,7 @@ def _expected(model_dir: Path, sparsity: float, power: float) -> dict[str, torch
     """The obviously-right masks: per column, sort |W| ** power and keep the top rows."""
     from transformers import AutoModelForCausalLM
 
-    from unipruning_cli.models import prunable_layers
+    from unipruning_cli.models.loading import prunable_layers
 
     out = {}
     for name, layer in prunable_layers(AutoModelForCausalLM.from_pretrained(model_dir)).items():
@@ -95,7 +94,7 @@ def _expected(model_dir: Path, sparsity: float, power: float) -> dict[str, torch
 
 def test_a_method_in_one_file_and_one_yaml_runs_through_every_command(toy_method, tmp_path, tiny_llama_dir,
                                                                         corpus_files):
-    from unipruning_cli.mask_files import load_masks
+    from unipruning_cli.pruning.mask_files import load_masks
 
     env = cli_env(tmp_path / "runs", tmp_path / "cache")
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith("method=")]
@@ -134,9 +133,9 @@ def test_a_method_in_one_file_and_one_yaml_runs_through_every_command(toy_method
 
 
 def test_an_unknown_knob_of_a_method_is_refused_with_its_name(tiny_llama_dir, corpus_files):
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.preflight import validate
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.stages.preflight import validate
 
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith("method=")]
     with pytest.raises(UserError, match="method=sparsegpt.*nosuchknob"):
@@ -158,13 +157,11 @@ def test_a_method_in_a_folder_of_unipruning_plugins_needs_no_yaml(tmp_path, monk
     ``$UNIPRUNING_PLUGINS`` registers a method that ``method=<name>`` selects, with its ``Settings`` defaults."""
     import sys
 
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.methods.base import METHODS, method_of
-    from unipruning_cli.preflight import validate
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.pruning.method import METHODS, method_of
+    from unipruning_cli.stages.preflight import validate
 
-    (tmp_path / "my_column.py").write_text(TOY_MODULE.replace("from ..mask_files", "from unipruning_cli.mask_files")
-                                           .replace("from .base", "from unipruning_cli.methods.base")
-                                           .replace('"keep_column"', '"my_column"'))
+    (tmp_path / "my_column.py").write_text(TOY_MODULE.replace('"keep_column"', '"my_column"'))
     monkeypatch.setenv("UNIPRUNING_PLUGINS", str(tmp_path))
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith("method=")]
     try:
@@ -182,10 +179,10 @@ def test_a_broken_or_clashing_plugin_only_matters_where_it_is_chosen(tmp_path, m
     """A plugin folder may hold a package's ``__init__.py``, a module that fails to import, or a file named like a
     built-in method: every other method still composes and validates; the broken one, chosen, is a UserError naming
     what failed; the clash is said, and the built-in wins."""
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.methods.base import METHODS, method_of
-    from unipruning_cli.preflight import validate
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.pruning.method import METHODS, method_of
+    from unipruning_cli.stages.preflight import validate
 
     (tmp_path / "__init__.py").write_text("")
     (tmp_path / "broken.py").write_text("raise ImportError('no such dependency')\n")

@@ -13,8 +13,8 @@ import torch
 
 from unipruning_cli.metrics import METRICS, LocalMetric, build_metric
 from unipruning_cli.metrics.stochria import draw_subsets, subset_size
-from unipruning_cli.registry import UnknownNameError
-from unipruning_cli.stats import ActivationStats
+from unipruning_cli.core.registry import UnknownNameError
+from unipruning_cli.data.stats import ActivationStats
 
 EPS = 1e-12
 Matrix = list[list[float]]

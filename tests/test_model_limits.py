@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from _helpers import save_model, tiny_llama, tiny_overrides, validate_overrides
-from unipruning_cli.errors import UserError
+from unipruning_cli.core.errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -56,9 +56,9 @@ def test_a_float16_overflow_stops_the_run_at_the_first_non_finite_module_and_cac
                                                                                             corpus_files):
     import torch
 
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.preflight import validate
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.preflight import validate
+    from unipruning_cli.commands.prune import run_prune
 
     torch.manual_seed(0)
     model = tiny_llama(tiny_tokenizer, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
@@ -78,7 +78,7 @@ def test_activation_statistics_with_inf_are_refused_like_nan_ones():
     import torch
 
     from unipruning_cli.metrics import build_metric
-    from unipruning_cli.stats import ActivationStats
+    from unipruning_cli.data.stats import ActivationStats
 
     weight = torch.rand(4, 8)
     for name in ("wanda", "ria", "stochria"):
@@ -92,7 +92,7 @@ def test_activation_statistics_with_inf_are_refused_like_nan_ones():
 def test_a_global_cut_caps_each_matrix_and_still_hits_the_budget_and_nests():
     import torch
 
-    from unipruning_cli.masks import global_masks, num_pruned
+    from unipruning_cli.pruning.masks import global_masks, num_pruned
 
     g = torch.Generator().manual_seed(0)
     scores = {"tiny_v_proj": torch.rand(8, 64, generator=g) * 1e-6, "a": torch.rand(32, 64, generator=g),
@@ -122,9 +122,9 @@ def test_a_global_run_lists_its_capped_matrix_in_metrics(tmp_path, tiny_tokenize
 
     import torch
 
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.preflight import validate
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.preflight import validate
+    from unipruning_cli.commands.prune import run_prune
 
     torch.manual_seed(0)
     model = tiny_llama(tiny_tokenizer, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
@@ -137,7 +137,7 @@ def test_a_global_run_lists_its_capped_matrix_in_metrics(tmp_path, tiny_tokenize
     metrics = run_prune(cfg, tmp_path / "run")
     v = "model.layers.1.self_attn.v_proj"
     assert metrics["matrices_at_cap"] == {"cap": 0.99, "names": [v]}
-    from unipruning_cli.masks import num_pruned
+    from unipruning_cli.pruning.masks import num_pruned
 
     n = 32 * 64  # v_proj: 2 kv heads x 16 x hidden 64; cut at the cap, num_pruned's nearest count
     assert round(metrics["results"]["s0.60_global"]["per_layer_sparsity"][v] * n) == num_pruned(n, 0.99) < n
@@ -161,9 +161,9 @@ def _bos_tokenizer(tiny_tokenizer, adds_bos: bool, has_bos: bool = True):
 
 def test_bos_follows_the_tokenizer_in_calibration_search_and_evaluation(tmp_path, tiny_tokenizer, corpus_files):
     from _helpers import build_tiny_model
-    from unipruning_cli.calibration_set import calibration_set
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.evaluation.protocol import eval_windows_of
+    from unipruning_cli.data.calibration_set import calibration_set
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.evaluation import eval_windows_of
 
     for adds in (True, False):
         tok = _bos_tokenizer(tiny_tokenizer, adds)
@@ -197,13 +197,13 @@ def test_expert_tensors_left_dense_are_said_loudly_and_recorded(tmp_path, tiny_t
     for experts with a norm after each one) stays dense, and the run says so and records how much it could prune."""
     import torch
 
-    import unipruning_cli.layouts as layouts
+    import unipruning_cli.models.layouts as layouts
 
     monkeypatch.setattr(layouts, "_LAYOUTS", ())
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.commands.prune import run_prune
 
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -225,7 +225,7 @@ def test_decoder_blocks_are_found_by_role_not_as_the_longest_list():
 
     from torch import nn
 
-    from unipruning_cli.models import find_blocks, prunable_layers
+    from unipruning_cli.models.loading import find_blocks, prunable_layers
 
     class Expert(nn.Module):
         def __init__(self):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from unipruning_cli.layouts import expert_counts
-from unipruning_cli.models import block_layers, find_blocks, prunable_layers
+from unipruning_cli.models.layouts import expert_counts
+from unipruning_cli.models.loading import block_layers, find_blocks, prunable_layers
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,7 +96,7 @@ def test_fused_projections_phi3():
 
 
 def test_longest_stack_wins_and_no_stack_is_a_user_error():
-    from unipruning_cli.errors import UserError
+    from unipruning_cli.core.errors import UserError
 
     class Block(nn.Module):
         def __init__(self):
@@ -131,7 +131,7 @@ from _helpers import REAL_CACHE, validate_overrides  # noqa: E402
 
 def test_a_gguf_source_that_is_not_a_gguf_file_is_refused_before_anything_loads(tmp_path, tiny_llama_dir,
                                                                                   corpus_files, no_weights_read):
-    from unipruning_cli.errors import UserError
+    from unipruning_cli.core.errors import UserError
 
     for bad in (tmp_path / "missing.gguf", tiny_llama_dir):
         with pytest.raises(UserError, match="not a .gguf file here"):
@@ -144,7 +144,7 @@ def test_a_gguf_file_is_converted_once_into_the_cache_and_loads_as_the_embedded_
     embedded folder (converted by ``unipruning prepare`` from that very file), and a second call converts nothing."""
     from safetensors.torch import load_file
 
-    from unipruning_cli.assets import EMBEDDED_MODELS, GGUF_MEMBER, ensure_gguf_folder
+    from unipruning_cli.data.assets import EMBEDDED_MODELS, GGUF_MEMBER, ensure_gguf_folder
 
     gguf, embedded_dir = REAL_CACHE / "raw" / Path(GGUF_MEMBER).name, REAL_CACHE / EMBEDDED_MODELS["smollm2-135m"]
     if not (gguf.exists() and (embedded_dir / "config.json").exists()):

@@ -35,8 +35,8 @@ def test_one_linear_per_expert_computes_what_transformers_does_and_shares_its_st
     """The per-expert Linears give transformers' eager logits (bit for bit where transformers' eager loop uses
     F.linear, as every concatenated-gate layout does), hold no copy of the weights, and pruning one expert's
     Linear prunes that expert's slice of the fused tensor that ``save_pretrained`` writes."""
-    from unipruning_cli.layouts import as_linears, hf_layout
-    from unipruning_cli.models import prunable_layers, unprunable_in_blocks
+    from unipruning_cli.models.layouts import as_linears, hf_layout
+    from unipruning_cli.models.loading import prunable_layers, unprunable_in_blocks
 
     model = moe_model(family)
     model.set_experts_implementation("eager")
@@ -87,8 +87,8 @@ def _routed_reference(model, layer: int, windows: torch.Tensor) -> dict[int, tor
 
 
 def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
-    from unipruning_cli.calibration import calibrate_blockwise
-    from unipruning_cli.layouts import as_linears
+    from unipruning_cli.data.calibration import calibrate_blockwise
+    from unipruning_cli.models.layouts import as_linears
 
     model = moe_model("mixtral")
     windows = torch.randint(0, 320, (3, 16))
@@ -104,8 +104,8 @@ def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
 
 
 def test_an_expert_with_too_few_routed_tokens_gets_the_pooled_statistics_and_is_listed(caplog):
-    from unipruning_cli.calibration import calibrate_blockwise
-    from unipruning_cli.layouts import as_linears
+    from unipruning_cli.data.calibration import calibrate_blockwise
+    from unipruning_cli.models.layouts import as_linears
 
     model = moe_model("mixtral")
 
@@ -132,8 +132,8 @@ def test_an_expert_with_too_few_routed_tokens_gets_the_pooled_statistics_and_is_
     assert all(s.own_count is not None for n, s in everyone.items() if ".experts." in n)
 
     # the drift search's statistics of each step, by the same rule
-    from unipruning_cli.layouts import expert_groups
-    from unipruning_cli.models import prunable_layers
+    from unipruning_cli.models.layouts import expert_groups
+    from unipruning_cli.models.loading import prunable_layers
     from unipruning_cli.search.recompute import StepStats
 
     hooks = StepStats(prunable_layers(model), expert_groups(model, ""), 1)
@@ -146,8 +146,8 @@ def test_an_expert_with_too_few_routed_tokens_gets_the_pooled_statistics_and_is_
 
 
 def _run(tmp_path, folder: Path, corpus_files, name: str, *extra: str) -> tuple[Path, dict]:
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.commands.prune import run_prune
 
     torch.set_num_threads(1)
     cfg = compose_prune([*tiny_overrides(folder, corpus_files), "calibration.min_expert_tokens=4", *extra])
@@ -209,7 +209,7 @@ def test_export_reloads_with_plain_transformers_at_the_runs_perplexity(family, t
     import subprocess
     import sys
 
-    from unipruning_cli.export import export_command
+    from unipruning_cli.commands.export import export_command
 
     folder = moe_folder(family, tiny_tokenizer, tmp_path)
     run_dir, metrics = _run(tmp_path, folder, corpus_files, "run", *METHODS["uni_drift"], "eval.dense=false")
@@ -232,7 +232,7 @@ def test_the_router_loss_enters_the_drift_loss_only_when_asked(tmp_path, tiny_to
     """``schedule.router_aux_loss=true``: the loss W drifts on is the LM loss plus the config's coefficient times the
     router's load-balancing loss (transformers' own); false (the default): the LM loss alone. Asked of a dense model,
     it is refused before any weight is read."""
-    from unipruning_cli.layouts import as_linears
+    from unipruning_cli.models.layouts import as_linears
     from unipruning_cli.search.mirror_descent import _lm_backward
     from unipruning_cli.search.settings import SearchSettings
 
@@ -246,7 +246,7 @@ def test_the_router_loss_enters_the_drift_loss_only_when_asked(tmp_path, tiny_to
     assert math.isclose(losses[False], lm, rel_tol=1e-6) and math.isclose(losses[True], float(out.loss), rel_tol=1e-6)
     assert float(out.aux_loss) > 0
 
-    from unipruning_cli.errors import UserError
+    from unipruning_cli.core.errors import UserError
 
     folder = save_model(tiny_llama(tiny_tokenizer), tiny_tokenizer, tmp_path / "llama")
     with pytest.raises(UserError, match="schedule.router_aux_loss=true.*not a mixture of experts"):
@@ -256,8 +256,8 @@ def test_the_router_loss_enters_the_drift_loss_only_when_asked(tmp_path, tiny_to
 def test_a_compressed_nm_export_of_a_moe_model_rebuilds_its_weights(tmp_path, tiny_tokenizer, corpus_files):
     from transformers import AutoModelForCausalLM
 
-    from unipruning_cli.export import export_command
-    from unipruning_cli.export.nm import load_compressed
+    from unipruning_cli.commands.export import export_command
+    from unipruning_cli.stages.export.nm import load_compressed
 
     folder = moe_folder("qwen3_moe", tiny_tokenizer, tmp_path)
     run_dir, _ = _run(tmp_path, folder, corpus_files, "run", *METHODS["uni_frozen"], "eval.dense=false")
@@ -285,7 +285,7 @@ def test_two_ranks_give_the_single_process_gamma_and_masks_on_a_moe_model(tmp_pa
 def _experts(family: str, dtype: torch.dtype):
     """The fused-experts module of layer 0 of a tiny random ``family`` model (4 experts, hidden 64), in ``dtype``,
     with transformers' eager loop, and its :class:`ExpertLinears` (views of the same tensors)."""
-    from unipruning_cli.layouts import ExpertLinears
+    from unipruning_cli.models.layouts import ExpertLinears
 
     model = moe_model(family).to(dtype)
     model.set_experts_implementation("eager")

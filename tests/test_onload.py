@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from _helpers import build_tiny_model
-from unipruning_cli.calibration import capture_block_inputs
+from unipruning_cli.data.calibration import capture_block_inputs
 from unipruning_cli.evaluation.perplexity import chunk_positions, window_nlls
-from unipruning_cli.models import find_blocks
-from unipruning_cli.onload import weights_on, detach_onload_hooks, is_onloaded_model, onloaded, place_onloaded
+from unipruning_cli.models.loading import find_blocks
+from unipruning_cli.models.onload import weights_on, detach_onload_hooks, is_onloaded_model, onloaded, place_onloaded
 
 
 def _devices(blocks) -> list[str]:
@@ -104,7 +104,7 @@ def test_onloaded_writes_back_what_the_block_changed():
     layer = torch.nn.Linear(4, 4)
     host = layer.weight.data
     moved = layer.weight.data.clone()
-    from unipruning_cli.onload import _release
+    from unipruning_cli.models.onload import _release
 
     moved.zero_()
     layer.weight.data = moved
@@ -114,7 +114,7 @@ def test_onloaded_writes_back_what_the_block_changed():
 
 def test_weights_on_fetches_one_matrix_at_a_time():
     model = build_tiny_model("llama", 64)
-    from unipruning_cli.models import prunable_layers
+    from unipruning_cli.models.loading import prunable_layers
 
     layers = prunable_layers(model)
     weights = weights_on(layers, torch.device("cpu"))
@@ -150,8 +150,8 @@ def test_chunk_positions():
 
 
 def test_placement_checks(frozen_search_cfg):
-    from unipruning_cli.config import validate_values
-    from unipruning_cli.errors import UserError
+    from unipruning_cli.core.config import validate_values
+    from unipruning_cli.core.errors import UserError
 
     cfg = frozen_search_cfg("model.placement=onload")
     validate_values(cfg)  # frozen search: block-wise, fine

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from unipruning_cli.data import calibration_windows, eval_windows, token_stream
-from unipruning_cli.errors import UserError
+from unipruning_cli.data.corpora import calibration_windows, eval_windows, token_stream
+from unipruning_cli.core.errors import UserError
 from unipruning_cli.evaluation.perplexity import perplexity, window_nlls
-from unipruning_cli.sampling import with_bos
+from unipruning_cli.data.sampling import with_bos
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,7 +155,7 @@ def test_token_stream_tokenises_a_corpus_once_per_tokenizer_and_rereads_an_edite
 
     from transformers import AutoTokenizer
 
-    from unipruning_cli import data
+    from unipruning_cli.data import corpora as data
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     path = tmp_path / "c.txt"
@@ -196,7 +196,7 @@ def _file_windows(tok, path, seqlen=32, n=3):
 def test_dense_perplexity_is_measured_then_cached(tmp_path, monkeypatch, tiny_llama, tiny_llama_dir, corpus_files):
     from transformers import AutoTokenizer
 
-    from unipruning_cli.progress import Timer
+    from unipruning_cli.core.progress import Timer
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -222,7 +222,7 @@ def test_dense_cache_follows_the_corpus_file_content(tmp_path, monkeypatch, tiny
     from transformers import AutoTokenizer
 
     from _helpers import make_text
-    from unipruning_cli.progress import Timer
+    from unipruning_cli.core.progress import Timer
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -238,8 +238,8 @@ def test_dense_cache_follows_the_corpus_file_content(tmp_path, monkeypatch, tiny
 
 def _dense_ppl(cfg, model, tok, timer):
     """Dense perplexity per corpus as the runner computes (and caches) it."""
-    from unipruning_cli.context import RunContext
-    from unipruning_cli.evaluation.dense import dense_evaluation
-    from unipruning_cli.evaluation.protocol import eval_windows_of
+    from unipruning_cli.core.context import RunContext
+    from unipruning_cli.stages.dense_evaluation import dense_evaluation
+    from unipruning_cli.stages.evaluation import eval_windows_of
 
     return dense_evaluation(RunContext(cfg, timer=timer).loaded(model, tok), eval_windows_of(cfg, tok))["perplexity"]

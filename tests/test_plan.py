@@ -14,7 +14,7 @@ GIB = 2**30
 
 
 def _plan(tmp_path, *args: str) -> dict:
-    from unipruning_cli.plan.command import plan_command
+    from unipruning_cli.commands.plan import plan_command
 
     out = tmp_path / "plan.json"
     plan_command([*args, "--json", str(out)])
@@ -78,14 +78,14 @@ def test_frozen_needs_far_less_gpu_than_drift(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * GIB), ("141GB", 141e9), ("24", 24 * GIB),
                                             ("512 MiB", 512 * 2**20)])
 def test_sizes(text, expected):
-    from unipruning_cli.plan.command import parse_size
+    from unipruning_cli.commands.plan import parse_size
 
     assert parse_size(text, "--gpu-memory") == expected
 
 
 def test_bad_sizes_and_gpus_without_memory_are_refused(tmp_path):
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.plan.command import parse_size, plan_command
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.commands.plan import parse_size, plan_command
 
     with pytest.raises(UserError, match="give a size"):
         parse_size("lots", "--gpu-memory")
@@ -158,7 +158,7 @@ def test_prune_refuses_a_run_its_plan_says_cannot_fit_before_reading_weights(cor
     """A folder with Llama-3.1-70B's config.json and no weights at all: the refusal comes from the plan alone."""
     from transformers import LlamaConfig
 
-    from unipruning_cli.plan.architectures import ARCHITECTURES
+    from unipruning_cli.stages.plan.architectures import ARCHITECTURES
 
     folder = tmp_path / "llama-70b-config-only"
     fields = {k: v for k, v in ARCHITECTURES["meta-llama/Llama-3.1-70B"].items() if k != "model_type"}
@@ -172,11 +172,11 @@ def test_prune_refuses_a_run_its_plan_says_cannot_fit_before_reading_weights(cor
 
 
 def test_plan_check_false_skips_the_plan(tiny_llama_dir, corpus_files, monkeypatch):
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.plan import estimate
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.stages.plan import estimate
 
-    monkeypatch.setattr("unipruning_cli.provenance.host_total_bytes", lambda: 64 * 2**20)  # a 64 MiB machine
+    monkeypatch.setattr("unipruning_cli.core.provenance.host_total_bytes", lambda: 64 * 2**20)  # a 64 MiB machine
     cfg = compose_prune(tiny_overrides(tiny_llama_dir, corpus_files))
     with pytest.raises(UserError, match="does not fit here.*plan_check=false"):
         estimate.check_run_fits(cfg)
@@ -184,8 +184,8 @@ def test_plan_check_false_skips_the_plan(tiny_llama_dir, corpus_files, monkeypat
 
 
 def test_an_architecture_the_meta_device_cannot_build_runs_unplanned(tiny_llama_dir, corpus_files, monkeypatch, caplog):
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.plan import estimate
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.plan import estimate
 
     def broken(*a, **k):
         raise RuntimeError("no meta init for this model")
@@ -198,8 +198,8 @@ def test_an_architecture_the_meta_device_cannot_build_runs_unplanned(tiny_llama_
 def test_the_largest_file_corpus_is_planned_as_tokenised_at_once(tiny_llama_dir, corpus_files, tmp_path):
     """A corpus is tokenised as one string (about 150 bytes of host memory per character), which for a large
     file is the run's peak on the host; hub corpora have no size before they are fetched."""
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.plan.estimate import TOKENISE_BYTES_PER_CHAR, plan_run
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.plan.estimate import TOKENISE_BYTES_PER_CHAR, plan_run
 
     big = tmp_path / "big.txt"
     big.write_text("the model prunes weights " * 200_000)
@@ -242,7 +242,7 @@ def test_a_runs_peak_rss_is_its_own_not_its_parents():
 
     held = bytearray(800 * 2**20)
     held[:: 4096] = b"\1" * len(held[:: 4096])  # touched: resident in the parent when it forks
-    code = "from unipruning_cli.provenance import peak_memory; print(peak_memory()['peak_rss_mib'])"
+    code = "from unipruning_cli.core.provenance import peak_memory; print(peak_memory()['peak_rss_mib'])"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 600, child
     del held

@@ -9,7 +9,7 @@ def test_the_search_plot_reads_at_a_glance():
     import matplotlib
 
     matplotlib.use("Agg")
-    from unipruning_cli.report import search_figure
+    from unipruning_cli.core.report import search_figure
 
     for loss in (None, 3.2):
         rows = [{"step": i, "loss": None if loss is None else loss - 1e-7 * i, "lr": 1e-4,
@@ -31,7 +31,7 @@ def test_the_perplexity_plot_gives_each_method_one_colour_and_plain_numbers():
     matplotlib.use("Agg")
     from matplotlib.colors import to_hex
 
-    from unipruning_cli.report import ppl_figure
+    from unipruning_cli.core.report import ppl_figure
 
     ppl = {"s0.50_owl": 49.5, "s0.60_owl": 113.5, "s0.70_owl": 358.4, "2of4": 150.2,
            "wanda@one_shot:s0.50_per_row": 52.5, "wanda@one_shot:s0.60_per_row": 129.7,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from unipruning_cli import data
-from unipruning_cli.calibration import calibrate_blockwise, capture_block_inputs
+from unipruning_cli.data import corpora as data
+from unipruning_cli.data.calibration import calibrate_blockwise, capture_block_inputs
 
 from _helpers import hook_sq_sums
 
@@ -86,7 +86,7 @@ def _c4_draws(tok, texts: list[str], n: int) -> torch.Tensor:
 
 def test_calibration_windows_lie_inside_one_document_as_wanda_draws_them(tmp_path, tok, fresh_memo):
     """Old main joined the documents and drew windows across their boundaries (the check below fails there)."""
-    from unipruning_cli.calibration_set import calibration_set
+    from unipruning_cli.data.calibration_set import calibration_set
 
     texts = _docs(60)
     windows, info = calibration_set(_cfg(_jsonl(tmp_path, texts)), tok)
@@ -100,7 +100,7 @@ def test_calibration_windows_lie_inside_one_document_as_wanda_draws_them(tmp_pat
 def test_windows_fall_back_to_the_stream_loudly_when_few_documents_are_long_enough(tmp_path, tok, fresh_memo, caplog):
     """A corpus of short paragraphs (owt_offline at 512 tokens has 4 such documents): today's joined-stream
     windows, bit for bit, and the fallback is logged and recorded."""
-    from unipruning_cli.calibration_set import calibration_set
+    from unipruning_cli.data.calibration_set import calibration_set
 
     texts = _docs(60)
     texts = [t if i < 3 else " ".join(t.split()[:2]) for i, t in enumerate(texts)]  # only 3 long documents
@@ -118,7 +118,7 @@ def test_documents_sampling_is_the_references_truncated_documents(tmp_path, tok,
     tokenised alone and truncated at seqlen, so lengths differ. Old main had fixed windows only."""
     from datasets import Dataset
 
-    from unipruning_cli.calibration_set import calibration_set
+    from unipruning_cli.data.calibration_set import calibration_set
 
     texts = _docs(400, seed=1)  # 5 % of 400 = 20 documents in the reference's part, more than nsamples
     samples, info = calibration_set(_cfg(_jsonl(tmp_path, texts), nsamples=12, sampling="documents", seed=42,
@@ -131,16 +131,16 @@ def test_documents_sampling_is_the_references_truncated_documents(tmp_path, tok,
 
 
 def test_documents_sampling_refuses_a_corpus_with_too_few_documents(tmp_path, tok, fresh_memo):
-    from unipruning_cli.calibration_set import calibration_set
-    from unipruning_cli.errors import UserError
+    from unipruning_cli.data.calibration_set import calibration_set
+    from unipruning_cli.core.errors import UserError
 
     with pytest.raises(UserError, match="needs 16 documents"):
         calibration_set(_cfg(_jsonl(tmp_path, _docs(5)), sampling="documents"), tok)
 
 
 def test_calibration_sampling_is_validated():
-    from unipruning_cli.config import compose_prune, validate_values
-    from unipruning_cli.errors import UserError
+    from unipruning_cli.core.config import compose_prune, validate_values
+    from unipruning_cli.core.errors import UserError
 
     validate_values(compose_prune(["calibration.sampling=documents"]))
     with pytest.raises(UserError, match="calibration.sampling='packed' is not allowed"):
@@ -154,7 +154,7 @@ def test_variable_length_documents_calibrate_like_full_forwards(tmp_path, tok, t
     callback): their statistics are those of plain forwards over each document."""
     from transformers import AutoModelForCausalLM
 
-    from unipruning_cli.calibration_set import calibration_set
+    from unipruning_cli.data.calibration_set import calibration_set
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     samples, _ = calibration_set(_cfg(_jsonl(tmp_path, _docs(40)), nsamples=6, sampling="documents", seqlen=64),
@@ -182,7 +182,7 @@ def _eval_cfg(max_windows, random_windows=256):
 def test_c4_perplexity_uses_256_random_windows_seed_0(tok, monkeypatch, fresh_memo):
     """GPTQ / SparseGPT datautils.py's C4 evaluation: 256 windows, each inside one random document, seed 0.
     Old main cut every non-overlapping window of the joined shard (the count check fails there)."""
-    from unipruning_cli.evaluation.protocol import eval_windows_of
+    from unipruning_cli.stages.evaluation import eval_windows_of
 
     texts = _docs(300, seed=3)
     monkeypatch.setattr(data, "load_documents", lambda source, role: texts if source == "c4" else [])
@@ -199,7 +199,7 @@ def test_c4_perplexity_uses_256_random_windows_seed_0(tok, monkeypatch, fresh_me
 
 def test_wikitext_style_corpora_keep_the_joined_stream_protocol(tmp_path, tok, fresh_memo):
     """WikiText-2's published protocol joins the test split with blank lines (crossing articles): unchanged."""
-    from unipruning_cli.evaluation.protocol import eval_windows_of
+    from unipruning_cli.stages.evaluation import eval_windows_of
 
     texts = _docs(30)
     cfg = _eval_cfg(None)
@@ -210,7 +210,7 @@ def test_wikitext_style_corpora_keep_the_joined_stream_protocol(tmp_path, tok, f
 
 
 def test_dense_cache_key_tells_c4_protocols_apart():
-    from unipruning_cli.evaluation.dense import _windows_from
+    from unipruning_cli.stages.dense_evaluation import _windows_from
 
     assert _windows_from(_eval_cfg(None), "wikitext2") == {}
     assert _windows_from(_eval_cfg(None), "c4") != _windows_from(_eval_cfg(None, random_windows=None), "c4")
@@ -250,7 +250,7 @@ def test_sliding_window_blocks_calibrate_on_their_own_masks(attn, one_torch_thre
     windows = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
     ref = _stats_equal_hooks(model, windows)
 
-    import unipruning_cli.calibration as calibration
+    import unipruning_cli.data.calibration as calibration
 
     real = calibration.capture_block_inputs
 
@@ -290,9 +290,9 @@ def test_a_drift_search_and_sequential_sparsegpt_run_on_truncated_documents(tmp_
     sequential SparseGPT pass; the sampling, documents and real token count are recorded."""
     from _helpers import tiny_overrides
 
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.preflight import validate
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.preflight import validate
+    from unipruning_cli.commands.prune import run_prune
 
     source = _jsonl(tmp_path, _docs(40))
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
@@ -312,9 +312,9 @@ def test_documents_sampling_on_a_too_small_file_corpus_is_refused_before_the_mod
     """A .txt corpus is one document: preflight refuses nsamples=8 truncated documents from it."""
     from _helpers import tiny_overrides
 
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.preflight import validate
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.stages.preflight import validate
 
     cfg = compose_prune([*tiny_overrides(tiny_llama_dir, corpus_files), "calibration.sampling=documents"])
     with pytest.raises(UserError, match="needs 8 documents; .* has 1"):
@@ -327,7 +327,7 @@ def test_gemma_layers_get_their_own_mask_and_rotary_tables(arch, one_torch_threa
     """Gemma 2/3 alternate sliding and full attention (Gemma 3 also with their own rotary tables, read through
     ``layer.attention_type``): one-shot statistics equal hooks on full forwards; block 0's kwargs (old main's)
     do not."""
-    import unipruning_cli.calibration as calibration
+    import unipruning_cli.data.calibration as calibration
     from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
     config_cls, model_cls = {"gemma2": (Gemma2Config, Gemma2ForCausalLM),

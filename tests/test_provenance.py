@@ -21,7 +21,7 @@ def _sha(path: Path) -> str:
 
 
 def _header(path: Path) -> dict:
-    from unipruning_cli.mask_files import read_masks_header
+    from unipruning_cli.pruning.mask_files import read_masks_header
 
     return read_masks_header(path)[1]
 
@@ -148,7 +148,7 @@ def test_a_run_directory_holds_one_run(ws):
 
 @pytest.mark.e2e
 def test_a_run_directory_has_one_writer(ws):
-    from unipruning_cli.rundir import run_lock
+    from unipruning_cli.core.rundir import run_lock
 
     with run_lock(ws["run"], "prune"):
         proc = _cli(ws, "eval", str(ws["run"]))
@@ -164,7 +164,7 @@ def test_a_run_directory_has_one_writer(ws):
 
 
 def test_config_differences_ignore_what_only_one_version_knows():
-    from unipruning_cli.rundir import config_differences
+    from unipruning_cli.core.rundir import config_differences
 
     old = {"method": "local", "eval": {"seqlen": 32}, "plan_check": True}
     new = {"method": "local", "eval": {"seqlen": 32, "added_later": 1}, "plan_check": False}
@@ -219,9 +219,9 @@ def test_unwritable_storage_is_refused_before_the_load(ws):
 
 @pytest.mark.e2e
 def test_a_run_that_cannot_fit_the_disk_is_refused(ws, monkeypatch, tmp_path):
-    from unipruning_cli import storage
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.errors import UserError
+    from unipruning_cli.stages import storage
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.core.errors import UserError
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     cfg = compose_prune([o for o in ws["args"] if not o.startswith("method=")] + ["method=unipruning"])
@@ -235,8 +235,8 @@ def test_a_run_that_cannot_fit_the_disk_is_refused(ws, monkeypatch, tmp_path):
 
 def test_disk_figure_bounds_what_a_unipruning_run_writes(frozen_search_cfg, tmp_path):
     """The figure against the bytes a real (tiny) UniPruning run leaves in its directory, tensors only."""
-    from unipruning_cli import storage
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.stages import storage
+    from unipruning_cli.commands.prune import run_prune
 
     cfg = frozen_search_cfg("export.sparsities=[0.5,0.6]", "export.patterns=[2:4]")
     run_prune(cfg, tmp_path / "run")
@@ -246,8 +246,8 @@ def test_disk_figure_bounds_what_a_unipruning_run_writes(frozen_search_cfg, tmp_
 
 
 def test_a_failed_write_names_the_path_what_and_how_much(tmp_path):
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.rundir import _atomic_write
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.core.rundir import _atomic_write
 
     def full(path: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -267,8 +267,8 @@ def test_a_plot_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.report import save_png
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.core.report import save_png
 
     fig = plt.figure()
 
@@ -285,9 +285,9 @@ def test_a_plot_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
 
 
 def test_plan_shows_the_disk_a_run_writes(tiny_llama_dir, corpus_files, tmp_path, monkeypatch):
-    from unipruning_cli.plan.command import plan_command
-    from unipruning_cli.storage import run_disk_bytes
-    from unipruning_cli.config import compose_prune
+    from unipruning_cli.commands.plan import plan_command
+    from unipruning_cli.stages.storage import run_disk_bytes
+    from unipruning_cli.core.config import compose_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     args = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith("method=")] + ["method=unipruning"]
@@ -378,9 +378,9 @@ def test_a_sweep_launched_again_with_another_config_leaves_the_old_jobs_as_they_
 def test_resume_neutral_keys_and_a_resume_counts_what_it_holds(ws, monkeypatch, tmp_path):
     """What the plan's advice changes (placement, batch sizes, search state) resumes; a resumed run's disk check
     counts the bytes its directory already holds as written."""
-    from unipruning_cli import storage
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.rundir import config_differences
+    from unipruning_cli.stages import storage
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.core.rundir import config_differences
 
     old = {"model": {"placement": "device", "path": "x"}, "eval": {"batch_size": 4}, "schedule": {"search_state": "auto"}}
     new = {"model": {"placement": "onload", "path": "x"}, "eval": {"batch_size": 1}, "schedule": {"search_state": "host"}}
@@ -398,7 +398,7 @@ def test_resume_neutral_keys_and_a_resume_counts_what_it_holds(ws, monkeypatch, 
 def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
     import fcntl
 
-    from unipruning_cli import rundir
+    from unipruning_cli.core import rundir
 
     def no_locks(fd, op):
         if op & fcntl.LOCK_EX:
@@ -413,9 +413,9 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
 def test_a_gguf_files_own_folder_is_protected(tmp_path):
     from omegaconf import OmegaConf
 
-    from unipruning_cli.config import ModelConfig
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.export.folder import check_out, protected_sources
+    from unipruning_cli.core.config import ModelConfig
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.stages.export.folder import check_out, protected_sources
 
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "m.gguf").write_bytes(b"GGUF")

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.skipif(not real_model_prepared(), reason="embedded mod
 
 @pytest.fixture()
 def real_ws(tmp_path):
-    from unipruning_cli.paths import cache_dir
+    from unipruning_cli.core.paths import cache_dir
 
     real = cache_dir()
     cache = tmp_path / "cache"
@@ -102,8 +102,8 @@ def test_bounded_real_unipruning_run(real_ws):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unipruning_cli.data import calibration_windows, eval_windows, token_stream
-    from unipruning_cli.mask_files import load_masks
+    from unipruning_cli.data.corpora import calibration_windows, eval_windows, token_stream
+    from unipruning_cli.pruning.mask_files import load_masks
 
     env = cli_env(real_ws["runs"], real_ws["cache"], threads=1)
     proc, _ = run_cli(["prune", "schedule.steps=2", "calibration.nsamples=4", "eval.max_windows=2",

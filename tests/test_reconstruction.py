@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unipruning_cli.baselines.sparsegpt import obs_reconstruct
-from unipruning_cli.reconstruction import output_error
+from unipruning_cli.pruning.obs import obs_reconstruct
+from unipruning_cli.stages.reconstruction import output_error
 
 
 def _layer(seed: int = 0, out: int = 24, inp: int = 40, tokens: int = 400):
@@ -60,7 +60,7 @@ def test_a_given_mask_is_kept_exactly_and_the_output_error_drops(kind):
 def test_on_sparsegpts_own_mask_it_gives_sparsegpts_weights():
     """The same sweep as SparseGPT's, the mask given instead of chosen: on the mask SparseGPT chose, the same
     weights, bit for bit (no dead channel here: SparseGPT zeroes those, reconstruction keeps them)."""
-    from unipruning_cli.baselines.sparsegpt import sparsegpt_prune
+    from unipruning_cli.pruning.obs import sparsegpt_prune
 
     w, x, _ = _layer(3)
     x[:, 5] = 1.0
@@ -73,9 +73,9 @@ def test_on_sparsegpts_own_mask_it_gives_sparsegpts_weights():
 def test_a_run_with_reconstruction_keeps_the_methods_mask_and_records_the_update(tmp_path, tiny_llama_dir,
                                                                              corpus_files, monkeypatch):
     from _helpers import tiny_overrides
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.mask_files import load_masks
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.pruning.mask_files import load_masks
+    from unipruning_cli.commands.prune import run_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
@@ -100,11 +100,11 @@ def test_export_of_a_reconstructing_run_redoes_the_update_and_apply_refuses_its_
     from transformers import AutoModelForCausalLM
 
     from _helpers import eval_windows_of, tiny_overrides
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.errors import UserError
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.core.errors import UserError
     from unipruning_cli.evaluation.perplexity import perplexity
-    from unipruning_cli.export.apply import apply_masks_file, export_run
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.stages.export.apply import apply_masks_file, export_run
+    from unipruning_cli.commands.prune import run_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from unipruning_cli.refinement import row_errors, swap_refine
+from unipruning_cli.stages.refinement import row_errors, swap_refine
 
 
 def _layer(seed: int = 0, out: int = 12, inp: int = 16, tokens: int = 300):
@@ -120,9 +120,9 @@ def test_a_run_with_refinement_keeps_the_counts_saves_the_refined_masks_and_reco
     """Wanda's mask refined in a run: the same counts per row, another mask (saved, its header says so), a lower
     output error on the calibration data, and the refined mask is the one evaluated (the weights are W x mask)."""
     from _helpers import tiny_overrides
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.mask_files import load_masks, read_masks_header
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.pruning.mask_files import load_masks, read_masks_header
+    from unipruning_cli.commands.prune import run_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
@@ -149,12 +149,12 @@ def test_a_unipruning_run_refines_every_cut_and_a_new_cut_is_refined_or_refused(
     """Every cut of one Γ (unstructured and 2:4, swaps inside groups) is refined; `unipruning eval` refines a cut
     new from Γ as the run's were, and export refuses a cut the run does not hold (it would not be refined)."""
     from _helpers import tiny_overrides
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.errors import UserError
-    from unipruning_cli.evaluation.existing_run import evaluate_run
-    from unipruning_cli.export.apply import export_run
-    from unipruning_cli.mask_files import load_masks, read_masks_header
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.commands.eval import evaluate_run
+    from unipruning_cli.stages.export.apply import export_run
+    from unipruning_cli.pruning.mask_files import load_masks, read_masks_header
+    from unipruning_cli.commands.prune import run_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)

@@ -83,7 +83,9 @@ def _list_moe(names=("gate_proj", "up_proj", "down_proj")):
 def _sparsegpt_on_block(seen: dict):
     """A block callback that prunes each block with SparseGPT at 50 % (weights updated in place, as in a run) and
     records the layers it was handed."""
-    from unipruning_cli.methods import SparseGPTPruning, Target, apply_masks
+    from unipruning_cli.pruning.blockwise import SparseGPTPruning
+    from unipruning_cli.pruning.targets import Target
+    from unipruning_cli.pruning.weights import apply_masks
 
     method = SparseGPTPruning()
 
@@ -97,8 +99,8 @@ def _sparsegpt_on_block(seen: dict):
 
 
 def test_qwen2_moe_shared_expert_gate_is_no_prunable_layer_and_is_listed_as_a_router():
-    from unipruning_cli.layouts import as_linears
-    from unipruning_cli.models import prunable_layers, report_unprunable
+    from unipruning_cli.models.layouts import as_linears
+    from unipruning_cli.models.loading import prunable_layers, report_unprunable
 
     model = moe_model("qwen2_moe")
     as_linears(model)
@@ -119,9 +121,9 @@ def test_a_prune_run_leaves_qwen2_moe_shared_expert_gate_bit_for_bit_dense(tmp_p
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.export import export_command
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.commands.export import export_command
+    from unipruning_cli.commands.prune import run_prune
 
     folder = moe_folder("qwen2_moe", tiny_tokenizer, tmp_path)
     run_dir = tmp_path / "run"
@@ -140,7 +142,7 @@ def test_a_prune_run_leaves_qwen2_moe_shared_expert_gate_bit_for_bit_dense(tmp_p
     assert set(gates) <= set(metrics["coverage"]["routers"])
 
     # the memory plan counts, on the meta device, the weights the run pruned
-    from unipruning_cli.plan.command import plan_command
+    from unipruning_cli.commands.plan import plan_command
 
     plan_command([*tiny_overrides(folder, corpus_files), "--json", str(tmp_path / "plan.json")])
     planned = json.loads((tmp_path / "plan.json").read_text())["prunable_weights"]
@@ -152,8 +154,8 @@ def test_a_linear_router_under_any_name_stays_dense_when_its_block_is_pruned():
     """The router of a remote-code MoE is an ``nn.Linear`` hidden -> experts called ``dispatch``: found by its width,
     it is no prunable layer, SparseGPT (which rewrites every weight it is handed) leaves it bit for bit, and the
     coverage lists it."""
-    from unipruning_cli.calibration import calibrate_blockwise
-    from unipruning_cli.models import prunable_layers, report_unprunable
+    from unipruning_cli.data.calibration import calibrate_blockwise
+    from unipruning_cli.models.loading import prunable_layers, report_unprunable
 
     model = _list_moe()
     layers = prunable_layers(model)
@@ -176,7 +178,7 @@ def test_a_dense_llama_keeps_every_projection_prunable_even_one_of_width_one():
     hidden -> 1 put into a block (a router only where there are experts to route to)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from unipruning_cli.models import prunable_layers, report_unprunable
+    from unipruning_cli.models.loading import prunable_layers, report_unprunable
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -195,7 +197,7 @@ def test_a_list_of_linear_experts_pools_a_rarely_routed_experts_statistics(names
     """Layer 0's router never picks expert 3: in calibration it gets the pooled statistics of its projection over
     the layer's experts (Σx², token count and XᵀX summed by hand over experts 0-2), with the log line fused experts
     get; the drift search's step statistics pool by the same groups."""
-    from unipruning_cli.calibration import calibrate_blockwise
+    from unipruning_cli.data.calibration import calibrate_blockwise
 
     model = _list_moe(names)
 
@@ -217,7 +219,7 @@ def test_a_list_of_linear_experts_pools_a_rarely_routed_experts_statistics(names
     assert "calibration.min_expert_tokens=1" in caplog.text
     assert all(s.own_count is None for n, s in stats.items() if n.startswith("model.layers.1."))  # all routed there
 
-    from unipruning_cli.models import model_expert_groups, prunable_layers
+    from unipruning_cli.models.loading import model_expert_groups, prunable_layers
     from unipruning_cli.search.recompute import StepStats
 
     groups = model_expert_groups(model)
@@ -255,8 +257,8 @@ class _LinearListMoE(nn.Module):
 def test_lists_of_plain_linear_experts_pool_by_their_own_names():
     """``nn.ModuleList(nn.Linear ...)`` per projection: groups named ``<list>.<e>`` (no trailing dot), calibration
     runs and pools a never-routed expert."""
-    from unipruning_cli.calibration import calibrate_blockwise
-    from unipruning_cli.models import model_expert_groups, prunable_layers
+    from unipruning_cli.data.calibration import calibrate_blockwise
+    from unipruning_cli.models.loading import model_expert_groups, prunable_layers
 
     model = _list_moe()
     for layer in model.model.layers:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from _helpers import cli_env, run_cli, tiny_overrides
-from unipruning_cli.errors import UserError
+from unipruning_cli.core.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,9 +43,9 @@ OVERFLOW = r"model\.layers\.0\.mlp\.down_proj are not finite \(NaN\) in float16.
                                     "schedule.steps=2"]])
 def test_a_float16_overflow_without_eval_corpora_names_the_layer_and_dtype(extra, tmp_path, monkeypatch,
                                                                            tiny_tokenizer, corpus_files):
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.preflight import validate
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.preflight import validate
+    from unipruning_cli.commands.prune import run_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     folder = _fp16_overflowing_llama(tiny_tokenizer, tmp_path / "fp16")
@@ -71,9 +71,10 @@ def test_the_overflow_reaches_the_user_as_a_message_not_a_traceback(tmp_path, ti
 # ============================================================================ 26.2: SparseGPT's non-finite Hessian
 
 def test_a_non_finite_sparsegpt_hessian_names_the_layer_the_dtype_and_what_to_do():
-    from unipruning_cli.baselines.sparsegpt import obs_reconstruct
-    from unipruning_cli.methods import SparseGPTPruning, Target
-    from unipruning_cli.stats import ActivationStats
+    from unipruning_cli.pruning.obs import obs_reconstruct
+    from unipruning_cli.pruning.blockwise import SparseGPTPruning
+    from unipruning_cli.pruning.targets import Target
+    from unipruning_cli.data.stats import ActivationStats
 
     name = "model.layers.2.self_attn.o_proj"
     layer = torch.nn.Linear(8, 4, bias=False).to(torch.float16)
@@ -103,7 +104,7 @@ def _finished(job: Path, ppl: float) -> None:
 
 @pytest.mark.e2e
 def test_the_report_of_an_interrupted_sweep_lists_every_job_and_names_no_best(tmp_path, tiny_llama_dir, corpus_files):
-    from unipruning_cli.sweep import report
+    from unipruning_cli.core.sweep import report
 
     env = cli_env(tmp_path / "runs", tmp_path / "cache")
     # schedule.dual_step=2 is refused before any work: a real sweep of 2 x 3 jobs (Hydra's own files) in seconds
@@ -175,8 +176,8 @@ def fake_lm_eval(monkeypatch):
 
 def test_the_dense_zero_shot_cache_and_metrics_hold_the_task_batch_size(tmp_path, monkeypatch, fake_lm_eval,
                                                                         tiny_llama_dir, corpus_files):
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.commands.prune import run_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     metrics = {}
@@ -199,9 +200,9 @@ PROMISES = ("Ampere", "accelerat", "faster", "up to")
 
 def test_an_export_holds_no_sparsity_config_and_promises_no_speed(tmp_path, monkeypatch, tiny_llama_dir, corpus_files,
                                                                   capsys):
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.export import export_command
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.commands.export import export_command
+    from unipruning_cli.commands.prune import run_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "source"  # a model whose config still carries compressed-tensors sparsity metadata
@@ -229,7 +230,7 @@ def test_an_export_holds_no_sparsity_config_and_promises_no_speed(tmp_path, monk
 
 
 def test_every_speed_note_promises_nothing():
-    from unipruning_cli.export.card import short_speed, speed_note
+    from unipruning_cli.stages.export.card import short_speed, speed_note
 
     for n, m in ((0, 0), (2, 4), (4, 8)):
         for text in (speed_note(n, m), short_speed(n, m)):
@@ -239,7 +240,7 @@ def test_every_speed_note_promises_nothing():
 
 def test_every_sparsity_description_leaves_an_exported_config(tmp_path):
     """The three places a source config may carry one (compressed-tensors nests it): all go, the rest stays."""
-    from unipruning_cli.export.folder import drop_sparsity_metadata
+    from unipruning_cli.stages.export.folder import drop_sparsity_metadata
 
     config = {"model_type": "llama", "sparsity_config": {"format": "dense"},
               "quantization_config": {"quant_method": "compressed-tensors", "sparsity_config": {"format": "24"}},

@@ -8,16 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from unipruning_cli.rundir import (
-    RunDir,
-    _atomic_write,
-    atomic_save_tensors,
-    atomic_write_json,
-    atomic_write_text,
-    fingerprint,
-    load_tensors,
-)
-from unipruning_cli.mask_files import load_masks, save_masks
+from unipruning_cli.core.rundir import (RunDir, _atomic_write, atomic_save_tensors, atomic_write_json,
+                                        atomic_write_text, fingerprint, load_tensors)
+from unipruning_cli.pruning.mask_files import load_masks, save_masks
 
 
 class Boom(Exception):

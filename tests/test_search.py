@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 
-from unipruning_cli import masks as M
-from unipruning_cli.calibration import calibrate_blockwise
+from unipruning_cli.pruning import masks as M
+from unipruning_cli.data.calibration import calibrate_blockwise
 from unipruning_cli.metrics import build_metric
-from unipruning_cli.methods import Target
-from unipruning_cli.models import prunable_layers
+from unipruning_cli.pruning.targets import Target
+from unipruning_cli.models.loading import prunable_layers
 from unipruning_cli.search import L1Prox, SearchSettings, quantile, search_drift, search_frozen, soft_threshold
 from unipruning_cli.search import frozen as FZ
 from unipruning_cli.search import mirror_descent as MD
-from unipruning_cli.stats import ActivationStats
+from unipruning_cli.data.stats import ActivationStats
 
 from _helpers import build_tiny_model
 

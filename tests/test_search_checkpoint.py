@@ -15,13 +15,13 @@ import torch
 
 from _helpers import build_tiny_model
 from unipruning_cli.metrics import build_metric
-from unipruning_cli.models import prunable_layers
+from unipruning_cli.models.loading import prunable_layers
 from unipruning_cli.search import L1Prox, SearchSettings, search_drift, search_frozen
 from unipruning_cli.search import frozen as FZ
 from unipruning_cli.search import mirror_descent as MD
 from unipruning_cli.search import state as ST
 from unipruning_cli.search.state import Checkpoint, SearchState, write_checkpoint
-from unipruning_cli.stats import ActivationStats
+from unipruning_cli.data.stats import ActivationStats
 
 
 def _nbytes(tensors) -> int:

@@ -17,7 +17,7 @@ from _helpers import linears
 from unipruning_cli.metrics import build_metric
 from unipruning_cli.search.mirror_descent import alignment_grad
 from unipruning_cli.search.recompute import StepStats, activation_checkpointing
-from unipruning_cli.stats import ActivationStats
+from unipruning_cli.data.stats import ActivationStats
 
 # --------------------------------------------------------------------------------------------- alignment gradient
 

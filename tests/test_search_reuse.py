@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from unipruning_cli.rundir import link_or_copy, load_tensors
-from unipruning_cli.runner import run_prune
-from unipruning_cli.search.store import search_fingerprint
+from unipruning_cli.core.rundir import link_or_copy, load_tensors
+from unipruning_cli.commands.prune import run_prune
+from unipruning_cli.stages.search_store import search_fingerprint
 from unipruning_cli.search import regularizers as REG
-from unipruning_cli.sweep import SweepContext
+from unipruning_cli.core.sweep import SweepContext
 
 
 def _search_stage(run: Path) -> dict:
@@ -138,7 +138,7 @@ def test_a_drift_search_refuses_lam_siblings_when_rho_is_positive(tmp_path):
 
 
 def test_sweep_values_reads_what_the_sweep_gives_a_key(tmp_path):
-    from unipruning_cli.sweep import sweep_context, sweep_values
+    from unipruning_cli.core.sweep import sweep_context, sweep_values
 
     (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": [
         "method=unipruning", "regularizer.lam=0,1e-3,1e-2", "schedule.rho=choice(0,1e-5)", "seed=range(0,3)",
@@ -159,7 +159,7 @@ def test_file_locks_exclude_another_process_until_released(tmp_path):
 
     lock = tmp_path / "a.lock"
     child = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from unipruning_cli.rundir import file_locks\n"
+        "import sys; from unipruning_cli.core.rundir import file_locks\n"
         f"with file_locks([{str(tmp_path / 'b.lock')!r}, {str(lock)!r}]):\n"
         "    print('held', flush=True); sys.stdin.readline()\n")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -177,7 +177,7 @@ def test_file_locks_exclude_another_process_until_released(tmp_path):
 
 
 def test_a_pass_takes_only_the_lams_that_fit_in_half_the_free_memory(monkeypatch):
-    from unipruning_cli.search import store
+    from unipruning_cli.stages import search_store as store
 
     sibs = ["a", "b", "c"]
     numel = 1000
@@ -193,7 +193,7 @@ def test_knobs_added_later_leave_the_fingerprint_of_a_recorded_search_alone_at_t
     found: at their defaults they are not in the fingerprint; away from them they are."""
     from omegaconf import OmegaConf, open_dict
 
-    from unipruning_cli.search.store import search_fingerprint
+    from unipruning_cli.stages.search_store import search_fingerprint
 
     cfg = frozen_search_cfg()
     old = OmegaConf.create(OmegaConf.to_container(cfg))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unipruning_cli.baselines.sparsegpt import accumulate_hessian, sparsegpt_prune
+from unipruning_cli.pruning.obs import accumulate_hessian, sparsegpt_prune
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,9 +328,9 @@ def sparsegpt_run(tmp_path, monkeypatch, tiny_llama_dir, corpus_files, one_torch
     """``run(name, *overrides)``: ``method=sparsegpt`` through ``run_prune`` on the tiny Llama; returns
     (config, run dir, metrics). Caches under tmp_path."""
     from _helpers import tiny_overrides
-    from unipruning_cli.config import compose_prune
-    from unipruning_cli.preflight import validate
-    from unipruning_cli.runner import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.preflight import validate
+    from unipruning_cli.commands.prune import run_prune
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
@@ -344,7 +344,7 @@ def sparsegpt_run(tmp_path, monkeypatch, tiny_llama_dir, corpus_files, one_torch
 
 
 def _run_masks(run_dir) -> dict[str, torch.Tensor]:
-    from unipruning_cli.mask_files import load_masks
+    from unipruning_cli.pruning.mask_files import load_masks
 
     files = sorted((run_dir / "masks").glob("*.safetensors"))
     assert len(files) == 1, files
@@ -390,7 +390,7 @@ def _by_hand(cfg, sequential: bool, **target) -> tuple[torch.nn.Module, dict[str
     """SparseGPT over the tiny model block by block, by hand: each block's Hessians from full forwards of the
     model as it then is (sequential: earlier blocks already pruned and reconstructed; one-shot: the dense model),
     every Linear of the block solved on the same inputs, then written back."""
-    from unipruning_cli.calibration_set import calibration_set
+    from unipruning_cli.data.calibration_set import calibration_set
 
     model, tok = _tiny(cfg)
     dense, _ = _tiny(cfg)
@@ -410,7 +410,7 @@ def _by_hand(cfg, sequential: bool, **target) -> tuple[torch.nn.Module, dict[str
 def _ppl(model, cfg) -> float:
     import math
 
-    from unipruning_cli.data import eval_windows, token_stream
+    from unipruning_cli.data.corpora import eval_windows, token_stream
 
     _, tok = _tiny(cfg)
     windows = eval_windows(token_stream(tok, cfg.eval.corpora[0], "eval"), cfg.eval.seqlen, cfg.eval.max_windows)

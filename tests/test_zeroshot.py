@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from unipruning_cli.paths import cache_dir
-from unipruning_cli.errors import UserError
+from unipruning_cli.core.paths import cache_dir
+from unipruning_cli.core.errors import UserError
 from unipruning_cli.evaluation.zeroshot import check_tasks, expand_tasks, zero_shot
 
 TASKS = cache_dir() / "tasks"

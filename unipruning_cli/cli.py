@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import config_dir
-from .errors import UserError
+from .core.config import config_dir
+from .core.errors import UserError
 
 log = logging.getLogger("unipruning")
 
@@ -43,7 +43,7 @@ def _hydra_command(config_name: str, task: Callable) -> Callable[[list[str]], No
     def run(args: list[str]) -> None:
         import hydra
 
-        from .config import register_schemas
+        from .core.config import register_schemas
 
         register_schemas()
         cfg_dir = config_dir()
@@ -61,8 +61,8 @@ def _rank_overrides(args: list[str]) -> list[str]:
     rank takes rank 0's launch time for the run directory (``${launch_time:...}``, one directory), and on the other
     ranks Hydra writes nothing (no ``.hydra/``, no log file; console warnings only). A sweep (``-m``) is refused:
     each job of ``hydra/launcher=slurm`` with N tasks is the multi-rank form of a sweep."""
-    from .config import set_launch_time
-    from .distributed import broadcast, launch_ranks, start
+    from .core.config import set_launch_time
+    from .core.distributed import broadcast, launch_ranks, start
 
     ranks = launch_ranks()
     if not ranks.sharded:
@@ -76,7 +76,7 @@ def _rank_overrides(args: list[str]) -> list[str]:
     set_launch_time(broadcast(datetime.now(), ranks))
     if ranks.main:
         return []
-    from .progress import quiet
+    from .core.progress import quiet
 
     quiet()
     return ["hydra.output_subdir=null", "hydra/job_logging=rank"]
@@ -102,7 +102,7 @@ def _check_output_root(args: list[str]) -> None:
     and fails there with a bare ``PermissionError``. Raises :class:`UserError`."""
     import os
 
-    from .storage import check_writable
+    from .stages.storage import check_writable
 
     if any(a.startswith(("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--shell-completion")) for a in args):
         return  # nothing runs
@@ -115,7 +115,7 @@ def _check_output_root(args: list[str]) -> None:
 
 
 def _claim(cfg, asked: Path, overrides: list[str]) -> Path:
-    """The run directory of this job (:func:`.rundir.claim_run_dir`), where its own ``overrides.yaml`` (the launch's
+    """The run directory of this job (:func:`.core.rundir.claim_run_dir`), where its own ``overrides.yaml`` (the launch's
     overrides, what ``unipruning report`` reads) is written. Hydra rewrote ``<asked>/.hydra/`` before the task ran:
     where that directory holds another run, the job's ``.hydra/`` follows it to its own directory (``beside``) and the
     other run's files are put back (exactly, for ``hydra.run.dir``; its ``overrides.yaml`` for a sweep's job)."""
@@ -123,9 +123,9 @@ def _claim(cfg, asked: Path, overrides: list[str]) -> Path:
 
     import yaml
 
-    from .config import plain
-    from .rundir import atomic_write_text, claim_run_dir
-    from .runner import follow_log
+    from .core.config import plain
+    from .core.rundir import atomic_write_text, claim_run_dir
+    from .commands.prune import follow_log
 
     try:
         out = claim_run_dir(asked, plain(cfg), cfg.existing_run)
@@ -156,11 +156,11 @@ def _prune_task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .preflight import validate
-    from .runner import record_failure, run_prune
-    from .distributed import from_main, launch_ranks
-    from .rundir import RunDirRefused
-    from .sweep import sweep_context
+    from .stages.preflight import validate
+    from .commands.prune import record_failure, run_prune
+    from .core.distributed import from_main, launch_ranks
+    from .core.rundir import RunDirRefused
+    from .core.sweep import sweep_context
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
@@ -199,9 +199,9 @@ def _prune_task(cfg) -> float | None:
 def _prepare(args: list[str]) -> None:
     import argparse
 
-    from .assets import prepare
-    from .paths import cache_dir
-    from .progress import console_logging
+    from .data.assets import prepare
+    from .core.paths import cache_dir
+    from .core.progress import console_logging
 
     parser = argparse.ArgumentParser(prog="unipruning prepare",
                                      description="Fetch, verify and convert the offline model and corpora into the cache.")
@@ -231,12 +231,12 @@ def _lazy(module: str, func: str) -> Callable[[list[str]], None]:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "prune": (_hydra_command("prune", _prune_task), "prune a model (Hydra app: key=value overrides, -m, --cfg job)"),
-    "plan": (_lazy("plan.command", "plan_command"), "peak GPU and host memory of a prune run, stage by stage, before any weight is read"),
+    "plan": (_lazy("commands.plan", "plan_command"), "peak GPU and host memory of a prune run, stage by stage, before any weight is read"),
     "prepare": (_prepare, "fetch and verify the embedded model and offline corpora into the cache"),
-    "eval": (_lazy("evaluation.existing_run", "eval_command"), "evaluate the masks of a finished run again (PPL, lm-eval), no search"),
-    "report": (_lazy("sweep", "report_command"), "tables and a heatmap of a sweep directory (unipruning prune -m ...)"),
-    "export": (_lazy("export.commands", "export_command"), "write a pruned HF model folder from a run (any sparsity its Γ can cut)"),
-    "apply": (_lazy("export.commands", "apply_command"), "apply saved masks to the original model and save the result"),
+    "eval": (_lazy("commands.eval", "eval_command"), "evaluate the masks of a finished run again (PPL, lm-eval), no search"),
+    "report": (_lazy("core.sweep", "report_command"), "tables and a heatmap of a sweep directory (unipruning prune -m ...)"),
+    "export": (_lazy("commands.export", "export_command"), "write a pruned HF model folder from a run (any sparsity its Γ can cut)"),
+    "apply": (_lazy("commands.export", "apply_command"), "apply saved masks to the original model and save the result"),
 }
 
 

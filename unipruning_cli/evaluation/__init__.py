@@ -1,1 +1,1 @@
-"""Measuring a model: perplexity, lm-eval zero-shot, the dense-result cache, and re-evaluating a finished run."""
+"""Measuring a model: perplexity by the papers' protocol, lm-eval zero-shot on the model in memory, offline tasks."""

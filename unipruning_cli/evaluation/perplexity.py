@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import input_device
-from ..progress import track
+from ..models.loading import input_device
+from ..core.progress import track
 
 
 @dataclass

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from ..rundir import atomic_write_text
+from ..core.rundir import atomic_write_text
 
 
 _YAML = """task: {task}

@@ -11,8 +11,8 @@ import logging
 import os
 from typing import Iterable
 
-from ..errors import UserError
-from ..paths import cache_dir
+from ..core.errors import UserError
+from ..core.paths import cache_dir
 from .tasks import OFFLINE_TASKS
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,12 @@
-"""Pruning methods, one module each (:mod:`.local`, :mod:`.sparsegpt`, :mod:`.unipruning`), on the interface of
-:mod:`.base`; what a run cuts (:mod:`.targets`), the block-wise pruners (:mod:`.blockwise`) and weight mutation
-(:mod:`.weights`). A new method is one module here and one ``configs/method/<name>.yaml`` (docs/extending.md)."""
+"""Pruning methods, one module each (:mod:`.local`, :mod:`.sparsegpt`, :mod:`.unipruning`): the unit of extension.
 
-from .base import METHODS, Cuts, Method, method_name, method_of, register_method
-from .blockwise import LocalMetricPruning, PruningMethod, SparseGPTPruning
-from .targets import (DEFAULT_ALLOCATION, NM_TAG, Target, baselines_of, calibration_mode, check_targets_fit,
-                      default_allocation, extra_patterns, extra_sparsities, make_target, nm_of_tag, targets_of)
-from .weights import apply_masks, restore_weights
+A new method is one module here and one ``configs/method/<name>.yaml`` (docs/extending.md), or one module in a
+folder of ``$UNIPRUNING_PLUGINS``. The names a method module needs are re-exported here: the interface
+(:class:`Method`, :class:`Cuts`, :func:`register_method`, :mod:`..pruning.method`) and the run it is handed
+(:class:`RunContext`, :mod:`..core.context`).
+"""
 
-__all__ = ["METHODS", "Cuts", "Method", "method_name", "method_of", "register_method",
-           "LocalMetricPruning", "PruningMethod", "SparseGPTPruning", "DEFAULT_ALLOCATION", "NM_TAG", "Target",
-           "baselines_of", "calibration_mode", "check_targets_fit", "default_allocation", "extra_patterns",
-           "extra_sparsities", "make_target", "nm_of_tag", "targets_of", "apply_masks", "restore_weights"]
+from ..core.context import RunContext
+from ..pruning.method import METHODS, Cuts, Method, register_method
+
+__all__ = ["METHODS", "Cuts", "Method", "RunContext", "register_method"]

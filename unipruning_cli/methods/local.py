@@ -3,13 +3,13 @@ keep the top ones at the target, block by block under the metric's published pro
 
 from __future__ import annotations
 
-from ..config import plain
-from ..errors import check
+from ..core.config import plain
+from ..core.errors import check
 from ..metrics import METRICS, build_metric
-from ..pruning import blockwise_cuts
-from ..context import RunContext
-from .base import Cuts, Method, register_method
-from .blockwise import LocalMetricPruning
+from ..stages.prune import blockwise_cuts
+from ..core.context import RunContext
+from ..pruning.method import Cuts, Method, register_method
+from ..pruning.blockwise import LocalMetricPruning
 
 
 @register_method("local")
@@ -23,7 +23,7 @@ class LocalMetric(Method):
         """Sequential for activation-aware metrics (Wanda, RIA: their reference code calibrates block i on the
         outputs of the already-pruned blocks < i); one-shot for a data-free metric and for a cut that shares one
         budget over every matrix (it needs every score at once)."""
-        from .targets import make_target
+        from ..pruning.targets import make_target
 
         uses = METRICS.get(self.cfg.local_metric.name).uses_activations
         return "sequential" if uses and not make_target(self.cfg).shares_budget else "one_shot"
@@ -36,7 +36,7 @@ class LocalMetric(Method):
               "be ignored: drop it")
 
     def plan_rows(self, sheet) -> None:
-        from .targets import make_target
+        from ..pruning.targets import make_target
 
         if METRICS.get(self.cfg.local_metric.name).uses_activations:
             sheet.calibration()

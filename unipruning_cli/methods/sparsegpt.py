@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import check
-from ..pruning import blockwise_cuts
-from ..context import RunContext
-from .base import Cuts, Method, register_method
-from .blockwise import SparseGPTPruning
+from ..core.errors import check
+from ..stages.prune import blockwise_cuts
+from ..core.context import RunContext
+from ..pruning.method import Cuts, Method, register_method
+from ..pruning.blockwise import SparseGPTPruning
 
 
 @dataclass

@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
-from ..baselines.local import baseline_masks
-from ..pruning import cut_masks, reconstruct_info
-from ..search.stage import run_search
-from ..context import RunContext
-from .base import Cuts, Method, register_method
+from ..stages.baselines import baseline_masks
+from ..stages.prune import cut_masks, reconstruct_info
+from ..stages.search import run_search
+from ..core.context import RunContext
+from ..pruning.method import Cuts, Method, register_method
 
 #: Where ``pattern.allocation`` is null: OWL's layer budgets (published M = 5, λ = 0.08), the best of per_matrix /
 #: per_row / global / owl / gamma at 60 and 70 % on the embedded model (docs/methods.md, "Beyond the paper");
@@ -36,8 +36,8 @@ class UniPruning(Method):
         return self.cfg.schedule.weight_mode == "drift"
 
     def plan_rows(self, sheet) -> None:
-        from ..plan.rows import search_rows
-        from .targets import baselines_of
+        from ..stages.plan.rows import search_rows
+        from ..pruning.targets import baselines_of
 
         frozen = self.cfg.schedule.weight_mode == "frozen"
         if frozen or baselines_of(self.cfg):

@@ -6,12 +6,12 @@ Importing this package imports every metric module, which registers each metric 
 
 from __future__ import annotations
 
-from unipruning_cli.metrics import magnitude, ria, stochria, wanda  # noqa: F401  (registration)
-from unipruning_cli.metrics.base import METRICS, LocalMetric, build_metric, knob_defaults, knob_names
-from unipruning_cli.metrics.magnitude import Magnitude
-from unipruning_cli.metrics.ria import RIA
-from unipruning_cli.metrics.stochria import StochRIA
-from unipruning_cli.metrics.wanda import Wanda
+from . import magnitude, ria, stochria, wanda  # noqa: F401  (registration)
+from .base import METRICS, LocalMetric, build_metric, knob_defaults, knob_names
+from .magnitude import Magnitude
+from .ria import RIA
+from .stochria import StochRIA
+from .wanda import Wanda
 
 __all__ = [
     "METRICS",

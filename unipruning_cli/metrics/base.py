@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from unipruning_cli.errors import UserError
-from unipruning_cli.registry import Registry
-from unipruning_cli.stats import ActivationStats
+from ..core.errors import UserError
+from ..core.registry import Registry
+from ..data.stats import ActivationStats
 
 #: Floor for sums of |W| used as denominators. An all-zero row or column then yields a zero
 #: score for its term (0 / 1e-12) instead of NaN, matching the RIA reference implementation.
@@ -92,7 +92,7 @@ def require_stats(
     A missing or mis-sized statistic is a wiring error (calibration skipped, or stats of another
     layer); failing loudly here beats broadcasting silently into wrong scores: ``ValueError``. Statistics holding
     NaN or inf are the user's model overflowing its dtype: :class:`UserError` (a ``ValueError``), with what to do
-    (the calibration stages name the layer first, :func:`unipruning_cli.stats.check_finite`).
+    (the calibration stages name the layer first, :func:`unipruning_cli.data.stats.check_finite`).
     """
     if stats is None:
         raise ValueError(

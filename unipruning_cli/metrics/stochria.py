@@ -14,16 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from unipruning_cli.metrics.base import (
-    METRICS,
-    SUM_EPS,
-    LocalMetric,
-    abs_fp32,
-    check_float,
-    require_stats,
-    set_knob,
-)
-from unipruning_cli.stats import ActivationStats
+from .base import METRICS, SUM_EPS, LocalMetric, abs_fp32, check_float, require_stats, set_knob
+from ..data.stats import ActivationStats
 
 NORMALIZE_MODES = ("mean_abs", "none")
 SAMPLERS = ("auto", "exact", "cyclic")

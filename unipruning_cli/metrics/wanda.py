@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from unipruning_cli.metrics.base import METRICS, LocalMetric, abs_fp32, require_stats
-from unipruning_cli.stats import ActivationStats
+from .base import METRICS, LocalMetric, abs_fp32, require_stats
+from ..data.stats import ActivationStats
 
 
 @METRICS.register("wanda")

@@ -1,4 +1,6 @@
-"""The UniPruning search: saliency Γ learned by mirror descent (settings, state, regularizers, loop, store, stage).
+"""The UniPruning search: saliency Γ learned by mirror descent (settings, state, regularizers, the loops).
+
+The search's stage (Γ from this run, an earlier one or a new pass) and its store are in ``stages/``.
 
 The names below load on first use (PEP 562), so importing ``search.settings`` (the config schema
 does) does not import torch and the search loop.

@@ -14,10 +14,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..masks import count_zeros
+from ..pruning.masks import count_zeros
 from ..metrics import LocalMetric
-from ..progress import track
-from ..stats import ActivationStats
+from ..core.progress import track
+from ..data.stats import ActivationStats
 from .log import SearchLog, gamma_summary, sample_index
 from .mirror_descent import LamSibling, dual_step, prox_generator
 from .regularizers import L1Prox

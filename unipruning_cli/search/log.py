@@ -8,7 +8,7 @@ from typing import Mapping
 
 import torch
 
-from ..masks import count_zeros
+from ..pruning.masks import count_zeros
 
 QUANTILES = (0.1, 0.5, 0.9)
 _SAMPLE_PER_LAYER = 1024

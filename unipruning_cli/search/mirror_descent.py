@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..metrics import LocalMetric
-from ..models import model_expert_groups
-from ..pinned import HostCopy, empty_host_cache, pageable
-from ..progress import track
+from ..models.loading import model_expert_groups
+from ..core.pinned import HostCopy, empty_host_cache, pageable
+from ..core.progress import track
 from .log import SearchLog, sample_index
 from .recompute import StepStats, activation_checkpointing
 from .placement import master_copy, search_state_of

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..distributed import SINGLE, Ranks, agree
+from ..core.distributed import SINGLE, Ranks, agree
 from .settings import SearchSettings, drift_gpu_bytes
 
 log = logging.getLogger(__name__)

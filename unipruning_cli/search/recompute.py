@@ -14,15 +14,15 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..calibration import pool_rare_experts
-from ..stats import ActivationStats
+from ..data.calibration import pool_rare_experts
+from ..data.stats import ActivationStats
 
 log = logging.getLogger(__name__)
 
 
 class StepStats:
     """Pre-hooks summing x² per input channel over the current step's forward passes. ``expert_groups`` (one
-    projection over a layer's experts, :func:`..layouts.expert_groups`): an expert routed fewer than
+    projection over a layer's experts, :func:`..models.layouts.expert_groups`): an expert routed fewer than
     ``min_expert_tokens`` of the step's tokens is scored with its group's pooled statistics, as in calibration."""
 
     def __init__(self, layers: Mapping[str, nn.Linear], expert_groups: list[list[str]] = (),

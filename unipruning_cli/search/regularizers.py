@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..registry import Registry
+from ..core.registry import Registry
 
 #: Regularisers by name (``regularizer.name``). Each is a frozen dataclass built as ``cls(lam=..., threshold_mode=...)``
 #: whose call ``prox(v, generator)`` returns prox_{λΩ}(V) as a new tensor of ``v``'s shape and dtype.

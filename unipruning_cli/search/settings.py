@@ -1,7 +1,7 @@
 """The search's settings, declared once: the ``schedule`` config group and the run's seed.
 
 ``ScheduleConfig`` is both the Hydra schema of ``configs/schedule/*.yaml`` (registered by
-:mod:`unipruning_cli.config`) and what the search reads (:class:`SearchSettings` adds the seed and
+:mod:`unipruning_cli.core.config`) and what the search reads (:class:`SearchSettings` adds the seed and
 the learning-rate schedule). Its defaults are written here only (``configs/schedule/default.yaml`` adds none):
 the reference code's (spec §5.3), but 32 steps. A field that only steers
 drift mode's weight optimiser is marked ``drift_only``: it cannot change Γ when W is frozen, so the

@@ -23,8 +23,8 @@ from typing import Mapping
 
 import torch
 
-from ..distributed import Ranks, SINGLE, all_sum, gather_rows, row_range
-from ..masks import count_zeros
+from ..core.distributed import Ranks, SINGLE, all_sum, gather_rows, row_range
+from ..pruning.masks import count_zeros
 from .log import gamma_summary, summarise
 
 

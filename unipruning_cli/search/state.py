@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ..pinned import HostArena
-from ..rundir import atomic_save_tensors, atomic_write_json, load_tensors
+from ..core.pinned import HostArena
+from ..core.rundir import atomic_save_tensors, atomic_write_json, load_tensors
 
 _COMMON = "common.safetensors"
 
@@ -123,7 +123,7 @@ class SearchState:
     @classmethod
     def zeros(cls, shapes: dict[str, torch.Size], device: torch.device | str = "cpu", pin: bool = False) -> "SearchState":
         """V = Γ = 0 (fp32) per matrix on ``device``; ``pin``: in page-locked host memory (fast copies to a GPU), each
-        of V and Γ one :class:`..pinned.HostArena` (power-of-two chunks: not a power of two per matrix)."""
+        of V and Γ one :class:`..core.pinned.HostArena` (power-of-two chunks: not a power of two per matrix)."""
         if pin:
             arenas = {k: HostArena(shapes, torch.float32, pin=True) for k in ("v", "gamma")}
             return cls(v=arenas["v"].tensors, gamma=arenas["gamma"].tensors, arenas=arenas)

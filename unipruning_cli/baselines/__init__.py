@@ -1,1 +1,0 @@
-"""Methods outside the UniPruning search that the runner compares it with: SparseGPT."""

@@ -1,0 +1,1 @@
+"""The commands a user runs (`unipruning prune | eval | export | apply | plan`): each sequences stages."""

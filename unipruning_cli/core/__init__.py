@@ -1,0 +1,1 @@
+"""The run's plumbing: config schemas, errors, registries, run directories, inputs, processes, memory, reports."""

@@ -1,0 +1,1 @@
+"""Text to tokens: corpora, samples, offline assets, calibration passes and their statistics."""

@@ -1,0 +1,84 @@
+"""Per-layer activation statistics: what calibration hands to a local metric.
+
+Kept separate from calibration (which produces them) and from metrics (which consume them) so
+both sides, and saved calibration artifacts, share one definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+from ..core.errors import UserError
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of the inputs X (tokens x in_features) that entered one linear layer.
+
+    sq_sum:   Σ_tokens x_j², per input channel j, fp64 (sums of many small squares).
+    count:    number of tokens summed.
+    xtx:      Σ_tokens x xᵀ (in x in), fp32, only when a method needs the Hessian (SparseGPT).
+    sample_mean_sq: per calibration sample mean of x_j² (nsamples x in), fp32, only when the
+              search needs one statistic per step (UniPruning frozen mode).
+    own_count: for an expert whose own routed tokens were too few, and whose statistics are its layer's
+              pooled ones: the tokens the router sent it (None otherwise).
+    """
+
+    sq_sum: torch.Tensor
+    count: int
+    xtx: Optional[torch.Tensor] = None
+    sample_mean_sq: Optional[torch.Tensor] = None
+    own_count: Optional[int] = None
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """‖X_j‖₂ over all calibration tokens (Wanda's and RIA's activation term), fp32."""
+        return self.sq_sum.sqrt().float()
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        """E[x_j²] over all calibration tokens, fp32."""
+        return (self.sq_sum / max(self.count, 1)).float()
+
+    @classmethod
+    def pooled(cls, group: list["ActivationStats"], own_count: int) -> "ActivationStats":
+        """The sums of ``group`` (one projection over all the experts of a layer), for an expert that saw
+        ``own_count`` tokens; per-sample rows are concatenated."""
+        rows = [s.sample_mean_sq for s in group if s.sample_mean_sq is not None]
+        xtx = [s.xtx for s in group if s.xtx is not None]
+        return cls(sq_sum=sum(s.sq_sum for s in group), count=sum(s.count for s in group),
+                   xtx=sum(xtx[1:], xtx[0].clone()) if xtx else None,
+                   sample_mean_sq=torch.cat(rows) if rows else None, own_count=own_count)
+
+    @classmethod
+    def from_mean_sq(cls, mean_sq: torch.Tensor, count: int) -> "ActivationStats":
+        """Stats of one batch given its E[x²]; used by the search's per-step metric."""
+        return cls(sq_sum=mean_sq.double() * count, count=count)
+
+
+def check_finite(stats: Mapping[str, ActivationStats], dtype: torch.dtype) -> None:
+    """Return if every statistic in ``stats`` (Σx² and, where held, XᵀX) is finite; else raise :class:`UserError`
+    naming the first layer, in ``stats``' order (the model's, block by block), whose inputs are not, the ``dtype``
+    the model ran in and what to do.
+
+    A NaN or inf here is an overflow of the activations in ``dtype`` at that layer's input or upstream (float16 stops
+    at 65504): no score, cut or Hessian built on it means anything, so the run must stop before any of them."""
+    for name, s in stats.items():
+        bad = [t for t in (s.sq_sum, s.xtx) if t is not None and not torch.isfinite(t).all()]
+        if not bad:
+            continue
+        kind = "NaN" if any(torch.isnan(t).any() for t in bad) else "inf"
+        shown = str(dtype).removeprefix("torch.")
+        if dtype == torch.float16:
+            fix = "model.dtype=bfloat16 (the range of float32) or model.dtype=float32"
+        elif dtype != torch.float32:
+            fix = "model.dtype=float32"
+        else:
+            fix = "a finite model: even float32 overflows here, so its weights (or the inputs) hold NaN or inf"
+        raise UserError(f"the calibration inputs of {name} are not finite ({kind}) in {shown}: the model's activations "
+                        f"overflow {shown}" + (" (largest value 65504)" if dtype == torch.float16 else "")
+                        + f" at that layer or before it, so no score or Hessian can rank its weights; try {fix}. "
+                        "Nothing was cached and no masks were saved.")

@@ -1,0 +1,167 @@
+"""What a run cuts: :class:`Target` (a sparsity with its allocation, or N:M), the tags of cuts, and the targets of
+a config, with the defaults each method answers for (:mod:`.method`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from omegaconf import DictConfig
+
+from . import masks as M
+from ..core.errors import UserError
+from .layer_budgets import gamma_offsets, layerwise_masks, owl_offsets
+from .method import DEFAULT_ALLOCATION, method_of
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_ALLOCATION", "SHARED_BUDGET", "NM_TAG", "Target", "baselines_of", "calibration_mode",
+           "check_targets_fit", "default_allocation", "extra_patterns", "extra_sparsities", "make_target", "nm_of_tag",
+           "target_sparsity", "targets_of"]
+
+#: The allocations that share the budget across matrices: they need every score at once, and the per-matrix cap.
+SHARED_BUDGET = ("global", "owl", "gamma")
+
+
+def target_sparsity(cfg: DictConfig) -> float:
+    """The sparsity the run aims at: explicit, or implied by N:M, or 0.5."""
+    if cfg.pattern.kind == "nm":
+        return 1.0 - cfg.pattern.n / cfg.pattern.m
+    return 0.5 if cfg.sparsity is None else float(cfg.sparsity)
+
+
+#: An N:M cut's tag, ``2of4``; a baseline's cut is ``<label>:<tag>`` (``wanda@one_shot:2of4``).
+NM_TAG = re.compile(r"^(\d+)of(\d+)$")
+
+
+def nm_of_tag(tag: str) -> tuple[int, int] | None:
+    """(N, M) of an N:M cut's tag (``2of4``, or a baseline's ``wanda:2of4``), None for any other tag."""
+    m = NM_TAG.match((tag or "").rsplit(":", 1)[-1])
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to cut: unstructured at ``sparsity`` with ``allocation``, or N:M when ``n`` > 0."""
+
+    sparsity: float
+    allocation: str = "per_matrix"
+    n: int = 0
+    m: int = 0
+    cap: float = 1.0  # the most one matrix may lose where the budget is shared (global): pattern.max_matrix_sparsity
+    owl: tuple[float, float] = (5.0, 0.08)  # allocation=owl: M, λ (pattern.owl_m, pattern.owl_lambda)
+    gamma_delta: float = 0.08  # allocation=gamma: pattern.gamma_delta
+
+    @property
+    def is_nm(self) -> bool:
+        return self.n > 0
+
+    @property
+    def tag(self) -> str:
+        return f"{self.n}of{self.m}" if self.is_nm else f"s{self.sparsity:.2f}_{self.allocation}"
+
+    @property
+    def shares_budget(self) -> bool:
+        """Whether the cut shares one budget across matrices (``global``, ``owl``, ``gamma``): it needs every score
+        at once."""
+        return not self.is_nm and self.allocation in SHARED_BUDGET
+
+    def unstructured(self, sparsity: float, allocation: str) -> "Target":
+        """An unstructured cut at ``sparsity`` with ``allocation``, with this target's cap and layer-budget knobs."""
+        return Target(sparsity=sparsity, allocation=allocation, cap=self.cap, owl=self.owl,
+                      gamma_delta=self.gamma_delta)
+
+    def cut(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep masks (bool ``[out, in]``) of every matrix of ``scores`` (name -> ``[out, in]``, higher = keep)."""
+        if self.is_nm:
+            return M.nm_masks(scores, self.n, self.m)
+        if self.allocation in ("owl", "gamma"):
+            offsets = (owl_offsets(scores, *self.owl) if self.allocation == "owl"
+                       else gamma_offsets(scores, self.gamma_delta))
+            masks, per_layer = layerwise_masks(scores, self.sparsity, offsets, self.cap)
+            log.info("%s: layer sparsities from %.3f to %.3f (%s)", self.tag, min(per_layer.values()),
+                     max(per_layer.values()), ", ".join(f"{k.rsplit('.', 1)[-1]}: {v:.3f}" for k, v in
+                                                        sorted(per_layer.items(), key=lambda kv: _natural(kv[0]))))
+            return masks
+        return M.masks_for(scores, self.sparsity, self.allocation, self.cap)
+
+
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
+
+
+def make_target(cfg: DictConfig) -> Target:
+    """The run's primary target: its N:M pattern, or its sparsity with ``pattern.allocation`` as the method takes it
+    (:meth:`.method.Method.allocation`: null is its default; SparseGPT's own blocks of columns)."""
+    p = cfg.pattern
+    if p.kind == "nm":
+        return Target(sparsity=target_sparsity(cfg), allocation="per_row", n=p.n, m=p.m)
+    return Target(sparsity=target_sparsity(cfg), allocation=method_of(cfg).allocation(p.allocation),
+                  cap=float(p.max_matrix_sparsity), owl=(float(p.owl_m), float(p.owl_lambda)),
+                  gamma_delta=float(p.gamma_delta))
+
+
+def check_targets_fit(layers: Mapping[str, nn.Module], targets: list[Target]) -> None:
+    """Raise :class:`UserError` when an N:M target does not fit a prunable matrix (``layers``: name -> module with a
+    ``weight``, loaded or on the ``meta`` device), naming every matrix that cannot take it."""
+    for t in targets:
+        if t.is_nm:
+            try:
+                M.check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, t.n, t.m)
+            except ValueError as err:
+                raise UserError(str(err)) from None
+
+
+def calibration_mode(cfg: DictConfig) -> str:
+    """``calibration.mode`` resolved: as set, or (``auto``) the method's published block protocol
+    (:meth:`.method.Method.calibration_mode`)."""
+    mode = cfg.calibration.mode
+    return mode if mode != "auto" else method_of(cfg).calibration_mode()
+
+
+def default_allocation(cfg: DictConfig) -> str:
+    """``pattern.allocation`` where it is null: the method's (:meth:`.method.Method.default_allocation`)."""
+    return method_of(cfg).default_allocation()
+
+
+def _default_cuts(cfg: DictConfig, value, key: str) -> list:
+    return list(value) if value is not None else list(method_of(cfg).default_cuts[key])
+
+
+def extra_sparsities(cfg: DictConfig) -> list[float]:
+    """``export.sparsities``; null: the method's default cuts (UniPruning's 0.5, 0.6, 0.7; none for the others)."""
+    return [float(s) for s in _default_cuts(cfg, cfg.export.sparsities, "sparsities")]
+
+
+def extra_patterns(cfg: DictConfig) -> list[str]:
+    """``export.patterns`` (N:M strings); null: the method's default (UniPruning's 2:4, none for the others)."""
+    return [str(p) for p in _default_cuts(cfg, cfg.export.patterns, "patterns")]
+
+
+def baselines_of(cfg: DictConfig) -> list[str]:
+    """``eval.baselines``; null: the method's default (UniPruning's ``wanda@one_shot``, none for the others)."""
+    return [str(b) for b in _default_cuts(cfg, cfg.eval.baselines, "baselines")]
+
+
+def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
+    """The primary target, then every extra sparsity of ``export.sparsities`` and N:M of ``export.patterns``
+    (a searching method only, UniPruning: the cuts of one Γ; :func:`extra_sparsities`, :func:`extra_patterns`)."""
+    out = [primary]
+    if method_of(cfg).searches:
+        allocation = primary.allocation if not primary.is_nm else cfg.pattern.allocation or default_allocation(cfg)
+        for sp in extra_sparsities(cfg):
+            t = primary.unstructured(float(sp), allocation)
+            if t not in out:
+                out.append(t)
+        for pat in extra_patterns(cfg):
+            n, m = (int(v) for v in str(pat).split(":"))
+            t = Target(sparsity=1 - n / m, allocation="per_row", n=n, m=m)
+            if t not in out:
+                out.append(t)
+    return out

@@ -1,0 +1,117 @@
+"""A run's evaluation protocol: windows per corpus, then perplexity, zero-shot and measured sparsity of a model.
+
+The perplexity protocol is the papers' (docs/methods.md, "Methods and what they compute"): WikiText-2 (and the
+offline corpora, files) joined and tokenised once, cut into non-overlapping ``eval.seqlen`` windows; C4
+``eval.random_windows`` (256) random windows inside one document each, seed 0 (GPTQ / SparseGPT
+``datautils.py``); at most ``eval.max_windows`` either way, BOS put first when ``model.add_bos``;
+PPL = exp(mean per-window NLL). Zero-shot goes through
+lm-eval on the model object in memory (:mod:`..evaluation.zeroshot`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ..data.corpora import eval_samples
+from ..pruning.masks import count_zeros
+from ..pruning.weights import apply_masks, restore_weights
+from ..models.loading import prunable_layers, resolve_add_bos
+from ..core.pinned import HostCopy
+from ..core.context import RunContext
+from .reconstruction import reconstruct_cut
+from ..data.sampling import with_bos
+from ..evaluation.perplexity import perplexity
+
+
+def eval_windows_of(cfg: DictConfig, tok) -> dict[str, torch.Tensor]:
+    """Evaluation windows per corpus (``int64 [windows, seqlen]``, :func:`..data.corpora.eval_samples`), tokenised once per run.
+
+    Raises :class:`UserError` (from :mod:`..data.corpora`) for a corpus too short for one window: early, before any search.
+    """
+    return {c: _eval_windows(cfg, tok, c) for c in cfg.eval.corpora}
+
+
+def _eval_windows(cfg: DictConfig, tok, corpus: str) -> torch.Tensor:
+    e = cfg.eval
+    windows = eval_samples(tok, corpus, e.seqlen, e.max_windows, e.get("random_windows", 256))
+    if resolve_add_bos(cfg.model, tok):
+        windows = with_bos(windows, tok.bos_token_id)
+    return windows
+
+
+def max_length(cfg: DictConfig) -> int:
+    """lm-eval's context length: ``eval.max_length``, else ``eval.seqlen`` (never the model's 32k default)."""
+    return cfg.eval.max_length or cfg.eval.seqlen
+
+
+def zero_shot_of(cfg: DictConfig, model, tok) -> dict:
+    """``eval.tasks`` zero-shot on ``model`` as it is now (per-task acc / acc_norm and their mean)."""
+    from ..evaluation.zeroshot import zero_shot
+
+    return zero_shot(model, tok, cfg.eval.tasks, cfg.eval.task_limit, cfg.eval.task_batch_size, max_length(cfg))
+
+
+def measured_sparsity(model: nn.Module) -> dict:
+    """Zeros counted in the weights: per prunable matrix, over the prunable weights and over every parameter."""
+    layers = prunable_layers(model)
+    per_layer, zeros, total = {}, 0, 0
+    for name, layer in layers.items():
+        z = count_zeros(layer.weight)
+        per_layer[name] = round(z / layer.weight.numel(), 6)
+        zeros += z
+        total += layer.weight.numel()
+    all_params = sum(p.numel() for p in model.parameters())
+    all_zeros = sum(count_zeros(p) for p in model.parameters())
+    return {"overall": zeros / total, "prunable_params": total, "zeros": zeros,
+            "overall_all_params": all_zeros / all_params, "all_params": all_params, "per_layer": per_layer}
+
+
+def evaluate_pruned(ctx: RunContext, windows: dict[str, torch.Tensor], label: str) -> dict:
+    """Measured sparsity, perplexity per corpus (``windows``: corpus -> int64 ``[windows, seqlen]``) and zero-shot
+    of ``ctx.model`` as it is now."""
+    cfg, model = ctx.cfg, ctx.model
+    return {"sparsity": measured_sparsity(model),
+            "perplexity": {c: perplexity(model, w, cfg.eval.batch_size, f"pruned ppl {c} {label}").to_dict()
+                           for c, w in windows.items()},
+            "zero_shot": zero_shot_of(cfg, model, ctx.tok) if cfg.eval.tasks else {}}
+
+
+def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[str, torch.Tensor],
+                   refined: Mapping[str, dict] | None = None) -> dict[str, dict]:
+    """Evaluate each set of masks on ``ctx.model`` in turn (``tag -> name -> bool [out, in]``); the original weights are
+    restored between sets, from one full copy of the prunable weights (``scripts/bench_eval_memory.py``)
+    kept in host memory (pinned under CUDA, and handed back to the OS at the end), so a GPU holds no second copy of
+    them. ``refined``: tag -> the
+    record of its mask's refinement (``refine=swap``, :mod:`.refinement`), kept with its results."""
+    layers, timer = ctx.layers, ctx.timer
+    original = HostCopy({n: m.weight for n, m in layers.items()})
+    results = {}
+    for tag, masks in all_masks.items():
+        rebuilt = None
+        if ctx.cfg.reconstruct == "obs":  # the kept weights updated on the fixed mask
+            with timer.stage("reconstruct"):
+                rebuilt = reconstruct_cut(ctx, masks)
+        else:
+            apply_masks(layers, masks)
+        with timer.stage("pruned_eval"):
+            results[tag] = evaluate_pruned(ctx, windows, tag)
+        if rebuilt is not None:
+            results[tag]["reconstruction"] = {"method": "obs", **rebuilt}
+        if refined and tag in refined:
+            results[tag]["refinement"] = refined[tag]
+        restore_weights(layers, original.tensors)
+    original.release()
+    return results
+
+
+def result_entry(r: dict) -> dict:
+    """The compact per-cut record of metrics.json["results"] (with the protocol each number used)."""
+    return {"ppl": {c: p["ppl"] for c, p in r["perplexity"].items()},
+            "protocol": {c: {"seqlen": p["seqlen"], "windows": p["windows"]} for c, p in r["perplexity"].items()},
+            "measured_sparsity": r["sparsity"]["overall"], "per_layer_sparsity": r["sparsity"]["per_layer"],
+            "zero_shot_mean": r["zero_shot"].get("mean"),
+            **{k: r[k] for k in ("reconstruction", "refinement") if k in r}}

@@ -1,0 +1,71 @@
+"""Reconstruction on a given mask (``reconstruct=obs``): after a mask is cut, by any method, each layer's kept
+weights are updated by the OBS solve with the mask fixed (:func:`..pruning.obs.obs_reconstruct`,
+SparseGPT's update without its mask choice; llm-compressor's "preserve the sparsity mask").
+
+Block by block on the calibration samples, sequentially as SparseGPT prunes: block i's statistics come from the
+outputs of the already-reconstructed blocks < i, and its outputs are recomputed with its new weights before they
+feed block i + 1. The model then holds different weights than the dense model times the mask: a run says so in
+``metrics.json`` (``reconstruct``), and export and apply treat its cuts accordingly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch
+
+from ..pruning.obs import obs_reconstruct
+from ..pruning.block_loop import PassSettings, block_pass
+from ..core.context import RunContext
+
+log = logging.getLogger(__name__)
+
+RECONSTRUCTIONS = ("none", "obs")
+
+
+def row_output_errors(delta: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
+    """‖ΔW_r X‖² per output row ``[out]`` (fp32) over the calibration tokens, from ``ΔW [out, in]`` and
+    ``XᵀX = Σ x xᵀ [in, in]``."""
+    d = delta.float()
+    return ((d @ xtx.to(d.device).float()) * d).sum(1)
+
+
+def output_error(delta: torch.Tensor, xtx: torch.Tensor) -> float:
+    """‖ΔW X‖² over the calibration tokens: :func:`row_output_errors` summed."""
+    return float(row_output_errors(delta, xtx).sum())
+
+
+@torch.no_grad()
+def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings()) -> dict:
+    """Set every prunable weight of ``model`` (dense on entry) to its OBS reconstruction on ``masks`` (name -> bool
+    ``[out, in]``, True = keep). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
+    :class:`..data.sampling.TokenSamples`). Returns ``{"layers": n, "error_ratio": r}``: the output error on the
+    calibration data of the reconstructed weights over that of the masked dense weights, ‖ΔW X‖² summed over every
+    layer (below 1 where it helped). Raises ``ValueError`` from the solve (a non-finite Hessian)."""
+    before = after = 0.0
+    count = 0
+
+    def step(i, layers, stats):
+        nonlocal before, after, count
+        for name, layer in layers.items():
+            w = layer.weight.data
+            keep = masks[name].to(w.device)
+            xtx = stats[name].xtx
+            new = obs_reconstruct(w, (2.0 / max(stats[name].count, 1)) * xtx.to(w.device), keep, name=name)
+            before += output_error(w.float() * keep - w.float(), xtx)
+            after += output_error(new.float() - w.float(), xtx)
+            w.copy_(new)
+            count += 1
+
+    block_pass(model, windows, step, settings, want_hessian=True)
+    ratio = after / before if before > 0 else 1.0
+    log.info("OBS reconstruction on the fixed masks of %d matrices: output error on the calibration data %.3g of "
+             "the masked weights'", count, ratio)
+    return {"layers": count, "error_ratio": ratio}
+
+
+def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:
+    """:func:`reconstruct` of ``ctx.model`` (dense on entry) on ``masks`` with the run's calibration samples
+    (``ctx.calibration()``: source, nsamples, seqlen, seed, BOS as the run's); returns its record."""
+    return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes)
