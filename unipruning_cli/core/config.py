@@ -270,7 +270,11 @@ def validate_values(cfg: DictConfig) -> None:
     :func:`unipruning_cli.stages.preflight.validate`, which calls this first).
     """
     validate_pattern(cfg)
-    one_of("reconstruct", cfg.reconstruct, ("none", "obs"))
+    one_of("reconstruct", cfg.reconstruct, ("none", "obs", "ls"))
+    check(cfg.reconstruct != "ls" or cfg.pattern.kind == "channels", "reconstruct=ls refits the projection after a "
+          "cut of whole MLP channels on the kept ones: it needs pattern=channels (any other mask: reconstruct=obs)")
+    check(cfg.refine == "none" or cfg.pattern.kind != "channels", "refine=swap swaps single weights, which would "
+          "break whole channels: drop refine with pattern=channels (reconstruct=ls compensates a channel cut)")
     one_of("refine", cfg.refine, ("none", "swap"))
     one_of("existing_run", cfg.existing_run, ("refuse", "beside"))
     one_of("model.source", cfg.model.source, MODEL_SOURCES)
@@ -284,7 +288,9 @@ def validate_values(cfg: DictConfig) -> None:
 
 def validate_pattern(cfg: DictConfig) -> None:
     p = cfg.pattern
-    one_of("pattern.kind", p.kind, ("unstructured", "nm"))
+    one_of("pattern.kind", p.kind, ("unstructured", "nm", "channels"))
+    check(p.kind != "channels" or p.allocation is None, f"pattern.allocation={p.allocation}: pattern=channels removes "
+          "the same share of channels from every MLP (the exported config stays standard); drop pattern.allocation")
     if p.allocation is not None:
         one_of("pattern.allocation", p.allocation, ALLOCATIONS)
     one_of("model.add_bos", str(cfg.model.add_bos).lower(), ("auto", "true", "false"))

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from ..stages.baselines import baseline_masks
-from ..stages.prune import cut_masks, reconstruct_info
+from ..stages.prune import cut_masks
 from ..stages.search import run_search
 from ..core.context import RunContext
 from ..pruning.method import Cuts, Method, register_method
@@ -55,6 +55,6 @@ class UniPruning(Method):
     def masks(self, ctx: RunContext) -> Cuts:
         gamma, calibration = run_search(ctx)
         with ctx.timer.stage("masks"):
-            cuts = cut_masks(gamma, ctx.targets, ctx.rd, reconstruct_info(ctx.cfg))
+            cuts = cut_masks(gamma, ctx.targets, ctx.rd, ctx.cfg.reconstruct)
             cuts |= baseline_masks(ctx)
         return Cuts(calibration, cuts)

@@ -14,6 +14,7 @@ from torch import nn
 from omegaconf import DictConfig
 
 from . import masks as M
+from .channels import channel_masks, mlp_channels
 from ..core.errors import UserError
 from .layer_budgets import gamma_offsets, layerwise_masks, owl_offsets
 from .method import DEFAULT_ALLOCATION, method_of
@@ -26,6 +27,9 @@ __all__ = ["DEFAULT_ALLOCATION", "SHARED_BUDGET", "NM_TAG", "Target", "baselines
 
 #: The allocations that share the budget across matrices: they need every score at once, and the per-matrix cap.
 SHARED_BUDGET = ("global", "owl", "gamma")
+#: The structural allocation of ``pattern=channels``: whole MLP channels, the same share in every MLP
+#: (:mod:`.channels`); its masks are rows and columns, and its export a smaller model.
+CHANNELS = "channels"
 
 
 def target_sparsity(cfg: DictConfig) -> float:
@@ -39,6 +43,11 @@ def target_sparsity(cfg: DictConfig) -> float:
 NM_TAG = re.compile(r"^(\d+)of(\d+)$")
 
 
+def is_channels_tag(tag: str) -> bool:
+    """Whether a cut's tag (``s0.20_channels``, a baseline's ``wanda@one_shot:s0.20_channels``) is a channels cut."""
+    return bool(re.match(r"^s\d\.\d+_" + CHANNELS + "$", (tag or "").rsplit(":", 1)[-1]))
+
+
 def nm_of_tag(tag: str) -> tuple[int, int] | None:
     """(N, M) of an N:M cut's tag (``2of4``, or a baseline's ``wanda:2of4``), None for any other tag."""
     m = NM_TAG.match((tag or "").rsplit(":", 1)[-1])
@@ -47,7 +56,8 @@ def nm_of_tag(tag: str) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class Target:
-    """What to cut: unstructured at ``sparsity`` with ``allocation``, or N:M when ``n`` > 0."""
+    """What to cut: unstructured at ``sparsity`` with ``allocation``, or N:M when ``n`` > 0; ``allocation="channels"``
+    removes the share ``sparsity`` of every MLP's channels whole (``pattern=channels``)."""
 
     sparsity: float
     allocation: str = "per_matrix"
@@ -66,6 +76,11 @@ class Target:
         return f"{self.n}of{self.m}" if self.is_nm else f"s{self.sparsity:.2f}_{self.allocation}"
 
     @property
+    def is_channels(self) -> bool:
+        """Whole MLP channels (``pattern=channels``): a structural cut, exported as a smaller model."""
+        return self.allocation == CHANNELS and not self.is_nm
+
+    @property
     def shares_budget(self) -> bool:
         """Whether the cut shares one budget across matrices (``global``, ``owl``, ``gamma``): it needs every score
         at once."""
@@ -80,6 +95,8 @@ class Target:
         """Keep masks (bool ``[out, in]``) of every matrix of ``scores`` (name -> ``[out, in]``, higher = keep)."""
         if self.is_nm:
             return M.nm_masks(scores, self.n, self.m)
+        if self.is_channels:
+            return channel_masks(scores, self.sparsity)
         if self.allocation in ("owl", "gamma"):
             offsets = (owl_offsets(scores, *self.owl) if self.allocation == "owl"
                        else gamma_offsets(scores, self.gamma_delta))
@@ -102,6 +119,8 @@ def make_target(cfg: DictConfig) -> Target:
     p = cfg.pattern
     if p.kind == "nm":
         return Target(sparsity=target_sparsity(cfg), allocation="per_row", n=p.n, m=p.m)
+    if p.kind == CHANNELS:
+        return Target(sparsity=target_sparsity(cfg), allocation=CHANNELS)
     return Target(sparsity=target_sparsity(cfg), allocation=method_of(cfg).allocation(p.allocation),
                   cap=float(p.max_matrix_sparsity), owl=(float(p.owl_m), float(p.owl_lambda)),
                   gamma_delta=float(p.gamma_delta))
@@ -109,8 +128,11 @@ def make_target(cfg: DictConfig) -> Target:
 
 def check_targets_fit(layers: Mapping[str, nn.Module], targets: list[Target]) -> None:
     """Raise :class:`UserError` when an N:M target does not fit a prunable matrix (``layers``: name -> module with a
-    ``weight``, loaded or on the ``meta`` device), naming every matrix that cannot take it."""
+    ``weight``, loaded or on the ``meta`` device), naming every matrix that cannot take it, or a channels target
+    finds no dense MLP (:func:`.channels.mlp_channels`)."""
     for t in targets:
+        if t.is_channels:
+            mlp_channels({n: tuple(m.weight.shape) for n, m in layers.items()})
         if t.is_nm:
             try:
                 M.check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, t.n, t.m)

@@ -46,7 +46,7 @@ class Baseline:
 
     def target(self, t: Target) -> Target:
         """The run's target cut with this metric's own comparison group (N:M unchanged)."""
-        return t if t.is_nm else Target(t.sparsity, DEFAULT_ALLOCATION.get(self.metric, "per_matrix"))
+        return t if t.is_nm or t.is_channels else Target(t.sparsity, DEFAULT_ALLOCATION.get(self.metric, "per_matrix"))
 
 
 def parse_baseline(entry: str) -> Baseline:

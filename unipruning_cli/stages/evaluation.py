@@ -22,7 +22,8 @@ from ..pruning.weights import apply_masks, restore_weights
 from ..models.loading import prunable_layers, resolve_add_bos
 from ..core.pinned import HostCopy
 from ..core.context import RunContext
-from .reconstruction import reconstruct_cut
+from .reconstruction import reconstruct_cut, refit_cut
+from ..pruning.targets import is_channels_tag
 from ..data.sampling import with_bos
 from ..evaluation.perplexity import perplexity
 
@@ -92,15 +93,19 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
     results = {}
     for tag, masks in all_masks.items():
         rebuilt = None
-        if ctx.cfg.reconstruct == "obs":  # the kept weights updated on the fixed mask
+        how = ctx.cfg.reconstruct
+        if how == "obs":  # the kept weights updated on the fixed mask
             with timer.stage("reconstruct"):
                 rebuilt = reconstruct_cut(ctx, masks)
+        elif how == "ls" and is_channels_tag(tag):  # the projection after the channels refit on the kept ones
+            with timer.stage("reconstruct"):
+                rebuilt = refit_cut(ctx, masks)
         else:
             apply_masks(layers, masks)
         with timer.stage("pruned_eval"):
             results[tag] = evaluate_pruned(ctx, windows, tag)
         if rebuilt is not None:
-            results[tag]["reconstruction"] = {"method": "obs", **rebuilt}
+            results[tag]["reconstruction"] = {"method": how, **rebuilt}
         if refined and tag in refined:
             results[tag]["refinement"] = refined[tag]
         restore_weights(layers, original.tensors)

@@ -13,7 +13,6 @@ import json
 import logging
 
 import torch
-from omegaconf import DictConfig
 
 from ..pruning.block_loop import block_pass
 from ..data.calibration import stats_to_tensors
@@ -110,7 +109,7 @@ def prune_stage(ctx: RunContext, method: PruningMethod) -> dict:
         return json.loads((rd / "calibration.json").read_text())
     with timer.stage("calibrate_prune"):
         masks, calib_info = calibrate_and_prune(ctx, method)
-    masks.save(rd / mask_path, {"target": target.tag, "method": method_name(cfg), **reconstruct_info(cfg)})
+    masks.save(rd / mask_path, {"target": target.tag, "method": method_name(cfg), **reconstruct_info(cfg.reconstruct, target)})
     rd.mark_complete("prune", prune_fp, [mask_path, "calibration.safetensors", "calibration.json"],
                      timer.seconds["calibrate_prune"])
     return calib_info
@@ -129,22 +128,27 @@ def blockwise_cuts(ctx: RunContext, method: PruningMethod) -> Cuts:
     return Cuts(calibration, {ctx.primary.tag: load_masks(ctx.rd / f"masks/{ctx.primary.tag}.safetensors")})
 
 
-def reconstruct_info(cfg: DictConfig) -> dict:
-    """What a masks file's header says of the weights its run evaluated: ``{"reconstruct": "obs"}`` or nothing."""
-    return {"reconstruct": "obs"} if cfg.reconstruct == "obs" else {}
+def reconstruct_info(reconstruct: str, target: Target) -> dict:
+    """What a masks file's header says of the weights its run evaluated for ``target``: ``{"reconstruct": "obs"}``,
+    ``{"reconstruct": "ls"}`` (a channels cut with the projection after it refit) or nothing (``reconstruct``: the
+    run's ``reconstruct``; ``ls`` leaves every cut but a channels one as masks)."""
+    if reconstruct == "obs" or (reconstruct == "ls" and target.is_channels):
+        return {"reconstruct": reconstruct}
+    return {}
 
 
 def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir,
-              info: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
+              reconstruct: str = "none") -> dict[str, dict[str, torch.Tensor]]:
     """Masks for every target from one Γ (|Γ| as the score; seconds, no model forward), each saved to
-    ``rd/masks/<tag>.safetensors`` (with ``info`` in its header). Returns tag -> name -> bool ``[out, in]`` (held
-    packed, :func:`..pruning.mask_files.packed_masks`)."""
+    ``rd/masks/<tag>.safetensors`` (with :func:`reconstruct_info` of the run's ``reconstruct`` in its header).
+    Returns tag -> name -> bool ``[out, in]`` (held packed, :func:`..pruning.mask_files.packed_masks`)."""
     # one matrix's |Γ| at a time, not a second copy of Γ (4 bytes per prunable weight: 255 GiB for a 70B model)
     scores = LazyMap(gamma, lambda name: gamma[name].abs())
     out = {}
     for t in targets:
         cut = t.cut(scores)
-        save_masks(rd / f"masks/{t.tag}.safetensors", cut, {"target": t.tag, "method": "unipruning", **(info or {})})
+        save_masks(rd / f"masks/{t.tag}.safetensors", cut, {"target": t.tag, "method": "unipruning",
+                                                            **reconstruct_info(reconstruct, t)})
         out[t.tag] = packed_masks(cut)
         del cut
     return out

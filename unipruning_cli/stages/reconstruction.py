@@ -1,6 +1,8 @@
 """Reconstruction on a given mask (``reconstruct=obs``): after a mask is cut, by any method, each layer's kept
 weights are updated by the OBS solve with the mask fixed (:func:`..pruning.obs.obs_reconstruct`,
-SparseGPT's update without its mask choice; llm-compressor's "preserve the sparsity mask").
+SparseGPT's update without its mask choice; llm-compressor's "preserve the sparsity mask"). After a cut of whole
+MLP channels (``reconstruct=ls``), the projection that reads them is refit on the kept ones by least squares
+(:func:`..pruning.channels.ls_refit`).
 
 Block by block on the calibration samples, sequentially as SparseGPT prunes: block i's statistics come from the
 outputs of the already-reconstructed blocks < i, and its outputs are recomputed with its new weights before they
@@ -15,13 +17,14 @@ from typing import Mapping
 
 import torch
 
+from ..pruning.channels import channels_of_masks, ls_refit, mlp_channels
 from ..pruning.obs import obs_reconstruct
 from ..pruning.block_loop import PassSettings, block_pass
 from ..core.context import RunContext
 
 log = logging.getLogger(__name__)
 
-RECONSTRUCTIONS = ("none", "obs")
+RECONSTRUCTIONS = ("none", "obs", "ls")
 
 
 def row_output_errors(delta: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
@@ -69,3 +72,41 @@ def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:
     """:func:`reconstruct` of ``ctx.model`` (dense on entry) on ``masks`` with the run's calibration samples
     (``ctx.calibration()``: source, nsamples, seqlen, seed, BOS as the run's); returns its record."""
     return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes)
+
+
+@torch.no_grad()
+def refit_channels(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings()) -> dict:
+    """Apply a channels cut's ``masks`` (name -> bool ``[out, in]``, whole channels: :func:`..pruning.channels.
+    channel_masks`) to ``model`` (dense on entry) with each MLP's output projection refit on its kept channels
+    (:func:`..pruning.channels.ls_refit`), block by block on ``windows`` (the calibration samples), sequentially.
+    Returns ``{"layers": n, "error_ratio": r}``: the projections' output error on the calibration data after the
+    refit over that of the masked weights. Raises ``ValueError`` for masks that are not whole channels."""
+    shapes = {n: tuple(m.shape) for n, m in masks.items()}
+    outputs = {mlp.output: mlp for mlp in mlp_channels(shapes)}
+    keeps = {name: channels_of_masks(masks, mlp) for name, mlp in outputs.items()}
+    before = after = 0.0
+    count = 0
+
+    def step(i, layers, stats):
+        nonlocal before, after, count
+        for name in layers:
+            if name in keeps:
+                w = layers[name].weight.data
+                xtx = stats[name].xtx
+                new = ls_refit(w, xtx, keeps[name])
+                before += output_error(w.float() * keeps[name].to(w.device) - w.float(), xtx)
+                after += output_error(new.float() - w.float(), xtx)
+                w.copy_(new)
+                count += 1
+        return {n: masks[n] for n in layers if n in masks}
+
+    block_pass(model, windows, step, settings, want_hessian=True)
+    ratio = after / before if before > 0 else 1.0
+    log.info("least-squares refit of %d projections on their kept channels: output error on the calibration data "
+             "%.3g of the masked weights'", count, ratio)
+    return {"layers": count, "error_ratio": ratio}
+
+
+def refit_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:
+    """:func:`refit_channels` of ``ctx.model`` (dense on entry) with the run's calibration samples; its record."""
+    return refit_channels(ctx.model, ctx.calibration()[0], masks, ctx.passes)

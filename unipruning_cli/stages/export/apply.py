@@ -27,7 +27,8 @@ from ...pruning.targets import nm_of_tag
 from ...pruning.weights import apply_masks
 from ...models.loading import check_model_reachable, load_model, prunable_layers
 from ...core.context import RunContext
-from ..reconstruction import reconstruct_cut
+from ..reconstruction import reconstruct_cut, refit_cut
+from ...pruning.channels import slice_channels
 from .card import export_record, kept_counts, masks_card, run_card
 from ...core.rundir import run_lock
 from ..storage import check_free
@@ -92,11 +93,11 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     changed += check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, True)
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, f"{run.mask_path(target.tag)}")
-    rebuilt = cfg.reconstruct == "obs"
+    rebuilt = cfg.reconstruct == "obs" or (cfg.reconstruct == "ls" and target.is_channels)
     if rebuilt:  # the run evaluated W updated on the mask, not W x mask: the same update, redone here
-        log.info("the run updated the kept weights by OBS reconstruction (reconstruct=obs): redoing it on %s's "
-                 "calibration samples", target.tag)
-        reconstruct_cut(RunContext(cfg).loaded(model, tok), masks)
+        log.info("the run updated the kept weights (reconstruct=%s): redoing it on %s's calibration samples",
+                 cfg.reconstruct, target.tag)
+        (reconstruct_cut if cfg.reconstruct == "obs" else refit_cut)(RunContext(cfg).loaded(model, tok), masks)
     else:
         apply_masks(layers, masks)
     kept = kept_counts(model)
@@ -104,6 +105,12 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     if expected is not None and abs(expected - kept["measured_sparsity"]) > 1e-9:
         log.warning("measured sparsity %.6f differs from the run's %.6f: did the model at %s change since the run?",
                     kept["measured_sparsity"], expected, cfg.model.path)
+    structure = None
+    if target.is_channels:  # the removed channels leave the model: a standard, smaller one
+        structure = slice_channels(model, masks)
+        kept = kept_counts(model)
+        log.info("pattern=channels: %s %d -> %d, parameters %d -> %d", structure["field"], *structure["width"],
+                 *structure["parameters"])
     if dtype is not None and DTYPES[dtype] != next(model.parameters()).dtype:
         model.to(DTYPES[dtype])
         kept = kept_counts(model)  # what is saved (float16 may flush tiny weights to zero)
@@ -114,15 +121,23 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
         record = export_record({"run": str(run.path), "tag": target.tag,
                                 "masks": "file" if source == "file" else "cut from gamma",
                                 "method": run.method, "sparsity": target.sparsity, "allocation": target.allocation,
-                                "pattern": f"{target.n}:{target.m}" if target.is_nm else "unstructured",
-                                "weights": "reconstructed (OBS on the fixed mask)" if rebuilt else "original x mask",
+                                "pattern": (f"{target.n}:{target.m}" if target.is_nm else
+                                            "channels" if target.is_channels else "unstructured"),
+                                "weights": _weights_note(cfg.reconstruct if rebuilt else "none"),
+                                **({"structure": structure} if structure else {}),
                                 **({"changed_model": changed} if changed else {})},
                                kept, sizes, comp, model_dtype)
-        return _changed_note(changed, run_card(run, target, source, kept, sizes, model_dtype, comp)), record
+        return _changed_note(changed, run_card(run, target, source, kept, sizes, model_dtype, comp, structure)), record
 
     written = _publish(model, tok, out_path, force, nm, card)
     return {"out": out_path.resolve(), "tag": target.tag, "target": target, "source": source, "kept": kept,
             "dtype": model_dtype, **written}
+
+
+def _weights_note(reconstruct: str) -> str:
+    return {"obs": "reconstructed (OBS on the fixed mask)",
+            "ls": "the projection after the channels refit by least squares on the kept ones"}.get(reconstruct,
+                                                                                                  "original x mask")
 
 
 def _changed_note(changed: list[str], card: str) -> str:
@@ -202,11 +217,12 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype!r} is not allowed; choose one of: {', '.join(DTYPES)}")
     nm = nm_of_tag(info.get("target", ""))
-    if info.get("reconstruct") == "obs":
-        raise UserError(f"{masks_path.name} comes from a run with reconstruct=obs: its model is the kept weights "
-                        "updated by OBS reconstruction, which the masks alone do not hold (applying them would give "
-                        "W x mask, another model). Export that run instead (unipruning export <run_dir>): it redoes "
-                        "the update on the run's calibration samples")
+    if info.get("reconstruct") in ("obs", "ls"):
+        how = info["reconstruct"]
+        raise UserError(f"{masks_path.name} comes from a run with reconstruct={how}: its model is the kept weights "
+                        f"updated by {'OBS reconstruction' if how == 'obs' else 'a least-squares refit'}, which the "
+                        "masks alone do not hold (applying them would give W x mask, another model). Export that run "
+                        "instead (unipruning export <run_dir>): it redoes the update on the run's calibration samples")
     if compressed and nm is None:
         raise UserError(f"--compressed needs N:M masks; {masks_path.name} holds {info.get('target', 'unknown')!r}")
     out_path = Path(out).expanduser()

@@ -97,8 +97,9 @@ def _card(title: str, rows: list[tuple[str, str]], ppl_lines: list[str], kept: d
 
 
 def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[tuple[str, int]],
-             dtype: torch.dtype, compressed: Optional[dict]) -> str:
-    """The card of a cut exported from a run (``unipruning export``)."""
+             dtype: torch.dtype, compressed: Optional[dict], structure: Optional[dict] = None) -> str:
+    """The card of a cut exported from a run (``unipruning export``); ``structure``: what a channels cut removed
+    (:func:`...pruning.channels.slice_channels`)."""
     mt = run.metrics
     calib = mt.get("calibration", {}) or {}
     metric = mt.get("local_metric") or {}
@@ -110,8 +111,10 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
             ("anchor metric" if run.searches else "metric",
              metric_name + (f" {json.dumps(knobs)}" if knobs else "")),
             ("sparsity", f"{target.sparsity:g}"),
-            ("pattern", f"{target.n}:{target.m}" if target.is_nm else "unstructured"),
-            ("allocation", "N:M groups along the input dimension" if target.is_nm else target.allocation),
+            ("pattern", f"{target.n}:{target.m}" if target.is_nm else
+             "channels (whole MLP channels removed)" if target.is_channels else "unstructured"),
+            ("allocation", "N:M groups along the input dimension" if target.is_nm else
+             "the same share of every MLP's channels" if target.is_channels else target.allocation),
             ("calibration", f"{calib.get('source', '?')}: {calib.get('nsamples', '?')} "
                             f"{'documents truncated at' if calib.get('sampling') == 'documents' else 'windows x'} "
                             f"{calib.get('seqlen', '?')} tokens = {calib.get('tokens', '?')} tokens"
@@ -149,8 +152,16 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
                  "format: it saves disk and download, not inference time. Load it with "
                  "`unipruning_cli.stages.export.load_compressed(folder)` (needs config.json from this folder), which "
                  "rebuilds the dense model.", ""]
+    speed = speed_note(target.n, target.m)
+    if structure:
+        (width, new_width), (params, new_params) = structure["width"], structure["parameters"]
+        speed = (f"A structural cut: the saved model is a standard {structure['field']}={new_width} model (was "
+                 f"{width}), {new_params:,} parameters instead of {params:,} ({1 - new_params / params:.1%} fewer), "
+                 "which any engine loads with no special support and runs with smaller matmuls. How much time that "
+                 "saves depends on the engine and the hardware: scripts/bench_structured.py measures it against the "
+                 "dense model.")
     return _card(f"{model.get('name', 'model')} pruned to {target.tag} by {run.method}", rows, ppl_lines, kept,
-                 sizes, speed_note(target.n, target.m), extra)
+                 sizes, speed, extra)
 
 
 def _updates_weights(method: str | None) -> bool:

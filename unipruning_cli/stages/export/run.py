@@ -24,7 +24,7 @@ from ...core.errors import UserError
 from ...pruning.mask_files import load_masks, save_masks
 from ...core.config import ALLOCATIONS, complete_run_config
 from ...pruning.method import METHODS, method_name
-from ...pruning.targets import NM_TAG as _NM_TAG, Target, make_target
+from ...pruning.targets import CHANNELS, NM_TAG as _NM_TAG, Target, make_target
 from ...core.rundir import load_tensors
 from .folder import DTYPES
 
@@ -147,6 +147,8 @@ def _describe_tag(tag: str) -> str:
     if m:
         return f"{tag} (pattern={m.group(1)}:{m.group(2)})"
     m = re.match(r"^s(\d\.\d+)_(\w+)$", tag)
+    if m and m.group(2) == "channels":
+        return f"{tag} (pattern=channels sparsity={float(m.group(1)):g})"
     if m:
         return f"{tag} (sparsity={float(m.group(1)):g} allocation={m.group(2)})"
     return tag
@@ -164,6 +166,14 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
     ``sparsity`` (default: the run's) with ``allocation`` (default: the run's, or per_matrix after an N:M run).
     """
     primary = make_target(run.cfg)
+    if pattern == CHANNELS:  # whole MLP channels, from the run's own file or its Γ
+        if allocation is not None:
+            raise UserError(f"allocation={allocation} applies to unstructured cuts, not pattern=channels")
+        share = primary.sparsity if sparsity is None else float(sparsity)
+        if not 0.0 < share < 1.0 or abs(round(share, 2) - share) > 1e-9:
+            raise UserError(f"sparsity={share:g}: pattern=channels takes a share of channels in (0, 1) with at most "
+                            "two decimals")
+        return Target(sparsity=round(share, 2), allocation=CHANNELS)
     if pattern is not None and pattern != "unstructured":
         m = _NM_PATTERN.match(str(pattern))
         if not m or not 0 < int(m.group(1)) < int(m.group(2)):
@@ -189,7 +199,7 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
                         f"s{round(sparsity, 2):.2f}_<allocation>, so {sparsity:g} and {round(sparsity, 2):g} would "
                         f"share a file)")
     if allocation is None:
-        allocation = primary.allocation if not primary.is_nm else "per_matrix"
+        allocation = primary.allocation if not (primary.is_nm or primary.is_channels) else "per_matrix"
     return primary.unstructured(round(float(sparsity), 2), allocation)
 
 

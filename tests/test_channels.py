@@ -1,0 +1,172 @@
+"""pattern=channels (issue 28): whole MLP channels cut from per-weight scores, the least-squares refit of the
+projection after them (reconstruct=ls), and the export as a standard, smaller model, each against a slow reference
+or a reload with plain transformers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from _helpers import build_tiny_model, eval_windows_of, tiny_overrides
+from unipruning_cli.core.errors import UserError
+from unipruning_cli.models.loading import prunable_layers
+from unipruning_cli.pruning.channels import (channel_masks, channel_scores, channels_of_masks, kept_channels,
+                                             ls_refit, mlp_channels, slice_channels)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+VOCAB = 320
+
+
+def _shapes(model) -> dict[str, tuple[int, int]]:
+    return {n: tuple(m.weight.shape) for n, m in prunable_layers(model).items()}
+
+
+def test_mlps_are_found_by_the_names_of_their_matrices_and_experts_refused():
+    llama = {f"model.layers.{i}.mlp.{p}": s for i in range(2)
+             for p, s in (("gate_proj", (8, 4)), ("up_proj", (8, 4)), ("down_proj", (4, 8)))}
+    found = mlp_channels({**llama, "model.layers.0.self_attn.o_proj": (4, 4)})
+    assert [(m.parent, m.inputs, m.output, m.width) for m in found] == [
+        (f"model.layers.{i}.mlp", (f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.up_proj"),
+         f"model.layers.{i}.mlp.down_proj", 8) for i in range(2)]
+    gpt2 = {"transformer.h.0.mlp.c_fc": (16, 4), "transformer.h.0.mlp.c_proj": (4, 16),
+            "transformer.h.0.attn.c_proj": (4, 4)}  # an attention c_proj is no MLP's
+    assert [m.parent for m in mlp_channels(gpt2)] == ["transformer.h.0.mlp"]
+    with pytest.raises(UserError, match="expert's MLP"):
+        mlp_channels({"model.layers.0.mlp.experts.3.gate_proj": (8, 4), "model.layers.0.mlp.experts.3.up_proj": (8, 4),
+                      "model.layers.0.mlp.experts.3.down_proj": (4, 8)})
+    with pytest.raises(UserError, match="expert's MLP"):
+        mlp_channels({"model.layers.0.mlp.shared_expert.gate_proj": (8, 4),
+                      "model.layers.0.mlp.shared_expert.up_proj": (8, 4),
+                      "model.layers.0.mlp.shared_expert.down_proj": (4, 8)})
+    with pytest.raises(UserError, match="not one MLP"):
+        mlp_channels({"a.mlp.gate_proj": (8, 4), "a.mlp.up_proj": (7, 4), "a.mlp.down_proj": (4, 8)})
+    with pytest.raises(UserError, match="no MLP"):
+        mlp_channels({"model.layers.0.self_attn.q_proj": (4, 4)})
+
+
+def test_channel_scores_and_the_cut_match_a_loop_over_channels():
+    g = torch.Generator().manual_seed(0)
+    scores = {"b.mlp.gate_proj": torch.rand(10, 6, generator=g), "b.mlp.up_proj": torch.rand(10, 6, generator=g),
+              "b.mlp.down_proj": torch.rand(6, 10, generator=g)}
+    (mlp,) = mlp_channels({n: tuple(s.shape) for n, s in scores.items()})
+    slow = [sum(float(scores["b.mlp.gate_proj"][j, i]) + float(scores["b.mlp.up_proj"][j, i]) for i in range(6))
+            + sum(float(scores["b.mlp.down_proj"][o, j]) for o in range(6)) for j in range(10)]
+    assert torch.allclose(channel_scores(mlp, scores), torch.tensor(slow, dtype=torch.float64))
+    keep = kept_channels(channel_scores(mlp, scores), 0.3)
+    assert int(keep.sum()) == 7
+    assert set(torch.tensor(slow).argsort(descending=True)[:7].tolist()) == set(keep.nonzero().flatten().tolist())
+    assert torch.equal(kept_channels(torch.ones(4), 0.5), torch.tensor([True, True, False, False]))  # ties: lower index
+    with pytest.raises(UserError, match="removes all"):
+        kept_channels(torch.ones(4), 0.9)
+    masks = channel_masks(scores, 0.3)
+    assert torch.equal(masks["b.mlp.gate_proj"], keep[:, None].expand(10, 6))
+    assert torch.equal(masks["b.mlp.up_proj"], keep[:, None].expand(10, 6))
+    assert torch.equal(masks["b.mlp.down_proj"], keep[None, :].expand(6, 10))
+    assert torch.equal(channels_of_masks(masks, mlp), keep)
+    broken = dict(masks, **{"b.mlp.down_proj": masks["b.mlp.down_proj"].clone()})
+    broken["b.mlp.down_proj"][0, keep.nonzero()[0, 0]] = False
+    with pytest.raises(ValueError, match="not whole channels"):
+        channels_of_masks(broken, mlp)
+
+
+def test_ls_refit_is_the_damped_least_squares_solution():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    keep = torch.tensor([True, False, True, True, False, True, True, True, False, True, True, True])
+    xtx = x.T @ x
+    got = ls_refit(w, xtx, keep, percdamp=0.01)
+    # the reference: min ||X Wᵀ - X_K W'ᵀ||² + λ ||W_K - W'_K||² as one stacked least-squares problem
+    lam = 0.01 * float(xtx.diagonal().mean())
+    a = torch.cat([x[:, keep], lam ** 0.5 * torch.eye(int(keep.sum()), dtype=torch.float64)])
+    b = torch.cat([x @ w.T, lam ** 0.5 * w[:, keep].T])
+    ref = torch.linalg.lstsq(a, b).solution.T
+    assert torch.allclose(got[:, keep], ref, rtol=1e-8, atol=1e-10)
+    assert bool((got[:, ~keep] == 0).all())
+    masked_error = float(((x @ (w * keep).T - x @ w.T) ** 2).sum())
+    assert float(((x @ got.T - x @ w.T) ** 2).sum()) < masked_error
+    assert torch.allclose(ls_refit(w, xtx, torch.ones(12, dtype=torch.bool)), w, atol=1e-10)  # nothing removed
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+def test_a_sliced_model_computes_what_the_masked_one_does_and_reloads_standard(arch, tmp_path):
+    from transformers import AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM
+
+    if arch == "gemma":
+        torch.manual_seed(0)
+        model = GemmaForCausalLM(GemmaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16)).eval()
+    else:
+        model = build_tiny_model(arch, VOCAB)
+    layers = prunable_layers(model)
+    scores = {n: m.weight.detach().abs() for n, m in layers.items()}
+    masks = channel_masks(scores, 0.25)
+    width = model.config.intermediate_size
+    with torch.no_grad():
+        for n, m in masks.items():
+            layers[n].weight.mul_(m)
+    tokens = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        masked = model(tokens).logits
+    info = slice_channels(model, masks)
+    assert info["width"] == (width, width - round(0.25 * width)) and model.config.intermediate_size == info["width"][1]
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, masked, rtol=1e-5, atol=1e-5)
+    assert info["parameters"][1] == sum(p.numel() for p in model.parameters()) < info["parameters"][0]
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.intermediate_size == info["width"][1]
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, model(tokens).logits)
+
+
+def test_channels_are_refused_where_the_family_or_the_method_cannot_express_them(tiny_llama_dir, corpus_files):
+    from _helpers import validate_overrides
+
+    for extra, words in [(("method=sparsegpt", "pattern=channels", "sparsity=0.25"), "whole channels"),
+                         (("pattern=channels", "sparsity=0.25", "refine=swap"), "refine=swap"),
+                         (("reconstruct=ls",), "needs pattern=channels"),
+                         (("pattern=channels", "pattern.allocation=per_row"), "drop pattern.allocation")]:
+        with pytest.raises(UserError, match=words):
+            validate_overrides(tiny_llama_dir, corpus_files, *extra)
+
+
+@pytest.mark.e2e
+def test_a_channels_run_exports_a_smaller_model_with_the_runs_perplexity(tmp_path, tiny_llama_dir, corpus_files,
+                                                                        monkeypatch):
+    """Γ cut into channels (and Wanda-sp beside it), with and without reconstruct=ls: the export is a standard folder
+    with a smaller intermediate_size that plain from_pretrained loads at the perplexity the run measured."""
+    from transformers import AutoModelForCausalLM
+
+    from unipruning_cli.commands.prune import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.evaluation.perplexity import perplexity
+    from unipruning_cli.stages.export.apply import export_run
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
+    base += ["method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3", "pattern=channels",
+             "sparsity=0.25", "eval.baselines=[wanda@one_shot]", "eval.dense=false"]
+    for how in ("none", "ls"):
+        run = tmp_path / how
+        metrics = run_prune(compose_prune([*base, f"reconstruct={how}"]), run)
+        tag = "s0.25_channels"
+        assert set(metrics["results"]) == {tag, f"wanda@one_shot:{tag}"}
+        record = metrics["results"][tag].get("reconstruction")
+        assert (record is None) if how == "none" else (record["method"] == "ls" and record["error_ratio"] < 1)
+        out = export_run(run, out=tmp_path / f"export-{how}")
+        assert out["tag"] == tag
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"export-{how}").eval()
+        width = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).config.intermediate_size
+        assert reloaded.config.intermediate_size == width - round(0.25 * width)
+        assert all(layer.mlp.down_proj.weight.shape[1] == reloaded.config.intermediate_size
+                   for layer in reloaded.model.layers)
+        windows, batch_size, corpus = eval_windows_of(run)
+        got = perplexity(reloaded, windows, batch_size, "reload").to_dict()["ppl"]
+        assert got == pytest.approx(metrics["results"][tag]["ppl"][corpus], rel=1e-5)
+        card = (tmp_path / f"export-{how}" / "README.md").read_text()
+        assert "structural cut" in card and "intermediate_size=" in card

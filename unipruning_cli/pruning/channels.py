@@ -1,0 +1,198 @@
+"""Structural cuts of MLP channels: whole intermediate channels removed, so the pruned model is a standard, smaller one.
+
+Channel j of a decoder block's MLP is row j of the matrices that make the intermediate activation (``gate_proj`` and
+``up_proj``; ``fc1`` / ``c_fc`` / ``dense_h_to_4h`` without a gate) and column j of the one that reads it
+(``down_proj``; ``fc2`` / ``c_proj`` / ``dense_4h_to_h``). Removing it removes one unit of ``intermediate_size``
+(LLM-Pruner, Ma et al. 2023; FLAP, An et al. 2024, Sec. 3): the same share in every layer keeps the config standard,
+so the export is an ordinary model with a smaller ``intermediate_size`` that any engine loads.
+
+A channel's score is the sum of per-weight scores over its weights (its rows of the input matrices and its column of
+the output matrix): with |Γ| it is UniPruning's structural cut; with Wanda's scores it is the structured Wanda
+baseline of FLAP's comparison ("Wanda-sp"); with magnitude, the L1 norm of the channel's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from ..core.errors import UserError
+
+#: (input matrices, output matrix) of an MLP, by the last part of their names: gated (Llama, Qwen, Gemma, Mistral),
+#: then plain (OPT/Phi ``fc1``/``fc2``, GPT-2 ``c_fc``/``c_proj`` under ``mlp``, GPT-NeoX ``dense_h_to_4h``).
+MLP_ROLES = ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("c_fc",), "c_proj"),
+             (("dense_h_to_4h",), "dense_4h_to_h"))
+
+
+@dataclass(frozen=True)
+class MLPChannels:
+    """One MLP's channels: ``inputs`` (matrices whose rows are the channels), ``output`` (the matrix whose columns
+    are), their common ``parent`` module name and ``width`` (its ``intermediate_size``)."""
+
+    parent: str
+    inputs: tuple[str, ...]
+    output: str
+    width: int
+
+
+def mlp_channels(shapes: Mapping[str, tuple[int, ...]]) -> list[MLPChannels]:
+    """Every MLP among the prunable matrices ``shapes`` (name -> ``(out, in)``), found by the names of its matrices.
+
+    Raises :class:`UserError` where an MLP is an expert's (the experts of an MoE block are cut whole, not by
+    channel) or its matrices disagree on the width, and where no MLP is found."""
+    by_parent: dict[str, dict[str, str]] = {}
+    for name in shapes:
+        parent, _, leaf = name.rpartition(".")
+        by_parent.setdefault(parent, {})[leaf] = name
+    found = []
+    for parent, leaves in by_parent.items():
+        for inputs, output in MLP_ROLES:
+            if output in leaves and all(i in leaves for i in inputs) and (output != "c_proj" or parent.endswith("mlp")):
+                if ".experts." in f"{parent}." or ".shared_expert" in parent:
+                    raise UserError(f"pattern=channels: {parent} is an expert's MLP; channels are cut from dense MLPs "
+                                    "only (an MoE model's experts are removed whole)")
+                width = shapes[leaves[output]][1]
+                bad = [leaves[i] for i in inputs if shapes[leaves[i]][0] != width]
+                if bad:
+                    raise UserError(f"pattern=channels: {', '.join(bad)} have {[shapes[b][0] for b in bad]} rows, "
+                                    f"{leaves[output]} {width} columns: not one MLP's channels")
+                found.append(MLPChannels(parent, tuple(leaves[i] for i in inputs), leaves[output], width))
+                break
+    if not found:
+        raise UserError("pattern=channels: no MLP found among the prunable matrices (gate/up/down_proj, fc1/fc2, "
+                        "c_fc/c_proj)")
+    return found
+
+
+def channel_scores(mlp: MLPChannels, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Score of each channel (float64 ``[width]``): the per-weight ``scores`` (name -> ``[out, in]``, higher = keep)
+    summed over the channel's rows of ``mlp.inputs`` and its column of ``mlp.output``."""
+    total = scores[mlp.output].double().sum(0)
+    for name in mlp.inputs:
+        total = total + scores[name].double().sum(1).to(total.device)
+    return total
+
+
+def kept_channels(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """bool ``[width]``: the ``width - round(sparsity * width)`` channels of highest ``score`` (ties to the lower index).
+
+    Raises :class:`UserError` where the cut would remove every channel."""
+    width = score.numel()
+    keep = width - round(sparsity * width)
+    if keep < 1:
+        raise UserError(f"pattern=channels: sparsity {sparsity} removes all {width} channels of an MLP")
+    order = torch.argsort(-score.double(), stable=True)
+    out = torch.zeros(width, dtype=torch.bool)
+    out[order[:keep].cpu()] = True
+    return out
+
+
+def channel_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
+                  shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """Keep masks (bool ``[out, in]``, on the CPU) of every MLP matrix in ``scores``: the same share ``sparsity`` of
+    channels removed in every MLP, the lowest-scored (:func:`channel_scores`); the other matrices get no mask.
+    ``shapes``: name -> shape (default: the scores')."""
+    shapes = shapes or {n: tuple(s.shape) for n, s in scores.items()}
+    masks = {}
+    for mlp in mlp_channels(shapes):
+        keep = kept_channels(channel_scores(mlp, scores), sparsity)
+        for name in mlp.inputs:
+            masks[name] = keep[:, None].expand(shapes[name]).clone()
+        masks[mlp.output] = keep[None, :].expand(shapes[mlp.output]).clone()
+    return masks
+
+
+def channels_of_masks(masks: Mapping[str, torch.Tensor], mlp: MLPChannels) -> torch.Tensor:
+    """The kept channels (bool ``[width]``) that ``masks`` give ``mlp``; raises ``ValueError`` where the masks are not
+    whole channels (a row of an input matrix or a column of the output matrix partly kept, or the matrices
+    disagreeing)."""
+    keep = masks[mlp.output].any(0).cpu()
+    expect = {mlp.output: keep[None, :].expand(masks[mlp.output].shape)}
+    expect.update({n: keep[:, None].expand(masks[n].shape) for n in mlp.inputs})
+    for name, want in expect.items():
+        if not torch.equal(masks[name].cpu(), want):
+            raise ValueError(f"{name}: the mask is not whole channels of {mlp.parent}")
+    return keep
+
+
+def ls_refit(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """The projection after a channel cut refit on the kept channels by least squares (FLAP's and SliceGPT's
+    compensation in closed form): ``W'`` minimises ``‖W X - W'_K X_K‖² + λ ‖W_K - W'_K‖²`` over the calibration
+    inputs X of the projection, with ``λ = percdamp · mean(diag XXᵀ)`` (SparseGPT's damping, so a cut that keeps
+    every channel returns W unchanged): ``W'_K = W (H + λI)[:, K] (H_KK + λI)⁻¹``, H = XXᵀ.
+
+    ``weight`` ``[out, width]`` (any float dtype), ``xtx`` ``[width, width]`` (Σ x xᵀ, fp32), ``keep`` bool
+    ``[width]``. Returns the new weight in ``weight``'s dtype, zero in the removed columns. Raises ``ValueError``
+    for a non-finite or singular system."""
+    w = weight.detach().double()
+    h = xtx.to(w.device).double()
+    k = keep.to(w.device)
+    damp = percdamp * float(h.diagonal().mean()) if h.numel() else 0.0
+    hd = h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    try:
+        solved = torch.linalg.solve(hd[k][:, k], (w @ hd[:, k]).T).T
+    except RuntimeError as err:  # a singular system: no channel of the kept ones fired and no damping
+        raise ValueError(f"ls_refit: the kept channels' system cannot be solved ({err}); raise percdamp") from None
+    if not torch.isfinite(solved).all():
+        raise ValueError("ls_refit: the refit weights are not finite (the calibration inputs overflowed?)")
+    out = torch.zeros_like(w)
+    out[:, k] = solved
+    return out.to(weight.dtype)
+
+
+#: The config field that holds an MLP's width, by the names families use.
+WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
+
+
+def _sliced(layer: torch.nn.Linear, keep: torch.Tensor, rows: bool) -> torch.nn.Linear:
+    idx = keep.nonzero().flatten().to(layer.weight.device)
+    weight = layer.weight.detach().index_select(0 if rows else 1, idx)
+    bias = layer.bias.detach().index_select(0, idx) if (rows and layer.bias is not None) else (
+        layer.bias.detach() if layer.bias is not None else None)
+    new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                          dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
+@torch.no_grad()
+def slice_channels(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> dict:
+    """Remove, in place, the MLP channels a channels cut's ``masks`` drop (name -> bool ``[out, in]``, whole channels):
+    each input matrix loses those rows (and bias entries), the output matrix those columns, and the config's width
+    field (``intermediate_size``, ``ffn_dim`` or ``n_inner``) becomes the kept count, so ``save_pretrained`` writes
+    a standard, smaller model. The weights are taken as they are (masked or refit). Returns ``{"width": (before,
+    after), "parameters": (before, after)}``.
+
+    Raises :class:`UserError` where an MLP matrix is not a plain ``nn.Linear`` (a Conv1D or fused layout), the MLPs
+    keep different widths, or the config has no width field; ``ValueError`` for masks that are not whole channels."""
+    from ..models.layouts import text_config
+
+    before = sum(p.numel() for p in model.parameters())
+    modules = dict(model.named_modules())
+    shapes = {n: tuple(m.shape) for n, m in masks.items()}
+    mlps = mlp_channels(shapes)
+    keeps = [channels_of_masks(masks, mlp) for mlp in mlps]
+    kept = {int(k.sum()) for k in keeps}
+    if len(kept) != 1:
+        raise UserError(f"pattern=channels: the MLPs keep {sorted(kept)} channels; a standard config has one width")
+    config = text_config(model)
+    field = next((f for f in WIDTH_FIELDS if getattr(config, f, None) is not None), None)
+    if field is None:
+        raise UserError(f"pattern=channels: {type(config).__name__} has none of {', '.join(WIDTH_FIELDS)} to shrink")
+    for mlp, keep in zip(mlps, keeps):
+        for name, rows in [*((n, True) for n in mlp.inputs), (mlp.output, False)]:
+            layer = modules[name]
+            if type(layer) is not torch.nn.Linear:
+                raise UserError(f"pattern=channels: {name} is a {type(layer).__name__}, not an nn.Linear: this "
+                                "layout is not sliced")
+            parent, _, leaf = name.rpartition(".")
+            setattr(modules[parent], leaf, _sliced(layer, keep, rows))
+    width = getattr(config, field)
+    setattr(config, field, kept.pop())
+    return {"width": (int(width), int(getattr(config, field))), "field": field,
+            "parameters": (before, sum(p.numel() for p in model.parameters()))}
