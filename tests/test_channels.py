@@ -4,8 +4,6 @@ or a reload with plain transformers."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -170,3 +168,38 @@ def test_a_channels_run_exports_a_smaller_model_with_the_runs_perplexity(tmp_pat
         assert got == pytest.approx(metrics["results"][tag]["ppl"][corpus], rel=1e-5)
         card = (tmp_path / f"export-{how}" / "README.md").read_text()
         assert "structural cut" in card and "intermediate_size=" in card
+        # the run's own record of the parameters after the cut is the exported model's count
+        assert metrics["results"][tag]["structure"]["parameters"][1] == sum(p.numel() for p in reloaded.parameters())
+        assert "parameters instead of" in (run / "summary.md").read_text()
+
+
+@pytest.mark.e2e
+def test_wanda_sp_is_wandas_scores_summed_per_channel(tmp_path, tiny_llama_dir, corpus_files, monkeypatch):
+    """``method=local local_metric=wanda pattern=channels``, one-shot: the masks are those of |W|·‖X‖ (the run's own
+    calibration statistics) summed per channel, computed here by hand; the sequential protocol (block i scored on
+    the pruned blocks < i) gives whole channels, the same share in every MLP."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from unipruning_cli.commands.prune import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.pruning.mask_files import load_masks
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
+    base += ["pattern=channels", "sparsity=0.25", "eval.dense=false", "method=local", "local_metric=wanda"]
+    tag = "s0.25_channels"
+    run_prune(compose_prune([*base, "calibration.mode=one_shot"]), tmp_path / "l")
+    got = load_masks(tmp_path / "l" / "masks" / f"{tag}.safetensors")
+    with safe_open(str(tmp_path / "l" / "calibration.safetensors"), "pt") as f:
+        sq = {k[: -len(".sq_sum")]: f.get_tensor(k) for k in f.keys()}
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    weights = {n: m.weight.detach() for n, m in prunable_layers(dense).items()}
+    wanda = {n: weights[n].abs().float() * sq[n].sqrt().float()[None, :] for n in got}
+    want = channel_masks(wanda, 0.25)
+    assert set(got) == set(want) and all(n.rsplit(".", 1)[1] in ("gate_proj", "up_proj", "down_proj") for n in got)
+    assert all(torch.equal(got[n], want[n]) for n in got)
+    run_prune(compose_prune([*base, "calibration.mode=sequential"]), tmp_path / "s")
+    sequential = load_masks(tmp_path / "s" / "masks" / f"{tag}.safetensors")
+    for mlp in mlp_channels({n: tuple(m.shape) for n, m in sequential.items()}):
+        assert int(channels_of_masks(sequential, mlp).sum()) == mlp.width - round(0.25 * mlp.width)

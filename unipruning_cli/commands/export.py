@@ -63,10 +63,11 @@ def export_command(args: list[str]) -> None:
         prog="unipruning export",
         description="Write a pruned HF model folder (safetensors + tokenizer + README.md card) from a finished run. "
                     "Without options: the run's own cut. key=value options: sparsity=<0..1> and allocation="
-                    "per_row|per_matrix|global|owl|gamma for an unstructured cut, pattern=N:M for an N:M cut, dtype=float32|"
+                    "per_row|per_matrix|global|owl|gamma for an unstructured cut, pattern=N:M for an N:M cut, "
+                    "pattern=channels sparsity=S for whole MLP channels (sliced out: a smaller standard model), dtype=float32|"
                     "bfloat16|float16 for the saved weights (default: the run's). A method=unipruning run can export "
                     "any cut its Γ allows; other runs only the cuts in their masks/ folder.",
-        usage="unipruning export <run_dir> [sparsity=S] [pattern=N:M] [allocation=A] [dtype=D] [--out DIR] "
+        usage="unipruning export <run_dir> [sparsity=S] [pattern=N:M|channels] [allocation=A] [dtype=D] [--out DIR] "
               "[--compressed] [--force]")
     parser.add_argument("items", nargs="*", help="the run directory, then key=value options")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run_dir>/export/<tag>)")

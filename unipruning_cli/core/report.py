@@ -241,13 +241,25 @@ def write_summary_md(path: Path, metrics: dict, plots: list[str] | None = None) 
         f"- calibration: {_calibration_md(metrics['calibration'])}, seed {metrics['seed']}",
         f"- seconds per stage: {metrics['seconds']}",
         f"- memory: {metrics['memory']}",
-        "- speed: none. The zeros are stored dense and the model runs at the dense speed; no mainstream serving "
-        "engine runs 2:4 or unstructured sparsity in 2026 (vLLM removed its 2:4 kernels, #36799; TensorRT-LLM the "
-        "backend of --weight_sparsity, #15918), so read these numbers as quality at this sparsity. PyTorch's 2:4 "
-        "semi-structured kernels remain a research path: scripts/bench_semi_structured.py measures them on a GPU.",
+        *_speed_md(metrics),
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
+
+
+def _speed_md(metrics: dict) -> list[str]:
+    """What the cuts buy at inference time: a structural cut's smaller model, or nothing for zeros stored dense."""
+    structure = ((metrics.get("results") or {}).get(metrics["pattern"]) or {}).get("structure")
+    if structure:
+        before, after = structure["parameters"]
+        return [f"- size: `unipruning export <run_dir> pattern=channels` writes a standard model of {after:,} "
+                f"parameters instead of {before:,} ({1 - after / before:.1%} fewer), which any engine loads; "
+                "scripts/bench_structured.py measures its speed and memory against the dense model."]
+    return [
+        "- speed: none. The zeros are stored dense and the model runs at the dense speed; no mainstream serving "
+        "engine runs 2:4 or unstructured sparsity in 2026 (vLLM removed its 2:4 kernels, #36799; TensorRT-LLM the "
+        "backend of --weight_sparsity, #15918), so read these numbers as quality at this sparsity. PyTorch's 2:4 "
+        "semi-structured kernels remain a research path: scripts/bench_semi_structured.py measures them on a GPU."]
 
 
 def plot_search(jsonl: Path, png: Path) -> None:

@@ -75,14 +75,14 @@ def channel_scores(mlp: MLPChannels, scores: Mapping[str, torch.Tensor]) -> torc
     return total
 
 
-def kept_channels(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """bool ``[width]``: the ``width - round(sparsity * width)`` channels of highest ``score`` (ties to the lower index).
+def kept_channels(score: torch.Tensor, sparsity: float, what: str = "channels") -> torch.Tensor:
+    """bool ``[width]``: the ``width - round(sparsity * width)`` units of highest ``score`` (ties to the lower index).
 
-    Raises :class:`UserError` where the cut would remove every channel."""
+    Raises :class:`UserError` where the cut would remove every unit (``what``: their name in the message)."""
     width = score.numel()
     keep = width - round(sparsity * width)
     if keep < 1:
-        raise UserError(f"pattern=channels: sparsity {sparsity} removes all {width} channels of an MLP")
+        raise UserError(f"sparsity {sparsity} removes all {width} {what} of a layer")
     order = torch.argsort(-score.double(), stable=True)
     out = torch.zeros(width, dtype=torch.bool)
     out[order[:keep].cpu()] = True
@@ -146,8 +146,9 @@ def ls_refit(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, percda
 WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
 
 
-def _sliced(layer: torch.nn.Linear, keep: torch.Tensor, rows: bool) -> torch.nn.Linear:
-    idx = keep.nonzero().flatten().to(layer.weight.device)
+def sliced_linear(layer: torch.nn.Linear, idx: torch.Tensor, rows: bool) -> torch.nn.Linear:
+    """A new ``nn.Linear`` holding the rows (``rows``: and bias entries) or the columns ``idx`` (int64) of ``layer``."""
+    idx = idx.to(layer.weight.device)
     weight = layer.weight.detach().index_select(0 if rows else 1, idx)
     bias = layer.bias.detach().index_select(0, idx) if (rows and layer.bias is not None) else (
         layer.bias.detach() if layer.bias is not None else None)
@@ -191,7 +192,7 @@ def slice_channels(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) ->
                 raise UserError(f"pattern=channels: {name} is a {type(layer).__name__}, not an nn.Linear: this "
                                 "layout is not sliced")
             parent, _, leaf = name.rpartition(".")
-            setattr(modules[parent], leaf, _sliced(layer, keep, rows))
+            setattr(modules[parent], leaf, sliced_linear(layer, keep.nonzero().flatten(), rows))
     width = getattr(config, field)
     setattr(config, field, kept.pop())
     return {"width": (int(width), int(getattr(config, field))), "field": field,

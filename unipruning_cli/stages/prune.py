@@ -20,6 +20,7 @@ from ..data.calibration_set import dense_statistics
 from ..core.context import RunContext
 from ..core.config import model_values, plain
 from ..core.lazymap import LazyMap
+from ..pruning.channels import mlp_channels
 from ..pruning.mask_files import load_masks, packed_masks, save_masks, save_packed_masks
 from ..pruning.method import Cuts, method_name
 from ..pruning.blockwise import LocalMetricPruning, PruningMethod
@@ -76,6 +77,11 @@ def calibrate_and_prune(ctx: RunContext, method: PruningMethod) -> tuple[PackedM
             every = target.cut(method.scores(layers, stats))
             apply_masks(layers, every)
             masks.add(every)
+        elif target.is_channels:  # a channel's rows and column are cut together: one MLP's scores alive at a time
+            for mlp in mlp_channels({n: tuple(m.weight.shape) for n, m in layers.items()}):
+                one = target.cut({n: method.score(layers[n], stats.get(n)) for n in (*mlp.inputs, mlp.output)})
+                apply_masks(layers, one)
+                masks.add(one)
         else:  # the cuts are per matrix: one score alive at a time, in the order (and random draws) of scores()
             for name, layer in layers.items():
                 one = target.cut({name: method.score(layer, stats.get(name))})

@@ -1,0 +1,154 @@
+"""Structural cuts on the embedded model, measured in one run: the perplexity of MLP channel cuts (UniPruning's Γ and
+Wanda-sp beside it, with and without ``reconstruct=ls``), and each exported model against the dense one with plain
+transformers on this machine: file size, peak memory, prefill tokens/s at 512 tokens and decode tokens/s at batch 1.
+
+Two ``unipruning prune`` processes (``reconstruct=none`` and ``ls``), each cutting every share from one Γ (frozen
+search, stochRIA anchor) with ``eval.baselines=[wanda@one_shot]`` (Wanda's scores summed per channel: Wanda-sp);
+then ``unipruning export <ls run> pattern=channels sparsity=S`` per share; then the dense folder and each export are
+timed in a fresh process each (same threads, same prompt), dense first.
+
+    python scripts/bench_structured.py --out bench-out/structured                 # 10/20/30 % (about 15 min, 2 cores)
+    python scripts/bench_structured.py --sparsities 0.2 --windows 8 --out /tmp/s  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_common import run_json_child
+
+#: Timed in a fresh process: load the folder, then prefill and decode, then the process's peak RSS.
+CHILD = r"""
+import json, statistics, sys, time
+import torch
+from transformers import AutoModelForCausalLM
+from bench_common import status_mib
+
+folder, threads, prefill, decode, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+params = sum(p.numel() for p in model.parameters())
+tokens = torch.randint(3, model.config.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(0))
+times = []
+with torch.no_grad():
+    model(tokens[:, :32], use_cache=False)  # warm-up
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(tokens, use_cache=False)
+        times.append(time.perf_counter() - t0)
+    prompt = tokens[:, :16]
+    gen = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False,
+                             pad_token_id=0)
+        gen.append(time.perf_counter() - t0)
+        assert out.shape[1] == 16 + decode
+print(json.dumps({"parameters": params, "prefill_tokens_per_s": prefill / statistics.median(times),
+                  "decode_tokens_per_s": decode / statistics.median(gen), "peak_rss_mib": status_mib("VmHWM"),
+                  "intermediate_size": getattr(model.config, "intermediate_size", None)}))
+"""
+
+
+def prune(overrides: list[str], runs: Path) -> Path:
+    env = {**os.environ, "UNIPRUNING_RUNS": str(runs), "COLUMNS": "1000"}
+    proc = subprocess.run([sys.executable, "-m", "unipruning_cli.cli", "prune", *overrides], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"prune {overrides} failed:\n{proc.stderr[-3000:]}")
+    return Path(next(line.split("run directory: ", 1)[1].strip() for line in proc.stderr.splitlines()[::-1]
+                     if "run directory: " in line))
+
+
+def export(run: Path, share: float, out: Path) -> Path:
+    proc = subprocess.run([sys.executable, "-m", "unipruning_cli.cli", "export", str(run), "pattern=channels",
+                           f"sparsity={share}", "--out", str(out), "--force"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"export {run} {share} failed:\n{proc.stderr[-3000:]}")
+    return out
+
+
+def file_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("bench-out/structured"))
+    ap.add_argument("--sparsities", default="0.1,0.2,0.3", help="shares of MLP channels removed")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    shares = [float(s) for s in args.sparsities.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    corpus = "wiki_offline"
+    common = ["method=unipruning", "local_metric=stochria", "schedule.weight_mode=frozen", f"schedule.steps={args.steps}",
+              "pattern=channels", f"sparsity={shares[0]}", f"export.sparsities=[{','.join(map(str, shares))}]",
+              "export.patterns=[]", "eval.baselines=[wanda@one_shot]", f"calibration.nsamples={args.nsamples}",
+              f"calibration.seqlen={args.seqlen}", "calibration.source=owt_offline", f"eval.seqlen={args.seqlen}",
+              f"eval.max_windows={args.windows}", f"eval.corpora=[{corpus}]", "reuse_search=false"]
+    runs, ppl = {}, {}
+    for how in ("none", "ls"):
+        t0 = time.perf_counter()
+        runs[how] = prune([*common, f"reconstruct={how}"], args.out / "runs")
+        m = json.loads((runs[how] / "metrics.json").read_text())
+        ppl["dense"] = m["perplexity"][corpus]["dense"]["ppl"]
+        for tag, r in m["results"].items():
+            ppl[(how, tag)] = r["ppl"][corpus]
+        print(f"-> reconstruct={how}: {runs[how]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    from unipruning_cli.data.assets import embedded_model_path
+
+    folders = {"dense": embedded_model_path("smollm2-135m")}
+    for s in shares:
+        folders[f"{s:.2f}"] = export(runs["ls"], s, args.out / "export" / f"channels-{s:.2f}")
+    measured = {}
+    for name, folder in folders.items():  # one fresh process each, dense first
+        measured[name] = run_json_child(["-c", CHILD, str(folder), str(args.threads), str(args.prefill),
+                                         str(args.decode), str(args.repeats)])
+        measured[name]["file_bytes"] = file_bytes(Path(folder))
+        print(f"   {name}: {measured[name]}", flush=True)
+
+    d = measured["dense"]
+    lines = [f"SmolLM2-135M (embedded), MLP channels removed in every layer; calibration {args.nsamples} x {args.seqlen} "
+             f"tokens (owt_offline), perplexity on {corpus} ({args.windows} windows of {args.seqlen}); UniPruning: "
+             f"frozen search, {args.steps} steps, stochRIA anchor; Wanda-sp: Wanda's scores summed per channel "
+             f"(one-shot). Speed and memory: the exported folder (from the `reconstruct=ls` run) against the dense "
+             f"one, plain transformers, float32, {args.threads} threads, prefill {args.prefill} tokens, decode "
+             f"{args.decode} tokens at batch 1, medians of {args.repeats}. Command: `{' '.join(sys.argv)}`.", "",
+             "| channels removed | Γ | Γ + ls | Wanda-sp | Wanda-sp + ls | parameters | file MiB | peak RSS MiB | "
+             "prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| 0 (dense) | {ppl['dense']:.2f} | | | | {d['parameters']:,} | {d['file_bytes'] / 2**20:.1f} | "
+             f"{d['peak_rss_mib']:.0f} | {d['prefill_tokens_per_s']:.0f} | {d['decode_tokens_per_s']:.1f} |"]
+    for s in shares:
+        tag, e = f"s{s:.2f}_channels", measured[f"{s:.2f}"]
+        cells = [ppl.get((how, t)) for how, t in (("none", tag), ("ls", tag), ("none", f"wanda@one_shot:{tag}"),
+                                                  ("ls", f"wanda@one_shot:{tag}"))]
+        lines.append(f"| {s:.0%} | " + " | ".join(f"{c:.2f}" if c is not None else "" for c in cells)
+                     + f" | {e['parameters']:,} ({e['parameters'] / d['parameters']:.3f}x) | "
+                     f"{e['file_bytes'] / 2**20:.1f} ({e['file_bytes'] / d['file_bytes']:.3f}x) | "
+                     f"{e['peak_rss_mib']:.0f} ({e['peak_rss_mib'] / d['peak_rss_mib']:.3f}x) | "
+                     f"{e['prefill_tokens_per_s']:.0f} ({e['prefill_tokens_per_s'] / d['prefill_tokens_per_s']:.3f}x) | "
+                     f"{e['decode_tokens_per_s']:.1f} ({e['decode_tokens_per_s'] / d['decode_tokens_per_s']:.3f}x) |")
+    table = "\n".join(lines) + "\n"
+    (args.out / "structured.md").write_text(table)
+    (args.out / "structured.json").write_text(json.dumps({"ppl": {str(k): v for k, v in ppl.items()},
+                                                          "measured": measured, "runs": {k: str(v) for k, v in runs.items()}},
+                                                         indent=2) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
