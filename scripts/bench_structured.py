@@ -7,8 +7,10 @@ search, stochRIA anchor) with ``eval.baselines=[wanda@one_shot]`` (Wanda's score
 then ``unipruning export <ls run> pattern=channels sparsity=S`` per share; then the dense folder and each export are
 timed in a fresh process each (same threads, same prompt), dense first.
 
-    python scripts/bench_structured.py --out bench-out/structured                 # 10/20/30 % (about 15 min, 2 cores)
+    python scripts/bench_structured.py --out bench-out/structured                 # 10/20/30 % (about 45 min on 2 cores)
     python scripts/bench_structured.py --sparsities 0.2 --windows 8 --out /tmp/s  # a quick look
+    python scripts/bench_structured.py --runs <none run> <ls run> --out ...        # after an interruption: the two
+                                                                                  # runs and finished exports reused
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def prune(overrides: list[str], runs: Path) -> Path:
 
 
 def export(run: Path, share: float, out: Path) -> Path:
+    if (out / "unipruning_export.json").is_file():  # written last: a finished export of an interrupted call
+        return out
     proc = subprocess.run([sys.executable, "-m", "unipruning_cli.cli", "export", str(run), "pattern=channels",
                            f"sparsity={share}", "--out", str(out), "--force"], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -90,6 +94,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--runs", nargs=2, type=Path, default=None, metavar=("NONE_RUN", "LS_RUN"),
+                    help="the two prune runs of an earlier, interrupted call (their exports in --out are reused)")
     args = ap.parse_args()
     shares = [float(s) for s in args.sparsities.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -100,9 +106,9 @@ def main() -> None:
               f"calibration.seqlen={args.seqlen}", "calibration.source=owt_offline", f"eval.seqlen={args.seqlen}",
               f"eval.max_windows={args.windows}", f"eval.corpora=[{corpus}]", "reuse_search=false"]
     runs, ppl = {}, {}
-    for how in ("none", "ls"):
+    for i, how in enumerate(("none", "ls")):
         t0 = time.perf_counter()
-        runs[how] = prune([*common, f"reconstruct={how}"], args.out / "runs")
+        runs[how] = args.runs[i] if args.runs else prune([*common, f"reconstruct={how}"], args.out / "runs")
         m = json.loads((runs[how] / "metrics.json").read_text())
         ppl["dense"] = m["perplexity"][corpus]["dense"]["ppl"]
         for tag, r in m["results"].items():
