@@ -143,7 +143,7 @@ def test_a_channels_run_exports_a_smaller_model_with_the_runs_perplexity(tmp_pat
     from unipruning_cli.commands.prune import run_prune
     from unipruning_cli.core.config import compose_prune
     from unipruning_cli.evaluation.perplexity import perplexity
-    from unipruning_cli.stages.export.apply import export_run
+    from unipruning_cli.stages.export.apply import apply_masks_file, export_run
 
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
@@ -170,7 +170,17 @@ def test_a_channels_run_exports_a_smaller_model_with_the_runs_perplexity(tmp_pat
         assert "structural cut" in card and "intermediate_size=" in card
         # the run's own record of the parameters after the cut is the exported model's count
         assert metrics["results"][tag]["structure"]["parameters"][1] == sum(p.numel() for p in reloaded.parameters())
-        assert "parameters instead of" in (run / "summary.md").read_text()
+        summary = (run / "summary.md").read_text()
+        assert "parameters instead of" in summary and "| 25% of channels |" in summary
+        if how == "none":  # the masks file applied to the model: sliced as export slices it
+            apply_masks_file(run / "masks" / f"{tag}.safetensors", str(tiny_llama_dir), tmp_path / "applied")
+            applied = AutoModelForCausalLM.from_pretrained(tmp_path / "applied")
+            assert applied.config.intermediate_size == reloaded.config.intermediate_size
+            # a channels run's sparsity alone is a channels cut, cut from Γ at export
+            assert export_run(run, sparsity=0.5, out=tmp_path / "half")["tag"] == "s0.50_channels"
+        else:  # the masks of a refit cut do not hold the refit weights
+            with pytest.raises(UserError, match="reconstruct=ls"):
+                apply_masks_file(run / "masks" / f"{tag}.safetensors", str(tiny_llama_dir), tmp_path / "applied-ls")
 
 
 @pytest.mark.e2e
@@ -203,3 +213,21 @@ def test_wanda_sp_is_wandas_scores_summed_per_channel(tmp_path, tiny_llama_dir, 
     sequential = load_masks(tmp_path / "s" / "masks" / f"{tag}.safetensors")
     for mlp in mlp_channels({n: tuple(m.shape) for n, m in sequential.items()}):
         assert int(channels_of_masks(sequential, mlp).sum()) == mlp.width - round(0.25 * mlp.width)
+
+
+def test_a_model_whose_channels_cannot_be_sliced_is_refused_before_any_weight_is_read():
+    """GPT-2: its MLP is HF Conv1D (taken as a Linear view for masks) and its config's n_inner is None."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from unipruning_cli.models.layouts import as_linears
+    from unipruning_cli.pruning.channels import check_channels_fit
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2))
+    as_linears(model)
+    with pytest.raises(UserError, match="not an nn.Linear"):
+        check_channels_fit(model, prunable_layers(model))
+
+
+def test_the_functions_a_model_card_names_import():
+    from unipruning_cli.stages.export import load_compressed, to_semi_structured  # noqa: F401  (cards name them)

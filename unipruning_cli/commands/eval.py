@@ -50,9 +50,9 @@ def _parse(settings: list[str]) -> tuple[dict, list[str], bool]:
 def evaluate_run(run_dir: Path, settings: list[str], allow_changed_model: bool = False) -> dict:
     """Evaluate cuts of the finished run ``run_dir`` (``settings``: see :func:`eval_command`) and merge the results
     into its ``metrics.json``. Before the model loads, the model's files must be the ones the run read
-    (:func:`.inputs.check_same_inputs`; ``allow_changed_model`` lets a change through: then the figures go only into
+    (:func:`..core.inputs.check_same_inputs`; ``allow_changed_model`` lets a change through: then the figures go only into
     a new entry of ``evaluations``, marked ``changed_model``, never over the run's own), and no other process may be
-    writing the run (:func:`.rundir.run_lock`). Raises :class:`UserError`."""
+    writing the run (:func:`..core.rundir.run_lock`). Raises :class:`UserError`."""
     from ..stages.export.run import open_run
     from ..core.rundir import run_lock
 

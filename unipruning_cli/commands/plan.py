@@ -78,7 +78,7 @@ def plan_command(args: list[str]) -> None:
 
 
 def _print_disk(cfg, gib: float, device: str) -> dict[str, float]:
-    """The disk a run writes (:func:`.storage.run_disk_bytes`, upper bounds), printed; returned in GiB."""
+    """The disk a run writes (:func:`..stages.storage.run_disk_bytes`, upper bounds), printed; returned in GiB."""
     from ..pruning.method import method_of
     from ..core.progress import console
     from ..stages.storage import run_disk_bytes

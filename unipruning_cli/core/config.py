@@ -59,7 +59,8 @@ class ModelConfig:
 
 @dataclass
 class PatternConfig:
-    """Sparsity pattern: ``unstructured`` with an allocation rule, or N:M along the input dimension."""
+    """Sparsity pattern: ``unstructured`` with an allocation rule, N:M along the input dimension, or ``channels``
+    (whole MLP channels, the same share in every MLP: :mod:`..pruning.channels`)."""
 
     kind: str = "unstructured"
     n: int = 0

@@ -84,7 +84,7 @@ def _comparison_md(metrics: dict) -> list[str]:
     targets: dict[str, dict[str, float]] = {}
     for tag, r in results.items():
         source, kind, sp = _parse_tag(tag)
-        key = f"{sp:.0%}" if kind == "unstructured" else kind
+        key = f"{sp:.0%}" if kind == "unstructured" else f"{sp:.0%} of channels" if kind == "channels" else kind
         targets.setdefault(key, {})[source or metrics["method"]] = r["ppl"][corpus]
     cols = [metrics["method"], *sources]
     lines = [f"PPL on {corpus}, every method at the same targets from the same calibration samples:", "",
@@ -99,12 +99,14 @@ def _comparison_md(metrics: dict) -> list[str]:
 
 
 def _parse_tag(tag: str) -> tuple[str | None, str, float]:
-    """'wanda:s0.60_per_row' -> ('wanda', 'unstructured', 0.6); '2of4' -> (None, '2:4', 0.5)."""
+    """'wanda:s0.60_per_row' -> ('wanda', 'unstructured', 0.6); '2of4' -> (None, '2:4', 0.5); 's0.20_channels' ->
+    (None, 'channels', 0.2), 0.2 being the share of MLP channels removed."""
     source, _, cut = tag.rpartition(":")
     if "of" in cut:
         n, m = (int(v) for v in cut.split("of"))
         return source or None, f"{n}:{m}", 1 - n / m
-    return source or None, "unstructured", float(cut[1:].split("_")[0])
+    share, _, allocation = cut[1:].partition("_")
+    return source or None, "channels" if allocation == "channels" else "unstructured", float(share)
 
 
 def save_png(fig, png: Path) -> None:
@@ -141,12 +143,14 @@ def ppl_figure(metrics: dict):
         series: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for tag, r in results.items():
             source, kind, sp = _parse_tag(tag)
-            series.setdefault((source or metrics["method"], kind), []).append((sp, r["ppl"][corpus]))
+            at = r.get("measured_sparsity", sp) if kind == "channels" else sp  # a channel share is no weight share
+            series.setdefault((source or metrics["method"], kind), []).append((at, r["ppl"][corpus]))
         colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(dict.fromkeys(m for m, _ in series))}
         markers = {k: mk for k, mk in zip(dict.fromkeys(k for _, k in series if k != "unstructured"), "sD^v<>")}
         for (method, kind), pts in series.items():
             pts.sort()
-            style = ("o-" if len(pts) > 1 else "o") if kind == "unstructured" else markers[kind]
+            style = ("o-" if len(pts) > 1 else "o") if kind == "unstructured" else markers[kind] + (
+                "--" if kind == "channels" and len(pts) > 1 else "")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colors[method], markersize=7,
                     label=method if kind == "unstructured" else f"{method} {kind}")
         dense = metrics["perplexity"][corpus].get("dense")

@@ -6,7 +6,7 @@ sequential onloading included), applying the masks a step returns before the blo
 the next block (the sequential protocol of Wanda / SparseGPT's code), and, where the pass must leave the model as
 it found it, the weights the masks zeroed kept on the host and written back after the pass, bit for bit, even when
 it fails. Used by the prune stage (:mod:`..stages.prune`), the published-protocol baselines (:mod:`..stages.baselines`),
-``refine=swap`` (:mod:`..stages.refinement`) and ``reconstruct=obs`` (:mod:`..stages.reconstruction`).
+``refine=swap`` (:mod:`..stages.refinement`), ``reconstruct=obs`` and ``ls`` (:mod:`..stages.reconstruction`).
 """
 
 from __future__ import annotations

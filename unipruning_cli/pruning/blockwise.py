@@ -25,7 +25,7 @@ class PruningMethod(ABC):
     def prune_block(
         self, layers: Mapping[str, nn.Linear], stats: Mapping[str, ActivationStats], target: Target
     ) -> dict[str, torch.Tensor]:
-        """Masks for one block's layers (per-row, per-matrix or N:M targets only)."""
+        """Masks for one block's layers (per-row, per-matrix, N:M or channels targets: cuts within one block)."""
 
 
 class LocalMetricPruning(PruningMethod):

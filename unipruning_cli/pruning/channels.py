@@ -146,6 +146,26 @@ def ls_refit(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, percda
 WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
 
 
+def check_channels_fit(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]) -> None:
+    """Raise :class:`UserError` where a channels cut of ``model`` (its prunable ``layers``; on the ``meta`` device
+    too) could not be exported as a standard model: an MLP matrix that is not a plain ``nn.Linear`` (GPT-2's Conv1D),
+    or a config without a width field equal to the MLPs' width. Called before any weight is read."""
+    from ..models.layouts import text_config
+
+    mlps = mlp_channels({n: tuple(m.weight.shape) for n, m in layers.items()})
+    for mlp in mlps:
+        for name in (*mlp.inputs, mlp.output):
+            if type(layers[name]) is not torch.nn.Linear:
+                raise UserError(f"pattern=channels: {name} is a {type(layers[name]).__name__}, not an nn.Linear: "
+                                "its channels cannot be sliced into a standard model")
+    config = text_config(model)
+    field = next((f for f in WIDTH_FIELDS if getattr(config, f, None) is not None), None)
+    widths = {mlp.width for mlp in mlps}
+    if field is None or {getattr(config, field)} != widths:
+        raise UserError(f"pattern=channels: {type(config).__name__} has no width field ({', '.join(WIDTH_FIELDS)}) "
+                        f"equal to its MLPs' width {sorted(widths)}: a smaller config cannot be written")
+
+
 def sliced_linear(layer: torch.nn.Linear, idx: torch.Tensor, rows: bool) -> torch.nn.Linear:
     """A new ``nn.Linear`` holding the rows (``rows``: and bias entries) or the columns ``idx`` (int64) of ``layer``."""
     idx = idx.to(layer.weight.device)
@@ -181,18 +201,13 @@ def slice_channels(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) ->
     kept = {int(k.sum()) for k in keeps}
     if len(kept) != 1:
         raise UserError(f"pattern=channels: the MLPs keep {sorted(kept)} channels; a standard config has one width")
+    check_channels_fit(model, {n: modules[n] for n in masks})
     config = text_config(model)
-    field = next((f for f in WIDTH_FIELDS if getattr(config, f, None) is not None), None)
-    if field is None:
-        raise UserError(f"pattern=channels: {type(config).__name__} has none of {', '.join(WIDTH_FIELDS)} to shrink")
+    field = next(f for f in WIDTH_FIELDS if getattr(config, f, None) is not None)
     for mlp, keep in zip(mlps, keeps):
         for name, rows in [*((n, True) for n in mlp.inputs), (mlp.output, False)]:
-            layer = modules[name]
-            if type(layer) is not torch.nn.Linear:
-                raise UserError(f"pattern=channels: {name} is a {type(layer).__name__}, not an nn.Linear: this "
-                                "layout is not sliced")
             parent, _, leaf = name.rpartition(".")
-            setattr(modules[parent], leaf, sliced_linear(layer, keep.nonzero().flatten(), rows))
+            setattr(modules[parent], leaf, sliced_linear(modules[name], keep.nonzero().flatten(), rows))
     width = getattr(config, field)
     setattr(config, field, kept.pop())
     return {"width": (int(width), int(getattr(config, field))), "field": field,

@@ -183,7 +183,7 @@ class Method(ABC):
                    "through the whole model at once")
 
     def plan_rows(self, sheet) -> None:
-        """Add this method's stages to the memory plan (:class:`..stages.plan.estimate.Sheet`): by default, calibration
+        """Add this method's stages to the memory plan (:class:`..stages.plan.rows.Sheet`): by default, calibration
         statistics, one matrix's scores and the packed masks, and the pruned model evaluated in place."""
         sheet.calibration()
         sheet.add("prune", sheet.Wo, 5 * sheet.s["L_max"] + sheet.P / 8,

@@ -111,6 +111,7 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
         if is_channels_tag(tag):  # what the export slices out: the model's parameters before and after
             total = results[tag]["sparsity"]["all_params"]
             removed = sum(int((~m).sum()) for m in masks.values())
+            removed += sum(int((~m).all(1).sum()) for n, m in masks.items() if layers[n].bias is not None)
             results[tag]["structure"] = {"parameters": [total, total - removed]}
         restore_weights(layers, original.tensors)
     original.release()

@@ -212,7 +212,12 @@ def check_model_limits(cfg: DictConfig) -> None:
                     "and the N:M fit is checked after the load", cfg.model.path, err)
         return
     _check_positions(cfg, model)
-    check_targets_fit(prunable_layers(model), targets_of(cfg, make_target(cfg)))
+    targets = targets_of(cfg, make_target(cfg))
+    check_targets_fit(prunable_layers(model), targets)
+    if any(t.is_channels for t in targets):
+        from ..pruning.channels import check_channels_fit
+
+        check_channels_fit(model, prunable_layers(model))
     _check_router_loss(cfg, model)
 
 

@@ -20,7 +20,6 @@ from ..data.calibration_set import dense_statistics
 from ..core.context import RunContext
 from ..core.config import model_values, plain
 from ..core.lazymap import LazyMap
-from ..pruning.channels import mlp_channels
 from ..pruning.mask_files import load_masks, packed_masks, save_masks, save_packed_masks
 from ..pruning.method import Cuts, method_name
 from ..pruning.blockwise import LocalMetricPruning, PruningMethod
@@ -57,8 +56,8 @@ def calibrate_and_prune(ctx: RunContext, method: PruningMethod) -> tuple[PackedM
 
     Writes ``calibration.safetensors`` (Σx² per input channel, counts in the metadata) and
     ``calibration.json`` into ``ctx.rd``. Returns (the packed masks, calibration info). Scores and masks are
-    made matrix by matrix (block by block when calibrating), except for ``allocation=global``, whose cut
-    needs every score at once. Raises :class:`..core.errors.UserError` naming the first layer whose calibration
+    made matrix by matrix (block by block when calibrating), except for a shared budget (``global``, ``owl``,
+    ``gamma``) or whole channels, whose one-shot cut takes every score at once. Raises :class:`..core.errors.UserError` naming the first layer whose calibration
     inputs overflowed the model's dtype (:func:`..data.calibration.calibrate_blockwise`), before anything is saved.
     """
     cfg, model, layers, target, rd = ctx.cfg, ctx.model, ctx.layers, ctx.primary, ctx.rd
@@ -73,15 +72,10 @@ def calibrate_and_prune(ctx: RunContext, method: PruningMethod) -> tuple[PackedM
         else:
             stats, cached = dense_statistics(cfg, model, windows)
         calib_info["cached"] = cached
-        if target.shares_budget:
-            every = target.cut(method.scores(layers, stats))
+        if target.shares_budget or target.is_channels:  # every score at once (channels: rows and columns together,
+            every = target.cut(method.scores(layers, stats))  # in the order and random draws of the baselines)
             apply_masks(layers, every)
             masks.add(every)
-        elif target.is_channels:  # a channel's rows and column are cut together: one MLP's scores alive at a time
-            for mlp in mlp_channels({n: tuple(m.weight.shape) for n, m in layers.items()}):
-                one = target.cut({n: method.score(layers[n], stats.get(n)) for n in (*mlp.inputs, mlp.output)})
-                apply_masks(layers, one)
-                masks.add(one)
         else:  # the cuts are per matrix: one score alive at a time, in the order (and random draws) of scores()
             for name, layer in layers.items():
                 one = target.cut({name: method.score(layer, stats.get(name))})

@@ -40,12 +40,12 @@ def output_error(delta: torch.Tensor, xtx: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings()) -> dict:
-    """Set every prunable weight of ``model`` (dense on entry) to its OBS reconstruction on ``masks`` (name -> bool
-    ``[out, in]``, True = keep). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
-    :class:`..data.sampling.TokenSamples`). Returns ``{"layers": n, "error_ratio": r}``: the output error on the
-    calibration data of the reconstructed weights over that of the masked dense weights, ‖ΔW X‖² summed over every
-    layer (below 1 where it helped). Raises ``ValueError`` from the solve (a non-finite Hessian)."""
+def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
+                  masks: Mapping[str, torch.Tensor] | None = None) -> dict:
+    """One sequential pass in which ``rewrite(name, W, stats)`` gives a layer's new weight and the keep mask it
+    honours (``(new, keep)``; None: the layer is left alone); ``masks``, if given, are applied by the loop after each
+    block's rewrites. Returns ``{"layers": n, "error_ratio": r}``: ‖ΔW X‖² of the new weights over that of W ⊙ keep,
+    summed over the rewritten layers on their calibration inputs."""
     before = after = 0.0
     count = 0
 
@@ -53,19 +53,34 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: Pas
         nonlocal before, after, count
         for name, layer in layers.items():
             w = layer.weight.data
-            keep = masks[name].to(w.device)
+            got = rewrite(name, w, stats[name])
+            if got is None:
+                continue
+            new, keep = got
             xtx = stats[name].xtx
-            new = obs_reconstruct(w, (2.0 / max(stats[name].count, 1)) * xtx.to(w.device), keep, name=name)
-            before += output_error(w.float() * keep - w.float(), xtx)
+            before += output_error(w.float() * keep.to(w.device) - w.float(), xtx)
             after += output_error(new.float() - w.float(), xtx)
             w.copy_(new)
             count += 1
+        return None if masks is None else {n: masks[n] for n in layers if n in masks}
 
     block_pass(model, windows, step, settings, want_hessian=True)
     ratio = after / before if before > 0 else 1.0
-    log.info("OBS reconstruction on the fixed masks of %d matrices: output error on the calibration data %.3g of "
-             "the masked weights'", count, ratio)
+    log.info("%s of %d matrices: output error on the calibration data %.3g of the masked weights'", what, count, ratio)
     return {"layers": count, "error_ratio": ratio}
+
+
+def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings()) -> dict:
+    """Set every prunable weight of ``model`` (dense on entry) to its OBS reconstruction on ``masks`` (name -> bool
+    ``[out, in]``, True = keep). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
+    :class:`..data.sampling.TokenSamples`). Returns ``{"layers": n, "error_ratio": r}``: the output error on the
+    calibration data of the reconstructed weights over that of the masked dense weights, ‖ΔW X‖² summed over every
+    layer (below 1 where it helped). Raises ``ValueError`` from the solve (a non-finite Hessian)."""
+    def rewrite(name, w, st):
+        keep = masks[name].to(w.device)
+        return obs_reconstruct(w, (2.0 / max(st.count, 1)) * st.xtx.to(w.device), keep, name=name), keep
+
+    return _rewrite_pass(model, windows, settings, rewrite, "OBS reconstruction on the fixed masks")
 
 
 def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:
@@ -74,37 +89,19 @@ def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:
     return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes)
 
 
-@torch.no_grad()
 def refit_channels(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings()) -> dict:
     """Apply a channels cut's ``masks`` (name -> bool ``[out, in]``, whole channels: :func:`..pruning.channels.
     channel_masks`) to ``model`` (dense on entry) with each MLP's output projection refit on its kept channels
     (:func:`..pruning.channels.ls_refit`), block by block on ``windows`` (the calibration samples), sequentially.
     Returns ``{"layers": n, "error_ratio": r}``: the projections' output error on the calibration data after the
     refit over that of the masked weights. Raises ``ValueError`` for masks that are not whole channels."""
-    shapes = {n: tuple(m.shape) for n, m in masks.items()}
-    outputs = {mlp.output: mlp for mlp in mlp_channels(shapes)}
+    outputs = {mlp.output: mlp for mlp in mlp_channels({n: tuple(m.shape) for n, m in masks.items()})}
     keeps = {name: channels_of_masks(masks, mlp) for name, mlp in outputs.items()}
-    before = after = 0.0
-    count = 0
 
-    def step(i, layers, stats):
-        nonlocal before, after, count
-        for name in layers:
-            if name in keeps:
-                w = layers[name].weight.data
-                xtx = stats[name].xtx
-                new = ls_refit(w, xtx, keeps[name])
-                before += output_error(w.float() * keeps[name].to(w.device) - w.float(), xtx)
-                after += output_error(new.float() - w.float(), xtx)
-                w.copy_(new)
-                count += 1
-        return {n: masks[n] for n in layers if n in masks}
+    def rewrite(name, w, st):
+        return (ls_refit(w, st.xtx, keeps[name]), keeps[name]) if name in keeps else None
 
-    block_pass(model, windows, step, settings, want_hessian=True)
-    ratio = after / before if before > 0 else 1.0
-    log.info("least-squares refit of %d projections on their kept channels: output error on the calibration data "
-             "%.3g of the masked weights'", count, ratio)
-    return {"layers": count, "error_ratio": ratio}
+    return _rewrite_pass(model, windows, settings, rewrite, "least-squares refit on the kept channels", masks)
 
 
 def refit_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:

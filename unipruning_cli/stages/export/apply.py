@@ -23,7 +23,7 @@ from ...core.config import ModelConfig, complete_run_config
 from ...core.errors import UserError
 from ...core.inputs import check_same_inputs, model_folder, recording
 from ...pruning.mask_files import load_masks, read_masks_header
-from ...pruning.targets import nm_of_tag
+from ...pruning.targets import is_channels_tag, nm_of_tag
 from ...pruning.weights import apply_masks
 from ...models.loading import check_model_reachable, load_model, prunable_layers
 from ...core.context import RunContext
@@ -62,7 +62,7 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
 
     Before the model loads: the run is complete and holds (or its Γ can cut) the cut; ``out`` is free, writable, has
     room for the weights, and is no model source or cache (:func:`.folder.check_out`); the model's files are the ones
-    the run read (:func:`.inputs.check_same_inputs`; ``allow_changed_model`` lets a changed model through, recorded
+    the run read (:func:`...core.inputs.check_same_inputs`; ``allow_changed_model`` lets a changed model through, recorded
     in the card's record). Raises :class:`UserError` for each."""
     run = open_run(run_dir)
     target = resolve_target(run, sparsity, pattern, allocation)
@@ -242,6 +242,10 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, str(masks_path))
     apply_masks(layers, masks)
+    if is_channels_tag(info.get("target", "")):  # whole channels: sliced out, as export does
+        structure = slice_channels(model, masks)
+        log.info("pattern=channels: %s %d -> %d, parameters %d -> %d", structure["field"], *structure["width"],
+                 *structure["parameters"])
     if dtype is not None and DTYPES[dtype] != next(model.parameters()).dtype:
         model.to(DTYPES[dtype])
     kept = kept_counts(model)

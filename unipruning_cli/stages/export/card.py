@@ -178,13 +178,17 @@ def masks_card(model_path: str, what: str, masks_path: Path, info: dict, nm: Opt
                sizes: list[tuple[str, int]], dtype: torch.dtype) -> str:
     """The card of a masks file applied to a model (``unipruning apply``)."""
     n, m = nm or (0, 0)
+    channels = str(info.get("target", "")).endswith("_channels")
     rows = [("base model", what), ("masks", f"{masks_path} ({info.get('target', '?')}, "
                                             f"method={info.get('method', '?')})"),
-            ("pattern", f"{n}:{m}" if nm else "unstructured"), ("weights dtype", dtype_name(dtype))]
+            ("pattern", f"{n}:{m}" if nm else "channels (whole MLP channels, sliced out)" if channels else
+             "unstructured"), ("weights dtype", dtype_name(dtype))]
     extra = []
     if _updates_weights(info.get("method")):
         extra = [f"Note: these masks come from a {info.get('method')} run, which also reconstructed the kept weights; here "
                  "they are applied to the original weights, which is a different model than the one the run "
                  "measured.", ""]
+    speed = ("A structural cut: the removed channels were sliced out, so the saved model is a standard, smaller one "
+             "that any engine loads; scripts/bench_structured.py measures its speed." if channels else speed_note(n, m))
     return _card(f"{Path(model_path).name} with masks {info.get('target', masks_path.stem)}", rows, [],
-                 kept, sizes, speed_note(n, m), extra)
+                 kept, sizes, speed, extra)

@@ -26,6 +26,7 @@ from ...core.config import ALLOCATIONS, complete_run_config
 from ...pruning.method import METHODS, method_name
 from ...pruning.targets import CHANNELS, NM_TAG as _NM_TAG, Target, make_target
 from ...core.rundir import load_tensors
+from ..prune import reconstruct_info
 from .folder import DTYPES
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,12 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
                    allocation: Optional[str] = None) -> Target:
     """The cut asked for: the run's own one when nothing is given, else built like the run builds its extras.
 
-    ``pattern=N:M`` gives an N:M cut (its sparsity is 1 - N/M); otherwise an unstructured cut at
-    ``sparsity`` (default: the run's) with ``allocation`` (default: the run's, or per_matrix after an N:M run).
+    ``pattern=N:M`` gives an N:M cut (its sparsity is 1 - N/M); ``pattern=channels`` (or only ``sparsity`` after
+    a channels run) a cut of that share of every MLP's channels; otherwise an unstructured cut at ``sparsity``
+    (default: the run's) with ``allocation`` (default: the run's, or per_matrix after an N:M or channels run).
     """
     primary = make_target(run.cfg)
-    if pattern == CHANNELS:  # whole MLP channels, from the run's own file or its Γ
+    if pattern == CHANNELS or (pattern is None and allocation is None and primary.is_channels):  # whole MLP channels
         if allocation is not None:
             raise UserError(f"allocation={allocation} applies to unstructured cuts, not pattern=channels")
         share = primary.sparsity if sparsity is None else float(sparsity)
@@ -236,6 +238,7 @@ def load_or_cut(run: RunInfo, target: Target, source: str) -> dict[str, torch.Te
     except ValueError as err:
         raise UserError(f"cannot cut {target.tag} from {run.gamma_path}: {err}") from None
     save_masks(run.mask_path(target.tag), masks, {"target": target.tag, "method": "unipruning",
-                                                  "cut_by": "unipruning export"})
+                                                  "cut_by": "unipruning export",
+                                                  **reconstruct_info(run.cfg.reconstruct, target)})
     log.info("cut %s from %s, saved to %s", target.tag, run.gamma_path.name, run.mask_path(target.tag))
     return masks
