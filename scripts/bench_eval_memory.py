@@ -1,6 +1,6 @@
 """Memory of evaluating several cuts in turn on one model: a full weight copy vs the zeroed entries only.
 
-``evaluation.protocol.evaluate_masks`` copies every prunable weight to host memory (pinned under CUDA, so a GPU
+``stages.evaluation.evaluate_masks`` copies every prunable weight to host memory (pinned under CUDA, so a GPU
 holds no second copy), then restores all of them after each cut. The alternative measured here puts only each cut's zeroed entries aside, on the
 host, and writes them back. Each variant runs in a fresh process (peak memory only grows), on the
 embedded model with magnitude cuts at 50 / 60 / 70 % per matrix; the script prints the peak RSS
