@@ -101,12 +101,13 @@ def _comparison_md(metrics: dict) -> list[str]:
 def _parse_tag(tag: str) -> tuple[str | None, str, float]:
     """'wanda:s0.60_per_row' -> ('wanda', 'unstructured', 0.6); '2of4' -> (None, '2:4', 0.5); 's0.20_channels' ->
     (None, 'channels', 0.2), 0.2 being the share of MLP channels removed."""
+    from ..pruning.targets import is_channels_tag, nm_of_tag
+
     source, _, cut = tag.rpartition(":")
-    if "of" in cut:
-        n, m = (int(v) for v in cut.split("of"))
-        return source or None, f"{n}:{m}", 1 - n / m
-    share, _, allocation = cut[1:].partition("_")
-    return source or None, "channels" if allocation == "channels" else "unstructured", float(share)
+    nm = nm_of_tag(cut)
+    if nm:
+        return source or None, f"{nm[0]}:{nm[1]}", 1 - nm[0] / nm[1]
+    return source or None, "channels" if is_channels_tag(cut) else "unstructured", float(cut[1:].split("_")[0])
 
 
 def save_png(fig, png: Path) -> None:

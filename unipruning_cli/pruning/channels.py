@@ -14,7 +14,7 @@ baseline of FLAP's comparison ("Wanda-sp"); with magnitude, the L1 norm of the c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
@@ -37,13 +37,11 @@ class MLPChannels:
     width: int
 
 
-def mlp_channels(shapes: Mapping[str, tuple[int, ...]]) -> list[MLPChannels]:
-    """Every MLP among the prunable matrices ``shapes`` (name -> ``(out, in)``), found by the names of its matrices.
-
-    Raises :class:`UserError` where an MLP is an expert's (the experts of an MoE block are cut whole, not by
-    channel) or its matrices disagree on the width, and where no MLP is found."""
+def _mlp_names(names: Iterable[str]) -> list[tuple[str, tuple[str, ...], str]]:
+    """(parent, input matrices, output matrix) of every MLP among ``names``, by the names alone; :class:`UserError`
+    for an expert's MLP and where none is found."""
     by_parent: dict[str, dict[str, str]] = {}
-    for name in shapes:
+    for name in names:
         parent, _, leaf = name.rpartition(".")
         by_parent.setdefault(parent, {})[leaf] = name
     found = []
@@ -53,17 +51,30 @@ def mlp_channels(shapes: Mapping[str, tuple[int, ...]]) -> list[MLPChannels]:
                 if ".experts." in f"{parent}." or ".shared_expert" in parent:
                     raise UserError(f"pattern=channels: {parent} is an expert's MLP; channels are cut from dense MLPs "
                                     "only (an MoE model's experts are removed whole)")
-                width = shapes[leaves[output]][1]
-                bad = [leaves[i] for i in inputs if shapes[leaves[i]][0] != width]
-                if bad:
-                    raise UserError(f"pattern=channels: {', '.join(bad)} have {[shapes[b][0] for b in bad]} rows, "
-                                    f"{leaves[output]} {width} columns: not one MLP's channels")
-                found.append(MLPChannels(parent, tuple(leaves[i] for i in inputs), leaves[output], width))
+                found.append((parent, tuple(leaves[i] for i in inputs), leaves[output]))
                 break
     if not found:
         raise UserError("pattern=channels: no MLP found among the prunable matrices (gate/up/down_proj, fc1/fc2, "
                         "c_fc/c_proj)")
     return found
+
+
+def _with_width(parent: str, inputs: tuple[str, ...], output: str,
+                shapes: Mapping[str, tuple[int, ...]]) -> MLPChannels:
+    width = shapes[output][1]
+    bad = [i for i in inputs if shapes[i][0] != width]
+    if bad:
+        raise UserError(f"pattern=channels: {', '.join(bad)} have {[shapes[b][0] for b in bad]} rows, {output} "
+                        f"{width} columns: not one MLP's channels")
+    return MLPChannels(parent, inputs, output, width)
+
+
+def mlp_channels(shapes: Mapping[str, tuple[int, ...]]) -> list[MLPChannels]:
+    """Every MLP among the prunable matrices ``shapes`` (name -> ``(out, in)``), found by the names of its matrices.
+
+    Raises :class:`UserError` where an MLP is an expert's (the experts of an MoE block are cut whole, not by
+    channel) or its matrices disagree on the width, and where no MLP is found."""
+    return [_with_width(*group, shapes) for group in _mlp_names(shapes)]
 
 
 def channel_scores(mlp: MLPChannels, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -89,15 +100,16 @@ def kept_channels(score: torch.Tensor, sparsity: float, what: str = "channels") 
     return out
 
 
-def channel_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
-                  shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+def channel_masks(scores: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
     """Keep masks (bool ``[out, in]``, on the CPU) of every MLP matrix in ``scores``: the same share ``sparsity`` of
-    channels removed in every MLP, the lowest-scored (:func:`channel_scores`); the other matrices get no mask.
-    ``shapes``: name -> shape (default: the scores')."""
-    shapes = shapes or {n: tuple(s.shape) for n, s in scores.items()}
+    channels removed in every MLP, the lowest-scored (:func:`channel_scores`); the other matrices get no mask and
+    their scores are never read (``scores`` may compute each on access: one MLP's are alive at a time)."""
     masks = {}
-    for mlp in mlp_channels(shapes):
-        keep = kept_channels(channel_scores(mlp, scores), sparsity)
+    for parent, inputs, output in _mlp_names(scores):
+        group = {n: scores[n] for n in (*inputs, output)}
+        shapes = {n: tuple(t.shape) for n, t in group.items()}
+        mlp = _with_width(parent, inputs, output, shapes)
+        keep = kept_channels(channel_scores(mlp, group), sparsity)
         for name in mlp.inputs:
             masks[name] = keep[:, None].expand(shapes[name]).clone()
         masks[mlp.output] = keep[None, :].expand(shapes[mlp.output]).clone()

@@ -24,7 +24,7 @@ from ...core.errors import UserError
 from ...pruning.mask_files import load_masks, save_masks
 from ...core.config import ALLOCATIONS, complete_run_config
 from ...pruning.method import METHODS, method_name
-from ...pruning.targets import CHANNELS, NM_TAG as _NM_TAG, Target, make_target
+from ...pruning.targets import CHANNELS, NM_TAG as _NM_TAG, Target, is_channels_tag, make_target
 from ...core.rundir import load_tensors
 from ..prune import reconstruct_info
 from .folder import DTYPES
@@ -148,7 +148,7 @@ def _describe_tag(tag: str) -> str:
     if m:
         return f"{tag} (pattern={m.group(1)}:{m.group(2)})"
     m = re.match(r"^s(\d\.\d+)_(\w+)$", tag)
-    if m and m.group(2) == "channels":
+    if m and is_channels_tag(tag):
         return f"{tag} (pattern=channels sparsity={float(m.group(1)):g})"
     if m:
         return f"{tag} (sparsity={float(m.group(1)):g} allocation={m.group(2)})"
@@ -172,10 +172,9 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
         if allocation is not None:
             raise UserError(f"allocation={allocation} applies to unstructured cuts, not pattern=channels")
         share = primary.sparsity if sparsity is None else float(sparsity)
-        if not 0.0 < share < 1.0 or abs(round(share, 2) - share) > 1e-9:
-            raise UserError(f"sparsity={share:g}: pattern=channels takes a share of channels in (0, 1) with at most "
-                            "two decimals")
-        return Target(sparsity=round(share, 2), allocation=CHANNELS)
+        if share == 0:
+            raise UserError("sparsity=0: pattern=channels takes a share of channels in (0, 1)")
+        return Target(sparsity=_stored_share(share, CHANNELS), allocation=CHANNELS)
     if pattern is not None and pattern != "unstructured":
         m = _NM_PATTERN.match(str(pattern))
         if not m or not 0 < int(m.group(1)) < int(m.group(2)):
@@ -194,15 +193,21 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
         raise UserError(f"allocation={allocation!r} is not allowed; choose one of: {', '.join(ALLOCATIONS)}")
     if sparsity is None:
         sparsity = primary.sparsity if not primary.is_nm else 0.5
+    if allocation is None:
+        allocation = primary.allocation if not (primary.is_nm or primary.is_channels) else "per_matrix"
+    return primary.unstructured(_stored_share(sparsity, allocation), allocation)
+
+
+def _stored_share(sparsity: float, allocation: str) -> float:
+    """``sparsity`` as a cut's tag stores it (``s<0.xx>_<allocation>``): in [0, 1) with at most two decimals, else
+    :class:`UserError` (two values that round alike would share a masks file)."""
     if not 0.0 <= sparsity < 1.0:
         raise UserError(f"sparsity={sparsity:g} is out of range: it must satisfy 0 <= sparsity < 1")
     if abs(round(sparsity, 2) - sparsity) > 1e-9:
         raise UserError(f"sparsity={sparsity:g}: use at most two decimals (masks are stored as "
-                        f"s{round(sparsity, 2):.2f}_<allocation>, so {sparsity:g} and {round(sparsity, 2):g} would "
+                        f"s{round(sparsity, 2):.2f}_{allocation}, so {sparsity:g} and {round(sparsity, 2):g} would "
                         f"share a file)")
-    if allocation is None:
-        allocation = primary.allocation if not (primary.is_nm or primary.is_channels) else "per_matrix"
-    return primary.unstructured(round(float(sparsity), 2), allocation)
+    return round(float(sparsity), 2)
 
 
 def _unavailable(run: RunInfo, target: Target) -> UserError:
