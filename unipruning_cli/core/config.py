@@ -59,8 +59,9 @@ class ModelConfig:
 
 @dataclass
 class PatternConfig:
-    """Sparsity pattern: ``unstructured`` with an allocation rule, N:M along the input dimension, or ``channels``
-    (whole MLP channels, the same share in every MLP: :mod:`..pruning.channels`)."""
+    """Sparsity pattern: ``unstructured`` with an allocation rule, N:M along the input dimension, ``channels``
+    (whole MLP channels, the same share in every MLP: :mod:`..pruning.channels`) or ``experts`` (whole experts, the
+    same number in every MoE layer: :mod:`..pruning.experts`)."""
 
     kind: str = "unstructured"
     n: int = 0
@@ -74,6 +75,8 @@ class PatternConfig:
     owl_lambda: float = 0.08
     # allocation=gamma: the most a layer's sparsity may differ from the target (our choice: OWL's λ)
     gamma_delta: float = 0.08
+    experts_removed: Optional[float] = None  # pattern=experts: a share in (0, 1) or a count (null: ``sparsity``)
+    expert_score: str = "saliency"  # pattern=experts: saliency | reap | frequency (configs/pattern/experts.yaml)
 
 
 @dataclass
@@ -274,6 +277,8 @@ def validate_values(cfg: DictConfig) -> None:
     one_of("reconstruct", cfg.reconstruct, ("none", "obs", "ls"))
     check(cfg.reconstruct != "ls" or cfg.pattern.kind == "channels", "reconstruct=ls refits the projection after a "
           "cut of whole MLP channels on the kept ones: it needs pattern=channels (any other mask: reconstruct=obs)")
+    check(cfg.pattern.kind != "experts" or cfg.reconstruct == cfg.refine == "none", "pattern=experts removes whole "
+          "experts, so no weight of theirs is updated or swapped; drop reconstruct and refine")
     check(cfg.refine == "none" or cfg.pattern.kind != "channels", "refine=swap swaps single weights, which would "
           "break whole channels: drop refine with pattern=channels (reconstruct=ls compensates a channel cut)")
     one_of("refine", cfg.refine, ("none", "swap"))
@@ -289,8 +294,12 @@ def validate_values(cfg: DictConfig) -> None:
 
 def validate_pattern(cfg: DictConfig) -> None:
     p = cfg.pattern
-    one_of("pattern.kind", p.kind, ("unstructured", "nm", "channels"))
-    check(p.kind != "channels" or p.allocation is None, f"pattern.allocation={p.allocation}: pattern=channels removes "
+    one_of("pattern.kind", p.kind, ("unstructured", "nm", "channels", "experts"))
+    if p.kind == "experts":
+        from ..pruning.experts import validate_experts
+
+        validate_experts(cfg)
+    check(p.kind not in ("channels", "experts") or p.allocation is None, f"pattern.allocation={p.allocation}: pattern=channels removes "
           "the same share of channels from every MLP (the exported config stays standard); drop pattern.allocation")
     if p.allocation is not None:
         one_of("pattern.allocation", p.allocation, ALLOCATIONS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from pathlib import Path
 
 from rich.markup import escape
@@ -84,7 +86,9 @@ def _comparison_md(metrics: dict) -> list[str]:
     targets: dict[str, dict[str, float]] = {}
     for tag, r in results.items():
         source, kind, sp = _parse_tag(tag)
-        key = f"{sp:.0%}" if kind == "unstructured" else f"{sp:.0%} of channels" if kind == "channels" else kind
+        key = (f"{sp:.0%}" if kind == "unstructured" else f"{sp:.0%} of channels" if kind == "channels" else
+               (f"{sp:.0%}" if sp < 1 else f"{sp:g}") + f" of experts ({kind.split()[1]})" if kind.startswith("experts")
+               else kind)
         targets.setdefault(key, {})[source or metrics["method"]] = r["ppl"][corpus]
     cols = [metrics["method"], *sources]
     lines = [f"PPL on {corpus}, every method at the same targets from the same calibration samples:", "",
@@ -101,12 +105,16 @@ def _comparison_md(metrics: dict) -> list[str]:
 def _parse_tag(tag: str) -> tuple[str | None, str, float]:
     """'wanda:s0.60_per_row' -> ('wanda', 'unstructured', 0.6); '2of4' -> (None, '2:4', 0.5); 's0.20_channels' ->
     (None, 'channels', 0.2), 0.2 being the share of MLP channels removed."""
-    from ..pruning.targets import is_channels_tag, nm_of_tag
+    from ..pruning.targets import EXPERTS_TAG, is_channels_tag, nm_of_tag
 
     source, _, cut = tag.rpartition(":")
     nm = nm_of_tag(cut)
     if nm:
         return source or None, f"{nm[0]}:{nm[1]}", 1 - nm[0] / nm[1]
+    experts = EXPERTS_TAG.match(cut)
+    if experts:  # 's0.25_experts-reap' -> ('experts reap', 0.25); a count 'k2_...' -> (.., 2.0)
+        share, count, score = experts.groups()
+        return source or None, f"experts {score}", float(share) if share else float(count)
     return source or None, "channels" if is_channels_tag(cut) else "unstructured", float(cut[1:].split("_")[0])
 
 
@@ -144,14 +152,16 @@ def ppl_figure(metrics: dict):
         series: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for tag, r in results.items():
             source, kind, sp = _parse_tag(tag)
-            at = r.get("measured_sparsity", sp) if kind == "channels" else sp  # a channel share is no weight share
+            structural = kind == "channels" or kind.startswith("experts")  # a channel or expert share is no
+            at = r.get("measured_sparsity", sp) if structural else sp  # share of the weights
             series.setdefault((source or metrics["method"], kind), []).append((at, r["ppl"][corpus]))
         colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(dict.fromkeys(m for m, _ in series))}
-        markers = {k: mk for k, mk in zip(dict.fromkeys(k for _, k in series if k != "unstructured"), "sD^v<>")}
+        markers = {k: mk for k, mk in zip(dict.fromkeys(k for _, k in series if k != "unstructured"),
+                                          itertools.cycle("sD^v<>P"))}
         for (method, kind), pts in series.items():
             pts.sort()
             style = ("o-" if len(pts) > 1 else "o") if kind == "unstructured" else markers[kind] + (
-                "--" if kind == "channels" and len(pts) > 1 else "")
+                "--" if kind != "unstructured" and ":" not in kind and len(pts) > 1 else "")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colors[method], markersize=7,
                     label=method if kind == "unstructured" else f"{method} {kind}")
         dense = metrics["perplexity"][corpus].get("dense")
@@ -257,7 +267,8 @@ def _speed_md(metrics: dict) -> list[str]:
     structure = ((metrics.get("results") or {}).get(metrics["pattern"]) or {}).get("structure")
     if structure:
         before, after = structure["parameters"]
-        return [f"- size: `unipruning export <run_dir> pattern=channels` writes a standard model of {after:,} "
+        pattern = "experts" if "experts" in structure else "channels"
+        return [f"- size: `unipruning export <run_dir> pattern={pattern}` writes a standard model of {after:,} "
                 f"parameters instead of {before:,} ({1 - after / before:.1%} fewer), which any engine loads; "
                 "scripts/bench_structured.py measures its speed and memory against the dense model."]
     return [

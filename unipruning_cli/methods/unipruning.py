@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..stages.baselines import baseline_masks
 from ..stages.prune import cut_masks
+from ..stages.routing import routing_of
 from ..stages.search import run_search
 from ..core.context import RunContext
 from ..pruning.method import Cuts, Method, register_method
@@ -55,6 +56,7 @@ class UniPruning(Method):
     def masks(self, ctx: RunContext) -> Cuts:
         gamma, calibration = run_search(ctx)
         with ctx.timer.stage("masks"):
-            cuts = cut_masks(gamma, ctx.targets, ctx.rd, ctx.cfg.reconstruct)
+            experts = routing_of(ctx) if any(t.is_experts for t in ctx.targets) else None
+            cuts = cut_masks(gamma, ctx.targets, ctx.rd, ctx.cfg.reconstruct, experts)
             cuts |= baseline_masks(ctx)
         return Cuts(calibration, cuts)

@@ -73,7 +73,10 @@ class ExpertLinears(nn.ModuleList):
     ``forward(hidden_states [T, H], top_k_index int64 [T, k], top_k_weights [T, k]) -> [T, H]``: the eager loop of
     transformers (each hit expert on its routed tokens, weighted, ``index_add_``-ed), with the fused module's own
     gate (``_apply_gate``: SwiGLU, gpt-oss's clamped variant) or activation. Holds the fused module (not as a
-    submodule) to put it back (:func:`hf_layout`)."""
+    submodule) to put it back (:func:`hf_layout`). ``observer``, where set, is called as ``observer(e, weights [n_e],
+    outputs [n_e, H])`` with each hit expert's router weights and outputs before they are weighted."""
+
+    observer = None
 
     def __init__(self, experts: nn.Module) -> None:
         has_gate, transposed = bool(experts.has_gate), bool(experts.is_transposed)
@@ -98,7 +101,10 @@ class ExpertLinears(nn.ModuleList):
             expert = self[e]
             h = getattr(expert, self.up_name)(hidden_states[token_idx])
             h = self.fused_module._apply_gate(h) if self.has_gate else self.fused_module.act_fn(h)
-            h = expert.down_proj(h) * top_k_weights[token_idx, top_k_pos, None]
+            h = expert.down_proj(h)
+            if self.observer is not None:  # pattern=experts' routing statistics (pruning/experts.py)
+                self.observer(e, top_k_weights[token_idx, top_k_pos], h)
+            h = h * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, h.to(out.dtype))
         return out
 

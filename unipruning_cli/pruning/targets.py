@@ -15,14 +15,15 @@ from omegaconf import DictConfig
 
 from . import masks as M
 from .channels import channel_masks, mlp_channels
+from .experts import EXPERT_SCORES, ExpertRouting
 from ..core.errors import UserError
 from .layer_budgets import gamma_offsets, layerwise_masks, owl_offsets
 from .method import DEFAULT_ALLOCATION, method_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ALLOCATION", "SHARED_BUDGET", "NM_TAG", "Target", "baselines_of", "calibration_mode",
-           "check_targets_fit", "default_allocation", "extra_patterns", "extra_sparsities", "make_target", "nm_of_tag",
+__all__ = ["DEFAULT_ALLOCATION", "SHARED_BUDGET", "NM_TAG", "EXPERTS", "Target", "baselines_of", "calibration_mode",
+           "is_experts_tag", "check_targets_fit", "default_allocation", "extra_patterns", "extra_sparsities", "make_target", "nm_of_tag",
            "target_sparsity", "targets_of"]
 
 #: The allocations that share the budget across matrices: they need every score at once, and the per-matrix cap.
@@ -30,6 +31,10 @@ SHARED_BUDGET = ("global", "owl", "gamma")
 #: The structural allocation of ``pattern=channels``: whole MLP channels, the same share in every MLP
 #: (:mod:`.channels`); its masks are rows and columns, and its export a smaller model.
 CHANNELS = "channels"
+#: The structural allocation of ``pattern=experts``: whole experts removed from every MoE layer (:mod:`.experts`).
+EXPERTS = "experts"
+#: An experts cut's tag: ``s0.25_experts-reap`` (a share removed), ``k2_experts-saliency`` (a count removed).
+EXPERTS_TAG = re.compile(r"^(?:s(\d\.\d+)|k(\d+))_experts-(\w+)$")
 
 
 def target_sparsity(cfg: DictConfig) -> float:
@@ -48,6 +53,12 @@ def is_channels_tag(tag: str) -> bool:
     return bool(re.match(r"^s\d\.\d+_" + CHANNELS + "$", (tag or "").rsplit(":", 1)[-1]))
 
 
+def is_experts_tag(tag: str) -> bool:
+    """Whether a cut's tag (``s0.25_experts-reap``, a baseline's ``wanda@one_shot:k2_experts-saliency``) removes
+    whole experts."""
+    return bool(EXPERTS_TAG.match((tag or "").rsplit(":", 1)[-1]))
+
+
 def nm_of_tag(tag: str) -> tuple[int, int] | None:
     """(N, M) of an N:M cut's tag (``2of4``, or a baseline's ``wanda:2of4``), None for any other tag."""
     m = NM_TAG.match((tag or "").rsplit(":", 1)[-1])
@@ -57,7 +68,9 @@ def nm_of_tag(tag: str) -> tuple[int, int] | None:
 @dataclass(frozen=True)
 class Target:
     """What to cut: unstructured at ``sparsity`` with ``allocation``, or N:M when ``n`` > 0; ``allocation="channels"``
-    removes the share ``sparsity`` of every MLP's channels whole (``pattern=channels``)."""
+    removes the share ``sparsity`` of every MLP's channels whole (``pattern=channels``); ``allocation="experts"`` the
+    share ``sparsity`` (or the count ``removed``) of every MoE layer's experts, ranked by ``score``
+    (``pattern=experts``, :data:`.experts.EXPERT_SCORES`)."""
 
     sparsity: float
     allocation: str = "per_matrix"
@@ -66,6 +79,8 @@ class Target:
     cap: float = 1.0  # the most one matrix may lose where the budget is shared (global): pattern.max_matrix_sparsity
     owl: tuple[float, float] = (5.0, 0.08)  # allocation=owl: M, λ (pattern.owl_m, pattern.owl_lambda)
     gamma_delta: float = 0.08  # allocation=gamma: pattern.gamma_delta
+    removed: int = 0  # allocation=experts: experts removed per layer as a count (0: the share ``sparsity``)
+    score: str = "saliency"  # allocation=experts: pattern.expert_score
 
     @property
     def is_nm(self) -> bool:
@@ -73,12 +88,24 @@ class Target:
 
     @property
     def tag(self) -> str:
+        if self.is_experts:
+            return (f"k{self.removed}" if self.removed else f"s{self.sparsity:.2f}") + f"_{EXPERTS}-{self.score}"
         return f"{self.n}of{self.m}" if self.is_nm else f"s{self.sparsity:.2f}_{self.allocation}"
 
     @property
     def is_channels(self) -> bool:
         """Whole MLP channels (``pattern=channels``): a structural cut, exported as a smaller model."""
         return self.allocation == CHANNELS and not self.is_nm
+
+    @property
+    def is_experts(self) -> bool:
+        """Whole experts (``pattern=experts``): a structural cut, exported with a smaller expert count."""
+        return self.allocation == EXPERTS and not self.is_nm
+
+    @property
+    def is_structural(self) -> bool:
+        """Whole channels or experts: the export slices them out (a smaller standard model)."""
+        return self.is_channels or self.is_experts
 
     @property
     def shares_budget(self) -> bool:
@@ -91,8 +118,14 @@ class Target:
         return Target(sparsity=sparsity, allocation=allocation, cap=self.cap, owl=self.owl,
                       gamma_delta=self.gamma_delta)
 
-    def cut(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Keep masks (bool ``[out, in]``) of every matrix of ``scores`` (name -> ``[out, in]``, higher = keep)."""
+    def cut(self, scores: Mapping[str, torch.Tensor], experts: ExpertRouting | None = None) -> dict[str, torch.Tensor]:
+        """Keep masks (bool ``[out, in]``) of every matrix of ``scores`` (name -> ``[out, in]``, higher = keep);
+        an experts cut reads ``experts`` (the run's MoE layers and routing) and masks the experts' matrices only.
+        Raises ``ValueError`` for an experts cut without ``experts``."""
+        if self.is_experts:
+            if experts is None:
+                raise ValueError(f"{self.tag}: an experts cut needs the run's routing statistics")
+            return experts.masks(self.sparsity, self.removed, self.score, scores)
         if self.is_nm:
             return M.nm_masks(scores, self.n, self.m)
         if self.is_channels:
@@ -121,6 +154,12 @@ def make_target(cfg: DictConfig) -> Target:
         return Target(sparsity=target_sparsity(cfg), allocation="per_row", n=p.n, m=p.m)
     if p.kind == CHANNELS:
         return Target(sparsity=target_sparsity(cfg), allocation=CHANNELS)
+    if p.kind == EXPERTS:
+        asked = p.experts_removed
+        if asked is not None and float(asked) >= 1:
+            return Target(sparsity=0.0, allocation=EXPERTS, removed=int(asked), score=p.expert_score)
+        return Target(sparsity=float(asked) if asked is not None else target_sparsity(cfg), allocation=EXPERTS,
+                      score=p.expert_score)
     return Target(sparsity=target_sparsity(cfg), allocation=method_of(cfg).allocation(p.allocation),
                   cap=float(p.max_matrix_sparsity), owl=(float(p.owl_m), float(p.owl_lambda)),
                   gamma_delta=float(p.gamma_delta))
@@ -175,7 +214,16 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
     """The primary target, then every extra sparsity of ``export.sparsities`` and N:M of ``export.patterns``
     (a searching method only, UniPruning: the cuts of one Γ; :func:`extra_sparsities`, :func:`extra_patterns`)."""
     out = [primary]
-    if method_of(cfg).searches:
+    if primary.is_experts and method_of(cfg).searches:  # the other scores at the same share, then the explicit extra shares (no default ones:
+        shares = [(primary.sparsity, primary.removed)]  # the methods' 0.5-0.7 are weight sparsities, not expert ones)
+        shares += [(float(s), 0) for s in (cfg.export.sparsities or [])]
+        for sparsity, removed in shares:
+            for score in (primary.score, *(s for s in EXPERT_SCORES if s != primary.score)):
+                t = Target(sparsity=sparsity, allocation=EXPERTS, removed=removed, score=score)
+                if t not in out:
+                    out.append(t)
+        return out
+    if method_of(cfg).searches and not primary.is_experts:
         allocation = primary.allocation if not primary.is_nm else cfg.pattern.allocation or default_allocation(cfg)
         for sp in extra_sparsities(cfg):
             t = primary.unstructured(float(sp), allocation)

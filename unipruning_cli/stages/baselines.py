@@ -27,6 +27,7 @@ from ..pruning.targets import DEFAULT_ALLOCATION, Target, baselines_of
 from ..pruning.blockwise import LocalMetricPruning
 from ..metrics import METRICS
 from ..pruning.mask_files import packed_masks
+from .routing import routing_of
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class Baseline:
 
     def target(self, t: Target) -> Target:
         """The run's target cut with this metric's own comparison group (N:M unchanged)."""
-        return t if t.is_nm or t.is_channels else Target(t.sparsity, DEFAULT_ALLOCATION.get(self.metric, "per_matrix"))
+        return t if t.is_nm or t.is_structural else Target(t.sparsity,
+                                                           DEFAULT_ALLOCATION.get(self.metric, "per_matrix"))
 
 
 def parse_baseline(entry: str) -> Baseline:
@@ -82,7 +84,10 @@ def baseline_masks(ctx: RunContext) -> dict[str, dict[str, torch.Tensor]]:
     for b in baselines:
         method = LocalMetricPruning(METRICS.get(b.metric)(), seed=cfg.seed)
         for t in targets:
+            if t.is_experts and t.score != "saliency":  # REAP and frequency read no per-weight score: one cut each
+                continue
             own = b.target(t)
+            experts = routing_of(ctx) if own.is_experts else None
             key = f"{b.label}:{own.tag}"
             if b.protocol == "sequential":
                 log.info("baseline %s: one sequential calibration pass", key)
@@ -90,9 +95,9 @@ def baseline_masks(ctx: RunContext) -> dict[str, dict[str, torch.Tensor]]:
             elif b.protocol == "one_shot":
                 if dense is None:
                     dense = dense_statistics(cfg, model, windows)[0]
-                out[key] = packed_masks(own.cut(method.scores(layers, dense)))
+                out[key] = packed_masks(own.cut(method.scores(layers, dense), experts))
             else:  # data-free
-                out[key] = packed_masks(own.cut(method.scores(layers, {})))
+                out[key] = packed_masks(own.cut(method.scores(layers, {}), experts))
     return out
 
 

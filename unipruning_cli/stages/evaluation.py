@@ -23,7 +23,8 @@ from ..models.loading import prunable_layers, resolve_add_bos
 from ..core.pinned import HostCopy
 from ..core.context import RunContext
 from .reconstruction import reconstruct_cut, refit_cut
-from ..pruning.targets import is_channels_tag
+from ..pruning.experts import experts_of_masks, moe_layers, remove_experts
+from ..pruning.targets import is_channels_tag, is_experts_tag
 from ..data.sampling import with_bos
 from ..evaluation.perplexity import perplexity
 
@@ -81,6 +82,24 @@ def evaluate_pruned(ctx: RunContext, windows: dict[str, torch.Tensor], label: st
             "zero_shot": zero_shot_of(cfg, model, ctx.tok) if cfg.eval.tasks else {}}
 
 
+def evaluate_without_experts(ctx: RunContext, windows: dict[str, torch.Tensor], label: str, masks) -> dict:
+    """:func:`evaluate_pruned` of ``ctx.model`` with the experts an experts cut's ``masks`` drop removed, with their
+    router rows (:func:`..pruning.experts.remove_experts`: the model the export writes), then put back; the measured
+    sparsity is that of the masks (the share of the prunable weights the cut removes). Adds ``structure``: the
+    experts per layer and the parameters before and after."""
+    model = ctx.model
+    keeps = {layer.experts: experts_of_masks(masks, layer) for layer in moe_layers(model)}
+    sparsity = measured_sparsity(model)
+    removed = remove_experts(model, keeps)
+    try:
+        out = evaluate_pruned(ctx, windows, label)
+    finally:
+        removed.restore()
+    out["sparsity"] = sparsity
+    out["structure"] = {k: removed.structure[k] for k in ("experts", "parameters")}
+    return out
+
+
 def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[str, torch.Tensor],
                    refined: Mapping[str, dict] | None = None) -> dict[str, dict]:
     """Evaluate each set of masks on ``ctx.model`` in turn (``tag -> name -> bool [out, in]``); the original weights are
@@ -103,7 +122,10 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
         else:
             apply_masks(layers, masks)
         with timer.stage("pruned_eval"):
-            results[tag] = evaluate_pruned(ctx, windows, tag)
+            if is_experts_tag(tag):  # evaluated as exported: the experts leave the model, the router routes around them
+                results[tag] = evaluate_without_experts(ctx, windows, tag, masks)
+            else:
+                results[tag] = evaluate_pruned(ctx, windows, tag)
         if rebuilt is not None:
             results[tag]["reconstruction"] = {"method": how, **rebuilt}
         if refined and tag in refined:

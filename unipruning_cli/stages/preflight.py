@@ -72,6 +72,13 @@ def validate_method_options(cfg: DictConfig) -> None:
     """Refuse an option the chosen method cannot do or would ignore, so no run reports a setting it did not use
     (:meth:`..pruning.method.Method.check`: the method's own rules)."""
     method_of(cfg).check()
+    if cfg.pattern.kind == "experts":
+        from ..pruning.targets import baselines_of
+
+        sequential = [b for b in baselines_of(cfg) if parse_baseline(b).protocol == "sequential"]
+        if sequential:
+            raise UserError(f"eval.baselines={sequential}: a sequential baseline prunes block by block, but experts "
+                            "are ranked on the dense model's routing: use <metric>@one_shot")
 
 
 def check_corpus_lengths(cfg: DictConfig) -> None:
@@ -218,6 +225,10 @@ def check_model_limits(cfg: DictConfig) -> None:
         from ..pruning.channels import check_channels_fit
 
         check_channels_fit(model, prunable_layers(model))
+    for t in (t for t in targets if t.is_experts):
+        from ..pruning.experts import check_experts_fit
+
+        check_experts_fit(model, t.sparsity, t.removed, t.score)
     _check_router_loss(cfg, model)
 
 

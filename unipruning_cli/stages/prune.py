@@ -24,6 +24,7 @@ from ..pruning.mask_files import load_masks, packed_masks, save_masks, save_pack
 from ..pruning.method import Cuts, method_name
 from ..pruning.blockwise import LocalMetricPruning, PruningMethod
 from ..pruning.targets import Target, calibration_mode
+from .routing import routing_of
 from ..pruning.weights import apply_masks
 from ..pruning.weights import restore_weights
 from ..pruning.mask_files import pack_mask
@@ -72,8 +73,9 @@ def calibrate_and_prune(ctx: RunContext, method: PruningMethod) -> tuple[PackedM
         else:
             stats, cached = dense_statistics(cfg, model, windows)
         calib_info["cached"] = cached
-        if target.shares_budget or target.is_channels:  # every score at once (channels: rows and columns together,
-            every = target.cut(method.scores(layers, stats))  # in the order and random draws of the baselines)
+        if target.shares_budget or target.is_structural:  # every score at once (channels: rows and columns
+            # together, in the order and random draws of the baselines; experts: with the dense model's routing)
+            every = target.cut(method.scores(layers, stats), routing_of(ctx) if target.is_experts else None)
             apply_masks(layers, every)
             masks.add(every)
         else:  # the cuts are per matrix: one score alive at a time, in the order (and random draws) of scores()
@@ -117,10 +119,11 @@ def prune_stage(ctx: RunContext, method: PruningMethod) -> dict:
 
 def blockwise_cuts(ctx: RunContext, method: PruningMethod) -> Cuts:
     """A block-wise method's one cut (:func:`prune_stage`): left in the model where it is evaluated as it is, or
-    handed over as masks on the dense weights (restored) where ``refine`` or ``reconstruct`` works on them next."""
+    handed over as masks on the dense weights (restored) where ``refine`` or ``reconstruct`` works on them next or
+    the cut removes whole experts."""
     cfg, layers = ctx.cfg, ctx.layers
-    if cfg.reconstruct == "none" and cfg.refine == "none":
-        return Cuts(prune_stage(ctx, method), in_place=True)
+    if cfg.reconstruct == "none" and cfg.refine == "none" and not ctx.primary.is_experts:  # (experts: evaluated
+        return Cuts(prune_stage(ctx, method), in_place=True)  # with the experts removed, from the masks)
     dense = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
     calibration = prune_stage(ctx, method)
     restore_weights(layers, dense)
@@ -137,16 +140,17 @@ def reconstruct_info(reconstruct: str, target: Target) -> dict:
     return {}
 
 
-def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir,
-              reconstruct: str = "none") -> dict[str, dict[str, torch.Tensor]]:
+def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir, reconstruct: str = "none",
+              experts=None) -> dict[str, dict[str, torch.Tensor]]:
     """Masks for every target from one Γ (|Γ| as the score; seconds, no model forward), each saved to
-    ``rd/masks/<tag>.safetensors`` (with :func:`reconstruct_info` of the run's ``reconstruct`` in its header).
-    Returns tag -> name -> bool ``[out, in]`` (held packed, :func:`..pruning.mask_files.packed_masks`)."""
+    ``rd/masks/<tag>.safetensors`` (with :func:`reconstruct_info` of the run's ``reconstruct`` in its header);
+    ``experts``: the run's routing (:func:`.routing.routing_of`), for experts cuts. Returns tag -> name -> bool
+    ``[out, in]`` (held packed, :func:`..pruning.mask_files.packed_masks`)."""
     # one matrix's |Γ| at a time, not a second copy of Γ (4 bytes per prunable weight: 255 GiB for a 70B model)
     scores = LazyMap(gamma, lambda name: gamma[name].abs())
     out = {}
     for t in targets:
-        cut = t.cut(scores)
+        cut = t.cut(scores, experts)
         save_masks(rd / f"masks/{t.tag}.safetensors", cut, {"target": t.tag, "method": "unipruning",
                                                             **reconstruct_info(reconstruct, t)})
         out[t.tag] = packed_masks(cut)

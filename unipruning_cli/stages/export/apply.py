@@ -23,7 +23,8 @@ from ...core.config import ModelConfig, complete_run_config
 from ...core.errors import UserError
 from ...core.inputs import check_same_inputs, model_folder, recording
 from ...pruning.mask_files import load_masks, read_masks_header
-from ...pruning.targets import is_channels_tag, nm_of_tag
+from ...pruning.experts import experts_of_masks, moe_layers, remove_experts
+from ...pruning.targets import is_channels_tag, is_experts_tag, nm_of_tag
 from ...pruning.weights import apply_masks
 from ...models.loading import check_model_reachable, load_model, prunable_layers
 from ...core.context import RunContext
@@ -105,12 +106,9 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     if expected is not None and abs(expected - kept["measured_sparsity"]) > 1e-9:
         log.warning("measured sparsity %.6f differs from the run's %.6f: did the model at %s change since the run?",
                     kept["measured_sparsity"], expected, cfg.model.path)
-    structure = None
-    if target.is_channels:  # the removed channels leave the model: a standard, smaller one
-        structure = slice_channels(model, masks)
+    structure = slice_structure(model, masks, target.tag)
+    if structure:
         kept = kept_counts(model)
-        log.info("pattern=channels: %s %d -> %d, parameters %d -> %d", structure["field"], *structure["width"],
-                 *structure["parameters"])
     if dtype is not None and DTYPES[dtype] != next(model.parameters()).dtype:
         model.to(DTYPES[dtype])
         kept = kept_counts(model)  # what is saved (float16 may flush tiny weights to zero)
@@ -122,7 +120,7 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
                                 "masks": "file" if source == "file" else "cut from gamma",
                                 "method": run.method, "sparsity": target.sparsity, "allocation": target.allocation,
                                 "pattern": (f"{target.n}:{target.m}" if target.is_nm else
-                                            "channels" if target.is_channels else "unstructured"),
+                                            target.allocation if target.is_structural else "unstructured"),
                                 "weights": _weights_note(cfg.reconstruct if rebuilt else "none"),
                                 **({"structure": structure} if structure else {}),
                                 **({"changed_model": changed} if changed else {})},
@@ -132,6 +130,27 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     written = _publish(model, tok, out_path, force, nm, card)
     return {"out": out_path.resolve(), "tag": target.tag, "target": target, "source": source, "kept": kept,
             "dtype": model_dtype, **written}
+
+
+def slice_structure(model: nn.Module, masks: dict, tag: str) -> Optional[dict]:
+    """Slice a structural cut's removed parts out of ``model`` (masks applied): the channels of a channels cut
+    (:func:`...pruning.channels.slice_channels`), the experts and their router rows of an experts cut
+    (:func:`...pruning.experts.remove_experts`); ``tag`` says which. Returns what was removed, None for a mask."""
+    if is_channels_tag(tag):
+        structure = slice_channels(model, masks)
+        log.info("pattern=channels: %s %d -> %d, parameters %d -> %d", structure["field"], *structure["width"],
+                 *structure["parameters"])
+        return structure
+    if is_experts_tag(tag):
+        try:
+            keeps = {layer.experts: experts_of_masks(masks, layer) for layer in moe_layers(model)}
+        except (KeyError, ValueError) as err:
+            raise UserError(f"{tag}: the masks are not whole experts of this model ({err})") from None
+        structure = remove_experts(model, keeps).structure
+        log.info("pattern=experts: %s %d -> %d, parameters %d -> %d", structure["field"], *structure["experts"],
+                 *structure["parameters"])
+        return structure
+    return None
 
 
 def _weights_note(reconstruct: str) -> str:
@@ -242,10 +261,7 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, str(masks_path))
     apply_masks(layers, masks)
-    if is_channels_tag(info.get("target", "")):  # whole channels: sliced out, as export does
-        structure = slice_channels(model, masks)
-        log.info("pattern=channels: %s %d -> %d, parameters %d -> %d", structure["field"], *structure["width"],
-                 *structure["parameters"])
+    slice_structure(model, masks, info.get("target", ""))  # whole channels or experts: sliced out, as export does
     if dtype is not None and DTYPES[dtype] != next(model.parameters()).dtype:
         model.to(DTYPES[dtype])
     kept = kept_counts(model)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...pruning.masks import count_zeros
-from ...pruning.targets import Target
+from ...pruning.targets import Target, is_channels_tag, is_experts_tag
 from ...models.loading import prunable_layers
 from .folder import COMPRESSED_FILE, dtype_name, mib
 from .nm import index_bits
@@ -112,9 +112,11 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
              metric_name + (f" {json.dumps(knobs)}" if knobs else "")),
             ("sparsity", f"{target.sparsity:g}"),
             ("pattern", f"{target.n}:{target.m}" if target.is_nm else
-             "channels (whole MLP channels removed)" if target.is_channels else "unstructured"),
+             "channels (whole MLP channels removed)" if target.is_channels else
+             f"experts (whole experts removed, ranked by {target.score})" if target.is_experts else "unstructured"),
             ("allocation", "N:M groups along the input dimension" if target.is_nm else
-             "the same share of every MLP's channels" if target.is_channels else target.allocation),
+             "the same share of every MLP's channels" if target.is_channels else
+             "the same number of experts from every MoE layer" if target.is_experts else target.allocation),
             ("calibration", f"{calib.get('source', '?')}: {calib.get('nsamples', '?')} "
                             f"{'documents truncated at' if calib.get('sampling') == 'documents' else 'windows x'} "
                             f"{calib.get('seqlen', '?')} tokens = {calib.get('tokens', '?')} tokens"
@@ -154,10 +156,12 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
                  "rebuilds the dense model.", ""]
     speed = speed_note(target.n, target.m)
     if structure:
-        (width, new_width), (params, new_params) = structure["width"], structure["parameters"]
+        (width, new_width), (params, new_params) = structure.get("width") or structure["experts"], \
+            structure["parameters"]
+        what = "with smaller matmuls" if "width" in structure else "with fewer experts to hold"
         speed = (f"A structural cut: the saved model is a standard {structure['field']}={new_width} model (was "
                  f"{width}), {new_params:,} parameters instead of {params:,} ({1 - new_params / params:.1%} fewer), "
-                 "which any engine loads with no special support and runs with smaller matmuls. How much time that "
+                 f"which any engine loads with no special support and runs {what}. How much time that "
                  "saves depends on the engine and the hardware: scripts/bench_structured.py measures it against the "
                  "dense model.")
     return _card(f"{model.get('name', 'model')} pruned to {target.tag} by {run.method}", rows, ppl_lines, kept,
@@ -178,17 +182,19 @@ def masks_card(model_path: str, what: str, masks_path: Path, info: dict, nm: Opt
                sizes: list[tuple[str, int]], dtype: torch.dtype) -> str:
     """The card of a masks file applied to a model (``unipruning apply``)."""
     n, m = nm or (0, 0)
-    channels = str(info.get("target", "")).endswith("_channels")
+    channels, experts = is_channels_tag(info.get("target", "")), is_experts_tag(info.get("target", ""))
     rows = [("base model", what), ("masks", f"{masks_path} ({info.get('target', '?')}, "
                                             f"method={info.get('method', '?')})"),
             ("pattern", f"{n}:{m}" if nm else "channels (whole MLP channels, sliced out)" if channels else
-             "unstructured"), ("weights dtype", dtype_name(dtype))]
+             "experts (whole experts and their router rows, sliced out)" if experts else "unstructured"),
+            ("weights dtype", dtype_name(dtype))]
     extra = []
     if _updates_weights(info.get("method")):
         extra = [f"Note: these masks come from a {info.get('method')} run, which also reconstructed the kept weights; here "
                  "they are applied to the original weights, which is a different model than the one the run "
                  "measured.", ""]
-    speed = ("A structural cut: the removed channels were sliced out, so the saved model is a standard, smaller one "
-             "that any engine loads; scripts/bench_structured.py measures its speed." if channels else speed_note(n, m))
+    speed = ("A structural cut: the removed parts were sliced out, so the saved model is a standard, smaller one "
+             "that any engine loads; scripts/bench_structured.py measures its speed." if channels or experts
+             else speed_note(n, m))
     return _card(f"{Path(model_path).name} with masks {info.get('target', masks_path.stem)}", rows, [],
                  kept, sizes, speed, extra)

@@ -24,7 +24,7 @@ from ...core.errors import UserError
 from ...pruning.mask_files import load_masks, save_masks
 from ...core.config import ALLOCATIONS, complete_run_config
 from ...pruning.method import METHODS, method_name
-from ...pruning.targets import CHANNELS, NM_TAG as _NM_TAG, Target, is_channels_tag, make_target
+from ...pruning.targets import CHANNELS, EXPERTS, NM_TAG as _NM_TAG, Target, is_channels_tag, make_target
 from ...core.rundir import load_tensors
 from ..prune import reconstruct_info
 from .folder import DTYPES
@@ -168,6 +168,13 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
     (default: the run's) with ``allocation`` (default: the run's, or per_matrix after an N:M or channels run).
     """
     primary = make_target(run.cfg)
+    if pattern == EXPERTS or (pattern is None and allocation is None and primary.is_experts):  # whole experts
+        if allocation is not None or not primary.is_experts:
+            raise UserError("pattern=experts exports a cut the run made (it ranks experts on the run's routing): "
+                            f"run {run.path} is a {primary.tag} run; prune with pattern=experts")
+        if sparsity is None:
+            return primary
+        return Target(sparsity=_stored_share(float(sparsity), EXPERTS), allocation=EXPERTS, score=primary.score)
     if pattern == CHANNELS or (pattern is None and allocation is None and primary.is_channels):  # whole MLP channels
         if allocation is not None:
             raise UserError(f"allocation={allocation} applies to unstructured cuts, not pattern=channels")
@@ -225,6 +232,11 @@ def masks_source(run: RunInfo, target: Target) -> str:
     """'file' when the run holds the cut, 'gamma' when Γ can cut it; UserError otherwise."""
     if run.mask_path(target.tag).is_file():
         return "file"
+    if target.is_experts:
+        raise UserError(f"run {run.path} has no {target.tag} cut: it holds "
+                        f"{', '.join(_describe_tag(t) for t in held_tags(run)) or 'no mask files'}. Experts are ranked "
+                        "on the routing the run measured, so their cuts are made in the run: prune with "
+                        f"export.sparsities=[{target.sparsity:g}] (or pattern.experts_removed)")
     if run.searches and run.gamma_path.is_file():
         return "gamma"
     raise _unavailable(run, target)
