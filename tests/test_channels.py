@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _helpers import build_tiny_model, eval_windows_of, tiny_overrides
+from _helpers import build_tiny_model, eval_windows_of, tiny_overrides, validate_overrides
 from unipruning_cli.core.errors import UserError
 from unipruning_cli.models.loading import prunable_layers
 from unipruning_cli.pruning.channels import (channel_masks, channel_scores, channels_of_masks, kept_channels,
@@ -153,7 +153,7 @@ def test_a_channels_run_exports_a_smaller_model_with_the_runs_perplexity(tmp_pat
         run = tmp_path / how
         metrics = run_prune(compose_prune([*base, f"reconstruct={how}"]), run)
         tag = "s0.25_channels"
-        assert set(metrics["results"]) == {tag, f"wanda@one_shot:{tag}"}
+        assert set(metrics["results"]) == {tag, f"wanda@one_shot:{tag}", "s0.25_channels-flap"}  # FLAP beside
         record = metrics["results"][tag].get("reconstruction")
         assert (record is None) if how == "none" else (record["method"] == "ls" and record["error_ratio"] < 1)
         out = export_run(run, out=tmp_path / f"export-{how}")
@@ -231,3 +231,71 @@ def test_a_model_whose_channels_cannot_be_sliced_is_refused_before_any_weight_is
 
 def test_the_functions_a_model_card_names_import():
     from unipruning_cli.stages.export import load_compressed, to_semi_structured  # noqa: F401  (cards name them)
+
+
+def test_flap_scores_and_bias_match_their_formulas_on_hand_made_inputs():
+    """FLAP (An et al. 2024): a channel's score is the sample variance of its input times the squared norm of its
+    column of down_proj (Eq. 5), its compensation the removed columns times their mean input (Eq. 8); recomputed
+    here from the inputs themselves, token by token."""
+    from unipruning_cli.data.calibration import InputCollector
+    from unipruning_cli.pruning.channels import bias_shift, flap_scores
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 10, generator=g) * torch.linspace(0.1, 2, 10) + torch.linspace(-1, 1, 10)
+    weights = {"b.mlp.gate_proj": torch.randn(10, 6, generator=g), "b.mlp.up_proj": torch.randn(10, 6, generator=g),
+               "b.mlp.down_proj": torch.randn(6, 10, generator=g)}
+    collector = InputCollector(10, want_hessian=False, want_per_sample=False)
+    for sample in x:
+        collector(None, (sample[None],))
+    stats = {"b.mlp.down_proj": collector.stats()}
+    flat = x.reshape(-1, 10).double()
+    n = flat.shape[0]
+    mean = [sum(float(flat[t, j]) for t in range(n)) / n for j in range(10)]
+    var = [sum((float(flat[t, j]) - mean[j]) ** 2 for t in range(n)) / (n - 1) for j in range(10)]
+    w = weights["b.mlp.down_proj"].double()
+    slow = torch.tensor([var[j] * sum(float(w[o, j]) ** 2 for o in range(6)) for j in range(10)], dtype=torch.float64)
+    scores = flap_scores(weights, stats)
+    (mlp,) = mlp_channels({k: tuple(v.shape) for k, v in weights.items()})
+    assert torch.allclose(channel_scores(mlp, scores), slow, rtol=1e-5)
+    assert not scores["b.mlp.gate_proj"].any() and not scores["b.mlp.up_proj"].any()  # FLAP reads the column only
+    keep = kept_channels(slow, 0.3)
+    want = [sum(float(w[o, j]) * mean[j] for j in range(10) if not keep[j]) for o in range(6)]
+    assert torch.allclose(bias_shift(weights["b.mlp.down_proj"], stats["b.mlp.down_proj"].mean, keep).double(),
+                          torch.tensor(want, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_flap_with_its_bias_exports_a_standard_model_with_mlp_bias_at_the_runs_perplexity(
+        tmp_path, tiny_llama_dir, corpus_files, monkeypatch):
+    """``pattern=channels pattern.channel_score=flap reconstruct=bias`` (FLAP with its compensation), and Wanda-sp
+    compensated the same way: the export is a Llama with mlp_bias=true and a smaller intermediate_size that plain
+    from_pretrained loads at the run's perplexity and parameter count; Qwen2, whose MLP has no bias, is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from unipruning_cli.commands.prune import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.evaluation.perplexity import perplexity
+    from unipruning_cli.stages.export.apply import export_run
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    base = [*tiny_overrides(tiny_llama_dir, corpus_files), "pattern=channels", "sparsity=0.25", "eval.dense=false",
+            "reconstruct=bias"]
+    windows = None
+    for score, tag in (("flap", "s0.25_channels-flap"), ("weights", "s0.25_channels")):
+        run = tmp_path / score
+        metrics = run_prune(compose_prune([*base, f"pattern.channel_score={score}"]), run)
+        assert list(metrics["results"]) == [tag] and metrics["results"][tag]["reconstruction"]["method"] == "bias"
+        export_run(run, out=tmp_path / f"export-{score}")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"export-{score}").eval()
+        assert reloaded.config.mlp_bias and reloaded.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
+        assert not reloaded.model.layers[0].mlp.gate_proj.bias.any()
+        windows, batch_size, corpus = eval_windows_of(run)
+        got = perplexity(reloaded, windows, batch_size, "reload").to_dict()["ppl"]
+        assert got == pytest.approx(metrics["results"][tag]["ppl"][corpus], rel=1e-5)
+        assert metrics["results"][tag]["structure"]["parameters"][1] == sum(p.numel() for p in reloaded.parameters())
+    qwen2 = build_tiny_model("qwen2", VOCAB)
+    qwen2.save_pretrained(tmp_path / "qwen2")
+    from unipruning_cli.core.errors import UserError as Refused
+
+    with pytest.raises(Refused, match="mlp_bias"):
+        validate_overrides(tmp_path / "qwen2", corpus_files, "pattern=channels", "reconstruct=bias")

@@ -234,3 +234,36 @@ def test_the_routing_of_a_list_of_linear_experts_is_counted_and_reap_refused():
     assert len(model.layers[0].experts) == 3 and model.layers[0].gate.weight.shape == (3, 8)
     handle.restore()
     assert len(model.layers[0].experts) == 4 and model.layers[0].gate.out_features == 4
+
+
+@pytest.mark.e2e
+def test_wanda_saliency_of_experts_is_wandas_scores_summed_per_expert_times_frequency(tmp_path, tiny_tokenizer,
+                                                                                    corpus_files, monkeypatch):
+    """``method=local local_metric=wanda pattern=experts``: each layer keeps the experts of highest Σ|W|·‖X‖ over their
+    matrices (the run's own calibration statistics) times their routing frequency (the run's routing.safetensors),
+    recomputed here by hand; the run is evaluated with the experts removed, never as zeroed experts."""
+    from transformers import AutoModelForCausalLM
+
+    from _helpers import load_tensors
+    from unipruning_cli.commands.prune import run_prune
+    from unipruning_cli.core.config import compose_prune
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    folder = moe_folder("mixtral", tiny_tokenizer, tmp_path)
+    run = tmp_path / "run"
+    metrics = run_prune(compose_prune([*tiny_overrides(folder, corpus_files), "pattern=experts", "sparsity=0.5",
+                                       "eval.dense=false"]), run)
+    tag = "s0.50_experts-saliency"
+    assert list(metrics["results"]) == [tag] and metrics["results"][tag]["structure"]["experts"] == [4, 2]
+    masks = load_tensors(run / "masks" / f"{tag}.safetensors")
+    stats, routing = load_tensors(run / "calibration.safetensors"), load_tensors(run / "routing.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}.mlp.experts"
+        tokens = routing[f"{prefix}.tokens"].double()
+        fused = {"gate_up_proj": layer.mlp.experts.gate_up_proj, "down_proj": layer.mlp.experts.down_proj}
+        score = [sum(float((fused[p][e].double().abs() * stats[f"{prefix}.{e}.{p}.sq_sum"].sqrt()).sum())
+                     for p in fused) * float(tokens[e] / tokens.sum()) for e in range(4)]
+        want = set(torch.tensor(score).argsort(descending=True)[:2].tolist())
+        kept = {e for e in range(4) if bool(masks[f"{prefix}.{e}.down_proj"].any())}
+        assert kept == want

@@ -77,6 +77,7 @@ class PatternConfig:
     gamma_delta: float = 0.08
     experts_removed: Optional[float] = None  # pattern=experts: a share in (0, 1) or a count (null: ``sparsity``)
     expert_score: str = "saliency"  # pattern=experts: saliency | reap | frequency (configs/pattern/experts.yaml)
+    channel_score: str = "weights"  # pattern=channels: weights | flap (configs/pattern/channels.yaml)
 
 
 @dataclass
@@ -273,15 +274,12 @@ def validate_values(cfg: DictConfig) -> None:
     Only what the config alone can tell: no registry, model, corpus or task is looked up here (that is
     :func:`unipruning_cli.stages.preflight.validate`, which calls this first).
     """
+    from ..pruning.channels import validate_channels
+
     validate_pattern(cfg)
-    one_of("reconstruct", cfg.reconstruct, ("none", "obs", "ls"))
-    check(cfg.reconstruct != "ls" or cfg.pattern.kind == "channels", "reconstruct=ls refits the projection after a "
-          "cut of whole MLP channels on the kept ones: it needs pattern=channels (any other mask: reconstruct=obs)")
-    check(cfg.pattern.kind != "experts" or cfg.reconstruct == cfg.refine == "none", "pattern=experts removes whole "
-          "experts, so no weight of theirs is updated or swapped; drop reconstruct and refine")
-    check(cfg.refine == "none" or cfg.pattern.kind != "channels", "refine=swap swaps single weights, which would "
-          "break whole channels: drop refine with pattern=channels (reconstruct=ls compensates a channel cut)")
+    one_of("reconstruct", cfg.reconstruct, ("none", "obs", "ls", "bias"))
     one_of("refine", cfg.refine, ("none", "swap"))
+    validate_channels(cfg)
     one_of("existing_run", cfg.existing_run, ("refuse", "beside"))
     one_of("model.source", cfg.model.source, MODEL_SOURCES)
     one_of("model.dtype", cfg.model.dtype, DTYPES)

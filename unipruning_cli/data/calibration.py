@@ -60,15 +60,15 @@ class SharedInputs:
         self.enabled = enabled
         self.computed = 0  # products actually computed (scripts/bench_calibration_speed.py reads it)
         self._key: tuple | None = None
-        self._value: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
+        self._value: tuple | None = None
 
-    def get(self, x: torch.Tensor, want_hessian: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """(Σ x² per channel, XᵀX or None, tokens) of one forward's input."""
+    def get(self, x: torch.Tensor, want_hessian: bool) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor]:
+        """(Σ x² per channel, XᵀX or None, tokens, Σ x per channel) of one forward's input."""
         key = (x, x._version, want_hessian)
         if self.enabled and self._key is not None and self._key[0] is x and self._key[1:] == key[1:]:
             return self._value
         x2d = x.detach().reshape(-1, x.shape[-1]).float()
-        value = ((x2d * x2d).sum(0), x2d.t() @ x2d if want_hessian else None, x2d.shape[0])
+        value = ((x2d * x2d).sum(0), x2d.t() @ x2d if want_hessian else None, x2d.shape[0], x2d.sum(0))
         self.computed += 1
         if self.enabled:
             self._key, self._value = key, value
@@ -84,6 +84,7 @@ class InputCollector:
     def __init__(self, in_features: int, want_hessian: bool, want_per_sample: bool,
                  shared: SharedInputs | None = None) -> None:
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.sum = torch.zeros(in_features, dtype=torch.float64)
         self.count = 0
         self.xtx: Optional[torch.Tensor] = None
         self.per_sample: list[torch.Tensor] | None = [] if want_per_sample else None
@@ -91,8 +92,9 @@ class InputCollector:
         self.shared = shared or SharedInputs(enabled=False)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        sq, xtx, tokens = self.shared.get(args[0], self.want_hessian)
+        sq, xtx, tokens, total = self.shared.get(args[0], self.want_hessian)
         self.sq_sum += sq.double().cpu()
+        self.sum += total.double().cpu()
         self.count += tokens
         if self.per_sample is not None:
             self.per_sample.append((sq / tokens).cpu())
@@ -103,6 +105,7 @@ class InputCollector:
         return ActivationStats(
             sq_sum=self.sq_sum,
             count=self.count,
+            sum=self.sum,
             xtx=self.xtx,
             sample_mean_sq=torch.stack(self.per_sample) if self.per_sample else None,
         )
@@ -327,6 +330,8 @@ def stats_to_tensors(stats: dict[str, ActivationStats], per_sample: bool = True)
     meta: dict[str, str] = {}
     for name, s in stats.items():
         tensors[f"{name}.sq_sum"] = s.sq_sum
+        if s.sum is not None:
+            tensors[f"{name}.sum"] = s.sum
         if per_sample and s.sample_mean_sq is not None:
             tensors[f"{name}.sample_mean_sq"] = s.sample_mean_sq
         meta[f"{name}.count"] = str(s.count)
@@ -338,7 +343,7 @@ def stats_to_tensors(stats: dict[str, ActivationStats], per_sample: bool = True)
 def stats_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, ActivationStats]:
     names = [k[: -len(".sq_sum")] for k in tensors if k.endswith(".sq_sum")]
     return {
-        n: ActivationStats(sq_sum=tensors[f"{n}.sq_sum"], count=int(meta[f"{n}.count"]),
+        n: ActivationStats(sq_sum=tensors[f"{n}.sq_sum"], count=int(meta[f"{n}.count"]), sum=tensors.get(f"{n}.sum"),
                            sample_mean_sq=tensors.get(f"{n}.sample_mean_sq"),
                            own_count=int(meta[f"{n}.own_count"]) if f"{n}.own_count" in meta else None)
         for n in names

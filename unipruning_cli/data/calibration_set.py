@@ -48,8 +48,9 @@ def calibration_set(cfg: DictConfig, tok) -> tuple[TokenSamples, dict]:
                      "seed": cfg.seed, **samples.info, "tokens": int(samples.numel())}
 
 
-#: Raised when the statistics of the same model and data change: 2, routers left out and Linear-list experts pooled.
-STATISTICS_REVISION = 2
+#: Raised when the statistics of the same model and data change: 2, routers left out and Linear-list experts pooled;
+#: 3, Σx kept (FLAP).
+STATISTICS_REVISION = 3
 
 
 def dense_statistics(cfg: DictConfig, model, windows: TokenSamples) -> tuple[dict[str, ActivationStats], bool]:

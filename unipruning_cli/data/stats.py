@@ -25,6 +25,8 @@ class ActivationStats:
               search needs one statistic per step (UniPruning frozen mode).
     own_count: for an expert whose own routed tokens were too few, and whose statistics are its layer's
               pooled ones: the tokens the router sent it (None otherwise).
+    sum:      Σ_tokens x_j, per input channel j, fp64: the channel means of FLAP's fluctuation and bias
+              compensation (None in statistics saved before it was kept).
     """
 
     sq_sum: torch.Tensor
@@ -32,6 +34,7 @@ class ActivationStats:
     xtx: Optional[torch.Tensor] = None
     sample_mean_sq: Optional[torch.Tensor] = None
     own_count: Optional[int] = None
+    sum: Optional[torch.Tensor] = None
 
     @property
     def norm(self) -> torch.Tensor:
@@ -43,13 +46,29 @@ class ActivationStats:
         """E[x_j²] over all calibration tokens, fp32."""
         return (self.sq_sum / max(self.count, 1)).float()
 
+    @property
+    def mean(self) -> torch.Tensor:
+        """E[x_j] over all calibration tokens, fp64; ``ValueError`` where the sums were not kept."""
+        if self.sum is None:
+            raise ValueError("these statistics hold no Σx (saved before it was kept): calibrate again")
+        return self.sum / max(self.count, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """The sample variance of x_j over the calibration tokens (N - 1 in the denominator), fp64: FLAP's
+        fluctuation of the channel (An et al. 2024, Eq. 5); ``ValueError`` where the sums were not kept."""
+        n = max(self.count, 2)
+        return ((self.sq_sum - self.mean.square() * self.count) / (n - 1)).clamp(min=0)
+
     @classmethod
     def pooled(cls, group: list["ActivationStats"], own_count: int) -> "ActivationStats":
         """The sums of ``group`` (one projection over all the experts of a layer), for an expert that saw
         ``own_count`` tokens; per-sample rows are concatenated."""
         rows = [s.sample_mean_sq for s in group if s.sample_mean_sq is not None]
         xtx = [s.xtx for s in group if s.xtx is not None]
+        sums = [s.sum for s in group if s.sum is not None]
         return cls(sq_sum=sum(s.sq_sum for s in group), count=sum(s.count for s in group),
+                   sum=sum(sums[1:], sums[0].clone()) if len(sums) == len(group) else None,
                    xtx=sum(xtx[1:], xtx[0].clone()) if xtx else None,
                    sample_mean_sq=torch.cat(rows) if rows else None, own_count=own_count)
 

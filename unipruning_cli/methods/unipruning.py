@@ -7,6 +7,8 @@ from __future__ import annotations
 from ..stages.baselines import baseline_masks
 from ..stages.prune import cut_masks
 from ..stages.routing import routing_of
+from ..data.calibration_set import dense_statistics
+from ..pruning.channels import flap_scores
 from ..stages.search import run_search
 from ..core.context import RunContext
 from ..pruning.method import Cuts, Method, register_method
@@ -57,6 +59,9 @@ class UniPruning(Method):
         gamma, calibration = run_search(ctx)
         with ctx.timer.stage("masks"):
             experts = routing_of(ctx) if any(t.is_experts for t in ctx.targets) else None
-            cuts = cut_masks(gamma, ctx.targets, ctx.rd, ctx.cfg.reconstruct, experts)
+            flap = None
+            if any(t.is_channels and t.score == "flap" for t in ctx.targets):  # the dense model's statistics
+                flap = flap_scores(ctx.layers, dense_statistics(ctx.cfg, ctx.model, ctx.calibration()[0])[0])
+            cuts = cut_masks(gamma, ctx.targets, ctx.rd, ctx.cfg.reconstruct, experts, flap)
             cuts |= baseline_masks(ctx)
         return Cuts(calibration, cuts)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..metrics import LocalMetric
 from ..data.stats import ActivationStats
+from .channels import flap_scores
 from .targets import Target
 
 
@@ -44,6 +45,8 @@ class LocalMetricPruning(PruningMethod):
         return {n: self.score(layer, stats.get(n)) for n, layer in layers.items()}
 
     def prune_block(self, layers, stats, target):
+        if target.is_channels and target.score == "flap":  # FLAP reads the statistics, not the metric's scores
+            return target.cut({}, flap=flap_scores(layers, stats))
         return target.cut(self.scores(layers, stats))
 
 

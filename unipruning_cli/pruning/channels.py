@@ -154,6 +154,90 @@ def ls_refit(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, percda
     return out.to(weight.dtype)
 
 
+def flap_scores(weights: Mapping[str, torch.Tensor], stats: Mapping) -> "LazyMap":
+    """Per-weight scores whose channel sums (:func:`channel_scores`) are FLAP's fluctuation metric (An et al. 2024,
+    Eq. 5): ``W_ij² · Var(x_j)`` for each MLP's output matrix (``Var``: the sample variance of its input channel j on
+    the calibration tokens, :attr:`..data.stats.ActivationStats.variance`), 0 for the MLP's input matrices (FLAP
+    scores a channel by the column that reads it). ``weights``: name -> ``[out, in]`` of the prunable matrices (or
+    modules with a ``weight``); ``stats``: their calibration statistics, with Σx. Computed one matrix at a time."""
+    from ..core.lazymap import LazyMap
+
+    outputs = {output for _, _, output in _mlp_names(weights)}
+
+    def score(name: str) -> torch.Tensor:
+        w = getattr(weights[name], "weight", weights[name]).detach()
+        if name not in outputs:
+            return torch.zeros(w.shape, dtype=torch.float32)
+        return (w.float().square() * stats[name].variance.to(w.device).float()).cpu()
+
+    return LazyMap(weights, score)
+
+
+def bias_shift(weight: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """FLAP's bias compensation (An et al. 2024, Eq. 8) of the projection after a channel cut: what the removed
+    channels contributed on average, ``W[:, removed] · E[x_removed]`` (``weight`` ``[out, width]``, ``mean`` fp64
+    ``[width]``, the channels' mean input on the calibration tokens; ``keep`` bool ``[width]``). Returns fp32
+    ``[out]``, added to the projection's bias."""
+    gone = ~keep.to(weight.device)
+    return (weight.detach().double()[:, gone] @ mean.to(weight.device).double()[gone]).float()
+
+
+def check_bias_fit(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]) -> None:
+    """Raise :class:`UserError` where the projections after the channels (of ``layers``, the prunable matrices) have
+    no bias and the config has no ``mlp_bias`` field to give them one: ``reconstruct=bias`` could not be written as a
+    standard model (Qwen2 and Gemma MLPs have no bias; Llama's ``mlp_bias`` adds one to every MLP matrix)."""
+    from ..models.layouts import text_config
+
+    mlps = mlp_channels({n: tuple(m.weight.shape) for n, m in layers.items()})
+    config = text_config(model)
+    if all(layers[m.output].bias is not None for m in mlps) or isinstance(getattr(config, "mlp_bias", None), bool):
+        return
+    raise UserError(f"reconstruct=bias adds FLAP's compensation to the bias of each MLP's {mlps[0].output.rsplit('.', 1)[-1]}, "
+                    f"which {type(config).__name__} neither has nor can add (no mlp_bias field): use reconstruct=ls "
+                    "or none")
+
+
+@torch.no_grad()
+def give_mlp_bias(model: torch.nn.Module, names: Iterable[str]) -> bool:
+    """Set the config's ``mlp_bias`` where one of the MLP matrices ``names`` holds a bias and the config says False,
+    giving the others a zero bias (the config adds one to every MLP matrix, and a reload must find each). Returns
+    whether anything changed."""
+    from ..models.layouts import text_config
+
+    config = text_config(model)
+    modules = dict(model.named_modules())
+    mlp = [modules[n] for n in names]
+    if getattr(config, "mlp_bias", None) is not False or all(m.bias is None for m in mlp):
+        return False
+    for m in mlp:
+        if m.bias is None:
+            m.bias = torch.nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device),
+                                        requires_grad=False)
+    config.mlp_bias = True
+    return True
+
+
+#: How a channels cut ranks channels (``pattern.channel_score``): the method's per-weight scores summed per channel
+#: (|Γ| for UniPruning, Wanda-sp for Wanda, the L1 norm for magnitude), or FLAP's fluctuation (:func:`flap_scores`).
+CHANNEL_SCORES = ("weights", "flap")
+
+
+def validate_channels(cfg) -> None:
+    """The config's rules for channels cuts: ``reconstruct=ls`` / ``bias`` need ``pattern=channels``, which takes no
+    ``refine`` and a known ``pattern.channel_score``. Raises :class:`UserError`."""
+    kind, how = cfg.pattern.kind, cfg.reconstruct
+    if how in ("ls", "bias") and kind != "channels":
+        raise UserError(f"reconstruct={how} compensates a cut of whole MLP channels (ls: the projection after them "
+                        "refit; bias: FLAP's bias compensation): it needs pattern=channels (any other mask: "
+                        "reconstruct=obs)")
+    if kind == "channels" and cfg.refine != "none":
+        raise UserError("refine=swap swaps single weights, which would break whole channels: drop refine with "
+                        "pattern=channels (reconstruct=ls or bias compensates a channel cut)")
+    if cfg.pattern.channel_score not in CHANNEL_SCORES:
+        raise UserError(f"pattern.channel_score={cfg.pattern.channel_score!r} is not allowed; choose one of: "
+                        f"{', '.join(CHANNEL_SCORES)}")
+
+
 #: The config field that holds an MLP's width, by the names families use.
 WIDTH_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
 

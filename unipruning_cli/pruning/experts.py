@@ -243,6 +243,8 @@ def validate_experts(cfg: DictConfig) -> None:
               "experts go: give one")
         check(0 < k < 1 or (k >= 1 and float(k).is_integer()), f"pattern.experts_removed={k}: a share in (0, 1) or "
               "a whole count of experts >= 1")
+    check(cfg.reconstruct == cfg.refine == "none", "pattern=experts removes whole experts, so no weight of theirs is "
+          "updated or swapped; drop reconstruct and refine")
     check(cfg.calibration.mode != "sequential", "calibration.mode=sequential with pattern=experts: experts are ranked "
           "on the dense model's routing (one-shot); drop calibration.mode")
 

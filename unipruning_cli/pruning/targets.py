@@ -50,7 +50,7 @@ NM_TAG = re.compile(r"^(\d+)of(\d+)$")
 
 def is_channels_tag(tag: str) -> bool:
     """Whether a cut's tag (``s0.20_channels``, a baseline's ``wanda@one_shot:s0.20_channels``) is a channels cut."""
-    return bool(re.match(r"^s\d\.\d+_" + CHANNELS + "$", (tag or "").rsplit(":", 1)[-1]))
+    return bool(re.match(r"^s\d\.\d+_" + CHANNELS + "(-flap)?$", (tag or "").rsplit(":", 1)[-1]))
 
 
 def is_experts_tag(tag: str) -> bool:
@@ -80,7 +80,7 @@ class Target:
     owl: tuple[float, float] = (5.0, 0.08)  # allocation=owl: M, λ (pattern.owl_m, pattern.owl_lambda)
     gamma_delta: float = 0.08  # allocation=gamma: pattern.gamma_delta
     removed: int = 0  # allocation=experts: experts removed per layer as a count (0: the share ``sparsity``)
-    score: str = "saliency"  # allocation=experts: pattern.expert_score
+    score: str = ""  # allocation=experts: pattern.expert_score (""= saliency); channels: "flap" or "" (their weights)
 
     @property
     def is_nm(self) -> bool:
@@ -89,7 +89,10 @@ class Target:
     @property
     def tag(self) -> str:
         if self.is_experts:
-            return (f"k{self.removed}" if self.removed else f"s{self.sparsity:.2f}") + f"_{EXPERTS}-{self.score}"
+            return (f"k{self.removed}" if self.removed else f"s{self.sparsity:.2f}") + f"_{EXPERTS}-" + (
+                self.score or "saliency")
+        if self.is_channels and self.score:
+            return f"s{self.sparsity:.2f}_{CHANNELS}-{self.score}"
         return f"{self.n}of{self.m}" if self.is_nm else f"s{self.sparsity:.2f}_{self.allocation}"
 
     @property
@@ -118,14 +121,20 @@ class Target:
         return Target(sparsity=sparsity, allocation=allocation, cap=self.cap, owl=self.owl,
                       gamma_delta=self.gamma_delta)
 
-    def cut(self, scores: Mapping[str, torch.Tensor], experts: ExpertRouting | None = None) -> dict[str, torch.Tensor]:
+    def cut(self, scores: Mapping[str, torch.Tensor], experts: ExpertRouting | None = None,
+            flap: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Keep masks (bool ``[out, in]``) of every matrix of ``scores`` (name -> ``[out, in]``, higher = keep);
-        an experts cut reads ``experts`` (the run's MoE layers and routing) and masks the experts' matrices only.
-        Raises ``ValueError`` for an experts cut without ``experts``."""
+        an experts cut reads ``experts`` (the run's MoE layers and routing) and masks the experts' matrices only; a
+        FLAP channels cut reads ``flap`` (:func:`.channels.flap_scores`) instead of ``scores``. Raises ``ValueError``
+        for an experts cut without ``experts``, a FLAP cut without ``flap``."""
         if self.is_experts:
             if experts is None:
                 raise ValueError(f"{self.tag}: an experts cut needs the run's routing statistics")
-            return experts.masks(self.sparsity, self.removed, self.score, scores)
+            return experts.masks(self.sparsity, self.removed, self.score or "saliency", scores)
+        if self.is_channels and self.score == "flap":
+            if flap is None:
+                raise ValueError(f"{self.tag}: a FLAP cut needs the calibration statistics (Σx, Σx²)")
+            return channel_masks(flap, self.sparsity)
         if self.is_nm:
             return M.nm_masks(scores, self.n, self.m)
         if self.is_channels:
@@ -153,7 +162,8 @@ def make_target(cfg: DictConfig) -> Target:
     if p.kind == "nm":
         return Target(sparsity=target_sparsity(cfg), allocation="per_row", n=p.n, m=p.m)
     if p.kind == CHANNELS:
-        return Target(sparsity=target_sparsity(cfg), allocation=CHANNELS)
+        return Target(sparsity=target_sparsity(cfg), allocation=CHANNELS,
+                      score="flap" if p.channel_score == "flap" else "")
     if p.kind == EXPERTS:
         asked = p.experts_removed
         if asked is not None and float(asked) >= 1:
@@ -234,4 +244,7 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
             t = Target(sparsity=1 - n / m, allocation="per_row", n=n, m=m)
             if t not in out:
                 out.append(t)
+        if primary.is_channels:  # FLAP's cut beside Γ's at every share (Γ's beside FLAP's): one comparison per run
+            other = "" if primary.score == "flap" else "flap"
+            out += [Target(t.sparsity, CHANNELS, score=other) for t in out if t.is_channels]
     return out

@@ -22,7 +22,7 @@ from ..pruning.weights import apply_masks, restore_weights
 from ..models.loading import prunable_layers, resolve_add_bos
 from ..core.pinned import HostCopy
 from ..core.context import RunContext
-from .reconstruction import reconstruct_cut, refit_cut
+from .reconstruction import compensate_cut, reconstruct_cut, refit_cut, undo_biases
 from ..pruning.experts import experts_of_masks, moe_layers, remove_experts
 from ..pruning.targets import is_channels_tag, is_experts_tag
 from ..data.sampling import with_bos
@@ -111,7 +111,7 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
     original = HostCopy({n: m.weight for n, m in layers.items()})
     results = {}
     for tag, masks in all_masks.items():
-        rebuilt = None
+        rebuilt, undo = None, []
         how = ctx.cfg.reconstruct
         if how == "obs":  # the kept weights updated on the fixed mask
             with timer.stage("reconstruct"):
@@ -119,6 +119,9 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
         elif how == "ls" and is_channels_tag(tag):  # the projection after the channels refit on the kept ones
             with timer.stage("reconstruct"):
                 rebuilt = refit_cut(ctx, masks)
+        elif how == "bias" and is_channels_tag(tag):  # FLAP's bias compensation of the projection after them
+            with timer.stage("reconstruct"):
+                rebuilt, undo = compensate_cut(ctx, masks)
         else:
             apply_masks(layers, masks)
         with timer.stage("pruned_eval"):
@@ -134,10 +137,20 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
             total = results[tag]["sparsity"]["all_params"]
             removed = sum(int((~m).sum()) for m in masks.values())
             removed += sum(int((~m).all(1).sum()) for n, m in masks.items() if layers[n].bias is not None)
-            results[tag]["structure"] = {"parameters": [total, total - removed]}
+            results[tag]["structure"] = {"parameters": [total, total - removed + _biases_added(ctx, masks, undo)]}
+        undo_biases(undo)
         restore_weights(layers, original.tensors)
     original.release()
     return results
+
+
+def _biases_added(ctx: RunContext, masks, undo: list) -> int:
+    """Bias entries the export of a bias-compensated channels cut adds beyond those the model holds while it is
+    evaluated (each output projection's new bias): where the config then turns ``mlp_bias`` on, a zero bias for each
+    kept row of the input matrices without one."""
+    if all(before is not None for _, before in undo):
+        return 0
+    return sum(int(m.any(1).sum()) for n, m in masks.items() if ctx.layers[n].bias is None)
 
 
 def result_entry(r: dict) -> dict:

@@ -225,6 +225,10 @@ def check_model_limits(cfg: DictConfig) -> None:
         from ..pruning.channels import check_channels_fit
 
         check_channels_fit(model, prunable_layers(model))
+        if cfg.reconstruct == "bias":
+            from ..pruning.channels import check_bias_fit
+
+            check_bias_fit(model, prunable_layers(model))
     for t in (t for t in targets if t.is_experts):
         from ..pruning.experts import check_experts_fit
 

@@ -23,6 +23,7 @@ from ..core.lazymap import LazyMap
 from ..pruning.mask_files import load_masks, packed_masks, save_masks, save_packed_masks
 from ..pruning.method import Cuts, method_name
 from ..pruning.blockwise import LocalMetricPruning, PruningMethod
+from ..pruning.channels import flap_scores
 from ..pruning.targets import Target, calibration_mode
 from .routing import routing_of
 from ..pruning.weights import apply_masks
@@ -68,14 +69,16 @@ def calibrate_and_prune(ctx: RunContext, method: PruningMethod) -> tuple[PackedM
     calib_info["mode"] = mode
     if isinstance(method, LocalMetricPruning) and mode == "one_shot":
         # Scores need only the dense statistics (none at all for magnitude): no pass per run.
-        if not method.metric.uses_activations:
+        flap = target.is_channels and target.score == "flap"  # FLAP's score reads the statistics, not the metric's
+        if not method.metric.uses_activations and not flap:
             stats, cached = {}, False
         else:
             stats, cached = dense_statistics(cfg, model, windows)
         calib_info["cached"] = cached
         if target.shares_budget or target.is_structural:  # every score at once (channels: rows and columns
             # together, in the order and random draws of the baselines; experts: with the dense model's routing)
-            every = target.cut(method.scores(layers, stats), routing_of(ctx) if target.is_experts else None)
+            every = target.cut({} if flap else method.scores(layers, stats),
+                               routing_of(ctx) if target.is_experts else None, flap_scores(layers, stats))
             apply_masks(layers, every)
             masks.add(every)
         else:  # the cuts are per matrix: one score alive at a time, in the order (and random draws) of scores()
@@ -135,22 +138,23 @@ def reconstruct_info(reconstruct: str, target: Target) -> dict:
     """What a masks file's header says of the weights its run evaluated for ``target``: ``{"reconstruct": "obs"}``,
     ``{"reconstruct": "ls"}`` (a channels cut with the projection after it refit) or nothing (``reconstruct``: the
     run's ``reconstruct``; ``ls`` leaves every cut but a channels one as masks)."""
-    if reconstruct == "obs" or (reconstruct == "ls" and target.is_channels):
+    if reconstruct == "obs" or (reconstruct in ("ls", "bias") and target.is_channels):
         return {"reconstruct": reconstruct}
     return {}
 
 
 def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir, reconstruct: str = "none",
-              experts=None) -> dict[str, dict[str, torch.Tensor]]:
+              experts=None, flap=None) -> dict[str, dict[str, torch.Tensor]]:
     """Masks for every target from one Γ (|Γ| as the score; seconds, no model forward), each saved to
     ``rd/masks/<tag>.safetensors`` (with :func:`reconstruct_info` of the run's ``reconstruct`` in its header);
-    ``experts``: the run's routing (:func:`.routing.routing_of`), for experts cuts. Returns tag -> name -> bool
+    ``experts``: the run's routing (:func:`.routing.routing_of`), for experts cuts; ``flap``: FLAP's scores
+    (:func:`..pruning.channels.flap_scores`), for its channels cuts. Returns tag -> name -> bool
     ``[out, in]`` (held packed, :func:`..pruning.mask_files.packed_masks`)."""
     # one matrix's |Γ| at a time, not a second copy of Γ (4 bytes per prunable weight: 255 GiB for a 70B model)
     scores = LazyMap(gamma, lambda name: gamma[name].abs())
     out = {}
     for t in targets:
-        cut = t.cut(scores, experts)
+        cut = t.cut(scores, experts, flap)
         save_masks(rd / f"masks/{t.tag}.safetensors", cut, {"target": t.tag, "method": "unipruning",
                                                             **reconstruct_info(reconstruct, t)})
         out[t.tag] = packed_masks(cut)

@@ -17,14 +17,16 @@ from typing import Mapping
 
 import torch
 
-from ..pruning.channels import channels_of_masks, ls_refit, mlp_channels
+from ..data.calibration_set import dense_statistics
+from ..pruning.channels import bias_shift, channels_of_masks, ls_refit, mlp_channels
+from ..pruning.weights import apply_masks
 from ..pruning.obs import obs_reconstruct
 from ..pruning.block_loop import PassSettings, block_pass
 from ..core.context import RunContext
 
 log = logging.getLogger(__name__)
 
-RECONSTRUCTIONS = ("none", "obs", "ls")
+RECONSTRUCTIONS = ("none", "obs", "ls", "bias")
 
 
 def row_output_errors(delta: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
@@ -107,3 +109,33 @@ def refit_channels(model, windows, masks: Mapping[str, torch.Tensor], settings: 
 def refit_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:
     """:func:`refit_channels` of ``ctx.model`` (dense on entry) with the run's calibration samples; its record."""
     return refit_channels(ctx.model, ctx.calibration()[0], masks, ctx.passes)
+
+
+@torch.no_grad()
+def compensate_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> tuple[dict, list]:
+    """``reconstruct=bias``: apply a channels cut's ``masks`` to ``ctx.model`` (dense on entry) and add FLAP's bias
+    compensation (:func:`..pruning.channels.bias_shift`, An et al. 2024, Eq. 8) to each MLP's output projection, from
+    the dense model's mean input on the run's calibration samples (one-shot, as FLAP computes it). A projection
+    without a bias gets one. Returns (the record ``{"layers": n}``, the undo list: (module, its bias before)) for
+    :func:`undo_biases`. Raises ``ValueError`` for masks that are not whole channels."""
+    stats = dense_statistics(ctx.cfg, ctx.model, ctx.calibration()[0])[0]
+    mlps = mlp_channels({n: tuple(m.shape) for n, m in masks.items()})
+    shifts = {}
+    for mlp in mlps:  # from the dense weights: the masks zero the very columns the shift reads
+        layer = ctx.layers[mlp.output]
+        shifts[mlp.output] = bias_shift(layer.weight, stats[mlp.output].mean, channels_of_masks(masks, mlp))
+    apply_masks(ctx.layers, masks)
+    undo = []
+    for name, shift in shifts.items():
+        layer = ctx.layers[name]
+        undo.append((layer, layer.bias))
+        base = layer.bias.detach().float() if layer.bias is not None else torch.zeros_like(shift)
+        layer.bias = torch.nn.Parameter((base + shift.to(base.device)).to(layer.weight.dtype), requires_grad=False)
+    log.info("FLAP's bias compensation of %d projections after the channels", len(shifts))
+    return {"layers": len(shifts)}, undo
+
+
+def undo_biases(undo: list) -> None:
+    """Put back the biases :func:`compensate_cut` replaced."""
+    for layer, bias in reversed(undo):
+        layer.bias = bias

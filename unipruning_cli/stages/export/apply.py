@@ -28,8 +28,8 @@ from ...pruning.targets import is_channels_tag, is_experts_tag, nm_of_tag
 from ...pruning.weights import apply_masks
 from ...models.loading import check_model_reachable, load_model, prunable_layers
 from ...core.context import RunContext
-from ..reconstruction import reconstruct_cut, refit_cut
-from ...pruning.channels import slice_channels
+from ..reconstruction import compensate_cut, reconstruct_cut, refit_cut
+from ...pruning.channels import give_mlp_bias, slice_channels
 from .card import export_record, kept_counts, masks_card, run_card
 from ...core.rundir import run_lock
 from ..storage import check_free
@@ -94,11 +94,12 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     changed += check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, True)
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, f"{run.mask_path(target.tag)}")
-    rebuilt = cfg.reconstruct == "obs" or (cfg.reconstruct == "ls" and target.is_channels)
+    rebuilt = cfg.reconstruct == "obs" or (cfg.reconstruct in ("ls", "bias") and target.is_channels)
     if rebuilt:  # the run evaluated W updated on the mask, not W x mask: the same update, redone here
         log.info("the run updated the kept weights (reconstruct=%s): redoing it on %s's calibration samples",
                  cfg.reconstruct, target.tag)
-        (reconstruct_cut if cfg.reconstruct == "obs" else refit_cut)(RunContext(cfg).loaded(model, tok), masks)
+        {"obs": reconstruct_cut, "ls": refit_cut, "bias": compensate_cut}[cfg.reconstruct](
+            RunContext(cfg).loaded(model, tok), masks)
     else:
         apply_masks(layers, masks)
     kept = kept_counts(model)
@@ -107,6 +108,8 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
         log.warning("measured sparsity %.6f differs from the run's %.6f: did the model at %s change since the run?",
                     kept["measured_sparsity"], expected, cfg.model.path)
     structure = slice_structure(model, masks, target.tag)
+    if structure and cfg.reconstruct == "bias" and give_mlp_bias(model, masks):  # the compensation's biases
+        log.info("reconstruct=bias: mlp_bias=true in the config, zero biases for the MLP matrices without one")
     if structure:
         kept = kept_counts(model)
     if dtype is not None and DTYPES[dtype] != next(model.parameters()).dtype:
@@ -155,7 +158,8 @@ def slice_structure(model: nn.Module, masks: dict, tag: str) -> Optional[dict]:
 
 def _weights_note(reconstruct: str) -> str:
     return {"obs": "reconstructed (OBS on the fixed mask)",
-            "ls": "the projection after the channels refit by least squares on the kept ones"}.get(reconstruct,
+            "ls": "the projection after the channels refit by least squares on the kept ones",
+            "bias": "FLAP's bias compensation of the projection after the channels"}.get(reconstruct,
                                                                                                   "original x mask")
 
 
@@ -236,10 +240,11 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype!r} is not allowed; choose one of: {', '.join(DTYPES)}")
     nm = nm_of_tag(info.get("target", ""))
-    if info.get("reconstruct") in ("obs", "ls"):
+    if info.get("reconstruct") in ("obs", "ls", "bias"):
         how = info["reconstruct"]
         raise UserError(f"{masks_path.name} comes from a run with reconstruct={how}: its model is the kept weights "
-                        f"updated by {'OBS reconstruction' if how == 'obs' else 'a least-squares refit'}, which the "
+                        f"updated by {dict(obs='OBS reconstruction', ls='a least-squares refit').get(how, 'a bias')}, "
+                        "which the "
                         "masks alone do not hold (applying them would give W x mask, another model). Export that run "
                         "instead (unipruning export <run_dir>): it redoes the update on the run's calibration samples")
     if compressed and nm is None:

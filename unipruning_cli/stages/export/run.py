@@ -181,7 +181,8 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
         share = primary.sparsity if sparsity is None else float(sparsity)
         if share == 0:
             raise UserError("sparsity=0: pattern=channels takes a share of channels in (0, 1)")
-        return Target(sparsity=_stored_share(share, CHANNELS), allocation=CHANNELS)
+        return Target(sparsity=_stored_share(share, CHANNELS), allocation=CHANNELS,
+                      score=primary.score if primary.is_channels else "")
     if pattern is not None and pattern != "unstructured":
         m = _NM_PATTERN.match(str(pattern))
         if not m or not 0 < int(m.group(1)) < int(m.group(2)):
@@ -232,6 +233,9 @@ def masks_source(run: RunInfo, target: Target) -> str:
     """'file' when the run holds the cut, 'gamma' when Γ can cut it; UserError otherwise."""
     if run.mask_path(target.tag).is_file():
         return "file"
+    if target.is_channels and target.score == "flap":
+        raise UserError(f"run {run.path} has no {target.tag} cut: FLAP ranks channels by the run's calibration "
+                        "statistics, so its cuts are made in the run: prune with export.sparsities=[...]")
     if target.is_experts:
         raise UserError(f"run {run.path} has no {target.tag} cut: it holds "
                         f"{', '.join(_describe_tag(t) for t in held_tags(run)) or 'no mask files'}. Experts are ranked "
