@@ -1,16 +1,19 @@
-"""Structural cuts on the embedded model, measured in one run: the perplexity of MLP channel cuts (UniPruning's Γ and
-Wanda-sp beside it, with and without ``reconstruct=ls``), and each exported model against the dense one with plain
-transformers on this machine: file size, peak memory, prefill tokens/s at 512 tokens and decode tokens/s at batch 1.
+"""Structural cuts on the embedded model, measured in one run: the perplexity of MLP channel cuts (UniPruning's Γ, FLAP
+and Wanda-sp, each without compensation, with ``reconstruct=ls`` and with ``reconstruct=bias``), and each exported model
+against the dense one with plain transformers on this machine: file size, peak memory, prefill tokens/s at 512 tokens
+and decode tokens/s at batch 1.
 
-Two ``unipruning prune`` processes (``reconstruct=none`` and ``ls``), each cutting every share from one Γ (frozen
-search, stochRIA anchor) with ``eval.baselines=[wanda@one_shot]`` (Wanda's scores summed per channel: Wanda-sp);
-then ``unipruning export <ls run> pattern=channels sparsity=S`` per share; then the dense folder and each export are
-timed in a fresh process each (same threads, same prompt), dense first.
+Three ``unipruning prune`` processes (``reconstruct=none``, ``ls`` and ``bias``), each cutting every share from one Γ
+(frozen search, stochRIA anchor) with FLAP's cut beside it (``pattern.channel_score=flap``, added by every UniPruning
+channels run) and ``eval.baselines=[wanda@one_shot]`` (Wanda's scores summed per channel: Wanda-sp); where a reused
+run predates FLAP, FLAP's cuts come from ``method=local pattern.channel_score=flap`` runs, one per share; then
+``unipruning export <ls run> pattern=channels sparsity=S`` per share; then the dense folder and each export are timed
+in a fresh process each (same threads, same prompt), dense first.
 
-    python scripts/bench_structured.py --out bench-out/structured                 # 10/20/30 % (about 45 min on 2 cores)
+    python scripts/bench_structured.py --out bench-out/structured                 # 10/20/30 % (about 70 min on 2 cores)
     python scripts/bench_structured.py --sparsities 0.2 --windows 8 --out /tmp/s  # a quick look
-    python scripts/bench_structured.py --runs <none run> <ls run> --out ...        # after an interruption: the two
-                                                                                  # runs and finished exports reused
+    python scripts/bench_structured.py --runs <none run> <ls run> [<bias run>] --out ...   # after an interruption:
+                                                                # those runs and the finished exports are reused
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ print(json.dumps({"parameters": params, "prefill_tokens_per_s": prefill / statis
 """
 
 
+#: The compensations compared: none, the least-squares refit of the projection after the channels, FLAP's bias.
+HOWS = ("none", "ls", "bias")
+
+
 def prune(overrides: list[str], runs: Path) -> Path:
     env = {**os.environ, "UNIPRUNING_RUNS": str(runs), "COLUMNS": "1000"}
     proc = subprocess.run([sys.executable, "-m", "unipruning_cli.cli", "prune", *overrides], env=env,
@@ -94,8 +101,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--runs", nargs=2, type=Path, default=None, metavar=("NONE_RUN", "LS_RUN"),
-                    help="the two prune runs of an earlier, interrupted call (their exports in --out are reused)")
+    ap.add_argument("--runs", nargs="+", type=Path, default=[], metavar="RUN",
+                    help="the none, ls (and bias) prune runs of an earlier, interrupted call, in that order (their "
+                         "exports in --out are reused)")
     args = ap.parse_args()
     shares = [float(s) for s in args.sparsities.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -106,14 +114,23 @@ def main() -> None:
               f"calibration.seqlen={args.seqlen}", "calibration.source=owt_offline", f"eval.seqlen={args.seqlen}",
               f"eval.max_windows={args.windows}", f"eval.corpora=[{corpus}]", "reuse_search=false"]
     runs, ppl = {}, {}
-    for i, how in enumerate(("none", "ls")):
+    for i, how in enumerate(HOWS):
         t0 = time.perf_counter()
-        runs[how] = args.runs[i] if args.runs else prune([*common, f"reconstruct={how}"], args.out / "runs")
+        runs[how] = args.runs[i] if i < len(args.runs) else prune([*common, f"reconstruct={how}"], args.out / "runs")
         m = json.loads((runs[how] / "metrics.json").read_text())
         ppl["dense"] = m["perplexity"][corpus]["dense"]["ppl"]
         for tag, r in m["results"].items():
             ppl[(how, tag)] = r["ppl"][corpus]
         print(f"-> reconstruct={how}: {runs[how]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for s in shares:  # a run from before FLAP was cut beside Γ: FLAP's own run at this share
+            if (how, f"s{s:.2f}_channels-flap") not in ppl:
+                flap = [o for o in common if not o.startswith(("method=", "local_metric=", "schedule.", "sparsity=",
+                                                               "export.", "eval.baselines", "reuse_search"))]
+                run = prune([*flap, "method=local", "local_metric=wanda", "pattern.channel_score=flap",
+                             f"sparsity={s}", f"reconstruct={how}"], args.out / "runs")
+                r = json.loads((run / "metrics.json").read_text())["results"][f"s{s:.2f}_channels-flap"]
+                ppl[(how, f"s{s:.2f}_channels-flap")] = r["ppl"][corpus]
+                print(f"   FLAP {s:.2f} reconstruct={how}: {run}", flush=True)
 
     from unipruning_cli.data.assets import embedded_model_path
 
@@ -131,17 +148,20 @@ def main() -> None:
     lines = [f"SmolLM2-135M (embedded), MLP channels removed in every layer; calibration {args.nsamples} x {args.seqlen} "
              f"tokens (owt_offline), perplexity on {corpus} ({args.windows} windows of {args.seqlen}); UniPruning: "
              f"frozen search, {args.steps} steps, stochRIA anchor; Wanda-sp: Wanda's scores summed per channel "
-             f"(one-shot). Speed and memory: the exported folder (from the `reconstruct=ls` run) against the dense "
+             f"(one-shot); FLAP: the fluctuation of each channel's input times its down_proj column's squared norm; "
+             f"+ ls: down_proj refit on the kept channels; + bias: FLAP's bias compensation. Speed and memory: the exported folder (from the `reconstruct=ls` run) against the dense "
              f"one, plain transformers, float32, {args.threads} threads, prefill {args.prefill} tokens, decode "
              f"{args.decode} tokens at batch 1, medians of {args.repeats}. Command: `{' '.join(sys.argv)}`.", "",
-             "| channels removed | Γ | Γ + ls | Wanda-sp | Wanda-sp + ls | parameters | file MiB | peak RSS MiB | "
-             "prefill tok/s | decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|",
-             f"| 0 (dense) | {ppl['dense']:.2f} | | | | {d['parameters']:,} | {d['file_bytes'] / 2**20:.1f} | "
-             f"{d['peak_rss_mib']:.0f} | {d['prefill_tokens_per_s']:.0f} | {d['decode_tokens_per_s']:.1f} |"]
+             "| channels removed | " + " | ".join(f"{name}{'' if how == 'none' else ' + ' + how}"
+                                                  for name in ("Γ", "FLAP", "Wanda-sp") for how in HOWS)
+             + " | parameters | file MiB | peak RSS MiB | prefill tok/s | decode tok/s |",
+             "|---|" + "---|" * (3 * len(HOWS) + 5),
+             f"| 0 (dense) | {ppl['dense']:.2f} |" + " |" * (3 * len(HOWS) - 1) + f" {d['parameters']:,} | "
+             f"{d['file_bytes'] / 2**20:.1f} | {d['peak_rss_mib']:.0f} | {d['prefill_tokens_per_s']:.0f} | "
+             f"{d['decode_tokens_per_s']:.1f} |"]
     for s in shares:
         tag, e = f"s{s:.2f}_channels", measured[f"{s:.2f}"]
-        cells = [ppl.get((how, t)) for how, t in (("none", tag), ("ls", tag), ("none", f"wanda@one_shot:{tag}"),
-                                                  ("ls", f"wanda@one_shot:{tag}"))]
+        cells = [ppl.get((how, t)) for t in (tag, f"{tag}-flap", f"wanda@one_shot:{tag}") for how in HOWS]
         lines.append(f"| {s:.0%} | " + " | ".join(f"{c:.2f}" if c is not None else "" for c in cells)
                      + f" | {e['parameters']:,} ({e['parameters'] / d['parameters']:.3f}x) | "
                      f"{e['file_bytes'] / 2**20:.1f} ({e['file_bytes'] / d['file_bytes']:.3f}x) | "

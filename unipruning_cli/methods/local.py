@@ -22,12 +22,13 @@ class LocalMetric(Method):
     def calibration_mode(self) -> str:
         """Sequential for activation-aware metrics (Wanda, RIA: their reference code calibrates block i on the
         outputs of the already-pruned blocks < i); one-shot for a data-free metric and for a cut that shares one
-        budget over every matrix (it needs every score at once) or removes whole experts."""
+        budget over every matrix (it needs every score at once), removes whole experts or is FLAP's."""
         from ..pruning.targets import make_target
 
         uses = METRICS.get(self.cfg.local_metric.name).uses_activations
-        target = make_target(self.cfg)  # whole experts: ranked on the dense model's routing, every layer at once
-        return "sequential" if uses and not (target.shares_budget or target.is_experts) else "one_shot"
+        target = make_target(self.cfg)  # whole experts: ranked on the dense model's routing, every layer at once;
+        dense = target.is_experts or (target.is_channels and target.score == "flap")  # FLAP: the dense model's inputs
+        return "sequential" if uses and not (target.shares_budget or dense) else "one_shot"
 
     def check(self) -> None:
         super().check()
