@@ -143,6 +143,7 @@ def _prune_loaded(ctx: RunContext, plan: Plan | None, placement: str) -> dict:
     reconstructed, then evaluated; the metrics."""
     cfg = ctx.cfg
     coverage = report_unprunable(ctx.model, ctx.layers)
+    ctx.primary = ctx.primary.for_model(ctx.model)  # a heads cut reads the model's head counts
     ctx.targets = targets_of(cfg, ctx.primary)
     check_targets_fit(ctx.layers, ctx.targets)
 

@@ -292,12 +292,12 @@ def validate_values(cfg: DictConfig) -> None:
 
 def validate_pattern(cfg: DictConfig) -> None:
     p = cfg.pattern
-    one_of("pattern.kind", p.kind, ("unstructured", "nm", "channels", "experts"))
+    one_of("pattern.kind", p.kind, ("unstructured", "nm", "channels", "heads", "experts"))
     if p.kind == "experts":
         from ..pruning.experts import validate_experts
 
         validate_experts(cfg)
-    check(p.kind not in ("channels", "experts") or p.allocation is None, f"pattern.allocation={p.allocation}: pattern=channels removes "
+    check(p.kind not in ("channels", "heads", "experts") or p.allocation is None, f"pattern.allocation={p.allocation}: pattern=channels removes "
           "the same share of channels from every MLP (the exported config stays standard); drop pattern.allocation")
     if p.allocation is not None:
         one_of("pattern.allocation", p.allocation, ALLOCATIONS)

@@ -86,9 +86,9 @@ def _comparison_md(metrics: dict) -> list[str]:
     targets: dict[str, dict[str, float]] = {}
     for tag, r in results.items():
         source, kind, sp = _parse_tag(tag)
-        key = (f"{sp:.0%}" if kind == "unstructured" else f"{sp:.0%} of channels" if kind == "channels" else
-               (f"{sp:.0%}" if sp < 1 else f"{sp:g}") + f" of experts ({kind.split()[1]})" if kind.startswith("experts")
-               else kind)
+        key = (f"{sp:.0%}" if kind == "unstructured" else f"{sp:.0%} of {kind}" if kind.startswith(("channels", "heads"))
+               else (f"{sp:.0%}" if sp < 1 else f"{sp:g}") + f" of experts ({kind.split()[1]})"
+               if kind.startswith("experts") else kind)
         targets.setdefault(key, {})[source or metrics["method"]] = r["ppl"][corpus]
     cols = [metrics["method"], *sources]
     lines = [f"PPL on {corpus}, every method at the same targets from the same calibration samples:", "",
@@ -105,7 +105,7 @@ def _comparison_md(metrics: dict) -> list[str]:
 def _parse_tag(tag: str) -> tuple[str | None, str, float]:
     """'wanda:s0.60_per_row' -> ('wanda', 'unstructured', 0.6); '2of4' -> (None, '2:4', 0.5); 's0.20_channels' ->
     (None, 'channels', 0.2), 0.2 being the share of MLP channels removed."""
-    from ..pruning.targets import EXPERTS_TAG, is_channels_tag, nm_of_tag
+    from ..pruning.targets import EXPERTS_TAG, is_sliced_tag, nm_of_tag
 
     source, _, cut = tag.rpartition(":")
     nm = nm_of_tag(cut)
@@ -115,7 +115,10 @@ def _parse_tag(tag: str) -> tuple[str | None, str, float]:
     if experts:  # 's0.25_experts-reap' -> ('experts reap', 0.25); a count 'k2_...' -> (.., 2.0)
         share, count, score = experts.groups()
         return source or None, f"experts {score}", float(share) if share else float(count)
-    return source or None, "channels" if is_channels_tag(cut) else "unstructured", float(cut[1:].split("_")[0])
+    if is_sliced_tag(cut):  # 's0.20_channels' -> 'channels', 's0.33_heads-flap' -> 'heads (FLAP)'
+        what = cut.split("_", 1)[1]
+        return source or None, what.replace("-flap", " (FLAP)"), float(cut[1:].split("_")[0])
+    return source or None, "unstructured", float(cut[1:].split("_")[0])
 
 
 def save_png(fig, png: Path) -> None:
@@ -152,7 +155,7 @@ def ppl_figure(metrics: dict):
         series: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for tag, r in results.items():
             source, kind, sp = _parse_tag(tag)
-            structural = kind == "channels" or kind.startswith("experts")  # a channel or expert share is no
+            structural = kind.startswith(("channels", "heads", "experts"))  # a channel, head or expert share is no
             at = r.get("measured_sparsity", sp) if structural else sp  # share of the weights
             series.setdefault((source or metrics["method"], kind), []).append((at, r["ppl"][corpus]))
         colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(dict.fromkeys(m for m, _ in series))}
@@ -267,7 +270,7 @@ def _speed_md(metrics: dict) -> list[str]:
     structure = ((metrics.get("results") or {}).get(metrics["pattern"]) or {}).get("structure")
     if structure:
         before, after = structure["parameters"]
-        pattern = "experts" if "experts" in structure else "channels"
+        pattern = "experts" if "experts" in structure else metrics["pattern"].split("_", 1)[1].split("-")[0]
         return [f"- size: `unipruning export <run_dir> pattern={pattern}` writes a standard model of {after:,} "
                 f"parameters instead of {before:,} ({1 - after / before:.1%} fewer), which any engine loads; "
                 "scripts/bench_structured.py measures its speed and memory against the dense model."]

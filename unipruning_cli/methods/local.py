@@ -27,7 +27,7 @@ class LocalMetric(Method):
 
         uses = METRICS.get(self.cfg.local_metric.name).uses_activations
         target = make_target(self.cfg)  # whole experts: ranked on the dense model's routing, every layer at once;
-        dense = target.is_experts or (target.is_channels and target.score == "flap")  # FLAP: the dense model's inputs
+        dense = target.is_experts or (target.is_sliced and target.score == "flap")  # FLAP: the dense model's inputs
         return "sequential" if uses and not (target.shares_budget or dense) else "one_shot"
 
     def check(self) -> None:

@@ -60,7 +60,7 @@ class UniPruning(Method):
         with ctx.timer.stage("masks"):
             experts = routing_of(ctx) if any(t.is_experts for t in ctx.targets) else None
             flap = None
-            if any(t.is_channels and t.score == "flap" for t in ctx.targets):  # the dense model's statistics
+            if any(t.is_sliced and t.score == "flap" for t in ctx.targets):  # the dense model's statistics
                 flap = flap_scores(ctx.layers, dense_statistics(ctx.cfg, ctx.model, ctx.calibration()[0])[0])
             cuts = cut_masks(gamma, ctx.targets, ctx.rd, ctx.cfg.reconstruct, experts, flap)
             cuts |= baseline_masks(ctx)

@@ -45,7 +45,7 @@ class LocalMetricPruning(PruningMethod):
         return {n: self.score(layer, stats.get(n)) for n, layer in layers.items()}
 
     def prune_block(self, layers, stats, target):
-        if target.is_channels and target.score == "flap":  # FLAP reads the statistics, not the metric's scores
+        if target.is_sliced and target.score == "flap":  # FLAP reads the statistics, not the metric's scores
             return target.cut({}, flap=flap_scores(layers, stats))
         return target.cut(self.scores(layers, stats))
 

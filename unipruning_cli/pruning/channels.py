@@ -154,15 +154,20 @@ def ls_refit(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, percda
     return out.to(weight.dtype)
 
 
+#: The matrices whose input channels FLAP scores: the projection after an MLP's channels, and after the heads.
+FLAP_OUTPUTS = ("down_proj", "fc2", "dense_4h_to_h", "o_proj")
+
+
 def flap_scores(weights: Mapping[str, torch.Tensor], stats: Mapping) -> "LazyMap":
     """Per-weight scores whose channel sums (:func:`channel_scores`) are FLAP's fluctuation metric (An et al. 2024,
-    Eq. 5): ``W_ij² · Var(x_j)`` for each MLP's output matrix (``Var``: the sample variance of its input channel j on
-    the calibration tokens, :attr:`..data.stats.ActivationStats.variance`), 0 for the MLP's input matrices (FLAP
-    scores a channel by the column that reads it). ``weights``: name -> ``[out, in]`` of the prunable matrices (or
+    Eq. 5): ``W_ij² · Var(x_j)`` for each MLP's output matrix and attention's ``o_proj`` (``Var``: the sample variance
+    of its input channel j on the calibration tokens, :attr:`..data.stats.ActivationStats.variance`), 0 for the others
+    (FLAP scores a channel or head by the columns that read it). ``weights``: name -> ``[out, in]`` of the prunable matrices (or
     modules with a ``weight``); ``stats``: their calibration statistics, with Σx. Computed one matrix at a time."""
     from ..core.lazymap import LazyMap
 
-    outputs = {output for _, _, output in _mlp_names(weights)}
+    outputs = {n for n in weights if n.rpartition(".")[2] in FLAP_OUTPUTS
+               or (n.endswith("mlp.c_proj"))}  # GPT-2's MLP c_proj, not its attention's
 
     def score(name: str) -> torch.Tensor:
         w = getattr(weights[name], "weight", weights[name]).detach()
@@ -226,13 +231,15 @@ def validate_channels(cfg) -> None:
     """The config's rules for channels cuts: ``reconstruct=ls`` / ``bias`` need ``pattern=channels``, which takes no
     ``refine`` and a known ``pattern.channel_score``. Raises :class:`UserError`."""
     kind, how = cfg.pattern.kind, cfg.reconstruct
-    if how in ("ls", "bias") and kind != "channels":
-        raise UserError(f"reconstruct={how} compensates a cut of whole MLP channels (ls: the projection after them "
-                        "refit; bias: FLAP's bias compensation): it needs pattern=channels (any other mask: "
-                        "reconstruct=obs)")
-    if kind == "channels" and cfg.refine != "none":
-        raise UserError("refine=swap swaps single weights, which would break whole channels: drop refine with "
-                        "pattern=channels (reconstruct=ls or bias compensates a channel cut)")
+    if how == "ls" and kind not in ("channels", "heads"):
+        raise UserError("reconstruct=ls refits the projection after a cut of whole MLP channels or attention heads on "
+                        "the kept ones: it needs pattern=channels or heads (any other mask: reconstruct=obs)")
+    if how == "bias" and kind != "channels":
+        raise UserError("reconstruct=bias adds FLAP's bias compensation to the projection after a cut of whole MLP "
+                        "channels: it needs pattern=channels")
+    if kind in ("channels", "heads") and cfg.refine != "none":
+        raise UserError(f"refine=swap swaps single weights, which would break whole {kind}: drop refine with "
+                        f"pattern={kind} (reconstruct=ls compensates the cut)")
     if cfg.pattern.channel_score not in CHANNEL_SCORES:
         raise UserError(f"pattern.channel_score={cfg.pattern.channel_score!r} is not allowed; choose one of: "
                         f"{', '.join(CHANNEL_SCORES)}")

@@ -160,7 +160,7 @@ class Method(ABC):
         """Refuse, before any weight is read, what this method cannot do or would ignore (:class:`UserError`)."""
         cfg, name = self.cfg, self.name
         if self.updates_weights:
-            check(cfg.pattern.kind not in ("channels", "experts"), f"method={name} chooses single weights as it "
+            check(cfg.pattern.kind not in ("channels", "heads", "experts"), f"method={name} chooses single weights as it "
                   f"updates the kept ones (OBS), not whole {cfg.pattern.kind}: pattern={cfg.pattern.kind} needs a "
                   "method whose scores are cut (method=unipruning, method=local)")
             check(cfg.reconstruct == "none", f"reconstruct=obs updates the kept weights of a mask by SparseGPT's own "

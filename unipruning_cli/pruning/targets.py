@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from . import masks as M
 from .channels import channel_masks, mlp_channels
 from .experts import EXPERT_SCORES, ExpertRouting
+from .heads import head_masks
 from ..core.errors import UserError
 from .layer_budgets import gamma_offsets, layerwise_masks, owl_offsets
 from .method import DEFAULT_ALLOCATION, method_of
@@ -23,7 +24,7 @@ from .method import DEFAULT_ALLOCATION, method_of
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_ALLOCATION", "SHARED_BUDGET", "NM_TAG", "EXPERTS", "Target", "baselines_of", "calibration_mode",
-           "is_experts_tag", "check_targets_fit", "default_allocation", "extra_patterns", "extra_sparsities", "make_target", "nm_of_tag",
+           "is_experts_tag", "is_heads_tag", "is_sliced_tag", "check_targets_fit", "default_allocation", "extra_patterns", "extra_sparsities", "make_target", "nm_of_tag",
            "target_sparsity", "targets_of"]
 
 #: The allocations that share the budget across matrices: they need every score at once, and the per-matrix cap.
@@ -31,6 +32,9 @@ SHARED_BUDGET = ("global", "owl", "gamma")
 #: The structural allocation of ``pattern=channels``: whole MLP channels, the same share in every MLP
 #: (:mod:`.channels`); its masks are rows and columns, and its export a smaller model.
 CHANNELS = "channels"
+#: The structural allocation of ``pattern=heads``: whole KV groups with their query heads, the same share in every
+#: attention layer (:mod:`.heads`); its masks are rows and columns, and its export a smaller model.
+HEADS = "heads"
 #: The structural allocation of ``pattern=experts``: whole experts removed from every MoE layer (:mod:`.experts`).
 EXPERTS = "experts"
 #: An experts cut's tag: ``s0.25_experts-reap`` (a share removed), ``k2_experts-saliency`` (a count removed).
@@ -51,6 +55,18 @@ NM_TAG = re.compile(r"^(\d+)of(\d+)$")
 def is_channels_tag(tag: str) -> bool:
     """Whether a cut's tag (``s0.20_channels``, a baseline's ``wanda@one_shot:s0.20_channels``) is a channels cut."""
     return bool(re.match(r"^s\d\.\d+_" + CHANNELS + "(-flap)?$", (tag or "").rsplit(":", 1)[-1]))
+
+
+def is_heads_tag(tag: str) -> bool:
+    """Whether a cut's tag (``s0.33_heads``, ``s0.33_heads-flap``, a baseline's ``wanda@one_shot:s0.33_heads``) removes
+    whole KV groups of attention heads."""
+    return bool(re.match(r"^s\d\.\d+_" + HEADS + "(-flap)?$", (tag or "").rsplit(":", 1)[-1]))
+
+
+def is_sliced_tag(tag: str) -> bool:
+    """Whether a cut's masks are whole rows and columns sliced out at export (channels, heads): evaluated as masks,
+    compensated by ``reconstruct=ls``."""
+    return is_channels_tag(tag) or is_heads_tag(tag)
 
 
 def is_experts_tag(tag: str) -> bool:
@@ -80,7 +96,8 @@ class Target:
     owl: tuple[float, float] = (5.0, 0.08)  # allocation=owl: M, λ (pattern.owl_m, pattern.owl_lambda)
     gamma_delta: float = 0.08  # allocation=gamma: pattern.gamma_delta
     removed: int = 0  # allocation=experts: experts removed per layer as a count (0: the share ``sparsity``)
-    score: str = ""  # allocation=experts: pattern.expert_score (""= saliency); channels: "flap" or "" (their weights)
+    score: str = ""  # allocation=experts: pattern.expert_score (""= saliency); channels/heads: "flap" or "" (weights)
+    heads: tuple[int, int] = (0, 0)  # allocation=heads: the model's (num_attention_heads, num_key_value_heads)
 
     @property
     def is_nm(self) -> bool:
@@ -91,8 +108,8 @@ class Target:
         if self.is_experts:
             return (f"k{self.removed}" if self.removed else f"s{self.sparsity:.2f}") + f"_{EXPERTS}-" + (
                 self.score or "saliency")
-        if self.is_channels and self.score:
-            return f"s{self.sparsity:.2f}_{CHANNELS}-{self.score}"
+        if (self.is_channels or self.is_heads) and self.score:
+            return f"s{self.sparsity:.2f}_{self.allocation}-{self.score}"
         return f"{self.n}of{self.m}" if self.is_nm else f"s{self.sparsity:.2f}_{self.allocation}"
 
     @property
@@ -106,9 +123,30 @@ class Target:
         return self.allocation == EXPERTS and not self.is_nm
 
     @property
+    def is_heads(self) -> bool:
+        """Whole KV groups of attention heads (``pattern=heads``): a structural cut, exported as a smaller model."""
+        return self.allocation == HEADS and not self.is_nm
+
+    @property
+    def is_sliced(self) -> bool:
+        """Whole rows and columns (channels, heads): evaluated as masks, sliced out at export."""
+        return self.is_channels or self.is_heads
+
+    @property
     def is_structural(self) -> bool:
-        """Whole channels or experts: the export slices them out (a smaller standard model)."""
-        return self.is_channels or self.is_experts
+        """Whole channels, heads or experts: the export slices them out (a smaller standard model)."""
+        return self.is_sliced or self.is_experts
+
+    def for_model(self, model) -> "Target":
+        """This target with what a heads cut needs of ``model``'s config (its head counts); itself otherwise."""
+        if not self.is_heads:
+            return self
+        from dataclasses import replace
+
+        from .heads import head_counts
+        from ..models.layouts import text_config
+
+        return replace(self, heads=head_counts(text_config(model)))
 
     @property
     def shares_budget(self) -> bool:
@@ -131,9 +169,15 @@ class Target:
             if experts is None:
                 raise ValueError(f"{self.tag}: an experts cut needs the run's routing statistics")
             return experts.masks(self.sparsity, self.removed, self.score or "saliency", scores)
-        if self.is_channels and self.score == "flap":
+        if self.is_sliced and self.score == "flap":
             if flap is None:
                 raise ValueError(f"{self.tag}: a FLAP cut needs the calibration statistics (Σx, Σx²)")
+            scores = flap
+        if self.is_heads:
+            if not self.heads[0]:
+                raise ValueError(f"{self.tag}: a heads cut needs the model's head counts (Target.for_model)")
+            return head_masks(scores, self.sparsity, *self.heads)
+        if self.is_channels and self.score == "flap":
             return channel_masks(flap, self.sparsity)
         if self.is_nm:
             return M.nm_masks(scores, self.n, self.m)
@@ -161,9 +205,8 @@ def make_target(cfg: DictConfig) -> Target:
     p = cfg.pattern
     if p.kind == "nm":
         return Target(sparsity=target_sparsity(cfg), allocation="per_row", n=p.n, m=p.m)
-    if p.kind == CHANNELS:
-        return Target(sparsity=target_sparsity(cfg), allocation=CHANNELS,
-                      score="flap" if p.channel_score == "flap" else "")
+    if p.kind in (CHANNELS, HEADS):
+        return Target(sparsity=target_sparsity(cfg), allocation=p.kind, score="flap" if p.channel_score == "flap" else "")
     if p.kind == EXPERTS:
         asked = p.experts_removed
         if asked is not None and float(asked) >= 1:
@@ -182,6 +225,11 @@ def check_targets_fit(layers: Mapping[str, nn.Module], targets: list[Target]) ->
     for t in targets:
         if t.is_channels:
             mlp_channels({n: tuple(m.weight.shape) for n, m in layers.items()})
+        if t.is_heads and t.heads[0]:
+            from .heads import attention_heads
+
+            attention_heads({n: tuple(m.weight.shape) for n, m in layers.items()
+                             if n.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "o_proj")}, *t.heads)
         if t.is_nm:
             try:
                 M.check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, t.n, t.m)
@@ -233,6 +281,18 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
                 if t not in out:
                     out.append(t)
         return out
+    if method_of(cfg).searches and primary.is_sliced:  # other shares; FLAP's cut beside Γ's (Γ's beside FLAP's)
+        from dataclasses import replace
+
+        for sp in extra_sparsities(cfg):
+            if replace(primary, sparsity=float(sp)) not in out:
+                out.append(replace(primary, sparsity=float(sp)))
+        other = "" if primary.score == "flap" else "flap"
+        out += [replace(t, score=other) for t in out]
+        for pat in cfg.export.patterns or []:  # N:M masks beside, where asked (no default one in a structural run)
+            n, m = (int(v) for v in str(pat).split(":"))
+            out.append(Target(sparsity=1 - n / m, allocation="per_row", n=n, m=m))
+        return out
     if method_of(cfg).searches and not primary.is_experts:
         allocation = primary.allocation if not primary.is_nm else cfg.pattern.allocation or default_allocation(cfg)
         for sp in extra_sparsities(cfg):
@@ -244,7 +304,4 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
             t = Target(sparsity=1 - n / m, allocation="per_row", n=n, m=m)
             if t not in out:
                 out.append(t)
-        if primary.is_channels:  # FLAP's cut beside Γ's at every share (Γ's beside FLAP's): one comparison per run
-            other = "" if primary.score == "flap" else "flap"
-            out += [Target(t.sparsity, CHANNELS, score=other) for t in out if t.is_channels]
     return out

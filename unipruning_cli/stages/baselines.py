@@ -84,7 +84,7 @@ def baseline_masks(ctx: RunContext) -> dict[str, dict[str, torch.Tensor]]:
     for b in baselines:
         method = LocalMetricPruning(METRICS.get(b.metric)(), seed=cfg.seed)
         for t in targets:
-            if t.is_experts and t.score not in ("", "saliency") or t.is_channels and t.score == "flap":
+            if t.is_experts and t.score not in ("", "saliency") or t.is_sliced and t.score == "flap":
                 continue  # REAP, frequency and FLAP read no per-weight score: one cut each, the run's
             own = b.target(t)
             experts = routing_of(ctx) if own.is_experts else None

@@ -24,7 +24,7 @@ from ..core.pinned import HostCopy
 from ..core.context import RunContext
 from .reconstruction import compensate_cut, reconstruct_cut, refit_cut, undo_biases
 from ..pruning.experts import experts_of_masks, moe_layers, remove_experts
-from ..pruning.targets import is_channels_tag, is_experts_tag
+from ..pruning.targets import is_channels_tag, is_experts_tag, is_sliced_tag
 from ..data.sampling import with_bos
 from ..evaluation.perplexity import perplexity
 
@@ -116,7 +116,7 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
         if how == "obs":  # the kept weights updated on the fixed mask
             with timer.stage("reconstruct"):
                 rebuilt = reconstruct_cut(ctx, masks)
-        elif how == "ls" and is_channels_tag(tag):  # the projection after the channels refit on the kept ones
+        elif how == "ls" and is_sliced_tag(tag):  # the projection after the channels (heads) refit on the kept ones
             with timer.stage("reconstruct"):
                 rebuilt = refit_cut(ctx, masks)
         elif how == "bias" and is_channels_tag(tag):  # FLAP's bias compensation of the projection after them
@@ -133,7 +133,7 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
             results[tag]["reconstruction"] = {"method": how, **rebuilt}
         if refined and tag in refined:
             results[tag]["refinement"] = refined[tag]
-        if is_channels_tag(tag):  # what the export slices out: the model's parameters before and after
+        if is_sliced_tag(tag):  # what the export slices out: the model's parameters before and after
             total = results[tag]["sparsity"]["all_params"]
             removed = sum(int((~m).sum()) for m in masks.values())
             removed += sum(int((~m).all(1).sum()) for n, m in masks.items() if layers[n].bias is not None)

@@ -229,6 +229,12 @@ def check_model_limits(cfg: DictConfig) -> None:
             from ..pruning.channels import check_bias_fit
 
             check_bias_fit(model, prunable_layers(model))
+    for t in (t for t in targets if t.is_heads):
+        from ..pruning.heads import check_heads_fit, head_counts
+        from ..models.layouts import text_config
+
+        kv = head_counts(text_config(model))[1]
+        check_heads_fit(model, prunable_layers(model), round(t.sparsity * kv))
     for t in (t for t in targets if t.is_experts):
         from ..pruning.experts import check_experts_fit
 

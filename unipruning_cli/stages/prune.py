@@ -69,7 +69,7 @@ def calibrate_and_prune(ctx: RunContext, method: PruningMethod) -> tuple[PackedM
     calib_info["mode"] = mode
     if isinstance(method, LocalMetricPruning) and mode == "one_shot":
         # Scores need only the dense statistics (none at all for magnitude): no pass per run.
-        flap = target.is_channels and target.score == "flap"  # FLAP's score reads the statistics, not the metric's
+        flap = target.is_sliced and target.score == "flap"  # FLAP's score reads the statistics, not the metric's
         if not method.metric.uses_activations and not flap:
             stats, cached = {}, False
         else:
@@ -138,7 +138,7 @@ def reconstruct_info(reconstruct: str, target: Target) -> dict:
     """What a masks file's header says of the weights its run evaluated for ``target``: ``{"reconstruct": "obs"}``,
     ``{"reconstruct": "ls"}`` (a channels cut with the projection after it refit) or nothing (``reconstruct``: the
     run's ``reconstruct``; ``ls`` leaves every cut but a channels one as masks)."""
-    if reconstruct == "obs" or (reconstruct in ("ls", "bias") and target.is_channels):
+    if reconstruct == "obs" or (reconstruct == "ls" and target.is_sliced) or (reconstruct == "bias" and target.is_channels):
         return {"reconstruct": reconstruct}
     return {}
 

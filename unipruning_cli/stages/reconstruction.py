@@ -20,6 +20,8 @@ import torch
 from ..data.calibration_set import dense_statistics
 from ..pruning.channels import bias_shift, channels_of_masks, ls_refit, mlp_channels
 from ..pruning.weights import apply_masks
+from ..pruning.heads import attention_heads, head_counts, heads_of_masks
+from ..models.layouts import text_config
 from ..pruning.obs import obs_reconstruct
 from ..pruning.block_loop import PassSettings, block_pass
 from ..core.context import RunContext
@@ -91,14 +93,24 @@ def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:
     return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes)
 
 
+def kept_columns(model, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projection after each cut of a channels or heads cut's ``masks`` (``down_proj``, ``o_proj``) -> its kept
+    input columns (bool); ``ValueError`` for masks that are not whole channels or KV groups."""
+    shapes = {n: tuple(m.shape) for n, m in masks.items()}
+    if any(n.rpartition(".")[2] == "o_proj" for n in masks):  # a heads cut: whole KV groups
+        atts = attention_heads(shapes, *head_counts(text_config(model)))
+        return {a.o: a.expand(heads_of_masks(masks, a), a.o) for a in atts}
+    return {mlp.output: channels_of_masks(masks, mlp) for mlp in mlp_channels(shapes)}
+
+
 def refit_channels(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings()) -> dict:
-    """Apply a channels cut's ``masks`` (name -> bool ``[out, in]``, whole channels: :func:`..pruning.channels.
-    channel_masks`) to ``model`` (dense on entry) with each MLP's output projection refit on its kept channels
+    """Apply a channels (or heads) cut's ``masks`` (name -> bool ``[out, in]``, whole channels: :func:`..pruning.
+    channels.channel_masks`; whole KV groups: :func:`..pruning.heads.head_masks`) to ``model`` (dense on entry) with
+    each MLP's output projection (``o_proj``) refit on its kept channels (heads)
     (:func:`..pruning.channels.ls_refit`), block by block on ``windows`` (the calibration samples), sequentially.
     Returns ``{"layers": n, "error_ratio": r}``: the projections' output error on the calibration data after the
     refit over that of the masked weights. Raises ``ValueError`` for masks that are not whole channels."""
-    outputs = {mlp.output: mlp for mlp in mlp_channels({n: tuple(m.shape) for n, m in masks.items()})}
-    keeps = {name: channels_of_masks(masks, mlp) for name, mlp in outputs.items()}
+    keeps = kept_columns(model, masks)
 
     def rewrite(name, w, st):
         return (ls_refit(w, st.xtx, keeps[name]), keeps[name]) if name in keeps else None

@@ -20,7 +20,7 @@ import torch
 from ..pruning.block_loop import PassSettings, block_pass
 from ..core.context import RunContext
 from ..pruning.mask_files import packed_masks, read_masks_header, save_masks
-from ..pruning.targets import is_channels_tag, nm_of_tag
+from ..pruning.targets import is_experts_tag, is_sliced_tag, nm_of_tag
 from .reconstruction import output_error, row_output_errors
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def refine_stage(ctx: RunContext, all_masks: dict[str, dict[str, torch.Tensor]]
     paths = {tag: rd / f"masks/{tag}.safetensors" for tag in all_masks}
     headers = {tag: read_masks_header(p)[1] for tag, p in paths.items() if p.is_file()}
     todo = {tag: m for tag, m in all_masks.items() if headers.get(tag, {}).get("refine") != "swap"
-            and not is_channels_tag(tag)}  # a swap moves single weights: a channels cut stays whole channels
+            and not is_sliced_tag(tag) and not is_experts_tag(tag)}  # a swap moves single weights: a channels cut stays whole channels
     with ctx.timer.stage("refine"):
         refined, records = refine_cuts(ctx, todo)
     for tag in refined:

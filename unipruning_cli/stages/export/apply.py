@@ -24,7 +24,8 @@ from ...core.errors import UserError
 from ...core.inputs import check_same_inputs, model_folder, recording
 from ...pruning.mask_files import load_masks, read_masks_header
 from ...pruning.experts import experts_of_masks, moe_layers, remove_experts
-from ...pruning.targets import is_channels_tag, is_experts_tag, nm_of_tag
+from ...pruning.heads import slice_heads
+from ...pruning.targets import is_channels_tag, is_experts_tag, is_heads_tag, nm_of_tag
 from ...pruning.weights import apply_masks
 from ...models.loading import check_model_reachable, load_model, prunable_layers
 from ...core.context import RunContext
@@ -94,7 +95,8 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     changed += check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, True)
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, f"{run.mask_path(target.tag)}")
-    rebuilt = cfg.reconstruct == "obs" or (cfg.reconstruct in ("ls", "bias") and target.is_channels)
+    rebuilt = cfg.reconstruct == "obs" or (cfg.reconstruct == "ls" and target.is_sliced) or (
+        cfg.reconstruct == "bias" and target.is_channels)
     if rebuilt:  # the run evaluated W updated on the mask, not W x mask: the same update, redone here
         log.info("the run updated the kept weights (reconstruct=%s): redoing it on %s's calibration samples",
                  cfg.reconstruct, target.tag)
@@ -138,11 +140,17 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
 def slice_structure(model: nn.Module, masks: dict, tag: str) -> Optional[dict]:
     """Slice a structural cut's removed parts out of ``model`` (masks applied): the channels of a channels cut
     (:func:`...pruning.channels.slice_channels`), the experts and their router rows of an experts cut
-    (:func:`...pruning.experts.remove_experts`); ``tag`` says which. Returns what was removed, None for a mask."""
+    (:func:`...pruning.experts.remove_experts`), the KV groups of a heads cut (:func:`...pruning.heads.slice_heads`);
+    ``tag`` says which. Returns what was removed, None for a mask."""
     if is_channels_tag(tag):
         structure = slice_channels(model, masks)
         log.info("pattern=channels: %s %d -> %d, parameters %d -> %d", structure["field"], *structure["width"],
                  *structure["parameters"])
+        return structure
+    if is_heads_tag(tag):
+        structure = slice_heads(model, masks)
+        log.info("pattern=heads: num_key_value_heads %d -> %d, num_attention_heads %d -> %d, parameters %d -> %d",
+                 *structure["kv_heads"], *structure["heads"], *structure["parameters"])
         return structure
     if is_experts_tag(tag):
         try:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...pruning.masks import count_zeros
-from ...pruning.targets import Target, is_channels_tag, is_experts_tag
+from ...pruning.targets import Target, is_experts_tag, is_sliced_tag
 from ...models.loading import prunable_layers
 from .folder import COMPRESSED_FILE, dtype_name, mib
 from .nm import index_bits
@@ -113,9 +113,11 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
             ("sparsity", f"{target.sparsity:g}"),
             ("pattern", f"{target.n}:{target.m}" if target.is_nm else
              "channels (whole MLP channels removed)" if target.is_channels else
+             "heads (whole KV groups of attention heads removed)" if target.is_heads else
              f"experts (whole experts removed, ranked by {target.score})" if target.is_experts else "unstructured"),
             ("allocation", "N:M groups along the input dimension" if target.is_nm else
              "the same share of every MLP's channels" if target.is_channels else
+             "the same share of every attention layer's KV groups" if target.is_heads else
              "the same number of experts from every MoE layer" if target.is_experts else target.allocation),
             ("calibration", f"{calib.get('source', '?')}: {calib.get('nsamples', '?')} "
                             f"{'documents truncated at' if calib.get('sampling') == 'documents' else 'windows x'} "
@@ -156,9 +158,9 @@ def run_card(run: RunInfo, target: Target, source: str, kept: dict, sizes: list[
                  "rebuilds the dense model.", ""]
     speed = speed_note(target.n, target.m)
     if structure:
-        (width, new_width), (params, new_params) = structure.get("width") or structure["experts"], \
-            structure["parameters"]
-        what = "with smaller matmuls" if "width" in structure else "with fewer experts to hold"
+        (width, new_width), (params, new_params) = (structure.get("width") or structure.get("kv_heads")
+                                                    or structure["experts"]), structure["parameters"]
+        what = "with fewer experts to hold" if "experts" in structure else "with smaller matmuls"
         speed = (f"A structural cut: the saved model is a standard {structure['field']}={new_width} model (was "
                  f"{width}), {new_params:,} parameters instead of {params:,} ({1 - new_params / params:.1%} fewer), "
                  f"which any engine loads with no special support and runs {what}. How much time that "
@@ -182,10 +184,10 @@ def masks_card(model_path: str, what: str, masks_path: Path, info: dict, nm: Opt
                sizes: list[tuple[str, int]], dtype: torch.dtype) -> str:
     """The card of a masks file applied to a model (``unipruning apply``)."""
     n, m = nm or (0, 0)
-    channels, experts = is_channels_tag(info.get("target", "")), is_experts_tag(info.get("target", ""))
+    channels, experts = is_sliced_tag(info.get("target", "")), is_experts_tag(info.get("target", ""))
     rows = [("base model", what), ("masks", f"{masks_path} ({info.get('target', '?')}, "
                                             f"method={info.get('method', '?')})"),
-            ("pattern", f"{n}:{m}" if nm else "channels (whole MLP channels, sliced out)" if channels else
+            ("pattern", f"{n}:{m}" if nm else "channels or heads (whole rows and columns, sliced out)" if channels else
              "experts (whole experts and their router rows, sliced out)" if experts else "unstructured"),
             ("weights dtype", dtype_name(dtype))]
     extra = []

@@ -24,7 +24,7 @@ from ...core.errors import UserError
 from ...pruning.mask_files import load_masks, save_masks
 from ...core.config import ALLOCATIONS, complete_run_config
 from ...pruning.method import METHODS, method_name
-from ...pruning.targets import CHANNELS, EXPERTS, NM_TAG as _NM_TAG, Target, is_channels_tag, make_target
+from ...pruning.targets import CHANNELS, EXPERTS, HEADS, NM_TAG as _NM_TAG, Target, is_channels_tag, make_target
 from ...core.rundir import load_tensors
 from ..prune import reconstruct_info
 from .folder import DTYPES
@@ -175,6 +175,11 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
         if sparsity is None:
             return primary
         return Target(sparsity=_stored_share(float(sparsity), EXPERTS), allocation=EXPERTS, score=primary.score)
+    if pattern == HEADS or (pattern is None and allocation is None and primary.is_heads):  # whole KV groups
+        if allocation is not None or (sparsity is not None and not primary.is_heads):
+            raise UserError("pattern=heads exports a heads cut the run made: prune with pattern=heads")
+        share = primary.sparsity if sparsity is None else float(sparsity)
+        return Target(sparsity=_stored_share(share, HEADS), allocation=HEADS, score=primary.score)
     if pattern == CHANNELS or (pattern is None and allocation is None and primary.is_channels):  # whole MLP channels
         if allocation is not None:
             raise UserError(f"allocation={allocation} applies to unstructured cuts, not pattern=channels")
@@ -233,9 +238,11 @@ def masks_source(run: RunInfo, target: Target) -> str:
     """'file' when the run holds the cut, 'gamma' when Γ can cut it; UserError otherwise."""
     if run.mask_path(target.tag).is_file():
         return "file"
-    if target.is_channels and target.score == "flap":
-        raise UserError(f"run {run.path} has no {target.tag} cut: FLAP ranks channels by the run's calibration "
-                        "statistics, so its cuts are made in the run: prune with export.sparsities=[...]")
+    if (target.is_sliced and target.score == "flap") or target.is_heads:
+        raise UserError(f"run {run.path} has no {target.tag} cut: it holds "
+                        f"{', '.join(_describe_tag(t) for t in held_tags(run)) or 'no mask files'}. FLAP's and heads "
+                        "cuts are made in the run (from its statistics, the model's head counts): prune with "
+                        "export.sparsities=[...]")
     if target.is_experts:
         raise UserError(f"run {run.path} has no {target.tag} cut: it holds "
                         f"{', '.join(_describe_tag(t) for t in held_tags(run)) or 'no mask files'}. Experts are ranked "
