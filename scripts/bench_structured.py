@@ -12,6 +12,7 @@ in a fresh process each (same threads, same prompt), dense first.
 
     python scripts/bench_structured.py --out bench-out/structured                 # 10/20/30 % (about 70 min on 2 cores)
     python scripts/bench_structured.py --sparsities 0.2 --windows 8 --out /tmp/s  # a quick look
+    python scripts/bench_structured.py --pattern heads --out bench-out/structured # 1 of 3 KV groups (about 25 min)
     python scripts/bench_structured.py --runs <none run> <ls run> [<bias run>] --out ...   # after an interruption:
                                                                 # those runs and the finished exports are reused
 """
@@ -75,10 +76,10 @@ def prune(overrides: list[str], runs: Path) -> Path:
                      if "run directory: " in line))
 
 
-def export(run: Path, share: float, out: Path) -> Path:
+def export(run: Path, share: float, out: Path, pattern: str = "channels") -> Path:
     if (out / "unipruning_export.json").is_file():  # written last: a finished export of an interrupted call
         return out
-    proc = subprocess.run([sys.executable, "-m", "unipruning_cli.cli", "export", str(run), "pattern=channels",
+    proc = subprocess.run([sys.executable, "-m", "unipruning_cli.cli", "export", str(run), f"pattern={pattern}",
                            f"sparsity={share}", "--out", str(out), "--force"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"export {run} {share} failed:\n{proc.stderr[-3000:]}")
@@ -92,7 +93,9 @@ def file_bytes(folder: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("bench-out/structured"))
-    ap.add_argument("--sparsities", default="0.1,0.2,0.3", help="shares of MLP channels removed")
+    ap.add_argument("--pattern", choices=("channels", "heads"), default="channels",
+                    help="MLP channels, or whole KV groups of attention heads (SmolLM2: 1 of 3 is 0.33)")
+    ap.add_argument("--sparsities", default=None, help="shares removed (channels: 0.1,0.2,0.3; heads: 0.33)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40)
@@ -105,16 +108,18 @@ def main() -> None:
                     help="the none, ls (and bias) prune runs of an earlier, interrupted call, in that order (their "
                          "exports in --out are reused)")
     args = ap.parse_args()
-    shares = [float(s) for s in args.sparsities.split(",")]
+    kind = args.pattern
+    hows = HOWS if kind == "channels" else HOWS[:2]  # FLAP's bias compensation: MLP channels only
+    shares = [float(s) for s in (args.sparsities or ("0.1,0.2,0.3" if kind == "channels" else "0.33")).split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = "wiki_offline"
     common = ["method=unipruning", "local_metric=stochria", "schedule.weight_mode=frozen", f"schedule.steps={args.steps}",
-              "pattern=channels", f"sparsity={shares[0]}", f"export.sparsities=[{','.join(map(str, shares))}]",
+              f"pattern={kind}", f"sparsity={shares[0]}", f"export.sparsities=[{','.join(map(str, shares))}]",
               "export.patterns=[]", "eval.baselines=[wanda@one_shot]", f"calibration.nsamples={args.nsamples}",
               f"calibration.seqlen={args.seqlen}", "calibration.source=owt_offline", f"eval.seqlen={args.seqlen}",
               f"eval.max_windows={args.windows}", f"eval.corpora=[{corpus}]", "reuse_search=false"]
     runs, ppl = {}, {}
-    for i, how in enumerate(HOWS):
+    for i, how in enumerate(hows):
         t0 = time.perf_counter()
         runs[how] = args.runs[i] if i < len(args.runs) else prune([*common, f"reconstruct={how}"], args.out / "runs")
         m = json.loads((runs[how] / "metrics.json").read_text())
@@ -123,20 +128,20 @@ def main() -> None:
             ppl[(how, tag)] = r["ppl"][corpus]
         print(f"-> reconstruct={how}: {runs[how]} ({time.perf_counter() - t0:.0f} s)", flush=True)
         for s in shares:  # a run from before FLAP was cut beside Γ: FLAP's own run at this share
-            if (how, f"s{s:.2f}_channels-flap") not in ppl:
+            if (how, f"s{s:.2f}_{kind}-flap") not in ppl:
                 flap = [o for o in common if not o.startswith(("method=", "local_metric=", "schedule.", "sparsity=",
                                                                "export.", "eval.baselines", "reuse_search"))]
                 run = prune([*flap, "method=local", "local_metric=wanda", "pattern.channel_score=flap",
                              f"sparsity={s}", f"reconstruct={how}"], args.out / "runs")
-                r = json.loads((run / "metrics.json").read_text())["results"][f"s{s:.2f}_channels-flap"]
-                ppl[(how, f"s{s:.2f}_channels-flap")] = r["ppl"][corpus]
+                r = json.loads((run / "metrics.json").read_text())["results"][f"s{s:.2f}_{kind}-flap"]
+                ppl[(how, f"s{s:.2f}_{kind}-flap")] = r["ppl"][corpus]
                 print(f"   FLAP {s:.2f} reconstruct={how}: {run}", flush=True)
 
     from unipruning_cli.data.assets import embedded_model_path
 
     folders = {"dense": embedded_model_path("smollm2-135m")}
     for s in shares:
-        folders[f"{s:.2f}"] = export(runs["ls"], s, args.out / "export" / f"channels-{s:.2f}")
+        folders[f"{s:.2f}"] = export(runs["ls"], s, args.out / "export" / f"{kind}-{s:.2f}", kind)
     measured = {}
     for name, folder in folders.items():  # one fresh process each, dense first
         measured[name] = run_json_child(["-c", CHILD, str(folder), str(args.threads), str(args.prefill),
@@ -145,23 +150,24 @@ def main() -> None:
         print(f"   {name}: {measured[name]}", flush=True)
 
     d = measured["dense"]
-    lines = [f"SmolLM2-135M (embedded), MLP channels removed in every layer; calibration {args.nsamples} x {args.seqlen} "
+    what = "MLP channels" if kind == "channels" else "KV groups of attention heads (with their query heads)"
+    lines = [f"SmolLM2-135M (embedded), {what} removed in every layer; calibration {args.nsamples} x {args.seqlen} "
              f"tokens (owt_offline), perplexity on {corpus} ({args.windows} windows of {args.seqlen}); UniPruning: "
              f"frozen search, {args.steps} steps, stochRIA anchor; Wanda-sp: Wanda's scores summed per channel "
              f"(one-shot); FLAP: the fluctuation of each channel's input times its down_proj column's squared norm; "
-             f"+ ls: down_proj refit on the kept channels; + bias: FLAP's bias compensation. Speed and memory: the exported folder (from the `reconstruct=ls` run) against the dense "
+             f"+ ls: the projection after the cut (down_proj, o_proj) refit on the kept ones; + bias: FLAP's bias compensation. Speed and memory: the exported folder (from the `reconstruct=ls` run) against the dense "
              f"one, plain transformers, float32, {args.threads} threads, prefill {args.prefill} tokens, decode "
              f"{args.decode} tokens at batch 1, medians of {args.repeats}. Command: `{' '.join(sys.argv)}`.", "",
-             "| channels removed | " + " | ".join(f"{name}{'' if how == 'none' else ' + ' + how}"
-                                                  for name in ("Γ", "FLAP", "Wanda-sp") for how in HOWS)
+             f"| {kind} removed | " + " | ".join(f"{name}{'' if how == 'none' else ' + ' + how}"
+                                               for name in ("Γ", "FLAP", "Wanda-sp") for how in hows)
              + " | parameters | file MiB | peak RSS MiB | prefill tok/s | decode tok/s |",
-             "|---|" + "---|" * (3 * len(HOWS) + 5),
-             f"| 0 (dense) | {ppl['dense']:.2f} |" + " |" * (3 * len(HOWS) - 1) + f" {d['parameters']:,} | "
+             "|---|" + "---|" * (3 * len(hows) + 5),
+             f"| 0 (dense) | {ppl['dense']:.2f} |" + " |" * (3 * len(hows) - 1) + f" {d['parameters']:,} | "
              f"{d['file_bytes'] / 2**20:.1f} | {d['peak_rss_mib']:.0f} | {d['prefill_tokens_per_s']:.0f} | "
              f"{d['decode_tokens_per_s']:.1f} |"]
     for s in shares:
-        tag, e = f"s{s:.2f}_channels", measured[f"{s:.2f}"]
-        cells = [ppl.get((how, t)) for t in (tag, f"{tag}-flap", f"wanda@one_shot:{tag}") for how in HOWS]
+        tag, e = f"s{s:.2f}_{kind}", measured[f"{s:.2f}"]
+        cells = [ppl.get((how, t)) for t in (tag, f"{tag}-flap", f"wanda@one_shot:{tag}") for how in hows]
         lines.append(f"| {s:.0%} | " + " | ".join(f"{c:.2f}" if c is not None else "" for c in cells)
                      + f" | {e['parameters']:,} ({e['parameters'] / d['parameters']:.3f}x) | "
                      f"{e['file_bytes'] / 2**20:.1f} ({e['file_bytes'] / d['file_bytes']:.3f}x) | "
@@ -169,8 +175,8 @@ def main() -> None:
                      f"{e['prefill_tokens_per_s']:.0f} ({e['prefill_tokens_per_s'] / d['prefill_tokens_per_s']:.3f}x) | "
                      f"{e['decode_tokens_per_s']:.1f} ({e['decode_tokens_per_s'] / d['decode_tokens_per_s']:.3f}x) |")
     table = "\n".join(lines) + "\n"
-    (args.out / "structured.md").write_text(table)
-    (args.out / "structured.json").write_text(json.dumps({"ppl": {str(k): v for k, v in ppl.items()},
+    (args.out / f"structured{'' if kind == 'channels' else '-' + kind}.md").write_text(table)
+    (args.out / f"structured{'' if kind == 'channels' else '-' + kind}.json").write_text(json.dumps({"ppl": {str(k): v for k, v in ppl.items()},
                                                           "measured": measured, "runs": {k: str(v) for k, v in runs.items()}},
                                                          indent=2) + "\n")
     print(table)

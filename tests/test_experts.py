@@ -267,3 +267,38 @@ def test_wanda_saliency_of_experts_is_wandas_scores_summed_per_expert_times_freq
         want = set(torch.tensor(score).argsort(descending=True)[:2].tolist())
         kept = {e for e in range(4) if bool(masks[f"{prefix}.{e}.down_proj"].any())}
         assert kept == want
+
+
+def test_one_budget_over_the_layers_keeps_a_floor_and_ranks_scores_within_their_layer():
+    """``pattern.experts_floor``: k per layer times the layers removed where the scores, each divided by its layer's
+    mean, are lowest, never below the floor; a hand-worked case."""
+    from unipruning_cli.pruning.experts import global_keeps
+
+    scores = [torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([4.0, 0.1, 0.1, 3.8])]
+    keeps = global_keeps(scores, 0.25, 0, floor=2)  # budget 2: both from layer 1 (0.1 / 2.0 = 0.05 each)
+    assert [k.tolist() for k in keeps] == [[True] * 4, [True, False, False, True]]
+    keeps = global_keeps(scores, 0.5, 0, floor=2)  # budget 4: layer 1 stops at its floor, layer 0 gives the rest
+    assert [int(k.sum()) for k in keeps] == [2, 2]
+    with pytest.raises(UserError, match="experts_floor=3"):
+        global_keeps(scores, 0.5, 0, floor=3)
+
+
+@pytest.mark.e2e
+def test_a_run_under_one_budget_is_measured_with_its_layers_own_counts_and_never_exported(tmp_path, tiny_tokenizer,
+                                                                                         corpus_files, monkeypatch):
+    from unipruning_cli.commands.prune import run_prune
+    from unipruning_cli.core.config import compose_prune
+    from unipruning_cli.stages.export.apply import export_run
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    folder = moe_folder("qwen2_moe", tiny_tokenizer, tmp_path)
+    run = tmp_path / "run"
+    metrics = run_prune(compose_prune([*tiny_overrides(folder, corpus_files), "pattern=experts", "sparsity=0.25",
+                                       "pattern.expert_score=reap", "pattern.experts_floor=2", "eval.dense=false"]), run)
+    (tag,) = metrics["results"]
+    assert tag == "s0.25_experts-reap-floor2"
+    before, after = metrics["results"][tag]["structure"]["experts"]
+    assert before == 4 and (after == 3 or sorted(after) == [2, 4])  # 2 experts removed in all, 2 kept at least
+    assert metrics["results"][tag]["measured_sparsity"] > 0
+    with pytest.raises(UserError, match="no standard config"):
+        export_run(run, out=tmp_path / "out")

@@ -77,7 +77,8 @@ class PatternConfig:
     gamma_delta: float = 0.08
     experts_removed: Optional[float] = None  # pattern=experts: a share in (0, 1) or a count (null: ``sparsity``)
     expert_score: str = "saliency"  # pattern=experts: saliency | reap | frequency (configs/pattern/experts.yaml)
-    channel_score: str = "weights"  # pattern=channels: weights | flap (configs/pattern/channels.yaml)
+    channel_score: str = "weights"  # pattern=channels / heads: weights | flap (configs/pattern/channels.yaml)
+    experts_floor: Optional[int] = None  # pattern=experts: null, the same count per layer; N: one budget, N kept at least
 
 
 @dataclass

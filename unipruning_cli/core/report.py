@@ -113,7 +113,8 @@ def _parse_tag(tag: str) -> tuple[str | None, str, float]:
         return source or None, f"{nm[0]}:{nm[1]}", 1 - nm[0] / nm[1]
     experts = EXPERTS_TAG.match(cut)
     if experts:  # 's0.25_experts-reap' -> ('experts reap', 0.25); a count 'k2_...' -> (.., 2.0)
-        share, count, score = experts.groups()
+        share, count, score, floor = experts.groups()
+        score += f", floor {floor}" if floor else ""
         return source or None, f"experts {score}", float(share) if share else float(count)
     if is_sliced_tag(cut):  # 's0.20_channels' -> 'channels', 's0.33_heads-flap' -> 'heads (FLAP)'
         what = cut.split("_", 1)[1]

@@ -220,16 +220,43 @@ class ExpertRouting:
     shapes: dict[str, tuple[int, ...]]
     top_k: int
 
-    def masks(self, share: float, removed: int, score: str,
-              scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def masks(self, share: float, removed: int, score: str, scores: Mapping[str, torch.Tensor] | None = None,
+              floor: int = 0) -> dict[str, torch.Tensor]:
         """Keep masks of every expert matrix: per layer the experts of lowest ``score`` removed (:func:`kept_experts`;
-        ``scores``, the per-weight scores, read for ``saliency`` only, one expert matrix at a time)."""
+        ``scores``, the per-weight scores, read for ``saliency`` only, one expert matrix at a time); with ``floor``,
+        one budget over the layers instead (:func:`global_keeps`)."""
+        ranked = [expert_scores(layer, score, self.stats[layer.experts], scores) for layer in self.layers]
+        if floor:
+            keeps = global_keeps(ranked, share, removed, max(floor, self.top_k))
+        else:
+            keeps = [kept_experts(s, share, removed, self.top_k) for s in ranked]
         out: dict[str, torch.Tensor] = {}
-        for layer in self.layers:
-            keep = kept_experts(expert_scores(layer, score, self.stats[layer.experts], scores), share, removed,
-                                self.top_k)
+        for layer, keep in zip(self.layers, keeps):
             out.update(expert_masks(layer, keep, self.shapes))
         return out
+
+
+def global_keeps(scores: list[torch.Tensor], share: float, removed: int, floor: int) -> list[torch.Tensor]:
+    """The kept experts (bool ``[E]`` per layer) of one budget over the layers: :func:`removed_count` per layer times
+    the layers, taken from the lowest scores of all layers, each score divided by its layer's mean (REAP and
+    saliency differ in scale from layer to layer; a frequency's mean is the same everywhere), never leaving a layer
+    fewer than ``floor`` experts. Ties go to the later layer and the higher index. Raises :class:`UserError` where
+    the floor leaves too few experts to remove."""
+    budget = sum(removed_count(s.numel(), share, removed) for s in scores)
+    candidates = sorted(((float(s[e] / s.mean().clamp(min=1e-30)), -i, -e) for i, s in enumerate(scores)
+                         for e in range(s.numel())))
+    keeps = [torch.ones(s.numel(), dtype=torch.bool) for s in scores]
+    left = budget
+    for _, i, e in candidates:
+        if left == 0:
+            break
+        if int(keeps[-i].sum()) > floor:
+            keeps[-i][-e] = False
+            left -= 1
+    if left:
+        raise UserError(f"pattern.experts_floor={floor}: every layer keeping {floor} experts leaves {budget - left} "
+                        f"of the {budget} to remove")
+    return keeps
 
 
 def validate_experts(cfg: DictConfig) -> None:
@@ -243,6 +270,8 @@ def validate_experts(cfg: DictConfig) -> None:
               "experts go: give one")
         check(0 < k < 1 or (k >= 1 and float(k).is_integer()), f"pattern.experts_removed={k}: a share in (0, 1) or "
               "a whole count of experts >= 1")
+    check(p.experts_floor is None or p.experts_floor >= 1, f"pattern.experts_floor={p.experts_floor}: the fewest "
+          "experts a layer keeps under one budget, at least 1 (null: the same count in every layer)")
     check(cfg.reconstruct == cfg.refine == "none", "pattern=experts removes whole experts, so no weight of theirs is "
           "updated or swapped; drop reconstruct and refine")
     check(cfg.calibration.mode != "sequential", "calibration.mode=sequential with pattern=experts: experts are ranked "
@@ -320,18 +349,20 @@ class ExpertsRemoved:
 
 
 @torch.no_grad()
-def remove_experts(model: nn.Module, keeps: Mapping[str, torch.Tensor]) -> ExpertsRemoved:
+def remove_experts(model: nn.Module, keeps: Mapping[str, torch.Tensor], uniform: bool = True) -> ExpertsRemoved:
     """Remove, in place, the experts ``keeps`` drops (experts module name -> bool ``[E]``, every MoE layer of
     :func:`moe_layers` keeping the same count): each list loses them, its router their rows (and ``[E]`` entries),
     every expert-count attribute and the config's field (:data:`..models.layouts.EXPERT_FIELDS`) become the kept
     count, so the model routes over the kept experts only and ``save_pretrained`` writes a standard, smaller model.
     Kept experts are copied (one layer's at a time beside the model); the removed ones stay referenced by the returned
-    handle until it is dropped or :meth:`ExpertsRemoved.restore` d. Raises :class:`UserError` where the layers keep
-    different counts or a layer is missing from ``keeps``."""
+    handle until it is dropped or :meth:`ExpertsRemoved.restore` d. ``uniform=False`` lets the layers keep different
+    counts (one budget over the layers: the model runs, the config keeps its count and cannot be saved as standard).
+    Raises :class:`UserError` where a layer is missing from ``keeps`` or, ``uniform``, the layers keep different
+    counts."""
     layers = moe_layers(model)
     kept = {int(keeps[layer.experts].sum()) for layer in layers if layer.experts in keeps}
     missing = [layer.experts for layer in layers if layer.experts not in keeps]
-    if missing or len(kept) != 1:
+    if missing or (uniform and len(kept) != 1):
         raise UserError(f"pattern=experts: {'no cut for ' + ', '.join(missing[:3]) if missing else 'the layers keep '}"
                         f"{'' if missing else str(sorted(kept))}: a standard config holds one expert count")
     handle = ExpertsRemoved()
@@ -353,8 +384,8 @@ def remove_experts(model: nn.Module, keeps: Mapping[str, torch.Tensor]) -> Exper
         _replace_rows(model.get_submodule(layer.router), keep, layer.count, handle.undo)
         _replace_rows(parent, keep, layer.count, handle.undo, tensors=False)
     config = text_config(model)
-    after_count = kept.pop()
-    fields = [f for f in EXPERT_FIELDS if isinstance(getattr(config, f, None), int)]
+    after_count = kept.pop() if len(kept) == 1 else sorted(kept)
+    fields = [f for f in EXPERT_FIELDS if isinstance(getattr(config, f, None), int)] if uniform else []
     for f in fields:
         handle.undo.append((config, f, getattr(config, f)))
         setattr(config, f, after_count)

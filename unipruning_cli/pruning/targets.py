@@ -38,7 +38,7 @@ HEADS = "heads"
 #: The structural allocation of ``pattern=experts``: whole experts removed from every MoE layer (:mod:`.experts`).
 EXPERTS = "experts"
 #: An experts cut's tag: ``s0.25_experts-reap`` (a share removed), ``k2_experts-saliency`` (a count removed).
-EXPERTS_TAG = re.compile(r"^(?:s(\d\.\d+)|k(\d+))_experts-(\w+)$")
+EXPERTS_TAG = re.compile(r"^(?:s(\d\.\d+)|k(\d+))_experts-([a-z]+)(?:-floor(\d+))?$")
 
 
 def target_sparsity(cfg: DictConfig) -> float:
@@ -98,6 +98,7 @@ class Target:
     removed: int = 0  # allocation=experts: experts removed per layer as a count (0: the share ``sparsity``)
     score: str = ""  # allocation=experts: pattern.expert_score (""= saliency); channels/heads: "flap" or "" (weights)
     heads: tuple[int, int] = (0, 0)  # allocation=heads: the model's (num_attention_heads, num_key_value_heads)
+    floor: int = 0  # allocation=experts: one budget over the layers, each keeping at least this many (0: per layer)
 
     @property
     def is_nm(self) -> bool:
@@ -107,7 +108,7 @@ class Target:
     def tag(self) -> str:
         if self.is_experts:
             return (f"k{self.removed}" if self.removed else f"s{self.sparsity:.2f}") + f"_{EXPERTS}-" + (
-                self.score or "saliency")
+                self.score or "saliency") + (f"-floor{self.floor}" if self.floor else "")
         if (self.is_channels or self.is_heads) and self.score:
             return f"s{self.sparsity:.2f}_{self.allocation}-{self.score}"
         return f"{self.n}of{self.m}" if self.is_nm else f"s{self.sparsity:.2f}_{self.allocation}"
@@ -168,7 +169,7 @@ class Target:
         if self.is_experts:
             if experts is None:
                 raise ValueError(f"{self.tag}: an experts cut needs the run's routing statistics")
-            return experts.masks(self.sparsity, self.removed, self.score or "saliency", scores)
+            return experts.masks(self.sparsity, self.removed, self.score or "saliency", scores, self.floor)
         if self.is_sliced and self.score == "flap":
             if flap is None:
                 raise ValueError(f"{self.tag}: a FLAP cut needs the calibration statistics (Σx, Σx²)")
@@ -209,10 +210,11 @@ def make_target(cfg: DictConfig) -> Target:
         return Target(sparsity=target_sparsity(cfg), allocation=p.kind, score="flap" if p.channel_score == "flap" else "")
     if p.kind == EXPERTS:
         asked = p.experts_removed
+        floor = int(p.experts_floor or 0)
         if asked is not None and float(asked) >= 1:
-            return Target(sparsity=0.0, allocation=EXPERTS, removed=int(asked), score=p.expert_score)
+            return Target(sparsity=0.0, allocation=EXPERTS, removed=int(asked), score=p.expert_score, floor=floor)
         return Target(sparsity=float(asked) if asked is not None else target_sparsity(cfg), allocation=EXPERTS,
-                      score=p.expert_score)
+                      score=p.expert_score, floor=floor)
     return Target(sparsity=target_sparsity(cfg), allocation=method_of(cfg).allocation(p.allocation),
                   cap=float(p.max_matrix_sparsity), owl=(float(p.owl_m), float(p.owl_lambda)),
                   gamma_delta=float(p.gamma_delta))
@@ -277,7 +279,7 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
         shares += [(float(s), 0) for s in (cfg.export.sparsities or [])]
         for sparsity, removed in shares:
             for score in (primary.score, *(s for s in EXPERT_SCORES if s != primary.score)):
-                t = Target(sparsity=sparsity, allocation=EXPERTS, removed=removed, score=score)
+                t = Target(sparsity=sparsity, allocation=EXPERTS, removed=removed, score=score, floor=primary.floor)
                 if t not in out:
                     out.append(t)
         return out

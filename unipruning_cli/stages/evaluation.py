@@ -90,7 +90,7 @@ def evaluate_without_experts(ctx: RunContext, windows: dict[str, torch.Tensor], 
     model = ctx.model
     keeps = {layer.experts: experts_of_masks(masks, layer) for layer in moe_layers(model)}
     sparsity = measured_sparsity(model)
-    removed = remove_experts(model, keeps)
+    removed = remove_experts(model, keeps, uniform=False)  # one budget over the layers: evaluated, not exported
     try:
         out = evaluate_pruned(ctx, windows, label)
     finally:

@@ -68,6 +68,7 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     in the card's record). Raises :class:`UserError` for each."""
     run = open_run(run_dir)
     target = resolve_target(run, sparsity, pattern, allocation)
+    _check_standard(target.tag)
     if compressed and not target.is_nm:
         raise UserError(f"--compressed needs an N:M pattern (e.g. pattern=2:4); {target.tag} is unstructured, whose "
                         f"positions cost more to store than the zeros save")
@@ -135,6 +136,15 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     written = _publish(model, tok, out_path, force, nm, card)
     return {"out": out_path.resolve(), "tag": target.tag, "target": target, "source": source, "kept": kept,
             "dtype": model_dtype, **written}
+
+
+def _check_standard(tag: str) -> None:
+    """Refuse, before any weight is read, a cut no standard config can express: experts under one budget over the
+    layers (``pattern.experts_floor``), whose layers keep different counts."""
+    if is_experts_tag(tag) and "-floor" in tag:
+        raise UserError(f"{tag}: one budget over the layers leaves them different expert counts, which no standard "
+                        "config holds (one num_experts): it is measured by the run, not exported; prune without "
+                        "pattern.experts_floor for an exportable cut")
 
 
 def slice_structure(model: nn.Module, masks: dict, tag: str) -> Optional[dict]:
@@ -248,6 +258,7 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype!r} is not allowed; choose one of: {', '.join(DTYPES)}")
     nm = nm_of_tag(info.get("target", ""))
+    _check_standard(info.get("target", ""))
     if info.get("reconstruct") in ("obs", "ls", "bias"):
         how = info["reconstruct"]
         raise UserError(f"{masks_path.name} comes from a run with reconstruct={how}: its model is the kept weights "
