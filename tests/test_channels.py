@@ -151,7 +151,8 @@ def test_a_channels_run_exports_a_smaller_model_with_the_runs_perplexity(tmp_pat
              "sparsity=0.25", "eval.baselines=[wanda@one_shot]", "eval.dense=false"]
     for how in ("none", "ls"):
         run = tmp_path / how
-        metrics = run_prune(compose_prune([*base, f"reconstruct={how}"]), run)
+        cfg = compose_prune([*base, f"reconstruct={how}"])
+        metrics = run_prune(cfg, run)
         tag = "s0.25_channels"
         assert set(metrics["results"]) == {tag, f"wanda@one_shot:{tag}", "s0.25_channels-flap"}  # FLAP beside
         record = metrics["results"][tag].get("reconstruction")
@@ -170,6 +171,9 @@ def test_a_channels_run_exports_a_smaller_model_with_the_runs_perplexity(tmp_pat
         assert "structural cut" in card and "intermediate_size=" in card
         # the run's own record of the parameters after the cut is the exported model's count
         assert metrics["results"][tag]["structure"]["parameters"][1] == sum(p.numel() for p in reloaded.parameters())
+        from unipruning_cli.stages.plan.structural import exported_model  # the plan's count, from the shapes alone
+
+        assert exported_model(cfg, torch.float32)["parameters"] == metrics["results"][tag]["structure"]["parameters"]
         summary = (run / "summary.md").read_text()
         assert "parameters instead of" in summary and "| 25% of channels |" in summary
         if how == "none":  # the masks file applied to the model: sliced as export slices it

@@ -160,9 +160,10 @@ def test_an_experts_run_exports_a_model_with_fewer_experts_at_the_runs_perplexit
     base = [o for o in tiny_overrides(folder, corpus_files) if not o.startswith(("method=", "local_metric=",
                                                                                  "export.sparsities"))]
     run = tmp_path / "run"
-    metrics = run_prune(compose_prune([*base, "method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3",
-                                       "pattern=experts", "sparsity=0.25", "export.sparsities=[0.5]",
-                                       "eval.baselines=[wanda@one_shot]", "eval.dense=false"]), run)
+    cfg = compose_prune([*base, "method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3",
+                         "pattern=experts", "sparsity=0.25", "export.sparsities=[0.5]", "eval.baselines=[wanda@one_shot]",
+                         "eval.dense=false"])
+    metrics = run_prune(cfg, run)
     tags = [f"s{s}_experts-{k}" for s in ("0.25", "0.50") for k in ("saliency", "reap", "frequency")]
     assert set(metrics["results"]) == {*tags, "wanda@one_shot:s0.25_experts-saliency",
                                        "wanda@one_shot:s0.50_experts-saliency"}
@@ -189,6 +190,10 @@ def test_an_experts_run_exports_a_model_with_fewer_experts_at_the_runs_perplexit
         assert params == total - expert_params * removed // 4 - router_rows
         assert metrics["results"][tag]["structure"]["parameters"] == [total, params]
         assert weights_bytes(out) == pytest.approx(dense_bytes * params / total, rel=0.01)
+    from unipruning_cli.stages.plan.structural import exported_model  # the plan's count, from the shapes alone
+
+    assert exported_model(cfg, torch.float32)["parameters"] == metrics["results"]["s0.25_experts-saliency"][
+        "structure"]["parameters"]
     with pytest.raises(UserError, match="made in the run"):
         export_run(run, sparsity=0.75, out=tmp_path / "no")
 

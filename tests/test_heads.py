@@ -103,9 +103,10 @@ def test_a_heads_run_exports_a_model_with_fewer_heads_at_the_runs_perplexity(tmp
     monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
     run = tmp_path / "run"
-    metrics = run_prune(compose_prune([*base, "method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3",
-                                       "pattern=heads", "sparsity=0.5", "eval.baselines=[wanda@one_shot]",
-                                       "eval.dense=false", "reconstruct=ls"]), run)
+    cfg = compose_prune([*base, "method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3",
+                         "pattern=heads", "sparsity=0.5", "eval.baselines=[wanda@one_shot]", "eval.dense=false",
+                         "reconstruct=ls"])
+    metrics = run_prune(cfg, run)
     tag = "s0.50_heads"
     assert set(metrics["results"]) == {tag, "s0.50_heads-flap", f"wanda@one_shot:{tag}"}
     assert metrics["results"][tag]["reconstruction"]["error_ratio"] < 1
@@ -116,4 +117,8 @@ def test_a_heads_run_exports_a_model_with_fewer_heads_at_the_runs_perplexity(tmp
     got = perplexity(reloaded, windows, batch_size, "reload").to_dict()["ppl"]
     assert got == pytest.approx(metrics["results"][tag]["ppl"][corpus], rel=1e-5)
     assert metrics["results"][tag]["structure"]["parameters"][1] == sum(p.numel() for p in reloaded.parameters())
+    # the plan's count of the export, from the shapes alone (unipruning plan)
+    from unipruning_cli.stages.plan.structural import exported_model
+
+    assert exported_model(cfg, torch.float32)["parameters"] == metrics["results"][tag]["structure"]["parameters"]
     assert "| 50% of heads |" in (run / "summary.md").read_text()

@@ -69,12 +69,36 @@ def plan_command(args: list[str]) -> None:
     plan = plan_run(cfg, gpus, gpu_memory, host_memory, ranks)
     _print(plan, GIB, USABLE)
     disk = _print_disk(cfg, GIB, "cuda" if gpus else "cpu")
+    exported = _print_export(cfg, "cuda" if gpus else "cpu")
     if drift and gpu_memory and not cfg.model.device_map:
         _print_gpus_needed(cfg, gpu_memory, host_memory, GIB, one_fits=plan.fits and ranks == 1)
     if ns.json:
         from ..core.rundir import atomic_write_json
 
-        atomic_write_json(ns.json, {**plan.to_dict(), "disk_gib": disk})
+        atomic_write_json(ns.json, {**plan.to_dict(), "disk_gib": disk, "export": exported})
+
+
+def _print_export(cfg, device: str) -> dict | None:
+    """A structural cut's exported model (:func:`..stages.plan.structural.exported_model`), printed; returned."""
+    import torch
+
+    from ..core.progress import console
+    from ..models.loading import resolve_dtype
+    from ..stages.plan.structural import exported_model
+
+    dtype = resolve_dtype(cfg.model.dtype, torch.device(device))
+    out = exported_model(cfg, dtype)
+    if out is None:
+        return None
+    before, after = out["parameters"]
+    if not out["standard"]:
+        console.print(f"export: {out['tag']} keeps different expert counts per layer; no standard config holds them, "
+                      "so the run measures it and export refuses it")
+    else:
+        console.print(f"export: `unipruning export <run_dir>` writes {out['tag']} as a standard model of {after:,} "
+                      f"parameters instead of {before:,} ({after / before:.3f}x): about {out['bytes'] / 2**30:.2f} GiB "
+                      f"of weights in {str(dtype).removeprefix('torch.')}, on disk and in memory once loaded")
+    return out
 
 
 def _print_disk(cfg, gib: float, device: str) -> dict[str, float]:

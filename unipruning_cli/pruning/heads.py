@@ -105,7 +105,7 @@ def head_masks(scores: Mapping[str, torch.Tensor], sparsity: float, heads: int, 
     """Keep masks (bool ``[out, in]``) of every attention matrix in ``scores``: the same share ``sparsity`` of KV
     groups (with their query heads) removed from every layer, the lowest-scored (:func:`group_scores`). The other
     matrices get no mask and their scores are never read."""
-    shapes = {n: tuple(scores[n].shape) for n in scores if n in _attention_names(scores)}
+    shapes = {n: tuple(scores[n].shape) for n in scores if n in attention_names(scores)}
     masks = {}
     for att in attention_heads(shapes, heads, kv_heads):
         keep = kept_channels(group_scores(att, scores), sparsity, "KV heads")
@@ -126,7 +126,8 @@ def heads_of_masks(masks: Mapping[str, torch.Tensor], att: AttentionHeads) -> to
     return keep
 
 
-def _attention_names(names: Iterable[str]) -> set[str]:
+def attention_names(names: Iterable[str]) -> set[str]:
+    """The names among ``names`` of attention projections (q/k/v/o_proj)."""
     return {n for n in names if n.rpartition(".")[2] in (*ATTENTION_ROLES[0], ATTENTION_ROLES[1])}
 
 
@@ -139,7 +140,7 @@ def check_heads_fit(model: nn.Module, layers: Mapping[str, nn.Module], removed: 
 
     config = text_config(model)
     heads, kv = head_counts(config)
-    atts = attention_heads({n: tuple(m.weight.shape) for n, m in layers.items() if n in _attention_names(layers)},
+    atts = attention_heads({n: tuple(m.weight.shape) for n, m in layers.items() if n in attention_names(layers)},
                            heads, kv)
     for att in atts:
         for name in (att.q, att.k, att.v, att.o):
@@ -179,7 +180,7 @@ def slice_heads(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict:
     config = text_config(model)
     heads, kv = head_counts(config)
     before = sum(p.numel() for p in model.parameters())
-    shapes = {n: tuple(m.shape) for n, m in masks.items() if n in _attention_names(masks)}
+    shapes = {n: tuple(m.shape) for n, m in masks.items() if n in attention_names(masks)}
     atts = attention_heads(shapes, heads, kv)
     keeps = [heads_of_masks(masks, att) for att in atts]
     kept = {int(k.sum()) for k in keeps}
