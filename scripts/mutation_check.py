@@ -101,6 +101,21 @@ MUTATIONS = {
         "        return self.v.detach().abs().reshape(-1)[positions.clamp_max(self.v.numel() - 1)]",
         ["tests/test_distributed.py::test_sharded_prox_gather_and_log_equal_the_whole_matrix_s"],
         "over FSDP2 ranks the prox's sampled λ-quantile reads this rank's rows only"),
+    "reap-without-router-weight": (
+        "unipruning_cli/pruning/experts.py",
+        "st.reap[e] += float((weights.detach().double() * out.detach().double().norm(dim=-1)).sum())",
+        "st.reap[e] += float((out.detach().double().norm(dim=-1)).sum())",
+        ["tests/test_experts.py"], "REAP's score forgets the router weight of each routed token"),
+    "flap-mean-square": (
+        "unipruning_cli/pruning/channels.py",
+        "return (w.float().square() * stats[name].variance.to(w.device).float()).cpu()",
+        "return (w.float().square() * stats[name].mean_sq.to(w.device).float()).cpu()",
+        ["tests/test_channels.py"], "FLAP's fluctuation is the mean square of the input, not its variance"),
+    "zeroed-experts-still-routed": (
+        "unipruning_cli/stages/evaluation.py",
+        "            if is_experts_tag(tag):  # evaluated as exported",
+        "            if False:  # evaluated as exported",
+        ["tests/test_experts.py"], "an experts cut is evaluated as zeroed experts the router still sends tokens to"),
 }
 
 

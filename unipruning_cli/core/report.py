@@ -272,8 +272,11 @@ def _speed_md(metrics: dict) -> list[str]:
     if structure:
         before, after = structure["parameters"]
         pattern = "experts" if "experts" in structure else metrics["pattern"].split("_", 1)[1].split("-")[0]
+        dtype = str((metrics.get("model") or {}).get("dtype", "torch.float32")).replace("torch.", "")
+        size = after * {"float32": 4, "float64": 8}.get(dtype, 2) / 2**20  # the weights, on disk and once loaded
         return [f"- size: `unipruning export <run_dir> pattern={pattern}` writes a standard model of {after:,} "
-                f"parameters instead of {before:,} ({1 - after / before:.1%} fewer), which any engine loads; "
+                f"parameters instead of {before:,} ({1 - after / before:.1%} fewer; about {size:,.1f} MiB of weights "
+                f"in {dtype}, on disk and in memory once loaded), which any engine loads; "
                 "scripts/bench_structured.py measures its speed and memory against the dense model."]
     return [
         "- speed: none. The zeros are stored dense and the model runs at the dense speed; no mainstream serving "
