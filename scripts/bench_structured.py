@@ -76,6 +76,17 @@ def prune(overrides: list[str], runs: Path) -> Path:
                      if "run directory: " in line))
 
 
+def finished(overrides: list[str], runs: Path) -> Path | None:
+    """A finished run under ``runs`` made with exactly ``overrides`` (Hydra's record of them), or None."""
+    import yaml
+
+    for metrics in sorted(runs.glob("prune/*/metrics.json")):
+        recorded = metrics.parent / ".hydra" / "overrides.yaml"
+        if recorded.is_file() and yaml.safe_load(recorded.read_text()) == overrides:
+            return metrics.parent
+    return None
+
+
 def export(run: Path, share: float, out: Path, pattern: str = "channels") -> Path:
     if (out / "unipruning_export.json").is_file():  # written last: a finished export of an interrupted call
         return out
@@ -131,8 +142,9 @@ def main() -> None:
             if (how, f"s{s:.2f}_{kind}-flap") not in ppl:
                 flap = [o for o in common if not o.startswith(("method=", "local_metric=", "schedule.", "sparsity=",
                                                                "export.", "eval.baselines", "reuse_search"))]
-                run = prune([*flap, "method=local", "local_metric=wanda", "pattern.channel_score=flap",
-                             f"sparsity={s}", f"reconstruct={how}"], args.out / "runs")
+                overrides = [*flap, "method=local", "local_metric=wanda", "pattern.channel_score=flap", f"sparsity={s}",
+                             f"reconstruct={how}"]
+                run = finished(overrides, args.out / "runs") or prune(overrides, args.out / "runs")
                 r = json.loads((run / "metrics.json").read_text())["results"][f"s{s:.2f}_{kind}-flap"]
                 ppl[(how, f"s{s:.2f}_{kind}-flap")] = r["ppl"][corpus]
                 print(f"   FLAP {s:.2f} reconstruct={how}: {run}", flush=True)

@@ -287,7 +287,8 @@ def test_flap_with_its_bias_exports_a_standard_model_with_mlp_bias_at_the_runs_p
     windows = None
     for score, tag in (("flap", "s0.25_channels-flap"), ("weights", "s0.25_channels")):
         run = tmp_path / score
-        metrics = run_prune(compose_prune([*base, f"pattern.channel_score={score}"]), run)
+        cfg = compose_prune([*base, f"pattern.channel_score={score}"])
+        metrics = run_prune(cfg, run)
         assert list(metrics["results"]) == [tag] and metrics["results"][tag]["reconstruction"]["method"] == "bias"
         export_run(run, out=tmp_path / f"export-{score}")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"export-{score}").eval()
@@ -297,6 +298,9 @@ def test_flap_with_its_bias_exports_a_standard_model_with_mlp_bias_at_the_runs_p
         got = perplexity(reloaded, windows, batch_size, "reload").to_dict()["ppl"]
         assert got == pytest.approx(metrics["results"][tag]["ppl"][corpus], rel=1e-5)
         assert metrics["results"][tag]["structure"]["parameters"][1] == sum(p.numel() for p in reloaded.parameters())
+        from unipruning_cli.stages.plan.structural import exported_model
+
+        assert exported_model(cfg, torch.float32)["parameters"] == metrics["results"][tag]["structure"]["parameters"]
     qwen2 = build_tiny_model("qwen2", VOCAB)
     qwen2.save_pretrained(tmp_path / "qwen2")
     from unipruning_cli.core.errors import UserError as Refused

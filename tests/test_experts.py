@@ -134,6 +134,10 @@ def test_experts_are_refused_where_the_model_or_the_options_cannot_take_them(tmp
         (mixtral, ["pattern=experts", "reconstruct=obs"], "drop reconstruct"),
         (mixtral, ["pattern=experts", "method=sparsegpt"], "whole experts"),
         (mixtral, ["pattern=experts", "method=unipruning", "eval.baselines=[wanda]"], "one_shot"),
+        (mixtral, ["pattern=experts", "pattern.experts_removed=0.1"], "removes none"),
+        (mixtral, ["pattern=experts", "sparsity=0.25", "pattern.experts_floor=4"], "experts_floor=4"),
+        (mixtral, ["pattern.expert_score=reap"], "not read with pattern=unstructured"),
+        (mixtral, ["pattern=channels", "pattern.experts_floor=2"], "not read with pattern=channels"),
     ]:
         with pytest.raises(UserError, match=match):
             validate_overrides(folder, corpus_files, *extra)
@@ -235,6 +239,12 @@ def test_the_routing_of_a_list_of_linear_experts_is_counted_and_reap_refused():
     assert torch.equal(observer.stats["layers.0.experts"].tokens, want)
     with pytest.raises(UserError, match="reap"):
         ExpertRouting(layers, observer.stats, {}, 1).masks(0.25, 0, "reap")
+    from unipruning_cli.pruning.targets import Target
+    from unipruning_cli.stages.routing import drop_unscored
+
+    primary = Target(0.25, "experts", score="saliency")
+    cuts = [primary, Target(0.25, "experts", score="reap"), Target(0.25, "experts", score="frequency")]
+    assert [t.score for t in drop_unscored(cuts, primary, model)] == ["saliency", "frequency"]  # REAP left out
     handle = remove_experts(model, {layer.experts: torch.tensor([True, True, False, True]) for layer in layers})
     assert len(model.layers[0].experts) == 3 and model.layers[0].gate.weight.shape == (3, 8)
     handle.restore()

@@ -81,6 +81,8 @@ def test_a_sliced_model_computes_what_the_masked_one_does_and_reloads_standard(a
 
 def test_heads_are_refused_where_the_family_or_the_options_cannot_take_them(tiny_llama_dir, corpus_files):
     for extra, match in [(["pattern=heads", "sparsity=0.9"], "all 2 KV heads"),
+                         (["pattern=heads", "sparsity=0.2"], "removes none"),
+                         (["pattern.channel_score=flap"], "not read with pattern=unstructured"),
                          (["pattern=heads", "reconstruct=bias"], "pattern=channels"),
                          (["pattern=heads", "method=sparsegpt"], "whole heads"),
                          (["pattern=heads", "method=unipruning", "refine=swap"], "whole heads")]:
@@ -122,3 +124,20 @@ def test_a_heads_run_exports_a_model_with_fewer_heads_at_the_runs_perplexity(tmp
 
     assert exported_model(cfg, torch.float32)["parameters"] == metrics["results"][tag]["structure"]["parameters"]
     assert "| 50% of heads |" in (run / "summary.md").read_text()
+
+
+def test_a_family_with_per_head_tensors_beside_the_projections_is_refused():
+    """gpt-oss holds one attention sink per query head (``sinks [H]``): slicing q/k/v/o alone would leave it at the
+    old head count and the export would not reload, so the heads cut is refused (on the meta device, before any
+    weight is read), naming the tensor."""
+    from _helpers import moe_config
+    from transformers import AutoModelForCausalLM
+
+    from unipruning_cli.models.layouts import as_linears
+    from unipruning_cli.pruning.heads import check_heads_fit
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(moe_config("gpt_oss", VOCAB))
+    as_linears(model)
+    with pytest.raises(UserError, match="sinks"):
+        check_heads_fit(model, prunable_layers(model), 1)

@@ -31,6 +31,7 @@ from ..models.loading import input_device, load_model, load_model_reused, model_
 from ..stages.plan.estimate import Plan, check_run_fits
 from ..core.provenance import peak_memory, versions
 from ..stages.refinement import refine_stage
+from ..stages.routing import drop_unscored
 from ..core.report import print_summary, write_plots, write_summary_md
 from ..core.rundir import RunDir, RunDirRefused, atomic_write_json, atomic_write_text, claim_run_dir, run_lock
 from ..stages.sharded_search import check_sharded_run, run_sharded_search
@@ -144,7 +145,7 @@ def _prune_loaded(ctx: RunContext, plan: Plan | None, placement: str) -> dict:
     cfg = ctx.cfg
     coverage = report_unprunable(ctx.model, ctx.layers)
     ctx.primary = ctx.primary.for_model(ctx.model)  # a heads cut reads the model's head counts
-    ctx.targets = targets_of(cfg, ctx.primary)
+    ctx.targets = drop_unscored(targets_of(cfg, ctx.primary), ctx.primary, ctx.model)
     check_targets_fit(ctx.layers, ctx.targets)
 
     windows = eval_windows_of(cfg, ctx.tok)

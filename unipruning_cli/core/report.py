@@ -87,7 +87,7 @@ def _comparison_md(metrics: dict) -> list[str]:
     for tag, r in results.items():
         source, kind, sp = _parse_tag(tag)
         key = (f"{sp:.0%}" if kind == "unstructured" else f"{sp:.0%} of {kind}" if kind.startswith(("channels", "heads"))
-               else (f"{sp:.0%}" if sp < 1 else f"{sp:g}") + f" of experts ({kind.split()[1]})"
+               else (f"{sp:.0%}" if sp < 1 else f"{sp:g}") + f" of experts ({kind.split(' ', 1)[1]})"
                if kind.startswith("experts") else kind)
         targets.setdefault(key, {})[source or metrics["method"]] = r["ppl"][corpus]
     cols = [metrics["method"], *sources]
@@ -269,6 +269,9 @@ def write_summary_md(path: Path, metrics: dict, plots: list[str] | None = None) 
 def _speed_md(metrics: dict) -> list[str]:
     """What the cuts buy at inference time: a structural cut's smaller model, or nothing for zeros stored dense."""
     structure = ((metrics.get("results") or {}).get(metrics["pattern"]) or {}).get("structure")
+    if structure and "-floor" in metrics["pattern"]:  # one budget over the layers: their own expert counts
+        return ["- size: the layers keep different expert counts (one budget over the layers), which no standard "
+                "config holds: this cut is measured here and not exported."]
     if structure:
         before, after = structure["parameters"]
         pattern = "experts" if "experts" in structure else metrics["pattern"].split("_", 1)[1].split("-")[0]

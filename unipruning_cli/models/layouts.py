@@ -222,7 +222,7 @@ def hf_layout(model: nn.Module) -> Iterator[nn.Module]:
 
 
 #: The config fields that give a mixture of experts' expert count (Mixtral and gpt-oss; Qwen-MoE and OLMoE; DeepSeek).
-EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def text_config(model: nn.Module):

@@ -240,6 +240,15 @@ def validate_channels(cfg) -> None:
     if kind in ("channels", "heads") and cfg.refine != "none":
         raise UserError(f"refine=swap swaps single weights, which would break whole {kind}: drop refine with "
                         f"pattern={kind} (reconstruct=ls compensates the cut)")
+    p = cfg.pattern
+    ignored = [f"pattern.channel_score={p.channel_score}" if p.channel_score != "weights" and kind not in
+               ("channels", "heads") else None,
+               *(f"pattern.{k}={p[k]}" for k in ("experts_removed", "experts_floor") if p[k] is not None
+                 and kind != "experts"),
+               f"pattern.expert_score={p.expert_score}" if p.expert_score != "saliency" and kind != "experts" else None]
+    if any(ignored):
+        raise UserError(f"{', '.join(i for i in ignored if i)}: not read with pattern={kind} (channel_score: channels "
+                        "and heads; expert_score, experts_removed, experts_floor: experts); drop it")
     if cfg.pattern.channel_score not in CHANNEL_SCORES:
         raise UserError(f"pattern.channel_score={cfg.pattern.channel_score!r} is not allowed; choose one of: "
                         f"{', '.join(CHANNEL_SCORES)}")

@@ -137,15 +137,12 @@ class RoutingObserver:
     @staticmethod
     def _counter(st: RoutingStats, e: int):
         def count(module, args) -> None:
-            x = args[0]
-            st.tokens[e] += x.numel() // x.shape[-1]
+            st.tokens[e] += args[0].numel() // args[0].shape[-1]
         return count
 
     def __exit__(self, *exc) -> None:
-        for layer in self.layers:
-            module = self.model.get_submodule(layer.experts)
-            if layer.fused:
-                module.observer = None
+        for layer in (x for x in self.layers if x.fused):
+            self.model.get_submodule(layer.experts).observer = None
         for h in self._handles:
             h.remove()
 
@@ -288,11 +285,13 @@ def top_k_of(model: nn.Module) -> int:
     return 1
 
 
-def check_experts_fit(model: nn.Module, share: float, removed: int, score: str) -> None:
+def check_experts_fit(model: nn.Module, share: float, removed: int, score: str, floor: int = 0) -> None:
     """Raise :class:`UserError` where an experts cut of ``model`` (loaded or on the ``meta`` device) cannot be made or
     written as a standard model: no MoE layer, a router without a single ``[E, hidden]`` weight, expert groups
     (DeepSeek's ``n_group > 1``: removing experts unevenly breaks the groups), fewer experts left than
-    ``num_experts_per_tok``, REAP on a Linear list of experts. Called before any weight is read."""
+    ``num_experts_per_tok``, a cut that removes none, a ``floor`` that leaves too few to remove, REAP on a Linear list
+    of experts, a config without an expert-count field (:data:`..models.layouts.EXPERT_FIELDS`). Called before any
+    weight is read."""
     layers = moe_layers(model)
     if not layers:
         raise UserError(f"pattern=experts: {type(model).__name__} has no mixture-of-experts layer (no list of experts "
@@ -302,9 +301,17 @@ def check_experts_fit(model: nn.Module, share: float, removed: int, score: str) 
     if isinstance(groups, int) and groups > 1:
         raise UserError(f"pattern=experts: {type(config).__name__} routes within n_group={groups} groups of experts; "
                         "removing experts would leave groups of different sizes, which its router cannot express")
+    if not any(isinstance(getattr(config, f, None), int) for f in EXPERT_FIELDS):
+        raise UserError(f"pattern=experts: {type(config).__name__} has none of {', '.join(EXPERT_FIELDS)}: the smaller "
+                        "expert count cannot be written")
     top_k = top_k_of(model)
     for layer in layers:
         kept_experts(torch.zeros(layer.count), share, removed, top_k)
+        if removed_count(layer.count, share, removed) == 0:
+            raise UserError(f"pattern=experts: a share of {share:g} of {layer.count} experts removes none; raise it "
+                            "or give pattern.experts_removed as a count")
+    if floor:
+        global_keeps([torch.ones(layer.count) for layer in layers], share, removed, max(floor, top_k))
         if score == "reap" and not layer.fused:
             expert_scores(layer, score, RoutingStats(torch.zeros(layer.count, dtype=torch.int64)))
 
@@ -336,8 +343,7 @@ class ExpertsRemoved:
     ``structure``: ``{"experts": [before, after], "field": <config field>, "parameters": [before, after]}``."""
 
     def __init__(self) -> None:
-        self.undo: list = []
-        self.structure: dict = {}
+        self.undo, self.structure = [], {}
 
     def restore(self) -> None:
         for store, name, value in reversed(self.undo):

@@ -162,10 +162,23 @@ def check_heads_fit(model: nn.Module, layers: Mapping[str, nn.Module], removed: 
                         f"{err}") from None
     if rebuilt is None:
         return  # a multimodal wrapper: its language part was checked by the shapes above only
-    q = dict(rebuilt.named_modules()).get(atts[0].q)
-    if q is None or tuple(q.weight.shape)[0] != new_kv * atts[0].ratio * atts[0].head_dim:
-        raise UserError(f"pattern=heads: {type(config).__name__} does not build its attention from "
-                        "num_attention_heads / num_key_value_heads / head_dim: a smaller config cannot be written")
+    from ..models.layouts import as_linears
+
+    as_linears(rebuilt)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for att in atts:
+        for name in (att.q, att.k, att.v, att.o):
+            rows = att.head_dim * (1 if name in (att.k, att.v) else att.ratio) * new_kv
+            w = expected[f"{name}.weight"]
+            expected[f"{name}.weight"] = (w[0], rows) if name == att.o else (rows, w[1])
+            if f"{name}.bias" in expected and name != att.o:
+                expected[f"{name}.bias"] = (rows,)
+    got = {n: tuple(p.shape) for n, p in rebuilt.named_parameters()}
+    wrong = [n for n in sorted(set(expected) | set(got)) if expected.get(n) != got.get(n)]
+    if wrong:  # a per-head tensor besides the projections (gpt-oss's sinks), or heads not read from the config
+        raise UserError(f"pattern=heads: {type(config).__name__} with {new_kv} KV heads does not have the shapes of "
+                        f"the sliced projections ({wrong[0]}: {got.get(wrong[0])} where {expected.get(wrong[0])} "
+                        "was expected): a smaller standard model cannot be written")
 
 
 @torch.no_grad()

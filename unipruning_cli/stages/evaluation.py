@@ -137,7 +137,8 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
             total = results[tag]["sparsity"]["all_params"]
             removed = sum(int((~m).sum()) for m in masks.values())
             removed += sum(int((~m).all(1).sum()) for n, m in masks.items() if layers[n].bias is not None)
-            results[tag]["structure"] = {"parameters": [total, total - removed + _biases_added(ctx, masks, undo)]}
+            new = sum(layer.out_features for layer, before in undo if before is None)  # compensation biases held
+            results[tag]["structure"] = {"parameters": [total - new, total - removed + _biases_added(ctx, masks, undo)]}
         undo_biases(undo)
         restore_weights(layers, original.tensors)
     original.release()

@@ -234,11 +234,16 @@ def check_model_limits(cfg: DictConfig) -> None:
         from ..models.layouts import text_config
 
         kv = head_counts(text_config(model))[1]
+        if round(t.sparsity * kv) == 0:
+            raise UserError(f"pattern=heads: sparsity={t.sparsity:g} of {kv} KV heads removes none (1 of {kv} is "
+                            f"{1 / kv:.2f})")
         check_heads_fit(model, prunable_layers(model), round(t.sparsity * kv))
+    primary = make_target(cfg)
     for t in (t for t in targets if t.is_experts):
         from ..pruning.experts import check_experts_fit
 
-        check_experts_fit(model, t.sparsity, t.removed, t.score)
+        # REAP beside another primary score is dropped after the load where the layout cannot give it (the runner)
+        check_experts_fit(model, t.sparsity, t.removed, t.score if t == primary else "frequency", t.floor)
     _check_router_loss(cfg, model)
 
 

@@ -42,3 +42,16 @@ def routing_of(ctx: RunContext) -> ExpertRouting:
     shapes = {n: tuple(ctx.layers[n].weight.shape) for layer in layers for names in layer.matrices for n in names}
     ctx.routing = ExpertRouting(layers, stats, shapes, top_k_of(model))
     return ctx.routing
+
+
+def drop_unscored(targets: list, primary, model) -> list:
+    """``targets`` without the REAP cuts a run adds beside another primary score where some MoE layer's experts are a
+    Linear list (their router weights are applied outside it, so REAP cannot be measured; a REAP primary is refused
+    before any weight is read), saying so; unchanged otherwise."""
+    if not primary.is_experts or all(layer.fused for layer in moe_layers(model)):
+        return targets
+    dropped = [t.tag for t in targets if t.is_experts and t.score == "reap" and t != primary]
+    if dropped:
+        log.warning("pattern=experts: %s left out: the experts are a list of Linear experts, whose router weights "
+                    "REAP needs are applied outside them", ", ".join(dropped))
+    return [t for t in targets if t.tag not in dropped]

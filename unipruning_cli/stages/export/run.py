@@ -24,7 +24,8 @@ from ...core.errors import UserError
 from ...pruning.mask_files import load_masks, save_masks
 from ...core.config import ALLOCATIONS, complete_run_config
 from ...pruning.method import METHODS, method_name
-from ...pruning.targets import CHANNELS, EXPERTS, HEADS, NM_TAG as _NM_TAG, Target, is_channels_tag, make_target
+from ...pruning.targets import (CHANNELS, EXPERTS, HEADS, NM_TAG as _NM_TAG, Target, is_experts_tag, is_sliced_tag,
+                                make_target)
 from ...core.rundir import load_tensors
 from ..prune import reconstruct_info
 from .folder import DTYPES
@@ -148,8 +149,9 @@ def _describe_tag(tag: str) -> str:
     if m:
         return f"{tag} (pattern={m.group(1)}:{m.group(2)})"
     m = re.match(r"^s(\d\.\d+)_(\w+)$", tag)
-    if m and is_channels_tag(tag):
-        return f"{tag} (pattern=channels sparsity={float(m.group(1)):g})"
+    if is_sliced_tag(tag) or is_experts_tag(tag):  # a structural cut: its pattern, share and score
+        kind = tag.split("_", 1)[1].split("-")[0]
+        return f"{tag} (pattern={kind}{', ' + tag.split('-', 1)[1] if '-' in tag else ''})"
     if m:
         return f"{tag} (sparsity={float(m.group(1)):g} allocation={m.group(2)})"
     return tag
@@ -207,7 +209,7 @@ def resolve_target(run: RunInfo, sparsity: Optional[float] = None, pattern: Opti
     if sparsity is None:
         sparsity = primary.sparsity if not primary.is_nm else 0.5
     if allocation is None:
-        allocation = primary.allocation if not (primary.is_nm or primary.is_channels) else "per_matrix"
+        allocation = primary.allocation if not (primary.is_nm or primary.is_structural) else "per_matrix"
     return primary.unstructured(_stored_share(sparsity, allocation), allocation)
 
 

@@ -40,6 +40,8 @@ def exported_model(cfg: DictConfig, dtype) -> dict | None:
         for mlp in mlp_channels(shapes):
             k = round(target.sparsity * mlp.width)
             removed += k * (sum(shapes[i][1] + _bias(layers[i]) for i in mlp.inputs) + shapes[mlp.output][0])
+            if cfg.reconstruct == "bias" and not _bias(layers[mlp.output]):  # FLAP's bias, with mlp_bias=true
+                removed -= shapes[mlp.output][0] + sum((mlp.width - k) * (1 - _bias(layers[i])) for i in mlp.inputs)
     elif target.is_heads:
         for att in attention_heads({n: s for n, s in shapes.items() if n in attention_names(shapes)},
                                    *head_counts(text_config(model))):
