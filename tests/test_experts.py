@@ -317,3 +317,51 @@ def test_a_run_under_one_budget_is_measured_with_its_layers_own_counts_and_never
     assert metrics["results"][tag]["measured_sparsity"] > 0
     with pytest.raises(UserError, match="no standard config"):
         export_run(run, out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_experts_leave_every_fused_family_as_a_model_that_reloads_with_its_outputs(family, tmp_path):
+    """gpt-oss (a router bias), Qwen3-MoE, OLMoE and DeepSeek-V3 (a score-correction bias, one expert group, shared
+    experts): one expert of four removed in every layer, the model saved and reloaded with plain transformers computes
+    what the model did in memory, with the smaller expert count in its config and every [E] router tensor."""
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    from _helpers import MOE_SHAPE, moe_config
+    from unipruning_cli.models.layouts import EXPERT_FIELDS, hf_layout
+
+    if family == "olmoe":
+        config = tf.OlmoeConfig(vocab_size=320, intermediate_size=64, num_experts=4, num_experts_per_tok=2, **MOE_SHAPE)
+    elif family == "deepseek_v3":
+        config = tf.DeepseekV3Config(vocab_size=320, intermediate_size=128, moe_intermediate_size=32,
+                                     n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                     n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=None,
+                                     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **MOE_SHAPE)
+    else:
+        config = moe_config(family, 320)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3:
+                p.normal_(0, 0.05)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.1)
+    as_linears(model)
+    layers = moe_layers(model)
+    assert layers and all(layer.fused for layer in layers)
+    keep = torch.tensor([True, False, True, True])
+    removed = remove_experts(model, {layer.experts: keep for layer in layers})
+    tokens = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(tokens).logits
+    with hf_layout(model):
+        model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert {getattr(again.config, f) for f in EXPERT_FIELDS if isinstance(getattr(again.config, f, None), int)} == {3}
+    router = again.get_submodule(layers[0].router)
+    assert all(t.shape[0] == 3 for t in [*router.parameters(), *router.buffers()] if t.dim() >= 1)
+    with torch.no_grad():
+        assert torch.allclose(again(tokens).logits, want, atol=1e-5)
+    assert removed.structure["parameters"][1] == sum(p.numel() for p in again.parameters())

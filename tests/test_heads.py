@@ -46,7 +46,7 @@ def test_group_scores_and_the_cut_match_a_loop_over_heads():
         attention_heads({"a.q_proj": (12, 8), "a.k_proj": (5, 8), "a.v_proj": (6, 8), "a.o_proj": (8, 12)}, 4, 2)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
 def test_a_sliced_model_computes_what_the_masked_one_does_and_reloads_standard(arch, tmp_path):
     """One of two KV groups removed in every layer: the masked model (its heads' o_proj columns zero) and the sliced
     one compute the same logits; the sliced one saves and reloads with plain transformers, with fewer heads in its
@@ -55,8 +55,12 @@ def test_a_sliced_model_computes_what_the_masked_one_does_and_reloads_standard(a
 
     from unipruning_cli.pruning.weights import apply_masks
 
+    from transformers import GemmaConfig, GemmaForCausalLM
+
     torch.manual_seed(0)
-    model = build_tiny_model(arch, VOCAB)
+    model = build_tiny_model(arch, VOCAB) if arch != "gemma" else GemmaForCausalLM(GemmaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24)).eval()  # a head_dim that is not hidden / heads: written out, kept
     layers = prunable_layers(model)
     config = model.config
     scores = {n: torch.rand(m.weight.shape) for n, m in layers.items()}
