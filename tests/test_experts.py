@@ -276,7 +276,7 @@ def test_wanda_saliency_of_experts_is_wandas_scores_summed_per_expert_times_freq
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}.mlp.experts"
         tokens = routing[f"{prefix}.tokens"].double()
-        fused = {"gate_up_proj": layer.mlp.experts.gate_up_proj, "down_proj": layer.mlp.experts.down_proj}
+        fused = {p: getattr(layer.mlp.experts, p).detach() for p in ("gate_up_proj", "down_proj")}
         score = [sum(float((fused[p][e].double().abs() * stats[f"{prefix}.{e}.{p}.sq_sum"].sqrt()).sum())
                      for p in fused) * float(tokens[e] / tokens.sum()) for e in range(4)]
         want = set(torch.tensor(score).argsort(descending=True)[:2].tolist())
