@@ -163,10 +163,12 @@ def main() -> None:
 
     d = measured["dense"]
     what = "MLP channels" if kind == "channels" else "KV groups of attention heads (with their query heads)"
+    sp_name = "channel" if kind == "channels" else "group"
     lines = [f"SmolLM2-135M (embedded), {what} removed in every layer; calibration {args.nsamples} x {args.seqlen} "
              f"tokens (owt_offline), perplexity on {corpus} ({args.windows} windows of {args.seqlen}); UniPruning: "
-             f"frozen search, {args.steps} steps, stochRIA anchor; Wanda-sp: Wanda's scores summed per channel "
-             f"(one-shot); FLAP: the fluctuation of each channel's input times its down_proj column's squared norm; "
+             f"frozen search, {args.steps} steps, stochRIA anchor; Wanda-sp: Wanda's scores summed per {sp_name} "
+             f"(one-shot); FLAP: the fluctuation of each input channel of the projection after the cut (down_proj, o_proj) "
+             f"times its column's squared norm; "
              f"+ ls: the projection after the cut (down_proj, o_proj) refit on the kept ones; + bias: FLAP's bias compensation. Speed and memory: the exported folder (from the `reconstruct=ls` run) against the dense "
              f"one, plain transformers, float32, {args.threads} threads, prefill {args.prefill} tokens, decode "
              f"{args.decode} tokens at batch 1, medians of {args.repeats}. Command: `{' '.join(sys.argv)}`.", "",

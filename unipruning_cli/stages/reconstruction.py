@@ -115,7 +115,7 @@ def refit_channels(model, windows, masks: Mapping[str, torch.Tensor], settings: 
     def rewrite(name, w, st):
         return (ls_refit(w, st.xtx, keeps[name]), keeps[name]) if name in keeps else None
 
-    return _rewrite_pass(model, windows, settings, rewrite, "least-squares refit on the kept channels", masks)
+    return _rewrite_pass(model, windows, settings, rewrite, "least-squares refit on the kept channels (heads)", masks)
 
 
 def refit_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:
