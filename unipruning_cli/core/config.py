@@ -301,7 +301,7 @@ def validate_pattern(cfg: DictConfig) -> None:
     check(p.kind not in ("channels", "heads", "experts") or p.allocation is None, f"pattern.allocation={p.allocation}: pattern=channels removes "
           "the same share of channels from every MLP (the exported config stays standard); drop pattern.allocation")
     if p.allocation is not None:
-        one_of("pattern.allocation", p.allocation, ALLOCATIONS)
+        one_of("pattern.allocation", p.allocation, (*ALLOCATIONS, "auto"))
     one_of("model.add_bos", str(cfg.model.add_bos).lower(), ("auto", "true", "false"))
     check(0.0 < p.max_matrix_sparsity <= 1.0, f"pattern.max_matrix_sparsity={p.max_matrix_sparsity} is out of range: "
           f"it must satisfy 0 < max_matrix_sparsity <= 1 (1: no cap)")

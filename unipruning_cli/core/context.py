@@ -42,6 +42,7 @@ class RunContext:
     layers: dict = field(default_factory=dict)
     primary: Any = None
     targets: list = field(default_factory=list)
+    allocation_choices: dict = field(default_factory=dict)  # allocation=auto: tag -> what was picked, and why
     routing: Any = None  # pattern=experts: the dense model's routing (:func:`..stages.routing.routing_of`), once
     _calibration: Optional[tuple] = field(default=None, repr=False)
 

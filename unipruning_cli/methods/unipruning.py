@@ -7,6 +7,9 @@ from __future__ import annotations
 from ..stages.baselines import baseline_masks
 from ..stages.prune import cut_masks
 from ..stages.routing import routing_of
+from ..stages.allocation import choose_allocations
+from ..core.lazymap import LazyMap
+from ..pruning.targets import AUTO
 from ..data.calibration_set import dense_statistics
 from ..pruning.channels import flap_scores
 from ..stages.search import run_search
@@ -57,6 +60,11 @@ class UniPruning(Method):
 
     def masks(self, ctx: RunContext) -> Cuts:
         gamma, calibration = run_search(ctx)
+        if any(t.allocation == AUTO for t in ctx.targets):  # chosen on held-out calibration windows, per target
+            with ctx.timer.stage("allocation"):
+                ctx.targets, ctx.allocation_choices = choose_allocations(
+                    ctx, LazyMap(gamma, lambda name: gamma[name].abs()), ctx.targets)
+            ctx.primary = next(t for t in ctx.targets if t.tag == ctx.primary.tag)
         with ctx.timer.stage("masks"):
             experts = routing_of(ctx) if any(t.is_experts for t in ctx.targets) else None
             flap = None

@@ -169,6 +169,8 @@ class Method(ABC):
                    "the kept weights as it chooses its mask, so a swap would revive a weight it has already "
                    "compensated for: drop refine")
         if not self.searches:
+            check(cfg.pattern.allocation != "auto", f"pattern.allocation=auto chooses among the cuts of one saliency Γ "
+                  f"on held-out calibration windows (method=unipruning); method={name} cuts one allocation: name it")
             check(not cfg.eval.baselines, f"eval.baselines cuts local metrics beside a UniPruning Γ; with "
                    f"method={name} run each baseline as its own run (method=local local_metric=<name>)")
             check(not (cfg.export.sparsities or cfg.export.patterns), f"export.sparsities / export.patterns cut one "

@@ -32,6 +32,9 @@ SHARED_BUDGET = ("global", "owl", "gamma")
 #: The structural allocation of ``pattern=channels``: whole MLP channels, the same share in every MLP
 #: (:mod:`.channels`); its masks are rows and columns, and its export a smaller model.
 CHANNELS = "channels"
+#: ``pattern.allocation=auto``: the allocation chosen per run and target on held-out calibration windows
+#: (:mod:`..stages.allocation`); the target records the one picked.
+AUTO = "auto"
 #: The structural allocation of ``pattern=heads``: whole KV groups with their query heads, the same share in every
 #: attention layer (:mod:`.heads`); its masks are rows and columns, and its export a smaller model.
 HEADS = "heads"
@@ -99,6 +102,7 @@ class Target:
     score: str = ""  # allocation=experts: pattern.expert_score (""= saliency); channels/heads: "flap" or "" (weights)
     heads: tuple[int, int] = (0, 0)  # allocation=heads: the model's (num_attention_heads, num_key_value_heads)
     floor: int = 0  # allocation=experts: one budget over the layers, each keeping at least this many (0: per layer)
+    picked: str = ""  # allocation=auto: the allocation chosen on held-out calibration windows (stages/allocation.py)
 
     @property
     def is_nm(self) -> bool:
@@ -166,6 +170,12 @@ class Target:
         an experts cut reads ``experts`` (the run's MoE layers and routing) and masks the experts' matrices only; a
         FLAP channels cut reads ``flap`` (:func:`.channels.flap_scores`) instead of ``scores``. Raises ``ValueError``
         for an experts cut without ``experts``, a FLAP cut without ``flap``."""
+        if self.allocation == AUTO and not self.is_nm:
+            if not self.picked:
+                raise ValueError(f"{self.tag}: allocation=auto is chosen on held-out calibration windows in the run")
+            from dataclasses import replace
+
+            return replace(self, allocation=self.picked, picked="").cut(scores, experts, flap)
         if self.is_experts:
             if experts is None:
                 raise ValueError(f"{self.tag}: an experts cut needs the run's routing statistics")

@@ -133,6 +133,8 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
             results[tag]["reconstruction"] = {"method": how, **rebuilt}
         if refined and tag in refined:
             results[tag]["refinement"] = refined[tag]
+        if tag in ctx.allocation_choices:  # allocation=auto: what was picked, on which held-out losses
+            results[tag]["allocation"] = ctx.allocation_choices[tag]
         if is_sliced_tag(tag):  # what the export slices out: the model's parameters before and after
             total = results[tag]["sparsity"]["all_params"]
             removed = sum(int((~m).sum()) for m in masks.values())
@@ -160,4 +162,4 @@ def result_entry(r: dict) -> dict:
             "protocol": {c: {"seqlen": p["seqlen"], "windows": p["windows"]} for c, p in r["perplexity"].items()},
             "measured_sparsity": r["sparsity"]["overall"], "per_layer_sparsity": r["sparsity"]["per_layer"],
             "zero_shot_mean": r["zero_shot"].get("mean"),
-            **{k: r[k] for k in ("reconstruction", "refinement", "structure") if k in r}}
+            **{k: r[k] for k in ("reconstruction", "refinement", "structure", "allocation") if k in r}}

@@ -156,6 +156,7 @@ def cut_masks(gamma: dict[str, torch.Tensor], targets: list[Target], rd: RunDir,
     for t in targets:
         cut = t.cut(scores, experts, flap)
         save_masks(rd / f"masks/{t.tag}.safetensors", cut, {"target": t.tag, "method": "unipruning",
+                                                            **({"allocation": t.picked} if t.picked else {}),
                                                             **reconstruct_info(reconstruct, t)})
         out[t.tag] = packed_masks(cut)
         del cut

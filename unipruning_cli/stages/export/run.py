@@ -240,6 +240,9 @@ def masks_source(run: RunInfo, target: Target) -> str:
     """'file' when the run holds the cut, 'gamma' when Γ can cut it; UserError otherwise."""
     if run.mask_path(target.tag).is_file():
         return "file"
+    if target.allocation == "auto":
+        raise UserError(f"run {run.path} has no {target.tag} cut: allocation=auto is chosen on held-out calibration "
+                        "windows in the run; prune with export.sparsities=[...], or export allocation=<one of them>")
     if (target.is_sliced and target.score == "flap") or target.is_heads:
         raise UserError(f"run {run.path} has no {target.tag} cut: it holds "
                         f"{', '.join(_describe_tag(t) for t in held_tags(run)) or 'no mask files'}. FLAP's and heads "
