@@ -47,7 +47,7 @@ def _mlp_names(names: Iterable[str]) -> list[tuple[str, tuple[str, ...], str]]:
     found = []
     for parent, leaves in by_parent.items():
         for inputs, output in MLP_ROLES:
-            if output in leaves and all(i in leaves for i in inputs) and (output != "c_proj" or parent.endswith("mlp")):
+            if output in leaves and all(i in leaves for i in inputs) and _mlp_or_attention_output(leaves[output]):
                 if ".experts." in f"{parent}." or ".shared_expert" in parent:
                     raise UserError(f"pattern=channels: {parent} is an expert's MLP; channels are cut from dense MLPs "
                                     "only (an MoE model's experts are removed whole)")
@@ -154,8 +154,15 @@ def ls_refit(weight: torch.Tensor, xtx: torch.Tensor, keep: torch.Tensor, percda
     return out.to(weight.dtype)
 
 
-#: The matrices whose input channels FLAP scores: the projection after an MLP's channels, and after the heads.
-FLAP_OUTPUTS = ("down_proj", "fc2", "dense_4h_to_h", "o_proj")
+#: The matrices whose input channels FLAP scores: the projection after an MLP's channels (:data:`MLP_ROLES`), and
+#: after the attention heads.
+FLAP_OUTPUTS = (*(output for _, output in MLP_ROLES), "o_proj")
+
+
+def _mlp_or_attention_output(name: str) -> bool:
+    """GPT-2's ``c_proj`` closes its MLP only under ``mlp`` (its attention has one too): :func:`_mlp_names`' rule."""
+    parent, _, leaf = name.rpartition(".")
+    return leaf != "c_proj" or parent.endswith("mlp")
 
 
 def flap_scores(weights: Mapping[str, torch.Tensor], stats: Mapping) -> "LazyMap":
@@ -166,8 +173,7 @@ def flap_scores(weights: Mapping[str, torch.Tensor], stats: Mapping) -> "LazyMap
     modules with a ``weight``); ``stats``: their calibration statistics, with Σx. Computed one matrix at a time."""
     from ..core.lazymap import LazyMap
 
-    outputs = {n for n in weights if n.rpartition(".")[2] in FLAP_OUTPUTS
-               or (n.endswith("mlp.c_proj"))}  # GPT-2's MLP c_proj, not its attention's
+    outputs = {n for n in weights if n.rpartition(".")[2] in FLAP_OUTPUTS and _mlp_or_attention_output(n)}
 
     def score(name: str) -> torch.Tensor:
         w = getattr(weights[name], "weight", weights[name]).detach()

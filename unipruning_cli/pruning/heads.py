@@ -42,15 +42,13 @@ class AttentionHeads:
     ratio: int
     head_dim: int
 
-    def rows(self, name: str, g: int) -> slice:
-        """The rows of q/k/v (or columns of o) that are group ``g``'s."""
-        size = self.head_dim * (1 if name in (self.k, self.v) else self.ratio)
-        return slice(g * size, (g + 1) * size)
+    def group_rows(self, name: str) -> int:
+        """How many rows of q/k/v (columns of o) one KV group holds: d in k and v, r·d in q and o."""
+        return self.head_dim * (1 if name in (self.k, self.v) else self.ratio)
 
     def expand(self, keep: torch.Tensor, name: str) -> torch.Tensor:
         """bool per row of q/k/v (per column of o): the kept groups ``keep`` (bool ``[G]``) spread over their rows."""
-        size = self.head_dim * (1 if name in (self.k, self.v) else self.ratio)
-        return keep.repeat_interleave(size)
+        return keep.repeat_interleave(self.group_rows(name))
 
 
 def head_counts(config) -> tuple[int, int]:
@@ -168,7 +166,7 @@ def check_heads_fit(model: nn.Module, layers: Mapping[str, nn.Module], removed: 
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
     for att in atts:
         for name in (att.q, att.k, att.v, att.o):
-            rows = att.head_dim * (1 if name in (att.k, att.v) else att.ratio) * new_kv
+            rows = att.group_rows(name) * new_kv
             w = expected[f"{name}.weight"]
             expected[f"{name}.weight"] = (w[0], rows) if name == att.o else (rows, w[1])
             if f"{name}.bias" in expected and name != att.o:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 from . import masks as M
 from .channels import channel_masks, mlp_channels
 from .experts import EXPERT_SCORES, ExpertRouting
-from .heads import head_masks
+from .heads import attention_heads, attention_names, head_counts, head_masks
 from ..core.errors import UserError
+from ..models.layouts import text_config
 from .layer_budgets import gamma_offsets, layerwise_masks, owl_offsets
 from .method import DEFAULT_ALLOCATION, method_of
 
@@ -146,10 +147,6 @@ class Target:
         """This target with what a heads cut needs of ``model``'s config (its head counts); itself otherwise."""
         if not self.is_heads:
             return self
-        from dataclasses import replace
-
-        from .heads import head_counts
-        from ..models.layouts import text_config
 
         return replace(self, heads=head_counts(text_config(model)))
 
@@ -173,8 +170,6 @@ class Target:
         if self.allocation == AUTO and not self.is_nm:
             if not self.picked:
                 raise ValueError(f"{self.tag}: allocation=auto is chosen on held-out calibration windows in the run")
-            from dataclasses import replace
-
             return replace(self, allocation=self.picked, picked="").cut(scores, experts, flap)
         if self.is_experts:
             if experts is None:
@@ -238,10 +233,7 @@ def check_targets_fit(layers: Mapping[str, nn.Module], targets: list[Target]) ->
         if t.is_channels:
             mlp_channels({n: tuple(m.weight.shape) for n, m in layers.items()})
         if t.is_heads and t.heads[0]:
-            from .heads import attention_heads
-
-            attention_heads({n: tuple(m.weight.shape) for n, m in layers.items()
-                             if n.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj", "o_proj")}, *t.heads)
+            attention_heads({n: tuple(layers[n].weight.shape) for n in attention_names(layers)}, *t.heads)
         if t.is_nm:
             try:
                 M.check_nm_applicable({n: tuple(m.weight.shape) for n, m in layers.items()}, t.n, t.m)
@@ -294,8 +286,6 @@ def targets_of(cfg: DictConfig, primary: Target) -> list[Target]:
                     out.append(t)
         return out
     if method_of(cfg).searches and primary.is_sliced:  # other shares; FLAP's cut beside Γ's (Γ's beside FLAP's)
-        from dataclasses import replace
-
         for sp in extra_sparsities(cfg):
             if replace(primary, sparsity=float(sp)) not in out:
                 out.append(replace(primary, sparsity=float(sp)))

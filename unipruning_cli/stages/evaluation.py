@@ -72,11 +72,11 @@ def measured_sparsity(model: nn.Module) -> dict:
             "overall_all_params": all_zeros / all_params, "all_params": all_params, "per_layer": per_layer}
 
 
-def evaluate_pruned(ctx: RunContext, windows: dict[str, torch.Tensor], label: str) -> dict:
-    """Measured sparsity, perplexity per corpus (``windows``: corpus -> int64 ``[windows, seqlen]``) and zero-shot
-    of ``ctx.model`` as it is now."""
+def evaluate_pruned(ctx: RunContext, windows: dict[str, torch.Tensor], label: str, sparsity: dict | None = None) -> dict:
+    """Measured sparsity (``sparsity`` where the caller measured it already), perplexity per corpus (``windows``:
+    corpus -> int64 ``[windows, seqlen]``) and zero-shot of ``ctx.model`` as it is now."""
     cfg, model = ctx.cfg, ctx.model
-    return {"sparsity": measured_sparsity(model),
+    return {"sparsity": sparsity if sparsity is not None else measured_sparsity(model),
             "perplexity": {c: perplexity(model, w, cfg.eval.batch_size, f"pruned ppl {c} {label}").to_dict()
                            for c, w in windows.items()},
             "zero_shot": zero_shot_of(cfg, model, ctx.tok) if cfg.eval.tasks else {}}
@@ -92,10 +92,9 @@ def evaluate_without_experts(ctx: RunContext, windows: dict[str, torch.Tensor], 
     sparsity = measured_sparsity(model)
     removed = remove_experts(model, keeps, uniform=False)  # one budget over the layers: evaluated, not exported
     try:
-        out = evaluate_pruned(ctx, windows, label)
+        out = evaluate_pruned(ctx, windows, label, sparsity)
     finally:
         removed.restore()
-    out["sparsity"] = sparsity
     out["structure"] = {k: removed.structure[k] for k in ("experts", "parameters")}
     return out
 

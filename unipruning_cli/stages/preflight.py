@@ -219,7 +219,8 @@ def check_model_limits(cfg: DictConfig) -> None:
                     "and the N:M fit is checked after the load", cfg.model.path, err)
         return
     _check_positions(cfg, model)
-    targets = targets_of(cfg, make_target(cfg))
+    primary = make_target(cfg)
+    targets = targets_of(cfg, primary)
     check_targets_fit(prunable_layers(model), targets)
     if any(t.is_channels for t in targets):
         from ..pruning.channels import check_channels_fit
@@ -238,7 +239,6 @@ def check_model_limits(cfg: DictConfig) -> None:
             raise UserError(f"pattern=heads: sparsity={t.sparsity:g} of {kv} KV heads removes none (1 of {kv} is "
                             f"{1 / kv:.2f})")
         check_heads_fit(model, prunable_layers(model), round(t.sparsity * kv))
-    primary = make_target(cfg)
     for t in (t for t in targets if t.is_experts):
         from ..pruning.experts import check_experts_fit
 

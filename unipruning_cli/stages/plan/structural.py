@@ -47,8 +47,8 @@ def exported_model(cfg: DictConfig, dtype) -> dict | None:
                                    *head_counts(text_config(model))):
             g = round(target.sparsity * att.groups)
             for name in (att.q, att.k, att.v, att.o):
-                rows = att.head_dim * (1 if name in (att.k, att.v) else att.ratio)
-                removed += g * rows * (shapes[name][0] if name == att.o else shapes[name][1] + _bias(layers[name]))
+                per_row = shapes[name][0] if name == att.o else shapes[name][1] + _bias(layers[name])
+                removed += g * att.group_rows(name) * per_row
     else:
         for layer in moe_layers(model):
             k = removed_count(layer.count, target.sparsity, target.removed)
