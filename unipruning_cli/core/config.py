@@ -1,10 +1,9 @@
 """Typed config schemas for the Hydra app and the semantic checks Hydra's types cannot express.
 
-The dataclasses are registered in Hydra's ConfigStore, so YAML files in ``configs/<group>/`` are
-type-checked at compose time (``sparsity=abc`` fails there). Range and cross-field rules (a sparsity
-in [0, 1), an N:M pattern that is one) live in :func:`validate_values`; the checks that look a name,
-a model, a corpus or a task up are in :mod:`unipruning_cli.stages.preflight`, which the CLI calls before any
-model is loaded.
+The dataclasses are registered in Hydra's ConfigStore, so YAML files in ``configs/<group>/`` are type-checked at
+compose time (``sparsity=abc`` fails there). Range and cross-field rules (a sparsity in [0, 1), an N:M pattern that is
+one) live in :func:`validate_values`; the checks that look a name, a model, a corpus or a task up are in
+:mod:`unipruning_cli.stages.preflight`, which the CLI calls before any model is loaded.
 """
 
 from __future__ import annotations
@@ -59,9 +58,8 @@ class ModelConfig:
 
 @dataclass
 class PatternConfig:
-    """Sparsity pattern: ``unstructured`` with an allocation rule, N:M along the input dimension, ``channels``
-    (whole MLP channels, the same share in every MLP: :mod:`..pruning.channels`) or ``experts`` (whole experts, the
-    same number in every MoE layer: :mod:`..pruning.experts`)."""
+    """Sparsity pattern: ``unstructured`` with an allocation rule, N:M along the input dimension, ``channels``,
+    ``heads`` or ``experts`` (whole units: :mod:`..pruning.channels`, :mod:`..pruning.heads`, :mod:`..pruning.experts`)."""
 
     kind: str = "unstructured"
     n: int = 0
@@ -151,6 +149,8 @@ class PruneConfig:
     plan_check: bool = MISSING
     reconstruct: str = MISSING
     refine: str = MISSING
+    refine_rounds: Optional[int] = MISSING
+    refine_seconds: Optional[float] = MISSING
     existing_run: str = MISSING
     experiment: Optional[str] = None
 
@@ -276,10 +276,11 @@ def validate_values(cfg: DictConfig) -> None:
     :func:`unipruning_cli.stages.preflight.validate`, which calls this first).
     """
     from ..pruning.channels import validate_channels
+    from ..pruning.swaps import validate_refine
 
     validate_pattern(cfg)
     one_of("reconstruct", cfg.reconstruct, ("none", "obs", "ls", "bias"))
-    one_of("refine", cfg.refine, ("none", "swap"))
+    validate_refine(cfg)
     validate_channels(cfg)
     one_of("existing_run", cfg.existing_run, ("refuse", "beside"))
     one_of("model.source", cfg.model.source, MODEL_SOURCES)

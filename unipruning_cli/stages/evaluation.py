@@ -23,6 +23,7 @@ from ..models.loading import prunable_layers, resolve_add_bos
 from ..core.pinned import HostCopy
 from ..core.context import RunContext
 from .reconstruction import compensate_cut, reconstruct_cut, refit_cut, undo_biases
+from .refinement import refiner_of, save_refined, unrefined
 from ..pruning.experts import experts_of_masks, moe_layers, remove_experts
 from ..pruning.targets import is_channels_tag, is_experts_tag, is_sliced_tag
 from ..data.sampling import with_bos
@@ -104,17 +105,23 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
     """Evaluate each set of masks on ``ctx.model`` in turn (``tag -> name -> bool [out, in]``); the original weights are
     restored between sets, from one full copy of the prunable weights (``scripts/bench_eval_memory.py``)
     kept in host memory (pinned under CUDA, and handed back to the OS at the end), so a GPU holds no second copy of
-    them. ``refined``: tag -> the
-    record of its mask's refinement (``refine=swap``, :mod:`.refinement`), kept with its results."""
+    them. ``refined``: tag -> the record of its mask's refinement (``refine=swap``, :mod:`.refinement`), kept with its
+    results. With ``reconstruct=obs`` and ``refine=swap``, a cut not yet refined is refined in its reconstruction's
+    pass (:func:`.reconstruction.reconstruct`), its refined masks saved over its file and recorded the same way."""
     layers, timer = ctx.layers, ctx.timer
     original = HostCopy({n: m.weight for n, m in layers.items()})
-    results = {}
+    results, refined = {}, dict(refined or {})
+    fused = unrefined(ctx, all_masks) if ctx.cfg.reconstruct == "obs" else set()  # refine_stage left them to us
     for tag, masks in all_masks.items():
         rebuilt, undo = None, []
         how = ctx.cfg.reconstruct
-        if how == "obs":  # the kept weights updated on the fixed mask
+        if how == "obs":  # the kept weights updated on the fixed mask (refined first, in the same pass, if asked)
+            refiner = refiner_of(ctx, tag, masks) if tag in fused else None
             with timer.stage("reconstruct"):
-                rebuilt = reconstruct_cut(ctx, masks)
+                rebuilt = reconstruct_cut(ctx, masks, refiner)
+            if refiner is not None:
+                masks = save_refined(ctx, tag, refiner.refined)
+                refined[tag] = refiner.record()
         elif how == "ls" and is_sliced_tag(tag):  # the projection after the channels (heads) refit on the kept ones
             with timer.stage("reconstruct"):
                 rebuilt = refit_cut(ctx, masks)
@@ -130,7 +137,7 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
                 results[tag] = evaluate_pruned(ctx, windows, tag)
         if rebuilt is not None:
             results[tag]["reconstruction"] = {"method": how, **rebuilt}
-        if refined and tag in refined:
+        if tag in refined:
             results[tag]["refinement"] = refined[tag]
         if tag in ctx.allocation_choices:  # allocation=auto: what was picked, on which held-out losses
             results[tag]["allocation"] = ctx.allocation_choices[tag]

@@ -23,38 +23,30 @@ from ..pruning.weights import apply_masks
 from ..pruning.heads import attention_heads, head_counts, heads_of_masks
 from ..models.layouts import text_config
 from ..pruning.obs import obs_reconstruct
+from ..pruning.swaps import output_error
 from ..pruning.block_loop import PassSettings, block_pass
 from ..core.context import RunContext
+from .refinement import SwapRefiner
 
 log = logging.getLogger(__name__)
 
 RECONSTRUCTIONS = ("none", "obs", "ls", "bias")
 
 
-def row_output_errors(delta: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
-    """‖ΔW_r X‖² per output row ``[out]`` (fp32) over the calibration tokens, from ``ΔW [out, in]`` and
-    ``XᵀX = Σ x xᵀ [in, in]``."""
-    d = delta.float()
-    return ((d @ xtx.to(d.device).float()) * d).sum(1)
-
-
-def output_error(delta: torch.Tensor, xtx: torch.Tensor) -> float:
-    """‖ΔW X‖² over the calibration tokens: :func:`row_output_errors` summed."""
-    return float(row_output_errors(delta, xtx).sum())
-
-
 @torch.no_grad()
 def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
-                  masks: Mapping[str, torch.Tensor] | None = None) -> dict:
+                  masks: Mapping[str, torch.Tensor] | None = None, prepare=None) -> dict:
     """One sequential pass in which ``rewrite(name, W, stats)`` gives a layer's new weight and the keep mask it
     honours (``(new, keep)``; None: the layer is left alone); ``masks``, if given, are applied by the loop after each
-    block's rewrites. Returns ``{"layers": n, "error_ratio": r}``: ‖ΔW X‖² of the new weights over that of W ⊙ keep,
+    block's rewrites; ``prepare(i, layers, stats)``, if given, runs on each block before its rewrites. Returns ``{"layers": n, "error_ratio": r}``: ‖ΔW X‖² of the new weights over that of W ⊙ keep,
     summed over the rewritten layers on their calibration inputs."""
     before = after = 0.0
     count = 0
 
     def step(i, layers, stats):
         nonlocal before, after, count
+        if prepare is not None:
+            prepare(i, layers, stats)
         for name, layer in layers.items():
             w = layer.weight.data
             got = rewrite(name, w, stats[name])
@@ -74,23 +66,35 @@ def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
     return {"layers": count, "error_ratio": ratio}
 
 
-def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings()) -> dict:
+def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings(),
+                refiner: SwapRefiner | None = None) -> dict:
     """Set every prunable weight of ``model`` (dense on entry) to its OBS reconstruction on ``masks`` (name -> bool
     ``[out, in]``, True = keep). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
-    :class:`..data.sampling.TokenSamples`). Returns ``{"layers": n, "error_ratio": r}``: the output error on the
-    calibration data of the reconstructed weights over that of the masked dense weights, ‖ΔW X‖² summed over every
-    layer (below 1 where it helped). Raises ``ValueError`` from the solve (a non-finite Hessian)."""
+    :class:`..data.sampling.TokenSamples`). With a ``refiner`` (``refine=swap``), each block's masks are first
+    refined by swaps (:class:`.refinement.SwapRefiner`, its refined masks and record then in it) on the same
+    statistics, so refinement and reconstruction share one calibration pass. Returns ``{"layers": n,
+    "error_ratio": r}``: the output error on the calibration data of the reconstructed weights over that of the
+    masked dense weights, ‖ΔW X‖² summed over every layer (below 1 where it helped). Raises ``ValueError`` from the
+    solve (a non-finite Hessian)."""
+    keeps = dict(masks)
+
+    def prepare(i, layers, stats):
+        keeps.update(refiner.block(i, layers, stats))
+
     def rewrite(name, w, st):
-        keep = masks[name].to(w.device)
+        keep = keeps[name].to(w.device)
         return obs_reconstruct(w, (2.0 / max(st.count, 1)) * st.xtx.to(w.device), keep, name=name), keep
 
-    return _rewrite_pass(model, windows, settings, rewrite, "OBS reconstruction on the fixed masks")
+    what = "swap refinement, then OBS reconstruction on the refined masks" if refiner else \
+        "OBS reconstruction on the fixed masks"
+    return _rewrite_pass(model, windows, settings, rewrite, what, prepare=prepare if refiner else None)
 
 
-def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor]) -> dict:
+def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor], refiner: SwapRefiner | None = None) -> dict:
     """:func:`reconstruct` of ``ctx.model`` (dense on entry) on ``masks`` with the run's calibration samples
-    (``ctx.calibration()``: source, nsamples, seqlen, seed, BOS as the run's); returns its record."""
-    return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes)
+    (``ctx.calibration()``: source, nsamples, seqlen, seed, BOS as the run's), refined first by ``refiner`` if
+    given; returns its record."""
+    return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes, refiner)
 
 
 def kept_columns(model, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
