@@ -253,8 +253,11 @@ def test_refinement_with_reconstruction_shares_its_pass_saves_the_refined_masks_
             "reconstruct=obs"]
     obs = run_prune(compose_prune(base), tmp_path / "obs")
     alone = len(passes)
+    kept = run_prune(compose_prune([*base[:-1], "reconstruct=none"]), tmp_path / "kept")  # W x the same masks
+    assert obs["results"]["s0.50_per_row"]["weights_kept"]["ppl"] == kept["results"]["s0.50_per_row"]["ppl"]
+    passes.clear()
     both = run_prune(compose_prune([*base, "refine=swap"]), tmp_path / "both")
-    assert len(passes) - alone == alone
+    assert len(passes) == alone
     tag = "s0.50_per_row"
     record = both["results"][tag]["refinement"]
     assert record["swaps"] > 0 and record["error_ratio"] < 1 and record["converged"] and record["rounds"] >= 1
@@ -266,6 +269,10 @@ def test_refinement_with_reconstruction_shares_its_pass_saves_the_refined_masks_
     assert any(not torch.equal(plain[n], refined[n]) for n in plain)
     assert all(torch.equal(plain[n].sum(1), refined[n].sum(1)) for n in plain)
     assert both["results"][tag]["ppl"] != obs["results"][tag]["ppl"]
+    summary = (tmp_path / "both/summary.md").read_text()
+    (corpus,) = both["results"][tag]["ppl"]
+    kept_ppl, updated_ppl = both["results"][tag]["weights_kept"]["ppl"][corpus], both["results"][tag]["ppl"][corpus]
+    assert f"| 50% | {kept_ppl:.3f} (`{tag}`) | {updated_ppl:.3f} (`{tag}`) |" in summary
     from safetensors.torch import load_file
     from unipruning_cli.stages.export.apply import export_run
 

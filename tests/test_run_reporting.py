@@ -252,3 +252,26 @@ def test_every_sparsity_description_leaves_an_exported_config(tmp_path):
         "model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors"},
         "compression_config": {"keep": 1}}
     assert drop_sparsity_metadata(tmp_path) == []
+
+
+def test_the_summary_names_the_best_kept_and_the_best_updated_model_per_target():
+    """Per target the lowest perplexity with the weights kept (a cut's own, or a reconstructed cut's weights_kept
+    figure) and with them updated (a reconstruction, or SparseGPT's in-place cut), each with its cut; a run where
+    nothing was updated has no such table."""
+    from unipruning_cli.core.report import _best_md
+
+    def result(ppl, **more):
+        return {"ppl": {"wiki": ppl}, **more}
+
+    metrics = {"perplexity": {"wiki": {}}, "results": {
+        "s0.60_owl": result(70.0, reconstruction={"method": "obs"}, weights_kept={"ppl": {"wiki": 80.0}}),
+        "wanda:s0.60_per_row": result(75.0, reconstruction={"method": "obs"}, weights_kept={"ppl": {"wiki": 79.0}}),
+        "2of4": result(90.0, reconstruction={"method": "obs"}, weights_kept={"ppl": {"wiki": 110.0}})}}
+    text = "\n".join(_best_md(metrics))
+    assert "| 60% | 79.000 (`wanda:s0.60_per_row`) | 70.000 (`s0.60_owl`) |" in text
+    assert "| 2:4 | 110.000 (`2of4`) | 90.000 (`2of4`) |" in text
+    assert "| 60% | 88.000 (`s0.60_per_row`) |  |" not in text
+    gpt = {"perplexity": {"wiki": {}}, "results": {"s0.60_per_row": result(88.0, weights="updated")}}
+    assert "| 60% |  | 88.000 (`s0.60_per_row`) |" in "\n".join(_best_md(gpt))
+    plain = {"perplexity": {"wiki": {}}, "results": {"s0.60_owl": result(80.0), "2of4": result(110.0)}}
+    assert _best_md(plain) == []

@@ -151,10 +151,13 @@ def _prune_loaded(ctx: RunContext, plan: Plan | None, placement: str) -> dict:
     windows = eval_windows_of(cfg, ctx.tok)
     dense = dense_evaluation(ctx, windows) if cfg.eval.dense else {"perplexity": {}, "zero_shot": {}}
 
-    cuts = method_of(cfg).masks(ctx)
+    method = method_of(cfg)
+    cuts = method.masks(ctx)
     if cuts.in_place:  # the model holds its one cut, with the weights the method chose
         with ctx.timer.stage("pruned_eval"):
             results = {ctx.primary.tag: evaluate_pruned(ctx, windows, ctx.primary.tag)}
+        if method.updates_weights:  # SparseGPT: its own update, no W x mask to compare with
+            results[ctx.primary.tag]["weights"] = "updated"
     else:
         masks, refined = refine_stage(ctx, cuts.masks)
         results = evaluate_masks(ctx, masks, windows, refined)

@@ -75,6 +75,30 @@ def _results_md(metrics: dict) -> list[str]:
     return lines + [""]
 
 
+def _best_md(metrics: dict) -> list[str]:
+    """Per target, the lowest perplexity (first corpus) of a model that keeps the original weights times a mask and of
+    one whose kept weights were updated (``reconstruct``, or a method such as SparseGPT), each with the cut it
+    comes from: a cut with ``reconstruct=obs`` counts in both, by its ``weights_kept`` evaluation."""
+    results = metrics.get("results", {})
+    if not metrics["perplexity"] or not any("reconstruction" in r or r.get("weights") for r in results.values()):
+        return []
+    corpus = next(iter(metrics["perplexity"]))
+    best: dict[str, dict[str, tuple[float, str]]] = {}
+    for tag, r in results.items():
+        _, kind, sp = _parse_tag(tag)
+        row = best.setdefault(f"{sp:.0%}" if kind == "unstructured" else kind, {})
+        updated = "reconstruction" in r or r.get("weights") == "updated"
+        found = [("updated" if updated else "kept", r["ppl"][corpus])]
+        if "weights_kept" in r:
+            found.append(("kept", r["weights_kept"]["ppl"][corpus]))
+        for how, ppl in found:
+            row[how] = min(row.get(how, (ppl, tag)), (ppl, tag))
+    cell = (lambda got: f"{got[0]:.3f} (`{got[1]}`)" if got else "")
+    return [f"Best PPL on {corpus} per target, original weights times a mask and with the kept weights updated:", "",
+            "| target | weights kept | weights updated |", "|---|---|---|",
+            *[f"| {t} | {cell(row.get('kept'))} | {cell(row.get('updated'))} |" for t, row in best.items()], ""]
+
+
 def _comparison_md(metrics: dict) -> list[str]:
     """A UniPruning run with ``eval.baselines``: one row per target, the run's cut beside each baseline's, the lowest
     perplexity in bold (on the first corpus), and how far the run's is from the best baseline's."""
@@ -251,6 +275,7 @@ def write_summary_md(path: Path, metrics: dict, plots: list[str] | None = None) 
         *[f"| {' | '.join(r)} |" for r in _rows(metrics)],
         "",
         *_comparison_md(metrics),
+        *_best_md(metrics),
         *_results_md(metrics),
         *_zero_shot_md(metrics),
         *[f"![{Path(p).stem}]({p})" for p in (plots or [])],

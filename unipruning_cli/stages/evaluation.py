@@ -137,6 +137,13 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
                 results[tag] = evaluate_pruned(ctx, windows, tag)
         if rebuilt is not None:
             results[tag]["reconstruction"] = {"method": how, **rebuilt}
+        if how == "obs":
+            restore_weights(layers, original.tensors)
+            apply_masks(layers, masks)  # the same masks on the original weights: what the update added, measured
+            with timer.stage("pruned_eval"):
+                results[tag]["weights_kept"] = {"ppl": {c: perplexity(ctx.model, w, ctx.cfg.eval.batch_size,
+                                                                      f"pruned ppl {c} {tag} (weights kept)").ppl
+                                                        for c, w in windows.items()}}
         if tag in refined:
             results[tag]["refinement"] = refined[tag]
         if tag in ctx.allocation_choices:  # allocation=auto: what was picked, on which held-out losses
@@ -168,4 +175,5 @@ def result_entry(r: dict) -> dict:
             "protocol": {c: {"seqlen": p["seqlen"], "windows": p["windows"]} for c, p in r["perplexity"].items()},
             "measured_sparsity": r["sparsity"]["overall"], "per_layer_sparsity": r["sparsity"]["per_layer"],
             "zero_shot_mean": r["zero_shot"].get("mean"),
-            **{k: r[k] for k in ("reconstruction", "refinement", "structure", "allocation") if k in r}}
+            **{k: r[k] for k in ("reconstruction", "refinement", "structure", "allocation", "weights_kept", "weights")
+               if k in r}}
