@@ -151,6 +151,7 @@ class PruneConfig:
     refine: str = MISSING
     refine_rounds: Optional[int] = MISSING
     refine_seconds: Optional[float] = MISSING
+    refine_target: str = MISSING
     existing_run: str = MISSING
     experiment: Optional[str] = None
 
@@ -309,21 +310,14 @@ def validate_pattern(cfg: DictConfig) -> None:
     check(cfg.sparsity is None or p.allocation not in SHARED_BUDGET or cfg.sparsity <= p.max_matrix_sparsity,
           f"sparsity={cfg.sparsity} with pattern.allocation={p.allocation} is more than pattern.max_matrix_sparsity="
           f"{p.max_matrix_sparsity} lets any matrix lose: raise the cap or lower the sparsity")
-    if cfg.sparsity is not None:
-        s = cfg.sparsity
-        check(0.0 <= s < 1.0, f"sparsity={s} is out of range: it must satisfy 0 <= sparsity < 1")
+    s = cfg.sparsity
+    check(s is None or 0.0 <= s < 1.0, f"sparsity={s} is out of range: it must satisfy 0 <= sparsity < 1")
     if p.kind == "nm":
-        check(
-            0 < p.n < p.m,
-            f"pattern={p.n}:{p.m} is not a valid N:M pattern: it needs 0 < N < M "
-            f"(N weights kept in every group of M), e.g. pattern=2:4 or pattern=4:8",
-        )
+        check(0 < p.n < p.m, f"pattern={p.n}:{p.m} is not a valid N:M pattern: it needs 0 < N < M (N weights kept "
+              "in every group of M), e.g. pattern=2:4 or pattern=4:8")
         implied = 1.0 - p.n / p.m
-        check(
-            cfg.sparsity is None or abs(cfg.sparsity - implied) < 1e-9,
-            f"sparsity={cfg.sparsity} conflicts with pattern={p.n}:{p.m}, whose sparsity is {implied:g}; "
-            f"drop the sparsity override or use pattern=unstructured",
-        )
+        check(s is None or abs(s - implied) < 1e-9, f"sparsity={s} conflicts with pattern={p.n}:{p.m}, whose "
+              f"sparsity is {implied:g}; drop the sparsity override or use pattern=unstructured")
 
 
 def validate_placement(cfg: DictConfig) -> None:

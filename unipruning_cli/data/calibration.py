@@ -24,6 +24,7 @@ from ..models.layouts import expert_counts, expert_groups
 from ..models.loading import block_layers, find_blocks, input_device
 from ..models.onload import onloaded
 from ..core.progress import track
+from .dense_stream import paired_forward, relative_drift
 from .stats import ActivationStats, check_finite
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,8 @@ def calibrate_blockwise(
     offload: str = "cpu",
     share_inputs: bool = True,
     min_expert_tokens: int = 1,
+    dense_targets: bool = False,
+    drift: list | None = None,
 ) -> dict[str, ActivationStats]:
     """Statistics of every prunable layer's inputs over ``windows``: int64 ``[nsamples, seqlen]`` or a
     :class:`.sampling.TokenSamples` (samples of different lengths: truncated documents). Each block runs on
@@ -252,6 +255,9 @@ def calibrate_blockwise(
     Experts see only the tokens routed to them; one that saw fewer than ``min_expert_tokens`` gets its layer's
     pooled statistics (:func:`pool_rare_experts`) before the callback, whether the experts are fused tensors taken
     as Linears or a list of Linear experts (:func:`..models.layouts.expert_groups`). Routers and gates are not hooked.
+    ``dense_targets`` (sequential, with ``want_hessian``): the blocks also run on the dense model's hidden states and
+    each layer's statistics carry ``cross`` = ``X_mᵀ X_d`` (:mod:`.dense_stream`); ``drift``, if a list, gets each
+    block's :func:`.dense_stream.relative_drift` after its callback.
     Raises :class:`..core.errors.UserError` at the first block whose statistics are not finite (an overflow of the model's
     dtype, :func:`.stats.check_finite`), before its callback.
     """
@@ -260,46 +266,57 @@ def calibrate_blockwise(
     all_stats: dict[str, ActivationStats] = {}
     device = input_device(model)
     experts = expert_counts(model)
+    streams = [hidden, list(hidden) if dense_targets else None]
     for i, block in enumerate(track(blocks, "calibrate blocks")):
         # Sequential onloading: a host-resident block comes to the GPU for its passes and its callback,
         # and goes back with what the callback changed (a no-op for a model already on its device).
         with onloaded(block, device, write_back=on_block is not None):
-            stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs[i], sequential, want_hessian,
+            stats, streams = _calibrate_block(block, f"{prefix}.{i}", i, streams, kwargs[i], sequential, want_hessian,
                                               want_per_sample, on_block, offload, share_inputs, min_expert_tokens,
                                               experts)
         all_stats.update(stats)
-        hidden = outputs
+        if drift is not None and streams[1] is not None:
+            drift.append(relative_drift(*streams))
     return all_stats
 
 
-def _calibrate_block(block: nn.Module, name: str, i: int, hidden: list, kwargs: list, sequential: bool,
+def _calibrate_block(block: nn.Module, name: str, i: int, streams: list, kwargs: list, sequential: bool,
                      want_hessian: bool, want_per_sample: bool, on_block: BlockCallback | None, offload: str,
                      share_inputs: bool, min_expert_tokens: int,
                      experts: frozenset[int]) -> tuple[dict[str, ActivationStats], list]:
     """One block of :func:`calibrate_blockwise`: its statistics, the callback, and its outputs for the next block
-    (``experts``: the model's expert counts, :func:`..models.layouts.expert_counts`)."""
+    (``streams``: [the hidden states, the dense model's or None]; ``experts``: the model's expert counts,
+    :func:`..models.layouts.expert_counts`)."""
+    hidden, hidden_d = streams
     layers = block_layers(block, name, experts)
     shared = SharedInputs(enabled=share_inputs)
     collectors = {n: InputCollector(m.in_features, want_hessian, want_per_sample, shared)
                   for n, m in layers.items()}
-    handles = [m.register_forward_pre_hook(collectors[n]) for n, m in layers.items()]
+    run = (lambda b, h, kw: _run_block(b, h, kw, offload))
+    cross: dict[str, torch.Tensor] = {}
+    handles = [] if hidden_d is not None else [m.register_forward_pre_hook(collectors[n]) for n, m in layers.items()]
     try:
-        outputs = [_run_block(block, h, kw, offload) for h, kw in zip(hidden, kwargs)]
+        if hidden_d is None:
+            outputs = [run(block, h, kw) for h, kw in zip(hidden, kwargs)]
+        else:
+            outputs, hidden_d, cross = paired_forward(block, layers, collectors, hidden, hidden_d, kwargs, run)
     finally:
         shared.clear()
         for h in handles:
             h.remove()
     stats = {n: c.stats() for n, c in collectors.items()}
+    for n, c in cross.items():
+        stats[n].cross = c
     if layers:  # an overflow stops the run here, before any callback scores, cuts or caches what it made
         check_finite(stats, next(iter(layers.values())).weight.dtype)
     pool_rare_experts(stats, expert_groups(block, name, experts), min_expert_tokens)
     if on_block is not None:
         on_block(i, layers, stats)
     if sequential and on_block is not None:
-        outputs = [_run_block(block, h, kw, offload) for h, kw in zip(hidden, kwargs)]
+        outputs = [run(block, h, kw) for h, kw in zip(hidden, kwargs)]
     for s in stats.values():
-        s.xtx = None
-    return stats, outputs
+        s.xtx = s.cross = None
+    return stats, [outputs, hidden_d]
 
 
 def pool_rare_experts(stats: dict[str, ActivationStats], groups: list[list[str]], min_tokens: int,

@@ -27,6 +27,8 @@ class ActivationStats:
               pooled ones: the tokens the router sent it (None otherwise).
     sum:      Σ_tokens x_j, per input channel j, fp64: the channel means of FLAP's fluctuation and bias
               compensation (None in statistics saved before it was kept).
+    cross:    Σ_tokens x xᵈᵀ (in x in), fp32, x the input in the pruned model and xᵈ the same token's input in the
+              dense model: only in a pass with dense targets (:mod:`.dense_stream`), dropped with ``xtx``.
     """
 
     sq_sum: torch.Tensor
@@ -35,6 +37,7 @@ class ActivationStats:
     sample_mean_sq: Optional[torch.Tensor] = None
     own_count: Optional[int] = None
     sum: Optional[torch.Tensor] = None
+    cross: Optional[torch.Tensor] = None
 
     @property
     def norm(self) -> torch.Tensor:

@@ -55,7 +55,7 @@ class BlockPassResult:
 @torch.no_grad()
 def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSettings = PassSettings(), *,
                sequential: bool = True, want_hessian: bool = False, apply: bool = True,
-               restore: bool = False) -> BlockPassResult:
+               restore: bool = False, dense_targets: bool = False, drift: list | None = None) -> BlockPassResult:
     """Run ``step`` on every decoder block of ``model`` in order over ``windows`` (the calibration samples: int64
     ``[n, seqlen]`` or :class:`..data.sampling.TokenSamples`).
 
@@ -64,6 +64,8 @@ def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSetting
     returns are applied (W ⊙ mask) before the block's outputs are recomputed; a step whose method rewrote the
     weights itself (SparseGPT) passes False. ``restore``: the values the masks zeroed are kept on the host and
     written back after the pass, so the model is bit for bit as it was (on return and on an exception).
+    ``dense_targets``: the statistics also carry ``cross`` = ``X_mᵀ X_d`` (:mod:`..data.dense_stream`); ``drift``, if a
+    list, gets each block's relative distance to the dense model's outputs after its step.
     Raises :class:`..core.errors.UserError` at the first block whose statistics are not finite (an overflow of the
     model's dtype), before its step.
     """
@@ -84,7 +86,8 @@ def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSetting
 
     try:
         stats = calibrate_blockwise(model, windows, sequential=sequential, want_hessian=want_hessian, on_block=visit,
-                                    offload=settings.offload, min_expert_tokens=settings.min_expert_tokens)
+                                    offload=settings.offload, min_expert_tokens=settings.min_expert_tokens,
+                                    dense_targets=dense_targets, drift=drift)
         return BlockPassResult(stats, kept)
     finally:
         if removed:

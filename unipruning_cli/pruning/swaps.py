@@ -106,7 +106,7 @@ def _joint_change(w, g, h, grow, drop):
 @torch.no_grad()
 def swap_refine(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, *, group: Optional[int] = None,
                 max_rounds: Optional[int] = None, deadline: Optional[float] = None, batch: bool = True,
-                rel_tol: float = 1e-6) -> SwapResult:
+                cross: Optional[torch.Tensor] = None, rel_tol: float = 1e-6) -> SwapResult:
     """Refine ``keep`` (bool ``[out, in]``, True = kept) of ``weight`` ``[out, in]`` by swaps that lower the output
     error ``δ_r H δ_rᵀ`` of each row, with ``xtx`` = ``H`` = ``Σ x xᵀ`` ``[in, in]`` over the calibration tokens.
 
@@ -118,6 +118,11 @@ def swap_refine(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, *, 
     as each pair's own change is negative), halving the batch until its exact joint change (:func:`_joint_change`)
     is at most the best single swap's; a row where no batch does that takes the single swap. A move is taken only
     when it lowers the row's error by more than ``rel_tol`` of it, so the error never rises and the loop ends.
+
+    With ``cross`` = ``X_mᵀ X_d`` ``[in, in]`` (``xtx`` being ``X_mᵀ X_m``: a pass with dense targets,
+    :mod:`..data.dense_stream`), the error lowered is the one against the dense layer's output on the dense model's
+    inputs, ``‖W X_d - (W ⊙ mask) X_m‖²`` per row ``= δ H δᵀ - 2 δ·b + const`` with ``b = W (H - crossᵀ)``: the same
+    moves with ``g = δ H - b`` (the tolerance is then relative to ``δ H δᵀ``).
 
     Runs until no row has such a move (``converged``), ``max_rounds`` rounds (None: no cap) or past ``deadline``
     (a ``time.monotonic()`` value). The kept count of every row (and every group) is the input's. Raises
@@ -131,13 +136,16 @@ def swap_refine(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, *, 
     h = xtx.to(w.device).float()
     keep = keep.to(w.device).clone()
     rows = torch.arange(w.shape[0], device=w.device)
-    g = (w * ~keep) @ h
+    if cross is not None and cross.shape != h.shape:
+        raise ValueError(f"swap_refine: cross {tuple(cross.shape)} is not [in, in] like xtx {tuple(h.shape)}")
+    b = 0.0 if cross is None else w @ (h - cross.to(w.device).float().t())
+    g = (w * ~keep) @ h - b
     swaps = rounds = 0
     converged = False
     while max_rounds is None or rounds < max_rounds:
         if deadline is not None and time.monotonic() > deadline:
             break
-        err = ((w * ~keep) * g).sum(1).clamp_min(0)
+        err = ((w * ~keep) * (g + b)).sum(1).clamp_min(0)
         change, j, i, cand = _single(w, keep, g, h, group)
         ok = (change < -rel_tol * err) & torch.isfinite(change)
         if not ok.any():
@@ -163,15 +171,18 @@ def swap_refine(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, *, 
                 k[trial[good]] = 0
                 k[trial[~good]] //= 2
         keep = (keep | grow) & ~drop
-        g = (w * ~keep) @ h
+        g = (w * ~keep) @ h - b
         swaps += int(grow.sum())
     return SwapResult(keep, swaps, rounds, converged)
 
 
 def validate_refine(cfg) -> None:
-    """Raise :class:`UserError` for ``refine``, ``refine_rounds`` or ``refine_seconds`` out of range."""
+    """Raise :class:`UserError` for ``refine``, ``refine_rounds``, ``refine_seconds`` or ``refine_target`` out of
+    range."""
     if cfg.refine not in ("none", "swap"):
         raise UserError(f"refine={cfg.refine!r}: expected one of none, swap")
+    if cfg.refine_target not in ("masked", "dense"):
+        raise UserError(f"refine_target={cfg.refine_target!r}: expected one of masked, dense")
     rounds, seconds = cfg.refine_rounds, cfg.refine_seconds
     if rounds is not None and (not isinstance(rounds, int) or rounds < 1):
         raise UserError(f"refine_rounds={rounds!r}: expected a whole number of rounds >= 1, or null (until no swap "

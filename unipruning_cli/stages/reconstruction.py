@@ -35,10 +35,12 @@ RECONSTRUCTIONS = ("none", "obs", "ls", "bias")
 
 @torch.no_grad()
 def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
-                  masks: Mapping[str, torch.Tensor] | None = None, prepare=None) -> dict:
+                  masks: Mapping[str, torch.Tensor] | None = None, prepare=None,
+                  refiner: SwapRefiner | None = None) -> dict:
     """One sequential pass in which ``rewrite(name, W, stats)`` gives a layer's new weight and the keep mask it
     honours (``(new, keep)``; None: the layer is left alone); ``masks``, if given, are applied by the loop after each
-    block's rewrites; ``prepare(i, layers, stats)``, if given, runs on each block before its rewrites. Returns ``{"layers": n, "error_ratio": r}``: ‖ΔW X‖² of the new weights over that of W ⊙ keep,
+    block's rewrites; ``prepare(i, layers, stats)``, if given, runs on each block before its rewrites (with dense
+    targets where ``refiner`` wants them). Returns ``{"layers": n, "error_ratio": r}``: ‖ΔW X‖² of the new weights over that of W ⊙ keep,
     summed over the rewritten layers on their calibration inputs."""
     before = after = 0.0
     count = 0
@@ -60,7 +62,9 @@ def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
             count += 1
         return None if masks is None else {n: masks[n] for n in layers if n in masks}
 
-    block_pass(model, windows, step, settings, want_hessian=True)
+    dense = refiner is not None and refiner.dense
+    block_pass(model, windows, step, settings, want_hessian=True, dense_targets=dense,
+               drift=refiner.drift if dense else None)
     ratio = after / before if before > 0 else 1.0
     log.info("%s of %d matrices: output error on the calibration data %.3g of the masked weights'", what, count, ratio)
     return {"layers": count, "error_ratio": ratio}
@@ -87,7 +91,8 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: Pas
 
     what = "swap refinement, then OBS reconstruction on the refined masks" if refiner else \
         "OBS reconstruction on the fixed masks"
-    return _rewrite_pass(model, windows, settings, rewrite, what, prepare=prepare if refiner else None)
+    return _rewrite_pass(model, windows, settings, rewrite, what, prepare=prepare if refiner else None,
+                         refiner=refiner)
 
 
 def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor], refiner: SwapRefiner | None = None) -> dict:

@@ -30,11 +30,18 @@ class SwapRefiner:
     reconstruct`), with the record of the whole cut. ``masks``: name -> bool ``[out, in]`` (every prunable layer);
     ``nm``: the (N, M) of an N:M cut, whose swaps stay inside a group; ``max_rounds``: a cap per matrix (None:
     until no swap helps); ``seconds``: a budget for the cut, shared out evenly over its matrices (time left by one
-    passes to the next)."""
+    passes to the next); ``target``: ``"masked"`` (the error against the layer's own output on the pruned model's
+    inputs) or ``"dense"`` (against the dense layer's output on the dense model's inputs: the pass then carries dense
+    targets, :mod:`..data.dense_stream`, and its :attr:`drift` per block); ``batch``: several swaps per row per round
+    (False: one, the earlier rule)."""
 
     def __init__(self, masks: Mapping[str, torch.Tensor], *, nm: Optional[tuple[int, int]] = None,
-                 max_rounds: Optional[int] = None, seconds: Optional[float] = None) -> None:
+                 max_rounds: Optional[int] = None, seconds: Optional[float] = None, target: str = "masked",
+                 batch: bool = True) -> None:
         self.masks, self.group, self.max_rounds, self.seconds = masks, nm[1] if nm else None, max_rounds, seconds
+        self.dense, self.batch = target == "dense", batch
+        self.drift: list[float] = []  # per block, with dense targets: Σ‖h_m - h_d‖² / Σ‖h_d‖² after its step
+        self.untargeted = 0  # layers with no dense target (experts routed differently in the two streams)
         self.start = time.monotonic()
         self.refined: dict[str, torch.Tensor] = {}  # name -> the refined mask (bool, host)
         self.before = self.after = 0.0
@@ -50,7 +57,10 @@ class SwapRefiner:
             keep = self.masks[name].to(w.device)
             self.done += 1
             deadline = None if self.seconds is None else self.start + self.seconds * self.done / len(self.masks)
-            got = swap_refine(w, keep, xtx, group=self.group, max_rounds=self.max_rounds, deadline=deadline)
+            cross = stats[name].cross if self.dense else None
+            self.untargeted += self.dense and cross is None
+            got = swap_refine(w, keep, xtx, group=self.group, max_rounds=self.max_rounds, deadline=deadline,
+                              cross=cross, batch=self.batch)
             out[name] = got.keep
             self.refined[name] = got.keep.cpu()
             self.before += output_error(w.float() * ~keep, xtx)
@@ -62,24 +72,32 @@ class SwapRefiner:
         return out
 
     def record(self) -> dict:
-        """``{"method": "swap", "swaps": n, "fraction": swaps per weight, "error_ratio": r, "rounds": the most any
-        matrix ran, "converged": every matrix ended where no swap helps, "unconverged": matrices that did not}``, r
-        being the output error of the refined masks over that of the given ones, summed over every layer on its
-        calibration inputs."""
+        """``{"method": "swap", "target": "masked" | "dense", "swaps": n, "fraction": swaps per weight,
+        "error_ratio": r, "rounds": the most any matrix ran, "converged": every matrix ended where no swap helps,
+        "unconverged": matrices that did not}``, r being the output error (on the pruned model's inputs) of the
+        refined masks over that of the given ones, summed over every layer on its calibration inputs; with dense
+        targets also ``"drift"`` (per block, :func:`..data.dense_stream.relative_drift` after its step) and
+        ``"untargeted"`` (layers refined without a dense target)."""
         ratio = self.after / self.before if self.before > 0 else 1.0
         log.info("swap refinement: %d swaps (%.3g%% of the weights) in at most %d rounds per matrix, %s; output error "
                  "on the calibration data %.3g of the given masks'", self.swaps, 100 * self.swaps / max(self.numel, 1),
                  self.rounds, "converged" if not self.unconverged else f"{self.unconverged} matrices stopped by "
                  "refine_rounds / refine_seconds before converging", ratio)
-        return {"method": "swap", "swaps": self.swaps, "fraction": self.swaps / max(self.numel, 1),
-                "error_ratio": ratio, "rounds": self.rounds, "converged": not self.unconverged,
-                "unconverged": self.unconverged}
+        if self.untargeted:
+            log.warning("refine_target=dense: %d layers had no dense target (experts the pruned and the dense model "
+                        "routed differently) and were refined on their own output error", self.untargeted)
+        dense = {"drift": [round(d, 6) for d in self.drift], "untargeted": self.untargeted} if self.dense else {}
+        return {"method": "swap", "target": "dense" if self.dense else "masked", "swaps": self.swaps,
+                "fraction": self.swaps / max(self.numel, 1), "error_ratio": ratio, "rounds": self.rounds,
+                "converged": not self.unconverged, "unconverged": self.unconverged, **dense}
 
 
 def refiner_of(ctx: RunContext, tag: str, masks: Mapping[str, torch.Tensor]) -> SwapRefiner:
     """The run's :class:`SwapRefiner` for the cut ``tag`` (``refine_rounds``, ``refine_seconds``; an N:M tag keeps its
     swaps inside groups)."""
-    return SwapRefiner(masks, nm=nm_of_tag(tag), max_rounds=ctx.cfg.refine_rounds, seconds=ctx.cfg.refine_seconds)
+    cfg = ctx.cfg
+    return SwapRefiner(masks, nm=nm_of_tag(tag), max_rounds=cfg.refine_rounds, seconds=cfg.refine_seconds,
+                       target=cfg.refine_target)
 
 
 @torch.no_grad()
@@ -90,7 +108,8 @@ def refine(model, windows, refiner: SwapRefiner, settings: PassSettings = PassSe
     :func:`.baselines.sequential_masks` does), block by block on ``windows`` (the calibration samples, int64
     ``[n, seqlen]`` or :class:`..data.sampling.TokenSamples`), sequentially. Returns (the refined masks on the host,
     :meth:`SwapRefiner.record`)."""
-    refined = block_pass(model, windows, refiner.block, settings, want_hessian=True, restore=True).masks
+    refined = block_pass(model, windows, refiner.block, settings, want_hessian=True, restore=True,
+                         dense_targets=refiner.dense, drift=refiner.drift).masks
     return refined, refiner.record()
 
 
