@@ -5,13 +5,14 @@ evaluation corpus; what the choice is made on), the output error the refinement 
 seconds, and, per block, how far the pruned model's outputs are from the dense model's
 (:func:`unipruning_cli.data.dense_stream.relative_drift`, what the loss sees).
 
-    python scripts/study_refine_objective.py --run <run> --tags s0.60_owl,s0.70_owl,2of4 --variants none,masked,dense
+    python scripts/study_refine_objective.py --run <run> --tags s0.60_owl,s0.70_owl,2of4 --variants none,pruned,dense
     python scripts/study_refine_objective.py --run <run> --tags 2of4 --variants none,dense --obs   # + reconstruct=obs
 
-Variants: ``none`` (the cut as it is), ``masked`` (swaps lower ``‖(W - Ŵ) X_m‖²``, the pruned model's own inputs),
-``dense`` (``‖W X_d - Ŵ X_m‖²``, toward the dense model: ``refine_target=dense``), ``single50`` (the capped single-swap
+Variants: ``none`` (the cut as it is), ``pruned`` (swaps lower ``‖(W - Ŵ) X_m‖²``, the pruned model's own inputs),
+``dense`` (``‖W X_d - Ŵ X_m‖²``, toward the dense model: ``layer_target=dense``), ``single50`` (the capped single-swap
 rounds of the earlier refinement, 50 rounds, one swap per row per round). ``--obs``: each variant's masks then get the
-OBS update in the same pass (``reconstruct=obs``). The run must have cut its masks without refinement.
+OBS update in the same pass (``reconstruct=obs``), toward the dense outputs for ``dense`` and ``none_dense`` (no
+swaps, the OBS update alone with ``layer_target=dense``). The run must have cut its masks without refinement.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from unipruning_cli.stages.export.run import open_run  # noqa: E402
 from unipruning_cli.stages.reconstruction import reconstruct  # noqa: E402
 from unipruning_cli.stages.refinement import SwapRefiner, refine  # noqa: E402
 
-VARIANTS = {"none": None, "masked": {"target": "masked"}, "dense": {"target": "dense"},
-            "single50": {"target": "masked", "max_rounds": 50, "batch": False}}
+VARIANTS = {"none": None, "none_dense": None, "pruned": {"target": "pruned"}, "dense": {"target": "dense"},
+            "single50": {"target": "pruned", "max_rounds": 50, "batch": False}}
 
 
 def drift_of(model, windows, masks, passes) -> list[float]:
@@ -82,7 +83,8 @@ def main() -> None:
             refiner = None if spec is None else SwapRefiner(masks, nm=nm_of_tag(tag), **spec)
             start = time.monotonic()
             if args.obs:
-                record = {"reconstruction": reconstruct(model, calib, masks, ctx.passes, refiner)}
+                dense = variant in ("dense", "none_dense")
+                record = {"reconstruction": reconstruct(model, calib, masks, ctx.passes, refiner, dense)}
                 final = refiner.refined if refiner else masks
             else:
                 final, record = refine(model, calib, refiner, ctx.passes) if refiner else (masks, {})

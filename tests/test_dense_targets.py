@@ -1,4 +1,4 @@
-"""Dense targets (``refine_target=dense``, issue 29 step 2): a sequential pass that also runs the dense model carries
+"""Dense targets (``layer_target=dense``, issue 29 step 2): a sequential pass that also runs the dense model carries
 ``X_mᵀ X_d`` per layer, equal to the product of the inputs captured from the two models by hooks; the swaps then
 lower ``‖W X_d - (W ⊙ mask) X_m‖²`` row by row, checked against that error recomputed from the tokens."""
 
@@ -125,11 +125,51 @@ def test_the_objective_study_measures_every_variant_of_a_runs_cut(tmp_path, tiny
     out = tmp_path / "study.json"
     script = Path(__file__).resolve().parents[1] / "scripts/study_refine_objective.py"
     subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "run"), "--tags", "2of4", "--variants",
-                    "none,masked,dense", "--out", str(out), "--drift"], check=True, capture_output=True,
+                    "none,pruned,dense", "--out", str(out), "--drift"], check=True, capture_output=True,
                    env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     rows = {r["variant"]: r for r in __import__("json").loads(out.read_text())}
-    assert set(rows) == {"none", "masked", "dense"} and "refinement" not in rows["none"]
-    for v in ("masked", "dense"):
+    assert set(rows) == {"none", "pruned", "dense"} and "refinement" not in rows["none"]
+    for v in ("pruned", "dense"):
         assert rows[v]["refinement"]["converged"] and rows[v]["refinement"]["error_ratio"] < 1
     n_blocks = len(rows["none"]["drift"])
     assert n_blocks > 1 and len(rows["dense"]["refinement"]["drift"]) == n_blocks
+
+
+def test_the_dense_target_weight_is_the_least_squares_fit_of_the_dense_output():
+    """``W*`` against ``lstsq(X_m, X_d Wᵀ)``; a channel that never fired keeps W's weights; with equal inputs W* = W."""
+    from unipruning_cli.pruning.obs import dense_target_weight
+
+    w, xm, xd = _pair(3, inp=12, tokens=600)
+    xm[:, 5] = 0
+    moved = dense_target_weight(w, xm.t() @ xm, xm.t() @ xd, percdamp=1e-7)
+    live = torch.arange(12) != 5
+    fit = torch.linalg.lstsq(xm[:, live], xd @ w.t()).solution.t()
+    torch.testing.assert_close(moved[:, live], fit, rtol=1e-3, atol=1e-3)
+    assert torch.equal(moved[:, 5], w[:, 5])
+    h = xd.t() @ xd
+    torch.testing.assert_close(dense_target_weight(w, h, h, percdamp=1e-7), w, rtol=1e-3, atol=1e-3)
+
+
+def test_a_run_with_dense_targets_refines_and_reconstructs_toward_the_dense_model(tmp_path, tiny_llama_dir,
+                                                                                  corpus_files, monkeypatch):
+    """layer_target=dense with refine=swap and reconstruct=obs: records say so (with the drift per block), the
+    masks differ from the pruned-target run's, and layer_target=dense alone is refused before any weight is read."""
+    from _helpers import tiny_overrides
+    from unipruning_cli.commands.prune import run_prune
+    from unipruning_cli.core.config import compose_prune, validate_values
+    from unipruning_cli.core.errors import UserError
+
+    monkeypatch.setenv("UNIPRUNING_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    base = [*tiny_overrides(tiny_llama_dir, corpus_files), "eval.dense=false", "calibration.nsamples=16",
+            "refine=swap", "reconstruct=obs"]
+    pruned = run_prune(compose_prune(base), tmp_path / "pruned")
+    dense = run_prune(compose_prune([*base, "layer_target=dense"]), tmp_path / "dense")
+    tag = "s0.50_per_row"
+    r = dense["results"][tag]
+    assert r["refinement"]["target"] == "dense" and r["reconstruction"]["target"] == "dense"
+    assert len(r["refinement"]["drift"]) > 1 and r["refinement"]["untargeted"] == 0
+    assert pruned["results"][tag]["reconstruction"]["target"] == "pruned"
+    assert r["ppl"] != pruned["results"][tag]["ppl"]
+    with pytest.raises(UserError, match="layer_target=dense sets what"):
+        validate_values(compose_prune([*tiny_overrides(tiny_llama_dir, corpus_files), "layer_target=dense"]))

@@ -151,7 +151,7 @@ class PruneConfig:
     refine: str = MISSING
     refine_rounds: Optional[int] = MISSING
     refine_seconds: Optional[float] = MISSING
-    refine_target: str = MISSING
+    layer_target: str = MISSING
     existing_run: str = MISSING
     experiment: Optional[str] = None
 

@@ -363,3 +363,26 @@ def obs_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Ten
     w[:, dead.to(w.device)] = weight.detach().float()[:, dead.to(weight.device)].to(w.device)
     w.masked_fill_(prune, 0.0)
     return w.to(weight.dtype)
+
+
+def dense_target_weight(weight: torch.Tensor, xtx: torch.Tensor, cross: torch.Tensor,
+                        percdamp: float = 0.01) -> torch.Tensor:
+    """The dense weight moved to where the pruned model's inputs best reproduce the dense layer's output:
+    ``W* = argmin_V ‖W X_d - V X_m‖² = W (H⁻¹ C)ᵀ`` with ``H = X_mᵀ X_m`` (``xtx``, damped by ``percdamp`` of its mean
+    diagonal as :func:`obs_reconstruct` damps it) and ``C = X_mᵀ X_d`` (``cross``), both ``[in, in]`` fp32 over the
+    calibration tokens (:mod:`..data.dense_stream`). Since ``‖W X_d - V X_m‖² = (V - W*) H (V - W*)ᵀ + const``, the
+    OBS update of ``W*`` on a mask (:func:`obs_reconstruct`) lowers the error against the dense output
+    (``layer_target=dense``). Input channels that never fired in the pruned model keep W's weights. ``weight``
+    ``[out, in]``; returns fp32 ``[out, in]``. Raises ``ValueError`` for shapes that do not match."""
+    if xtx.shape != cross.shape or xtx.shape != (weight.shape[1],) * 2:
+        raise ValueError(f"dense_target_weight: weight {tuple(weight.shape)}, xtx {tuple(xtx.shape)}, cross "
+                         f"{tuple(cross.shape)}: both must be [in, in]")
+    w = weight.detach().float()
+    h = xtx.to(w.device).float().clone()
+    diag = h.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += percdamp * diag.mean()
+    moved = w @ torch.linalg.solve(h, cross.to(w.device).float()).t()
+    moved[:, dead] = w[:, dead]
+    return moved

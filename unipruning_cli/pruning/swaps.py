@@ -177,12 +177,15 @@ def swap_refine(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, *, 
 
 
 def validate_refine(cfg) -> None:
-    """Raise :class:`UserError` for ``refine``, ``refine_rounds``, ``refine_seconds`` or ``refine_target`` out of
+    """Raise :class:`UserError` for ``refine``, ``refine_rounds``, ``refine_seconds`` or ``layer_target`` out of
     range."""
     if cfg.refine not in ("none", "swap"):
         raise UserError(f"refine={cfg.refine!r}: expected one of none, swap")
-    if cfg.refine_target not in ("masked", "dense"):
-        raise UserError(f"refine_target={cfg.refine_target!r}: expected one of masked, dense")
+    if cfg.layer_target not in ("pruned", "dense"):
+        raise UserError(f"layer_target={cfg.layer_target!r}: expected one of pruned, dense")
+    if cfg.layer_target == "dense" and cfg.refine == "none" and cfg.reconstruct != "obs":
+        raise UserError("layer_target=dense sets what refine=swap and reconstruct=obs lower; this run does neither: "
+                        "add one of them, or drop layer_target")
     rounds, seconds = cfg.refine_rounds, cfg.refine_seconds
     if rounds is not None and (not isinstance(rounds, int) or rounds < 1):
         raise UserError(f"refine_rounds={rounds!r}: expected a whole number of rounds >= 1, or null (until no swap "

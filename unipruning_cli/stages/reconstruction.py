@@ -22,7 +22,7 @@ from ..pruning.channels import bias_shift, channels_of_masks, ls_refit, mlp_chan
 from ..pruning.weights import apply_masks
 from ..pruning.heads import attention_heads, head_counts, heads_of_masks
 from ..models.layouts import text_config
-from ..pruning.obs import obs_reconstruct
+from ..pruning.obs import dense_target_weight, obs_reconstruct
 from ..pruning.swaps import output_error
 from ..pruning.block_loop import PassSettings, block_pass
 from ..core.context import RunContext
@@ -36,11 +36,11 @@ RECONSTRUCTIONS = ("none", "obs", "ls", "bias")
 @torch.no_grad()
 def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
                   masks: Mapping[str, torch.Tensor] | None = None, prepare=None,
-                  refiner: SwapRefiner | None = None) -> dict:
+                  refiner: SwapRefiner | None = None, dense: bool = False) -> dict:
     """One sequential pass in which ``rewrite(name, W, stats)`` gives a layer's new weight and the keep mask it
     honours (``(new, keep)``; None: the layer is left alone); ``masks``, if given, are applied by the loop after each
-    block's rewrites; ``prepare(i, layers, stats)``, if given, runs on each block before its rewrites (with dense
-    targets where ``refiner`` wants them). Returns ``{"layers": n, "error_ratio": r}``: ‖ΔW X‖² of the new weights over that of W ⊙ keep,
+    block's rewrites; ``prepare(i, layers, stats)``, if given, runs on each block before its rewrites; the pass
+    carries dense targets where ``dense`` or ``refiner`` wants them. Returns ``{"layers": n, "error_ratio": r}``: ‖ΔW X‖² of the new weights over that of W ⊙ keep,
     summed over the rewritten layers on their calibration inputs."""
     before = after = 0.0
     count = 0
@@ -62,24 +62,27 @@ def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
             count += 1
         return None if masks is None else {n: masks[n] for n in layers if n in masks}
 
-    dense = refiner is not None and refiner.dense
-    block_pass(model, windows, step, settings, want_hessian=True, dense_targets=dense,
-               drift=refiner.drift if dense else None)
+    targets = dense or (refiner is not None and refiner.dense)
+    block_pass(model, windows, step, settings, want_hessian=True, dense_targets=targets,
+               drift=refiner.drift if refiner is not None and refiner.dense else None)
     ratio = after / before if before > 0 else 1.0
     log.info("%s of %d matrices: output error on the calibration data %.3g of the masked weights'", what, count, ratio)
     return {"layers": count, "error_ratio": ratio}
 
 
 def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings(),
-                refiner: SwapRefiner | None = None) -> dict:
+                refiner: SwapRefiner | None = None, dense: bool = False) -> dict:
     """Set every prunable weight of ``model`` (dense on entry) to its OBS reconstruction on ``masks`` (name -> bool
     ``[out, in]``, True = keep). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
     :class:`..data.sampling.TokenSamples`). With a ``refiner`` (``refine=swap``), each block's masks are first
     refined by swaps (:class:`.refinement.SwapRefiner`, its refined masks and record then in it) on the same
-    statistics, so refinement and reconstruction share one calibration pass. Returns ``{"layers": n,
+    statistics, so refinement and reconstruction share one calibration pass. ``dense`` (``layer_target=dense``): the
+    update lowers the error against the dense layer's output on the dense model's inputs (OBS on
+    :func:`..pruning.obs.dense_target_weight`, the pass carrying dense targets). Returns ``{"layers": n,
     "error_ratio": r}``: the output error on the calibration data of the reconstructed weights over that of the
     masked dense weights, ‖ΔW X‖² summed over every layer (below 1 where it helped). Raises ``ValueError`` from the
-    solve (a non-finite Hessian)."""
+    solve (a non-finite Hessian). The record also says ``"target"``: ``"pruned"`` or ``"dense"`` (``error_ratio`` is
+    always on the pruned model's inputs against the layer's own output)."""
     keeps = dict(masks)
 
     def prepare(i, layers, stats):
@@ -87,19 +90,21 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: Pas
 
     def rewrite(name, w, st):
         keep = keeps[name].to(w.device)
-        return obs_reconstruct(w, (2.0 / max(st.count, 1)) * st.xtx.to(w.device), keep, name=name), keep
+        start = w if not dense or st.cross is None else dense_target_weight(w, st.xtx, st.cross).to(w.dtype)
+        return obs_reconstruct(start, (2.0 / max(st.count, 1)) * st.xtx.to(w.device), keep, name=name), keep
 
     what = "swap refinement, then OBS reconstruction on the refined masks" if refiner else \
         "OBS reconstruction on the fixed masks"
-    return _rewrite_pass(model, windows, settings, rewrite, what, prepare=prepare if refiner else None,
-                         refiner=refiner)
+    record = _rewrite_pass(model, windows, settings, rewrite, what, prepare=prepare if refiner else None,
+                           refiner=refiner, dense=dense)
+    return {**record, "target": "dense" if dense else "pruned"}
 
 
 def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor], refiner: SwapRefiner | None = None) -> dict:
     """:func:`reconstruct` of ``ctx.model`` (dense on entry) on ``masks`` with the run's calibration samples
     (``ctx.calibration()``: source, nsamples, seqlen, seed, BOS as the run's), refined first by ``refiner`` if
     given; returns its record."""
-    return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes, refiner)
+    return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes, refiner, ctx.cfg.layer_target == "dense")
 
 
 def kept_columns(model, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -30,13 +30,13 @@ class SwapRefiner:
     reconstruct`), with the record of the whole cut. ``masks``: name -> bool ``[out, in]`` (every prunable layer);
     ``nm``: the (N, M) of an N:M cut, whose swaps stay inside a group; ``max_rounds``: a cap per matrix (None:
     until no swap helps); ``seconds``: a budget for the cut, shared out evenly over its matrices (time left by one
-    passes to the next); ``target``: ``"masked"`` (the error against the layer's own output on the pruned model's
+    passes to the next); ``target``: ``"pruned"`` (the error against the layer's own output on the pruned model's
     inputs) or ``"dense"`` (against the dense layer's output on the dense model's inputs: the pass then carries dense
     targets, :mod:`..data.dense_stream`, and its :attr:`drift` per block); ``batch``: several swaps per row per round
     (False: one, the earlier rule)."""
 
     def __init__(self, masks: Mapping[str, torch.Tensor], *, nm: Optional[tuple[int, int]] = None,
-                 max_rounds: Optional[int] = None, seconds: Optional[float] = None, target: str = "masked",
+                 max_rounds: Optional[int] = None, seconds: Optional[float] = None, target: str = "pruned",
                  batch: bool = True) -> None:
         self.masks, self.group, self.max_rounds, self.seconds = masks, nm[1] if nm else None, max_rounds, seconds
         self.dense, self.batch = target == "dense", batch
@@ -72,7 +72,7 @@ class SwapRefiner:
         return out
 
     def record(self) -> dict:
-        """``{"method": "swap", "target": "masked" | "dense", "swaps": n, "fraction": swaps per weight,
+        """``{"method": "swap", "target": "pruned" | "dense", "swaps": n, "fraction": swaps per weight,
         "error_ratio": r, "rounds": the most any matrix ran, "converged": every matrix ended where no swap helps,
         "unconverged": matrices that did not}``, r being the output error (on the pruned model's inputs) of the
         refined masks over that of the given ones, summed over every layer on its calibration inputs; with dense
@@ -84,10 +84,10 @@ class SwapRefiner:
                  self.rounds, "converged" if not self.unconverged else f"{self.unconverged} matrices stopped by "
                  "refine_rounds / refine_seconds before converging", ratio)
         if self.untargeted:
-            log.warning("refine_target=dense: %d layers had no dense target (experts the pruned and the dense model "
+            log.warning("layer_target=dense: %d layers had no dense target (experts the pruned and the dense model "
                         "routed differently) and were refined on their own output error", self.untargeted)
         dense = {"drift": [round(d, 6) for d in self.drift], "untargeted": self.untargeted} if self.dense else {}
-        return {"method": "swap", "target": "dense" if self.dense else "masked", "swaps": self.swaps,
+        return {"method": "swap", "target": "dense" if self.dense else "pruned", "swaps": self.swaps,
                 "fraction": self.swaps / max(self.numel, 1), "error_ratio": ratio, "rounds": self.rounds,
                 "converged": not self.unconverged, "unconverged": self.unconverged, **dense}
 
@@ -97,7 +97,7 @@ def refiner_of(ctx: RunContext, tag: str, masks: Mapping[str, torch.Tensor]) -> 
     swaps inside groups)."""
     cfg = ctx.cfg
     return SwapRefiner(masks, nm=nm_of_tag(tag), max_rounds=cfg.refine_rounds, seconds=cfg.refine_seconds,
-                       target=cfg.refine_target)
+                       target=cfg.layer_target)
 
 
 @torch.no_grad()
