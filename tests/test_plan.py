@@ -75,6 +75,22 @@ def test_frozen_needs_far_less_gpu_than_drift(tmp_path, monkeypatch):
     assert "schedule.weight_mode=frozen" in " ".join(drift["advice"])
 
 
+def test_refinement_and_reconstruction_are_planned_and_dense_targets_cost_their_second_stream(tmp_path, monkeypatch):
+    """refine=swap / reconstruct=obs add one row (their shared pass); layer_target=dense adds X_mᵀX_d (the block's
+    XᵀX again, fp32) and the dense stream's activations on the GPU and its block inputs on the host."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    common = ["model=qwen2.5-7b", "--gpus", "1", "--gpu-memory", "80GiB", "--host-memory", "256GiB"]
+    rows = {k: {s["stage"]: s for s in _plan(tmp_path, *common, *extra)["stages"]}
+            for k, extra in (("none", []), ("pruned", ["refine=swap", "reconstruct=obs"]),
+                             ("dense", ["refine=swap", "reconstruct=obs", "layer_target=dense"]))}
+    assert "refine_reconstruct" not in rows["none"]
+    pruned, dense = rows["pruned"]["refine_reconstruct"], rows["dense"]["refine_reconstruct"]
+    xtx_block = 4 * (4 * 3584 ** 2 + 2 * 3584 ** 2 + 18944 ** 2)  # q, k, v, o, gate, up read 3584 inputs; down 18944
+    act = 4096 * (6 * 3584 + 3 * 18944) * 2  # one window (model.seqlen 4096) in one block, bf16
+    assert dense["gpu_gib"] * GIB - pruned["gpu_gib"] * GIB == pytest.approx(xtx_block + act, rel=0.01)
+    assert dense["host_gib"] > pruned["host_gib"]
+
+
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * GIB), ("141GB", 141e9), ("24", 24 * GIB),
                                             ("512 MiB", 512 * 2**20)])
 def test_sizes(text, expected):

@@ -164,6 +164,8 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     if cfg.eval.dense:
         add("dense_eval", Wo + Wb + logits, 0.0, f"W{one} + fp32 logits of one chunk")
     method.plan_rows(sheet)
+    if cfg.refine != "none" or cfg.reconstruct == "obs":
+        sheet.refine_reconstruct()
     if cfg.eval.tasks:
         add("zero_shot", Wo + Wb, P * b if method.searches else 0.0, f"W{one} under lm-eval (+ the host copy)")
     from .. import prune as pruning  # noqa: F401  (the baseline is a prune process's: the modules its stages run)

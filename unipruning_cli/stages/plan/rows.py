@@ -76,6 +76,20 @@ class Sheet:
         self.add("calibration", self.Wo + self.Wb + act, self.block_io + self.per_sample,
                  f"W{self.one} + one window in one block; block inputs/outputs on the host")
 
+    def refine_reconstruct(self) -> None:
+        """``refine=swap`` / ``reconstruct=obs``: one sequential pass per cut (both share it) with the block's XᵀX
+        (fp32), with ``layer_target=dense`` also X_mᵀX_d and the dense stream's block inputs; the OBS buffers of the
+        widest layer (5 x I² fp32, as SparseGPT's) and the swaps' fp32 working copies of the largest matrix (6 x:
+        W, δ, g, two candidate maps, a trial product)."""
+        dense = 2 if self.cfg.layer_target == "dense" else 1
+        act = self.cfg.calibration.seqlen * (6 * self.s["h"] + 3 * self.s["I"]) * self.b * dense
+        work = 4 * self.s["xtx_block"] * dense + 5 * self.s["I_max"] ** 2 * 4 + 6 * self.s["L_max"] * 4
+        self.add("refine_reconstruct", self.Wo + self.Wb + act + work,
+                 self.block_io * dense + self.P / 8 + self.restore_copy(self.b),
+                 f"W{self.one} + the block's XᵀX{' and X_mᵀX_d' if dense > 1 else ''} + OBS and swap buffers of the "
+                 f"widest layer; block inputs/outputs{' of both streams' if dense > 1 else ''} and the copy of W "
+                 "that restores it between cuts on the host")
+
     def pruned_eval_in_place(self) -> None:
         """The pruned model evaluated as the method left it (masks packed on the host)."""
         self.add("pruned_eval", self.Wo + self.Wb + self.logits, self.P / 8, f"W{self.one} + fp32 logits of one chunk")
