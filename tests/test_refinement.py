@@ -125,8 +125,9 @@ def test_the_joint_change_of_a_batch_is_the_recomputed_error():
         grow[r, pruned[: 1 + r % 3]] = True
         drop[r, kept[: 1 + r % 3]] = True
     new = (keep | grow) & ~drop
-    torch.testing.assert_close(_joint_change(w, g, xtx, grow, drop), _error(w, new, x) - _error(w, keep, x),
-                               rtol=1e-4, atol=1e-2)
+    joint, moved = _joint_change(w, g, xtx, grow, drop)
+    torch.testing.assert_close(joint, _error(w, new, x) - _error(w, keep, x), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(g + moved, (w * ~new) @ xtx, rtol=1e-4, atol=1e-3)  # g after the move
 
 
 @pytest.mark.parametrize("group", [None, 4])

@@ -98,9 +98,10 @@ def _batch(cand, k, group, shape, device):
 
 def _joint_change(w, g, h, grow, drop):
     """Exact change of each row's error ``[out]`` when the columns in ``grow`` are revived and those in ``drop``
-    pruned at once: ``2 Δ gᵀ + Δ H Δᵀ`` with ``Δ = W ⊙ (drop - grow)``."""
+    pruned at once: ``2 Δ gᵀ + Δ H Δᵀ`` with ``Δ = W ⊙ (drop - grow)``; also ``Δ H`` ``[out, in]``, what ``g`` gains."""
     delta = w * drop - w * grow
-    return 2 * (delta * g).sum(1) + ((delta @ h) * delta).sum(1)
+    moved = delta @ h
+    return 2 * (delta * g).sum(1) + (moved * delta).sum(1), moved
 
 
 @torch.no_grad()
@@ -154,8 +155,11 @@ def swap_refine(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, *, 
         rounds += 1
         grow = torch.zeros_like(keep)
         drop = torch.zeros_like(keep)
-        grow[rows[ok], j[ok]] = True
-        drop[rows[ok], i[ok]] = True
+        r, jr, ir = rows[ok], j[ok], i[ok]
+        grow[r, jr] = True
+        drop[r, ir] = True
+        gain = torch.zeros_like(g)  # what g = δ H gains this round, row by row (δ_i: 0 -> w_i, δ_j: w_j -> 0)
+        gain[r] = w[r, ir, None] * h[ir] - w[r, jr, None] * h[jr]
         if batch:
             if group is None:
                 helps = cand[0].sort(1).values + cand[1].sort(1).values < -rel_tol * err[:, None]
@@ -165,13 +169,14 @@ def swap_refine(weight: torch.Tensor, keep: torch.Tensor, xtx: torch.Tensor, *, 
             while bool((k >= 2).any()):
                 trial = (k >= 2).nonzero().flatten()
                 tg, td = _batch(tuple(c[trial] for c in cand), k[trial], group, (len(trial), w.shape[1]), w.device)
-                joint = _joint_change(w[trial], g[trial], h, tg, td)
+                joint, moved = _joint_change(w[trial], g[trial], h, tg, td)
                 good = joint <= change[trial]
                 grow[trial[good]], drop[trial[good]] = tg[good], td[good]
+                gain[trial[good]] = moved[good]
                 k[trial[good]] = 0
                 k[trial[~good]] //= 2
         keep = (keep | grow) & ~drop
-        g = (w * ~keep) @ h - b
+        g += gain
         swaps += int(grow.sum())
     return SwapResult(keep, swaps, rounds, converged)
 
