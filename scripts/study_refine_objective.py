@@ -87,7 +87,8 @@ def main() -> None:
                 record = {"reconstruction": reconstruct(model, calib, masks, ctx.passes, refiner, dense)}
                 final = refiner.refined if refiner else masks
             else:
-                final, record = refine(model, calib, refiner, ctx.passes) if refiner else (masks, {})
+                final = refine(model, calib, refiner, ctx.passes)[0] if refiner else masks
+                record = {}
                 apply_masks(layers, final)
             seconds = time.monotonic() - start
             row = {"tag": tag, "variant": variant, "obs": args.obs, "seconds": round(seconds, 1),
