@@ -14,15 +14,15 @@ from unipruning_cli.pruning.targets import baselines_of, make_target, targets_of
 def test_the_default_config_cuts_four_targets_from_one_gamma_beside_wanda():
     cfg = compose_prune([])
     assert cfg.method.name == "unipruning"
-    assert [t.tag for t in targets_of(cfg, make_target(cfg))] == ["s0.50_owl", "s0.60_owl", "s0.70_owl", "2of4"]
+    assert [t.tag for t in targets_of(cfg, make_target(cfg))] == ["s0.50_auto", "s0.60_auto", "s0.70_auto", "2of4"]
     assert baselines_of(cfg) == ["wanda@one_shot"]
 
 
 @pytest.mark.parametrize("overrides, tags, baselines", [
     (["method=local", "local_metric=wanda"], ["s0.50_per_row"], []),
     (["method=sparsegpt"], ["s0.50_per_block"], []),
-    (["export.sparsities=[]", "export.patterns=[]", "eval.baselines=[]"], ["s0.50_owl"], []),
-    (["pattern=2:4"], ["2of4", "s0.50_owl", "s0.60_owl", "s0.70_owl"], ["wanda@one_shot"]),
+    (["export.sparsities=[]", "export.patterns=[]", "eval.baselines=[]"], ["s0.50_auto"], []),
+    (["pattern=2:4"], ["2of4", "s0.50_auto", "s0.60_auto", "s0.70_auto"], ["wanda@one_shot"]),
     (["pattern.allocation=per_row", "export.patterns=[4:8]", "eval.baselines=[ria]"],
      ["s0.50_per_row", "s0.60_per_row", "s0.70_per_row", "4of8"], ["ria"]),
     (["experiment=paper_offline"], ["s0.50_per_matrix", "s0.60_per_matrix", "s0.70_per_matrix", "2of4", "4of8"], []),
@@ -47,7 +47,7 @@ def test_the_default_runs_summary_compares_unipruning_and_wanda_at_four_targets(
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files)
             if not o.startswith(("method=", "local_metric=", "export.", "eval.baselines"))]
     metrics = run_prune(compose_prune([*base, "schedule.steps=3"]), tmp_path / "run")
-    assert set(metrics["results"]) == {"s0.50_owl", "s0.60_owl", "s0.70_owl", "2of4", "wanda@one_shot:s0.50_per_row",
+    assert set(metrics["results"]) == {"s0.50_auto", "s0.60_auto", "s0.70_auto", "2of4", "wanda@one_shot:s0.50_per_row",
                                        "wanda@one_shot:s0.60_per_row", "wanda@one_shot:s0.70_per_row",
                                        "wanda@one_shot:2of4"}
     for tag, r in metrics["results"].items():
@@ -65,7 +65,7 @@ def test_the_default_runs_summary_compares_unipruning_and_wanda_at_four_targets(
 
 def test_a_run_made_under_the_old_default_allocation_keeps_its_own_cut(tmp_path):
     """A UniPruning run whose config left ``pattern.allocation`` null when null meant per matrix: export and eval of
-    "the run's own cut" still mean its per-matrix cut (recorded in metrics.json), not today's owl."""
+    "the run's own cut" still mean its per-matrix cut (recorded in metrics.json), not today's auto; an OWL run's, OWL."""
     import json
 
     from omegaconf import OmegaConf
@@ -76,7 +76,7 @@ def test_a_run_made_under_the_old_default_allocation_keeps_its_own_cut(tmp_path)
     (run / "stages").mkdir(parents=True)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(compose_prune(["export.sparsities=[0.6]"])))
     (run / "stages/search.json").write_text("{}")
-    for recorded, tag in (("per_matrix", "s0.50_per_matrix"), ("owl", "s0.50_owl")):
+    for recorded, tag in (("per_matrix", "s0.50_per_matrix"), ("owl", "s0.50_owl"), ("auto", "s0.50_auto")):
         (run / "metrics.json").write_text(json.dumps({"allocation": recorded, "results": {}}))
         info = open_run(run)
         assert resolve_target(info).tag == tag

@@ -160,7 +160,7 @@ def test_full_defaults_run(real_ws):
     proc, _ = run_cli(["prune"], real_ws["cwd"], env, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir, m = _single_metrics(real_ws["runs"])
-    _check(run_dir, m, real_ws["real"], nsamples=128, tag="s0.50_owl")
+    _check(run_dir, m, real_ws["real"], nsamples=128, tag="s0.50_auto")
     assert m["perplexity"]["wiki_offline"]["pruned"]["windows"] == 20
     assert len(m["results"]) == 8  # 50 / 60 / 70 % and 2:4 from one Γ, and Wanda at the same four
     assert "| target | unipruning | wanda@one_shot |" in (run_dir / "summary.md").read_text()

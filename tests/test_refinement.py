@@ -222,16 +222,19 @@ def test_a_unipruning_run_refines_every_cut_and_a_new_cut_is_refined_or_refused(
     base = [o for o in tiny_overrides(tiny_llama_dir, corpus_files) if not o.startswith(("method=", "local_metric="))]
     metrics = run_prune(compose_prune([*base, "method=unipruning", "schedule.weight_mode=frozen", "schedule.steps=3",
                                        "refine=swap", "eval.dense=false", "export.patterns=[2:4]"]), run)
-    for tag in ("s0.50_owl", "2of4"):
+    for tag in ("s0.50_auto", "2of4"):
         assert metrics["results"][tag]["refinement"]["swaps"] > 0
         assert read_masks_header(run / "masks" / f"{tag}.safetensors")[1]["refine"] == "swap"
     nm = load_masks(run / "masks/2of4.safetensors")
     assert all(bool((m.view(m.shape[0], -1, 4).sum(-1) == 2).all()) for m in nm.values())
-    with pytest.raises(UserError, match="refine=swap.*unipruning eval"):
+    with pytest.raises(UserError, match="(refine=swap|allocation=auto).*unipruning eval"):
         export_run(run, sparsity=0.6, out=tmp_path / "export")
     evaluate_run(run, ["sparsity=0.6"])
-    assert read_masks_header(run / "masks/s0.60_owl.safetensors")[1]["refine"] == "swap"
-    assert json.loads((run / "metrics.json").read_text())["results"]["s0.60_owl"]["refinement"]["swaps"] > 0
+    assert read_masks_header(run / "masks/s0.60_auto.safetensors")[1]["refine"] == "swap"
+    entry = json.loads((run / "metrics.json").read_text())["results"]["s0.60_auto"]
+    assert entry["refinement"]["swaps"] > 0
+    assert entry["allocation"]["picked"] in entry["allocation"]["losses"]  # chosen in eval, as the run chose
+    assert read_masks_header(run / "masks/s0.60_auto.safetensors")[1]["allocation"] == entry["allocation"]["picked"]
 
 
 def test_refinement_with_reconstruction_shares_its_pass_saves_the_refined_masks_and_export_rebuilds_them(

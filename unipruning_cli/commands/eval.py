@@ -71,6 +71,10 @@ def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
     from ..core.rundir import atomic_write_json
     from ..pruning.mask_files import load_masks
     from ..stages.refinement import refine_stage
+    from ..stages.allocation import choose_allocations
+    from ..core.lazymap import LazyMap
+    from ..pruning.targets import AUTO
+    from ..core.rundir import load_tensors
     from ..core.rundir import RunDir
     from ..stages.dense_evaluation import dense_evaluation
     from ..stages.evaluation import eval_windows_of, evaluate_masks, result_entry
@@ -100,7 +104,7 @@ def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
     else:
         target = resolve_target(run, float(cut["sparsity"]) if "sparsity" in cut else None, cut.get("pattern"),
                                 cut.get("allocation"))
-        targets, sources = {target.tag: target}, {target.tag: masks_source(run, target)}
+        targets, sources = {target.tag: target}, {target.tag: masks_source(run, target, can_choose=True)}
     check_model_reachable(cfg.model)
     check_writable(cache_dir(), "the cache (UNIPRUNING_CACHE)")
     changed = check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, False)
@@ -113,6 +117,11 @@ def _evaluate(run, settings: list[str], allow_changed_model: bool) -> dict:
     ctx = RunContext(cfg).loaded(model, tok)
     layers = ctx.layers
     with recording(run.metrics.get("inputs")), tempfile.TemporaryDirectory() as scratch:
+        for t, target in targets.items():  # allocation=auto from Γ: chosen here, as the run chose its own cuts
+            if target is not None and sources[t] == "gamma" and target.allocation == AUTO:
+                gamma = load_tensors(run.gamma_path)
+                (targets[t],), choice = choose_allocations(ctx, LazyMap(gamma, lambda n: gamma[n].abs()), [target])
+                ctx.allocation_choices.update(choice)
         all_masks = {t: (load_masks(run.mask_path(t)) if targets[t] is None else
                          load_or_cut(run, targets[t], sources[t])) for t in targets}
         for t, masks in all_masks.items():

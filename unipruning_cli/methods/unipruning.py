@@ -16,10 +16,11 @@ from ..stages.search import run_search
 from ..core.context import RunContext
 from ..pruning.method import Cuts, Method, register_method
 
-#: Where ``pattern.allocation`` is null: OWL's layer budgets (published M = 5, λ = 0.08), the best of per_matrix /
-#: per_row / global / owl / gamma at 60 and 70 % on the embedded model (docs/methods.md, "Beyond the paper");
-#: inside a layer the cut is per row.
-UNIPRUNING_ALLOCATION = "owl"
+#: Where ``pattern.allocation`` is null: ``auto``, per run and per target the allocation (per_row, per_matrix, global,
+#: owl, gamma) whose masks give the lowest LM loss on calibration windows held out from the search
+#: (:mod:`..stages.allocation`). OWL wins on the embedded model, per row on two held-out models at 70 % (issue 29), so
+#: no fixed rule is kept as the default.
+UNIPRUNING_ALLOCATION = AUTO
 
 
 @register_method("unipruning")

@@ -236,13 +236,17 @@ def _unavailable(run: RunInfo, target: Target) -> UserError:
     return UserError(f"run {run.path} has no {target.tag} cut: it holds {holds}, {why}")
 
 
-def masks_source(run: RunInfo, target: Target) -> str:
-    """'file' when the run holds the cut, 'gamma' when Γ can cut it; UserError otherwise."""
+def masks_source(run: RunInfo, target: Target, can_choose: bool = False) -> str:
+    """'file' when the run holds the cut, 'gamma' when Γ can cut it; UserError otherwise. ``can_choose``: the caller
+    (``unipruning eval``, with the model loaded) picks an ``allocation=auto`` cut's allocation on held-out calibration
+    windows (:func:`..allocation.choose_allocations`); export cannot."""
     if run.mask_path(target.tag).is_file():
         return "file"
-    if target.allocation == "auto":
+    if target.allocation == "auto" and not can_choose:
         raise UserError(f"run {run.path} has no {target.tag} cut: allocation=auto is chosen on held-out calibration "
-                        "windows in the run; prune with export.sparsities=[...], or export allocation=<one of them>")
+                        f"windows with the model loaded. Evaluate that cut first (unipruning eval {run.path} "
+                        f"sparsity={target.sparsity:g}), which chooses and saves it, or export "
+                        "allocation=<per_row, owl, ...>")
     if (target.is_sliced and target.score == "flap") or target.is_heads:
         raise UserError(f"run {run.path} has no {target.tag} cut: it holds "
                         f"{', '.join(_describe_tag(t) for t in held_tags(run)) or 'no mask files'}. FLAP's and heads "
@@ -272,6 +276,7 @@ def load_or_cut(run: RunInfo, target: Target, source: str) -> dict[str, torch.Te
         raise UserError(f"cannot cut {target.tag} from {run.gamma_path}: {err}") from None
     save_masks(run.mask_path(target.tag), masks, {"target": target.tag, "method": "unipruning",
                                                   "cut_by": "unipruning export",
+                                                  **({"allocation": target.picked} if target.picked else {}),
                                                   **reconstruct_info(run.cfg.reconstruct, target)})
     log.info("cut %s from %s, saved to %s", target.tag, run.gamma_path.name, run.mask_path(target.tag))
     return masks
