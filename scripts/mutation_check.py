@@ -81,8 +81,8 @@ MUTATIONS = {
         ["tests/test_baselines.py"], "an eval.baselines entry said sequential but used the dense model's statistics"),
     "block0-kwargs": (
         "unipruning_cli/data/calibration.py",
-        'stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs[i], sequential,',
-        'stats, outputs = _calibrate_block(block, f"{prefix}.{i}", i, hidden, kwargs[0], sequential,',
+        'stats, streams = _calibrate_block(block, f"{prefix}.{i}", i, streams, kwargs[i], sequential,',
+        'stats, streams = _calibrate_block(block, f"{prefix}.{i}", i, streams, kwargs[0], sequential,',
         ["tests/test_protocols.py"], "every block is calibrated with block 0's attention mask and keywords"),
     "sparsegpt-wrong-saliency": (
         "unipruning_cli/pruning/obs.py",
