@@ -116,21 +116,6 @@ MUTATIONS = {
         "            if is_experts_tag(tag):  # evaluated as exported",
         "            if False:  # evaluated as exported",
         ["tests/test_experts.py"], "an experts cut is evaluated as zeroed experts the router still sends tokens to"),
-    "batch-joint-without-cross-terms": (
-        "unipruning_cli/pruning/swaps.py",
-        "    return 2 * (delta * g).sum(1) + (moved * delta).sum(1), moved",
-        "    return 2 * (delta * g).sum(1) + (delta * delta * h.diagonal()).sum(1), moved",
-        ["tests/test_refinement.py"], "a batch of swaps is judged as if its moves did not interact (H's diagonal only)"),
-    "dense-target-transposed": (
-        "unipruning_cli/pruning/swaps.py",
-        "b = 0.0 if cross is None else w @ (h - cross.to(w.device).float().t())",
-        "b = 0.0 if cross is None else w @ (h - cross.to(w.device).float())",
-        ["tests/test_dense_targets.py"], "the dense target's cross term X_mᵀX_d taken the wrong way round"),
-    "dense-stream-stale": (
-        "unipruning_cli/data/dense_stream.py",
-        "            outputs_d.append(run(block, hd, kw))",
-        "            outputs_d.append(hd)\n            run(block, hd, kw)",
-        ["tests/test_dense_targets.py"], "the dense stream never advances past the first block's inputs"),
 }
 
 
