@@ -7,6 +7,7 @@ seconds, and, per block, how far the pruned model's outputs are from the dense m
 
     python scripts/study_refine_objective.py --run <run> --tags s0.60_owl,s0.70_owl,2of4 --variants none,pruned,dense
     python scripts/study_refine_objective.py --run <run> --tags 2of4 --variants none,dense --obs   # + reconstruct=obs
+    python scripts/study_refine_objective.py --run <run> --tags 2of4 --variants none --obs --solver admm
 
 Variants: ``none`` (the cut as it is), ``pruned`` (swaps lower ``‖(W - Ŵ) X_m‖²``, the pruned model's own inputs),
 ``dense`` (``‖W X_d - Ŵ X_m‖²``, toward the dense model: ``layer_target=dense``), ``single50`` (the capped single-swap
@@ -59,7 +60,8 @@ def main() -> None:
     p.add_argument("--run", required=True, help="a finished run whose masks were cut without refinement")
     p.add_argument("--tags", default="s0.60_owl,s0.70_owl,2of4")
     p.add_argument("--variants", default="none,masked,dense")
-    p.add_argument("--obs", action="store_true", help="then the OBS update on each variant's masks (one pass)")
+    p.add_argument("--obs", action="store_true", help="then the kept weights updated on each variant's masks (one pass)")
+    p.add_argument("--solver", default="obs", choices=("obs", "admm"), help="the update --obs runs (reconstruct=)")
     p.add_argument("--drift", action="store_true", help="also the per-block drift of each weights-kept variant")
     p.add_argument("--out", default="bench-out/refine_objective.json")
     args = p.parse_args()
@@ -84,14 +86,15 @@ def main() -> None:
             start = time.monotonic()
             if args.obs:
                 dense = variant in ("dense", "none_dense")
-                record = {"reconstruction": reconstruct(model, calib, masks, ctx.passes, refiner, dense)}
+                record = {"reconstruction": reconstruct(model, calib, masks, ctx.passes, refiner, dense,
+                                                         args.solver)}
                 final = refiner.refined if refiner else masks
             else:
                 final = refine(model, calib, refiner, ctx.passes)[0] if refiner else masks
                 record = {}
                 apply_masks(layers, final)
             seconds = time.monotonic() - start
-            row = {"tag": tag, "variant": variant, "obs": args.obs, "seconds": round(seconds, 1),
+            row = {"tag": tag, "variant": variant, "obs": args.solver if args.obs else False, "seconds": round(seconds, 1),
                    "ppl": {c: perplexity(model, w, cfg.eval.batch_size, f"{tag} {variant}").ppl
                            for c, w in windows.items()},
                    "holdout_loss": holdout_loss(ctx, held),
@@ -105,7 +108,7 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(rows, indent=1))
     corpus = next(iter(windows))
-    print(f"\n| cut | variant | {'+ OBS ' if args.obs else ''}PPL {corpus} | held-out loss | error ratio | rounds | "
+    print(f"\n| cut | variant | {'+ ' + args.solver + ' ' if args.obs else ''}PPL {corpus} | held-out loss | error ratio | rounds | "
           "seconds |\n|---|---|---|---|---|---|---|")
     for r in rows:
         ref = r.get("refinement", {})

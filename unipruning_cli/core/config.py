@@ -280,7 +280,7 @@ def validate_values(cfg: DictConfig) -> None:
     from ..pruning.swaps import validate_refine
 
     validate_pattern(cfg)
-    one_of("reconstruct", cfg.reconstruct, ("none", "obs", "ls", "bias"))
+    one_of("reconstruct", cfg.reconstruct, ("none", "obs", "admm", "ls", "bias"))
     validate_refine(cfg)
     validate_channels(cfg)
     one_of("existing_run", cfg.existing_run, ("refuse", "beside"))

@@ -19,6 +19,8 @@ from torch import nn
 
 from ..data.calibration import calibrate_blockwise
 from .weights import apply_masks, restore_removed
+from .mask_files import pack_mask, unpack_mask
+from ..core.lazymap import LazyMap
 from ..models.loading import prunable_layers
 from ..data.stats import ActivationStats
 
@@ -46,10 +48,11 @@ class PassSettings:
 @dataclass
 class BlockPassResult:
     """What :func:`block_pass` leaves: every prunable layer's statistics (Hessians dropped) and, for a pass with
-    ``restore=True``, the masks its steps returned (name -> bool ``[out, in]`` on the host)."""
+    ``restore=True``, the masks its steps returned (name -> bool ``[out, in]``, held packed on the host, 1 bit per
+    weight, each unpacked when asked for)."""
 
     stats: dict[str, ActivationStats]
-    masks: dict[str, torch.Tensor]
+    masks: Mapping[str, torch.Tensor]
 
 
 @torch.no_grad()
@@ -69,7 +72,8 @@ def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSetting
     Raises :class:`..core.errors.UserError` at the first block whose statistics are not finite (an overflow of the
     model's dtype), before its step.
     """
-    kept: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}  # packed: a second bool copy of every mask would cost P bytes of host memory
+    shapes: dict[str, tuple] = {}
     removed: dict[str, torch.Tensor] = {}
 
     def visit(i, layers, stats):
@@ -80,7 +84,7 @@ def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSetting
             for name, mask in masks.items():
                 w = layers[name].weight
                 removed[name] = w.detach().masked_select(~mask.to(w.device)).cpu()
-                kept[name] = mask.cpu()
+                kept[name], shapes[name] = pack_mask(mask.cpu()), tuple(mask.shape)
         if apply:
             apply_masks(layers, masks)
 
@@ -88,7 +92,7 @@ def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSetting
         stats = calibrate_blockwise(model, windows, sequential=sequential, want_hessian=want_hessian, on_block=visit,
                                     offload=settings.offload, min_expert_tokens=settings.min_expert_tokens,
                                     dense_targets=dense_targets, drift=drift)
-        return BlockPassResult(stats, kept)
+        return BlockPassResult(stats, LazyMap(kept, lambda n: unpack_mask(kept[n], shapes[n])))
     finally:
         if removed:
-            restore_removed(prunable_layers(model), kept, removed)
+            restore_removed(prunable_layers(model), LazyMap(kept, lambda n: unpack_mask(kept[n], shapes[n])), removed)

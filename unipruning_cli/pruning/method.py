@@ -163,8 +163,8 @@ class Method(ABC):
             check(cfg.pattern.kind not in ("channels", "heads", "experts"), f"method={name} chooses single weights as it "
                   f"updates the kept ones (OBS), not whole {cfg.pattern.kind}: pattern={cfg.pattern.kind} needs a "
                   "method whose scores are cut (method=unipruning, method=local)")
-            check(cfg.reconstruct == "none", f"reconstruct=obs updates the kept weights of a mask by SparseGPT's own "
-                   f"OBS solve; method={name} already does, as it chooses its mask: drop reconstruct")
+            check(cfg.reconstruct == "none", f"reconstruct={cfg.reconstruct} updates the kept weights of a mask (or refits "
+                   f"them); method={name} already does, as it chooses its mask: drop reconstruct")
             check(cfg.refine == "none", f"refine=swap refines a mask on the original weights; method={name} updates "
                    "the kept weights as it chooses its mask, so a swap would revive a weight it has already "
                    "compensated for: drop refine")

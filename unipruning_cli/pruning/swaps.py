@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..core.errors import UserError
+from .mask_solvers import MASK_SOLVERS
 
 
 @dataclass
@@ -188,8 +189,8 @@ def validate_refine(cfg) -> None:
         raise UserError(f"refine={cfg.refine!r}: expected one of none, swap")
     if cfg.layer_target not in ("pruned", "dense"):
         raise UserError(f"layer_target={cfg.layer_target!r}: expected one of pruned, dense")
-    if cfg.layer_target == "dense" and cfg.refine == "none" and cfg.reconstruct != "obs":
-        raise UserError("layer_target=dense sets what refine=swap and reconstruct=obs lower; this run does neither: "
+    if cfg.layer_target == "dense" and cfg.refine == "none" and cfg.reconstruct not in MASK_SOLVERS:
+        raise UserError("layer_target=dense sets what refine=swap and reconstruct=obs|admm lower; this run does neither: "
                         "add one of them, or drop layer_target")
     rounds, seconds = cfg.refine_rounds, cfg.refine_seconds
     if rounds is not None and (not isinstance(rounds, int) or rounds < 1):

@@ -18,12 +18,13 @@ from torch import nn
 
 from ..data.corpora import eval_samples
 from ..pruning.masks import count_zeros
+from ..pruning.mask_solvers import MASK_SOLVERS
 from ..pruning.weights import apply_masks, restore_weights
 from ..models.loading import prunable_layers, resolve_add_bos
 from ..core.pinned import HostCopy
 from ..core.context import RunContext
 from .reconstruction import compensate_cut, reconstruct_cut, refit_cut, undo_biases
-from .refinement import refiner_of, save_refined, unrefined
+from .refinement import refiner_of, refines_in_reconstruction, save_refined, unrefined
 from ..pruning.experts import experts_of_masks, moe_layers, remove_experts
 from ..pruning.targets import is_channels_tag, is_experts_tag, is_sliced_tag
 from ..data.sampling import with_bos
@@ -111,11 +112,11 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
     layers, timer = ctx.layers, ctx.timer
     original = HostCopy({n: m.weight for n, m in layers.items()})
     results, refined = {}, dict(refined or {})
-    fused = unrefined(ctx, all_masks) if ctx.cfg.reconstruct == "obs" else set()  # refine_stage left them to us
+    fused = unrefined(ctx, all_masks) if refines_in_reconstruction(ctx.cfg) else set()  # refine_stage left them to us
     for tag, masks in all_masks.items():
         rebuilt, undo = None, []
         how = ctx.cfg.reconstruct
-        if how == "obs":  # the kept weights updated on the fixed mask (refined first, in the same pass, if asked)
+        if how in MASK_SOLVERS:  # the kept weights updated on the fixed mask (refined first, in the same pass, if asked)
             refiner = refiner_of(ctx, tag, masks) if tag in fused else None
             with timer.stage("reconstruct"):
                 rebuilt = reconstruct_cut(ctx, masks, refiner)
@@ -137,7 +138,7 @@ def evaluate_masks(ctx: RunContext, all_masks: dict[str, dict], windows: dict[st
                 results[tag] = evaluate_pruned(ctx, windows, tag)
         if rebuilt is not None:
             results[tag]["reconstruction"] = {"method": how, **rebuilt}
-        if how == "obs":
+        if how in MASK_SOLVERS:
             restore_weights(layers, original.tensors)
             apply_masks(layers, masks)  # the same masks on the original weights: what the update added, measured
             with timer.stage("pruned_eval"):

@@ -25,6 +25,7 @@ from ..pruning.method import Cuts, method_name
 from ..pruning.blockwise import LocalMetricPruning, PruningMethod
 from ..pruning.channels import flap_scores
 from ..pruning.targets import Target, calibration_mode
+from ..pruning.mask_solvers import MASK_SOLVERS
 from .routing import routing_of
 from ..pruning.weights import apply_masks
 from ..pruning.weights import restore_weights
@@ -135,10 +136,10 @@ def blockwise_cuts(ctx: RunContext, method: PruningMethod) -> Cuts:
 
 
 def reconstruct_info(reconstruct: str, target: Target) -> dict:
-    """What a masks file's header says of the weights its run evaluated for ``target``: ``{"reconstruct": "obs"}``,
+    """What a masks file's header says of the weights its run evaluated for ``target``: ``{"reconstruct": "obs"}`` (or ``"admm"``),
     ``{"reconstruct": "ls"}`` (a channels cut with the projection after it refit) or nothing (``reconstruct``: the
     run's ``reconstruct``; ``ls`` leaves every cut but a channels one as masks)."""
-    if reconstruct == "obs" or (reconstruct == "ls" and target.is_sliced) or (reconstruct == "bias" and target.is_channels):
+    if reconstruct in MASK_SOLVERS or (reconstruct == "ls" and target.is_sliced) or (reconstruct == "bias" and target.is_channels):
         return {"reconstruct": reconstruct}
     return {}
 

@@ -1,6 +1,6 @@
-"""Reconstruction on a given mask (``reconstruct=obs``): after a mask is cut, by any method, each layer's kept
-weights are updated by the OBS solve with the mask fixed (:func:`..pruning.obs.obs_reconstruct`,
-SparseGPT's update without its mask choice; llm-compressor's "preserve the sparsity mask"). After a cut of whole
+"""Reconstruction on a given mask (``reconstruct=obs|admm``): after a mask is cut, by any method, each layer's kept
+weights are updated with the mask fixed (:mod:`..pruning.mask_solvers`: ``obs``, SparseGPT's update without its mask
+choice, llm-compressor's "preserve the sparsity mask"; ``admm``, ALPS's exact solve on the mask). After a cut of whole
 MLP channels (``reconstruct=ls``), the projection that reads them is refit on the kept ones by least squares
 (:func:`..pruning.channels.ls_refit`).
 
@@ -22,7 +22,8 @@ from ..pruning.channels import bias_shift, channels_of_masks, ls_refit, mlp_chan
 from ..pruning.weights import apply_masks
 from ..pruning.heads import attention_heads, head_counts, heads_of_masks
 from ..models.layouts import text_config
-from ..pruning.obs import dense_target_weight, obs_reconstruct
+from ..pruning.obs import dense_target_weight
+from ..pruning.mask_solvers import MASK_SOLVERS, solve_on_mask
 from ..pruning.swaps import output_error
 from ..pruning.block_loop import PassSettings, block_pass
 from ..core.context import RunContext
@@ -30,7 +31,7 @@ from .refinement import SwapRefiner
 
 log = logging.getLogger(__name__)
 
-RECONSTRUCTIONS = ("none", "obs", "ls", "bias")
+RECONSTRUCTIONS = ("none", *MASK_SOLVERS, "ls", "bias")
 
 
 @torch.no_grad()
@@ -71,13 +72,14 @@ def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
 
 
 def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings(),
-                refiner: SwapRefiner | None = None, dense: bool = False) -> dict:
-    """Set every prunable weight of ``model`` (dense on entry) to its OBS reconstruction on ``masks`` (name -> bool
-    ``[out, in]``, True = keep). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
+                refiner: SwapRefiner | None = None, dense: bool = False, solver: str = "obs") -> dict:
+    """Set every prunable weight of ``model`` (dense on entry) to its reconstruction on ``masks`` (name -> bool
+    ``[out, in]``, True = keep) by ``solver`` (:data:`..pruning.mask_solvers.MASK_SOLVERS`: ``obs``, SparseGPT's
+    sweep; ``admm``, ALPS's exact solve on the mask). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
     :class:`..data.sampling.TokenSamples`). With a ``refiner`` (``refine=swap``), each block's masks are first
     refined by swaps (:class:`.refinement.SwapRefiner`, its refined masks and record then in it) on the same
     statistics, so refinement and reconstruction share one calibration pass. ``dense`` (``layer_target=dense``): the
-    update lowers the error against the dense layer's output on the dense model's inputs (OBS on
+    update lowers the error against the dense layer's output on the dense model's inputs (the solve from
     :func:`..pruning.obs.dense_target_weight`, the pass carrying dense targets). Returns ``{"layers": n,
     "error_ratio": r}``: the output error on the calibration data of the reconstructed weights over that of the
     masked dense weights, ‖ΔW X‖² summed over every layer (below 1 where it helped). Raises ``ValueError`` from the
@@ -91,10 +93,10 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: Pas
     def rewrite(name, w, st):
         keep = keeps[name].to(w.device)
         start = w if not dense or st.cross is None else dense_target_weight(w, st.xtx, st.cross).to(w.dtype)
-        return obs_reconstruct(start, (2.0 / max(st.count, 1)) * st.xtx.to(w.device), keep, name=name), keep
+        return solve_on_mask(solver, start, (2.0 / max(st.count, 1)) * st.xtx.to(w.device), keep, name), keep
 
-    what = "swap refinement, then OBS reconstruction on the refined masks" if refiner else \
-        "OBS reconstruction on the fixed masks"
+    what = f"swap refinement, then {solver} reconstruction on the refined masks" if refiner else \
+        f"{solver} reconstruction on the fixed masks"
     record = _rewrite_pass(model, windows, settings, rewrite, what, prepare=prepare if refiner else None,
                            refiner=refiner, dense=dense)
     return {**record, "target": "dense" if dense else "pruned"}
@@ -104,7 +106,8 @@ def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor], refiner:
     """:func:`reconstruct` of ``ctx.model`` (dense on entry) on ``masks`` with the run's calibration samples
     (``ctx.calibration()``: source, nsamples, seqlen, seed, BOS as the run's), refined first by ``refiner`` if
     given; returns its record."""
-    return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes, refiner, ctx.cfg.layer_target == "dense")
+    return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes, refiner, ctx.cfg.layer_target == "dense",
+                       ctx.cfg.reconstruct)
 
 
 def kept_columns(model, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

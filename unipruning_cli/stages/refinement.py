@@ -17,7 +17,9 @@ import torch
 
 from ..pruning.block_loop import PassSettings, block_pass
 from ..core.context import RunContext
-from ..pruning.mask_files import packed_masks, read_masks_header, save_masks
+from ..core.lazymap import LazyMap
+from ..pruning.mask_files import pack_mask, packed_masks, read_masks_header, save_masks, unpack_mask
+from ..pruning.mask_solvers import MASK_SOLVERS
 from ..pruning.swaps import output_error, swap_refine
 from ..pruning.targets import is_experts_tag, is_sliced_tag, nm_of_tag
 
@@ -43,7 +45,8 @@ class SwapRefiner:
         self.drift: list[float] = []  # per block, with dense targets: Σ‖h_m - h_d‖² / Σ‖h_d‖² after its step
         self.untargeted = 0  # layers with no dense target (experts routed differently in the two streams)
         self.start = time.monotonic()
-        self.refined: dict[str, torch.Tensor] = {}  # name -> the refined mask (bool, host)
+        self._packed: dict[str, torch.Tensor] = {}  # name -> the refined mask, 1 bit per weight on the host
+        self._shapes: dict[str, tuple] = {}
         self.before = self.after = 0.0
         self.swaps = self.numel = self.rounds = self.done = self.unconverged = 0
 
@@ -62,7 +65,7 @@ class SwapRefiner:
             got = swap_refine(w, keep, xtx, group=self.group, max_rounds=self.max_rounds, deadline=deadline,
                               cross=cross, batch=self.batch)
             out[name] = got.keep
-            self.refined[name] = got.keep.cpu()
+            self._packed[name], self._shapes[name] = pack_mask(got.keep.cpu()), tuple(got.keep.shape)
             self.before += output_error(w.float() * ~keep, xtx)
             self.after += output_error(w.float() * ~got.keep, xtx)
             self.swaps += got.swaps
@@ -70,6 +73,11 @@ class SwapRefiner:
             self.rounds = max(self.rounds, got.rounds)
             self.unconverged += not got.converged
         return out
+
+    @property
+    def refined(self) -> LazyMap:
+        """The refined masks so far: name -> bool ``[out, in]`` (CPU), held packed, each unpacked when asked for."""
+        return LazyMap(self._packed, lambda n: unpack_mask(self._packed[n], self._shapes[n]))
 
     def record(self) -> dict:
         """``{"method": "swap", "target": "pruned" | "dense", "swaps": n, "fraction": swaps per weight,
@@ -113,6 +121,13 @@ def refine(model, windows, refiner: SwapRefiner, settings: PassSettings = PassSe
     return refined, refiner.record()
 
 
+def refines_in_reconstruction(cfg) -> bool:
+    """Whether a run's cuts are refined inside their reconstruction's pass (``refine=swap`` with ``reconstruct=obs``
+    or ``admm``: one calibration pass per cut, :func:`.evaluation.evaluate_masks`) rather than by :func:`refine_stage`
+    (a pass of their own)."""
+    return cfg.refine == "swap" and cfg.reconstruct in MASK_SOLVERS
+
+
 def unrefined(ctx: RunContext, all_masks: Mapping[str, Mapping[str, torch.Tensor]]) -> set[str]:
     """The tags of ``all_masks`` that ``refine=swap`` still has to refine: not those whose file in ``ctx.rd/masks/``
     already says ``"refine": "swap"`` (a resumed run), nor channels, heads or experts cuts (a swap moves single
@@ -138,11 +153,11 @@ def refine_stage(ctx: RunContext, all_masks: dict[str, dict[str, torch.Tensor]]
                  ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict]]:
     """``refine=swap`` in a run: :func:`refine` of each cut of ``all_masks`` (tag -> name -> bool ``[out, in]``) that
     is :func:`unrefined`, on the run's calibration samples (``ctx.calibration()``; ``ctx.model`` dense on entry and
-    on return), each refined mask saved (:func:`save_refined`). With ``reconstruct=obs`` nothing is done here: the
+    on return), each refined mask saved (:func:`save_refined`). Where :func:`refines_in_reconstruction`, nothing is done here: the
     reconstruction refines each cut in its own pass (:func:`.evaluation.evaluate_masks`), one calibration pass per
     cut instead of two. With ``refine=none``: ``all_masks`` unchanged. Returns (tag -> masks, tag -> record)."""
     todo = unrefined(ctx, all_masks)
-    if not todo or ctx.cfg.reconstruct == "obs":
+    if not todo or refines_in_reconstruction(ctx.cfg):
         return all_masks, {}
     windows, _ = ctx.calibration()
     masks, records = dict(all_masks), {}

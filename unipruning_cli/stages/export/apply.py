@@ -23,6 +23,7 @@ from ...core.config import ModelConfig, complete_run_config
 from ...core.errors import UserError
 from ...core.inputs import check_same_inputs, model_folder, recording
 from ...pruning.mask_files import load_masks, read_masks_header
+from ...pruning.mask_solvers import MASK_SOLVERS
 from ...pruning.experts import experts_of_masks, moe_layers, remove_experts
 from ...pruning.heads import slice_heads
 from ...pruning.targets import is_channels_tag, is_experts_tag, is_heads_tag, nm_of_tag
@@ -96,12 +97,12 @@ def export_run(run_dir: str | Path, *, sparsity: Optional[float] = None, pattern
     changed += check_same_inputs(run.metrics.get("inputs"), cfg.model, f"run {run.path}", allow_changed_model, True)
     layers = prunable_layers(model)
     check_mask_shapes(layers, masks, f"{run.mask_path(target.tag)}")
-    rebuilt = cfg.reconstruct == "obs" or (cfg.reconstruct == "ls" and target.is_sliced) or (
+    rebuilt = cfg.reconstruct in MASK_SOLVERS or (cfg.reconstruct == "ls" and target.is_sliced) or (
         cfg.reconstruct == "bias" and target.is_channels)
     if rebuilt:  # the run evaluated W updated on the mask, not W x mask: the same update, redone here
         log.info("the run updated the kept weights (reconstruct=%s): redoing it on %s's calibration samples",
                  cfg.reconstruct, target.tag)
-        {"obs": reconstruct_cut, "ls": refit_cut, "bias": compensate_cut}[cfg.reconstruct](
+        {"obs": reconstruct_cut, "admm": reconstruct_cut, "ls": refit_cut, "bias": compensate_cut}[cfg.reconstruct](
             RunContext(cfg).loaded(model, tok), masks)
     else:
         apply_masks(layers, masks)
@@ -175,7 +176,7 @@ def slice_structure(model: nn.Module, masks: dict, tag: str) -> Optional[dict]:
 
 
 def _weights_note(reconstruct: str) -> str:
-    return {"obs": "reconstructed (OBS on the fixed mask)",
+    return {"obs": "reconstructed (OBS on the fixed mask)", "admm": "reconstructed (ALPS's ADMM on the fixed mask)",
             "ls": "the projection after the channels refit by least squares on the kept ones",
             "bias": "FLAP's bias compensation of the projection after the channels"}.get(reconstruct,
                                                                                                   "original x mask")
@@ -259,10 +260,10 @@ def apply_masks_file(masks_path: str | Path, model_arg: str | Path, out: str | P
             raise UserError(f"--dtype {dtype!r} is not allowed; choose one of: {', '.join(DTYPES)}")
     nm = nm_of_tag(info.get("target", ""))
     _check_standard(info.get("target", ""))
-    if info.get("reconstruct") in ("obs", "ls", "bias"):
+    if info.get("reconstruct") in (*MASK_SOLVERS, "ls", "bias"):
         how = info["reconstruct"]
         raise UserError(f"{masks_path.name} comes from a run with reconstruct={how}: its model is the kept weights "
-                        f"updated by {dict(obs='OBS reconstruction', ls='a least-squares refit').get(how, 'a bias')}, "
+                        f"updated by {dict(obs='OBS reconstruction', admm='ADMM reconstruction', ls='a least-squares refit').get(how, 'a bias')}, "
                         "which the "
                         "masks alone do not hold (applying them would give W x mask, another model). Export that run "
                         "instead (unipruning export <run_dir>): it redoes the update on the run's calibration samples")

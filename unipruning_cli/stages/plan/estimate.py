@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from ...pruning.method import method_of
+from ...pruning.mask_solvers import MASK_SOLVERS
 from ...pruning.targets import make_target, targets_of
 from ...evaluation.perplexity import chunk_positions
 from ...models.layouts import expert_counts
@@ -164,7 +165,7 @@ def _plan(cfg: DictConfig, gpus: int, gpu_memory: float | None, host_memory: flo
     if cfg.eval.dense:
         add("dense_eval", Wo + Wb + logits, 0.0, f"W{one} + fp32 logits of one chunk")
     method.plan_rows(sheet)
-    if cfg.refine != "none" or cfg.reconstruct == "obs":
+    if cfg.refine != "none" or cfg.reconstruct in MASK_SOLVERS:
         sheet.refine_reconstruct()
     if cfg.eval.tasks:
         add("zero_shot", Wo + Wb, P * b if method.searches else 0.0, f"W{one} under lm-eval (+ the host copy)")
