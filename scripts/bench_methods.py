@@ -11,6 +11,8 @@ every sparsity and N:M pattern from its one Γ.
     python scripts/bench_methods.py --only wanda,unipruning-drift --allocation owl --reconstruct --out bench-out
                                                                 # beyond the paper: OWL budgets, OBS reconstruction
     python scripts/bench_methods.py --only wanda@one_shot --refine --out bench-out   # swap refinement of the masks
+    python scripts/bench_methods.py --only wanda --only-cut 2:4 --refine --reconstruct admm --out bench-out/cost
+                                # what refining and reconstructing one cut costs, in calibration passes of the same run
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ PATTERNS = ("2:4", "4:8")
 
 
 def jobs(quick: bool, sgpt_mode: str = "sequential", allocation: str | None = None,
-         reconstruct: bool = False, refine: bool = False) -> list[tuple[str, list[str]]]:
+         reconstruct: str | None = None, refine: bool = False) -> list[tuple[str, list[str]]]:
     """(label, overrides) per process. ``allocation``: ``pattern.allocation`` of every unstructured cut but
-    SparseGPT's (which chooses its own); ``reconstruct``: ``reconstruct=obs`` for every method but SparseGPT (which
-    reconstructs as it prunes); ``refine``: ``refine=swap`` likewise."""
+    SparseGPT's (which chooses its own); ``reconstruct``: ``reconstruct=<it>`` (obs, admm) for every method but
+    SparseGPT (which reconstructs as it prunes); ``refine``: ``refine=swap`` likewise."""
     out = []
     for label, ov in _jobs(quick, sgpt_mode):
         if label != "sparsegpt":
@@ -40,7 +42,7 @@ def jobs(quick: bool, sgpt_mode: str = "sequential", allocation: str | None = No
             if refine:
                 ov = [*ov, "refine=swap"]
             if reconstruct:
-                ov = [*ov, "reconstruct=obs"]
+                ov = [*ov, f"reconstruct={reconstruct}"]
         out.append((label, ov))
     return out
 
@@ -107,8 +109,9 @@ def _extras(m: dict) -> str:
     unstructured = [t for t in m["results"] if t.startswith("s")]
     allocation = unstructured[0].split("_", 1)[1] if unstructured else None
     refined = any("refinement" in r for r in m["results"].values())
-    rebuilt = any("reconstruction" in r for r in m["results"].values())
-    return (f" [{allocation}]" if allocation else "") + (" + swap" if refined else "") + (" + OBS" if rebuilt else "")
+    rebuilt = {r["reconstruction"]["method"] for r in m["results"].values() if "reconstruction" in r}
+    return (f" [{allocation}]" if allocation else "") + (" + swap" if refined else "") + \
+        "".join(f" + {how.upper()}" for how in sorted(rebuilt))
 
 
 def collect(runs: Path) -> list[tuple[str, dict]]:
@@ -128,8 +131,20 @@ def rows_of(label: str, m: dict, corpus: str) -> list[dict]:
         out.append({"method": label, "cut": tag, "ppl": r["ppl"][corpus], "measured_sparsity": r["measured_sparsity"],
                     "dense_ppl": m["perplexity"][corpus]["dense"]["ppl"], "seconds": m["wall_s"],
                     "prune_seconds": m["seconds"].get("calibrate_prune", m["seconds"].get("search")),
+                    "passes_per_cut": passes_per_cut(m),
                     "peak_rss_mib": m["memory"]["peak_rss_mib"], "run_dir": m["run_dir"]})
     return out
+
+
+def passes_per_cut(m: dict) -> float | None:
+    """What refining and reconstructing one cut cost in a run, in units of the same run's calibration pass (the
+    ``refine`` and ``reconstruct`` stages over ``calibrate_prune``, per cut): a ratio measured in one process. None
+    where the run did neither, or had no calibration pass of its own (UniPruning's search)."""
+    sec = m["seconds"]
+    extra = sec.get("refine", 0.0) + sec.get("reconstruct", 0.0)
+    if not extra or not sec.get("calibrate_prune"):
+        return None
+    return extra / sec["calibrate_prune"] / len(m["results"])
 
 
 def markdown(rows: list[dict], header: dict) -> str:
@@ -141,13 +156,15 @@ def markdown(rows: list[dict], header: dict) -> str:
              f"({header['windows']} windows); dense PPL {rows[0]['dense_ppl']:.2f}. UniPruning: stochRIA anchor; "
              f"SparseGPT calibration {header['sparsegpt_mode']}. Command: "
              f"`{header['command']}`.", "",
-             "| method | " + " | ".join(cuts) + " | seconds (process) | peak RSS MiB |",
-             "|---|" + "---|" * len(cuts) + "---|---|"]
+             "| method | " + " | ".join(cuts) + " | seconds (process) | peak RSS MiB | refine + reconstruct per cut, "
+             "in calibration passes |", "|---|" + "---|" * len(cuts) + "---|---|---|"]
     for meth in methods:
         cells = [f"{table[(meth, c)]['ppl']:.2f}" if (meth, c) in table else "" for c in cuts]
         mine = [r for r in rows if r["method"] == meth]
         secs = sum({r["run_dir"]: r["seconds"] for r in mine}.values())
-        lines.append(f"| {meth} | " + " | ".join(cells) + f" | {secs:.0f} | {max(r['peak_rss_mib'] for r in mine):.0f} |")
+        cost = [r["passes_per_cut"] for r in mine if r.get("passes_per_cut") is not None]
+        lines.append(f"| {meth} | " + " | ".join(cells) + f" | {secs:.0f} | {max(r['peak_rss_mib'] for r in mine):.0f} | "
+                     + (f"{max(cost):.2f}" if cost else "") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,8 +184,8 @@ def main() -> None:
                     help="an extra config override for every job, e.g. --override schedule.grad_clip_scope=prunable")
     ap.add_argument("--allocation", default=None, choices=("per_row", "per_matrix", "global", "owl", "gamma"),
                     help="pattern.allocation of every unstructured cut (not SparseGPT's)")
-    ap.add_argument("--reconstruct", action="store_true",
-                    help="reconstruct=obs: each cut's kept weights updated on its mask (not SparseGPT, which does)")
+    ap.add_argument("--reconstruct", nargs="?", const="obs", default=None, choices=("obs", "admm"),
+                    help="reconstruct=obs (or admm): each cut's kept weights updated on its mask (not SparseGPT's)")
     ap.add_argument("--refine", action="store_true",
                     help="refine=swap: each cut's mask refined by swaps inside rows / N:M groups (not SparseGPT)")
     ap.add_argument("--sparsegpt-mode", default="sequential", choices=("sequential", "one_shot"),
