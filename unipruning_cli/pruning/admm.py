@@ -16,7 +16,9 @@ to its right, never to its left. ALPS splits ``W = D``:
 
 then polishes D by conjugate gradients on the support, preconditioned by diag H (all
 rows at once, each row with its own step sizes). The ADMM phase converges from any start in few iterations where H is
-badly conditioned; the conjugate-gradient phase then makes the result exact to ``tol``. Two things differ from ALPS,
+badly conditioned; the conjugate-gradient phase then makes the result exact to ``tol``. On a fixed mask the second
+phase alone gets there from the masked weights, in less time on the layers measured, so ADMM is off by default
+(``admm_steps=0``) and there for badly conditioned layers. Two things differ from ALPS,
 which also chooses the support: the projection is onto the given mask (UniPruning's Γ, or any method, chose it), and ρ
 may stay fixed (``rho_growth=1``, the default): ALPS raises ρ so that its support settles, but on a fixed support a
 growing ρ only freezes W = D before the optimum (tests/test_admm.py), while a fixed ρ converges to it.
@@ -87,11 +89,13 @@ def masked_least_squares(target: torch.Tensor, h: torch.Tensor, keep: torch.Tens
 
 
 def admm_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, *, percdamp: float = 0.01,
-                     admm_steps: int = 30, rho: float = 0.1, rho_growth: float = 1.0, cg_steps: int = 200,
-                     tol: float = 1e-6, name: str | None = None) -> AdmmResult:
+                     admm_steps: int = 0, rho: float = 0.1, rho_growth: float = 1.0, cg_steps: int = 200,
+                     tol: float = 1e-3, name: str | None = None) -> AdmmResult:
     """ALPS on a fixed mask (module docstring): ``admm_steps`` ADMM iterations with ρ starting at ``rho`` times the
     mean of diag H, multiplied by ``rho_growth`` after each, then conjugate gradients on the mask to ``tol``
-    (at most ``cg_steps``).
+    (at most ``cg_steps``). The defaults (no ADMM step, ``tol=1e-3``) were chosen on SmolLM2's calibration data:
+    from the masked weights the conjugate gradients alone reach the same layer error (to 4 digits, every layer of
+    a block) sooner than after 10 or 30 ADMM steps, and a tighter ``tol`` changes no digit of it (docs/methods.md).
 
     ``weight`` ``[out, in]`` (any float dtype), ``hessian`` ``[in, in]`` (H = (2/T) Σ x xᵀ, fp32), ``keep`` bool
     ``[out, in]``. H is damped by ``percdamp`` of its mean diagonal, as :func:`.obs.obs_reconstruct` damps it, so the
