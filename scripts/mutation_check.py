@@ -84,6 +84,16 @@ MUTATIONS = {
         'stats, streams = _calibrate_block(block, f"{prefix}.{i}", i, streams, kwargs[i], sequential,',
         'stats, streams = _calibrate_block(block, f"{prefix}.{i}", i, streams, kwargs[0], sequential,',
         ["tests/test_protocols.py"], "every block is calibrated with block 0's attention mask and keywords"),
+    "admm-cg-off-mask": (
+        "unipruning_cli/pruning/admm.py",
+        "        ap = (p @ h) * mask\n",
+        "        ap = p @ h\n",
+        ["tests/test_admm.py"], "the conjugate gradients' product leaves the mask: the solve is not the one on the mask"),
+    "admm-dual-sign": (
+        "unipruning_cli/pruning/admm.py",
+        "            v.add_(r * (w - d))\n",
+        "            v.sub_(r * (w - d))\n",
+        ["tests/test_admm.py"], "ADMM's dual ascent goes the wrong way"),
     "sparsegpt-wrong-saliency": (
         "unipruning_cli/pruning/obs.py",
         "    scores = w_block.pow(2) / hinv_diag.pow(2).unsqueeze(0)",
