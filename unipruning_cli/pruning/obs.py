@@ -368,11 +368,12 @@ def obs_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Ten
 def dense_target_weight(weight: torch.Tensor, xtx: torch.Tensor, cross: torch.Tensor,
                         percdamp: float = 0.01) -> torch.Tensor:
     """The dense weight moved to where the pruned model's inputs best reproduce the dense layer's output:
-    ``W* = argmin_V ‖W X_d - V X_m‖² = W (H⁻¹ C)ᵀ`` with ``H = X_mᵀ X_m`` (``xtx``, damped by ``percdamp`` of its mean
-    diagonal as :func:`obs_reconstruct` damps it) and ``C = X_mᵀ X_d`` (``cross``), both ``[in, in]`` fp32 over the
-    calibration tokens (:mod:`..data.dense_stream`). Since ``‖W X_d - V X_m‖² = (V - W*) H (V - W*)ᵀ + const``, the
-    OBS update of ``W*`` on a mask (:func:`obs_reconstruct`) lowers the error against the dense output
-    (``layer_target=dense``). Input channels that never fired in the pruned model keep W's weights. ``weight``
+    ``W* = argmin_V ‖W X_d - V X_m‖² + λ‖V - W‖² = W ((H + λI)⁻¹ (C + λI))ᵀ`` with ``H = X_mᵀ X_m`` (``xtx``),
+    ``C = X_mᵀ X_d`` (``cross``), both ``[in, in]`` fp32 over the calibration tokens (:mod:`..data.dense_stream`), and
+    λ ``percdamp`` of H's mean diagonal, as :func:`obs_reconstruct` damps H: the same pull toward W (with equal inputs
+    W* = W exactly; damping H alone would shrink W toward 0 along every direction of little calibration variance).
+    Since that objective is ``(V - W*)(H + λI)(V - W*)ᵀ + const``, the update of ``W*`` on a mask (OBS's or the exact
+    one, with H damped the same) lowers the error against the dense output (``layer_target=dense``). Input channels that never fired in the pruned model keep W's weights. ``weight``
     ``[out, in]``; returns fp32 ``[out, in]``. Raises ``ValueError`` for shapes that do not match."""
     if xtx.shape != cross.shape or xtx.shape != (weight.shape[1],) * 2:
         raise ValueError(f"dense_target_weight: weight {tuple(weight.shape)}, xtx {tuple(xtx.shape)}, cross "
@@ -382,7 +383,10 @@ def dense_target_weight(weight: torch.Tensor, xtx: torch.Tensor, cross: torch.Te
     diag = h.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
-    diag += percdamp * diag.mean()
-    moved = w @ torch.linalg.solve(h, cross.to(w.device).float()).t()
+    damp = percdamp * diag.mean()
+    diag += damp
+    c = cross.to(w.device).float().clone()
+    c.diagonal().add_(damp)  # the damping pulls V toward W (λ‖V - W‖²): W* = W where X_m = X_d, as OBS's damping does
+    moved = w @ torch.linalg.solve(h, c).t()
     moved[:, dead] = w[:, dead]
     return moved
