@@ -89,6 +89,11 @@ def test_refinement_and_reconstruction_are_planned_and_dense_targets_cost_their_
     act = 4096 * (6 * 3584 + 3 * 18944) * 2  # one window (model.seqlen 4096) in one block, bf16
     assert dense["gpu_gib"] * GIB - pruned["gpu_gib"] * GIB == pytest.approx(xtx_block + act, rel=0.01)
     assert dense["host_gib"] > pruned["host_gib"]
+    admm = {s["stage"]: s for s in _plan(tmp_path, *common, "refine=swap", "reconstruct=admm")["stages"]}
+    widest, largest = 18944, 3584 * 18944  # down_proj's inputs; gate, up, down are the largest matrices
+    obs_solve, admm_solve = 5 * widest ** 2 * 4, 2 * widest ** 2 * 4 + 9 * largest * 4
+    assert admm["refine_reconstruct"]["gpu_gib"] * GIB - pruned["gpu_gib"] * GIB == pytest.approx(
+        admm_solve - obs_solve, rel=0.01)
 
 
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * GIB), ("141GB", 141e9), ("24", 24 * GIB),
