@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--variants", default="none,masked,dense")
     p.add_argument("--obs", action="store_true", help="then the kept weights updated on each variant's masks (one pass)")
     p.add_argument("--solver", default="obs", choices=("obs", "admm"), help="the update --obs runs (reconstruct=)")
+    p.add_argument("--percdamp", type=float, default=0.01, help="the update's damping, of H's mean diagonal")
     p.add_argument("--drift", action="store_true", help="also the per-block drift of each weights-kept variant")
     p.add_argument("--out", default="bench-out/refine_objective.json")
     args = p.parse_args()
@@ -87,14 +88,15 @@ def main() -> None:
             if args.obs:
                 dense = variant in ("dense", "none_dense")
                 record = {"reconstruction": reconstruct(model, calib, masks, ctx.passes, refiner, dense,
-                                                         args.solver)}
+                                                         args.solver, args.percdamp)}
                 final = refiner.refined if refiner else masks
             else:
                 final = refine(model, calib, refiner, ctx.passes)[0] if refiner else masks
                 record = {}
                 apply_masks(layers, final)
             seconds = time.monotonic() - start
-            row = {"tag": tag, "variant": variant, "obs": args.solver if args.obs else False, "seconds": round(seconds, 1),
+            row = {"tag": tag, "variant": variant, "obs": args.solver if args.obs else False,
+                   **({"percdamp": args.percdamp} if args.obs else {}), "seconds": round(seconds, 1),
                    "ppl": {c: perplexity(model, w, cfg.eval.batch_size, f"{tag} {variant}").ppl
                            for c, w in windows.items()},
                    "holdout_loss": holdout_loss(ctx, held),

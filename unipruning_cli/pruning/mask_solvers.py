@@ -18,13 +18,13 @@ MASK_SOLVERS = ("obs", "admm")
 
 
 def solve_on_mask(how: str, weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
-                  name: str | None = None) -> torch.Tensor:
+                  name: str | None = None, percdamp: float = 0.01) -> torch.Tensor:
     """The kept weights of ``weight`` ``[out, in]`` updated on ``keep`` (bool ``[out, in]``) by the solver ``how``
-    (one of :data:`MASK_SOLVERS`), with ``hessian`` ``[in, in]`` = (2/T) Σ x xᵀ fp32, both damped by 1 % of the mean
-    diagonal; returns ``weight``'s dtype, zero off the mask. Raises ``ValueError`` for an unknown ``how``, or from the
+    (one of :data:`MASK_SOLVERS`), with ``hessian`` ``[in, in]`` = (2/T) Σ x xᵀ fp32, both damped by ``percdamp`` of its mean
+    diagonal (SparseGPT's 1 % by default); returns ``weight``'s dtype, zero off the mask. Raises ``ValueError`` for an unknown ``how``, or from the
     solver (shapes, non-finite inputs, naming ``name``)."""
     if how == "obs":
-        return obs_reconstruct(weight, hessian, keep, name=name)
+        return obs_reconstruct(weight, hessian, keep, percdamp=percdamp, name=name)
     if how == "admm":
-        return admm_reconstruct(weight, hessian, keep, name=name).weight.to(weight.dtype)
+        return admm_reconstruct(weight, hessian, keep, percdamp=percdamp, name=name).weight.to(weight.dtype)
     raise ValueError(f"solve_on_mask: unknown solver {how!r}; one of {MASK_SOLVERS}")

@@ -72,10 +72,11 @@ def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
 
 
 def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings(),
-                refiner: SwapRefiner | None = None, dense: bool = False, solver: str = "obs") -> dict:
+                refiner: SwapRefiner | None = None, dense: bool = False, solver: str = "obs",
+                percdamp: float = 0.01) -> dict:
     """Set every prunable weight of ``model`` (dense on entry) to its reconstruction on ``masks`` (name -> bool
     ``[out, in]``, True = keep) by ``solver`` (:data:`..pruning.mask_solvers.MASK_SOLVERS`: ``obs``, SparseGPT's
-    sweep; ``admm``, ALPS's exact solve on the mask). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
+    sweep; ``admm``, ALPS's exact solve on the mask), H damped by ``percdamp`` of its mean diagonal. ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
     :class:`..data.sampling.TokenSamples`). With a ``refiner`` (``refine=swap``), each block's masks are first
     refined by swaps (:class:`.refinement.SwapRefiner`, its refined masks and record then in it) on the same
     statistics, so refinement and reconstruction share one calibration pass. ``dense`` (``layer_target=dense``): the
@@ -92,8 +93,8 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: Pas
 
     def rewrite(name, w, st):
         keep = keeps[name].to(w.device)
-        start = w if not dense or st.cross is None else dense_target_weight(w, st.xtx, st.cross).to(w.dtype)
-        return solve_on_mask(solver, start, (2.0 / max(st.count, 1)) * st.xtx.to(w.device), keep, name), keep
+        start = w if not dense or st.cross is None else dense_target_weight(w, st.xtx, st.cross, percdamp).to(w.dtype)
+        return solve_on_mask(solver, start, (2.0 / max(st.count, 1)) * st.xtx.to(w.device), keep, name, percdamp), keep
 
     what = f"swap refinement, then {solver} reconstruction on the refined masks" if refiner else \
         f"{solver} reconstruction on the fixed masks"
