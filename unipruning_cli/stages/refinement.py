@@ -125,7 +125,7 @@ def refines_in_reconstruction(cfg) -> bool:
     """Whether a run's cuts are refined inside their reconstruction's pass (``refine=swap`` with ``reconstruct=obs``
     or ``admm``: one calibration pass per cut, :func:`.evaluation.evaluate_masks`) rather than by :func:`refine_stage`
     (a pass of their own)."""
-    return cfg.refine == "swap" and cfg.reconstruct in MASK_SOLVERS
+    return cfg.reconstruct in MASK_SOLVERS and cfg.refine == "swap"
 
 
 def unrefined(ctx: RunContext, all_masks: Mapping[str, Mapping[str, torch.Tensor]]) -> set[str]:
