@@ -136,3 +136,29 @@ def test_a_run_with_admm_beats_obs_on_its_calibration_error_and_exports_what_it_
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     got = perplexity(reloaded, windows, batch_size, "reload").to_dict()["ppl"]
     assert got == pytest.approx(runs["admm"]["results"][out["tag"]]["ppl"][corpus], rel=1e-6)
+
+
+def test_the_updates_damping_is_a_validated_option_the_run_passes_on(monkeypatch):
+    from unipruning_cli.core.config import compose_prune, validate_values
+    from unipruning_cli.core.errors import UserError
+    from unipruning_cli.stages import reconstruction
+
+    for bad in ("0", "-0.01", "inf"):
+        with pytest.raises(UserError, match="reconstruct_percdamp"):
+            validate_values(compose_prune(["reconstruct=admm", f"reconstruct_percdamp={bad}"]))
+    validate_values(compose_prune(["reconstruct=admm", "reconstruct_percdamp=0.001"]))
+    cfg = compose_prune(["reconstruct=admm", "reconstruct_percdamp=0.001"])
+    seen = {}
+    monkeypatch.setattr(reconstruction, "reconstruct", lambda *a: seen.update(args=a) or {})
+
+    class Ctx:
+        model, passes = None, None
+
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        def calibration(self):
+            return ["windows"], {}
+
+    reconstruction.reconstruct_cut(Ctx(cfg), {})
+    assert seen["args"][-2:] == ("admm", 0.001)

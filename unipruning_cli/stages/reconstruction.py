@@ -108,7 +108,7 @@ def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor], refiner:
     (``ctx.calibration()``: source, nsamples, seqlen, seed, BOS as the run's), refined first by ``refiner`` if
     given; returns its record."""
     return reconstruct(ctx.model, ctx.calibration()[0], masks, ctx.passes, refiner, ctx.cfg.layer_target == "dense",
-                       ctx.cfg.reconstruct)
+                       ctx.cfg.reconstruct, ctx.cfg.reconstruct_percdamp)
 
 
 def kept_columns(model, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
