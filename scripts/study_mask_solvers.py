@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unipruning_cli.core.context import RunContext  # noqa: E402
 from unipruning_cli.models.loading import load_model  # noqa: E402
-from unipruning_cli.pruning.admm import _damped, admm_reconstruct  # noqa: E402
+from unipruning_cli.pruning.admm import admm_reconstruct  # noqa: E402
 from unipruning_cli.pruning.mask_files import load_masks  # noqa: E402
-from unipruning_cli.pruning.obs import obs_reconstruct  # noqa: E402
+from unipruning_cli.pruning.obs import damped_hessian, obs_reconstruct  # noqa: E402
 from unipruning_cli.pruning.swaps import output_error  # noqa: E402
 from unipruning_cli.stages.export.run import open_run  # noqa: E402
 
@@ -57,12 +57,12 @@ def main() -> None:
     for h in handles:
         h.remove()
     masks = load_masks(run.mask_path(args.tag))
-    print(f"| layer | OBS | " + " | ".join(f"admm {a} steps, tol {t:g}" for a, t in SETTINGS) + " |")
+    print("| layer | OBS | " + " | ".join(f"admm {a} steps, tol {t:g}" for a, t in SETTINGS) + " |")
     print("|---|---|" + "---|" * len(SETTINGS))
     for name in names:
         w, keep = ctx.layers[name].weight.float(), masks[name]
         h = 2 * xtx[name] / count[name]
-        hd = _damped(h, 0.01)[0]
+        hd = damped_hessian(h, 0.01)[0]
         masked = output_error(w * keep - w, hd)
         start = time.perf_counter()
         obs = output_error(obs_reconstruct(w, h, keep) - w, hd) / masked

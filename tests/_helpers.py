@@ -27,6 +27,16 @@ _WORDS = ("the model prunes weights with a mask while activations flow through e
           "is good and the saliency is anchored to a local metric").split()
 
 
+def load_script(name: str):
+    """The module ``scripts/<name>.py`` of this repository, imported by path (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_text(seed: int, n_words: int = 6000) -> str:
     """A corpus of about ``n_words`` words: random sentences over a small vocabulary, the same for the same seed."""
     rng = random.Random(seed)

@@ -3,20 +3,13 @@ run's calibration passes; the jobs carry the chosen reconstruction."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from _helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", REPO / "scripts" / "bench_methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_methods")
 
 
 def test_cost_is_the_refine_and_reconstruct_stages_per_cut_over_the_calibration_pass(bench):

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .obs import damped_hessian
+
 __all__ = ["AdmmResult", "admm_reconstruct", "masked_least_squares"]
 
 
@@ -42,17 +44,6 @@ class AdmmResult:
     admm_steps: int
     cg_steps: int
     residual: float
-
-
-def _damped(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """H damped as SparseGPT damps it (``percdamp`` of the mean diagonal), a channel that never fired decoupled with
-    ``H_jj = 1``; returns (damped H, the dead channels)."""
-    h = hessian.detach().float().clone()
-    diag = h.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0
-    diag += percdamp * diag.mean()
-    return h, dead
 
 
 def masked_least_squares(target: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, start: torch.Tensor,
@@ -115,7 +106,7 @@ def admm_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Te
     if not (torch.isfinite(weight).all() and torch.isfinite(hessian).all()):
         raise ValueError(f"admm_reconstruct{where}: the weight or the Hessian holds NaN/inf; no solve repairs them")
     target = weight.detach().float()
-    h, dead = _damped(hessian.to(target.device), percdamp)
+    h, dead, _ = damped_hessian(hessian.to(target.device), percdamp)
     mask = keep.to(target.device)
     d = target * mask
     if admm_steps:

@@ -74,6 +74,7 @@ def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSetting
     """
     kept: dict[str, torch.Tensor] = {}  # packed: a second bool copy of every mask would cost P bytes of host memory
     shapes: dict[str, tuple] = {}
+    unpack = lambda n: unpack_mask(kept[n], shapes[n])  # noqa: E731  (the maps are built after the pass: keys then)
     removed: dict[str, torch.Tensor] = {}
 
     def visit(i, layers, stats):
@@ -92,7 +93,7 @@ def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSetting
         stats = calibrate_blockwise(model, windows, sequential=sequential, want_hessian=want_hessian, on_block=visit,
                                     offload=settings.offload, min_expert_tokens=settings.min_expert_tokens,
                                     dense_targets=dense_targets, drift=drift)
-        return BlockPassResult(stats, LazyMap(kept, lambda n: unpack_mask(kept[n], shapes[n])))
+        return BlockPassResult(stats, LazyMap(kept, unpack))
     finally:
         if removed:
-            restore_removed(prunable_layers(model), LazyMap(kept, lambda n: unpack_mask(kept[n], shapes[n])), removed)
+            restore_removed(prunable_layers(model), LazyMap(kept, unpack), removed)

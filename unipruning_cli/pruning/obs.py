@@ -27,7 +27,7 @@ import torch
 
 from ..core.errors import UserError
 
-__all__ = ["accumulate_hessian", "obs_reconstruct", "sparsegpt_prune"]
+__all__ = ["accumulate_hessian", "damped_hessian", "obs_reconstruct", "sparsegpt_prune"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,13 +150,22 @@ def _prepare_hessian(
     directions (the paper's λ, relative so it is independent of H's scale).
     """
     w = weight.detach().to(dtype=torch.float32).clone()
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    h, dead, _ = damped_hessian(hessian.to(w.device), percdamp)
+    w[:, dead] = 0.0
+    return w, h
+
+
+def damped_hessian(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """An fp32 copy of ``hessian`` ``[in, in]`` as every solve here uses it: a channel that never fired
+    (``H_jj == 0``) decoupled with ``H_jj = 1``, then ``λ = percdamp · mean(diag H)`` added to the diagonal (SparseGPT's
+    dampening, relative so it does not depend on H's scale). Returns (damped H, bool ``[in]`` dead channels, λ)."""
+    h = hessian.detach().float().clone()
     diag = h.diagonal()  # a view: writes go into h
     dead = diag == 0
     diag[dead] = 1.0
-    w[:, dead] = 0.0
-    diag += percdamp * diag.mean()
-    return w, h
+    damp = percdamp * diag.mean()
+    diag += damp
+    return h, dead, float(damp)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, name: str | None = None) -> torch.Tensor:
@@ -379,12 +388,7 @@ def dense_target_weight(weight: torch.Tensor, xtx: torch.Tensor, cross: torch.Te
         raise ValueError(f"dense_target_weight: weight {tuple(weight.shape)}, xtx {tuple(xtx.shape)}, cross "
                          f"{tuple(cross.shape)}: both must be [in, in]")
     w = weight.detach().float()
-    h = xtx.to(w.device).float().clone()
-    diag = h.diagonal()
-    dead = diag == 0
-    diag[dead] = 1.0
-    damp = percdamp * diag.mean()
-    diag += damp
+    h, dead, damp = damped_hessian(xtx.to(w.device), percdamp)
     c = cross.to(w.device).float().clone()
     c.diagonal().add_(damp)  # the damping pulls V toward W (λ‖V - W‖²): W* = W where X_m = X_d, as OBS's damping does
     moved = w @ torch.linalg.solve(h, c).t()
