@@ -62,7 +62,8 @@ def main() -> None:
     p.add_argument("--variants", default="none,masked,dense")
     p.add_argument("--obs", action="store_true", help="then the kept weights updated on each variant's masks (one pass)")
     p.add_argument("--solver", default="obs", choices=("obs", "admm"), help="the update --obs runs (reconstruct=)")
-    p.add_argument("--percdamp", type=float, default=0.01, help="the update's damping, of H's mean diagonal")
+    p.add_argument("--percdamp", type=lambda v: v if v == "auto" else float(v), default=0.01,
+                   help="the update's damping, of H's mean diagonal, or auto (chosen per layer on held-out samples)")
     p.add_argument("--drift", action="store_true", help="also the per-block drift of each weights-kept variant")
     p.add_argument("--out", default="bench-out/refine_objective.json")
     args = p.parse_args()

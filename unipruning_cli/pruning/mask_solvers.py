@@ -18,13 +18,15 @@ MASK_SOLVERS = ("obs", "admm")
 
 
 def solve_on_mask(how: str, weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
-                  name: str | None = None, percdamp: float = 0.01) -> torch.Tensor:
+                  name: str | None = None, percdamp: float = 0.01, start: torch.Tensor | None = None) -> torch.Tensor:
     """The kept weights of ``weight`` ``[out, in]`` updated on ``keep`` (bool ``[out, in]``) by the solver ``how``
     (one of :data:`MASK_SOLVERS`), with ``hessian`` ``[in, in]`` = (2/T) Σ x xᵀ fp32, both damped by ``percdamp`` of its mean
-    diagonal (SparseGPT's 1 % by default); returns ``weight``'s dtype, zero off the mask. Raises ``ValueError`` for an unknown ``how``, or from the
+    diagonal (SparseGPT's 1 % by default); ``start``: where ``admm``'s iterations begin (a nearby solve's result;
+    ``obs`` has no start and ignores it). Returns ``weight``'s dtype, zero off the mask. Raises ``ValueError`` for an unknown ``how``, or from the
     solver (shapes, non-finite inputs, naming ``name``)."""
     if how == "obs":
         return obs_reconstruct(weight, hessian, keep, percdamp=percdamp, name=name)
     if how == "admm":
-        return admm_reconstruct(weight, hessian, keep, percdamp=percdamp, name=name).weight.to(weight.dtype)
+        return admm_reconstruct(weight, hessian, keep, percdamp=percdamp, name=name,
+                                start=start).weight.to(weight.dtype)
     raise ValueError(f"solve_on_mask: unknown solver {how!r}; one of {MASK_SOLVERS}")
