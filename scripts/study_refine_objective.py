@@ -62,8 +62,8 @@ def main() -> None:
     p.add_argument("--variants", default="none,masked,dense")
     p.add_argument("--obs", action="store_true", help="then the kept weights updated on each variant's masks (one pass)")
     p.add_argument("--solver", default="obs", choices=("obs", "admm"), help="the update --obs runs (reconstruct=)")
-    p.add_argument("--percdamp", type=lambda v: v if v == "auto" else float(v), default=0.01,
-                   help="the update's damping, of H's mean diagonal, or auto (chosen per layer on held-out samples)")
+    p.add_argument("--percdamp", type=float, default=None,
+                   help="the update's damping, of H's mean diagonal (default: the solver's, obs 0.01, admm 0.001)")
     p.add_argument("--drift", action="store_true", help="also the per-block drift of each weights-kept variant")
     p.add_argument("--out", default="bench-out/refine_objective.json")
     args = p.parse_args()
@@ -97,7 +97,7 @@ def main() -> None:
                 apply_masks(layers, final)
             seconds = time.monotonic() - start
             row = {"tag": tag, "variant": variant, "obs": args.solver if args.obs else False,
-                   **({"percdamp": args.percdamp} if args.obs else {}), "seconds": round(seconds, 1),
+                   **({"percdamp": record["reconstruction"]["percdamp"]} if args.obs else {}), "seconds": round(seconds, 1),
                    "ppl": {c: perplexity(model, w, cfg.eval.batch_size, f"{tag} {variant}").ppl
                            for c, w in windows.items()},
                    "holdout_loss": holdout_loss(ctx, held),

@@ -51,7 +51,7 @@ def _row_by_row(w, h, keep):
 def test_it_is_the_least_squares_solve_on_the_mask_and_beats_obs(kind):
     w, h = _layer()
     keep = _masks(w)[kind]
-    got = admm_reconstruct(w, h, keep, tol=1e-9, cg_steps=500)
+    got = admm_reconstruct(w, h, keep, percdamp=0.01, tol=1e-9, cg_steps=500)
     ref = _row_by_row(w, _damped(h), keep)
     dead = h.diagonal() == 0
     ref[:, dead] = (w * keep)[:, dead].double()  # a channel that never fired: its kept weights as they were
@@ -59,7 +59,7 @@ def test_it_is_the_least_squares_solve_on_the_mask_and_beats_obs(kind):
     assert torch.allclose(got.weight.double(), ref, atol=1e-4, rtol=1e-4), (got.weight.double() - ref).abs().max()
     assert got.residual <= 1e-9
     hd = _damped(h)
-    masked, obs, exact = (output_error(v - w, hd) for v in (w * keep, obs_reconstruct(w, h, keep), got.weight))
+    masked, obs, exact = (output_error(v - w, hd) for v in (w * keep, obs_reconstruct(w, h, keep, percdamp=0.01), got.weight))
     assert exact < obs < masked
     assert obs > 1.02 * exact  # the sweep is measurably short of the optimum on this layer (why admm exists)
 
@@ -68,13 +68,13 @@ def test_admm_alone_gets_near_and_conjugate_gradients_alone_get_there():
     w, h = _layer(1)
     keep = _masks(w)["2:4"]
     hd = _damped(h)
-    exact = output_error(admm_reconstruct(w, h, keep, tol=1e-10, cg_steps=1000).weight - w, hd)
+    exact = output_error(admm_reconstruct(w, h, keep, percdamp=0.01, tol=1e-10, cg_steps=1000).weight - w, hd)
     masked = output_error(w * keep - w, hd)
-    admm = [output_error(admm_reconstruct(w, h, keep, admm_steps=k, cg_steps=0).weight - w, hd) for k in (10, 30, 100)]
-    cg_only = admm_reconstruct(w, h, keep, admm_steps=0, cg_steps=1000, tol=1e-10)
+    admm = [output_error(admm_reconstruct(w, h, keep, percdamp=0.01, admm_steps=k, cg_steps=0).weight - w, hd) for k in (10, 30, 100)]
+    cg_only = admm_reconstruct(w, h, keep, percdamp=0.01, admm_steps=0, cg_steps=1000, tol=1e-10)
     assert masked > admm[0] > admm[1] > admm[2] > exact and admm[2] < exact * 1.001
     # ALPS's growing ρ freezes W = D short of the optimum on a fixed support (why rho_growth defaults to 1)
-    grown = output_error(admm_reconstruct(w, h, keep, admm_steps=100, rho_growth=1.3, cg_steps=0).weight - w, hd)
+    grown = output_error(admm_reconstruct(w, h, keep, percdamp=0.01, admm_steps=100, rho_growth=1.3, cg_steps=0).weight - w, hd)
     assert grown > 1.02 * exact
     assert output_error(cg_only.weight - w, hd) == pytest.approx(exact, rel=1e-5)
     assert 0 < cg_only.cg_steps < 1000
@@ -104,6 +104,22 @@ def test_conjugate_gradients_stop_at_the_tolerance_and_keep_the_support():
     assert rel2 <= 1e-3 and steps2 > 3 and output_error(x2 - w, hd) < output_error(x - w, hd)
 
 
+def test_each_solver_has_its_own_damping_where_none_is_given():
+    from unipruning_cli.pruning.mask_solvers import DEFAULT_PERCDAMP, percdamp_of
+
+    w, h = _layer(5)
+    keep = _masks(w)["2:4"]
+    assert DEFAULT_PERCDAMP == {"obs": 0.01, "admm": 0.001}
+    assert torch.equal(solve_on_mask("obs", w, h, keep), obs_reconstruct(w, h, keep, percdamp=0.01))
+    got = solve_on_mask("admm", w, h, keep)
+    assert torch.equal(got, admm_reconstruct(w, h, keep, percdamp=0.001).weight)
+    assert not torch.equal(got, admm_reconstruct(w, h, keep, percdamp=0.01).weight)
+    assert torch.equal(solve_on_mask("admm", w, h, keep, percdamp=0.01), admm_reconstruct(w, h, keep, percdamp=0.01).weight)
+    assert percdamp_of("obs", 0.05) == 0.05
+    with pytest.raises(ValueError, match="unknown solver 'ls'"):
+        percdamp_of("ls", None)
+
+
 @pytest.mark.parametrize("how", ["obs", "admm"])
 def test_solve_on_mask_keeps_the_dtype(how):
     w, h = _layer(4)
@@ -129,6 +145,7 @@ def test_a_run_with_admm_beats_obs_on_its_calibration_error_and_exports_what_it_
     tag = "s0.50_per_row"
     obs, admm = (runs[h]["results"][tag]["reconstruction"] for h in ("obs", "admm"))
     assert admm["method"] == "admm" and admm["layers"] == obs["layers"] == 21
+    assert (obs["percdamp"], admm["percdamp"]) == (0.01, 0.001)  # each solver's own damping where the run sets none
     assert admm["error_ratio"] < obs["error_ratio"] < 1
     assert runs["admm"]["results"][tag]["weights_kept"] == runs["obs"]["results"][tag]["weights_kept"]
     out = export_run(tmp_path / "admm", out=tmp_path / "export")
@@ -147,6 +164,7 @@ def test_the_updates_damping_is_a_validated_option_the_run_passes_on(monkeypatch
         with pytest.raises(UserError, match="reconstruct_percdamp"):
             validate_values(compose_prune(["reconstruct=admm", f"reconstruct_percdamp={bad}"]))
     validate_values(compose_prune(["reconstruct=admm", "reconstruct_percdamp=0.001"]))
+    assert compose_prune(["reconstruct=admm"]).reconstruct_percdamp is None  # the solver's own
     cfg = compose_prune(["reconstruct=admm", "reconstruct_percdamp=0.001"])
     seen = {}
     monkeypatch.setattr(reconstruction, "reconstruct", lambda *a: seen.update(args=a) or {})

@@ -94,11 +94,6 @@ def test_refinement_and_reconstruction_are_planned_and_dense_targets_cost_their_
     obs_solve, admm_solve = 5 * widest ** 2 * 4, 2 * widest ** 2 * 4 + 9 * largest * 4
     assert admm["refine_reconstruct"]["gpu_gib"] * GIB - pruned["gpu_gib"] * GIB == pytest.approx(
         admm_solve - obs_solve, rel=0.01)
-    auto = {s["stage"]: s for s in _plan(tmp_path, *common, "refine=swap", "reconstruct=admm",
-                                         "reconstruct_percdamp=auto")["stages"]}
-    held_out = xtx_block + 4 * widest ** 2 + 2 * 4 * largest  # the held-out XᵀX; H_fit; two candidate solves
-    assert auto["refine_reconstruct"]["gpu_gib"] * GIB - admm["refine_reconstruct"]["gpu_gib"] * GIB == \
-        pytest.approx(held_out, rel=0.01)
 
 
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * GIB), ("141GB", 141e9), ("24", 24 * GIB),

@@ -148,7 +148,7 @@ class PruneConfig:
     share_lam_search: bool = MISSING
     plan_check: bool = MISSING
     reconstruct: str = MISSING
-    reconstruct_percdamp: Any = MISSING  # a fraction > 0, or "auto" (pruning/damping.py)
+    reconstruct_percdamp: Optional[float] = MISSING  # None: the solver's own (pruning/mask_solvers.py)
     refine: str = MISSING
     refine_rounds: Optional[int] = MISSING
     refine_seconds: Optional[float] = MISSING
@@ -279,11 +279,11 @@ def validate_values(cfg: DictConfig) -> None:
     """
     from ..pruning.channels import validate_channels
     from ..pruning.swaps import validate_refine
-    from ..pruning.damping import validate_percdamp
 
     validate_pattern(cfg)
     one_of("reconstruct", cfg.reconstruct, ("none", "obs", "admm", "ls", "bias"))
-    validate_percdamp(cfg.reconstruct_percdamp, cfg.layer_target)
+    if cfg.reconstruct_percdamp is not None and not 0 < cfg.reconstruct_percdamp < float("inf"):
+        raise UserError(f"reconstruct_percdamp={cfg.reconstruct_percdamp}: expected a fraction > 0 of H's mean diagonal")
     validate_refine(cfg)
     validate_channels(cfg)
     one_of("existing_run", cfg.existing_run, ("refuse", "beside"))

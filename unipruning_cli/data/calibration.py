@@ -83,9 +83,7 @@ class InputCollector:
     """Forward pre-hook that accumulates the statistics of one linear layer's inputs."""
 
     def __init__(self, in_features: int, want_hessian: bool, want_per_sample: bool,
-                 shared: SharedInputs | None = None, holdout_every: int = 0) -> None:
-        self.holdout_every, self.calls, self.holdout_count = holdout_every, 0, 0
-        self.xtx_holdout: Optional[torch.Tensor] = None
+                 shared: SharedInputs | None = None) -> None:
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64)
         self.sum = torch.zeros(in_features, dtype=torch.float64)
         self.count = 0
@@ -103,10 +101,6 @@ class InputCollector:
             self.per_sample.append((sq / tokens).cpu())
         if xtx is not None:  # the shared product is read only: accumulate into our own tensor
             self.xtx = xtx.clone() if self.xtx is None else self.xtx + xtx
-            if self.holdout_every and self.calls % self.holdout_every == self.holdout_every - 1:
-                self.xtx_holdout = xtx.clone() if self.xtx_holdout is None else self.xtx_holdout + xtx
-                self.holdout_count += tokens
-        self.calls += 1
 
     def stats(self) -> ActivationStats:
         return ActivationStats(
@@ -115,8 +109,6 @@ class InputCollector:
             sum=self.sum,
             xtx=self.xtx,
             sample_mean_sq=torch.stack(self.per_sample) if self.per_sample else None,
-            xtx_holdout=self.xtx_holdout,
-            holdout_count=self.holdout_count,
         )
 
 
@@ -251,7 +243,6 @@ def calibrate_blockwise(
     min_expert_tokens: int = 1,
     dense_targets: bool = False,
     drift: list | None = None,
-    holdout_every: int = 0,
 ) -> dict[str, ActivationStats]:
     """Statistics of every prunable layer's inputs over ``windows``: int64 ``[nsamples, seqlen]`` or a
     :class:`.sampling.TokenSamples` (samples of different lengths: truncated documents). Each block runs on
@@ -266,9 +257,7 @@ def calibrate_blockwise(
     as Linears or a list of Linear experts (:func:`..models.layouts.expert_groups`). Routers and gates are not hooked.
     ``dense_targets`` (sequential, with ``want_hessian``): the blocks also run on the dense model's hidden states and
     each layer's statistics carry ``cross`` = ``X_mᵀ X_d`` (:mod:`.dense_stream`); ``drift``, if a list, gets each
-    block's :func:`.dense_stream.relative_drift` after its callback. ``holdout_every`` (k > 0, with ``want_hessian``):
-    each layer's statistics also carry the part of XᵀX from every k-th of its forwards (``xtx_holdout``), a held-out
-    share of the samples a callback may validate on.
+    block's :func:`.dense_stream.relative_drift` after its callback.
     Raises :class:`..core.errors.UserError` at the first block whose statistics are not finite (an overflow of the model's
     dtype, :func:`.stats.check_finite`), before its callback.
     """
@@ -284,7 +273,7 @@ def calibrate_blockwise(
         with onloaded(block, device, write_back=on_block is not None):
             stats, streams = _calibrate_block(block, f"{prefix}.{i}", i, streams, kwargs[i], sequential, want_hessian,
                                               want_per_sample, on_block, offload, share_inputs, min_expert_tokens,
-                                              experts, holdout_every)
+                                              experts)
         all_stats.update(stats)
         if drift is not None and streams[1] is not None:
             drift.append(relative_drift(*streams))
@@ -294,14 +283,14 @@ def calibrate_blockwise(
 def _calibrate_block(block: nn.Module, name: str, i: int, streams: list, kwargs: list, sequential: bool,
                      want_hessian: bool, want_per_sample: bool, on_block: BlockCallback | None, offload: str,
                      share_inputs: bool, min_expert_tokens: int,
-                     experts: frozenset[int], holdout_every: int = 0) -> tuple[dict[str, ActivationStats], list]:
+                     experts: frozenset[int]) -> tuple[dict[str, ActivationStats], list]:
     """One block of :func:`calibrate_blockwise`: its statistics, the callback, and its outputs for the next block
     (``streams``: [the hidden states, the dense model's or None]; ``experts``: the model's expert counts,
     :func:`..models.layouts.expert_counts`)."""
     hidden, hidden_d = streams
     layers = block_layers(block, name, experts)
     shared = SharedInputs(enabled=share_inputs)
-    collectors = {n: InputCollector(m.in_features, want_hessian, want_per_sample, shared, holdout_every)
+    collectors = {n: InputCollector(m.in_features, want_hessian, want_per_sample, shared)
                   for n, m in layers.items()}
     run = (lambda b, h, kw: _run_block(b, h, kw, offload))
     cross: dict[str, torch.Tensor] = {}
@@ -326,7 +315,7 @@ def _calibrate_block(block: nn.Module, name: str, i: int, streams: list, kwargs:
     if sequential and on_block is not None:
         outputs = [run(block, h, kw) for h, kw in zip(hidden, kwargs)]
     for s in stats.values():
-        s.xtx = s.cross = s.xtx_holdout = None
+        s.xtx = s.cross = None
     return stats, [outputs, hidden_d]
 
 

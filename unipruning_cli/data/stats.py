@@ -29,9 +29,6 @@ class ActivationStats:
               compensation (None in statistics saved before it was kept).
     cross:    Σ_tokens x xᵈᵀ (in x in), fp32, x the input in the pruned model and xᵈ the same token's input in the
               dense model: only in a pass with dense targets (:mod:`.dense_stream`), dropped with ``xtx``.
-    xtx_holdout: the part of ``xtx`` summed over a held-out share of the calibration samples (every k-th forward of
-              the layer, ``holdout_count`` tokens), fp32 ``[in, in]``: only in a pass that holds some out
-              (``reconstruct_percdamp=auto``, :mod:`..pruning.damping`), dropped with ``xtx``.
     """
 
     sq_sum: torch.Tensor
@@ -41,8 +38,6 @@ class ActivationStats:
     own_count: Optional[int] = None
     sum: Optional[torch.Tensor] = None
     cross: Optional[torch.Tensor] = None
-    xtx_holdout: Optional[torch.Tensor] = None
-    holdout_count: int = 0
 
     @property
     def norm(self) -> torch.Tensor:
@@ -74,14 +69,11 @@ class ActivationStats:
         ``own_count`` tokens; per-sample rows are concatenated."""
         rows = [s.sample_mean_sq for s in group if s.sample_mean_sq is not None]
         xtx = [s.xtx for s in group if s.xtx is not None]
-        held = [s.xtx_holdout for s in group if s.xtx_holdout is not None]
         sums = [s.sum for s in group if s.sum is not None]
         return cls(sq_sum=sum(s.sq_sum for s in group), count=sum(s.count for s in group),
                    sum=sum(sums[1:], sums[0].clone()) if len(sums) == len(group) else None,
                    xtx=sum(xtx[1:], xtx[0].clone()) if xtx else None,
-                   sample_mean_sq=torch.cat(rows) if rows else None, own_count=own_count,
-                   xtx_holdout=sum(held[1:], held[0].clone()) if held else None,
-                   holdout_count=sum(s.holdout_count for s in group))
+                   sample_mean_sq=torch.cat(rows) if rows else None, own_count=own_count)
 
     @classmethod
     def from_mean_sq(cls, mean_sq: torch.Tensor, count: int) -> "ActivationStats":

@@ -79,9 +79,9 @@ def masked_least_squares(target: torch.Tensor, h: torch.Tensor, keep: torch.Tens
     return x, steps, rel
 
 
-def admm_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, *, percdamp: float = 0.01,
+def admm_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, *, percdamp: float = 0.001,
                      admm_steps: int = 0, rho: float = 0.1, rho_growth: float = 1.0, cg_steps: int = 200,
-                     tol: float = 1e-3, name: str | None = None, start: torch.Tensor | None = None) -> AdmmResult:
+                     tol: float = 1e-3, name: str | None = None) -> AdmmResult:
     """ALPS on a fixed mask (module docstring): ``admm_steps`` ADMM iterations with ρ starting at ``rho`` times the
     mean of diag H, multiplied by ``rho_growth`` after each, then conjugate gradients on the mask to ``tol``
     (at most ``cg_steps``). The defaults (no ADMM step, ``tol=1e-3``) were chosen on SmolLM2's calibration data:
@@ -89,10 +89,10 @@ def admm_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Te
     a block) sooner than after 10 or 30 ADMM steps, and a tighter ``tol`` changes no digit of it (docs/methods.md).
 
     ``weight`` ``[out, in]`` (any float dtype), ``hessian`` ``[in, in]`` (H = (2/T) Σ x xᵀ, fp32), ``keep`` bool
-    ``[out, in]``. H is damped by ``percdamp`` of its mean diagonal, as :func:`.obs.obs_reconstruct` damps it, so the
-    two minimise the same objective. The kept weights of input channels that never fired stay as they were. All
-    arithmetic in fp32 on ``weight``'s device; the inputs are not modified. ``start`` (``[out, in]``, optional): where
-    the iterations begin instead of the masked weight (a nearby solve's result: fewer steps, the same minimiser).
+    ``[out, in]``. H is damped by ``percdamp`` of its mean diagonal, as :func:`.obs.obs_reconstruct` damps it (the two
+    minimise the same objective at the same ``percdamp``); the default, 0.1 %, is the solver's in
+    :data:`.mask_solvers.DEFAULT_PERCDAMP`, where why is said. The kept weights of input channels that never fired stay as they were. All
+    arithmetic in fp32 on ``weight``'s device; the inputs are not modified.
 
     Raises ``ValueError`` (naming ``name``, the layer) for shapes that do not match, a non-finite weight or Hessian,
     or ``admm_steps``/``cg_steps`` below 0."""
@@ -104,14 +104,12 @@ def admm_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Te
     if admm_steps < 0 or cg_steps < 0 or rho <= 0 or rho_growth < 1:
         raise ValueError(f"admm_reconstruct{where}: admm_steps={admm_steps}, cg_steps={cg_steps} must be >= 0, "
                          f"rho={rho} > 0, rho_growth={rho_growth} >= 1")
-    if start is not None and start.shape != weight.shape:
-        raise ValueError(f"admm_reconstruct{where}: start {tuple(start.shape)} is not the weight's {tuple(weight.shape)}")
     if not (torch.isfinite(weight).all() and torch.isfinite(hessian).all()):
         raise ValueError(f"admm_reconstruct{where}: the weight or the Hessian holds NaN/inf; no solve repairs them")
     target = weight.detach().float()
     h, dead, _ = damped_hessian(hessian.to(target.device), percdamp)
     mask = keep.to(target.device)
-    d = target * mask if start is None else start.detach().float().to(target.device) * mask
+    d = target * mask
     if admm_steps:
         evals, evecs = torch.linalg.eigh(h)
         evals = evals.clamp_min(0)

@@ -58,8 +58,7 @@ class BlockPassResult:
 @torch.no_grad()
 def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSettings = PassSettings(), *,
                sequential: bool = True, want_hessian: bool = False, apply: bool = True,
-               restore: bool = False, dense_targets: bool = False, drift: list | None = None,
-               holdout_every: int = 0) -> BlockPassResult:
+               restore: bool = False, dense_targets: bool = False, drift: list | None = None) -> BlockPassResult:
     """Run ``step`` on every decoder block of ``model`` in order over ``windows`` (the calibration samples: int64
     ``[n, seqlen]`` or :class:`..data.sampling.TokenSamples`).
 
@@ -69,8 +68,7 @@ def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSetting
     weights itself (SparseGPT) passes False. ``restore``: the values the masks zeroed are kept on the host and
     written back after the pass, so the model is bit for bit as it was (on return and on an exception).
     ``dense_targets``: the statistics also carry ``cross`` = ``X_mᵀ X_d`` (:mod:`..data.dense_stream`); ``drift``, if a
-    list, gets each block's relative distance to the dense model's outputs after its step. ``holdout_every`` (k > 0,
-    with ``want_hessian``): the statistics also carry ``xtx_holdout``, XᵀX over every k-th sample, to validate on.
+    list, gets each block's relative distance to the dense model's outputs after its step.
     Raises :class:`..core.errors.UserError` at the first block whose statistics are not finite (an overflow of the
     model's dtype), before its step.
     """
@@ -94,7 +92,7 @@ def block_pass(model: nn.Module, windows, step: BlockStep, settings: PassSetting
     try:
         stats = calibrate_blockwise(model, windows, sequential=sequential, want_hessian=want_hessian, on_block=visit,
                                     offload=settings.offload, min_expert_tokens=settings.min_expert_tokens,
-                                    dense_targets=dense_targets, drift=drift, holdout_every=holdout_every)
+                                    dense_targets=dense_targets, drift=drift)
         return BlockPassResult(stats, LazyMap(kept, unpack))
     finally:
         if removed:

@@ -23,8 +23,7 @@ from ..pruning.weights import apply_masks
 from ..pruning.heads import attention_heads, head_counts, heads_of_masks
 from ..models.layouts import text_config
 from ..pruning.obs import dense_target_weight
-from ..pruning.mask_solvers import MASK_SOLVERS, solve_on_mask
-from ..pruning.damping import AUTO as DAMPING_AUTO, HOLDOUT_EVERY, DampingChoice, choose_damping
+from ..pruning.mask_solvers import MASK_SOLVERS, percdamp_of, solve_on_mask
 from ..pruning.swaps import output_error
 from ..pruning.block_loop import PassSettings, block_pass
 from ..core.context import RunContext
@@ -38,12 +37,11 @@ RECONSTRUCTIONS = ("none", *MASK_SOLVERS, "ls", "bias")
 @torch.no_grad()
 def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
                   masks: Mapping[str, torch.Tensor] | None = None, prepare=None,
-                  refiner: SwapRefiner | None = None, dense: bool = False, holdout_every: int = 0) -> dict:
+                  refiner: SwapRefiner | None = None, dense: bool = False) -> dict:
     """One sequential pass in which ``rewrite(name, W, stats)`` gives a layer's new weight and the keep mask it
     honours (``(new, keep)``; None: the layer is left alone); ``masks``, if given, are applied by the loop after each
     block's rewrites; ``prepare(i, layers, stats)``, if given, runs on each block before its rewrites; the pass
-    carries dense targets where ``dense`` or ``refiner`` wants them, and held-out Hessians (every ``holdout_every``-th
-    sample's, ``xtx_holdout``) where asked. Returns ``{"layers": n, "error_ratio": r}``: ‖ΔW X‖² of the new weights over that of W ⊙ keep,
+    carries dense targets where ``dense`` or ``refiner`` wants them. Returns ``{"layers": n, "error_ratio": r}``: ‖ΔW X‖² of the new weights over that of W ⊙ keep,
     summed over the rewritten layers on their calibration inputs."""
     before = after = 0.0
     count = 0
@@ -67,7 +65,7 @@ def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
 
     targets = dense or (refiner is not None and refiner.dense)
     block_pass(model, windows, step, settings, want_hessian=True, dense_targets=targets,
-               drift=refiner.drift if refiner is not None and refiner.dense else None, holdout_every=holdout_every)
+               drift=refiner.drift if refiner is not None and refiner.dense else None)
     ratio = after / before if before > 0 else 1.0
     log.info("%s of %d matrices: output error on the calibration data %.3g of the masked weights'", what, count, ratio)
     return {"layers": count, "error_ratio": ratio}
@@ -75,13 +73,11 @@ def _rewrite_pass(model, windows, settings: PassSettings, rewrite, what: str,
 
 def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: PassSettings = PassSettings(),
                 refiner: SwapRefiner | None = None, dense: bool = False, solver: str = "obs",
-                percdamp: float | str = 0.01) -> dict:
+                percdamp: float | None = None) -> dict:
     """Set every prunable weight of ``model`` (dense on entry) to its reconstruction on ``masks`` (name -> bool
     ``[out, in]``, True = keep) by ``solver`` (:data:`..pruning.mask_solvers.MASK_SOLVERS`: ``obs``, SparseGPT's
-    sweep; ``admm``, ALPS's exact solve on the mask), H damped by ``percdamp`` of its mean diagonal, or, with
-    ``percdamp="auto"``, by the damping each layer's held-out calibration samples pick (:mod:`..pruning.damping`; the
-    record then says ``"damping"``: per candidate, the layers that picked it and the mean held-out error ratio of its
-    solve). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
+    sweep; ``admm``, ALPS's exact solve on the mask), H damped by ``percdamp`` of its mean diagonal (None: the solver's
+    :data:`..pruning.mask_solvers.DEFAULT_PERCDAMP`). ``windows``: the calibration samples (int64 ``[n, seqlen]`` or
     :class:`..data.sampling.TokenSamples`). With a ``refiner`` (``refine=swap``), each block's masks are first
     refined by swaps (:class:`.refinement.SwapRefiner`, its refined masks and record then in it) on the same
     statistics, so refinement and reconstruction share one calibration pass. ``dense`` (``layer_target=dense``): the
@@ -89,51 +85,25 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: Pas
     :func:`..pruning.obs.dense_target_weight`, the pass carrying dense targets). Returns ``{"layers": n,
     "error_ratio": r}``: the output error on the calibration data of the reconstructed weights over that of the
     masked dense weights, ‖ΔW X‖² summed over every layer (below 1 where it helped). Raises ``ValueError`` from the
-    solve (a non-finite Hessian), and for ``percdamp="auto"`` with ``dense`` (the dense target has no held-out part).
-    The record also says ``"target"``: ``"pruned"`` or ``"dense"`` (``error_ratio`` is
-    always on the pruned model's inputs against the layer's own output)."""
-    auto = percdamp == DAMPING_AUTO
-    if auto and dense:
-        raise ValueError("reconstruct_percdamp=auto validates each layer against its own output on held-out "
-                         "calibration samples; layer_target=dense fits another target: give the damping a number")
+    solve (a non-finite Hessian). The record also says ``"target"``: ``"pruned"`` or ``"dense"`` (``error_ratio`` is
+    always on the pruned model's inputs against the layer's own output), and ``"percdamp"``, the damping used. Raises
+    ``ValueError`` for an unknown ``solver``, before the pass."""
+    percdamp = percdamp_of(solver, percdamp)
     keeps = dict(masks)
-    choices: list[DampingChoice] = []
 
     def prepare(i, layers, stats):
         keeps.update(refiner.block(i, layers, stats))
 
     def rewrite(name, w, st):
         keep = keeps[name].to(w.device)
-        h = (2.0 / max(st.count, 1)) * st.xtx.to(w.device)
-        if auto:
-            choice = choose_damping(w, st.xtx, st.count, st.xtx_holdout, st.holdout_count, keep,
-                                    lambda fit, d, at: solve_on_mask(solver, w, fit, keep, name, d, at))
-            choices.append(choice)
-            return solve_on_mask(solver, w, h, keep, name, choice.percdamp, choice.start), keep
         start = w if not dense or st.cross is None else dense_target_weight(w, st.xtx, st.cross, percdamp).to(w.dtype)
-        return solve_on_mask(solver, start, h, keep, name, percdamp), keep
+        return solve_on_mask(solver, start, (2.0 / max(st.count, 1)) * st.xtx.to(w.device), keep, name, percdamp), keep
 
     what = f"swap refinement, then {solver} reconstruction on the refined masks" if refiner else \
         f"{solver} reconstruction on the fixed masks"
     record = _rewrite_pass(model, windows, settings, rewrite, what, prepare=prepare if refiner else None,
-                           refiner=refiner, dense=dense, holdout_every=HOLDOUT_EVERY if auto else 0)
-    record = {**record, "target": "dense" if dense else "pruned"}
-    if auto:
-        record["damping"] = damping_record(choices)
-        log.info("reconstruct_percdamp=auto: %s", record["damping"])
-    return record
-
-
-def damping_record(choices: list[DampingChoice]) -> dict:
-    """What ``reconstruct_percdamp=auto`` picked over a pass's layers: ``{"picked": {damping: layers}, "heldout_error":
-    {damping: the mean over the layers of its solve's held-out error ratio}, "fallback": layers without held-out
-    tokens}`` (dampings as strings, for JSON)."""
-    scored = [c for c in choices if c.errors is not None]
-    picked: dict[str, int] = {}
-    for c in scored:
-        picked[repr(c.percdamp)] = picked.get(repr(c.percdamp), 0) + 1
-    means = {repr(d): sum(c.errors[d] for c in scored) / len(scored) for d in (scored[0].errors if scored else {})}
-    return {"picked": picked, "heldout_error": means, "fallback": len(choices) - len(scored)}
+                           refiner=refiner, dense=dense)
+    return {**record, "target": "dense" if dense else "pruned", "percdamp": percdamp}
 
 
 def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor], refiner: SwapRefiner | None = None) -> dict:

@@ -81,18 +81,14 @@ class Sheet:
         """``refine=swap`` / ``reconstruct=obs|admm``: one sequential pass per cut (both share it) with the block's
         XᵀX (fp32), with ``layer_target=dense`` also X_mᵀX_d and the dense stream's block inputs; the OBS buffers of the
         widest layer (5 x I² fp32, as SparseGPT's; ``admm``: 2 x I² and 9 x the largest matrix, fp32) and the swaps'
-        fp32 working copies of the largest matrix (6 x: W, δ, g, two candidate maps, a trial product); with
-        ``reconstruct_percdamp=auto`` also the held-out part of the block's XᵀX, the widest layer's H on the rest, and
-        two candidate solves of the largest matrix (:mod:`...pruning.damping`)."""
+        fp32 working copies of the largest matrix (6 x: W, δ, g, two candidate maps, a trial product)."""
         dense = 2 if self.cfg.layer_target == "dense" else 1
         copies = 1 if self.cfg.reconstruct in MASK_SOLVERS or self.cfg.refine == "none" else 2  # + the pass's own
         act = self.cfg.calibration.seqlen * (6 * self.s["h"] + 3 * self.s["I"]) * self.b * dense
         solve = 5 * self.s["I_max"] ** 2 * 4  # OBS: H, its Cholesky factors and inverse
         if self.cfg.reconstruct == "admm":  # the conjugate gradients: damped H and its scaled copy; target, x, b, r,
             solve = 2 * self.s["I_max"] ** 2 * 4 + 9 * self.s["L_max"] * 4  # z, p, Ap, the mask as fp32, the result
-        held = self.cfg.reconstruct_percdamp == "auto"  # the held-out part of each XᵀX; H_fit; two candidates' solves
-        work = 4 * self.s["xtx_block"] * (dense + held) + solve + 6 * self.s["L_max"] * 4 \
-            + held * (4 * self.s["I_max"] ** 2 + 2 * 4 * self.s["L_max"])
+        work = 4 * self.s["xtx_block"] * dense + solve + 6 * self.s["L_max"] * 4
         solver = "the exact solve" if self.cfg.reconstruct == "admm" else "OBS"
         self.add("refine_reconstruct", self.Wo + self.Wb + act + work,
                  self.block_io * dense + self.P / 8 * copies + self.restore_copy(self.b),
