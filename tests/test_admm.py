@@ -134,6 +134,8 @@ def test_a_run_with_admm_beats_obs_on_its_calibration_error_and_exports_what_it_
 
     from _helpers import eval_windows_of, tiny_overrides
     from unipruning_cli.commands.prune import run_prune
+    from omegaconf import OmegaConf
+
     from unipruning_cli.core.config import compose_prune
     from unipruning_cli.evaluation.perplexity import perplexity
     from unipruning_cli.stages.export.apply import export_run
@@ -146,6 +148,8 @@ def test_a_run_with_admm_beats_obs_on_its_calibration_error_and_exports_what_it_
     obs, admm = (runs[h]["results"][tag]["reconstruction"] for h in ("obs", "admm"))
     assert admm["method"] == "admm" and admm["layers"] == obs["layers"] == 21
     assert (obs["percdamp"], admm["percdamp"]) == (0.01, 0.001)  # each solver's own damping where the run sets none
+    saved = {h: OmegaConf.load(tmp_path / h / "config.yaml").reconstruct_percdamp for h in runs}
+    assert saved == {"obs": 0.01, "admm": 0.001}  # as numbers: export redoes the update with them
     assert admm["error_ratio"] < obs["error_ratio"] < 1
     assert runs["admm"]["results"][tag]["weights_kept"] == runs["obs"]["results"][tag]["weights_kept"]
     out = export_run(tmp_path / "admm", out=tmp_path / "export")

@@ -31,6 +31,7 @@ from ..models.loading import input_device, load_model, load_model_reused, model_
 from ..stages.plan.estimate import Plan, check_run_fits
 from ..core.provenance import peak_memory, versions
 from ..stages.refinement import refine_stage
+from ..stages.reconstruction import with_solver_damping
 from ..stages.routing import drop_unscored
 from ..core.report import print_summary, write_plots, write_summary_md
 from ..core.rundir import RunDir, RunDirRefused, atomic_write_json, atomic_write_text, claim_run_dir, run_lock
@@ -55,7 +56,8 @@ def run_prune(cfg: DictConfig, out_dir: Path, reuse_model: bool = False, sweep: 
     ``sweep``: the sweep this job belongs to, whose other λ its search may serve (see ``run_search``).
     ``ranks``: a launch over several processes (``torchrun``): every rank runs the drift search with FSDP2
     (:mod:`..stages.sharded_search`), then rank 0 alone runs the rest and the others return None. Only rank 0 writes."""
-    ctx = RunContext(cfg, sweep=sweep, ranks=ranks)  # every stage from here on reads the run through it
+    # the damping a reconstruction uses is saved as a number (config.yaml): export redoes it even if the default moves
+    ctx = RunContext(with_solver_damping(cfg), sweep=sweep, ranks=ranks)  # every stage reads the run through it
     asked = Path(out_dir)
     with contextlib.ExitStack() as held:
         def claim() -> tuple[Path, dict | None]:  # rank 0 claims, locks and checks; a refusal stops every rank

@@ -12,10 +12,12 @@ feed block i + 1. The model then holds different weights than the dense model ti
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Mapping
 
 import torch
+from omegaconf import OmegaConf
 
 from ..data.calibration_set import dense_statistics
 from ..pruning.channels import bias_shift, channels_of_masks, ls_refit, mlp_channels
@@ -104,6 +106,21 @@ def reconstruct(model, windows, masks: Mapping[str, torch.Tensor], settings: Pas
     record = _rewrite_pass(model, windows, settings, rewrite, what, prepare=prepare if refiner else None,
                            refiner=refiner, dense=dense)
     return {**record, "target": "dense" if dense else "pruned", "percdamp": percdamp}
+
+
+def with_solver_damping(cfg):
+    """``cfg`` (a run's config) with ``reconstruct_percdamp`` made the solver's own number
+    (:data:`..pruning.mask_solvers.DEFAULT_PERCDAMP`) where it is null and ``reconstruct`` is ``obs`` or ``admm``; else
+    ``cfg`` itself. A run saves the number, so its export and re-evaluation redo the update with the damping it used
+    even after the default changes."""
+    if cfg.get("reconstruct") not in MASK_SOLVERS or cfg.get("reconstruct_percdamp") is not None:
+        return cfg
+    out = copy.deepcopy(cfg)
+    readonly = OmegaConf.is_readonly(out)
+    OmegaConf.set_readonly(out, False)
+    out.reconstruct_percdamp = percdamp_of(cfg.reconstruct, None)
+    OmegaConf.set_readonly(out, readonly)
+    return out
 
 
 def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor], refiner: SwapRefiner | None = None) -> dict:
