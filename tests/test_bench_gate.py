@@ -10,7 +10,6 @@ import torch
 from _helpers import load_script, tiny_overrides
 
 
-
 @pytest.fixture(scope="module")
 def gate():
     return load_script("bench_gate")

@@ -40,6 +40,4 @@ def solve_on_mask(how: str, weight: torch.Tensor, hessian: torch.Tensor, keep: t
     percdamp = percdamp_of(how, percdamp)
     if how == "obs":
         return obs_reconstruct(weight, hessian, keep, percdamp=percdamp, name=name)
-    if how == "admm":
-        return admm_reconstruct(weight, hessian, keep, percdamp=percdamp, name=name).weight.to(weight.dtype)
-    raise ValueError(f"solve_on_mask: unknown solver {how!r}; one of {MASK_SOLVERS}")
+    return admm_reconstruct(weight, hessian, keep, percdamp=percdamp, name=name).weight.to(weight.dtype)

@@ -8,7 +8,6 @@ cut of |Γ| (seconds) and one forward of the held-out windows.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import replace
 from typing import Mapping
@@ -34,9 +33,7 @@ HOLDOUT_SAMPLES = 8
 def holdout_windows(ctx: RunContext) -> list[torch.Tensor]:
     """:data:`HOLDOUT_SAMPLES` samples of the calibration corpus (``calibration.source``, its sampling and seqlen, BOS as
     the run's) drawn with ``seed + 1``: other windows than the search's, never the evaluation corpus."""
-    cfg = copy.deepcopy(ctx.cfg)
-    OmegaConf.set_readonly(cfg, False)
-    cfg.calibration.nsamples, cfg.seed = HOLDOUT_SAMPLES, int(ctx.cfg.seed) + 1
+    cfg = OmegaConf.merge(ctx.cfg, {"calibration": {"nsamples": HOLDOUT_SAMPLES}, "seed": int(ctx.cfg.seed) + 1})
     return list(calibration_set(cfg, ctx.tok)[0])
 
 

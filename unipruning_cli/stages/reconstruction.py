@@ -12,7 +12,6 @@ feed block i + 1. The model then holds different weights than the dense model ti
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Mapping
 
@@ -115,12 +114,7 @@ def with_solver_damping(cfg):
     even after the default changes."""
     if cfg.get("reconstruct") not in MASK_SOLVERS or cfg.get("reconstruct_percdamp") is not None:
         return cfg
-    out = copy.deepcopy(cfg)
-    readonly = OmegaConf.is_readonly(out)
-    OmegaConf.set_readonly(out, False)
-    out.reconstruct_percdamp = percdamp_of(cfg.reconstruct, None)
-    OmegaConf.set_readonly(out, readonly)
-    return out
+    return OmegaConf.merge(cfg, {"reconstruct_percdamp": percdamp_of(cfg.reconstruct, None)})
 
 
 def reconstruct_cut(ctx: RunContext, masks: Mapping[str, torch.Tensor], refiner: SwapRefiner | None = None) -> dict:
