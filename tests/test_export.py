@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from _helpers import build_tiny_model, cli_env, eval_windows_of, merge_overrides, run_cli, tiny_overrides
+from _helpers import build_tiny_model, cli_env, load_script, eval_windows_of, merge_overrides, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -502,16 +502,12 @@ def test_exported_compressed_file_rebuilds_the_exported_model(exported, ws):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 @pytest.mark.e2e
 def test_semi_structured_needs_an_nvidia_gpu(exported, capsys):
-    import importlib.util
-
     from unipruning_cli.core.errors import UserError
     from unipruning_cli.stages.export.nm import to_semi_structured
 
     with pytest.raises(UserError, match=r"compute capability >= 8\.0"):
         to_semi_structured(torch.nn.Linear(4, 4))
-    spec = importlib.util.spec_from_file_location("bench_semi_structured", REPO / "scripts" / "bench_semi_structured.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_semi_structured")
     folder, _ = exported("uni_2of4", "uni", "pattern=2:4")
     assert bench.main([str(folder)]) == 0
     assert "cannot time" in capsys.readouterr().out
