@@ -110,7 +110,9 @@ def main() -> None:
         prior = refine(model, calib, SwapRefiner(load_masks(run.mask_path(args.tag)), nm=(n, m)), ctx.passes)[0]
         Path(args.prior_out).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in prior.items()}, args.prior_out)
-    pats = patterns(n, m)
+    device = next(model.parameters()).device  # the logits live where the weights do (a GPU, where there is one)
+    prior = {k: v.to(device) for k, v in prior.items()}
+    pats = patterns(n, m).to(device)
     param_of = {mod: name + ".weight" for name, mod in model.named_modules()}
     weights = {k: mod.weight.detach() for k, mod in layers.items()}
     logits = {k: (args.kappa * (prior[k].reshape(w.shape[0], -1, m).float() @ pats.T)).requires_grad_(True)
@@ -138,7 +140,7 @@ def main() -> None:
     for step in range(args.steps):
         tau = args.tau0 * (args.tau1 / args.tau0) ** (step / max(1, args.steps - 1))
         opt.zero_grad(set_to_none=True)
-        ids = calib[step % calib.shape[0]][None]
+        ids = calib[step % calib.shape[0]][None].to(device)
         params = {}
         for k, z in logits.items():
             if args.noise:
@@ -161,7 +163,7 @@ def main() -> None:
                                   momentum=0.9)
         opt.step()
         moved = flip_cap({k: z.data for k, z in logits.items()}, current, int(args.flips * groups)) if args.flips else 0
-        print(f"step {step} tau {tau:.3f} loss {float(loss):.4f} moved {moved} {time.monotonic() - start:.0f}s",
+        print(f"step {step} tau {tau:.3f} loss {float(loss.detach()):.4f} moved {moved} {time.monotonic() - start:.0f}s",
               flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             evaluate(f"step {step + 1}")
