@@ -51,8 +51,8 @@ def patterns(n: int, m: int) -> torch.Tensor:
 
 
 def flip_cap(logits: dict, current: dict, cap: int) -> int:
-    """Let at most ``cap`` groups (over every layer) move to a new argmax pattern, those whose new pattern leads their
-    current one by the most; the others get their current pattern's logit raised just above the rest. Returns the
+    """Let the ``cap`` groups (over every layer; all of them where fewer lead elsewhere) whose new argmax pattern leads
+    their current one by the most move to it; the others get their current pattern's logit raised just above the rest. Returns the
     number moved (``current``, name -> int64 ``[out, groups]``, updated in place)."""
     cands = []
     for name, z in logits.items():
@@ -63,10 +63,10 @@ def flip_cap(logits: dict, current: dict, cap: int) -> int:
     if not cands:
         return 0
     lead = torch.cat([c[0] for c in cands])
-    threshold = torch.topk(lead, cap).values[-1] if lead.numel() > cap else lead.min()
+    chosen = torch.zeros_like(lead, dtype=torch.bool)
+    chosen[torch.topk(lead, min(cap, lead.numel())).indices] = True
     moved = 0
-    for margin, name, at, new in cands:
-        ok = margin >= threshold
+    for (_, name, at, new), ok in zip(cands, chosen.split([len(c[0]) for c in cands])):
         current[name][tuple(a[ok] for a in at)] = new[ok]
         moved += int(ok.sum())
         held = tuple(a[~ok] for a in at)
@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--loss", default="kd", choices=("kd", "lm"))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--stop-after", type=int, help="measure after this many steps of the --steps schedule, then stop")
     p.add_argument("--out", default="bench-out/learned_nm.json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -114,6 +115,7 @@ def main() -> None:
     prior = {k: v.to(device) for k, v in prior.items()}
     pats = patterns(n, m).to(device)
     param_of = {mod: name + ".weight" for name, mod in model.named_modules()}
+    # views of the modules' weights: evaluate() masks them in place and puts them back from ``original``
     weights = {k: mod.weight.detach() for k, mod in layers.items()}
     logits = {k: (args.kappa * (prior[k].reshape(w.shape[0], -1, m).float() @ pats.T)).requires_grad_(True)
               for k, w in weights.items()}
@@ -137,7 +139,8 @@ def main() -> None:
 
     evaluate("prior")
     start = time.monotonic()
-    for step in range(args.steps):
+    last = args.stop_after or args.steps
+    for step in range(last):
         tau = args.tau0 * (args.tau1 / args.tau0) ** (step / max(1, args.steps - 1))
         opt.zero_grad(set_to_none=True)
         ids = calib[step % calib.shape[0]][None].to(device)
@@ -165,9 +168,9 @@ def main() -> None:
         moved = flip_cap({k: z.data for k, z in logits.items()}, current, int(args.flips * groups)) if args.flips else 0
         print(f"step {step} tau {tau:.3f} loss {float(loss.detach()):.4f} moved {moved} {time.monotonic() - start:.0f}s",
               flush=True)
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < last:
             evaluate(f"step {step + 1}")
-    evaluate(f"step {args.steps}")
+    evaluate(f"step {last}")
 
 
 if __name__ == "__main__":

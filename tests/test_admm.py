@@ -132,10 +132,10 @@ def test_a_run_with_admm_beats_obs_on_its_calibration_error_and_exports_what_it_
         tmp_path, tiny_llama_dir, corpus_files, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from _helpers import eval_windows_of, tiny_overrides
-    from unipruning_cli.commands.prune import run_prune
     from omegaconf import OmegaConf
 
+    from _helpers import eval_windows_of, tiny_overrides
+    from unipruning_cli.commands.prune import run_prune
     from unipruning_cli.core.config import compose_prune
     from unipruning_cli.evaluation.perplexity import perplexity
     from unipruning_cli.stages.export.apply import export_run

@@ -90,8 +90,8 @@ def admm_reconstruct(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Te
 
     ``weight`` ``[out, in]`` (any float dtype), ``hessian`` ``[in, in]`` (H = (2/T) Σ x xᵀ, fp32), ``keep`` bool
     ``[out, in]``. H is damped by ``percdamp`` of its mean diagonal, as :func:`.obs.obs_reconstruct` damps it (the two
-    minimise the same objective at the same ``percdamp``); the default, 0.1 %, is the solver's in
-    :data:`.mask_solvers.DEFAULT_PERCDAMP`, where why is said. The kept weights of input channels that never fired stay as they were. All
+    minimise the same objective at the same ``percdamp``); the default, 0.1 %, is this solver's
+    :data:`.mask_solvers.DEFAULT_PERCDAMP` (which says how it was chosen). The kept weights of input channels that never fired stay as they were. All
     arithmetic in fp32 on ``weight``'s device; the inputs are not modified.
 
     Raises ``ValueError`` (naming ``name``, the layer) for shapes that do not match, a non-finite weight or Hessian,

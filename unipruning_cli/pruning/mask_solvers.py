@@ -14,20 +14,20 @@ from .obs import obs_reconstruct
 
 __all__ = ["DEFAULT_PERCDAMP", "MASK_SOLVERS", "percdamp_of", "solve_on_mask"]
 
-MASK_SOLVERS = ("obs", "admm")
 #: Each solver's damping of H, a fraction of its mean diagonal, where a run gives none (``reconstruct_percdamp: null``).
 #: ``obs``: SparseGPT's 1 %, which keeps its Cholesky factors stable. ``admm``: 0.1 %, chosen on SmolLM2's held-out
 #: calibration windows (the calibration corpus, seed + 1; never the evaluation corpus): of 10 %, 1 %, 0.1 % on Γ's
 #: 2:4 cut and 1 %, 0.1 %, 0.01 % on its refined 2:4 cut, 0.1 % gave the lowest held-out loss both times
 #: (docs/methods.md, "The exact solve on a given mask").
 DEFAULT_PERCDAMP = {"obs": 0.01, "admm": 0.001}
+MASK_SOLVERS = tuple(DEFAULT_PERCDAMP)  # one list of the solvers: a new one comes with its damping
 
 
 def percdamp_of(how: str, percdamp: float | None) -> float:
     """``percdamp`` where given, else the solver ``how``'s :data:`DEFAULT_PERCDAMP`; ``ValueError`` for an unknown
     ``how``."""
     if how not in DEFAULT_PERCDAMP:
-        raise ValueError(f"solve_on_mask: unknown solver {how!r}; one of {MASK_SOLVERS}")
+        raise ValueError(f"unknown solver {how!r} for the update on a mask: one of {MASK_SOLVERS}")
     return DEFAULT_PERCDAMP[how] if percdamp is None else float(percdamp)
 
 
